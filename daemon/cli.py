@@ -1,0 +1,110 @@
+"""The ``seedance-archiver`` command: parse, configure, call. No behaviour lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from daemon import config, demo, errors, logs, models, policy, scheduler, schema, store, utils
+from daemon import views
+
+PROG = "seedance-archiver"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Archive every finished Seedance video to S3 before the provider deletes it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon (until SIGTERM)")
+    sub.add_parser("migrate", help="create or upgrade the table video_tasks (alembic upgrade head)")
+    add = sub.add_parser("add", help="track a task id")
+    add.add_argument("task_id")
+    add.add_argument("--mode", default="standard", choices=[m.value for m in models.Mode])
+    status = sub.add_parser("status", help="a summary, or one task's details")
+    status.add_argument("task_id", nargs="?")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    listing = sub.add_parser("list", help="list tracked tasks")
+    listing.add_argument("--state", choices=[s.value for s in models.State])
+    listing.add_argument("--limit", type=int, default=None)
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+    retry = sub.add_parser("retry", help="put a task back to polling now, keeping its history")
+    retry.add_argument("task_id")
+    sub.add_parser("demo", help="the whole pipeline on SQLite + ./archive against the simulator")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = config.load()
+        logs.configure(settings.log_format)
+        return _dispatch(args, settings)
+    except errors.ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except errors.ArchiverError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
+    command = args.command
+    if command == "run":
+        settings.resolve_api_key()  # fail before anything starts
+        return asyncio.run(scheduler.run(settings))
+    if command == "migrate":
+        schema.upgrade(settings.database_url)
+        print(f"{PROG}: video_tasks is at the latest schema")
+        return 0
+    if command == "demo":
+        return demo.run()
+    sql_store = store.SqlStore.from_url(settings.database_url)
+    try:
+        if command == "add":
+            problem = policy.task_id_problem(args.task_id)
+            if problem is not None:
+                print(f"{PROG}: {problem}", file=sys.stderr)
+                return 2
+            added = sql_store.add(args.task_id, args.mode)
+            print(f"{PROG}: {'added' if added else 'already tracked'}: {args.task_id}")
+            return 0
+        if command == "status":
+            return _status(sql_store, args)
+        if command == "list":
+            tasks = sql_store.list(state=args.state, limit=args.limit)
+            print(views.to_json([views.task_dict(t) for t in tasks]) if args.json else views.table(tasks))
+            return 0
+        if command == "retry":
+            if not sql_store.retry(args.task_id, utils.utcnow()):
+                print(f"{PROG}: no such task: {args.task_id}", file=sys.stderr)
+                return 1
+            print(f"{PROG}: {args.task_id} will be polled again now")
+            return 0
+    finally:
+        sql_store.close()
+    raise AssertionError(command)
+
+
+def _status(sql_store: store.SqlStore, args: argparse.Namespace) -> int:
+    if args.task_id:
+        task = sql_store.get(args.task_id)
+        if task is None:
+            print(f"{PROG}: no such task: {args.task_id}", file=sys.stderr)
+            return 1
+        print(views.to_json(views.task_dict(task)) if args.json else views.detail(task))
+        return 0
+    counts = sql_store.counts()
+    if args.json:
+        print(views.to_json({"counts": counts, "total": sum(counts.values())}))
+    else:
+        width = max(len(s) for s in counts)
+        for state, n in counts.items():
+            print(f"{state.ljust(width)}  {n}")
+        print(f"{'total'.ljust(width)}  {sum(counts.values())}")
+    return 0

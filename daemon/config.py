@@ -1,0 +1,189 @@
+"""Settings: every knob of the daemon, read from the environment and validated once, at start.
+
+Names follow DESIGN.md: prefix ``SEEDANCE_``; S3 endpoint and credentials come from boto3's own chain
+(``AWS_*``), so there is no setting of ours for them. A bad value stops start-up with one line that names
+the variable and never repeats the value (it may be a secret).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import urllib.parse
+from typing import Annotated, Any, Literal
+
+import pydantic
+import pydantic_settings
+import sqlalchemy.engine
+
+from daemon import errors
+
+ENV_PREFIX = "SEEDANCE_"
+DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
+# Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
+API_KEY_CREDENTIAL = "seedance-api-key"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How long to wait between two polls of one task: each wait is drawn in [low, high] seconds."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, value: object) -> Cadence:
+        if isinstance(value, Cadence):
+            return value
+        text = str(value).strip()
+        low_text, sep, high_text = text.partition("-")
+        try:
+            low = float(low_text)
+            high = float(high_text) if sep else low
+        except ValueError:
+            raise ValueError("expected seconds as min-max, for example 30-60") from None
+        if not 0 < low <= high:
+            raise ValueError("expected 0 < min <= max seconds, for example 30-60")
+        return cls(low, high)
+
+    def __str__(self) -> str:
+        return f"{self.low:g}-{self.high:g}"
+
+
+CadenceSetting = Annotated[Cadence, pydantic.BeforeValidator(Cadence.parse)]
+
+
+def _split_schemes(value: object) -> object:
+    if isinstance(value, str):
+        return {part.strip().lower() for part in value.split(",") if part.strip()}
+    return value
+
+
+class Settings(pydantic_settings.BaseSettings):
+    """Every setting of the daemon. Build it with :func:`load` to get readable errors."""
+
+    model_config = pydantic_settings.SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", hide_input_in_errors=True
+    )
+
+    api_key: pydantic.SecretStr | None = None
+    api_key_file: pathlib.Path | None = None
+    api_base_url: str = DEFAULT_API_BASE_URL
+    database_url: str = "sqlite:///seedance-archiver.db"
+    archive_url: str = "file://./archive"
+    poll_draft: CadenceSetting = Cadence(10, 20)
+    poll_standard: CadenceSetting = Cadence(30, 60)
+    poll_flex: CadenceSetting = Cadence(60, 120)
+    retention_seconds: int = pydantic.Field(default=86_400, gt=0)
+    max_requests_per_second: float = pydantic.Field(default=20.0, gt=0)
+    allowed_video_url_schemes: Annotated[
+        frozenset[str], pydantic_settings.NoDecode, pydantic.BeforeValidator(_split_schemes)
+    ] = frozenset({"https"})
+    allow_private_video_hosts: bool = False
+    max_video_bytes: int = pydantic.Field(default=2 * 1024**3, gt=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = pydantic.Field(default=9710, ge=0, le=65535)
+    log_format: Literal["json", "console"] | None = None
+    request_timeout_seconds: float = pydantic.Field(default=30.0, gt=0)
+    shutdown_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
+
+    @pydantic.field_validator("api_base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL such as " + DEFAULT_API_BASE_URL)
+        return value.rstrip("/")
+
+    @pydantic.field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        try:
+            url = sqlalchemy.engine.make_url(value)
+        except sqlalchemy.exc.ArgumentError:
+            raise ValueError("expected a SQLAlchemy URL: sqlite:///file.db or postgresql://...") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:// and postgresql:// databases are supported")
+        return value
+
+    @pydantic.field_validator("archive_url")
+    @classmethod
+    def _check_archive_url(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme == "s3" and parts.netloc:
+            return value
+        if parts.scheme == "file" and (parts.netloc or parts.path):
+            return value
+        raise ValueError("expected s3://bucket/prefix or file:///directory")
+
+    @pydantic.field_validator("allowed_video_url_schemes")
+    @classmethod
+    def _check_schemes(cls, value: frozenset[str]) -> frozenset[str]:
+        if not value or not value <= {"http", "https"}:
+            raise ValueError("expected a comma-separated list of http and/or https")
+        return value
+
+    @pydantic.field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: pydantic.SecretStr | None) -> pydantic.SecretStr | None:
+        if value is None:
+            return None
+        text = value.get_secret_value().strip()
+        if not text or any(ch.isspace() for ch in text):
+            raise ValueError("must be one token without spaces")
+        return pydantic.SecretStr(text)
+
+    def cadences(self) -> dict[str, Cadence]:
+        """The polling cadence of each mode."""
+        return {"draft": self.poll_draft, "standard": self.poll_standard, "flex": self.poll_flex}
+
+    def resolve_api_key(self) -> str:
+        """The API key from SEEDANCE_API_KEY, SEEDANCE_API_KEY_FILE or the systemd credential."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file is not None:
+            return _read_key_file(self.api_key_file, f"{ENV_PREFIX}API_KEY_FILE")
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (pathlib.Path(cred_dir) / API_KEY_CREDENTIAL).exists():
+            return _read_key_file(
+                pathlib.Path(cred_dir) / API_KEY_CREDENTIAL, f"credential {API_KEY_CREDENTIAL}"
+            )
+        raise errors.ConfigError(
+            f"missing setting {ENV_PREFIX}API_KEY (or {ENV_PREFIX}API_KEY_FILE, "
+            f"or the systemd credential {API_KEY_CREDENTIAL})"
+        )
+
+    def public_summary(self) -> dict[str, Any]:
+        """The settings worth logging at start, with every secret left out or masked."""
+        db = sqlalchemy.engine.make_url(self.database_url).render_as_string(hide_password=True)
+        return {
+            "api_base_url": self.api_base_url,
+            "database_url": db,
+            "archive_url": self.archive_url,
+            "poll": {mode: str(c) for mode, c in self.cadences().items()},
+            "max_requests_per_second": self.max_requests_per_second,
+        }
+
+
+def _read_key_file(path: pathlib.Path, name: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise errors.ConfigError(f"invalid setting {name}: cannot read the file ({exc.strerror})") from None
+    if not text or any(ch.isspace() for ch in text):
+        raise errors.ConfigError(f"invalid setting {name}: the file must hold one token")
+    return text
+
+
+def load(**overrides: Any) -> Settings:
+    """Read the settings from the environment, raising ConfigError with one readable line."""
+    try:
+        return Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+        raise errors.ConfigError("invalid setting " + "; ".join(problems)) from None

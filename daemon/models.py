@@ -1,0 +1,172 @@
+"""The table ``video_tasks`` (the feeding contract of DESIGN.md), its states, and a row snapshot.
+
+The ORM mapping describes the table for Alembic and for readers; ``store.py`` runs Core statements on it
+and hands the rest of the daemon immutable :class:`Task` snapshots, which the pure policy transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+
+class Mode(enum.StrEnum):
+    """The provider's generation modes; each has its own polling cadence."""
+
+    DRAFT = "draft"
+    STANDARD = "standard"
+    FLEX = "flex"
+
+
+class State(enum.StrEnum):
+    """Where a tracked task is in its life. The last five are terminal."""
+
+    PENDING = "pending"
+    POLLING = "polling"
+    DOWNLOADING = "downloading"
+    ARCHIVED = "archived"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in ACTIVE_STATES
+
+
+ACTIVE_STATES = frozenset({State.PENDING, State.POLLING, State.DOWNLOADING})
+TERMINAL_STATES = frozenset(State) - ACTIVE_STATES
+
+
+class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
+    """A timestamp that always comes back timezone-aware UTC.
+
+    PostgreSQL stores ``timestamptz``; SQLite stores naive UTC text, so values are normalised on the way
+    in and tagged with UTC on the way out.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use utils.utcnow()")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def _in(column: str, values: frozenset[str] | type[enum.StrEnum]) -> str:
+    return f"{column} IN ({', '.join(repr(str(v)) for v in sorted(values))})"
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+ACTIVE_SQL = _in("state", frozenset(str(s) for s in ACTIVE_STATES))
+
+
+class VideoTask(Base):
+    """One provider task the daemon tracks until its video is archived or it ends otherwise."""
+
+    __tablename__ = "video_tasks"
+
+    task_id: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    mode: orm.Mapped[str] = orm.mapped_column(sa.Text, server_default=Mode.STANDARD.value)
+    state: orm.Mapped[str] = orm.mapped_column(sa.Text, server_default=State.PENDING.value)
+    provider_status: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    model: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    video_url: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    actual_duration: orm.Mapped[float | None] = orm.mapped_column(sa.Float)
+    error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    provider_created_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    expires_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    inserted_at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime, server_default=sa.func.now())
+    updated_at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime, server_default=sa.func.now())
+    next_attempt_at: orm.Mapped[dt.datetime] = orm.mapped_column(
+        UTCDateTime, server_default=sa.func.now()
+    )
+    last_polled_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    completed_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    archived_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    polls: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    archive_uri: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    archive_bytes: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger)
+    archive_sha256: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    lease_owner: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    lease_expires_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("mode", Mode), name="ck_video_tasks_mode"),
+        sa.CheckConstraint(_in("state", State), name="ck_video_tasks_state"),
+        # The claim query's index: only active rows, so finished rows never slow it down.
+        sa.Index(
+            "ix_video_tasks_due",
+            "next_attempt_at",
+            sqlite_where=sa.text(ACTIVE_SQL),
+            postgresql_where=sa.text(ACTIVE_SQL),
+        ),
+        sa.Index("ix_video_tasks_state", "state"),
+    )
+
+
+video_tasks: sa.Table = VideoTask.__table__  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Task:
+    """An immutable snapshot of one ``video_tasks`` row, as the daemon read or will write it."""
+
+    task_id: str
+    mode: str = Mode.STANDARD.value
+    state: str = State.PENDING.value
+    provider_status: str | None = None
+    model: str | None = None
+    video_url: str | None = None
+    actual_duration: float | None = None
+    error: str | None = None
+    provider_created_at: dt.datetime | None = None
+    expires_at: dt.datetime | None = None
+    inserted_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+    next_attempt_at: dt.datetime | None = None
+    last_polled_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    archived_at: dt.datetime | None = None
+    polls: int = 0
+    attempts: int = 0
+    archive_uri: str | None = None
+    archive_bytes: int | None = None
+    archive_sha256: str | None = None
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+
+    def replace(self, **changes: Any) -> Task:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state not in ACTIVE_STATES
+
+
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+# The columns the daemon writes back after working on a row (the feeder owns task_id and mode).
+DAEMON_FIELDS = tuple(
+    name for name in TASK_FIELDS if name not in ("task_id", "mode", "inserted_at", "lease_owner")
+)

@@ -1,0 +1,242 @@
+"""Pure decisions: given a task, what the provider (or the download) said, and ``now``, what next.
+
+Nothing here does I/O or reads the clock. Jitter comes from an injected ``draw(low, high)`` (normally
+``random.uniform``), so tests can pin it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from collections.abc import Callable, Mapping
+
+from daemon import config, models, provider
+from daemon.models import State
+
+Draw = Callable[[float, float], float]
+
+# Every error is retried; waits double from the mode's floor up to this cap.
+BACKOFF_CAP_SECONDS = 600.0
+# A download retry talks to the file host, not the provider's API, so it may come sooner than a poll.
+DOWNLOAD_RETRY_SECONDS = 5.0
+# A 404 for a task never seen is retried this many polls before the id is rejected.
+NOT_FOUND_POLLS = 3
+
+# Provider ids look like ``video_abc123def456``. Anything outside this set never reaches a URL or a key.
+TASK_ID_MAX_LENGTH = 128
+TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The knobs the decisions depend on, taken from the settings once."""
+
+    cadences: Mapping[str, config.Cadence]
+    retention: dt.timedelta
+    backoff_cap_seconds: float = BACKOFF_CAP_SECONDS
+    download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS
+    not_found_polls: int = NOT_FOUND_POLLS
+
+    @classmethod
+    def from_settings(cls, settings: config.Settings) -> Rules:
+        return cls(
+            cadences=settings.cadences(),
+            retention=dt.timedelta(seconds=settings.retention_seconds),
+        )
+
+    def cadence(self, mode: str) -> config.Cadence:
+        return self.cadences.get(mode) or self.cadences[models.Mode.STANDARD.value]
+
+
+def task_id_problem(task_id: str) -> str | None:
+    """Why ``task_id`` cannot be a provider id, or None if it can."""
+    if not task_id:
+        return "invalid task id: empty"
+    if len(task_id) > TASK_ID_MAX_LENGTH:
+        return f"invalid task id: longer than {TASK_ID_MAX_LENGTH} characters"
+    if not TASK_ID_PATTERN.fullmatch(task_id):
+        return "invalid task id: only letters, digits, '_', '.' and '-' are allowed, not first '.'"
+    return None
+
+
+def backoff_seconds(attempts: int, floor: float, cap: float, draw: Draw) -> float:
+    """The wait after ``attempts`` consecutive failures: doubling from ``floor``, capped, jittered.
+
+    The jitter keeps the wait in [ceiling / 2, ceiling] and never below ``floor``, so a retry never
+    comes sooner than the mode's cadence allows.
+    """
+    ceiling = min(cap, floor * 2 ** max(0, attempts - 1))
+    ceiling = max(ceiling, floor)
+    return draw(max(floor, ceiling / 2), ceiling)
+
+
+def deadline(created: dt.datetime, rules: Rules) -> dt.datetime:
+    """When the provider deletes a task created at ``created``."""
+    return created + rules.retention
+
+
+def next_poll_at(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) -> dt.datetime:
+    cadence = rules.cadence(task.mode)
+    return now + dt.timedelta(seconds=draw(cadence.low, cadence.high))
+
+
+def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
+    """A terminal outcome decided without asking anyone (bad id, deadline passed), or None."""
+    problem = task_id_problem(task.task_id)
+    if problem is not None:
+        return _finish(task, State.REJECTED, problem, now)
+    if task.expires_at is not None and now >= task.expires_at:
+        return _finish(
+            task,
+            State.EXPIRED,
+            f"deadline passed: the provider deletes the task at {_iso(task.expires_at)} and the "
+            "video was not archived by then",
+            now,
+        )
+    return None
+
+
+def on_answer(
+    task: models.Task, answer: provider.Answer, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """The task after a successful poll."""
+    created = answer.created or task.provider_created_at
+    polled = task.replace(
+        provider_status=answer.status.value,
+        model=answer.model or task.model,
+        provider_created_at=created,
+        expires_at=deadline(created, rules) if created else task.expires_at,
+        last_polled_at=now,
+        polls=task.polls + 1,
+        attempts=0,
+        error=None,
+        updated_at=now,
+    )
+    status = answer.status
+    if status is provider.Status.COMPLETED:
+        if not answer.video_url:
+            return polled.replace(
+                state=State.POLLING.value,
+                error="provider said completed but gave no video_url; polling again",
+                next_attempt_at=next_poll_at(task, now, rules, draw),
+            )
+        return polled.replace(
+            state=State.DOWNLOADING.value,
+            video_url=answer.video_url,
+            actual_duration=answer.actual_duration,
+            completed_at=task.completed_at or now,
+            next_attempt_at=now,
+        )
+    if status is provider.Status.FAILED:
+        reason = answer.error or "the provider reported the task failed without a reason"
+        return _finish(polled, State.FAILED, reason, now)
+    if status is provider.Status.CANCELLED:
+        return _finish(polled, State.CANCELLED, answer.error or "cancelled at the provider", now)
+    return polled.replace(
+        state=State.POLLING.value, next_attempt_at=next_poll_at(task, now, rules, draw)
+    )
+
+
+def on_poll_error(
+    task: models.Task,
+    reason: str,
+    now: dt.datetime,
+    rules: Rules,
+    draw: Draw,
+    at_least_seconds: float = 0.0,
+) -> models.Task:
+    """The task after a poll that failed in a way worth retrying (5xx, timeout, malformed, 429)."""
+    attempts = task.attempts + 1
+    floor = rules.cadence(task.mode).low
+    wait = max(at_least_seconds, backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw))
+    return task.replace(
+        state=State.POLLING.value,
+        attempts=attempts,
+        polls=task.polls + 1,
+        last_polled_at=now,
+        error=f"{reason} (attempt {attempts}; next try in {wait:.0f}s)",
+        next_attempt_at=now + dt.timedelta(seconds=wait),
+        updated_at=now,
+    )
+
+
+def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) -> models.Task:
+    """The task after the provider answered 404 (DESIGN.md: rejected if never seen, else expired)."""
+    if task.provider_status is not None:
+        return _finish(
+            task.replace(polls=task.polls + 1, last_polled_at=now),
+            State.EXPIRED,
+            "the provider no longer has this task (404): it was deleted before the video was archived",
+            now,
+        )
+    attempts = task.attempts + 1
+    if attempts >= rules.not_found_polls:
+        return _finish(
+            task.replace(polls=task.polls + 1, last_polled_at=now, attempts=attempts),
+            State.REJECTED,
+            f"the provider does not know this task id (404 on {attempts} polls)",
+            now,
+        )
+    return on_poll_error(task, "the provider does not know this task id yet (404)", now, rules, draw)
+
+
+def on_archived(
+    task: models.Task, uri: str, size: int, sha256: str, now: dt.datetime
+) -> models.Task:
+    return task.replace(
+        state=State.ARCHIVED.value,
+        archive_uri=uri,
+        archive_bytes=size,
+        archive_sha256=sha256,
+        archived_at=now,
+        attempts=0,
+        error=None,
+        updated_at=now,
+        next_attempt_at=now,
+    )
+
+
+def on_download_error(
+    task: models.Task, reason: str, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """A download or storage failure worth retrying: keep the link, try again after a backoff."""
+    attempts = task.attempts + 1
+    wait = backoff_seconds(
+        attempts, rules.download_retry_seconds, rules.backoff_cap_seconds, draw
+    )
+    return task.replace(
+        state=State.DOWNLOADING.value,
+        attempts=attempts,
+        error=f"{reason} (attempt {attempts}; next try in {wait:.0f}s)",
+        next_attempt_at=now + dt.timedelta(seconds=wait),
+        updated_at=now,
+    )
+
+
+def on_link_expired(task: models.Task, reason: str, now: dt.datetime, rules: Rules) -> models.Task:
+    """The video link was refused: poll again for a fresh one, no sooner than the cadence allows."""
+    earliest = now
+    if task.last_polled_at is not None:
+        earliest = max(now, task.last_polled_at + dt.timedelta(seconds=rules.cadence(task.mode).low))
+    return task.replace(
+        state=State.POLLING.value,
+        video_url=None,
+        attempts=task.attempts + 1,
+        error=f"{reason}; polling for a fresh video_url",
+        next_attempt_at=earliest,
+        updated_at=now,
+    )
+
+
+def on_refused(task: models.Task, reason: str, now: dt.datetime) -> models.Task:
+    """A video we must not fetch (too large, unsafe link): terminal, with the reason."""
+    return _finish(task, State.REJECTED, reason, now)
+
+
+def _finish(task: models.Task, state: State, reason: str | None, now: dt.datetime) -> models.Task:
+    return task.replace(state=state.value, error=reason, updated_at=now, next_attempt_at=now)
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

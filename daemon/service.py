@@ -1,0 +1,290 @@
+"""One cycle of the daemon: claim due rows, poll them, decide, archive, write the outcomes back.
+
+The service holds no schedule of its own: ``scheduler.py`` calls :meth:`Service.tick` a few times a
+second and :meth:`Service.renew_leases` now and then. Each claimed row becomes one asyncio task; its
+outcome is queued and written back in a batch at the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import math
+import random
+import time
+from collections.abc import Callable
+
+import structlog
+
+from daemon import archive, errors, models, policy, provider, ratelimit, store, utils
+from daemon.models import State
+
+log = structlog.get_logger(__name__)
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of what this daemon did since it started (for the demo, benchmarks and metrics)."""
+
+    polls: int = 0
+    poll_errors: int = 0
+    archived: int = 0
+    archived_bytes: int = 0
+    download_failures: int = 0
+    ticks: int = 0
+    # How late each poll started against its row's next_attempt_at, in seconds (the latest ones).
+    lateness: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=100_000)
+    )
+
+
+class Service:
+    """Works due rows of ``video_tasks`` through the provider and into the archive."""
+
+    CLAIM_BATCH = 500
+    LEASE_SECONDS = 120.0  # at least the longest cadence floor, so a dead replica's row is not re-polled early
+    MAX_IN_FLIGHT = 5000
+    MAX_DOWNLOADS = 4
+    CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
+    AUTH_PROBE_SECONDS = 180.0
+
+    def __init__(
+        self,
+        store: store.Store,
+        provider: provider.Provider,
+        archive: archive.Archive,
+        rules: policy.Rules,
+        limiter: ratelimit.RateLimiter,
+        *,
+        owner: str,
+        clock: Callable[[], dt.datetime] = utils.utcnow,
+        draw: policy.Draw = random.uniform,
+        max_downloads: int = MAX_DOWNLOADS,
+        lease_seconds: float = LEASE_SECONDS,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.archive = archive
+        self.rules = rules
+        self.limiter = limiter
+        self.owner = owner
+        self.clock = clock
+        self.draw = draw
+        self.lease = dt.timedelta(seconds=lease_seconds)
+        self.stats = Stats()
+        self.last_tick_at: dt.datetime | None = None
+        self.auth_blocked_until: dt.datetime | None = None
+        self._download_slots = asyncio.Semaphore(max_downloads)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._done: list[models.Task] = []
+        self._to_release: set[str] = set()
+        self._waiting_for_rate = 0
+        self._probe_id: str | None = None  # the one row polled to test a rejected key
+        self._stopping = False
+
+    # --- the scheduled jobs -------------------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Write finished work back, then claim due rows and start on them. Returns rows claimed."""
+        now = self.clock()
+        self.last_tick_at = now
+        self.stats.ticks += 1
+        await self.flush()
+        if self._stopping:
+            return 0
+        limit = self._claim_limit(now)
+        if limit <= 0:
+            return 0
+        rows = await asyncio.to_thread(
+            self.store.claim_due, self.owner, now, now + self.lease, limit
+        )
+        if self.auth_blocked_until is not None and rows:
+            self._probe_id = rows[0].task_id
+        for row in rows:
+            self._running[row.task_id] = asyncio.create_task(
+                self._work(row), name=f"task:{row.task_id}"
+            )
+        return len(rows)
+
+    async def renew_leases(self) -> int:
+        """Keep the leases of rows still being worked on (long downloads) from running out."""
+        ids = list(self._running)
+        if not ids:
+            return 0
+        return await asyncio.to_thread(
+            self.store.renew, self.owner, ids, self.clock() + self.lease
+        )
+
+    async def flush(self) -> None:
+        """Write queued outcomes and releases; on a database error keep them for the next try."""
+        if self._done:
+            done, self._done = self._done, []
+            try:
+                await asyncio.to_thread(self.store.save, done, self.owner)
+            except errors.StoreError:
+                self._done[:0] = done
+                raise
+        if self._to_release:
+            ids, self._to_release = self._to_release, set()
+            try:
+                await asyncio.to_thread(self.store.release, self.owner, ids)
+            except errors.StoreError:
+                self._to_release |= ids
+                raise
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop claiming; give in-flight work ``grace_seconds`` to finish, cancel the rest, write back."""
+        self._stopping = True
+        pending = set(self._running.values())
+        if pending:
+            log.info("draining", in_flight=len(pending), grace_s=grace_seconds)
+            _, pending = await asyncio.wait(pending, timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("abandoned_in_flight_work", tasks=len(pending))
+        await self.flush()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    @property
+    def auth_blocked(self) -> bool:
+        return self.auth_blocked_until is not None
+
+    # --- one row ----------------------------------------------------------------------------------
+
+    def _claim_limit(self, now: dt.datetime) -> int:
+        if self.auth_blocked_until is not None:
+            if now < self.auth_blocked_until or self._probe_id is not None:
+                return 0
+            return 1  # one probe with a real task: does the provider take the key again?
+        ahead = math.ceil(self.limiter.rate * self.CLAIM_AHEAD_SECONDS) - self._waiting_for_rate
+        return min(self.CLAIM_BATCH, self.MAX_IN_FLIGHT - len(self._running), ahead)
+
+    async def _work(self, row: models.Task) -> None:
+        task_log = log.bind(task_id=row.task_id)
+        outcome: models.Task | None = None
+        try:
+            outcome = await self._handle(row, task_log)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug must not stop the daemon or spin on one row: back off and say so.
+            task_log.exception("task_work_crashed")
+            reason = f"internal error: {type(exc).__name__}"
+            outcome = policy.on_poll_error(row, reason, self.clock(), self.rules, self.draw)
+        finally:
+            self._running.pop(row.task_id, None)
+            if self._probe_id == row.task_id:
+                self._probe_id = None
+            if outcome is None:
+                self._to_release.add(row.task_id)
+            else:
+                self._done.append(outcome)
+        if outcome is not None and outcome.state != row.state:
+            level = "warning" if outcome.state in (State.EXPIRED, State.REJECTED) else "info"
+            getattr(task_log, level)(
+                "task_state_changed",
+                from_state=row.state,
+                to_state=outcome.state,
+                reason=outcome.error,
+            )
+
+    async def _handle(self, row: models.Task, task_log: structlog.BoundLogger) -> models.Task | None:
+        decided = policy.before_work(row, self.clock())
+        if decided is not None:
+            return decided
+        if row.state == State.DOWNLOADING and row.video_url:
+            return await self._archive(row, task_log)
+        polled = await self._poll(row, task_log)
+        if polled is None or polled.state != State.DOWNLOADING:
+            return polled
+        return await self._archive(polled, task_log)
+
+    async def _poll(self, row: models.Task, task_log: structlog.BoundLogger) -> models.Task | None:
+        """Poll the provider once; None means: give the row back untouched (key rejected)."""
+        probe = self._probe_id == row.task_id
+        self._waiting_for_rate += 1
+        try:
+            await self.limiter.acquire()
+        finally:
+            self._waiting_for_rate -= 1
+        if self.auth_blocked_until is not None and not probe:
+            return None
+        now = self.clock()
+        if row.next_attempt_at is not None:
+            self.stats.lateness.append((now - row.next_attempt_at).total_seconds())
+        self.stats.polls += 1
+        try:
+            answer = await self.provider.fetch(row.task_id)
+        except errors.AuthRejected as exc:
+            self._block_auth(now, str(exc))
+            return None
+        except errors.RateLimited as exc:
+            self.stats.poll_errors += 1
+            wait = exc.retry_after
+            if wait is None:
+                wait = policy.backoff_seconds(
+                    row.attempts + 1, 1.0, self.rules.backoff_cap_seconds, self.draw
+                )
+            self.limiter.pause(wait)
+            task_log.warning("provider_rate_limited", retry_after_s=exc.retry_after, pause_s=wait)
+            return policy.on_poll_error(row, str(exc), now, self.rules, self.draw, wait)
+        except errors.TaskNotFound:
+            return policy.on_not_found(row, now, self.rules, self.draw)
+        except errors.ProviderError as exc:
+            self.stats.poll_errors += 1
+            task_log.warning("poll_failed", error=str(exc), attempts=row.attempts + 1)
+            return policy.on_poll_error(row, str(exc), now, self.rules, self.draw)
+        if self.auth_blocked_until is not None:
+            log.warning("api_key_accepted_again")
+            self.auth_blocked_until = None
+        task_log.debug("task_polled", status=answer.status.value)
+        return policy.on_answer(row, answer, now, self.rules, self.draw)
+
+    def _block_auth(self, now: dt.datetime, reason: str) -> None:
+        self.auth_blocked_until = now + dt.timedelta(seconds=self.AUTH_PROBE_SECONDS)
+        log.error(
+            "api_key_rejected",
+            error=reason,
+            action="polling paused; check SEEDANCE_API_KEY",
+            next_probe_at=self.auth_blocked_until.isoformat(),
+        )
+
+    async def _archive(self, row: models.Task, task_log: structlog.BoundLogger) -> models.Task:
+        assert row.video_url is not None
+        async with self._download_slots:
+            started = time.monotonic()
+            try:
+                stored = await self.archive.find(row.task_id)
+                if stored is not None:
+                    task_log.info("video_already_archived", uri=stored.uri, bytes=stored.size)
+                else:
+                    async with self.provider.open_video(row.video_url) as video:
+                        stored = await self.archive.put(row.task_id, video.chunks, video.length)
+            except errors.LinkExpired as exc:
+                self.stats.download_failures += 1
+                task_log.warning("video_link_expired", error=str(exc))
+                return policy.on_link_expired(row, str(exc), self.clock(), self.rules)
+            except (errors.VideoTooLarge, errors.UnsafeVideoUrl) as exc:
+                self.stats.download_failures += 1
+                return policy.on_refused(row, str(exc), self.clock())
+            except (errors.DownloadError, errors.ArchiveError) as exc:
+                self.stats.download_failures += 1
+                task_log.warning("video_download_failed", error=str(exc))
+                return policy.on_download_error(row, str(exc), self.clock(), self.rules, self.draw)
+        self.stats.archived += 1
+        self.stats.archived_bytes += stored.size
+        task_log.info(
+            "video_archived",
+            uri=stored.uri,
+            bytes=stored.size,
+            sha256=stored.sha256,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return policy.on_archived(row, stored.uri, stored.size, stored.sha256, self.clock())

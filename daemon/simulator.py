@@ -1,0 +1,360 @@
+"""A provider simulator: a real HTTP server that plays Seedance's query endpoint by the seed's contract.
+
+- ``GET /v1/result/{id}`` with ``Authorization: Bearer <key>``: the task's status moves
+  ``queued -> processing -> completed | failed | cancelled`` with time; a completed task carries a
+  signed ``video_url`` and ``actualDuration``. A task is deleted (404) ``retention`` after creation.
+- ``GET /files/{id}.mp4?expires=..&sig=..``: the video bytes, deterministic per task id, so a test can
+  compute the expected SHA-256 with :func:`video_sha256`; an expired or forged link answers 403.
+- Faults, per task or for every task (``"*"``), consumed in order: an HTTP status (with Retry-After),
+  a malformed body, a delay, a truncated or mis-sized download.
+- ``POST /_sim/tasks``, ``POST /_sim/faults``, ``GET /_sim/stats``: control and counters for tests.
+
+Run it alone with ``python -m daemon.simulator --port 8080``; tests and ``demo`` start it in-process
+with :class:`SimulatorThread`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import functools
+import hashlib
+import hmac
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+
+VIDEO_BLOCK_BYTES = 1024 * 1024
+DEFAULT_RETENTION_SECONDS = 86_400.0
+DEFAULT_LINK_TTL_SECONDS = 3600.0
+
+
+@functools.lru_cache(maxsize=32)
+def _block(task_id: str) -> bytes:
+    return random.Random(task_id).randbytes(VIDEO_BLOCK_BYTES)
+
+
+def video_chunks(task_id: str, size: int) -> Iterator[bytes]:
+    """The simulated video of ``task_id``: ``size`` deterministic bytes, one block at a time."""
+    block = _block(task_id)
+    index = 0
+    sent = 0
+    while sent < size:
+        chunk = index.to_bytes(8, "big") + block[8:]
+        chunk = chunk[: size - sent]
+        yield chunk
+        sent += len(chunk)
+        index += 1
+
+
+def video_sha256(task_id: str, size: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in video_chunks(task_id, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass
+class SimTask:
+    """One simulated provider task and how it will play out."""
+
+    id: str
+    created: float
+    outcome: str = "completed"  # completed | failed | cancelled
+    queued_seconds: float = 0.5
+    ready_seconds: float = 2.0  # when it reaches its outcome, from creation
+    size: int = 256 * 1024
+    model: str = "seedance_1_5_pro_720p"
+    duration: float = 5.0
+    error: str = "content policy violation"
+
+    def status(self, now: float) -> str:
+        age = now - self.created
+        if age < self.queued_seconds:
+            return "queued"
+        if age < self.ready_seconds:
+            return "processing"
+        return self.outcome
+
+
+@dataclasses.dataclass
+class Stats:
+    polls: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    poll_times: dict[str, list[float]] = dataclasses.field(
+        default_factory=lambda: collections.defaultdict(list)
+    )
+    downloads_started: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    downloads_completed: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    unauthorized: int = 0
+
+
+class Simulator:
+    """The simulated provider's state; :meth:`app` serves it over HTTP."""
+
+    def __init__(
+        self,
+        api_key: str = "sim-key",
+        *,
+        retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+        link_ttl_seconds: float = DEFAULT_LINK_TTL_SECONDS,
+        auto: dict[str, Any] | None = None,
+        record_poll_times: bool = True,
+    ) -> None:
+        self.api_key = api_key
+        self.retention_seconds = retention_seconds
+        self.link_ttl_seconds = link_ttl_seconds
+        # With ``auto``, an unknown id is created on first sight with these SimTask fields.
+        self.auto = auto
+        self.record_poll_times = record_poll_times
+        self.tasks: dict[str, SimTask] = {}
+        self.faults: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
+            collections.deque
+        )
+        self.stats = Stats()
+        self._secret = random.randbytes(16)
+        self._lock = threading.Lock()
+        self.base_url = ""
+
+    # --- control (in-process or over /_sim) --------------------------------------------------------
+
+    def add_task(self, task_id: str, **fields: Any) -> SimTask:
+        fields.setdefault("created", time.time())
+        task = SimTask(id=task_id, **fields)
+        with self._lock:
+            self.tasks[task_id] = task
+        return task
+
+    def add_fault(self, task_id: str, **fault: Any) -> None:
+        """Queue a fault for ``task_id`` (or ``"*"``): on="poll"|"download", plus one of
+        status=CODE [retry_after=..], body=TEXT, delay=SECONDS, truncate_at=BYTES, claim_length=BYTES."""
+        fault.setdefault("on", "poll")
+        with self._lock:
+            self.faults[task_id].append(fault)
+
+    def _take_fault(self, task_id: str, on: str) -> dict[str, Any] | None:
+        with self._lock:
+            for key in (task_id, "*"):
+                queue = self.faults.get(key)
+                if queue and queue[0]["on"] == on:
+                    fault = queue[0]
+                    if fault.get("times", 1) <= 1:
+                        queue.popleft()
+                    else:
+                        fault["times"] -= 1
+                    return fault
+        return None
+
+    def _task(self, task_id: str) -> SimTask | None:
+        task = self.tasks.get(task_id)
+        if task is None and self.auto is not None:
+            task = self.add_task(task_id, **self.auto)
+        if task is not None and time.time() - task.created >= self.retention_seconds:
+            return None
+        return task
+
+    def sign(self, task_id: str, expires: int) -> str:
+        message = f"{task_id}:{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
+
+    def video_url(self, task_id: str, now: float) -> str:
+        expires = int(now + self.link_ttl_seconds)
+        return f"{self.base_url}/files/{task_id}.mp4?expires={expires}&sig={self.sign(task_id, expires)}"
+
+    # --- HTTP -------------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/result/{id}", self._result)
+        app.router.add_get("/files/{name}", self._file)
+        app.router.add_post("/_sim/tasks", self._post_tasks)
+        app.router.add_post("/_sim/faults", self._post_faults)
+        app.router.add_get("/_sim/stats", self._get_stats)
+        return app
+
+    async def _apply_fault(self, fault: dict[str, Any] | None) -> web.StreamResponse | None:
+        if fault is None:
+            return None
+        if "delay" in fault:
+            await asyncio.sleep(float(fault["delay"]))
+        if "status" in fault:
+            headers = {}
+            if fault.get("retry_after") is not None:
+                headers["Retry-After"] = str(fault["retry_after"])
+            return web.Response(status=int(fault["status"]), headers=headers, text="simulated fault")
+        if "body" in fault:
+            return web.Response(status=200, text=str(fault["body"]), content_type="application/json")
+        return None
+
+    async def _result(self, request: web.Request) -> web.StreamResponse:
+        task_id = request.match_info["id"]
+        now = time.time()
+        self.stats.polls[task_id] += 1
+        if self.record_poll_times:
+            self.stats.poll_times[task_id].append(now)
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            self.stats.unauthorized += 1
+            return web.json_response({"error": "invalid api key"}, status=401)
+        faulty = await self._apply_fault(self._take_fault(task_id, "poll"))
+        if faulty is not None:
+            return faulty
+        task = self._task(task_id)
+        if task is None:
+            return web.json_response({"error": "task not found"}, status=404)
+        status = task.status(now)
+        body: dict[str, Any] = {
+            "id": task.id,
+            "object": "video",
+            "created": int(task.created),
+            "model": task.model,
+            "status": status,
+            "video_url": None,
+            "error": None,
+        }
+        if status == "completed":
+            body["video_url"] = self.video_url(task.id, now)
+            body["actualDuration"] = task.duration
+        elif status == "failed":
+            body["error"] = task.error
+        return web.json_response(body)
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        task_id = name.removesuffix(".mp4")
+        task = self._task(task_id)
+        if task is None:
+            return web.Response(status=404, text="no such video")
+        try:
+            expires = int(request.query.get("expires", "0"))
+        except ValueError:
+            expires = 0
+        signature = request.query.get("sig", "")
+        valid = hmac.compare_digest(signature, self.sign(task_id, expires))
+        if not valid or expires < time.time():
+            return web.Response(status=403, text="link expired or invalid")
+        fault = self._take_fault(task_id, "download")
+        faulty = await self._apply_fault(fault)
+        if faulty is not None:
+            return faulty
+        self.stats.downloads_started[task_id] += 1
+        size = task.size
+        length = int(fault["claim_length"]) if fault and "claim_length" in fault else size
+        stop_at = int(fault["truncate_at"]) if fault and "truncate_at" in fault else size
+        response = web.StreamResponse(
+            headers={"Content-Type": "video/mp4", "Content-Length": str(length)}
+        )
+        await response.prepare(request)
+        sent = 0
+        for chunk in video_chunks(task_id, min(size, stop_at)):
+            await response.write(chunk)
+            sent += len(chunk)
+        if sent < length:
+            # Cut the connection so the client sees a short body, as a broken download would.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        self.stats.downloads_completed[task_id] += 1
+        return response
+
+    async def _post_tasks(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        for spec in payload:
+            spec = dict(spec)
+            self.add_task(spec.pop("id"), **spec)
+        return web.json_response({"added": len(payload)})
+
+    async def _post_faults(self, request: web.Request) -> web.Response:
+        payload = await request.json()
+        for task_id, faults in payload.items():
+            for fault in faults:
+                self.add_fault(task_id, **fault)
+        return web.json_response({"ok": True})
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "polls": dict(self.stats.polls),
+                "downloads_started": dict(self.stats.downloads_started),
+                "downloads_completed": dict(self.stats.downloads_completed),
+                "unauthorized": self.stats.unauthorized,
+            }
+        )
+
+
+class SimulatorThread:
+    """Serve a :class:`Simulator` on loopback from a background thread (for tests and ``demo``)."""
+
+    def __init__(self, simulator: Simulator, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.simulator = simulator
+        self.host = host
+        self.port = port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="simulator", daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> SimulatorThread:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        self.simulator.base_url = self.url
+        return self
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.simulator.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> SimulatorThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the Seedance provider simulator.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--api-key", default="sim-key")
+    parser.add_argument(
+        "--auto",
+        default=None,
+        help='JSON SimTask fields for unknown ids, e.g. \'{"ready_seconds": 5}\'; off by default',
+    )
+    parser.add_argument("--no-poll-times", action="store_true", help="do not record poll times")
+    args = parser.parse_args(argv)
+    simulator = Simulator(
+        args.api_key,
+        auto=json.loads(args.auto) if args.auto else None,
+        record_poll_times=not args.no_poll_times,
+    )
+    simulator.base_url = f"http://{args.host}:{args.port}"
+    web.run_app(simulator.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Every SQL statement of the daemon: claim due rows, write outcomes, leases, feeding, notifications.
+
+The store is synchronous SQLAlchemy Core: the command line calls it directly and the daemon calls it
+through ``asyncio.to_thread``. One claim statement serves both databases: on PostgreSQL its sub-select
+is ``FOR UPDATE SKIP LOCKED`` so replicas never claim the same row; SQLite ignores that clause and is
+limited to one daemon per database file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import psycopg
+import sqlalchemy as sa
+import sqlalchemy.exc
+import structlog
+
+from daemon import errors, models
+
+log = structlog.get_logger(__name__)
+t = models.video_tasks
+
+LISTEN_CHANNEL = "video_tasks"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class Store(Protocol):
+    """What the service needs from the database."""
+
+    def claim_due(
+        self, owner: str, now: dt.datetime, lease_until: dt.datetime, limit: int
+    ) -> list[models.Task]: ...
+
+    def save(self, tasks: Sequence[models.Task], owner: str) -> int: ...
+
+    def renew(self, owner: str, task_ids: Iterable[str], lease_until: dt.datetime) -> int: ...
+
+    def release(self, owner: str, task_ids: Iterable[str]) -> int: ...
+
+
+def engine_url(url: str) -> sa.URL:
+    """The SQLAlchemy URL with our driver: a plain ``postgresql://`` works as users write it."""
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def make_engine(url: str) -> sa.Engine:
+    """An engine for ``url``; SQLite gets WAL and a busy timeout so feeders can write alongside us."""
+    parsed = engine_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _task(row: sa.Row[Any]) -> models.Task:
+    return models.Task(**row._mapping)
+
+
+def _typed(name: str) -> sa.BindParameter[Any]:
+    return sa.bindparam(f"v_{name}", type_=t.c[name].type)
+
+
+class SqlStore:
+    """The real store, on SQLite or PostgreSQL."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._save_stmt = (
+            sa.update(t)
+            .where(t.c.task_id == sa.bindparam("b_task_id"), t.c.lease_owner == sa.bindparam("b_owner"))
+            .values({name: _typed(name) for name in models.DAEMON_FIELDS})
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+
+    @classmethod
+    def from_url(cls, url: str) -> SqlStore:
+        return cls(make_engine(url))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- the daemon's side ----------------------------------------------------------------------
+
+    def claim_due(
+        self, owner: str, now: dt.datetime, lease_until: dt.datetime, limit: int
+    ) -> list[models.Task]:
+        """Lease up to ``limit`` due rows to ``owner``, nearest deadline first, in one statement.
+
+        Rows not yet polled have no known deadline; they come first so the intake poll learns it.
+        """
+        if limit <= 0:
+            return []
+        due = (
+            sa.select(t.c.task_id)
+            .where(
+                t.c.state.in_([s.value for s in models.ACTIVE_STATES]),
+                t.c.next_attempt_at <= now,
+                sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < now),
+            )
+            .order_by(t.c.expires_at.asc().nulls_first(), t.c.next_attempt_at.asc())
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(t)
+            .where(t.c.task_id.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_expires_at=lease_until)
+            .returning(*t.c)
+        )
+        with self._begin() as conn:
+            return [_task(row) for row in conn.execute(stmt)]
+
+    def save(self, tasks: Sequence[models.Task], owner: str) -> int:
+        """Write the daemon's columns of each task and release its lease, if ``owner`` still holds it."""
+        if not tasks:
+            return 0
+        params = [
+            {"b_task_id": task.task_id, "b_owner": owner}
+            | {f"v_{name}": getattr(task, name) for name in models.DAEMON_FIELDS}
+            for task in tasks
+        ]
+        with self._begin() as conn:
+            result = conn.execute(self._save_stmt, params)
+            return int(result.rowcount)
+
+    def renew(self, owner: str, task_ids: Iterable[str], lease_until: dt.datetime) -> int:
+        """Extend the leases ``owner`` holds on ``task_ids`` (a long download is still running)."""
+        ids = list(task_ids)
+        if not ids:
+            return 0
+        stmt = (
+            sa.update(t)
+            .where(t.c.task_id.in_(ids), t.c.lease_owner == owner)
+            .values(lease_expires_at=lease_until)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def release(self, owner: str, task_ids: Iterable[str]) -> int:
+        """Give rows back untouched, so the next claim (ours or a replica's) takes them."""
+        ids = list(task_ids)
+        if not ids:
+            return 0
+        stmt = (
+            sa.update(t)
+            .where(t.c.task_id.in_(ids), t.c.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers."""
+        with self._begin() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def check_schema(self) -> None:
+        """Raise StoreError with the fix if ``video_tasks`` has not been created yet."""
+        with self._begin() as conn:
+            if not sa.inspect(conn).has_table(t.name):
+                raise errors.StoreError(
+                    "the table video_tasks does not exist: run `seedance-archiver migrate` first"
+                )
+
+    # --- the operator's and feeder's side ---------------------------------------------------------
+
+    def add(self, task_id: str, mode: str = models.Mode.STANDARD.value) -> bool:
+        """Track ``task_id``; False if it was already tracked."""
+        stmt = sa.insert(t).values(task_id=task_id, mode=mode)
+        try:
+            with self._begin(translate=False) as conn:
+                conn.execute(stmt)
+        except sqlalchemy.exc.IntegrityError as exc:
+            if self.get(task_id) is not None:
+                return False
+            raise errors.StoreError(f"the database refused the row: {_first_line(exc)}") from exc
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+        return True
+
+    def get(self, task_id: str) -> models.Task | None:
+        with self._begin() as conn:
+            row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()
+        return _task(row) if row is not None else None
+
+    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
+        stmt = sa.select(t).order_by(t.c.inserted_at, t.c.task_id)
+        if state is not None:
+            stmt = stmt.where(t.c.state == state)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._begin() as conn:
+            return [_task(row) for row in conn.execute(stmt)]
+
+    def retry(self, task_id: str, now: dt.datetime) -> bool:
+        """Put a task back to polling now, keeping its history (polls, times, last error)."""
+        stmt = (
+            sa.update(t)
+            .where(t.c.task_id == task_id)
+            .values(
+                state=models.State.POLLING.value,
+                next_attempt_at=now,
+                attempts=0,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount) == 1
+
+    def counts(self) -> dict[str, int]:
+        """How many rows are in each state (every state listed, zeros included)."""
+        stmt = sa.select(t.c.state, sa.func.count()).group_by(t.c.state)
+        with self._begin() as conn:
+            found = {state: int(n) for state, n in conn.execute(stmt)}
+        return {s.value: found.get(s.value, 0) for s in models.State}
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _begin(self, translate: bool = True) -> _Transaction:
+        return _Transaction(self.engine, translate)
+
+
+class _Transaction:
+    """``engine.begin()`` that turns SQLAlchemy's errors into StoreError at this edge."""
+
+    def __init__(self, engine: sa.Engine, translate: bool) -> None:
+        self._cm = engine.begin()
+        self._translate = translate
+
+    def __enter__(self) -> sa.Connection:
+        try:
+            return self._cm.__enter__()
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise errors.StoreError(f"database unreachable: {_first_line(exc)}") from exc
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            self._cm.__exit__(*exc_info)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+        exc = exc_info[1]
+        if self._translate and isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
+            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    # SQLAlchemy messages carry the statement and parameters after the first line; keep them out.
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+class Listener:
+    """Wakes the daemon when a feeder inserts rows (PostgreSQL LISTEN/NOTIFY), reconnecting forever.
+
+    Runs in its own thread with its own connection; polling the table stays the fallback while it is
+    disconnected.
+    """
+
+    POLL_SECONDS = 1.0
+    RECONNECT_MIN_SECONDS = 1.0
+    RECONNECT_MAX_SECONDS = 30.0
+
+    def __init__(self, url: str, on_notify: Callable[[], None]) -> None:
+        parsed = engine_url(url).set(drivername="postgresql")
+        self._dsn = parsed.render_as_string(hide_password=False)
+        self._on_notify = on_notify
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
+        self.connected = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        delay = self.RECONNECT_MIN_SECONDS
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {LISTEN_CHANNEL}")
+                    self.connected.set()
+                    log.info("listen_connected", channel=LISTEN_CHANNEL)
+                    delay = self.RECONNECT_MIN_SECONDS
+                    # Rows inserted while we were away are found by the table poll; wake once anyway.
+                    self._on_notify()
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self.POLL_SECONDS):
+                            self._on_notify()
+            except psycopg.Error as exc:
+                self.connected.clear()
+                log.warning("listen_disconnected", error=_first_line(exc), retry_in_s=delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.RECONNECT_MAX_SECONDS)
+        self.connected.clear()
+
+
+class SqliteLock:
+    """One daemon per SQLite file: an exclusive ``flock`` on ``{database}.lock`` while it runs.
+
+    SQLite has no SKIP LOCKED, so two daemons on one file would poll the same rows; the lock makes a
+    second ``run`` exit with a clear message instead. The kernel drops the lock if the process dies.
+    """
+
+    def __init__(self, url: str) -> None:
+        database = engine_url(url).database
+        self.path = None if not database or database == ":memory:" else database + ".lock"
+        self._fh: Any = None
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return
+        import fcntl
+
+        fh = open(self.path, "a+")  # noqa: SIM115 - held open for the daemon's whole life
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise errors.AlreadyRunning(
+                f"another seedance-archiver already runs on this SQLite database ({self.path}); "
+                "SQLite allows one daemon per file, use PostgreSQL for several replicas"
+            ) from None
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

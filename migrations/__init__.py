@@ -1,0 +1,1 @@
+"""Alembic migrations of ``video_tasks`` (shipped inside the wheel as ``daemon.migrations``)."""
