@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-PART_BYTES = 8 * 1024 * 1024  # S3's minimum part is 5 MiB; 8 MiB keeps memory flat and requests few.
+PART_BYTES = (
+    8 * 1024 * 1024
+)  # S3's minimum part is 5 MiB; 8 MiB keeps memory flat and requests few.
 HASH_READ_BYTES = 1024 * 1024
 INCOMING_DIR = ".incoming"
 
@@ -260,7 +262,7 @@ class S3Archive:
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                    MultipartUpload={"Parts": parts},
                 )
                 upload_id = None
                 await self._call(

@@ -7,8 +7,19 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from daemon import config, demo, errors, logs, models, policy, scheduler, schema, store, utils
-from daemon import views
+from daemon import (
+    config,
+    demo,
+    errors,
+    logs,
+    models,
+    policy,
+    scheduler,
+    schema,
+    store,
+    utils,
+    views,
+)
 
 PROG = "seedance-archiver"
 
@@ -78,7 +89,11 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             return _status(sql_store, args)
         if command == "list":
             tasks = sql_store.list(state=args.state, limit=args.limit)
-            print(views.to_json([views.task_dict(t) for t in tasks]) if args.json else views.table(tasks))
+            print(
+                views.to_json([views.task_dict(t) for t in tasks])
+                if args.json
+                else views.table(tasks)
+            )
             return 0
         if command == "retry":
             if not sql_store.retry(args.task_id, utils.utcnow()):

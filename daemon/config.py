@@ -102,7 +102,9 @@ class Settings(pydantic_settings.BaseSettings):
         try:
             url = sqlalchemy.engine.make_url(value)
         except sqlalchemy.exc.ArgumentError:
-            raise ValueError("expected a SQLAlchemy URL: sqlite:///file.db or postgresql://...") from None
+            raise ValueError(
+                "expected a SQLAlchemy URL: sqlite:///file.db or postgresql://..."
+            ) from None
         if url.get_backend_name() not in ("sqlite", "postgresql"):
             raise ValueError("only sqlite:// and postgresql:// databases are supported")
         return value
@@ -170,7 +172,9 @@ def _read_key_file(path: pathlib.Path, name: str) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise errors.ConfigError(f"invalid setting {name}: cannot read the file ({exc.strerror})") from None
+        raise errors.ConfigError(
+            f"invalid setting {name}: cannot read the file ({exc.strerror})"
+        ) from None
     if not text or any(ch.isspace() for ch in text):
         raise errors.ConfigError(f"invalid setting {name}: the file must hold one token")
     return text

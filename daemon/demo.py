@@ -38,11 +38,18 @@ SCENARIOS = (
     Scenario("standard-ok-after-500", "standard", "completed", 4, 3 * MiB, ({"status": 503},)),
     Scenario("standard-failed", "standard", "failed", 3),
     Scenario(
-        "standard-ok-after-truncation", "standard", "completed", 4, 12 * MiB, (),
+        "standard-ok-after-truncation",
+        "standard",
+        "completed",
+        4,
+        12 * MiB,
+        (),
         ({"truncate_at": 5 * MiB},),
     ),
     Scenario("flex-ok", "flex", "completed", 5, 2 * MiB),
-    Scenario("flex-ok-after-429", "flex", "completed", 5, 1 * MiB, ({"status": 429, "retry_after": 1},)),
+    Scenario(
+        "flex-ok-after-429", "flex", "completed", 5, 1 * MiB, ({"status": 429, "retry_after": 1},)
+    ),
 )
 
 
@@ -61,7 +68,9 @@ def run(out: Callable[[str], None] = print) -> int:
             http_port=0,
             shutdown_grace_seconds=5,
         )
-        out(f"demo: simulator on {server.url}; database {settings.public_summary()['database_url']}")
+        out(
+            f"demo: simulator on {server.url}; database {settings.public_summary()['database_url']}"
+        )
         out(f"demo: archive {settings.archive_url}")
         schema.upgrade(settings.database_url)
         sql_store = store.SqlStore.from_url(settings.database_url)
@@ -71,14 +80,19 @@ def run(out: Callable[[str], None] = print) -> int:
             task_id = f"demo{stamp}_{scenario.name.replace('-', '_')}"
             ids[task_id] = scenario
             sim.add_task(
-                task_id, outcome=scenario.outcome, ready_seconds=scenario.ready_seconds,
+                task_id,
+                outcome=scenario.outcome,
+                ready_seconds=scenario.ready_seconds,
                 size=scenario.size,
             )
             for fault in scenario.poll_faults:
                 sim.add_fault(task_id, on="poll", **fault)
             for fault in scenario.download_faults:
                 sim.add_fault(task_id, on="download", **fault)
-            out(f"demo: INSERT INTO video_tasks (task_id, mode) VALUES ('{task_id}', '{scenario.mode}')")
+            out(
+                "demo: INSERT INTO video_tasks (task_id, mode) "
+                f"VALUES ('{task_id}', '{scenario.mode}')"
+            )
             sql_store.add(task_id, scenario.mode)
 
         finished = asyncio.run(_run_until_finished(settings, sql_store, list(ids)))
@@ -130,6 +144,8 @@ def _verify(
     if problems:
         out("demo FAILED: " + "; ".join(problems))
         return 1
-    out(f"demo OK: {archived} of {archived} completed videos archived, SHA-256 verified; "
-        "failed and cancelled tasks recorded as such.")
+    out(
+        f"demo OK: {archived} of {archived} completed videos archived, SHA-256 verified; "
+        "failed and cancelled tasks recorded as such."
+    )
     return 0

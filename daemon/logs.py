@@ -6,6 +6,7 @@ never reaches a log line even if someone logs it by mistake.
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import re
 import sys
@@ -24,7 +25,9 @@ def _redact(value: Any) -> Any:
     return value
 
 
-def redact_urls(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_urls(
+    _logger: Any, _name: str, event: collections.abc.MutableMapping[str, Any]
+) -> collections.abc.MutableMapping[str, Any]:
     return {key: _redact(value) for key, value in event.items()}
 
 

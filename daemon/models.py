@@ -54,7 +54,9 @@ class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+    def process_bind_param(
+        self, value: dt.datetime | None, dialect: sa.Dialect
+    ) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -62,7 +64,9 @@ class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
         value = value.astimezone(dt.UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
-    def process_result_value(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: sa.Dialect
+    ) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
@@ -96,8 +100,12 @@ class VideoTask(Base):
     error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     provider_created_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
     expires_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
-    inserted_at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime, server_default=sa.func.now())
-    updated_at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime, server_default=sa.func.now())
+    inserted_at: orm.Mapped[dt.datetime] = orm.mapped_column(
+        UTCDateTime, server_default=sa.func.now()
+    )
+    updated_at: orm.Mapped[dt.datetime] = orm.mapped_column(
+        UTCDateTime, server_default=sa.func.now()
+    )
     next_attempt_at: orm.Mapped[dt.datetime] = orm.mapped_column(
         UTCDateTime, server_default=sa.func.now()
     )

@@ -178,7 +178,9 @@ def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) 
             f"the provider does not know this task id (404 on {attempts} polls)",
             now,
         )
-    return on_poll_error(task, "the provider does not know this task id yet (404)", now, rules, draw)
+    return on_poll_error(
+        task, "the provider does not know this task id yet (404)", now, rules, draw
+    )
 
 
 def on_archived(
@@ -202,9 +204,7 @@ def on_download_error(
 ) -> models.Task:
     """A download or storage failure worth retrying: keep the link, try again after a backoff."""
     attempts = task.attempts + 1
-    wait = backoff_seconds(
-        attempts, rules.download_retry_seconds, rules.backoff_cap_seconds, draw
-    )
+    wait = backoff_seconds(attempts, rules.download_retry_seconds, rules.backoff_cap_seconds, draw)
     return task.replace(
         state=State.DOWNLOADING.value,
         attempts=attempts,
@@ -218,7 +218,9 @@ def on_link_expired(task: models.Task, reason: str, now: dt.datetime, rules: Rul
     """The video link was refused: poll again for a fresh one, no sooner than the cadence allows."""
     earliest = now
     if task.last_polled_at is not None:
-        earliest = max(now, task.last_polled_at + dt.timedelta(seconds=rules.cadence(task.mode).low))
+        earliest = max(
+            now, task.last_polled_at + dt.timedelta(seconds=rules.cadence(task.mode).low)
+        )
     return task.replace(
         state=State.POLLING.value,
         video_url=None,

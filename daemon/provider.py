@@ -297,7 +297,9 @@ class HttpProvider:
             try:
                 length = int(raw_length)
             except ValueError:
-                raise errors.DownloadError("the video host sent an invalid Content-Length") from None
+                raise errors.DownloadError(
+                    "the video host sent an invalid Content-Length"
+                ) from None
             if length > self._max_video_bytes:
                 raise errors.VideoTooLarge(
                     f"video is {length} bytes, more than SEEDANCE_MAX_VIDEO_BYTES "

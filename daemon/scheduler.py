@@ -47,7 +47,9 @@ def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def build_service(settings: config.Settings, api_key: str) -> tuple[service.Service, store.SqlStore]:
+def build_service(
+    settings: config.Settings, api_key: str
+) -> tuple[service.Service, store.SqlStore]:
     """The service with its real store, provider and archive, as the settings describe them."""
     sql_store = store.SqlStore.from_url(settings.database_url)
     client = provider.HttpProvider(
@@ -118,9 +120,11 @@ async def run(
                 scheduler.modify_job("tick", next_run_time=dt.datetime.now(dt.UTC))
 
         if sql_store.dialect == "postgresql":
-            listener = store.Listener(
-                settings.database_url, lambda: loop.call_soon_threadsafe(wake)
-            )
+
+            def wake_from_thread() -> None:
+                loop.call_soon_threadsafe(wake)
+
+            listener = store.Listener(settings.database_url, wake_from_thread)
             listener.start()
         if handle_signals:
             _install_signals(loop, stop)

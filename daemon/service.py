@@ -44,7 +44,9 @@ class Service:
     """Works due rows of ``video_tasks`` through the provider and into the archive."""
 
     CLAIM_BATCH = 500
-    LEASE_SECONDS = 120.0  # at least the longest cadence floor, so a dead replica's row is not re-polled early
+    LEASE_SECONDS = (
+        120.0  # at least the longest cadence floor, so a dead replica's row is not re-polled early
+    )
     MAX_IN_FLIGHT = 5000
     MAX_DOWNLOADS = 4
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
@@ -113,9 +115,7 @@ class Service:
         ids = list(self._running)
         if not ids:
             return 0
-        return await asyncio.to_thread(
-            self.store.renew, self.owner, ids, self.clock() + self.lease
-        )
+        return await asyncio.to_thread(self.store.renew, self.owner, ids, self.clock() + self.lease)
 
     async def flush(self) -> None:
         """Write queued outcomes and releases; on a database error keep them for the next try."""
@@ -195,7 +195,9 @@ class Service:
                 reason=outcome.error,
             )
 
-    async def _handle(self, row: models.Task, task_log: structlog.BoundLogger) -> models.Task | None:
+    async def _handle(
+        self, row: models.Task, task_log: structlog.BoundLogger
+    ) -> models.Task | None:
         decided = policy.before_work(row, self.clock())
         if decided is not None:
             return decided

@@ -169,7 +169,8 @@ class Simulator:
 
     def video_url(self, task_id: str, now: float) -> str:
         expires = int(now + self.link_ttl_seconds)
-        return f"{self.base_url}/files/{task_id}.mp4?expires={expires}&sig={self.sign(task_id, expires)}"
+        signature = self.sign(task_id, expires)
+        return f"{self.base_url}/files/{task_id}.mp4?expires={expires}&sig={signature}"
 
     # --- HTTP -------------------------------------------------------------------------------------
 
@@ -191,9 +192,13 @@ class Simulator:
             headers = {}
             if fault.get("retry_after") is not None:
                 headers["Retry-After"] = str(fault["retry_after"])
-            return web.Response(status=int(fault["status"]), headers=headers, text="simulated fault")
+            return web.Response(
+                status=int(fault["status"]), headers=headers, text="simulated fault"
+            )
         if "body" in fault:
-            return web.Response(status=200, text=str(fault["body"]), content_type="application/json")
+            return web.Response(
+                status=200, text=str(fault["body"]), content_type="application/json"
+            )
         return None
 
     async def _result(self, request: web.Request) -> web.StreamResponse:
@@ -300,7 +305,9 @@ class SimulatorThread:
         self.host = host
         self.port = port
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="simulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="simulator", daemon=True
+        )
         self._runner: web.AppRunner | None = None
 
     @property
@@ -343,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--auto",
         default=None,
-        help='JSON SimTask fields for unknown ids, e.g. \'{"ready_seconds": 5}\'; off by default',
+        help="JSON SimTask fields for unknown ids, e.g. '{\"ready_seconds\": 5}'; off by default",
     )
     parser.add_argument("--no-poll-times", action="store_true", help="do not record poll times")
     args = parser.parse_args(argv)

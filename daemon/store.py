@@ -83,7 +83,9 @@ class SqlStore:
         self.dialect = engine.dialect.name
         self._save_stmt = (
             sa.update(t)
-            .where(t.c.task_id == sa.bindparam("b_task_id"), t.c.lease_owner == sa.bindparam("b_owner"))
+            .where(
+                t.c.task_id == sa.bindparam("b_task_id"), t.c.lease_owner == sa.bindparam("b_owner")
+            )
             .values({name: _typed(name) for name in models.DAEMON_FIELDS})
             .values(lease_owner=None, lease_expires_at=None)
         )
@@ -256,9 +258,9 @@ class _Transaction:
             self._cm.__exit__(*exc_info)
         except sqlalchemy.exc.SQLAlchemyError as exc:
             raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
-        exc = exc_info[1]
-        if self._translate and isinstance(exc, sqlalchemy.exc.SQLAlchemyError):
-            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+        failure = exc_info[1]
+        if self._translate and isinstance(failure, sqlalchemy.exc.SQLAlchemyError):
+            raise errors.StoreError(f"database error: {_first_line(failure)}") from failure
 
 
 def _first_line(exc: BaseException) -> str:
@@ -332,7 +334,7 @@ class SqliteLock:
             return
         import fcntl
 
-        fh = open(self.path, "a+")  # noqa: SIM115 - held open for the daemon's whole life
+        fh = open(self.path, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

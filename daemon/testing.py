@@ -1,0 +1,204 @@
+"""In-memory fakes of the daemon's I/O seams, and a clock that tests move by hand.
+
+They implement the same Protocols as the real store, provider and archive, record their calls, and
+never sleep or touch the network, so unit tests of the service run in microseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+from daemon import archive, errors, models, provider
+
+EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+
+
+class MovableClock:
+    """A clock that stands still until a test moves it."""
+
+    def __init__(self, start: dt.datetime = EPOCH) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> dt.datetime:
+        self.now += dt.timedelta(seconds=seconds)
+        return self.now
+
+
+def low_draw(low: float, high: float) -> float:
+    """A jitter draw that always picks the shortest wait (deterministic tests)."""
+    return low
+
+
+def high_draw(low: float, high: float) -> float:
+    return high
+
+
+class FakeStore:
+    """The store's semantics (due, leases, nearest deadline first) on a dict."""
+
+    def __init__(self, tasks: Iterable[models.Task] = ()) -> None:
+        self.rows: dict[str, models.Task] = {t.task_id: t for t in tasks}
+        self.saved: list[models.Task] = []
+        self.released: list[str] = []
+
+    def add(self, task_id: str, mode: str = "standard", now: dt.datetime = EPOCH) -> models.Task:
+        task = models.Task(
+            task_id=task_id, mode=mode, inserted_at=now, updated_at=now, next_attempt_at=now
+        )
+        self.rows[task_id] = task
+        return task
+
+    def claim_due(
+        self, owner: str, now: dt.datetime, lease_until: dt.datetime, limit: int
+    ) -> list[models.Task]:
+        due = [
+            t
+            for t in self.rows.values()
+            if not t.is_terminal
+            and t.next_attempt_at is not None
+            and t.next_attempt_at <= now
+            and (t.lease_expires_at is None or t.lease_expires_at < now)
+        ]
+        far = dt.datetime.max.replace(tzinfo=dt.UTC)
+        due.sort(key=lambda t: (t.expires_at is not None, t.expires_at or far, t.next_attempt_at))
+        claimed = []
+        for task in due[: max(0, limit)]:
+            leased = task.replace(lease_owner=owner, lease_expires_at=lease_until)
+            self.rows[task.task_id] = leased
+            claimed.append(leased)
+        return claimed
+
+    def save(self, tasks: Sequence[models.Task], owner: str) -> int:
+        written = 0
+        for task in tasks:
+            current = self.rows.get(task.task_id)
+            if current is None or current.lease_owner != owner:
+                continue
+            self.rows[task.task_id] = task.replace(lease_owner=None, lease_expires_at=None)
+            self.saved.append(task)
+            written += 1
+        return written
+
+    def renew(self, owner: str, task_ids: Iterable[str], lease_until: dt.datetime) -> int:
+        n = 0
+        for task_id in task_ids:
+            task = self.rows.get(task_id)
+            if task is not None and task.lease_owner == owner:
+                self.rows[task_id] = task.replace(lease_expires_at=lease_until)
+                n += 1
+        return n
+
+    def release(self, owner: str, task_ids: Iterable[str]) -> int:
+        n = 0
+        for task_id in task_ids:
+            task = self.rows.get(task_id)
+            if task is not None and task.lease_owner == owner:
+                self.rows[task_id] = task.replace(lease_owner=None, lease_expires_at=None)
+                self.released.append(task_id)
+                n += 1
+        return n
+
+
+Reply = provider.Answer | Exception
+
+
+class FakeProvider:
+    """Answers each task's polls from a script; serves videos from memory; records every call."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list[Reply]] = {}
+        self.videos: dict[str, bytes | Exception] = {}
+        self.fetches: list[str] = []
+        self.downloads: list[str] = []
+
+    def script(self, task_id: str, *replies: Reply) -> None:
+        """The replies to the next polls of ``task_id``; the last one repeats."""
+        self.scripts[task_id] = list(replies)
+
+    async def fetch(self, task_id: str) -> provider.Answer:
+        self.fetches.append(task_id)
+        replies = self.scripts.get(task_id)
+        if not replies:
+            raise errors.TaskNotFound("the provider does not know this task (HTTP 404)")
+        reply = replies.pop(0) if len(replies) > 1 else replies[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    @contextlib.asynccontextmanager
+    async def open_video(self, url: str) -> AsyncIterator[provider.Video]:
+        self.downloads.append(url)
+        body = self.videos.get(url)
+        if body is None:
+            raise errors.LinkExpired("the video link was refused (HTTP 404)")
+        if isinstance(body, Exception):
+            raise body
+        data = body
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(data), 64 * 1024):
+                yield data[start : start + 64 * 1024]
+
+        yield provider.Video(length=len(data), chunks=chunks())
+
+    async def aclose(self) -> None:
+        pass
+
+
+def answer(
+    task_id: str,
+    status: str = "processing",
+    *,
+    created: dt.datetime = EPOCH,
+    video_url: str | None = None,
+    error: str | None = None,
+    duration: float | None = None,
+) -> provider.Answer:
+    """A provider answer for tests, with the seed's defaults."""
+    return provider.Answer(
+        id=task_id,
+        status=provider.Status(status),
+        created=created,
+        model="seedance_1_5_pro_720p",
+        video_url=video_url,
+        actual_duration=duration,
+        error=error,
+    )
+
+
+@dataclasses.dataclass
+class FakeArchive:
+    """Committed videos in a dict; ``fail_next`` makes the next put raise."""
+
+    objects: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    puts: list[str] = dataclasses.field(default_factory=list)
+    fail_next: Exception | None = None
+
+    async def find(self, task_id: str) -> archive.Stored | None:
+        data = self.objects.get(task_id)
+        if data is None:
+            return None
+        return archive.Stored(f"mem://{task_id}.mp4", len(data), hashlib.sha256(data).hexdigest())
+
+    async def put(
+        self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
+    ) -> archive.Stored:
+        self.puts.append(task_id)
+        data = b"".join([chunk async for chunk in chunks])
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        if expected_size is not None and len(data) != expected_size:
+            raise errors.DownloadError("truncated download")
+        self.objects[task_id] = data
+        return archive.Stored(f"mem://{task_id}.mp4", len(data), hashlib.sha256(data).hexdigest())
+
+    async def check(self) -> None:
+        pass

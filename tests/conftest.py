@@ -1,0 +1,198 @@
+"""Shared fixtures: real PostgreSQL and SQLite databases, moto's S3 server over HTTP, the simulator.
+
+PostgreSQL: one migrated template database per session, cloned for every test (fast, isolated) and
+dropped after it. Where PostgreSQL is unreachable, its tests skip with a message naming what is missing;
+with CI=true they fail instead, because CI must run them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from daemon import schema, simulator
+
+PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> object:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(scope="session")
+def pg_available() -> None:
+    try:
+        with _pg_admin():
+            pass
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL is unreachable at {PG_ADMIN_DSN.split('@')[-1]}: {exc}".strip()
+        if IN_CI:
+            pytest.fail(f"{message} (CI=true: PostgreSQL tests must run)")
+        pytest.skip(message)
+
+
+def _url_for(dbname: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
+    return f"{base}/{dbname}"
+
+
+def _drop(dbname: str) -> None:
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_available: None) -> Iterator[str]:
+    """A migrated database to clone; its name."""
+    name = f"seedance_tpl_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        schema.upgrade(_url_for(name))
+        yield name
+    finally:
+        _drop(name)
+
+
+@pytest.fixture
+def pg_url(pg_template: str) -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test: its URL as a user would write it."""
+    name = f"seedance_t_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    try:
+        yield _url_for(name)
+    finally:
+        _drop(name)
+
+
+@pytest.fixture
+def empty_pg_url(pg_available: None) -> Iterator[str]:
+    """A fresh PostgreSQL database with no table at all (for migration tests)."""
+    name = f"seedance_e_{uuid.uuid4().hex[:12]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _url_for(name)
+    finally:
+        _drop(name)
+
+
+# --- SQLite ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: object) -> str:
+    """A fresh, migrated SQLite database file for this test."""
+    url = f"sqlite:///{tmp_path}/tasks.db"
+    schema.upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """The same test on SQLite and on PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    return str(request.getfixturevalue(name))
+
+
+# --- S3 (moto's server mode, over real HTTP on loopback) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "test-access-key",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": endpoint,
+        }
+    )
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_S3_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL_S3",
+)
+
+
+@pytest.fixture
+def s3_client(s3_endpoint: str) -> object:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint)
+
+
+@pytest.fixture
+def s3_bucket(s3_client: object) -> str:
+    """A new, empty bucket on the moto server."""
+    name = f"archive-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)  # type: ignore[attr-defined]
+    return name
+
+
+# --- the provider simulator, over real HTTP on loopback ----------------------------------------
+
+SIM_KEY = "sim-test-key"
+
+
+@pytest.fixture
+def sim() -> Iterator[simulator.SimulatorThread]:
+    """A fresh simulator serving on 127.0.0.1 (``sim.simulator`` is its state, ``sim.url`` its base)."""
+    server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY))
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()
