@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import urllib.parse
 from typing import Annotated, Any, Literal
 
@@ -51,7 +52,10 @@ class Cadence:
         return f"{self.low:g}-{self.high:g}"
 
 
-CadenceSetting = Annotated[Cadence, pydantic.BeforeValidator(Cadence.parse)]
+# NoDecode: the value is "min-max" text, not JSON (pydantic-settings JSON-decodes complex types).
+CadenceSetting = Annotated[
+    Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(Cadence.parse)
+]
 
 
 def _split_schemes(value: object) -> object:
@@ -191,3 +195,8 @@ def load(**overrides: Any) -> Settings:
             message = err["msg"].removeprefix("Value error, ")
             problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
         raise errors.ConfigError("invalid setting " + "; ".join(problems)) from None
+    except pydantic_settings.SettingsError as exc:
+        # Raised while decoding a value from the environment: name the field, never its value.
+        match = re.search(r'field "([a-z_]+)"', str(exc))
+        field = match.group(1).upper() if match else "?"
+        raise errors.ConfigError(f"invalid setting {ENV_PREFIX}{field}: cannot be parsed") from None

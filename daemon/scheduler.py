@@ -78,6 +78,7 @@ async def run(
     *,
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
+    tick_seconds: float = TICK_SECONDS,
 ) -> int:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
     api_key = settings.resolve_api_key()
@@ -99,7 +100,7 @@ async def run(
         scheduler.add_job(
             _guarded("tick", svc.tick),
             "interval",
-            seconds=TICK_SECONDS,
+            seconds=tick_seconds,
             id="tick",
             max_instances=1,
             coalesce=True,
@@ -128,7 +129,7 @@ async def run(
             listener.start()
         if handle_signals:
             _install_signals(loop, stop)
-        log.info("daemon_started", tick_s=TICK_SECONDS, listen=listener is not None)
+        log.info("daemon_started", tick_s=tick_seconds, listen=listener is not None)
         await stop.wait()
         log.info("daemon_stopping", in_flight=svc.in_flight)
         await svc.stop(settings.shutdown_grace_seconds)

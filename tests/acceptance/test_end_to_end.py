@@ -1,0 +1,200 @@
+"""The installed CLI, fed by plain SQL, archives every completed video intact.
+
+Two set-ups, as users run them: SQLite + a local folder (the embedded default), and PostgreSQL + S3
+(moto's server over HTTP). The daemon is a subprocess; the provider is the simulator on loopback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import sqlite3
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from daemon import simulator
+from tests.acceptance.conftest import Daemon, base_env, cli
+from tests.conftest import SIM_KEY, wait_for
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# (task id, mode, outcome, size): every mode, every terminal outcome, one video above a part's size.
+TASKS = [
+    ("video_e2e_draft_ok", "draft", "completed", 300 * KiB),
+    ("video_e2e_draft_cancel", "draft", "cancelled", 0),
+    ("video_e2e_std_ok", "standard", "completed", 2 * MiB),
+    ("video_e2e_std_big", "standard", "completed", 12 * MiB),
+    ("video_e2e_std_fail", "standard", "failed", 0),
+    ("video_e2e_flex_ok", "flex", "completed", 1 * MiB),
+    ("video_e2e_flex_fail", "flex", "failed", 0),
+]
+EXPECTED = {"completed": "archived", "failed": "failed", "cancelled": "cancelled"}
+SIZES = {task_id: size for task_id, _, _, size in TASKS}
+
+
+def _plan(sim: simulator.Simulator) -> None:
+    for task_id, _mode, outcome, size in TASKS:
+        sim.add_task(task_id, outcome=outcome, queued_seconds=0.3, ready_seconds=1.0, size=size)
+    # A transient provider error and a broken download on the way: both must be retried.
+    sim.add_fault("video_e2e_std_ok", on="poll", status=503)
+    sim.add_fault("video_e2e_std_big", on="download", truncate_at=3 * MiB)
+
+
+class SqliteFeeder:
+    """A feeding application on SQLite: plain SQL through the standard library."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+
+    def insert(self, task_id: str, mode: str | None = None) -> None:
+        with sqlite3.connect(self.path, timeout=10) as conn:
+            if mode is None:
+                conn.execute("INSERT INTO video_tasks (task_id) VALUES (?)", (task_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO video_tasks (task_id, mode) VALUES (?, ?)", (task_id, mode)
+                )
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        with sqlite3.connect(self.path, timeout=10) as conn:
+            conn.row_factory = sqlite3.Row
+            return {r["task_id"]: dict(r) for r in conn.execute("SELECT * FROM video_tasks")}
+
+
+class PostgresFeeder:
+    """A feeding application on PostgreSQL: plain SQL through psycopg."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def insert(self, task_id: str, mode: str | None = None) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            if mode is None:
+                conn.execute("INSERT INTO video_tasks (task_id) VALUES (%s)", (task_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO video_tasks (task_id, mode) VALUES (%s, %s)", (task_id, mode)
+                )
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT * FROM video_tasks")
+            names = [d.name for d in cur.description or []]
+            return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
+
+
+def _all_finished(feeder: SqliteFeeder | PostgresFeeder, ids: list[str]) -> bool:
+    rows = feeder.rows()
+    return all(
+        i in rows and rows[i]["state"] not in ("pending", "polling", "downloading") for i in ids
+    )
+
+
+def _run_scenario(
+    feeder: SqliteFeeder | PostgresFeeder,
+    env: dict[str, str],
+    sim: simulator.SimulatorThread,
+    start_daemon: Callable[[dict[str, str]], Daemon],
+    read_object: Callable[[str], bytes],
+) -> Daemon:
+    _plan(sim.simulator)
+    cli(env, "migrate")
+    # Half the rows exist before the daemon starts, half arrive while it runs.
+    first, later = TASKS[:3], TASKS[3:]
+    for task_id, mode, _, _ in first:
+        feeder.insert(task_id, mode)
+    daemon = start_daemon(env)
+    for task_id, mode, _, _ in later:
+        feeder.insert(task_id, None if mode == "standard" else mode)
+    ids = [t[0] for t in TASKS]
+    wait_for(lambda: _all_finished(feeder, ids), timeout=90, what="every task to finish")
+    assert daemon.terminate() == 0, daemon.log()[-3000:]
+
+    rows = feeder.rows()
+    for task_id, _mode, outcome, size in TASKS:
+        row = rows[task_id]
+        assert row["state"] == EXPECTED[outcome], (task_id, row["state"], row["error"])
+        if outcome == "completed":
+            expected_sha = simulator.video_sha256(task_id, size)
+            assert row["archive_sha256"] == expected_sha
+            assert row["archive_bytes"] == size
+            data = read_object(row["archive_uri"])
+            assert len(data) == size and hashlib.sha256(data).hexdigest() == expected_sha
+        else:
+            assert row["archive_uri"] is None
+        assert row["lease_owner"] is None
+    assert rows["video_e2e_std_fail"]["error"] == "content policy violation"
+    # Every completed video was downloaded once, except the one whose first download broke.
+    completed = sim.simulator.stats.downloads_completed
+    assert {k: v for k, v in completed.items()} == {t[0]: 1 for t in TASKS if t[2] == "completed"}
+    log = daemon.log()
+    assert SIM_KEY not in log
+    assert "sig=" not in log and "expires=" not in log
+    return daemon
+
+
+class TestSqliteAndFolder:
+    """The embedded default: SQLite + a local folder."""
+
+    def test_every_completed_video_is_archived_intact(
+        self, tmp_path: pathlib.Path, sim: simulator.SimulatorThread, start_daemon: Any
+    ) -> None:
+        db = tmp_path / "tasks.db"
+        archive_dir = tmp_path / "archive"
+        env = base_env(sim.url, f"sqlite:///{db}", f"file://{archive_dir}")
+        feeder = SqliteFeeder(db)
+
+        def read(uri: str) -> bytes:
+            return pathlib.Path(urllib.parse.urlsplit(uri).path).read_bytes()
+
+        _run_scenario(feeder, env, sim, start_daemon, read)
+        names = sorted(p.name for p in archive_dir.iterdir() if p.is_file())
+        assert names == sorted(f"{t[0]}.mp4" for t in TASKS if t[2] == "completed")
+        assert list((archive_dir / ".incoming").iterdir()) == []
+
+    def test_second_daemon_on_the_same_file_exits_with_a_clear_message(
+        self, tmp_path: pathlib.Path, sim: simulator.SimulatorThread, start_daemon: Any
+    ) -> None:
+        db = tmp_path / "tasks.db"
+        env = base_env(sim.url, f"sqlite:///{db}", f"file://{tmp_path}/archive")
+        cli(env, "migrate")
+        first = start_daemon(env)
+        wait_for(lambda: "daemon_started" in first.log(), timeout=30, what="first daemon")
+        second = cli(env, "run", check=False)
+        assert second.returncode == 1
+        assert "another seedance-archiver already runs" in second.stderr
+        assert first.process.poll() is None
+        assert first.terminate() == 0
+
+
+@pytest.mark.postgres
+class TestPostgresAndS3:
+    """Production: PostgreSQL + S3 (moto's server over HTTP)."""
+
+    def test_every_completed_video_is_archived_intact(
+        self,
+        pg_url: str,
+        s3_client: Any,
+        s3_bucket: str,
+        sim: simulator.SimulatorThread,
+        start_daemon: Any,
+    ) -> None:
+        env = base_env(sim.url, pg_url, f"s3://{s3_bucket}/videos")
+        feeder = PostgresFeeder(pg_url)
+
+        def read(uri: str) -> bytes:
+            parts = urllib.parse.urlsplit(uri)
+            body = s3_client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
+            return bytes(body.read())
+
+        _run_scenario(feeder, env, sim, start_daemon, read)
+        listed = s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+        keys = sorted(o["Key"] for o in listed)
+        assert keys == sorted(f"videos/{t[0]}.mp4" for t in TASKS if t[2] == "completed")
+        uploads = s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+        assert uploads == []
