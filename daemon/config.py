@@ -91,6 +91,9 @@ class Settings(pydantic_settings.BaseSettings):
     log_format: Literal["json", "console"] | None = None
     request_timeout_seconds: float = pydantic.Field(default=30.0, gt=0)
     shutdown_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
+    # How long a claimed row stays ours without renewal. A dead replica's rows wait this long before
+    # another replica takes them, so it should exceed the longest cadence floor (flex: 60 s).
+    lease_seconds: float = pydantic.Field(default=120.0, ge=1)
 
     @pydantic.field_validator("api_base_url")
     @classmethod

@@ -69,6 +69,7 @@ def build_service(
         policy.Rules.from_settings(settings),
         ratelimit.RateLimiter(settings.max_requests_per_second, burst=RATE_BURST),
         owner=owner_name(),
+        lease_seconds=settings.lease_seconds,
     )
     return svc, sql_store
 

@@ -325,7 +325,8 @@ class SqliteLock:
     """
 
     def __init__(self, url: str) -> None:
-        database = engine_url(url).database
+        parsed = engine_url(url)
+        database = parsed.database if parsed.get_backend_name() == "sqlite" else None
         self.path = None if not database or database == ":memory:" else database + ".lock"
         self._fh: Any = None
 

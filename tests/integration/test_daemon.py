@@ -8,6 +8,7 @@ import pathlib
 import time
 from collections.abc import AsyncIterator, Callable
 
+import psycopg
 import pytest
 
 from daemon import config, scheduler, simulator, store
@@ -49,6 +50,7 @@ def _settings(
         allowed_video_url_schemes="http",
         allow_private_video_hosts=True,
         http_port=0,
+        poll_standard="0.5-1",
     )
 
 
@@ -84,3 +86,79 @@ class TestPickup:
                 lambda: sim.simulator.stats.polls["video_polled"] >= 1, 10, "the first poll"
             )
         feeder.close()
+
+
+def _terminate_connections(pg_url: str) -> int:
+    """Kill every connection to the test database, as a PostgreSQL restart would."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        ).fetchall()
+    return len(rows)
+
+
+def _listening(pg_url: str) -> bool:
+    dbname = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query LIKE 'LISTEN%%'",
+            (dbname,),
+        ).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.postgres
+class TestPostgresConnectionLoss:
+    """The daemon survives its PostgreSQL connections being cut."""
+
+    async def test_listener_reconnects_and_notify_wakes_the_daemon_again(
+        self, pg_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        for name in ("video_before", "video_after"):
+            sim.simulator.add_task(name, ready_seconds=3600)
+        feeder = store.SqlStore.from_url(pg_url)
+        polls = sim.simulator.stats.polls
+        async with running_daemon(_settings(sim, pg_url, tmp_path), tick_seconds=30):
+            await wait_until(lambda: _listening(pg_url), 20, "the listener to connect")
+            feeder.add("video_before")
+            await wait_until(lambda: polls["video_before"] >= 1, 10, "a poll woken by NOTIFY")
+            assert await asyncio.to_thread(_terminate_connections, pg_url) >= 1
+            await wait_until(lambda: _listening(pg_url), 20, "the listener to reconnect")
+            feeder.add("video_after")
+            await wait_until(lambda: polls["video_after"] >= 1, 10, "a poll after reconnecting")
+        feeder.close()
+
+    async def test_work_carries_on_after_the_pool_loses_its_connections(
+        self, pg_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        sim.simulator.add_task("video_survivor", ready_seconds=2, size=64 * 1024)
+        feeder = store.SqlStore.from_url(pg_url)
+        async with running_daemon(_settings(sim, pg_url, tmp_path)):
+            feeder.add("video_survivor")
+            await wait_until(
+                lambda: sim.simulator.stats.polls["video_survivor"] >= 1, 10, "the first poll"
+            )
+            await asyncio.to_thread(_terminate_connections, pg_url)
+
+            def archived() -> bool:
+                task = feeder.get("video_survivor")
+                return task is not None and task.state == "archived"
+
+            await wait_until(archived, 30, "the video to be archived after the cut")
+        feeder.close()
+
+
+class TestSqliteLockScope:
+    """The one-daemon-per-file lock applies to SQLite only."""
+
+    def test_no_lock_file_for_postgresql_urls(self, tmp_path: pathlib.Path) -> None:
+        lock = store.SqliteLock("postgresql://postgres@127.0.0.1/some_db")
+        assert lock.path is None
+        lock.acquire()
+        lock.release()
+
+    def test_lock_file_sits_beside_the_database(self, tmp_path: pathlib.Path) -> None:
+        assert store.SqliteLock(f"sqlite:///{tmp_path}/x.db").path == f"{tmp_path}/x.db.lock"

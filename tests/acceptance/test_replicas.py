@@ -1,0 +1,153 @@
+"""Several replicas on one PostgreSQL: each video archived once, no task polled twice inside its cadence,
+and a replica killed with SIGKILL loses nothing (the others take its rows when its leases run out)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import signal
+from typing import Any
+
+import psycopg
+import pytest
+
+from daemon import simulator
+from tests.acceptance.conftest import Daemon, base_env, cli
+from tests.acceptance.test_end_to_end import PostgresFeeder
+from tests.conftest import wait_for
+
+MODES = ("draft", "standard", "flex")
+CADENCE_LOW = {"draft": 0.3, "standard": 0.5, "flex": 0.8}  # base_env's SEEDANCE_POLL_* minimums
+# Poll times are taken where the simulator receives them; network jitter on loopback is far below this.
+JITTER_SECONDS = 0.1
+LEASE_SECONDS = 3
+
+
+def _plan(sim: simulator.Simulator, count: int, seed: int) -> dict[str, tuple[str, str, int]]:
+    rng = random.Random(seed)
+    plan = {}
+    for i in range(count):
+        task_id = f"video_rep_{seed}_{i:04d}"
+        mode = MODES[i % 3]
+        outcome = "failed" if i % 10 == 0 else "completed"
+        size = rng.randrange(32 * 1024, 384 * 1024)
+        sim.add_task(
+            task_id, outcome=outcome, queued_seconds=0.5, ready_seconds=rng.uniform(1, 6), size=size
+        )
+        plan[task_id] = (mode, outcome, size)
+    return plan
+
+
+def _replica_env(sim_url: str, pg_url: str, bucket: str) -> dict[str, str]:
+    env = base_env(sim_url, pg_url, f"s3://{bucket}/replicas")
+    # A modest rate each, so no single replica claims every due row at once: they compete.
+    env["SEEDANCE_MAX_REQUESTS_PER_SECOND"] = "60"
+    env["SEEDANCE_LEASE_SECONDS"] = str(LEASE_SECONDS)
+    return env
+
+
+def _assert_cadence_kept(sim: simulator.Simulator, plan: dict[str, tuple[str, str, int]]) -> None:
+    too_soon = []
+    for task_id, (mode, _, _) in plan.items():
+        times = sim.stats.poll_times[task_id]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        if gaps and min(gaps) < CADENCE_LOW[mode] - JITTER_SECONDS:
+            too_soon.append((task_id, mode, round(min(gaps), 3)))
+    assert too_soon == [], f"polled faster than the cadence allows: {too_soon[:10]}"
+
+
+def _assert_archived(
+    feeder: PostgresFeeder, s3_client: Any, bucket: str, plan: dict[str, tuple[str, str, int]]
+) -> None:
+    rows = feeder.rows()
+    for task_id, (_, outcome, size) in plan.items():
+        row = rows[task_id]
+        if outcome == "failed":
+            assert row["state"] == "failed", (task_id, row["state"])
+            continue
+        assert row["state"] == "archived", (task_id, row["state"], row["error"])
+        assert row["archive_sha256"] == simulator.video_sha256(task_id, size)
+        head = s3_client.head_object(Bucket=bucket, Key=f"replicas/{task_id}.mp4")
+        assert head["ContentLength"] == size
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def _finished(feeder: PostgresFeeder, ids: list[str]) -> bool:
+    rows = feeder.rows()
+    return all(rows[i]["state"] in ("archived", "failed") for i in ids if i in rows)
+
+
+@pytest.mark.postgres
+class TestReplicas:
+    """Three `seedance-archiver run` processes sharing one PostgreSQL."""
+
+    def test_three_replicas_archive_each_video_once_and_keep_the_cadence(
+        self,
+        pg_url: str,
+        s3_client: Any,
+        s3_bucket: str,
+        sim: simulator.SimulatorThread,
+        start_daemon: Any,
+    ) -> None:
+        plan = _plan(sim.simulator, 150, seed=1)
+        env = _replica_env(sim.url, pg_url, s3_bucket)
+        cli(env, "migrate")
+        feeder = PostgresFeeder(pg_url)
+        replicas: list[Daemon] = [start_daemon(env) for _ in range(3)]
+        for task_id, (mode, _, _) in plan.items():
+            feeder.insert(task_id, mode)
+        wait_for(lambda: _finished(feeder, list(plan)), timeout=120, what="every task to finish")
+        assert [r.terminate() for r in replicas] == [0, 0, 0]
+
+        _assert_archived(feeder, s3_client, s3_bucket, plan)
+        completed = sim.simulator.stats.downloads_completed
+        started = sim.simulator.stats.downloads_started
+        for task_id, (_, outcome, _) in plan.items():
+            expected = 1 if outcome == "completed" else 0
+            assert (started[task_id], completed[task_id]) == (expected, expected), task_id
+        _assert_cadence_kept(sim.simulator, plan)
+        # They really shared the work: more than one replica archived videos.
+        workers = [r for r in replicas if '"event": "video_archived"' in r.log()]
+        assert len(workers) >= 2
+
+    def test_a_replica_killed_mid_run_loses_nothing(
+        self,
+        pg_url: str,
+        s3_client: Any,
+        s3_bucket: str,
+        sim: simulator.SimulatorThread,
+        start_daemon: Any,
+    ) -> None:
+        plan = _plan(sim.simulator, 150, seed=2)
+        env = _replica_env(sim.url, pg_url, s3_bucket)
+        cli(env, "migrate")
+        feeder = PostgresFeeder(pg_url)
+        victim = start_daemon(env)
+        wait_for(lambda: "daemon_started" in victim.log(), timeout=30, what="the first replica")
+        for task_id, (mode, _, _) in plan.items():
+            feeder.insert(task_id, mode)
+        survivors = [start_daemon(env) for _ in range(2)]
+
+        def victim_holds_leases() -> list[str]:
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT task_id FROM video_tasks WHERE lease_owner LIKE %s",
+                    (f"%:{victim.process.pid}:%",),
+                ).fetchall()
+            return [r[0] for r in rows]
+
+        wait_for(victim_holds_leases, timeout=30, what="the victim to hold leases")
+        victim.process.send_signal(signal.SIGKILL)
+        victim.process.wait(timeout=10)
+        orphaned = set(victim_holds_leases())
+
+        wait_for(lambda: _finished(feeder, list(plan)), timeout=120, what="every task to finish")
+        assert [r.terminate() for r in survivors] == [0, 0]
+        _assert_archived(feeder, s3_client, s3_bucket, plan)
+        # A second download happens only for a row the victim held when it died.
+        completed = sim.simulator.stats.downloads_completed
+        twice = {t for t, n in completed.items() if n > 1}
+        assert twice <= orphaned
+        assert collections.Counter(completed.values()).keys() <= {1, 2}
+        _assert_cadence_kept(sim.simulator, plan)
