@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import os
 import pathlib
@@ -61,6 +62,16 @@ class Archive(Protocol):
 
     async def check(self) -> None:
         """Raise ArchiveError unless the storage is reachable and writable."""
+        ...
+
+    async def incomplete(self) -> set[str]:
+        """Task ids with an unfinished upload (temp file, open multipart upload) under our prefix."""
+        ...
+
+    async def discard_incomplete(
+        self, task_id: str, started_before: dt.datetime | None = None
+    ) -> int:
+        """Remove ``task_id``'s unfinished uploads (only those begun before ``started_before``)."""
         ...
 
 
@@ -141,6 +152,35 @@ class FileArchive:
                 temp.unlink()
             raise
         return Stored(final.resolve().as_uri(), counter.size, counter.hash.hexdigest())
+
+    def _temp_files(self) -> list[pathlib.Path]:
+        incoming = self.root / INCOMING_DIR
+        return list(incoming.glob("*.part")) if incoming.is_dir() else []
+
+    async def incomplete(self) -> set[str]:
+        files = await asyncio.to_thread(self._temp_files)
+        return {path.name.rsplit(".", 2)[0] for path in files}
+
+    async def discard_incomplete(
+        self, task_id: str, started_before: dt.datetime | None = None
+    ) -> int:
+        return await asyncio.to_thread(self._discard, task_id, started_before)
+
+    def _discard(self, task_id: str, started_before: dt.datetime | None) -> int:
+        removed = 0
+        for path in self._temp_files():
+            if path.name.rsplit(".", 2)[0] != task_id:
+                continue
+            try:
+                if started_before is not None:
+                    modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                    if modified >= started_before:
+                        continue
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
 
     async def check(self) -> None:
         try:
@@ -265,17 +305,28 @@ class S3Archive:
                     MultipartUpload={"Parts": parts},
                 )
                 upload_id = None
-                await self._call(
-                    self.client.put_object_tagging,
-                    Bucket=self.bucket,
-                    Key=key,
-                    Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]},
-                )
+                await self._tag_sha256(key, sha)
         except BaseException:
             if upload_id is not None:
                 await self._abort(key, upload_id)
             raise
         return Stored(self._uri(key), counter.size, sha)
+
+    async def _tag_sha256(self, key: str, sha: str) -> None:
+        """Record the SHA-256 of a multipart object as a tag, where the store supports tags.
+
+        The object is complete either way and the database records the hash; without the tag, a
+        crash before that database write means one more upload later, nothing worse.
+        """
+        try:
+            await self._call(
+                self.client.put_object_tagging,
+                Bucket=self.bucket,
+                Key=key,
+                Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]},
+            )
+        except errors.ArchiveError as exc:
+            log.warning("sha256_tag_not_stored", key=key, error=str(exc))
 
     async def _upload_part(
         self, key: str, upload_id: str, number: int, data: bytearray
@@ -314,6 +365,51 @@ class S3Archive:
 
     async def check(self) -> None:
         await self._call(self.client.head_bucket, Bucket=self.bucket)
+
+    def _task_of(self, key: str) -> str | None:
+        head = f"{self.prefix}/" if self.prefix else ""
+        if not key.startswith(head) or not key.endswith(".mp4"):
+            return None
+        name = key[len(head) : -len(".mp4")]
+        return name if name and "/" not in name else None
+
+    async def _uploads(self, prefix: str) -> list[dict[str, Any]]:
+        uploads: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            page = await self._call(self.client.list_multipart_uploads, **kwargs)
+            uploads.extend(page.get("Uploads", []))
+            if not page.get("IsTruncated"):
+                return uploads
+            kwargs["KeyMarker"] = page.get("NextKeyMarker")
+            kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker")
+
+    async def incomplete(self) -> set[str]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        found = (self._task_of(u["Key"]) for u in await self._uploads(prefix))
+        return {task_id for task_id in found if task_id}
+
+    async def discard_incomplete(
+        self, task_id: str, started_before: dt.datetime | None = None
+    ) -> int:
+        key = self.key(task_id)
+        removed = 0
+        for upload in await self._uploads(key):
+            if upload["Key"] != key:
+                continue
+            if started_before is not None and upload["Initiated"] >= started_before:
+                continue
+            try:
+                await self._call(
+                    self.client.abort_multipart_upload,
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload["UploadId"],
+                )
+                removed += 1
+            except errors.ArchiveError as exc:
+                log.warning("stale_upload_abort_failed", key=key, error=str(exc))
+        return removed
 
 
 def _s3_reason(exc: botocore.exceptions.ClientError) -> str:

@@ -8,6 +8,7 @@ the variable and never repeats the value (it may be a secret).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import pathlib
 import re
@@ -24,6 +25,7 @@ ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
 # Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
 API_KEY_CREDENTIAL = "seedance-api-key"
+MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +46,10 @@ class Cadence:
             high = float(high_text) if sep else low
         except ValueError:
             raise ValueError("expected seconds as min-max, for example 30-60") from None
-        if not 0 < low <= high:
-            raise ValueError("expected 0 < min <= max seconds, for example 30-60")
+        if not (math.isfinite(high) and 0 < low <= high <= MAX_CADENCE_SECONDS):
+            raise ValueError(
+                f"expected 0 < min <= max <= {MAX_CADENCE_SECONDS} seconds, for example 30-60"
+            )
         return cls(low, high)
 
     def __str__(self) -> str:
@@ -182,6 +186,8 @@ def _read_key_file(path: pathlib.Path, name: str) -> str:
         raise errors.ConfigError(
             f"invalid setting {name}: cannot read the file ({exc.strerror})"
         ) from None
+    except UnicodeDecodeError:
+        raise errors.ConfigError(f"invalid setting {name}: the file is not UTF-8 text") from None
     if not text or any(ch.isspace() for ch in text):
         raise errors.ConfigError(f"invalid setting {name}: the file must hold one token")
     return text

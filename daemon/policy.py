@@ -22,6 +22,7 @@ BACKOFF_CAP_SECONDS = 600.0
 DOWNLOAD_RETRY_SECONDS = 5.0
 # A 404 for a task never seen is retried this many polls before the id is rejected.
 NOT_FOUND_POLLS = 3
+NOT_FOUND_REASON = "the provider does not know this task id"
 
 # Provider ids look like ``video_abc123def456``. Anything outside this set never reaches a URL or a key.
 TASK_ID_MAX_LENGTH = 128
@@ -66,7 +67,9 @@ def backoff_seconds(attempts: int, floor: float, cap: float, draw: Draw) -> floa
     The jitter keeps the wait in [ceiling / 2, ceiling] and never below ``floor``, so a retry never
     comes sooner than the mode's cadence allows.
     """
-    ceiling = min(cap, floor * 2 ** max(0, attempts - 1))
+    # The exponent is capped: after enough failures the wait is the cap anyway, and a float power
+    # of 2 overflows past 2**1023.
+    ceiling = min(cap, floor * 2 ** min(max(0, attempts - 1), 62))
     ceiling = max(ceiling, floor)
     return draw(max(floor, ceiling / 2), ceiling)
 
@@ -161,6 +164,24 @@ def on_poll_error(
     )
 
 
+def on_malformed(
+    task: models.Task, reason: str, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """The provider answered, but not by its contract: say what was wrong, poll again at the cadence.
+
+    No backoff: the provider is up and answering; a malformed answer is usually one bad record.
+    """
+    return task.replace(
+        state=State.POLLING.value,
+        attempts=task.attempts + 1,
+        polls=task.polls + 1,
+        last_polled_at=now,
+        error=reason,
+        next_attempt_at=next_poll_at(task, now, rules, draw),
+        updated_at=now,
+    )
+
+
 def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) -> models.Task:
     """The task after the provider answered 404 (DESIGN.md: rejected if never seen, else expired)."""
     if task.provider_status is not None:
@@ -170,16 +191,18 @@ def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) 
             "the provider no longer has this task (404): it was deleted before the video was archived",
             now,
         )
-    attempts = task.attempts + 1
-    if attempts >= rules.not_found_polls:
+    # ``attempts`` counts consecutive failures of any kind; only 404s in a row count towards rejection.
+    previous_404s = task.attempts if (task.error or "").startswith(NOT_FOUND_REASON) else 0
+    not_found = previous_404s + 1
+    if not_found >= rules.not_found_polls:
         return _finish(
-            task.replace(polls=task.polls + 1, last_polled_at=now, attempts=attempts),
+            task.replace(polls=task.polls + 1, last_polled_at=now, attempts=not_found),
             State.REJECTED,
-            f"the provider does not know this task id (404 on {attempts} polls)",
+            f"{NOT_FOUND_REASON} (404 on {not_found} polls in a row)",
             now,
         )
     return on_poll_error(
-        task, "the provider does not know this task id yet (404)", now, rules, draw
+        task.replace(attempts=previous_404s), f"{NOT_FOUND_REASON} yet (404)", now, rules, draw
     )
 
 

@@ -68,11 +68,25 @@ def _optional(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: 
     return value
 
 
+def _number(payload: dict[str, Any], key: str, what: str) -> float | None:
+    """A finite number field: JSON integers too large for a float are malformed too."""
+    value = _optional(payload, key, (int, float), what)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise errors.MalformedAnswer(f"malformed answer: field {key!r} is not a finite number")
+    return number
+
+
 def parse_answer(task_id: str, body: bytes) -> Answer:
     """Parse the provider's JSON for ``task_id``; anything off its contract is MalformedAnswer."""
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise errors.MalformedAnswer("malformed answer: the body is not JSON") from None
     if not isinstance(payload, dict):
         raise errors.MalformedAnswer(
@@ -94,22 +108,20 @@ def parse_answer(task_id: str, body: bytes) -> Answer:
         raise errors.MalformedAnswer(
             f"malformed answer: unknown status {_short(raw_status)}"
         ) from None
-    created_raw = _optional(payload, "created", (int, float), "a Unix timestamp")
+    created_raw = _number(payload, "created", "a Unix timestamp")
     created = None
     if created_raw is not None:
-        if not math.isfinite(created_raw) or not 0 < created_raw < 1e11:
+        if not 0 < created_raw < 1e11:
             raise errors.MalformedAnswer("malformed answer: field 'created' is out of range")
         created = dt.datetime.fromtimestamp(created_raw, dt.UTC)
-    duration = _optional(payload, "actualDuration", (int, float), "a number")
-    if duration is not None and not math.isfinite(duration):
-        raise errors.MalformedAnswer("malformed answer: field 'actualDuration' is not finite")
+    duration = _number(payload, "actualDuration", "a number")
     return Answer(
         id=answer_id,
         status=status,
         created=created,
         model=_optional(payload, "model", (str,), "a string"),
         video_url=_optional(payload, "video_url", (str,), "a string"),
-        actual_duration=float(duration) if duration is not None else None,
+        actual_duration=duration,
         error=_optional(payload, "error", (str,), "a string"),
     )
 

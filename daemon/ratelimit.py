@@ -1,7 +1,8 @@
 """One global cap on provider requests per second, shared by every poll of this daemon.
 
 A pacing limiter: each request is given the next free slot ``1 / rate`` after the previous one. A 429's
-Retry-After pushes every slot past the pause, so the whole daemon waits, not just one task.
+Retry-After pushes every slot past the pause, so the whole daemon waits, not just one task. The rate
+also adapts (AIMD): each 429 halves it, and it climbs back linearly to the configured cap.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+
+# After a 429, the rate returns from its floor to the cap over this long (if no other 429 comes).
+RECOVERY_SECONDS = 60.0
+# The rate never adapts below this fraction of the cap.
+MIN_RATE_FRACTION = 0.05
 
 
 class RateLimiter:
@@ -19,21 +25,26 @@ class RateLimiter:
         rate: float,
         burst: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        recovery_seconds: float = RECOVERY_SECONDS,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
+        self.max_rate = rate
         self.rate = rate
-        self._interval = 1.0 / rate
-        self._burst_seconds = max(0, burst - 1) * self._interval
+        self._burst = max(1, burst)
         self._clock = clock
+        self._recovery_per_second = rate / recovery_seconds
         self._next = clock()
+        self._adjusted_at = self._next
         self._paused_until = 0.0
 
     def reserve(self) -> float:
         """Take the next slot; return how many seconds to wait until it (0 if it is now)."""
         now = self._clock()
-        start = max(self._next, now - self._burst_seconds, self._paused_until)
-        self._next = start + self._interval
+        self._recover(now)
+        interval = 1.0 / self.rate
+        start = max(self._next, now - (self._burst - 1) * interval, self._paused_until)
+        self._next = start + interval
         return max(0.0, start - now)
 
     async def acquire(self) -> None:
@@ -45,6 +56,18 @@ class RateLimiter:
         """No request starts for ``seconds`` from now (a 429's Retry-After)."""
         self._paused_until = max(self._paused_until, self._clock() + seconds)
 
+    def slow_down(self) -> None:
+        """The provider rate-limited us: halve the rate (not below its floor)."""
+        now = self._clock()
+        self._recover(now)
+        self.rate = max(self.max_rate * MIN_RATE_FRACTION, self.rate / 2)
+
     @property
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
+
+    def _recover(self, now: float) -> None:
+        elapsed = max(0.0, now - self._adjusted_at)
+        self._adjusted_at = now
+        if self.rate < self.max_rate:
+            self.rate = min(self.max_rate, self.rate + elapsed * self._recovery_per_second)

@@ -24,6 +24,7 @@ from daemon import archive, config, errors, policy, provider, ratelimit, service
 log = structlog.get_logger(__name__)
 
 TICK_SECONDS = 0.25
+HOUSEKEEPING_SECONDS = 600.0
 RATE_BURST = 10
 
 
@@ -114,6 +115,15 @@ async def run(
             id="renew_leases",
             max_instances=1,
             coalesce=True,
+        )
+        scheduler.add_job(
+            _guarded("housekeeping", svc.housekeeping),
+            "interval",
+            seconds=HOUSEKEEPING_SECONDS,
+            id="housekeeping",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=dt.datetime.now(dt.UTC),  # also once at start
         )
         scheduler.start()
 

@@ -30,6 +30,8 @@ class Stats:
 
     polls: int = 0
     poll_errors: int = 0
+    malformed: int = 0
+    rate_limited: int = 0
     archived: int = 0
     archived_bytes: int = 0
     download_failures: int = 0
@@ -51,6 +53,7 @@ class Service:
     MAX_DOWNLOADS = 4
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
     AUTH_PROBE_SECONDS = 180.0
+    STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
 
     def __init__(
         self,
@@ -84,6 +87,8 @@ class Service:
         self._to_release: set[str] = set()
         self._waiting_for_rate = 0
         self._probe_id: str | None = None  # the one row polled to test a rejected key
+        self._store_failures = 0
+        self._store_retry_at = 0.0  # time.monotonic() before which the tick leaves the database be
         self._stopping = False
 
     # --- the scheduled jobs -------------------------------------------------------------------------
@@ -93,15 +98,22 @@ class Service:
         now = self.clock()
         self.last_tick_at = now
         self.stats.ticks += 1
-        await self.flush()
-        if self._stopping:
+        if time.monotonic() < self._store_retry_at:
             return 0
-        limit = self._claim_limit(now)
-        if limit <= 0:
+        try:
+            await self.flush()
+            limit = 0 if self._stopping else self._claim_limit(now)
+            rows = []
+            if limit > 0:
+                rows = await asyncio.to_thread(
+                    self.store.claim_due, self.owner, now, now + self.lease, limit
+                )
+        except errors.StoreError as exc:
+            self._store_unavailable(exc)
             return 0
-        rows = await asyncio.to_thread(
-            self.store.claim_due, self.owner, now, now + self.lease, limit
-        )
+        if self._store_failures:
+            log.warning("database_available_again", after_failures=self._store_failures)
+            self._store_failures = 0
         if self.auth_blocked_until is not None and rows:
             self._probe_id = rows[0].task_id
         for row in rows:
@@ -109,6 +121,37 @@ class Service:
                 self._work(row), name=f"task:{row.task_id}"
             )
         return len(rows)
+
+    def _store_unavailable(self, exc: errors.StoreError) -> None:
+        """Back off from a database that does not answer; queued outcomes wait in memory."""
+        self._store_failures += 1
+        delay = min(self.STORE_RETRY_MAX_SECONDS, 2.0 ** (self._store_failures - 1))
+        self._store_retry_at = time.monotonic() + delay
+        log.warning(
+            "database_unavailable",
+            error=str(exc),
+            failures=self._store_failures,
+            retry_in_s=delay,
+            unsaved_outcomes=len(self._done),
+        )
+
+    async def housekeeping(self) -> int:
+        """Remove unfinished uploads nobody is working on (a killed process left them behind).
+
+        An upload is abandoned when no daemon holds a live lease on its task: only the lease holder
+        uploads. Only uploads begun before this check are touched, so a new one is never cut off.
+        """
+        checked_at = self.clock()
+        candidates = await self.archive.incomplete()
+        if not candidates:
+            return 0
+        busy = await asyncio.to_thread(self.store.leased, candidates, checked_at)
+        removed = 0
+        for task_id in sorted(candidates - busy - set(self._running)):
+            removed += await self.archive.discard_incomplete(task_id, started_before=checked_at)
+        if removed:
+            log.info("stale_uploads_removed", count=removed)
+        return removed
 
     async def renew_leases(self) -> int:
         """Keep the leases of rows still being worked on (long downloads) from running out."""
@@ -228,17 +271,23 @@ class Service:
             self._block_auth(now, str(exc))
             return None
         except errors.RateLimited as exc:
-            self.stats.poll_errors += 1
+            self.stats.rate_limited += 1
             wait = exc.retry_after
             if wait is None:
                 wait = policy.backoff_seconds(
                     row.attempts + 1, 1.0, self.rules.backoff_cap_seconds, self.draw
                 )
+            # Every request of this daemon waits, and the pace itself drops until it recovers.
             self.limiter.pause(wait)
+            self.limiter.slow_down()
             task_log.warning("provider_rate_limited", retry_after_s=exc.retry_after, pause_s=wait)
             return policy.on_poll_error(row, str(exc), now, self.rules, self.draw, wait)
         except errors.TaskNotFound:
             return policy.on_not_found(row, now, self.rules, self.draw)
+        except errors.MalformedAnswer as exc:
+            self.stats.malformed += 1
+            task_log.warning("malformed_answer", error=str(exc))
+            return policy.on_malformed(row, str(exc), now, self.rules, self.draw)
         except errors.ProviderError as exc:
             self.stats.poll_errors += 1
             task_log.warning("poll_failed", error=str(exc), attempts=row.attempts + 1)
@@ -267,6 +316,8 @@ class Service:
                 if stored is not None:
                     task_log.info("video_already_archived", uri=stored.uri, bytes=stored.size)
                 else:
+                    # We hold the lease: any unfinished upload of this task is a dead one's leftover.
+                    await self.archive.discard_incomplete(row.task_id)
                     async with self.provider.open_video(row.video_url) as video:
                         stored = await self.archive.put(row.task_id, video.chunks, video.length)
             except errors.LinkExpired as exc:

@@ -40,6 +40,8 @@ class Store(Protocol):
 
     def release(self, owner: str, task_ids: Iterable[str]) -> int: ...
 
+    def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
+
 
 def engine_url(url: str) -> sa.URL:
     """The SQLAlchemy URL with our driver: a plain ``postgresql://`` works as users write it."""
@@ -69,6 +71,11 @@ def make_engine(url: str) -> sa.Engine:
 
 def _task(row: sa.Row[Any]) -> models.Task:
     return models.Task(**row._mapping)
+
+
+def _claim_order(task: models.Task) -> tuple[bool, dt.datetime, dt.datetime]:
+    far = dt.datetime.max.replace(tzinfo=dt.UTC)
+    return (task.expires_at is not None, task.expires_at or far, task.next_attempt_at or far)
 
 
 def _typed(name: str) -> sa.BindParameter[Any]:
@@ -126,7 +133,10 @@ class SqlStore:
             .returning(*t.c)
         )
         with self._begin() as conn:
-            return [_task(row) for row in conn.execute(stmt)]
+            claimed = [_task(row) for row in conn.execute(stmt)]
+        # RETURNING gives rows in table order; the service starts them in the order given.
+        claimed.sort(key=_claim_order)
+        return claimed
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int:
         """Write the daemon's columns of each task and release its lease, if ``owner`` still holds it."""
@@ -166,6 +176,17 @@ class SqlStore:
         )
         with self._begin() as conn:
             return int(conn.execute(stmt).rowcount)
+
+    def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]:
+        """Which of ``task_ids`` some daemon holds a live lease on right now."""
+        ids = list(task_ids)
+        if not ids:
+            return set()
+        stmt = sa.select(t.c.task_id).where(
+            t.c.task_id.in_(ids), t.c.lease_owner.is_not(None), t.c.lease_expires_at >= now
+        )
+        with self._begin() as conn:
+            return set(conn.scalars(stmt))
 
     def ping(self) -> None:
         """Raise StoreError unless the database answers."""

@@ -95,6 +95,16 @@ class FakeStore:
                 n += 1
         return n
 
+    def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]:
+        return {
+            i
+            for i in task_ids
+            if (t := self.rows.get(i)) is not None
+            and t.lease_owner is not None
+            and t.lease_expires_at is not None
+            and t.lease_expires_at >= now
+        }
+
     def release(self, owner: str, task_ids: Iterable[str]) -> int:
         n = 0
         for task_id in task_ids:
@@ -180,6 +190,9 @@ class FakeArchive:
     objects: dict[str, bytes] = dataclasses.field(default_factory=dict)
     puts: list[str] = dataclasses.field(default_factory=list)
     fail_next: Exception | None = None
+    # Task ids with an unfinished upload left behind (as a killed process would leave them).
+    unfinished: list[str] = dataclasses.field(default_factory=list)
+    discarded: list[str] = dataclasses.field(default_factory=list)
 
     async def find(self, task_id: str) -> archive.Stored | None:
         data = self.objects.get(task_id)
@@ -202,3 +215,14 @@ class FakeArchive:
 
     async def check(self) -> None:
         pass
+
+    async def incomplete(self) -> set[str]:
+        return set(self.unfinished)
+
+    async def discard_incomplete(
+        self, task_id: str, started_before: dt.datetime | None = None
+    ) -> int:
+        found = self.unfinished.count(task_id)
+        self.unfinished = [t for t in self.unfinished if t != task_id]
+        self.discarded.extend([task_id] * found)
+        return found

@@ -1,0 +1,311 @@
+"""daemon.archive against a real folder and moto's S3 server over HTTP: commit whole, or nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import botocore.exceptions
+import pytest
+
+from daemon import archive, errors, simulator
+
+MIB = 1024 * 1024
+SMALL = 100 * 1024
+LARGE = 20 * MIB + 12_345  # three parts: 8 + 8 + 4 MiB and a bit
+PREFIX = "videos/2026"
+
+
+async def stream(
+    chunks: Iterable[bytes], fail_with: BaseException | None = None
+) -> AsyncIterator[bytes]:
+    """The chunks as an async stream (as a download delivers them), optionally breaking at the end."""
+    for chunk in chunks:
+        yield chunk
+    if fail_with is not None:
+        raise fail_with
+
+
+def video(task_id: str, size: int) -> AsyncIterator[bytes]:
+    return stream(simulator.video_chunks(task_id, size))
+
+
+def expected_sha(task_id: str, size: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in simulator.video_chunks(task_id, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def new_id() -> str:
+    return f"video_{uuid.uuid4().hex[:10]}"
+
+
+class Backend:
+    """One archive backend with a way to look at what it really stored."""
+
+    def __init__(self, kind: str, store: archive.Archive, root: Any, s3: Any = None) -> None:
+        self.kind = kind
+        self.archive = store
+        self.root = root  # a Path for file://, the bucket name for s3://
+        self.s3 = s3
+
+    def uri(self, task_id: str) -> str:
+        if self.kind == "s3":
+            return f"s3://{self.root}/{PREFIX}/{task_id}.mp4"
+        return (self.root / f"{task_id}.mp4").resolve().as_uri()
+
+    def read(self, task_id: str) -> bytes | None:
+        """The committed bytes under the final key, or None."""
+        if self.kind == "s3":
+            try:
+                answer = self.s3.get_object(Bucket=self.root, Key=f"{PREFIX}/{task_id}.mp4")
+            except botocore.exceptions.ClientError as exc:
+                assert exc.response["Error"]["Code"] in ("NoSuchKey", "404")
+                return None
+            return bytes(answer["Body"].read())
+        path = self.root / f"{task_id}.mp4"
+        return path.read_bytes() if path.exists() else None
+
+    def assert_nothing_left(self, task_id: str) -> None:
+        """No object under the final key, and no partial upload or temporary file either."""
+        if self.kind == "s3":
+            key = f"{PREFIX}/{task_id}.mp4"
+            with pytest.raises(botocore.exceptions.ClientError) as caught:
+                self.s3.head_object(Bucket=self.root, Key=key)
+            assert caught.value.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
+            uploads = self.s3.list_multipart_uploads(Bucket=self.root, Prefix=key)
+            assert uploads.get("Uploads", []) == []
+        else:
+            assert not (self.root / f"{task_id}.mp4").exists()
+            incoming = self.root / archive.INCOMING_DIR
+            leftovers = list(incoming.iterdir()) if incoming.exists() else []
+            assert leftovers == []
+            assert sorted(p.name for p in self.root.iterdir()) in ([], [archive.INCOMING_DIR])
+
+
+@pytest.fixture(params=["file", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Backend:
+    if request.param == "file":
+        root = tmp_path / "archive"
+        return Backend("file", archive.FileArchive(root), root)
+    bucket = request.getfixturevalue("s3_bucket")
+    client = request.getfixturevalue("s3_client")
+    # The default client: the s3 fixtures' AWS_* environment points boto3 at moto.
+    return Backend("s3", archive.S3Archive(bucket, PREFIX), bucket, client)
+
+
+@pytest.fixture
+def s3_archive(s3_bucket: str) -> archive.S3Archive:
+    return archive.S3Archive(s3_bucket, PREFIX)
+
+
+class TestCommit:
+    """A complete stream is committed under {prefix}/{task_id}.mp4 with its size and SHA-256."""
+
+    async def test_small_video(self, backend: Backend) -> None:
+        task_id = new_id()
+        stored = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
+
+        data = backend.read(task_id)
+        assert data == b"".join(simulator.video_chunks(task_id, SMALL))
+        assert stored.uri == backend.uri(task_id)
+        assert stored.size == SMALL
+        assert stored.sha256 == hashlib.sha256(data).hexdigest()
+
+    async def test_small_video_without_a_known_size(self, backend: Backend) -> None:
+        task_id = new_id()
+        stored = await backend.archive.put(task_id, video(task_id, SMALL), None)
+        assert stored.size == SMALL
+        assert stored.sha256 == expected_sha(task_id, SMALL)
+        assert backend.read(task_id) == b"".join(simulator.video_chunks(task_id, SMALL))
+
+    async def test_large_video_spans_several_parts(self, backend: Backend) -> None:
+        assert archive.PART_BYTES < LARGE
+        task_id = new_id()
+        stored = await backend.archive.put(task_id, video(task_id, LARGE), LARGE)
+
+        data = backend.read(task_id)
+        assert data is not None
+        assert len(data) == LARGE
+        sha = hashlib.sha256(data).hexdigest()
+        assert sha == expected_sha(task_id, LARGE)
+        assert stored.size == LARGE
+        assert stored.sha256 == sha
+        assert stored.uri == backend.uri(task_id)
+        if backend.kind == "s3":
+            head = backend.s3.head_object(Bucket=backend.root, Key=f"{PREFIX}/{task_id}.mp4")
+            # A multipart object's ETag is "<md5 of md5s>-<parts>".
+            assert head["ETag"].strip('"').endswith("-3")
+
+        found = await backend.archive.find(task_id)
+        assert found == stored
+
+    async def test_existing_object_is_found(self, backend: Backend) -> None:
+        task_id = new_id()
+        assert await backend.archive.find(task_id) is None
+        stored = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
+
+        found = await backend.archive.find(task_id)
+
+        assert found is not None
+        assert found.uri == stored.uri == backend.uri(task_id)
+        assert found.size == SMALL
+        assert found.sha256 == expected_sha(task_id, SMALL)
+
+    async def test_a_second_put_replaces_the_object_whole(self, backend: Backend) -> None:
+        task_id = new_id()
+        await backend.archive.put(task_id, stream([b"x" * 1000]), 1000)
+        stored = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
+        assert backend.read(task_id) == b"".join(simulator.video_chunks(task_id, SMALL))
+        assert await backend.archive.find(task_id) == stored
+
+
+class TestNothingPartial:
+    """A failed stream leaves nothing under the final key and no partial upload behind."""
+
+    async def test_truncated_small_stream(self, backend: Backend) -> None:
+        task_id = new_id()
+        with pytest.raises(errors.DownloadError, match="truncated"):
+            await backend.archive.put(task_id, video(task_id, SMALL), 2 * SMALL)
+        backend.assert_nothing_left(task_id)
+        assert await backend.archive.find(task_id) is None
+
+    async def test_truncated_multipart_stream(self, backend: Backend) -> None:
+        task_id = new_id()
+        with pytest.raises(errors.DownloadError, match="truncated"):
+            await backend.archive.put(task_id, video(task_id, 18 * MIB), LARGE)
+        backend.assert_nothing_left(task_id)
+
+    async def test_longer_stream_than_announced(self, backend: Backend) -> None:
+        task_id = new_id()
+        with pytest.raises(errors.DownloadError):
+            await backend.archive.put(task_id, video(task_id, SMALL + 1), SMALL)
+        backend.assert_nothing_left(task_id)
+
+    async def test_stream_breaking_after_several_parts(self, backend: Backend) -> None:
+        task_id = new_id()
+        calls: list[str] = []
+        if backend.kind == "s3":
+            assert isinstance(backend.archive, archive.S3Archive)
+            events = backend.archive.client.meta.events
+
+            def record(event_name: str, **_: Any) -> None:
+                calls.append(event_name.split(".")[-1])
+
+            events.register("after-call.s3.*", record)
+        broken = stream(
+            simulator.video_chunks(task_id, 17 * MIB),
+            fail_with=errors.DownloadError("the download broke off"),
+        )
+
+        with pytest.raises(errors.DownloadError, match="broke off"):
+            await backend.archive.put(task_id, broken, LARGE)
+
+        backend.assert_nothing_left(task_id)
+        if backend.kind == "s3":
+            # It really was a multipart upload with parts sent, and it was aborted.
+            assert calls.count("CreateMultipartUpload") == 1
+            assert calls.count("UploadPart") == 2
+            assert "AbortMultipartUpload" in calls
+            assert "CompleteMultipartUpload" not in calls
+
+    async def test_failure_keeps_the_previous_object(self, backend: Backend) -> None:
+        task_id = new_id()
+        first = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
+        with pytest.raises(errors.DownloadError):
+            await backend.archive.put(task_id, video(task_id, 10 * MIB), LARGE)
+        assert await backend.archive.find(task_id) == first
+
+
+class TestS3Specifics:
+    """S3: checksums in metadata or tags, foreign objects, bucket checks, from_url."""
+
+    async def test_small_object_carries_sha256_metadata(
+        self, s3_archive: archive.S3Archive, s3_client: Any, s3_bucket: str
+    ) -> None:
+        task_id = new_id()
+        await s3_archive.put(task_id, video(task_id, SMALL), SMALL)
+        head = s3_client.head_object(Bucket=s3_bucket, Key=f"{PREFIX}/{task_id}.mp4")
+        assert head["ContentLength"] == SMALL
+        assert head["Metadata"]["sha256"] == expected_sha(task_id, SMALL)
+        assert head["ContentType"] == "video/mp4"
+
+    async def test_multipart_object_carries_sha256_tag(
+        self, s3_archive: archive.S3Archive, s3_client: Any, s3_bucket: str
+    ) -> None:
+        task_id = new_id()
+        await s3_archive.put(task_id, video(task_id, LARGE), LARGE)
+        tags = s3_client.get_object_tagging(Bucket=s3_bucket, Key=f"{PREFIX}/{task_id}.mp4")
+        assert {t["Key"]: t["Value"] for t in tags["TagSet"]} == {
+            "sha256": expected_sha(task_id, LARGE)
+        }
+
+    async def test_foreign_object_is_not_taken_for_ours(
+        self, s3_archive: archive.S3Archive, s3_client: Any, s3_bucket: str
+    ) -> None:
+        task_id = new_id()
+        s3_client.put_object(Bucket=s3_bucket, Key=s3_archive.key(task_id), Body=b"not ours")
+        assert await s3_archive.find(task_id) is None
+
+    async def test_check_passes_for_a_real_bucket(self, s3_archive: archive.S3Archive) -> None:
+        await s3_archive.check()
+
+    async def test_check_fails_for_a_missing_bucket(self, s3_endpoint: str) -> None:
+        missing = archive.S3Archive(f"missing-{uuid.uuid4().hex[:12]}", PREFIX)
+        with pytest.raises(errors.ArchiveError):
+            await missing.check()
+
+    async def test_put_into_a_missing_bucket_is_an_archive_error(self, s3_endpoint: str) -> None:
+        missing = archive.S3Archive(f"missing-{uuid.uuid4().hex[:12]}", PREFIX)
+        task_id = new_id()
+        with pytest.raises(errors.ArchiveError):
+            await missing.put(task_id, video(task_id, SMALL), SMALL)
+
+    async def test_from_url(self, s3_bucket: str, s3_client: Any) -> None:
+        store = archive.from_url(f"s3://{s3_bucket}/some/prefix")
+        assert isinstance(store, archive.S3Archive)
+        await store.check()
+        task_id = new_id()
+        stored = await store.put(task_id, video(task_id, SMALL), SMALL)
+        assert stored.uri == f"s3://{s3_bucket}/some/prefix/{task_id}.mp4"
+        head = s3_client.head_object(Bucket=s3_bucket, Key=f"some/prefix/{task_id}.mp4")
+        assert head["ContentLength"] == SMALL
+
+    async def test_from_url_without_prefix(self, s3_bucket: str, s3_client: Any) -> None:
+        store = archive.from_url(f"s3://{s3_bucket}")
+        task_id = new_id()
+        stored = await store.put(task_id, video(task_id, SMALL), SMALL)
+        assert stored.uri == f"s3://{s3_bucket}/{task_id}.mp4"
+        assert s3_client.head_object(Bucket=s3_bucket, Key=f"{task_id}.mp4")["ContentLength"]
+
+
+class TestFileSpecifics:
+    """file://: from_url, and check() on folders that are or are not writable."""
+
+    async def test_from_url(self, tmp_path: pathlib.Path) -> None:
+        store = archive.from_url("file://" + str(tmp_path))
+        assert isinstance(store, archive.FileArchive)
+        await store.check()
+        task_id = new_id()
+        stored = await store.put(task_id, video(task_id, SMALL), SMALL)
+        assert stored.uri == (tmp_path / f"{task_id}.mp4").as_uri()
+        assert (tmp_path / f"{task_id}.mp4").stat().st_size == SMALL
+
+    async def test_check_creates_the_folder(self, tmp_path: pathlib.Path) -> None:
+        root = tmp_path / "new" / "archive"
+        await archive.FileArchive(root).check()
+        assert root.is_dir()
+
+    async def test_check_fails_where_no_folder_can_be(self, tmp_path: pathlib.Path) -> None:
+        blocker = tmp_path / "a-file"
+        blocker.write_bytes(b"")
+        with pytest.raises(errors.ArchiveError):
+            await archive.FileArchive(blocker / "archive").check()
+
+    def test_unknown_scheme_is_a_config_error(self) -> None:
+        with pytest.raises(errors.ConfigError):
+            archive.from_url("ftp://host/dir")

@@ -1,0 +1,521 @@
+"""daemon.provider.HttpProvider against the provider simulator over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from daemon import errors, provider, simulator
+from tests.conftest import SIM_KEY, free_port
+
+LOCAL_HTTP = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
+
+
+@pytest.fixture
+async def client(sim: simulator.SimulatorThread) -> AsyncIterator[provider.HttpProvider]:
+    http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+    try:
+        yield http
+    finally:
+        await http.aclose()
+
+
+def add_completed(sim: simulator.SimulatorThread, task_id: str, **fields: Any) -> None:
+    """A task that completed a minute ago."""
+    sim.simulator.add_task(
+        task_id, queued_seconds=1, ready_seconds=2, created=time.time() - 60, **fields
+    )
+
+
+async def video_url(http: provider.HttpProvider, task_id: str) -> str:
+    answer = await http.fetch(task_id)
+    assert answer.status is provider.Status.COMPLETED
+    assert answer.video_url is not None
+    return answer.video_url
+
+
+async def download(http: provider.HttpProvider, url: str) -> tuple[int | None, bytes]:
+    async with http.open_video(url) as video:
+        data = bytearray()
+        async for chunk in video.chunks:
+            data += chunk
+    return video.length, bytes(data)
+
+
+def expected_video(task_id: str, size: int) -> bytes:
+    return b"".join(simulator.video_chunks(task_id, size))
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class LocalServer:
+    """A tiny aiohttp server on 127.0.0.1 (a port of its own) for the given GET routes."""
+
+    def __init__(self, routes: dict[str, Handler]) -> None:
+        self.app = web.Application()
+        for path, handler in routes.items():
+            self.app.router.add_get(path, handler)
+        self.runner = web.AppRunner(self.app, access_log=None)
+
+    async def __aenter__(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runner.cleanup()
+
+
+class TestFetchStatuses:
+    """fetch turns the provider's JSON into a typed Answer at every step of a task's life."""
+
+    async def test_queued_then_processing_then_completed(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        created = time.time()
+        task = sim.simulator.add_task(
+            "video_abc", queued_seconds=100, ready_seconds=200, created=created, duration=7.5
+        )
+
+        queued = await client.fetch("video_abc")
+        assert queued.status is provider.Status.QUEUED
+        assert queued.id == "video_abc"
+        assert queued.video_url is None
+        assert queued.model == "seedance_1_5_pro_720p"
+        assert queued.created is not None
+        assert abs(queued.created.timestamp() - int(created)) < 1
+
+        task.created -= 150  # time passes
+        processing = await client.fetch("video_abc")
+        assert processing.status is provider.Status.PROCESSING
+        assert processing.video_url is None
+
+        task.created -= 100
+        completed = await client.fetch("video_abc")
+        assert completed.status is provider.Status.COMPLETED
+        assert completed.video_url is not None
+        assert completed.video_url.startswith(f"{sim.url}/files/video_abc.mp4?")
+        assert completed.actual_duration == 7.5
+        assert completed.error is None
+        assert sim.simulator.stats.polls["video_abc"] == 3
+
+    async def test_failed_carries_the_error(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_bad", outcome="failed", error="content policy violation")
+        answer = await client.fetch("video_bad")
+        assert answer.status is provider.Status.FAILED
+        assert answer.error == "content policy violation"
+        assert answer.video_url is None
+
+    async def test_cancelled(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_c", outcome="cancelled")
+        answer = await client.fetch("video_c")
+        assert answer.status is provider.Status.CANCELLED
+        assert answer.video_url is None
+
+
+class TestFetchErrors:
+    """Every failure of a poll becomes one typed error."""
+
+    async def test_sends_the_bearer_key(self) -> None:
+        seen: list[tuple[str, str | None]] = []
+
+        async def result(request: web.Request) -> web.Response:
+            seen.append((request.path, request.headers.get("Authorization")))
+            return web.json_response({"id": "video_abc", "status": "queued"})
+
+        async with LocalServer({"/api/v1/result/{id}": result}) as base:
+            http = provider.HttpProvider(f"{base}/api/", SIM_KEY, url_rules=LOCAL_HTTP)
+            try:
+                answer = await http.fetch("video_abc")
+            finally:
+                await http.aclose()
+        assert answer.status is provider.Status.QUEUED
+        assert seen == [("/api/v1/result/video_abc", f"Bearer {SIM_KEY}")]
+
+    async def test_wrong_key_is_auth_rejected(self, sim: simulator.SimulatorThread) -> None:
+        add_completed(sim, "video_abc")
+        http = provider.HttpProvider(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
+        try:
+            with pytest.raises(errors.AuthRejected):
+                await http.fetch("video_abc")
+        finally:
+            await http.aclose()
+        assert sim.simulator.stats.unauthorized == 1
+
+    async def test_403_is_auth_rejected(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault("video_abc", on="poll", status=403)
+        with pytest.raises(errors.AuthRejected, match="403"):
+            await client.fetch("video_abc")
+
+    async def test_unknown_id_is_task_not_found(self, client: provider.HttpProvider) -> None:
+        with pytest.raises(errors.TaskNotFound):
+            await client.fetch("video_never_created")
+
+    async def test_server_error_is_provider_unavailable(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault("video_abc", on="poll", status=500)
+        with pytest.raises(errors.ProviderUnavailable, match="500"):
+            await client.fetch("video_abc")
+        # The fault was consumed; the next poll succeeds.
+        assert (await client.fetch("video_abc")).status is provider.Status.COMPLETED
+
+    async def test_429_with_retry_after_seconds(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault("video_abc", on="poll", status=429, retry_after=7)
+        with pytest.raises(errors.RateLimited) as caught:
+            await client.fetch("video_abc")
+        assert caught.value.retry_after == 7.0
+
+    async def test_429_with_retry_after_http_date(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        when = email.utils.formatdate(time.time() + 30, usegmt=True)
+        sim.simulator.add_fault("video_abc", on="poll", status=429, retry_after=when)
+        with pytest.raises(errors.RateLimited) as caught:
+            await client.fetch("video_abc")
+        assert caught.value.retry_after is not None
+        # An HTTP date has whole seconds; allow for that and a slow machine.
+        assert 25.0 <= caught.value.retry_after <= 31.0
+
+    async def test_429_without_retry_after(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault("video_abc", on="poll", status=429)
+        with pytest.raises(errors.RateLimited) as caught:
+            await client.fetch("video_abc")
+        assert caught.value.retry_after is None
+
+    async def test_body_that_is_not_json_is_malformed(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault("video_abc", on="poll", body="not json")
+        with pytest.raises(errors.MalformedAnswer):
+            await client.fetch("video_abc")
+
+    async def test_answer_about_another_task_is_malformed(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault(
+            "video_abc", on="poll", body='{"id": "video_other", "status": "completed"}'
+        )
+        with pytest.raises(errors.MalformedAnswer, match="not the one asked for"):
+            await client.fetch("video_abc")
+
+    async def test_slow_answer_times_out(self, sim: simulator.SimulatorThread) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault("video_abc", on="poll", delay=1.5)
+        http = provider.HttpProvider(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(errors.ProviderUnavailable, match="timed out"):
+                await http.fetch("video_abc")
+            assert time.monotonic() - started < 1.4
+        finally:
+            await http.aclose()
+
+    async def test_connection_refused_is_provider_unavailable(self) -> None:
+        http = provider.HttpProvider(f"http://127.0.0.1:{free_port()}", SIM_KEY)
+        try:
+            with pytest.raises(errors.ProviderUnavailable, match="cannot reach"):
+                await http.fetch("video_abc")
+        finally:
+            await http.aclose()
+
+    async def test_task_id_is_percent_encoded_in_the_path(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        # Were the id pasted raw, /v1/result/a/../b?x#y would become /v1/result/b.
+        add_completed(sim, "b")
+        weird = "a/../b?x#y"
+        with pytest.raises(errors.TaskNotFound):
+            await client.fetch(weird)
+        assert sim.simulator.stats.polls[weird] == 1
+        assert sim.simulator.stats.polls["b"] == 0
+
+    async def test_task_id_with_spaces_and_unicode(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        task_id = "样片 1%2F+x"
+        add_completed(sim, task_id)
+        answer = await client.fetch(task_id)
+        assert answer.id == task_id
+        assert answer.status is provider.Status.COMPLETED
+
+
+class TestOpenVideo:
+    """open_video streams the whole video, and refuses what it must."""
+
+    async def test_streams_the_whole_video(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        size = 3 * 1024 * 1024 + 4321
+        add_completed(sim, "video_abc", size=size)
+        length, data = await download(client, await video_url(client, "video_abc"))
+        assert length == size
+        assert data == expected_video("video_abc", size)
+        assert sim.simulator.stats.downloads_completed["video_abc"] == 1
+
+    async def test_sends_no_api_key_to_the_video_host(self, sim: simulator.SimulatorThread) -> None:
+        seen: list[str | None] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(request.headers.get("Authorization"))
+            return web.Response(body=b"video", content_type="video/mp4")
+
+        async with LocalServer({"/v.mp4": handler}) as base:
+            http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+            try:
+                assert await download(http, f"{base}/v.mp4") == (5, b"video")
+            finally:
+                await http.aclose()
+        assert seen == [None]
+
+    async def test_expired_link(self) -> None:
+        sim_state = simulator.Simulator(api_key=SIM_KEY, link_ttl_seconds=-1)
+        with simulator.SimulatorThread(sim_state) as server:
+            sim_state.add_task(
+                "video_abc", queued_seconds=1, ready_seconds=2, created=time.time() - 60
+            )
+            http = provider.HttpProvider(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
+            try:
+                url = await video_url(http, "video_abc")
+                with pytest.raises(errors.LinkExpired):
+                    await download(http, url)
+            finally:
+                await http.aclose()
+        assert sim_state.stats.downloads_started["video_abc"] == 0
+
+    async def test_tampered_signature_is_link_expired(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        url = await video_url(client, "video_abc")
+        parts = urllib.parse.urlsplit(url)
+        query = dict(urllib.parse.parse_qsl(parts.query))
+        query["sig"] = "0" * len(query["sig"])
+        forged = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+        with pytest.raises(errors.LinkExpired):
+            await download(client, forged)
+        # The genuine link still works: only the forgery was refused.
+        assert (await download(client, url))[1] == expected_video("video_abc", 256 * 1024)
+
+    async def test_server_error_is_download_error(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        url = await video_url(client, "video_abc")
+        sim.simulator.add_fault("video_abc", on="download", status=503)
+        with pytest.raises(errors.DownloadError, match="503") as caught:
+            await download(client, url)
+        assert not isinstance(caught.value, errors.LinkExpired)
+
+    async def test_short_body_is_a_download_error(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        size = 1024 * 1024 + 10
+        add_completed(sim, "video_abc", size=size)
+        url = await video_url(client, "video_abc")
+        sim.simulator.add_fault("video_abc", on="download", claim_length=size + 5000)
+        received = 0
+        with pytest.raises(errors.DownloadError):
+            async with client.open_video(url) as video:
+                assert video.length == size + 5000
+                async for chunk in video.chunks:
+                    received += len(chunk)
+        assert received <= size
+
+    async def test_cut_connection_is_a_download_error(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        size = 2 * 1024 * 1024
+        add_completed(sim, "video_abc", size=size)
+        url = await video_url(client, "video_abc")
+        sim.simulator.add_fault("video_abc", on="download", truncate_at=1024 * 1024)
+        with pytest.raises(errors.DownloadError):
+            await download(client, url)
+
+    async def test_content_length_above_the_limit_is_refused_before_the_body(
+        self, sim: simulator.SimulatorThread
+    ) -> None:
+        add_completed(sim, "video_abc", size=256 * 1024)
+        http = provider.HttpProvider(
+            sim.url, SIM_KEY, url_rules=LOCAL_HTTP, max_video_bytes=100 * 1024
+        )
+        entered = False
+        try:
+            url = await video_url(http, "video_abc")
+            with pytest.raises(errors.VideoTooLarge, match="SEEDANCE_MAX_VIDEO_BYTES"):
+                async with http.open_video(url):
+                    entered = True
+        finally:
+            await http.aclose()
+        assert not entered
+
+    async def test_body_above_the_limit_without_content_length(
+        self, sim: simulator.SimulatorThread
+    ) -> None:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for _ in range(8):
+                await response.write(b"x" * 64 * 1024)
+            await response.write_eof()
+            return response
+
+        async with LocalServer({"/v.mp4": handler}) as base:
+            http = provider.HttpProvider(
+                sim.url, SIM_KEY, url_rules=LOCAL_HTTP, max_video_bytes=100 * 1024
+            )
+            try:
+                with pytest.raises(errors.VideoTooLarge):
+                    await download(http, f"{base}/v.mp4")
+            finally:
+                await http.aclose()
+
+
+class TestUrlRules:
+    """Video links must use an allowed scheme and, by default, a public host."""
+
+    async def test_default_rules_refuse_http(self, sim: simulator.SimulatorThread) -> None:
+        add_completed(sim, "video_abc")
+        http = provider.HttpProvider(sim.url, SIM_KEY)
+        try:
+            url = await video_url(http, "video_abc")
+            with pytest.raises(errors.UnsafeVideoUrl, match="SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"):
+                await download(http, url)
+        finally:
+            await http.aclose()
+        assert sim.simulator.stats.downloads_started["video_abc"] == 0
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+    async def test_private_hosts_refused_by_default(
+        self, sim: simulator.SimulatorThread, host: str
+    ) -> None:
+        add_completed(sim, "video_abc")
+        rules = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
+        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules)
+        try:
+            url = (await video_url(http, "video_abc")).replace("127.0.0.1", host, 1)
+            with pytest.raises(errors.UnsafeVideoUrl, match="SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS"):
+                await download(http, url)
+        finally:
+            await http.aclose()
+        assert sim.simulator.stats.downloads_started["video_abc"] == 0
+
+
+class TestRedirects:
+    """Redirects are followed only to links that pass the same rules, and only so far."""
+
+    async def test_redirect_to_the_video_is_followed(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        add_completed(sim, "video_abc")
+        target = await video_url(client, "video_abc")
+
+        async def hop(request: web.Request) -> web.Response:
+            raise web.HTTPFound(target)
+
+        async with LocalServer({"/hop": hop}) as base:
+            length, data = await download(client, f"{base}/hop")
+        assert length == 256 * 1024
+        assert data == expected_video("video_abc", 256 * 1024)
+
+    async def test_relative_redirect_is_resolved(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        async def hop(request: web.Request) -> web.Response:
+            raise web.HTTPFound("/files/v.mp4")
+
+        async def file(request: web.Request) -> web.Response:
+            return web.Response(body=b"relative", content_type="video/mp4")
+
+        async with LocalServer({"/a/hop": hop, "/files/v.mp4": file}) as base:
+            assert await download(client, f"{base}/a/hop") == (8, b"relative")
+
+    async def test_too_many_redirects(self, client: provider.HttpProvider) -> None:
+        hits: collections.Counter[int] = collections.Counter()
+
+        async def loop(request: web.Request) -> web.Response:
+            n = int(request.match_info["n"])
+            hits[n] += 1
+            raise web.HTTPFound(f"/loop/{n + 1}")
+
+        async with LocalServer({"/loop/{n}": loop}) as base:
+            with pytest.raises(errors.DownloadError, match="redirects"):
+                await download(client, f"{base}/loop/0")
+        assert sum(hits.values()) == provider.MAX_REDIRECTS + 1
+
+    async def test_redirects_up_to_the_limit_are_followed(
+        self, client: provider.HttpProvider
+    ) -> None:
+        async def loop(request: web.Request) -> web.Response:
+            n = int(request.match_info["n"])
+            if n == provider.MAX_REDIRECTS:
+                return web.Response(body=b"arrived", content_type="video/mp4")
+            raise web.HTTPFound(f"/loop/{n + 1}")
+
+        async with LocalServer({"/loop/{n}": loop}) as base:
+            assert await download(client, f"{base}/loop/0") == (7, b"arrived")
+
+    async def test_redirect_to_a_loopback_host_is_refused(
+        self,
+        sim: simulator.SimulatorThread,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        hits: list[str] = []
+
+        async def hop(request: web.Request) -> web.Response:
+            hits.append("hop")
+            raise web.HTTPFound(f"http://127.0.0.1:{request.url.port}/x")
+
+        async def inner(request: web.Request) -> web.Response:
+            hits.append("x")
+            return web.Response(body=b"internal secrets")
+
+        real_check = provider.check_video_url
+
+        async with LocalServer({"/hop": hop, "/x": inner}) as base:
+            first = f"{base}/hop"
+
+            # Without network there is no public first hop to use, so treat the first URL as one
+            # (as if it resolved publicly); every later hop gets the real check.
+            async def check(url: str, rules: provider.UrlRules) -> None:
+                if url == first:
+                    return
+                await real_check(url, rules)
+
+            monkeypatch.setattr(provider, "check_video_url", check)
+            rules = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
+            http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules)
+            try:
+                with pytest.raises(errors.UnsafeVideoUrl, match="loopback"):
+                    await download(http, first)
+            finally:
+                await http.aclose()
+        assert hits == ["hop"]

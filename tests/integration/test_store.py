@@ -1,0 +1,652 @@
+"""daemon.store.SqlStore on real SQLite and PostgreSQL: the feeding contract, claims, leases, notify."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+import sqlalchemy.exc
+
+from daemon import errors, models, store, utils
+from tests.conftest import wait_for
+
+LEASE = dt.timedelta(seconds=60)
+TERMINAL = ("archived", "failed", "cancelled", "expired", "rejected")
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """An engine on the test database, for writing rows the way a feeder does (plain SQL)."""
+    eng = store.make_engine(db_url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def sql_store(db_url: str) -> Iterator[store.SqlStore]:
+    s = store.SqlStore.from_url(db_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def feed(engine: sa.Engine, sql: str, **params: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(sql), params)
+
+
+def insert(engine: sa.Engine, task_id: str, **columns: Any) -> None:
+    """INSERT a row with the given columns as plain SQL, as a feeder (or an old daemon) would."""
+    values = {"task_id": task_id, **columns}
+    for key, value in values.items():
+        if isinstance(value, dt.datetime) and engine.dialect.name == "sqlite":
+            # SQLite has no timestamp type: UTC text in the format SQLAlchemy writes.
+            values[key] = value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    names = ", ".join(values)
+    binds = ", ".join(f":{k}" for k in values)
+    feed(engine, f"INSERT INTO video_tasks ({names}) VALUES ({binds})", **values)
+
+
+def is_aware_utc(value: dt.datetime | None) -> bool:
+    return value is not None and value.tzinfo is not None and value.utcoffset() == dt.timedelta(0)
+
+
+def ids(tasks: list[models.Task]) -> set[str]:
+    return {task.task_id for task in tasks}
+
+
+class TestFeedingContract:
+    """A row inserted with plain SQL by a feeder is a valid, claimable task."""
+
+    def test_minimal_insert_gets_every_default(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+        now = utils.utcnow()
+        task = sql_store.get("video_abc")
+        assert task is not None
+        assert task.mode == "standard"
+        assert task.state == "pending"
+        assert task.polls == 0
+        assert task.attempts == 0
+        assert task.lease_owner is None
+        assert task.lease_expires_at is None
+        for value in (task.inserted_at, task.next_attempt_at, task.updated_at):
+            assert is_aware_utc(value), value
+            assert value is not None
+            # SQLite's CURRENT_TIMESTAMP has whole seconds; allow for that and a slow machine.
+            assert abs(value - now) < dt.timedelta(seconds=30)
+
+    def test_minimal_insert_is_claimable_at_once(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+        now = utils.utcnow()
+        claimed = sql_store.claim_due("daemon-a", now, now + LEASE, 10)
+        assert ids(claimed) == {"video_abc"}
+
+    def test_insert_with_mode(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
+        feed(engine, "INSERT INTO video_tasks (task_id, mode) VALUES ('video_d', 'draft')")
+        feed(engine, "INSERT INTO video_tasks (task_id, mode) VALUES ('video_f', 'flex')")
+        assert sql_store.get("video_d").mode == "draft"  # type: ignore[union-attr]
+        assert sql_store.get("video_f").mode == "flex"  # type: ignore[union-attr]
+
+    @pytest.mark.parametrize(
+        ("column", "value"), [("mode", "turbo"), ("state", "bogus"), ("mode", "STANDARD")]
+    )
+    def test_check_constraint_refuses_unknown_values(
+        self, engine: sa.Engine, sql_store: store.SqlStore, column: str, value: str
+    ) -> None:
+        with pytest.raises(sqlalchemy.exc.IntegrityError) as caught:
+            feed(
+                engine,
+                f"INSERT INTO video_tasks (task_id, {column}) VALUES ('video_bad', :value)",
+                value=value,
+            )
+        assert isinstance(caught.value.orig, sqlite3.IntegrityError | psycopg.IntegrityError)
+        assert sql_store.get("video_bad") is None
+
+
+class TestClaim:
+    """claim_due leases due, active, unleased rows, nearest deadline first."""
+
+    def test_only_due_active_unleased_rows_are_claimed(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        past = now - dt.timedelta(minutes=5)
+        insert(engine, "pending", state="pending", next_attempt_at=past)
+        insert(engine, "polling", state="polling", next_attempt_at=past)
+        insert(engine, "downloading", state="downloading", next_attempt_at=past)
+        insert(engine, "future", state="polling", next_attempt_at=now + dt.timedelta(minutes=1))
+        insert(
+            engine,
+            "leased",
+            state="polling",
+            next_attempt_at=past,
+            lease_owner="someone",
+            lease_expires_at=now + dt.timedelta(minutes=1),
+        )
+        for state in TERMINAL:
+            insert(engine, f"t_{state}", state=state, next_attempt_at=past)
+
+        claimed = sql_store.claim_due("daemon-a", now, now + LEASE, 100)
+
+        assert ids(claimed) == {"pending", "polling", "downloading"}
+        for task in claimed:
+            assert task.lease_owner == "daemon-a"
+            assert task.lease_expires_at == now + LEASE
+        stored = sql_store.get("polling")
+        assert stored is not None
+        assert stored.lease_owner == "daemon-a"
+        assert stored.lease_expires_at == now + LEASE
+        untouched = sql_store.get("leased")
+        assert untouched is not None
+        assert untouched.lease_owner == "someone"
+
+    def test_terminal_rows_are_never_claimed(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        long_ago = now - dt.timedelta(days=3)
+        for state in TERMINAL:
+            insert(
+                engine,
+                f"t_{state}",
+                state=state,
+                next_attempt_at=long_ago,
+                expires_at=now - dt.timedelta(days=2),
+                lease_owner="dead-daemon",
+                lease_expires_at=long_ago,
+            )
+        far_future = now + dt.timedelta(days=30)
+        assert sql_store.claim_due("daemon-a", far_future, far_future + LEASE, 100) == []
+
+    def test_no_deadline_first_then_nearest_deadline(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        past = now - dt.timedelta(minutes=1)
+        insert(
+            engine,
+            "late",
+            state="polling",
+            next_attempt_at=past,
+            expires_at=now + dt.timedelta(hours=20),
+        )
+        insert(
+            engine,
+            "soon",
+            state="polling",
+            next_attempt_at=past,
+            expires_at=now + dt.timedelta(hours=1),
+        )
+        insert(engine, "new", state="pending", next_attempt_at=past)
+        insert(
+            engine,
+            "mid",
+            state="polling",
+            next_attempt_at=past,
+            expires_at=now + dt.timedelta(hours=5),
+        )
+
+        order = []
+        for _ in range(4):
+            batch = sql_store.claim_due("daemon-a", now, now + LEASE, 1)
+            assert len(batch) == 1
+            order.append(batch[0].task_id)
+
+        assert order == ["new", "soon", "mid", "late"]
+        assert sql_store.claim_due("daemon-a", now, now + LEASE, 1) == []
+
+    def test_batch_comes_back_nearest_deadline_first(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        past = now - dt.timedelta(minutes=1)
+        hours = [7, 3, 12, 1, 9, 5, 2, 11, 4, 8, 6, 10]
+        for h in hours:
+            insert(
+                engine,
+                f"h{h:02d}",
+                state="polling",
+                next_attempt_at=past,
+                expires_at=now + dt.timedelta(hours=h),
+            )
+        insert(engine, "new_1", state="pending", next_attempt_at=past)
+
+        batch = sql_store.claim_due("daemon-a", now, now + LEASE, 100)
+
+        # The service starts work on the rows in this order, under a global request-rate limit.
+        assert [task.task_id for task in batch] == ["new_1"] + [f"h{h:02d}" for h in sorted(hours)]
+
+    def test_limit_takes_the_nearest_deadlines(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        past = now - dt.timedelta(minutes=1)
+        for hours in range(1, 11):
+            insert(
+                engine,
+                f"h{hours:02d}",
+                state="polling",
+                next_attempt_at=past,
+                expires_at=now + dt.timedelta(hours=hours),
+            )
+        first = sql_store.claim_due("daemon-a", now, now + LEASE, 3)
+        assert ids(first) == {"h01", "h02", "h03"}
+        second = sql_store.claim_due("daemon-a", now, now + LEASE, 4)
+        assert ids(second) == {"h04", "h05", "h06", "h07"}
+        assert sql_store.claim_due("daemon-a", now, now + LEASE, 0) == []
+
+    def test_lease_excludes_others_until_it_expires(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+        now = utils.utcnow()
+        assert ids(sql_store.claim_due("daemon-a", now, now + LEASE, 10)) == {"video_abc"}
+
+        assert sql_store.claim_due("daemon-b", now, now + LEASE, 10) == []
+        almost = now + LEASE - dt.timedelta(seconds=1)
+        assert sql_store.claim_due("daemon-b", almost, almost + LEASE, 10) == []
+
+        later = now + LEASE + dt.timedelta(seconds=1)
+        taken = sql_store.claim_due("daemon-b", later, later + LEASE, 10)
+        assert ids(taken) == {"video_abc"}
+        assert taken[0].lease_owner == "daemon-b"
+        stored = sql_store.get("video_abc")
+        assert stored is not None
+        assert stored.lease_owner == "daemon-b"
+        assert stored.lease_expires_at == later + LEASE
+
+
+class TestLeases:
+    """save, renew and release act only on the leases their owner holds."""
+
+    def _claim_one(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> tuple[models.Task, dt.datetime]:
+        """Feed one row and lease it to daemon-a; the row and the claim's ``now``."""
+        feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+        now = utils.utcnow()
+        (task,) = sql_store.claim_due("daemon-a", now, now + LEASE, 10)
+        return task, now
+
+    def test_save_writes_daemon_columns_and_clears_lease(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        task, now = self._claim_one(engine, sql_store)
+        done = task.replace(
+            state="archived",
+            provider_status="completed",
+            model="seedance_1_5_pro_720p",
+            video_url="https://cdn.example/v.mp4?sig=x",
+            actual_duration=5.5,
+            error="previous hiccup",
+            provider_created_at=now - dt.timedelta(hours=1),
+            expires_at=now + dt.timedelta(hours=23),
+            updated_at=now,
+            next_attempt_at=now + dt.timedelta(days=1),
+            last_polled_at=now,
+            completed_at=now,
+            archived_at=now,
+            polls=4,
+            attempts=1,
+            archive_uri="s3://bucket/videos/video_abc.mp4",
+            archive_bytes=123_456_789_012,
+            archive_sha256="ab" * 32,
+        )
+
+        assert sql_store.save([done], "daemon-a") == 1
+
+        stored = sql_store.get("video_abc")
+        assert stored is not None
+        assert stored.lease_owner is None
+        assert stored.lease_expires_at is None
+        for name in models.DAEMON_FIELDS:
+            if name == "lease_expires_at":
+                continue
+            assert getattr(stored, name) == getattr(done, name), name
+        assert stored.inserted_at == task.inserted_at
+        assert stored.mode == "standard"
+
+    def test_save_of_a_batch_writes_only_the_owned_rows(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        for name in ("a1", "a2", "b1"):
+            insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
+        mine = sql_store.claim_due("daemon-a", now, now + LEASE, 2)
+        theirs = sql_store.claim_due("daemon-b", now, now + LEASE, 2)
+        assert len(mine) == 2
+        assert len(theirs) == 1
+        batch = [task.replace(state="polling", polls=1) for task in [*mine, *theirs]]
+
+        assert sql_store.save(batch, "daemon-a") == 2
+
+        for task in sql_store.list():
+            if task.task_id in ids(mine):
+                assert (task.state, task.polls, task.lease_owner) == ("polling", 1, None)
+            else:
+                assert (task.state, task.polls, task.lease_owner) == ("pending", 0, "daemon-b")
+
+    def test_save_by_a_stranger_changes_nothing(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        task, _ = self._claim_one(engine, sql_store)
+        before = sql_store.get("video_abc")
+
+        changed = sql_store.save([task.replace(state="failed", error="not mine")], "daemon-b")
+
+        assert changed == 0
+        assert sql_store.get("video_abc") == before
+
+    def test_save_after_losing_the_lease_changes_nothing(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        task, now = self._claim_one(engine, sql_store)
+        later = now + LEASE + dt.timedelta(seconds=1)
+        assert len(sql_store.claim_due("daemon-b", later, later + LEASE, 10)) == 1
+
+        assert sql_store.save([task.replace(state="archived")], "daemon-a") == 0
+        stored = sql_store.get("video_abc")
+        assert stored is not None
+        assert stored.state == "pending"
+        assert stored.lease_owner == "daemon-b"
+
+    def test_renew_extends_only_the_owners_leases(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        for name in ("a1", "a2", "b1"):
+            insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
+        assert len(sql_store.claim_due("daemon-a", now, now + LEASE, 2)) == 2
+        assert len(sql_store.claim_due("daemon-b", now, now + LEASE, 2)) == 1
+        mine = {t.task_id for t in sql_store.list() if t.lease_owner == "daemon-a"}
+        theirs = {t.task_id for t in sql_store.list() if t.lease_owner == "daemon-b"}
+        until = now + dt.timedelta(minutes=10)
+
+        assert sql_store.renew("daemon-a", ["a1", "a2", "b1", "missing"], until) == 2
+
+        for task in sql_store.list():
+            if task.task_id in mine:
+                assert task.lease_expires_at == until
+                assert task.lease_owner == "daemon-a"
+            else:
+                assert task.task_id in theirs
+                assert task.lease_expires_at == now + LEASE
+                assert task.lease_owner == "daemon-b"
+        assert sql_store.renew("daemon-a", [], until) == 0
+
+    def test_release_clears_only_the_lease(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        _, now = self._claim_one(engine, sql_store)
+        before = sql_store.get("video_abc")
+        assert before is not None
+
+        assert sql_store.release("daemon-b", ["video_abc"]) == 0
+        assert sql_store.get("video_abc") == before
+
+        assert sql_store.release("daemon-a", ["video_abc"]) == 1
+        after = sql_store.get("video_abc")
+        assert after == before.replace(lease_owner=None, lease_expires_at=None)
+        assert ids(sql_store.claim_due("daemon-b", now, now + LEASE, 10)) == {"video_abc"}
+
+
+class TestOperatorSide:
+    """add, retry, counts and list, as the command line uses them."""
+
+    def test_add_then_duplicate(self, sql_store: store.SqlStore) -> None:
+        assert sql_store.add("video_abc", "draft") is True
+        assert sql_store.add("video_abc") is False
+        task = sql_store.get("video_abc")
+        assert task is not None
+        assert task.mode == "draft"
+        assert task.state == "pending"
+        assert len(sql_store.list()) == 1
+
+    def test_add_with_invalid_mode_is_a_store_error(self, sql_store: store.SqlStore) -> None:
+        with pytest.raises(errors.StoreError):
+            sql_store.add("video_abc", "turbo")
+        assert sql_store.get("video_abc") is None
+
+    def test_retry_puts_a_terminal_row_back_to_polling_now(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        polled = now - dt.timedelta(hours=2)
+        insert(
+            engine,
+            "video_abc",
+            state="failed",
+            polls=7,
+            attempts=3,
+            error="content policy violation",
+            last_polled_at=polled,
+            next_attempt_at=now + dt.timedelta(days=10),
+        )
+
+        assert sql_store.retry("video_abc", now) is True
+
+        task = sql_store.get("video_abc")
+        assert task is not None
+        assert task.state == "polling"
+        assert task.next_attempt_at == now
+        assert task.polls == 7
+        assert task.error == "content policy violation"
+        assert task.last_polled_at == polled
+        assert ids(sql_store.claim_due("daemon-a", now, now + LEASE, 10)) == {"video_abc"}
+        assert sql_store.retry("no_such_task", now) is False
+
+    def test_counts_lists_every_state(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
+        assert sql_store.counts() == {state.value: 0 for state in models.State}
+        insert(engine, "a", state="archived")
+        insert(engine, "b", state="archived")
+        insert(engine, "c", state="polling")
+        counts = sql_store.counts()
+        assert set(counts) == {state.value for state in models.State}
+        assert counts["archived"] == 2
+        assert counts["polling"] == 1
+        assert sum(counts.values()) == 3
+
+    def test_list_filters_by_state(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
+        insert(engine, "a", state="archived")
+        insert(engine, "b", state="failed")
+        insert(engine, "c", state="archived")
+        assert ids(sql_store.list(state="archived")) == {"a", "c"}
+        assert ids(sql_store.list(state="failed")) == {"b"}
+        assert sql_store.list(state="expired") == []
+        assert ids(sql_store.list()) == {"a", "b", "c"}
+        assert len(sql_store.list(limit=2)) == 2
+
+
+class TestDatetimes:
+    """Times come back as the same instant, timezone-aware UTC, on both databases."""
+
+    def test_round_trip_as_aware_utc(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
+        feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+        now = utils.utcnow()
+        (task,) = sql_store.claim_due("daemon-a", now, now + LEASE, 10)
+        plus8 = dt.timezone(dt.timedelta(hours=8))
+        created = dt.datetime(2026, 3, 1, 20, 15, 30, 123456, tzinfo=plus8)
+        saved = task.replace(
+            provider_created_at=created,
+            expires_at=created + dt.timedelta(days=1),
+            completed_at=dt.datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=dt.UTC),
+        )
+        assert sql_store.save([saved], "daemon-a") == 1
+
+        stored = sql_store.get("video_abc")
+        assert stored is not None
+        assert stored.provider_created_at == created
+        assert stored.expires_at == created + dt.timedelta(days=1)
+        assert stored.completed_at == dt.datetime(2026, 3, 1, 12, 0, 0, 1, tzinfo=dt.UTC)
+        for name in ("provider_created_at", "expires_at", "completed_at", "inserted_at"):
+            assert is_aware_utc(getattr(stored, name)), name
+        assert stored.provider_created_at.hour == 12  # type: ignore[union-attr]
+
+    def test_naive_datetime_is_refused(self, sql_store: store.SqlStore) -> None:
+        naive = dt.datetime(2026, 3, 1, 12, 0, 0)
+        with pytest.raises(errors.StoreError, match="naive"):
+            sql_store.claim_due("daemon-a", naive, naive + LEASE, 10)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/empty.db"
+    return str(request.getfixturevalue("empty_pg_url"))
+
+
+class TestSchemaCheck:
+    """check_schema tells the operator to migrate when the table is missing."""
+
+    def test_empty_database_says_migrate(self, empty_url: str) -> None:
+        s = store.SqlStore.from_url(empty_url)
+        try:
+            with pytest.raises(errors.StoreError, match="migrate"):
+                s.check_schema()
+        finally:
+            s.close()
+
+    def test_migrated_database_passes(self, sql_store: store.SqlStore) -> None:
+        sql_store.check_schema()
+        sql_store.ping()
+
+
+class TestPostgresNotify:
+    """On PostgreSQL an INSERT wakes the daemon through LISTEN/NOTIFY."""
+
+    def test_insert_sends_a_notification(self, pg_url: str) -> None:
+        dsn = store.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn, autocommit=True) as listener:
+            listener.execute(f"LISTEN {store.LISTEN_CHANNEL}")
+            with psycopg.connect(dsn, autocommit=True) as feeder:
+                feeder.execute("INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+            received = list(listener.notifies(timeout=5.0, stop_after=1))
+        assert [n.channel for n in received] == [store.LISTEN_CHANNEL]
+
+    def test_listener_calls_back_on_insert(self, pg_url: str) -> None:
+        calls: list[int] = []
+        woke = threading.Event()
+
+        def on_notify() -> None:
+            calls.append(1)
+            woke.set()
+
+        listener = store.Listener(pg_url, on_notify)
+        listener.start()
+        try:
+            assert listener.connected.wait(5.0)
+            # It wakes once on connecting (rows inserted while it was away); wait that out first.
+            wait_for(lambda: len(calls) >= 1, timeout=5.0, what="the wake-up on connect")
+            woke.clear()
+            before = len(calls)
+            engine = store.make_engine(pg_url)
+            try:
+                feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+            finally:
+                engine.dispose()
+            assert woke.wait(5.0), "no callback within 5 s of the insert"
+            assert len(calls) > before
+        finally:
+            listener.stop()
+
+
+class TestPostgresConcurrentClaims:
+    """Two replicas claiming at the same time never get the same row (SKIP LOCKED)."""
+
+    ROWS = 200
+    LIMIT = 50
+    ROUNDS = 5
+
+    def test_concurrent_claims_are_disjoint(self, pg_url: str) -> None:
+        engine = store.make_engine(pg_url)
+        stores = [store.SqlStore.from_url(pg_url), store.SqlStore.from_url(pg_url)]
+        all_ids = {f"video_{i:04d}" for i in range(self.ROWS)}
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text("INSERT INTO video_tasks (task_id) VALUES (:task_id)"),
+                    [{"task_id": task_id} for task_id in sorted(all_ids)],
+                )
+            for round_no in range(self.ROUNDS):
+                now = utils.utcnow() + dt.timedelta(seconds=1)
+                got: dict[str, list[list[str]]] = {"a": [], "b": []}
+                failures: list[BaseException] = []
+                barrier = threading.Barrier(2)
+
+                def work(
+                    owner: str,
+                    s: store.SqlStore,
+                    now: dt.datetime = now,
+                    barrier: threading.Barrier = barrier,
+                    got: dict[str, list[list[str]]] = got,
+                    failures: list[BaseException] = failures,
+                ) -> None:
+                    try:
+                        barrier.wait(5.0)
+                        while batch := s.claim_due(owner, now, now + LEASE, self.LIMIT):
+                            got[owner].append([task.task_id for task in batch])
+                    except BaseException as exc:
+                        failures.append(exc)
+
+                threads = [
+                    threading.Thread(target=work, args=(owner, s))
+                    for owner, s in zip(("a", "b"), stores, strict=True)
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(30.0)
+                assert not failures, failures
+
+                for batches in got.values():
+                    assert all(len(batch) <= self.LIMIT for batch in batches)
+                claimed_a = [i for batch in got["a"] for i in batch]
+                claimed_b = [i for batch in got["b"] for i in batch]
+                assert len(claimed_a) == len(set(claimed_a)), f"round {round_no}"
+                assert len(claimed_b) == len(set(claimed_b)), f"round {round_no}"
+                assert not set(claimed_a) & set(claimed_b), f"round {round_no}"
+                assert len(claimed_a) + len(claimed_b) <= self.ROWS
+                assert set(claimed_a) | set(claimed_b) == all_ids
+                owners = {t.task_id: t.lease_owner for t in stores[0].list()}
+                assert all(owners[i] == "a" for i in claimed_a)
+                assert all(owners[i] == "b" for i in claimed_b)
+
+                stores[0].release("a", claimed_a)
+                stores[1].release("b", claimed_b)
+        finally:
+            for s in stores:
+                s.close()
+            engine.dispose()
+
+
+class TestSqliteLock:
+    """One daemon per SQLite file."""
+
+    def test_second_acquire_is_refused_until_release(self, sqlite_url: str) -> None:
+        first = store.SqliteLock(sqlite_url)
+        second = store.SqliteLock(sqlite_url)
+        first.acquire()
+        try:
+            with pytest.raises(errors.AlreadyRunning, match="another seedance-archiver"):
+                second.acquire()
+        finally:
+            first.release()
+        second.acquire()
+        try:
+            with pytest.raises(errors.AlreadyRunning):
+                store.SqliteLock(sqlite_url).acquire()
+        finally:
+            second.release()

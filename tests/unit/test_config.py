@@ -1,0 +1,311 @@
+"""Settings from the environment (DESIGN.md's table), the API key's sources, and the CLI's errors."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+from daemon import cli, config, errors, logs
+
+SECRET = "sk-live-9f8e7d6c5b4a"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """No SEEDANCE_* setting or systemd credential leaks in from the machine running the tests."""
+    for name in list(os.environ):
+        if name.startswith(config.ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+class TestDefaults:
+    """With nothing set, the settings are DESIGN.md's defaults."""
+
+    def test_defaults_match_the_design_table(self) -> None:
+        settings = config.load()
+        assert settings.api_base_url == "https://zcbservice.aizfw.cn/kyyReactApiServer"
+        assert settings.database_url == "sqlite:///seedance-archiver.db"
+        assert settings.archive_url == "file://./archive"
+        assert settings.cadences() == {
+            "draft": config.Cadence(10, 20),
+            "standard": config.Cadence(30, 60),
+            "flex": config.Cadence(60, 120),
+        }
+        assert settings.retention_seconds == 86_400
+        assert settings.max_requests_per_second == 20
+        assert settings.allowed_video_url_schemes == {"https"}
+        assert settings.allow_private_video_hosts is False
+        assert settings.max_video_bytes == 2 * 1024**3
+        assert (settings.http_host, settings.http_port) == ("127.0.0.1", 9710)
+        assert settings.log_format is None
+        assert settings.api_key is None
+        assert settings.api_key_file is None
+
+
+class TestEnvironment:
+    """Variables are read with the SEEDANCE_ prefix."""
+
+    def test_values_are_read(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        env = {
+            "SEEDANCE_API_BASE_URL": "https://api.example.com/base/",
+            "SEEDANCE_DATABASE_URL": "postgresql://app@db.internal/tasks",
+            "SEEDANCE_ARCHIVE_URL": "s3://videos/seedance",
+            "SEEDANCE_POLL_DRAFT": "5-8",
+            "SEEDANCE_POLL_STANDARD": "45",
+            "SEEDANCE_POLL_FLEX": " 90-180 ",
+            "SEEDANCE_RETENTION_SECONDS": "3600",
+            "SEEDANCE_MAX_REQUESTS_PER_SECOND": "2.5",
+            "SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES": "https, HTTP",
+            "SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS": "true",
+            "SEEDANCE_MAX_VIDEO_BYTES": "1048576",
+            "SEEDANCE_HTTP_HOST": "0.0.0.0",
+            "SEEDANCE_HTTP_PORT": "0",
+            "SEEDANCE_LOG_FORMAT": "console",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        settings = config.load()
+        assert settings.api_base_url == "https://api.example.com/base"
+        assert settings.database_url == "postgresql://app@db.internal/tasks"
+        assert settings.archive_url == "s3://videos/seedance"
+        assert settings.cadences() == {
+            "draft": config.Cadence(5, 8),
+            "standard": config.Cadence(45, 45),
+            "flex": config.Cadence(90, 180),
+        }
+        assert settings.retention_seconds == 3600
+        assert settings.max_requests_per_second == 2.5
+        assert settings.allowed_video_url_schemes == {"http", "https"}
+        assert settings.allow_private_video_hosts is True
+        assert settings.max_video_bytes == 1_048_576
+        assert (settings.http_host, settings.http_port) == ("0.0.0.0", 0)
+        assert settings.log_format == "console"
+
+    def test_names_without_the_prefix_are_ignored(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("POLL_DRAFT", "1-2")
+        monkeypatch.setenv("DATABASE_URL", "mysql://elsewhere")
+        settings = config.load()
+        assert settings.poll_draft == config.Cadence(10, 20)
+        assert settings.database_url == "sqlite:///seedance-archiver.db"
+
+
+BAD_VALUES = [
+    ("SEEDANCE_POLL_DRAFT", "abc"),
+    ("SEEDANCE_POLL_DRAFT", "20-10"),
+    ("SEEDANCE_POLL_STANDARD", "0-5"),
+    ("SEEDANCE_POLL_FLEX", "-"),
+    ("SEEDANCE_POLL_FLEX", "nan"),
+    ("SEEDANCE_RETENTION_SECONDS", "0"),
+    ("SEEDANCE_RETENTION_SECONDS", "-86400"),
+    ("SEEDANCE_RETENTION_SECONDS", "one day"),
+    ("SEEDANCE_MAX_REQUESTS_PER_SECOND", "0"),
+    ("SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES", "ftp"),
+    ("SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES", ""),
+    ("SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES", "https,file"),
+    ("SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS", "maybe"),
+    ("SEEDANCE_MAX_VIDEO_BYTES", "0"),
+    ("SEEDANCE_HTTP_PORT", "70000"),
+    ("SEEDANCE_HTTP_PORT", "-1"),
+    ("SEEDANCE_DATABASE_URL", "mysql://x"),
+    ("SEEDANCE_DATABASE_URL", "not a url"),
+    ("SEEDANCE_ARCHIVE_URL", "ftp://x"),
+    ("SEEDANCE_ARCHIVE_URL", "bucket"),
+    ("SEEDANCE_API_BASE_URL", "zcb"),
+    ("SEEDANCE_API_BASE_URL", "ftp://zcbservice.aizfw.cn"),
+    ("SEEDANCE_LOG_FORMAT", "xml"),
+]
+
+
+class TestBadValues:
+    """A bad value stops start-up with one line that names the variable."""
+
+    @pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+    def test_error_names_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+    ) -> None:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(errors.ConfigError) as caught:
+            config.load()
+        message = str(caught.value)
+        assert name in message
+        assert "\n" not in message
+
+    def test_only_the_bad_variables_are_named(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_POLL_DRAFT", "abc")
+        monkeypatch.setenv("SEEDANCE_HTTP_PORT", "70000")
+        with pytest.raises(errors.ConfigError) as caught:
+            config.load()
+        message = str(caught.value)
+        assert "SEEDANCE_POLL_DRAFT" in message
+        assert "SEEDANCE_HTTP_PORT" in message
+        assert "SEEDANCE_POLL_STANDARD" not in message
+
+    @pytest.mark.parametrize(
+        ("key", "secret"),
+        [
+            ("bad key with spaces", "bad key with spaces"),
+            (f"{SECRET}\tsecond-half", SECRET),
+            (f"{SECRET} {SECRET}", SECRET),
+        ],
+    )
+    def test_bad_api_key_is_named_but_never_shown(
+        self, monkeypatch: pytest.MonkeyPatch, key: str, secret: str
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", key)
+        with pytest.raises(errors.ConfigError) as caught:
+            config.load()
+        message = str(caught.value)
+        assert "SEEDANCE_API_KEY" in message
+        assert secret not in message
+
+    def test_blank_api_key_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", "   ")
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_KEY"):
+            config.load()
+
+    def test_bad_database_url_does_not_show_its_password(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL", "mysql://app:hunter2@db/tasks")
+        with pytest.raises(errors.ConfigError) as caught:
+            config.load()
+        assert "SEEDANCE_DATABASE_URL" in str(caught.value)
+        assert "hunter2" not in str(caught.value)
+
+    def test_infinite_poll_range_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_POLL_DRAFT", "inf")
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_POLL_DRAFT"):
+            config.load()
+
+
+class TestApiKey:
+    """The key comes from SEEDANCE_API_KEY, SEEDANCE_API_KEY_FILE or the systemd credential."""
+
+    def test_from_the_variable(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", f"  {SECRET}\n")
+        assert config.load().resolve_api_key() == SECRET
+
+    def test_from_a_file_stripped(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        key_file = tmp_path / "api-key"
+        key_file.write_text(f"{SECRET}\n", encoding="utf-8")
+        monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key_file))
+        assert config.load().resolve_api_key() == SECRET
+
+    def test_from_the_systemd_credential(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        (tmp_path / "seedance-api-key").write_text(f"{SECRET}\n", encoding="utf-8")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+        assert config.load().resolve_api_key() == SECRET
+
+    def test_the_variable_wins_over_the_file(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        key_file = tmp_path / "api-key"
+        key_file.write_text("from-the-file", encoding="utf-8")
+        monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key_file))
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        assert config.load().resolve_api_key() == SECRET
+
+    def test_missing_names_the_variable(self) -> None:
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_KEY"):
+            config.load().resolve_api_key()
+
+    def test_credential_directory_without_the_key_is_missing(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_KEY"):
+            config.load().resolve_api_key()
+
+    @pytest.mark.parametrize("where", ["missing", "directory"])
+    def test_unreadable_file_names_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, where: str
+    ) -> None:
+        path = tmp_path / "no-such-key" if where == "missing" else tmp_path
+        monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(path))
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_KEY_FILE"):
+            config.load().resolve_api_key()
+
+    @pytest.mark.parametrize("contents", [f"{SECRET} {SECRET}-two", "\n \n"])
+    def test_bad_file_contents_are_never_shown(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, contents: str
+    ) -> None:
+        key_file = tmp_path / "api-key"
+        key_file.write_text(contents, encoding="utf-8")
+        monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key_file))
+        with pytest.raises(errors.ConfigError) as caught:
+            config.load().resolve_api_key()
+        assert "SEEDANCE_API_KEY_FILE" in str(caught.value)
+        assert SECRET not in str(caught.value)
+
+    def test_key_file_not_utf8_is_a_config_error(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        key_file = tmp_path / "api-key"
+        key_file.write_bytes(b"\xff\xfe" + SECRET.encode("utf-16-le"))
+        monkeypatch.setenv("SEEDANCE_API_KEY_FILE", str(key_file))
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_KEY_FILE"):
+            config.load().resolve_api_key()
+
+
+class TestPublicSummary:
+    """What is logged at start leaves every secret out."""
+
+    def test_database_password_is_hidden(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL", "postgresql://app:hunter2@db.internal/tasks")
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        summary = config.load().public_summary()
+        assert "hunter2" not in repr(summary)
+        assert SECRET not in repr(summary)
+        assert "db.internal" in summary["database_url"]
+        assert summary["poll"] == {"draft": "10-20", "standard": "30-60", "flex": "60-120"}
+
+
+class TestCommandLine:
+    """`seedance-archiver run` with bad settings exits 2 with one line on stderr."""
+
+    @pytest.fixture(autouse=True)
+    def no_global_logging(
+        self, clean_environment: None, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        # logs.configure binds structlog and the root logger to this test's captured stderr;
+        # keep that global state from leaking into later tests.
+        monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL", f"sqlite:///{tmp_path}/tasks.db")
+        monkeypatch.setenv("SEEDANCE_ARCHIVE_URL", f"file://{tmp_path}/archive")
+
+    def test_bad_setting(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_POLL_FLEX", "nonsense")
+        assert cli.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert "SEEDANCE_POLL_FLEX" in err
+
+    def test_missing_api_key(
+        self, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert cli.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert "SEEDANCE_API_KEY" in err
+        assert not (tmp_path / "tasks.db").exists()
+
+    def test_bad_api_key_is_not_printed(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", "bad key with spaces")
+        assert cli.main(["run"]) == 2
+        captured = capsys.readouterr()
+        assert len(captured.err.splitlines()) == 1
+        assert "SEEDANCE_API_KEY" in captured.err
+        assert "bad key with spaces" not in captured.err + captured.out

@@ -1,0 +1,435 @@
+"""The pure decisions of daemon.policy: next state, next poll time, backoff, deadline, task ids."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon import config, models, policy, provider, testing
+from daemon.models import State
+
+NOW = testing.EPOCH
+TASK_ID = "video_abc123def456"
+URL = "https://files.example.com/video_abc123def456.mp4?sig=abc"
+MODES = [m.value for m in models.Mode]
+RULES = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
+VALID_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def middle_draw(low: float, high: float) -> float:
+    return (low + high) / 2
+
+
+DRAWS = [testing.low_draw, middle_draw, testing.high_draw]
+
+
+def seconds(delta: dt.timedelta) -> float:
+    return delta.total_seconds()
+
+
+def task(mode: str = "standard", **fields: object) -> models.Task:
+    return models.Task(task_id=TASK_ID, mode=mode, next_attempt_at=NOW, **fields)  # type: ignore[arg-type]
+
+
+def answer(status: str, **fields: object) -> provider.Answer:
+    return testing.answer(TASK_ID, status, **fields)  # type: ignore[arg-type]
+
+
+class TestCadenceDefaults:
+    """The rules the other tests rely on are the provider's own polling advice."""
+
+    def test_cadences_are_the_seed_page_ranges(self) -> None:
+        got = {mode: (c.low, c.high) for mode, c in RULES.cadences.items()}
+        assert got == {"draft": (10, 20), "standard": (30, 60), "flex": (60, 120)}
+
+    def test_unknown_mode_falls_back_to_standard(self) -> None:
+        assert RULES.cadence("turbo") == RULES.cadence("standard")
+
+
+class TestOnAnswer:
+    """Every provider status in every mode leads to the right next state and time."""
+
+    @pytest.mark.parametrize("draw", DRAWS, ids=lambda d: d.__name__)
+    @pytest.mark.parametrize("status", ["queued", "processing"])
+    @pytest.mark.parametrize("mode", MODES)
+    def test_running_task_keeps_polling_within_its_cadence(
+        self, mode: str, status: str, draw: policy.Draw
+    ) -> None:
+        cadence = RULES.cadence(mode)
+        after = policy.on_answer(task(mode), answer(status), NOW, RULES, draw)
+        assert after.state == State.POLLING
+        assert after.provider_status == status
+        assert after.next_attempt_at is not None
+        assert cadence.low <= seconds(after.next_attempt_at - NOW) <= cadence.high
+        assert after.last_polled_at == NOW
+        assert after.polls == 1
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_completed_with_video_url_goes_to_download_at_once(self, mode: str) -> None:
+        before = task(mode, state="polling", polls=3, attempts=2, error="timeout")
+        reply = answer("completed", video_url=URL, duration=5.0)
+        after = policy.on_answer(before, reply, NOW, RULES, testing.high_draw)
+        assert after.state == State.DOWNLOADING
+        assert after.video_url == URL
+        assert after.actual_duration == 5.0
+        assert after.completed_at == NOW
+        assert after.next_attempt_at == NOW
+        assert after.provider_status == "completed"
+        assert (after.polls, after.attempts, after.error) == (4, 0, None)
+
+    def test_completed_at_is_kept_from_the_first_completion(self) -> None:
+        first = NOW - dt.timedelta(minutes=5)
+        before = task(state="polling", completed_at=first)
+        after = policy.on_answer(
+            before, answer("completed", video_url=URL), NOW, RULES, testing.low_draw
+        )
+        assert after.completed_at == first
+
+    @pytest.mark.parametrize("draw", DRAWS, ids=lambda d: d.__name__)
+    @pytest.mark.parametrize("mode", MODES)
+    def test_completed_without_video_url_polls_again_within_cadence(
+        self, mode: str, draw: policy.Draw
+    ) -> None:
+        cadence = RULES.cadence(mode)
+        after = policy.on_answer(task(mode), answer("completed"), NOW, RULES, draw)
+        assert after.state == State.POLLING
+        assert after.video_url is None
+        assert after.next_attempt_at is not None
+        assert cadence.low <= seconds(after.next_attempt_at - NOW) <= cadence.high
+        assert after.error is not None and "video_url" in after.error
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_failed_keeps_the_provider_error_text(self, mode: str) -> None:
+        reply = answer("failed", error="content policy violation")
+        after = policy.on_answer(task(mode), reply, NOW, RULES, testing.low_draw)
+        assert after.state == State.FAILED
+        assert after.is_terminal
+        assert after.error == "content policy violation"
+        assert after.provider_status == "failed"
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_failed_without_error_text_gets_a_readable_reason(self, mode: str) -> None:
+        after = policy.on_answer(task(mode), answer("failed"), NOW, RULES, testing.low_draw)
+        assert after.state == State.FAILED
+        assert after.error is not None and "failed" in after.error
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("error", [None, "cancelled by the user"])
+    def test_cancelled_is_terminal_with_a_reason(self, mode: str, error: str | None) -> None:
+        reply = answer("cancelled", error=error)
+        after = policy.on_answer(task(mode), reply, NOW, RULES, testing.low_draw)
+        assert after.state == State.CANCELLED
+        assert after.is_terminal
+        assert after.error == (error or "cancelled at the provider")
+
+    @pytest.mark.parametrize("status", list(provider.Status))
+    def test_every_answer_records_the_poll_and_clears_failures(
+        self, status: provider.Status
+    ) -> None:
+        before = task(state="polling", polls=7, attempts=3, error="HTTP 502")
+        reply = answer(status.value, video_url=URL)
+        after = policy.on_answer(before, reply, NOW, RULES, testing.low_draw)
+        assert after.polls == 8
+        assert after.attempts == 0
+        assert after.last_polled_at == NOW
+        assert after.updated_at == NOW
+        assert after.model == "seedance_1_5_pro_720p"
+
+    def test_a_missing_model_keeps_the_known_one(self) -> None:
+        before = task(model="seedance_1_5_pro_1080p")
+        reply = provider.Answer(TASK_ID, provider.Status.QUEUED, None, None, None, None, None)
+        after = policy.on_answer(before, reply, NOW, RULES, testing.low_draw)
+        assert after.model == "seedance_1_5_pro_1080p"
+
+
+class TestDeadline:
+    """The deadline is the provider's creation time plus the retention."""
+
+    def test_deadline_adds_the_retention(self) -> None:
+        created = NOW - dt.timedelta(hours=3)
+        assert policy.deadline(created, RULES) == created + dt.timedelta(days=1)
+
+    def test_answer_sets_created_and_expires_at(self) -> None:
+        created = NOW - dt.timedelta(hours=3)
+        reply = answer("processing", created=created)
+        after = policy.on_answer(task(), reply, NOW, RULES, testing.low_draw)
+        assert after.provider_created_at == created
+        assert after.expires_at == created + dt.timedelta(days=1)
+
+    def test_answer_without_created_keeps_the_known_deadline(self) -> None:
+        created = NOW - dt.timedelta(hours=3)
+        before = task(provider_created_at=created, expires_at=created + dt.timedelta(days=1))
+        reply = provider.Answer(TASK_ID, provider.Status.PROCESSING, None, None, None, None, None)
+        after = policy.on_answer(before, reply, NOW, RULES, testing.low_draw)
+        assert after.provider_created_at == created
+        assert after.expires_at == created + dt.timedelta(days=1)
+
+    def test_answer_without_created_on_a_new_task_leaves_no_deadline(self) -> None:
+        reply = provider.Answer(TASK_ID, provider.Status.QUEUED, None, None, None, None, None)
+        after = policy.on_answer(task(), reply, NOW, RULES, testing.low_draw)
+        assert after.expires_at is None
+
+    def test_retention_comes_from_the_settings(self) -> None:
+        rules = policy.Rules.from_settings(config.Settings(retention_seconds=3600))
+        reply = answer("queued", created=NOW)
+        after = policy.on_answer(task(), reply, NOW, rules, testing.low_draw)
+        assert after.expires_at == NOW + dt.timedelta(hours=1)
+
+
+class TestBackoff:
+    """Retry waits double from the floor, are capped, and are jittered within [ceiling/2, ceiling]."""
+
+    @pytest.mark.parametrize(
+        ("attempts", "ceiling"), [(0, 30), (1, 30), (2, 60), (3, 120), (4, 240), (5, 480)]
+    )
+    def test_ceiling_doubles_with_attempts(self, attempts: int, ceiling: float) -> None:
+        assert policy.backoff_seconds(attempts, 30.0, 600.0, testing.high_draw) == ceiling
+
+    @pytest.mark.parametrize("attempts", [6, 7, 10, 50, 1000])
+    def test_ceiling_is_capped(self, attempts: int) -> None:
+        assert policy.backoff_seconds(attempts, 30.0, 600.0, testing.high_draw) == 600.0
+
+    @pytest.mark.parametrize("attempts", [1, 2, 3, 4, 5, 6, 20])
+    def test_jitter_range_is_half_ceiling_to_ceiling_never_below_floor(self, attempts: int) -> None:
+        asked: list[tuple[float, float]] = []
+
+        def draw(low: float, high: float) -> float:
+            asked.append((low, high))
+            return low
+
+        floor, cap = 10.0, 600.0
+        policy.backoff_seconds(attempts, floor, cap, draw)
+        ceiling = min(cap, floor * 2 ** (attempts - 1))
+        assert asked == [(max(floor, ceiling / 2), ceiling)]
+
+    def test_never_below_the_floor_even_above_the_cap(self) -> None:
+        assert policy.backoff_seconds(1, 900.0, 600.0, testing.low_draw) == 900.0
+        assert policy.backoff_seconds(9, 900.0, 600.0, testing.low_draw) == 900.0
+
+    @given(
+        attempts=st.integers(min_value=0, max_value=200),
+        floor=st.floats(min_value=0.5, max_value=1000),
+        cap=st.floats(min_value=1, max_value=10_000),
+        fraction=st.floats(min_value=0, max_value=1),
+    )
+    def test_any_draw_stays_in_bounds(
+        self, attempts: int, floor: float, cap: float, fraction: float
+    ) -> None:
+        wait = policy.backoff_seconds(
+            attempts, floor, cap, lambda low, high: low + (high - low) * fraction
+        )
+        assert wait >= floor
+        assert wait <= max(floor, cap)
+
+    def test_very_many_attempts_still_give_the_cap(self) -> None:
+        assert policy.backoff_seconds(5000, 30.0, 600.0, testing.high_draw) == 600.0
+
+
+class TestPollError:
+    """A retryable poll failure counts an attempt and backs off from the mode's floor."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_backs_off_from_the_cadence_floor(self, mode: str) -> None:
+        low = RULES.cadence(mode).low
+        after = policy.on_poll_error(
+            task(mode, attempts=1), "HTTP 502", NOW, RULES, testing.high_draw
+        )
+        assert after.state == State.POLLING
+        assert after.attempts == 2
+        assert after.next_attempt_at == NOW + dt.timedelta(seconds=2 * low)
+        assert after.error is not None and "HTTP 502" in after.error
+        assert after.last_polled_at == NOW
+
+    def test_honours_a_longer_required_wait(self) -> None:
+        after = policy.on_poll_error(task("draft"), "429", NOW, RULES, testing.low_draw, 300.0)
+        assert after.next_attempt_at == NOW + dt.timedelta(seconds=300)
+
+
+class TestBeforeWork:
+    """Outcomes decided without asking the provider: a passed deadline or an impossible id."""
+
+    def test_deadline_passed_is_expired_with_a_reason(self) -> None:
+        expires = NOW - dt.timedelta(seconds=1)
+        after = policy.before_work(task(state="polling", expires_at=expires), NOW)
+        assert after is not None
+        assert after.state == State.EXPIRED
+        assert after.error is not None
+        assert "deadline passed" in after.error
+        assert "2026-11-25T11:59:59Z" in after.error
+
+    def test_deadline_reached_exactly_is_expired(self) -> None:
+        after = policy.before_work(task(state="polling", expires_at=NOW), NOW)
+        assert after is not None and after.state == State.EXPIRED
+
+    def test_deadline_ahead_needs_work(self) -> None:
+        later = NOW + dt.timedelta(seconds=1)
+        assert policy.before_work(task(state="polling", expires_at=later), NOW) is None
+
+    def test_no_deadline_yet_needs_work(self) -> None:
+        assert policy.before_work(task(), NOW) is None
+
+    def test_invalid_task_id_is_rejected(self) -> None:
+        bad = models.Task(task_id="../etc/passwd", next_attempt_at=NOW)
+        after = policy.before_work(bad, NOW)
+        assert after is not None
+        assert after.state == State.REJECTED
+        assert after.error is not None and after.error.startswith("invalid task id")
+
+
+class TestNotFound:
+    """A 404: retried briefly for a task never seen, expired for one seen before."""
+
+    def test_never_seen_is_retried_then_rejected(self) -> None:
+        current = task()
+        for poll in range(1, RULES.not_found_polls):
+            current = policy.on_not_found(current, NOW, RULES, testing.low_draw)
+            assert current.state == State.POLLING
+            assert current.attempts == poll
+            assert current.next_attempt_at is not None
+            assert current.next_attempt_at >= NOW + dt.timedelta(seconds=30)
+        current = policy.on_not_found(current, NOW, RULES, testing.low_draw)
+        assert current.state == State.REJECTED
+        assert current.error is not None and "404" in current.error
+        assert current.polls == RULES.not_found_polls
+
+    def test_the_number_of_polls_is_a_rule(self) -> None:
+        rules = policy.Rules(cadences=RULES.cadences, retention=RULES.retention, not_found_polls=5)
+        current = task()
+        states = []
+        for _ in range(5):
+            current = policy.on_not_found(current, NOW, rules, testing.low_draw)
+            states.append(current.state)
+        assert states == ["polling"] * 4 + ["rejected"]
+
+    def test_seen_before_is_expired(self) -> None:
+        before = task(state="polling", provider_status="processing", polls=4)
+        after = policy.on_not_found(before, NOW, RULES, testing.low_draw)
+        assert after.state == State.EXPIRED
+        assert after.error is not None and "404" in after.error
+        assert after.polls == 5
+
+    def test_earlier_unrelated_failures_do_not_count_as_404s(self) -> None:
+        before = task(state="polling", attempts=2, error="the provider answered HTTP 502")
+        after = policy.on_not_found(before, NOW, RULES, testing.low_draw)
+        assert after.state == State.POLLING
+
+
+class TestDownloadOutcomes:
+    """Link expiry, download failures and a successful archive."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("polled_ago", [0.0, 5.0, 1000.0])
+    def test_link_expired_polls_again_not_sooner_than_the_cadence(
+        self, mode: str, polled_ago: float
+    ) -> None:
+        low = RULES.cadence(mode).low
+        last = NOW - dt.timedelta(seconds=polled_ago)
+        before = task(mode, state="downloading", video_url=URL, last_polled_at=last)
+        after = policy.on_link_expired(before, "HTTP 403", NOW, RULES)
+        assert after.state == State.POLLING
+        assert after.video_url is None
+        assert after.next_attempt_at is not None
+        assert after.next_attempt_at >= last + dt.timedelta(seconds=low)
+        assert after.next_attempt_at >= NOW
+        assert after.error is not None and "HTTP 403" in after.error
+
+    def test_link_expired_never_polled_is_due_now(self) -> None:
+        before = task(state="downloading", video_url=URL)
+        after = policy.on_link_expired(before, "HTTP 403", NOW, RULES)
+        assert after.next_attempt_at == NOW
+
+    def test_download_error_keeps_downloading_with_backoff(self) -> None:
+        before = task(state="downloading", video_url=URL, attempts=2)
+        after = policy.on_download_error(before, "truncated", NOW, RULES, testing.high_draw)
+        assert after.state == State.DOWNLOADING
+        assert after.video_url == URL
+        assert after.attempts == 3
+        wait = RULES.download_retry_seconds * 4
+        assert after.next_attempt_at == NOW + dt.timedelta(seconds=wait)
+        assert after.error is not None and "truncated" in after.error
+
+    def test_download_error_waits_at_least_the_retry_floor(self) -> None:
+        before = task(state="downloading", video_url=URL)
+        after = policy.on_download_error(before, "reset", NOW, RULES, testing.low_draw)
+        assert after.next_attempt_at == NOW + dt.timedelta(seconds=RULES.download_retry_seconds)
+
+    def test_archived_records_where_and_what(self) -> None:
+        before = task(state="downloading", video_url=URL, attempts=1, error="truncated")
+        after = policy.on_archived(before, "s3://bucket/v/x.mp4", 1234, "ab" * 32, NOW)
+        assert after.state == State.ARCHIVED
+        assert after.is_terminal
+        assert after.archive_uri == "s3://bucket/v/x.mp4"
+        assert after.archive_bytes == 1234
+        assert after.archive_sha256 == "ab" * 32
+        assert after.archived_at == NOW
+        assert (after.attempts, after.error) == (0, None)
+
+    def test_refused_video_is_rejected_with_the_reason(self) -> None:
+        before = task(state="downloading", video_url=URL)
+        after = policy.on_refused(before, "video is too large", NOW)
+        assert after.state == State.REJECTED
+        assert after.error == "video is too large"
+
+
+class TestTaskId:
+    """Only ids that are safe in a URL path and an object key are accepted."""
+
+    @pytest.mark.parametrize(
+        "task_id",
+        ["video_abc123def456", "a", "0", "A.b-c_d", "cgt-20251028-abc.def", "x" * 128],
+    )
+    def test_accepted(self, task_id: str) -> None:
+        assert policy.task_id_problem(task_id) is None
+
+    @pytest.mark.parametrize(
+        "task_id",
+        [
+            "",
+            "x" * 129,
+            "x" * 5000,
+            "../etc/passwd",
+            "..",
+            ".hidden",
+            "_video",
+            "-rf",
+            "a/b",
+            "a\\b",
+            "video abc",
+            " video",
+            "video\n",
+            "vid\neo",
+            "video\t1",
+            "vidéo",
+            "\uff11\uff12\uff13",  # full-width digits
+            'a"b',
+            "a'b",
+            "a;b",
+            "a%2Fb",
+            "a?b",
+            "a#b",
+            "a\x00b",
+        ],
+    )
+    def test_refused_with_a_reason(self, task_id: str) -> None:
+        problem = policy.task_id_problem(task_id)
+        assert problem is not None
+        assert problem.startswith("invalid task id")
+
+    @given(
+        st.one_of(
+            st.text(),
+            st.text(alphabet="aZ09_.-/ \n%?#;'\"é", max_size=20),
+            st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{100,140}", fullmatch=True),
+        )
+    )
+    def test_accepted_exactly_when_it_matches_the_id_pattern(self, task_id: str) -> None:
+        accepted = policy.task_id_problem(task_id) is None
+        assert accepted == bool(VALID_ID.fullmatch(task_id))
+        if accepted:
+            assert "/" not in task_id
+            assert not task_id.startswith(".")
+            assert not any(ch.isspace() for ch in task_id)
