@@ -6,7 +6,8 @@
 - ``GET /files/{id}.mp4?expires=..&sig=..``: the video bytes, deterministic per task id, so a test can
   compute the expected SHA-256 with :func:`video_sha256`; an expired or forged link answers 403.
 - Faults, per task or for every task (``"*"``), consumed in order: an HTTP status (with Retry-After),
-  a malformed body, a delay, a truncated or mis-sized download.
+  a malformed body, a delay, a dropped connection, a redirect, and for downloads a truncated,
+  mis-sized or throttled body.
 - ``POST /_sim/tasks``, ``POST /_sim/faults``, ``GET /_sim/stats``: control and counters for tests.
 
 Run it alone with ``python -m daemon.simulator --port 8080``; tests and ``demo`` start it in-process
@@ -59,6 +60,13 @@ def video_sha256(task_id: str, size: int) -> str:
     for chunk in video_chunks(task_id, size):
         digest.update(chunk)
     return digest.hexdigest()
+
+
+THROTTLE_PIECE_BYTES = 64 * 1024
+
+
+def _split(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @dataclasses.dataclass
@@ -136,8 +144,13 @@ class Simulator:
         return task
 
     def add_fault(self, task_id: str, **fault: Any) -> None:
-        """Queue a fault for ``task_id`` (or ``"*"``): on="poll"|"download", plus one of
-        status=CODE [retry_after=..], body=TEXT, delay=SECONDS, truncate_at=BYTES, claim_length=BYTES."""
+        """Queue a fault for ``task_id`` (or ``"*"``), used once (or ``times=N``).
+
+        ``on="poll"|"download"``, plus: ``status=CODE`` [``retry_after=..``], ``body=TEXT``,
+        ``delay=SECONDS`` (alone: a slow answer), ``drop=True`` (close the connection unanswered),
+        ``redirect=URL``; for downloads also ``truncate_at=BYTES``, ``claim_length=BYTES``,
+        ``throttle=BYTES_PER_SECOND``.
+        """
         fault.setdefault("on", "poll")
         with self._lock:
             self.faults[task_id].append(fault)
@@ -183,11 +196,19 @@ class Simulator:
         app.router.add_get("/_sim/stats", self._get_stats)
         return app
 
-    async def _apply_fault(self, fault: dict[str, Any] | None) -> web.StreamResponse | None:
+    async def _apply_fault(
+        self, fault: dict[str, Any] | None, request: web.Request
+    ) -> web.StreamResponse | None:
         if fault is None:
             return None
         if "delay" in fault:
             await asyncio.sleep(float(fault["delay"]))
+        if fault.get("drop"):
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)  # never reaches the client: the connection is gone
+        if "redirect" in fault:
+            raise web.HTTPFound(location=str(fault["redirect"]))
         if "status" in fault:
             headers = {}
             if fault.get("retry_after") is not None:
@@ -210,7 +231,7 @@ class Simulator:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.stats.unauthorized += 1
             return web.json_response({"error": "invalid api key"}, status=401)
-        faulty = await self._apply_fault(self._take_fault(task_id, "poll"))
+        faulty = await self._apply_fault(self._take_fault(task_id, "poll"), request)
         if faulty is not None:
             return faulty
         task = self._task(task_id)
@@ -248,7 +269,7 @@ class Simulator:
         if not valid or expires < time.time():
             return web.Response(status=403, text="link expired or invalid")
         fault = self._take_fault(task_id, "download")
-        faulty = await self._apply_fault(fault)
+        faulty = await self._apply_fault(fault, request)
         if faulty is not None:
             return faulty
         self.stats.downloads_started[task_id] += 1
@@ -259,10 +280,15 @@ class Simulator:
             headers={"Content-Type": "video/mp4", "Content-Length": str(length)}
         )
         await response.prepare(request)
+        throttle = float(fault["throttle"]) if fault and "throttle" in fault else None
         sent = 0
         for chunk in video_chunks(task_id, min(size, stop_at)):
-            await response.write(chunk)
-            sent += len(chunk)
+            pieces = [chunk] if throttle is None else _split(chunk, THROTTLE_PIECE_BYTES)
+            for piece in pieces:
+                await response.write(piece)
+                sent += len(piece)
+                if throttle is not None:
+                    await asyncio.sleep(len(piece) / throttle)
         if sent < length:
             # Cut the connection so the client sees a short body, as a broken download would.
             if request.transport is not None:
