@@ -22,6 +22,8 @@ from daemon import (
 )
 
 PROG = "seedance-archiver"
+# `check` passes only if some daemon's heartbeat (every 10 s) is at most this old.
+CHECK_MAX_TICK_AGE_SECONDS = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
     retry = sub.add_parser("retry", help="put a task back to polling now, keeping its history")
     retry.add_argument("task_id")
+    sub.add_parser(
+        "check", help="exit 0 if the database answers and a daemon ticks with an accepted key"
+    )
     sub.add_parser("demo", help="the whole pipeline on SQLite + ./archive against the simulator")
     return parser
 
@@ -87,6 +92,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             return 0
         if command == "status":
             return _status(sql_store, args)
+        if command == "check":
+            return _check(sql_store)
         if command == "list":
             tasks = sql_store.list(state=args.state, limit=args.limit)
             print(
@@ -114,12 +121,37 @@ def _status(sql_store: store.SqlStore, args: argparse.Namespace) -> int:
             return 1
         print(views.to_json(views.task_dict(task)) if args.json else views.detail(task))
         return 0
-    counts = sql_store.counts()
+    now = utils.utcnow()
+    summary = sql_store.summary(now)
+    daemons = sql_store.daemons()
     if args.json:
-        print(views.to_json({"counts": counts, "total": sum(counts.values())}))
+        print(views.to_json(views.summary_dict(summary, daemons, now)))
     else:
-        width = max(len(s) for s in counts)
-        for state, n in counts.items():
-            print(f"{state.ljust(width)}  {n}")
-        print(f"{'total'.ljust(width)}  {sum(counts.values())}")
+        print(views.summary(summary, daemons, now))
+    return 0
+
+
+def _check(sql_store: store.SqlStore) -> int:
+    """Exit 0 when the database answers, the schema is there, and a daemon ticks with a good key."""
+    try:
+        sql_store.check_schema()
+    except errors.StoreError as exc:
+        print(f"database: {exc}")
+        return 1
+    print("database: ok")
+    now = utils.utcnow()
+    alive = [
+        d
+        for d in sql_store.daemons()
+        if d.last_tick_at is not None
+        and (now - d.last_tick_at).total_seconds() <= CHECK_MAX_TICK_AGE_SECONDS
+    ]
+    if not alive:
+        print(f"daemon: no daemon has ticked in the last {CHECK_MAX_TICK_AGE_SECONDS:.0f}s")
+        return 1
+    print(f"daemon: ok ({len(alive)} running)")
+    if not all(d.api_key_ok for d in alive):
+        print("api key: rejected by the provider (see the api_key_rejected log lines)")
+        return 1
+    print("api key: ok")
     return 0

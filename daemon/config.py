@@ -98,6 +98,8 @@ class Settings(pydantic_settings.BaseSettings):
     # How long a claimed row stays ours without renewal. A dead replica's rows wait this long before
     # another replica takes them, so it should exceed the longest cadence floor (flex: 60 s).
     lease_seconds: float = pydantic.Field(default=120.0, ge=1)
+    # Delete finished rows this many days after they finished; 0 keeps them forever.
+    prune_after_days: float = pydantic.Field(default=0.0, ge=0)
 
     @pydantic.field_validator("api_base_url")
     @classmethod

@@ -24,6 +24,11 @@ class ConfigError(ArchiverError):
 class ProviderError(ArchiverError):
     """The provider's answer could not be used."""
 
+    def __init__(self, message: str | None = None, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        #: The HTTP status of the provider's answer, or None when no answer came.
+        self.status_code = status_code
+
 
 class ProviderUnavailable(ProviderError):
     """The provider did not answer usefully (5xx, timeout, connection error); try again later."""
@@ -33,7 +38,7 @@ class RateLimited(ProviderError):
     """The provider asked us to slow down (HTTP 429)."""
 
     def __init__(self, message: str | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, status_code=429)
         self.retry_after = retry_after
 
 

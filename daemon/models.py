@@ -137,6 +137,23 @@ class VideoTask(Base):
 video_tasks: sa.Table = VideoTask.__table__  # type: ignore[assignment]
 
 
+class Heartbeat(Base):
+    """One running daemon: when it last ticked, so operators and ``check`` can see it is alive."""
+
+    __tablename__ = "archiver_heartbeats"
+
+    owner: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    hostname: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    pid: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    version: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    started_at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime)
+    last_tick_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    api_key_ok: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.true())
+
+
+heartbeats: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Task:
     """An immutable snapshot of one ``video_tasks`` row, as the daemon read or will write it."""

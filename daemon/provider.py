@@ -265,15 +265,23 @@ class HttpProvider:
             ) from exc
         code = response.status_code
         if code == 200:
-            return parse_answer(task_id, response.content)
+            try:
+                return parse_answer(task_id, response.content)
+            except errors.MalformedAnswer as exc:
+                exc.status_code = code
+                raise
         if code in (401, 403):
-            raise errors.AuthRejected(f"the provider rejected the API key (HTTP {code})")
+            raise errors.AuthRejected(
+                f"the provider rejected the API key (HTTP {code})", status_code=code
+            )
         if code == 404:
-            raise errors.TaskNotFound("the provider does not know this task (HTTP 404)")
+            raise errors.TaskNotFound(
+                "the provider does not know this task (HTTP 404)", status_code=code
+            )
         if code == 429:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), utils.utcnow())
             raise errors.RateLimited("the provider rate-limited us (HTTP 429)", retry_after)
-        raise errors.ProviderUnavailable(f"the provider answered HTTP {code}")
+        raise errors.ProviderUnavailable(f"the provider answered HTTP {code}", status_code=code)
 
     @contextlib.asynccontextmanager
     async def open_video(self, url: str) -> AsyncIterator[Video]:

@@ -19,12 +19,28 @@ import apscheduler.schedulers.base
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon import archive, config, errors, policy, provider, ratelimit, service, store
+import daemon
+from daemon import (
+    archive,
+    config,
+    errors,
+    policy,
+    provider,
+    ratelimit,
+    service,
+    store,
+    systemd,
+    web,
+)
 
 log = structlog.get_logger(__name__)
 
 TICK_SECONDS = 0.25
 HOUSEKEEPING_SECONDS = 600.0
+GAUGES_SECONDS = 30.0
+HEARTBEAT_SECONDS = 10.0
+PRUNE_SECONDS = 3600.0
+WATCHDOG_STALE_SECONDS = 30.0
 RATE_BURST = 10
 
 
@@ -41,6 +57,39 @@ def _guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Aw
 
     run.__name__ = name
     return run
+
+
+class _Ticker:
+    """Runs the tick without overlap; a wake-up during a tick makes it run once more right after.
+
+    APScheduler drives the regular interval; NOTIFY wake-ups come through :meth:`run_soon`. Without
+    this, a wake-up arriving mid-tick would be skipped and wait for the next interval.
+    """
+
+    def __init__(self, tick: Callable[[], Awaitable[None]]) -> None:
+        self._tick = tick
+        self._running = False
+        self._again = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        if self._running:
+            self._again = True
+            return
+        self._running = True
+        try:
+            while True:
+                self._again = False
+                await self._tick()
+                if not self._again:
+                    break
+        finally:
+            self._running = False
+
+    def run_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 def owner_name() -> str:
@@ -90,7 +139,45 @@ async def run(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     listener: store.Listener | None = None
+    server: web.WebServer | None = None
     scheduler = AsyncIOScheduler(timezone=dt.UTC)
+    started_at = svc.clock()
+
+    async def heartbeat() -> None:
+        await asyncio.to_thread(
+            sql_store.beat,
+            svc.owner,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            version=daemon.__version__,
+            started_at=started_at,
+            last_tick_at=svc.last_tick_at,
+            api_key_ok=not svc.auth_blocked,
+        )
+
+    async def prune() -> None:
+        cutoff = svc.clock() - dt.timedelta(days=settings.prune_after_days)
+        deleted = await asyncio.to_thread(sql_store.prune, cutoff)
+        if deleted:
+            log.info("finished_rows_pruned", rows=deleted, finished_before=cutoff.isoformat())
+
+    async def watchdog() -> None:
+        # Only vouch for the daemon while its tick really runs: a stuck tick gets us restarted.
+        last = svc.last_tick_at
+        if last is not None and (svc.clock() - last).total_seconds() < WATCHDOG_STALE_SECONDS:
+            systemd.notify("WATCHDOG=1")
+
+    def every(name: str, job: Callable[[], Awaitable[object]], seconds: float, now: bool) -> None:
+        scheduler.add_job(
+            _guarded(name, job),
+            "interval",
+            seconds=seconds,
+            id=name,
+            max_instances=1,
+            coalesce=True,
+            next_run_time=dt.datetime.now(dt.UTC) if now else None,
+        )
+
     try:
         await asyncio.to_thread(sql_store.check_schema)
         try:
@@ -99,37 +186,23 @@ async def run(
             log.error("archive_unreachable", error=str(exc))
         log.info("daemon_starting", owner=svc.owner, **settings.public_summary())
 
-        scheduler.add_job(
-            _guarded("tick", svc.tick),
-            "interval",
-            seconds=tick_seconds,
-            id="tick",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=dt.datetime.now(dt.UTC),
-        )
-        scheduler.add_job(
-            _guarded("renew_leases", svc.renew_leases),
-            "interval",
-            seconds=svc.lease.total_seconds() / 3,
-            id="renew_leases",
-            max_instances=1,
-            coalesce=True,
-        )
-        scheduler.add_job(
-            _guarded("housekeeping", svc.housekeeping),
-            "interval",
-            seconds=HOUSEKEEPING_SECONDS,
-            id="housekeeping",
-            max_instances=1,
-            coalesce=True,
-            next_run_time=dt.datetime.now(dt.UTC),  # also once at start
-        )
+        ticker = _Ticker(_guarded("tick", svc.tick))
+        every("tick", ticker.run, tick_seconds, now=True)
+        every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
+        every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
+        every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
+        every("heartbeat", heartbeat, HEARTBEAT_SECONDS, now=True)
+        if settings.prune_after_days > 0:
+            every("prune", prune, PRUNE_SECONDS, now=True)
+        watchdog_seconds = systemd.watchdog_interval()
+        if watchdog_seconds is not None:
+            every("watchdog", watchdog, watchdog_seconds, now=True)
         scheduler.start()
 
         def wake() -> None:
-            if scheduler.running and not stop.is_set():
-                scheduler.modify_job("tick", next_run_time=dt.datetime.now(dt.UTC))
+            if not stop.is_set():
+                svc.wake()
+                ticker.run_soon()
 
         if sql_store.dialect == "postgresql":
 
@@ -138,10 +211,15 @@ async def run(
 
             listener = store.Listener(settings.database_url, wake_from_thread)
             listener.start()
+        if settings.http_port:
+            server = web.WebServer(svc, sql_store, settings.http_host, settings.http_port)
+            await server.start()
         if handle_signals:
             _install_signals(loop, stop)
         log.info("daemon_started", tick_s=tick_seconds, listen=listener is not None)
+        systemd.notify("READY=1\nSTATUS=archiving")
         await stop.wait()
+        systemd.notify("STOPPING=1")
         log.info("daemon_stopping", in_flight=svc.in_flight)
         await svc.stop(settings.shutdown_grace_seconds)
         log.info("daemon_stopped", **{"polls": svc.stats.polls, "archived": svc.stats.archived})
@@ -150,9 +228,15 @@ async def run(
         if scheduler.state != apscheduler.schedulers.base.STATE_STOPPED:
             # AsyncIOScheduler defers shutdown to the loop; this is the one and only call.
             scheduler.shutdown(wait=False)
+        if server is not None:
+            await server.stop()
         if listener is not None:
             await asyncio.to_thread(listener.stop)
         await svc.provider.aclose()
+        try:
+            await asyncio.to_thread(sql_store.forget_daemon, svc.owner)
+        except errors.StoreError as exc:
+            log.warning("heartbeat_not_removed", error=str(exc))
         sql_store.close()
         lock.release()
 

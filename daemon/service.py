@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import structlog
 
-from daemon import archive, errors, models, policy, provider, ratelimit, store, utils
+from daemon import archive, errors, metrics, models, policy, provider, ratelimit, store, utils
 from daemon.models import State
 
 log = structlog.get_logger(__name__)
@@ -68,6 +68,7 @@ class Service:
         draw: policy.Draw = random.uniform,
         max_downloads: int = MAX_DOWNLOADS,
         lease_seconds: float = LEASE_SECONDS,
+        metrics: metrics.Metrics | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -79,6 +80,8 @@ class Service:
         self.draw = draw
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.stats = Stats()
+        self.metrics = metrics or _new_metrics()
+        self.metrics.rate_limit.set(limiter.rate)
         self.last_tick_at: dt.datetime | None = None
         self.auth_blocked_until: dt.datetime | None = None
         self._download_slots = asyncio.Semaphore(max_downloads)
@@ -114,6 +117,8 @@ class Service:
         if self._store_failures:
             log.warning("database_available_again", after_failures=self._store_failures)
             self._store_failures = 0
+        self.metrics.last_tick.set(now.timestamp())
+        self.metrics.rate_limit.set(self.limiter.rate)
         if self.auth_blocked_until is not None and rows:
             self._probe_id = rows[0].task_id
         for row in rows:
@@ -121,6 +126,10 @@ class Service:
                 self._work(row), name=f"task:{row.task_id}"
             )
         return len(rows)
+
+    def wake(self) -> None:
+        """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""
+        self._store_retry_at = 0.0
 
     def _store_unavailable(self, exc: errors.StoreError) -> None:
         """Back off from a database that does not answer; queued outcomes wait in memory."""
@@ -152,6 +161,14 @@ class Service:
         if removed:
             log.info("stale_uploads_removed", count=removed)
         return removed
+
+    async def refresh_gauges(self) -> store.Summary:
+        """Recount tasks by state and at risk for the gauges (a housekeeping job)."""
+        summary = await asyncio.to_thread(self.store.summary, self.clock())
+        for state, count in summary.counts.items():
+            self.metrics.tasks.labels(state=state).set(count)
+        self.metrics.tasks_at_risk.set(summary.at_risk)
+        return summary
 
     async def renew_leases(self) -> int:
         """Keep the leases of rows still being worked on (long downloads) from running out."""
@@ -239,7 +256,7 @@ class Service:
             )
 
     async def _handle(
-        self, row: models.Task, task_log: structlog.BoundLogger
+        self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
     ) -> models.Task | None:
         decided = policy.before_work(row, self.clock())
         if decided is not None:
@@ -251,7 +268,9 @@ class Service:
             return polled
         return await self._archive(polled, task_log)
 
-    async def _poll(self, row: models.Task, task_log: structlog.BoundLogger) -> models.Task | None:
+    async def _poll(
+        self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
+    ) -> models.Task | None:
         """Poll the provider once; None means: give the row back untouched (key rejected)."""
         probe = self._probe_id == row.task_id
         self._waiting_for_rate += 1
@@ -263,14 +282,50 @@ class Service:
             return None
         now = self.clock()
         if row.next_attempt_at is not None:
-            self.stats.lateness.append((now - row.next_attempt_at).total_seconds())
+            lateness = (now - row.next_attempt_at).total_seconds()
+            self.stats.lateness.append(lateness)
+            self.metrics.poll_lateness.observe(max(0.0, lateness))
         self.stats.polls += 1
         try:
             answer = await self.provider.fetch(row.task_id)
-        except errors.AuthRejected as exc:
+        except errors.ProviderError as exc:
+            self._count_poll(row, exc)
+            return self._poll_failed(row, exc, now, task_log)
+        self._count_poll(row, None)
+        if self.auth_blocked_until is not None:
+            log.warning("api_key_accepted_again")
+            self.auth_blocked_until = None
+            self.metrics.api_key_rejected.set(0)
+        task_log.debug("task_polled", status=answer.status.value)
+        return policy.on_answer(row, answer, now, self.rules, self.draw)
+
+    def _count_poll(self, row: models.Task, exc: errors.ProviderError | None) -> None:
+        code = 200 if exc is None else exc.status_code
+        self.metrics.provider_responses.labels(
+            code_class="none" if code is None else f"{code // 100}xx"
+        ).inc()
+        outcome = "ok" if exc is None else _POLL_OUTCOMES.get(type(exc), "error")
+        self.metrics.polls.labels(mode=row.mode, outcome=outcome).inc()
+
+    def _poll_failed(
+        self,
+        row: models.Task,
+        exc: errors.ProviderError,
+        now: dt.datetime,
+        task_log: structlog.typing.FilteringBoundLogger,
+    ) -> models.Task | None:
+        """The task after a failed poll; None gives the row back untouched (key rejected)."""
+        if isinstance(exc, errors.AuthRejected):
             self._block_auth(now, str(exc))
             return None
-        except errors.RateLimited as exc:
+        if isinstance(exc, errors.TaskNotFound):
+            return policy.on_not_found(row, now, self.rules, self.draw)
+        if isinstance(exc, errors.MalformedAnswer):
+            self.stats.malformed += 1
+            self.metrics.malformed_answers.inc()
+            task_log.warning("malformed_answer", error=str(exc))
+            return policy.on_malformed(row, str(exc), now, self.rules, self.draw)
+        if isinstance(exc, errors.RateLimited):
             self.stats.rate_limited += 1
             wait = exc.retry_after
             if wait is None:
@@ -282,24 +337,13 @@ class Service:
             self.limiter.slow_down()
             task_log.warning("provider_rate_limited", retry_after_s=exc.retry_after, pause_s=wait)
             return policy.on_poll_error(row, str(exc), now, self.rules, self.draw, wait)
-        except errors.TaskNotFound:
-            return policy.on_not_found(row, now, self.rules, self.draw)
-        except errors.MalformedAnswer as exc:
-            self.stats.malformed += 1
-            task_log.warning("malformed_answer", error=str(exc))
-            return policy.on_malformed(row, str(exc), now, self.rules, self.draw)
-        except errors.ProviderError as exc:
-            self.stats.poll_errors += 1
-            task_log.warning("poll_failed", error=str(exc), attempts=row.attempts + 1)
-            return policy.on_poll_error(row, str(exc), now, self.rules, self.draw)
-        if self.auth_blocked_until is not None:
-            log.warning("api_key_accepted_again")
-            self.auth_blocked_until = None
-        task_log.debug("task_polled", status=answer.status.value)
-        return policy.on_answer(row, answer, now, self.rules, self.draw)
+        self.stats.poll_errors += 1
+        task_log.warning("poll_failed", error=str(exc), attempts=row.attempts + 1)
+        return policy.on_poll_error(row, str(exc), now, self.rules, self.draw)
 
     def _block_auth(self, now: dt.datetime, reason: str) -> None:
         self.auth_blocked_until = now + dt.timedelta(seconds=self.AUTH_PROBE_SECONDS)
+        self.metrics.api_key_rejected.set(1)
         log.error(
             "api_key_rejected",
             error=reason,
@@ -307,7 +351,9 @@ class Service:
             next_probe_at=self.auth_blocked_until.isoformat(),
         )
 
-    async def _archive(self, row: models.Task, task_log: structlog.BoundLogger) -> models.Task:
+    async def _archive(
+        self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
+    ) -> models.Task:
         assert row.video_url is not None
         async with self._download_slots:
             started = time.monotonic()
@@ -321,18 +367,28 @@ class Service:
                     async with self.provider.open_video(row.video_url) as video:
                         stored = await self.archive.put(row.task_id, video.chunks, video.length)
             except errors.LinkExpired as exc:
-                self.stats.download_failures += 1
+                self._download_failed("link_expired")
                 task_log.warning("video_link_expired", error=str(exc))
                 return policy.on_link_expired(row, str(exc), self.clock(), self.rules)
             except (errors.VideoTooLarge, errors.UnsafeVideoUrl) as exc:
-                self.stats.download_failures += 1
+                self._download_failed(
+                    "too_large" if isinstance(exc, errors.VideoTooLarge) else "unsafe_url"
+                )
                 return policy.on_refused(row, str(exc), self.clock())
             except (errors.DownloadError, errors.ArchiveError) as exc:
-                self.stats.download_failures += 1
+                self._download_failed(
+                    "storage" if isinstance(exc, errors.ArchiveError) else "download"
+                )
                 task_log.warning("video_download_failed", error=str(exc))
                 return policy.on_download_error(row, str(exc), self.clock(), self.rules, self.draw)
         self.stats.archived += 1
         self.stats.archived_bytes += stored.size
+        now = self.clock()
+        self.metrics.archived_bytes.inc(stored.size)
+        self.metrics.archive_seconds.observe(time.monotonic() - started)
+        if row.completed_at is not None:
+            delay = (now - row.completed_at).total_seconds()
+            self.metrics.completion_to_archive.observe(max(0.0, delay))
         task_log.info(
             "video_archived",
             uri=stored.uri,
@@ -340,4 +396,21 @@ class Service:
             sha256=stored.sha256,
             seconds=round(time.monotonic() - started, 3),
         )
-        return policy.on_archived(row, stored.uri, stored.size, stored.sha256, self.clock())
+        return policy.on_archived(row, stored.uri, stored.size, stored.sha256, now)
+
+    def _download_failed(self, reason: str) -> None:
+        self.stats.download_failures += 1
+        self.metrics.download_failures.labels(reason=reason).inc()
+
+
+_POLL_OUTCOMES: dict[type[errors.ProviderError], str] = {
+    errors.AuthRejected: "auth_rejected",
+    errors.RateLimited: "rate_limited",
+    errors.TaskNotFound: "not_found",
+    errors.MalformedAnswer: "malformed",
+    errors.ProviderUnavailable: "unavailable",
+}
+
+
+def _new_metrics() -> metrics.Metrics:
+    return metrics.Metrics()

@@ -8,6 +8,7 @@ limited to one daemon per database file.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +23,7 @@ from daemon import errors, models
 
 log = structlog.get_logger(__name__)
 t = models.video_tasks
+hb = models.heartbeats
 
 LISTEN_CHANNEL = "video_tasks"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -41,6 +43,8 @@ class Store(Protocol):
     def release(self, owner: str, task_ids: Iterable[str]) -> int: ...
 
     def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
+
+    def summary(self, now: dt.datetime) -> Summary: ...
 
 
 def engine_url(url: str) -> sa.URL:
@@ -80,6 +84,29 @@ def _claim_order(task: models.Task) -> tuple[bool, dt.datetime, dt.datetime]:
 
 def _typed(name: str) -> sa.BindParameter[Any]:
     return sa.bindparam(f"v_{name}", type_=t.c[name].type)
+
+
+AT_RISK = dt.timedelta(hours=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """The table at a glance: what operators, ``status`` and the gauges need."""
+
+    counts: dict[str, int]
+    at_risk: int  # not archived yet, deadline less than AT_RISK away
+    oldest_pending: models.Task | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonBeat:
+    owner: str
+    hostname: str
+    pid: int
+    version: str
+    started_at: dt.datetime
+    last_tick_at: dt.datetime | None
+    api_key_ok: bool
 
 
 class SqlStore:
@@ -188,6 +215,75 @@ class SqlStore:
         with self._begin() as conn:
             return set(conn.scalars(stmt))
 
+    def summary(self, now: dt.datetime) -> Summary:
+        active = [s.value for s in models.ACTIVE_STATES]
+        at_risk_stmt = sa.select(sa.func.count()).where(
+            t.c.state.in_(active), t.c.expires_at < now + AT_RISK
+        )
+        oldest_stmt = (
+            sa.select(t)
+            .where(t.c.state == models.State.PENDING.value)
+            .order_by(t.c.inserted_at)
+            .limit(1)
+        )
+        with self._begin() as conn:
+            at_risk = int(conn.execute(at_risk_stmt).scalar_one())
+            oldest = conn.execute(oldest_stmt).first()
+        return Summary(self.counts(), at_risk, _task(oldest) if oldest is not None else None)
+
+    def prune(self, finished_before: dt.datetime, batch: int = 5000) -> int:
+        """Delete finished rows last updated before ``finished_before``, in small batches."""
+        terminal = [s.value for s in models.TERMINAL_STATES]
+        total = 0
+        while True:
+            doomed = (
+                sa.select(t.c.task_id)
+                .where(t.c.state.in_(terminal), t.c.updated_at < finished_before)
+                .limit(batch)
+                .scalar_subquery()
+            )
+            with self._begin() as conn:
+                deleted = int(conn.execute(sa.delete(t).where(t.c.task_id.in_(doomed))).rowcount)
+            total += deleted
+            if deleted < batch:
+                return total
+
+    # --- daemon heartbeats ------------------------------------------------------------------------
+
+    def beat(
+        self,
+        owner: str,
+        *,
+        hostname: str,
+        pid: int,
+        version: str,
+        started_at: dt.datetime,
+        last_tick_at: dt.datetime | None,
+        api_key_ok: bool,
+    ) -> None:
+        """Record that daemon ``owner`` is alive (insert or update its heartbeat row)."""
+        values = {
+            "hostname": hostname,
+            "pid": pid,
+            "version": version,
+            "started_at": started_at,
+            "last_tick_at": last_tick_at,
+            "api_key_ok": api_key_ok,
+        }
+        with self._begin() as conn:
+            updated = conn.execute(sa.update(hb).where(hb.c.owner == owner).values(values))
+            if updated.rowcount == 0:
+                conn.execute(sa.insert(hb).values(owner=owner, **values))
+
+    def forget_daemon(self, owner: str) -> None:
+        with self._begin() as conn:
+            conn.execute(sa.delete(hb).where(hb.c.owner == owner))
+
+    def daemons(self) -> list[DaemonBeat]:
+        with self._begin() as conn:
+            rows = conn.execute(sa.select(hb).order_by(hb.c.last_tick_at.desc())).all()
+        return [DaemonBeat(**row._mapping) for row in rows]
+
     def ping(self) -> None:
         """Raise StoreError unless the database answers."""
         with self._begin() as conn:
@@ -196,10 +292,12 @@ class SqlStore:
     def check_schema(self) -> None:
         """Raise StoreError with the fix if ``video_tasks`` has not been created yet."""
         with self._begin() as conn:
-            if not sa.inspect(conn).has_table(t.name):
-                raise errors.StoreError(
-                    "the table video_tasks does not exist: run `seedance-archiver migrate` first"
-                )
+            inspector = sa.inspect(conn)
+            for table in (t.name, hb.name):
+                if not inspector.has_table(table):
+                    raise errors.StoreError(
+                        f"the table {table} does not exist: run `seedance-archiver migrate` first"
+                    )
 
     # --- the operator's and feeder's side ---------------------------------------------------------
 

@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 
-from daemon import archive, errors, models, provider
+from daemon import archive, errors, models, provider, store
 
 EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -104,6 +104,21 @@ class FakeStore:
             and t.lease_expires_at is not None
             and t.lease_expires_at >= now
         }
+
+    def summary(self, now: dt.datetime) -> store.Summary:
+        counts = {s.value: 0 for s in models.State}
+        for task in self.rows.values():
+            counts[task.state] += 1
+        at_risk = sum(
+            1
+            for t in self.rows.values()
+            if not t.is_terminal and t.expires_at is not None and t.expires_at < now + store.AT_RISK
+        )
+        pending = sorted(
+            (t for t in self.rows.values() if t.state == models.State.PENDING.value),
+            key=lambda t: t.inserted_at or EPOCH,
+        )
+        return store.Summary(counts, at_risk, pending[0] if pending else None)
 
     def release(self, owner: str, task_ids: Iterable[str]) -> int:
         n = 0

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from daemon import models
+from daemon import models, store
 
 TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "where / why")
 
@@ -55,3 +55,59 @@ def detail(task: models.Task) -> str:
     data = task_dict(task)
     width = max(len(k) for k in data)
     return "\n".join(f"{k.ljust(width)}  {'' if v is None else v}" for k, v in data.items())
+
+
+def summary_dict(
+    summary: store.Summary, daemons: Sequence[store.DaemonBeat], now: dt.datetime
+) -> dict[str, Any]:
+    oldest = summary.oldest_pending
+    return {
+        "counts": summary.counts,
+        "total": sum(summary.counts.values()),
+        "at_risk": summary.at_risk,
+        "oldest_pending": None
+        if oldest is None
+        else {"task_id": oldest.task_id, "inserted_at": _iso(oldest.inserted_at)},
+        "daemons": [
+            {
+                "owner": d.owner,
+                "last_tick_at": _iso(d.last_tick_at),
+                "last_tick_age_s": None
+                if d.last_tick_at is None
+                else round((now - d.last_tick_at).total_seconds(), 1),
+                "api_key_ok": d.api_key_ok,
+                "version": d.version,
+            }
+            for d in daemons
+        ],
+    }
+
+
+def summary(summary: store.Summary, daemons: Sequence[store.DaemonBeat], now: dt.datetime) -> str:
+    """The operator's overview: counts by state, what is at risk, and whether daemons tick."""
+    width = max(len(s) for s in summary.counts)
+    lines = [f"{state.ljust(width)}  {n}" for state, n in summary.counts.items()]
+    lines.append(f"{'total'.ljust(width)}  {sum(summary.counts.values())}")
+    lines.append("")
+    lines.append(f"at risk (deadline within an hour, not archived): {summary.at_risk}")
+    oldest = summary.oldest_pending
+    if oldest is not None and oldest.inserted_at is not None:
+        age = (now - oldest.inserted_at).total_seconds()
+        lines.append(f"oldest pending: {oldest.task_id} (inserted {age:.0f}s ago)")
+    else:
+        lines.append("oldest pending: none")
+    if not daemons:
+        lines.append("last tick: no daemon running")
+    for d in daemons:
+        age_text = (
+            "never"
+            if d.last_tick_at is None
+            else f"{(now - d.last_tick_at).total_seconds():.0f}s ago"
+        )
+        key = "" if d.api_key_ok else ", API KEY REJECTED"
+        lines.append(f"last tick: {age_text} by {d.owner}{key}")
+    return "\n".join(lines)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the daemon: prefix ``seedance_``, base units, no task-id labels.
+
+Each :class:`Metrics` has its own registry, so several services (tests, benchmarks) never collide in
+prometheus_client's global one. ``web.py`` serves :meth:`Metrics.render` at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import prometheus_client as prom
+
+# Seconds from the provider saying "completed" to the video being archived.
+ARCHIVE_DELAY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 86400)
+LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+TRANSFER_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class Metrics:
+    """Every metric the daemon exports."""
+
+    def __init__(self) -> None:
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.polls = prom.Counter(
+            "seedance_polls",
+            "Provider polls, by task mode and outcome.",
+            ["mode", "outcome"],
+            registry=r,
+        )
+        self.provider_responses = prom.Counter(
+            "seedance_provider_responses",
+            "Provider answers by HTTP class (2xx, 4xx, 5xx; 'none' when no answer came).",
+            ["code_class"],
+            registry=r,
+        )
+        self.malformed_answers = prom.Counter(
+            "seedance_malformed_answers",
+            "Provider answers that did not follow the API contract.",
+            registry=r,
+        )
+        self.tasks = prom.Gauge(
+            "seedance_tasks",
+            "Tracked tasks by state (refreshed by housekeeping).",
+            ["state"],
+            registry=r,
+        )
+        self.tasks_at_risk = prom.Gauge(
+            "seedance_tasks_at_risk",
+            "Tasks not yet archived whose provider deadline is less than an hour away.",
+            registry=r,
+        )
+        self.archived_bytes = prom.Counter(
+            "seedance_archived_bytes", "Bytes of video archived.", registry=r
+        )
+        self.archive_seconds = prom.Histogram(
+            "seedance_archive_duration_seconds",
+            "Time to download and store one video.",
+            buckets=TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.download_failures = prom.Counter(
+            "seedance_download_failures",
+            "Failed video downloads or uploads, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.completion_to_archive = prom.Histogram(
+            "seedance_completion_to_archive_seconds",
+            "Time from the provider reporting a task completed to its video being archived.",
+            buckets=ARCHIVE_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.poll_lateness = prom.Histogram(
+            "seedance_poll_lateness_seconds",
+            "How late each poll started against its row's due time.",
+            buckets=LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.last_tick = prom.Gauge(
+            "seedance_last_tick_timestamp_seconds",
+            "Unix time of the last successful tick.",
+            registry=r,
+        )
+        self.api_key_rejected = prom.Gauge(
+            "seedance_api_key_rejected",
+            "1 while the provider rejects the API key and polling is paused, else 0.",
+            registry=r,
+        )
+        self.rate_limit = prom.Gauge(
+            "seedance_request_rate_limit",
+            "The current cap on provider requests per second (lowered after 429s).",
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return bytes(prom.generate_latest(self.registry))
+
+    def names(self) -> list[str]:
+        """The exported metric family names (for docs and tests)."""
+        return sorted({m.name for m in self.registry.collect()})
+
+
+CONTENT_TYPE = prom.CONTENT_TYPE_LATEST

@@ -1,0 +1,94 @@
+"""The operator's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/metrics``; 404 everywhere else.
+
+- ``/healthz``: the process and its event loop are alive and the tick ran recently.
+- ``/readyz``: the database answers, the archive storage answers, and the provider accepts the API
+  key; 503 with the failing checks otherwise.
+- ``/metrics``: Prometheus text format (see ``metrics.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon import errors, metrics, service, store, utils
+
+log = structlog.get_logger(__name__)
+
+HEALTHY_TICK_AGE_SECONDS = 30.0
+CHECK_TIMEOUT_SECONDS = 5.0
+
+
+class WebServer:
+    """Serves the endpoints for one :class:`service.Service` on ``host:port``."""
+
+    def __init__(
+        self, svc: service.Service, sql_store: store.SqlStore, host: str, port: int
+    ) -> None:
+        self.svc = svc
+        self.store = sql_store
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if server is not None and self.port == 0:
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        log.info("http_listening", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        last = self.svc.last_tick_at
+        age = None if last is None else (utils.utcnow() - last).total_seconds()
+        healthy = age is not None and age <= HEALTHY_TICK_AGE_SECONDS
+        body = {"status": "ok" if healthy else "stalled", "last_tick_age_s": age}
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        database, storage = await asyncio.gather(
+            self._check(asyncio.to_thread(self.store.ping)),
+            self._check(self.svc.archive.check()),
+        )
+        api_key = "rejected by the provider" if self.svc.auth_blocked else "ok"
+        checks = {"database": database, "storage": storage, "api_key": api_key}
+        ready = all(value == "ok" for value in checks.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status=200 if ready else 503,
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.svc.metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE}
+        )
+
+    @staticmethod
+    async def _check(awaitable: Any) -> str:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(awaitable, CHECK_TIMEOUT_SECONDS)
+        except TimeoutError:
+            return f"no answer within {CHECK_TIMEOUT_SECONDS:.0f}s"
+        except errors.ArchiverError as exc:
+            return str(exc)
+        log.debug("ready_check", seconds=round(time.monotonic() - started, 3))
+        return "ok"

@@ -1,0 +1,262 @@
+"""Operations: the HTTP endpoints, metrics that move, heartbeats, `check`, pruning, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import pathlib
+import re
+import socket
+import subprocess
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from daemon import config, metrics, models, simulator, store, utils
+from tests.acceptance.conftest import CLI, base_env
+from tests.conftest import SIM_KEY, free_port
+from tests.integration.test_daemon import running_daemon, wait_until
+
+
+def _settings(
+    sim: simulator.SimulatorThread, db_url: str, archive_url: str, port: int, **extra: Any
+) -> config.Settings:
+    values: dict[str, Any] = {
+        "api_base_url": sim.url,
+        "api_key": SIM_KEY,
+        "database_url": db_url,
+        "archive_url": archive_url,
+        "allowed_video_url_schemes": "http",
+        "allow_private_video_hosts": True,
+        "http_port": port,
+        "poll_standard": "0.3-0.6",
+    }
+    values.update(extra)
+    return config.load(**values)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 if absent)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-z_:]+)(?:\{(.*)\})? (\S+)", line)
+        if match and match.group(1) == name:
+            found = ",".join(sorted((match.group(2) or "").split(","))) if match.group(2) else ""
+            if found == wanted:
+                return float(match.group(3))
+    return 0.0
+
+
+class TestEndpoints:
+    """/healthz, /readyz and /metrics on SEEDANCE_HTTP_PORT; 404 elsewhere."""
+
+    async def test_health_ready_metrics_and_404(
+        self, sqlite_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        port = free_port()
+        sim.simulator.add_task("video_ops", queued_seconds=0, ready_seconds=0.5, size=200_000)
+        feeder = store.SqlStore.from_url(sqlite_url)
+        base = f"http://127.0.0.1:{port}"
+        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", port)
+        async with running_daemon(settings), httpx.AsyncClient(base_url=base) as client:
+            await wait_until(lambda: _answers(port), 10, "the HTTP server")
+            health = await client.get("/healthz")
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["checks"] == {"database": "ok", "storage": "ok", "api_key": "ok"}
+            assert (await client.get("/nope")).status_code == 404
+            assert (await client.get("/")).status_code == 404
+
+            before = (await client.get("/metrics")).text
+            feeder.add("video_ops")
+
+            def archived() -> bool:
+                task = feeder.get("video_ops")
+                return task is not None and task.state == "archived"
+
+            await wait_until(archived, 20, "the video to be archived")
+            after = (await client.get("/metrics")).text
+        feeder.close()
+        ok = {"mode": "standard", "outcome": "ok"}
+        assert _metric(after, "seedance_polls_total", **ok) > _metric(
+            before, "seedance_polls_total", **ok
+        )
+        assert _metric(after, "seedance_provider_responses_total", code_class="2xx") >= 1
+        assert _metric(after, "seedance_archived_bytes_total") == 200_000
+        assert _metric(after, "seedance_completion_to_archive_seconds_count") == 1
+        assert _metric(after, "seedance_archive_duration_seconds_count") == 1
+        assert _metric(after, "seedance_poll_lateness_seconds_count") >= 1
+        assert _metric(after, "seedance_last_tick_timestamp_seconds") > 0
+        assert "task_id" not in after
+
+    async def test_readyz_is_503_while_the_key_is_rejected(
+        self, sqlite_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        port = free_port()
+        sim.simulator.add_task("video_locked", ready_seconds=3600)
+        feeder = store.SqlStore.from_url(sqlite_url)
+        feeder.add("video_locked")
+        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", port, api_key="wrong-key")
+        async with running_daemon(settings), httpx.AsyncClient() as client:
+            await wait_until(lambda: sim.simulator.stats.unauthorized >= 1, 10, "a rejected poll")
+
+            async def status() -> int:
+                return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while await status() != 503:
+                assert asyncio.get_running_loop().time() < deadline, "readyz never turned 503"
+                await asyncio.sleep(0.05)
+            body = (await client.get(f"http://127.0.0.1:{port}/readyz")).json()
+            assert body["checks"]["api_key"] == "rejected by the provider"
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert _metric(text, "seedance_api_key_rejected") == 1
+            # The process itself is alive: health stays green, and no task changed state.
+            assert (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
+        task = feeder.get("video_locked")
+        feeder.close()
+        assert task is not None and task.state == "pending" and task.attempts == 0
+
+    @pytest.mark.usefixtures("s3_endpoint")
+    async def test_readyz_is_503_when_the_storage_is_unreachable(
+        self, sqlite_url: str, sim: simulator.SimulatorThread
+    ) -> None:
+        port = free_port()
+        settings = _settings(sim, sqlite_url, "s3://no-such-bucket-here/x", port)
+        async with running_daemon(settings), httpx.AsyncClient() as client:
+            await wait_until(lambda: _answers(port), 10, "the HTTP server")
+            ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+        assert ready.status_code == 503
+        checks = ready.json()["checks"]
+        assert checks["database"] == "ok" and checks["storage"] != "ok"
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class TestGauges:
+    """Housekeeping refreshes the state gauges and the at-risk count."""
+
+    async def test_gauges_follow_the_table(self, db_url: str) -> None:
+        sql = store.SqlStore.from_url(db_url)
+        now = utils.utcnow()
+        rows: list[dict[str, Any]] = [
+            {"task_id": "a", "state": "polling", "expires_at": now + dt.timedelta(minutes=5)},
+            {"task_id": "b", "state": "polling", "expires_at": now + dt.timedelta(hours=5)},
+            {"task_id": "c", "state": "archived"},
+            {"task_id": "d"},
+        ]
+        with sql.engine.begin() as conn:
+            for row in rows:
+                conn.execute(sa.insert(models.video_tasks).values(row))
+        summary = sql.summary(now)
+        sql.close()
+        assert summary.counts["polling"] == 2 and summary.counts["archived"] == 1
+        assert summary.at_risk == 1
+        assert summary.oldest_pending is not None and summary.oldest_pending.task_id == "d"
+        m = metrics.Metrics()
+        for state, n in summary.counts.items():
+            m.tasks.labels(state=state).set(n)
+        text = m.render().decode()
+        assert _metric(text, "seedance_tasks", state="polling") == 2
+
+
+class TestPrune:
+    """Finished rows are pruned after N days, and nothing else is."""
+
+    def test_prune_deletes_only_old_finished_rows(self, db_url: str) -> None:
+        sql = store.SqlStore.from_url(db_url)
+        now = utils.utcnow()
+        old = now - dt.timedelta(days=10)
+        with sql.engine.begin() as conn:
+            conn.execute(
+                sa.insert(models.video_tasks),
+                [
+                    {"task_id": "old_done", "state": "archived", "updated_at": old},
+                    {"task_id": "old_failed", "state": "failed", "updated_at": old},
+                    {"task_id": "old_active", "state": "polling", "updated_at": old},
+                    {"task_id": "new_done", "state": "archived", "updated_at": now},
+                ],
+            )
+        assert sql.prune(now - dt.timedelta(days=7), batch=1) == 2
+        left = {t.task_id for t in sql.list()}
+        sql.close()
+        assert left == {"old_active", "new_done"}
+
+
+class TestHeartbeatAndCheck:
+    """A running daemon shows in `status`; `check` exits 0 while it ticks and 1 when it is gone."""
+
+    async def test_check_and_status_follow_the_daemon(
+        self, sqlite_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        env = base_env(sim.url, sqlite_url, f"file://{tmp_path}/a")
+
+        def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(CLI), *args], env=env, capture_output=True, text=True, timeout=60
+            )
+
+        nobody = await asyncio.to_thread(run_cli, "check")
+        assert nobody.returncode == 1 and "database: ok" in nobody.stdout
+        sql = store.SqlStore.from_url(sqlite_url)
+        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0)
+        async with running_daemon(settings):
+            await wait_until(lambda: bool(sql.daemons()), 10, "the first heartbeat")
+            good = await asyncio.to_thread(run_cli, "check")
+            assert good.returncode == 0, good.stdout
+            summary = json.loads((await asyncio.to_thread(run_cli, "status", "--json")).stdout)
+            assert len(summary["daemons"]) == 1 and summary["daemons"][0]["api_key_ok"]
+            text = (await asyncio.to_thread(run_cli, "status")).stdout
+            assert "last tick:" in text and "at risk" in text and "oldest pending" in text
+        assert sql.daemons() == []  # a graceful stop removes the heartbeat
+        sql.close()
+        gone = await asyncio.to_thread(run_cli, "check")
+        assert gone.returncode == 1
+
+
+class TestSystemdNotify:
+    """READY, WATCHDOG and STOPPING reach $NOTIFY_SOCKET."""
+
+    async def test_notifications_arrive_in_order(
+        self,
+        sqlite_url: str,
+        sim: simulator.SimulatorThread,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        path = tmp_path / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        sock.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+        received: list[str] = []
+
+        def drain() -> list[str]:
+            while True:
+                try:
+                    received.append(sock.recv(4096).decode())
+                except BlockingIOError:
+                    return received
+
+        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0)
+        async with running_daemon(settings):
+            await wait_until(lambda: any("READY=1" in m for m in drain()), 10, "READY=1")
+            await wait_until(lambda: "WATCHDOG=1" in drain(), 10, "a watchdog ping")
+        drain()
+        sock.close()
+        ready = next(i for i, m in enumerate(received) if "READY=1" in m)
+        assert received.index("WATCHDOG=1") > ready
+        assert received[-1] == "STOPPING=1"
