@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint format unit integration acceptance bench clean
+.PHONY: demo test lint format unit integration acceptance deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ integration: $(STAMP)
 
 acceptance: $(STAMP)
 	$(BIN)/pytest tests/acceptance
+
+## deploy-check: the systemd unit, Dockerfile, compose file and PostgreSQL roles (tests/deploy)
+deploy-check: $(STAMP)
+	$(BIN)/pytest tests/deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -168,6 +168,8 @@ async def run(
             systemd.notify("WATCHDOG=1")
 
     def every(name: str, job: Callable[[], Awaitable[object]], seconds: float, now: bool) -> None:
+        # APScheduler 3 reads next_run_time=None as "add paused": pass it only to run at once.
+        first: dict[str, dt.datetime] = {"next_run_time": dt.datetime.now(dt.UTC)} if now else {}
         scheduler.add_job(
             _guarded(name, job),
             "interval",
@@ -175,7 +177,7 @@ async def run(
             id=name,
             max_instances=1,
             coalesce=True,
-            next_run_time=dt.datetime.now(dt.UTC) if now else None,
+            **first,
         )
 
     try:

@@ -90,6 +90,8 @@ class Service:
         self._to_release: set[str] = set()
         self._waiting_for_rate = 0
         self._probe_id: str | None = None  # the one row polled to test a rejected key
+        # The claim running in a thread, if any: stop() waits for it so no lease outlives us.
+        self._claiming: asyncio.Future[list[models.Task]] | None = None
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic() before which the tick leaves the database be
         self._stopping = False
@@ -108,9 +110,16 @@ class Service:
             limit = 0 if self._stopping else self._claim_limit(now)
             rows = []
             if limit > 0:
-                rows = await asyncio.to_thread(
-                    self.store.claim_due, self.owner, now, now + self.lease, limit
+                claim = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        self.store.claim_due, self.owner, now, now + self.lease, limit
+                    )
                 )
+                self._claiming = claim
+                try:
+                    rows = await asyncio.shield(claim)
+                finally:
+                    self._claiming = None
         except errors.StoreError as exc:
             self._store_unavailable(exc)
             return 0
@@ -119,13 +128,21 @@ class Service:
             self._store_failures = 0
         self.metrics.last_tick.set(now.timestamp())
         self.metrics.rate_limit.set(self.limiter.rate)
+        if self._stopping:
+            # SIGTERM came while the claim ran: give the rows straight back.
+            self._to_release.update(row.task_id for row in rows)
+            return 0
         if self.auth_blocked_until is not None and rows:
             self._probe_id = rows[0].task_id
+        started = 0
         for row in rows:
+            if row.task_id in self._running:
+                continue  # our own lease ran out and we re-claimed it: one worker is enough
             self._running[row.task_id] = asyncio.create_task(
                 self._work(row), name=f"task:{row.task_id}"
             )
-        return len(rows)
+            started += 1
+        return started
 
     def wake(self) -> None:
         """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""
@@ -197,6 +214,13 @@ class Service:
     async def stop(self, grace_seconds: float) -> None:
         """Stop claiming; give in-flight work ``grace_seconds`` to finish, cancel the rest, write back."""
         self._stopping = True
+        claim = self._claiming
+        if claim is not None:
+            try:
+                claimed = await claim
+            except errors.StoreError:
+                claimed = []
+            self._to_release.update(r.task_id for r in claimed if r.task_id not in self._running)
         pending = set(self._running.values())
         if pending:
             log.info("draining", in_flight=len(pending), grace_s=grace_seconds)
