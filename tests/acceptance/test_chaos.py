@@ -354,12 +354,6 @@ def _all_archived(feeder: PostgresFeeder | SqliteFeeder, ids: list[str]) -> bool
 class TestKillNine:
     """kill -9 at random moments while large videos stream in loses nothing and leaves nothing."""
 
-    @pytest.mark.xfail(
-        reason="BUG: scheduler.run adds the renew_leases job with next_run_time=None (every(..., "
-        "now=False)), which APScheduler takes as 'paused': leases are never renewed, so a download "
-        "longer than SEEDANCE_LEASE_SECONDS is claimed again and started twice",
-        strict=True,
-    )
     def test_a_download_longer_than_the_lease_keeps_its_lease(
         self, tmp_path: pathlib.Path, sim: simulator.SimulatorThread, start_daemon: StartDaemon
     ) -> None:
