@@ -74,6 +74,18 @@ def backoff_seconds(attempts: int, floor: float, cap: float, draw: Draw) -> floa
     return draw(max(floor, ceiling / 2), ceiling)
 
 
+def before_deadline(task: models.Task, wait: float, floor: float, now: dt.datetime) -> float:
+    """``wait``, shortened so a retry still comes before the task's deadline.
+
+    A backoff may grow to minutes; near the deadline it is cut to half the time left (never below
+    ``floor``), so a late transient failure gets several more tries instead of one after the end.
+    """
+    if task.expires_at is None:
+        return wait
+    left = (task.expires_at - now).total_seconds()
+    return max(floor, min(wait, left / 2))
+
+
 def deadline(created: dt.datetime, rules: Rules) -> dt.datetime:
     """When the provider deletes a task created at ``created``."""
     return created + rules.retention
@@ -152,7 +164,8 @@ def on_poll_error(
     """The task after a poll that failed in a way worth retrying (5xx, timeout, malformed, 429)."""
     attempts = task.attempts + 1
     floor = rules.cadence(task.mode).low
-    wait = max(at_least_seconds, backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw))
+    wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
+    wait = max(at_least_seconds, before_deadline(task, wait, floor, now))
     return task.replace(
         state=State.POLLING.value,
         attempts=attempts,
@@ -227,7 +240,9 @@ def on_download_error(
 ) -> models.Task:
     """A download or storage failure worth retrying: keep the link, try again after a backoff."""
     attempts = task.attempts + 1
-    wait = backoff_seconds(attempts, rules.download_retry_seconds, rules.backoff_cap_seconds, draw)
+    floor = rules.download_retry_seconds
+    wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
+    wait = before_deadline(task, wait, floor, now)
     return task.replace(
         state=State.DOWNLOADING.value,
         attempts=attempts,

@@ -230,7 +230,16 @@ class Service:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
             log.warning("abandoned_in_flight_work", tasks=len(pending))
-        await self.flush()
+        try:
+            await self.flush()
+        except errors.StoreError as exc:
+            # Nothing is lost: leases run out, and an archived video is found in storage next time.
+            log.warning(
+                "database_unavailable_at_stop",
+                error=str(exc),
+                unsaved_outcomes=len(self._done),
+                unreleased_leases=len(self._to_release),
+            )
 
     @property
     def in_flight(self) -> int:

@@ -433,3 +433,42 @@ class TestTaskId:
             assert "/" not in task_id
             assert not task_id.startswith(".")
             assert not any(ch.isspace() for ch in task_id)
+
+
+class TestBackoffNearTheDeadline:
+    """Near the deadline, backoff shrinks so retries still come before it."""
+
+    def _task(self, state: str, minutes_left: float) -> models.Task:
+        return models.Task(
+            task_id="video_late",
+            state=state,
+            attempts=20,
+            provider_status="completed",
+            video_url="https://cdn.example/v.mp4",
+            expires_at=testing.EPOCH + dt.timedelta(minutes=minutes_left),
+        )
+
+    def test_download_retry_is_cut_to_half_the_time_left(self) -> None:
+        rules = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
+        task = policy.on_download_error(
+            self._task("downloading", 4), "S3 refused", testing.EPOCH, rules, testing.high_draw
+        )
+        assert task.next_attempt_at is not None and task.expires_at is not None
+        assert task.next_attempt_at < task.expires_at
+        assert (task.next_attempt_at - testing.EPOCH).total_seconds() == 120
+
+    def test_far_from_the_deadline_the_full_backoff_applies(self) -> None:
+        rules = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
+        task = policy.on_download_error(
+            self._task("downloading", 600), "S3 refused", testing.EPOCH, rules, testing.high_draw
+        )
+        assert task.next_attempt_at is not None
+        assert (task.next_attempt_at - testing.EPOCH).total_seconds() == rules.backoff_cap_seconds
+
+    def test_poll_retry_never_goes_below_the_cadence_floor(self) -> None:
+        rules = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
+        task = policy.on_poll_error(
+            self._task("polling", 0.5), "HTTP 503", testing.EPOCH, rules, testing.high_draw
+        )
+        assert task.next_attempt_at is not None
+        assert (task.next_attempt_at - testing.EPOCH).total_seconds() == 30  # standard floor

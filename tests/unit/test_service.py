@@ -560,3 +560,17 @@ class TestWriteBack:
         await rig.cycle()
         assert rig.row().state == State.POLLING
         assert rig.provider.fetches == [TASK_ID]
+
+
+class TestStopWithTheDatabaseDown:
+    """A database outage at shutdown is logged, not raised: the process still exits cleanly."""
+
+    async def test_stop_returns_and_keeps_the_outcome_in_memory(self) -> None:
+        rig = make_rig(fake_store=FlakyStore(failures=10))
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
+        await rig.svc.tick()
+        await rig.settle()
+        await rig.svc.stop(0)  # must not raise
+        assert rig.row().state == State.PENDING  # nothing written...
+        assert rig.row().lease_owner == OWNER  # ...and the lease simply runs out later
