@@ -123,9 +123,11 @@ class VideoTask(Base):
     __table_args__ = (
         sa.CheckConstraint(_in("mode", Mode), name="ck_video_tasks_mode"),
         sa.CheckConstraint(_in("state", State), name="ck_video_tasks_state"),
-        # The claim query's index: only active rows, so finished rows never slow it down.
+        # The claim query's index, in the claim's order and over active rows only, so finished
+        # rows never slow it down (migration 0003; NULLS FIRST on PostgreSQL, SQLite's default).
         sa.Index(
             "ix_video_tasks_due",
+            "expires_at",
             "next_attempt_at",
             sqlite_where=sa.text(ACTIVE_SQL),
             postgresql_where=sa.text(ACTIVE_SQL),

@@ -70,6 +70,8 @@ class _Ticker:
         self._tick = tick
         self._running = False
         self._again = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -77,6 +79,7 @@ class _Ticker:
             self._again = True
             return
         self._running = True
+        self._idle.clear()
         try:
             while True:
                 self._again = False
@@ -85,6 +88,11 @@ class _Ticker:
                     break
         finally:
             self._running = False
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no tick is running (the current one, if any, has finished)."""
+        await self._idle.wait()
 
     def run_soon(self) -> None:
         task = asyncio.get_running_loop().create_task(self.run())
@@ -223,6 +231,9 @@ async def run(
         await stop.wait()
         systemd.notify("STOPPING=1")
         log.info("daemon_stopping", in_flight=svc.in_flight)
+        # No new tick may start (or be cancelled half-way at shutdown) while the service drains.
+        scheduler.pause_job("tick")
+        await ticker.wait_idle()
         await svc.stop(settings.shutdown_grace_seconds)
         log.info("daemon_stopped", **{"polls": svc.stats.polls, "archived": svc.stats.archived})
         return 0

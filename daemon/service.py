@@ -45,13 +45,15 @@ class Stats:
 class Service:
     """Works due rows of ``video_tasks`` through the provider and into the archive."""
 
-    CLAIM_BATCH = 500
+    CLAIM_BATCH = 1000
     LEASE_SECONDS = (
         120.0  # at least the longest cadence floor, so a dead replica's row is not re-polled early
     )
     MAX_IN_FLIGHT = 5000
     MAX_DOWNLOADS = 4
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
+    MAX_UNSTARTED_POLLS = 1000  # nor more claimed-but-unstarted polls than this, whatever the rate
+    MAX_CONCURRENT_POLLS = 100  # requests on the wire at once (the client pool holds 200)
     AUTH_PROBE_SECONDS = 180.0
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
 
@@ -88,7 +90,8 @@ class Service:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._done: list[models.Task] = []
         self._to_release: set[str] = set()
-        self._waiting_for_rate = 0
+        self._unstarted_polls = 0  # claimed rows whose poll has not gone out yet
+        self._poll_slots = asyncio.Semaphore(self.MAX_CONCURRENT_POLLS)
         self._probe_id: str | None = None  # the one row polled to test a rejected key
         # The claim running in a thread, if any: stop() waits for it so no lease outlives us.
         self._claiming: asyncio.Future[list[models.Task]] | None = None
@@ -200,14 +203,16 @@ class Service:
             done, self._done = self._done, []
             try:
                 await asyncio.to_thread(self.store.save, done, self.owner)
-            except errors.StoreError:
+            except BaseException:
+                # Also on cancellation: writing an outcome twice is harmless (the second finds the
+                # lease released and changes nothing); dropping it is not.
                 self._done[:0] = done
                 raise
         if self._to_release:
             ids, self._to_release = self._to_release, set()
             try:
                 await asyncio.to_thread(self.store.release, self.owner, ids)
-            except errors.StoreError:
+            except BaseException:
                 self._to_release |= ids
                 raise
 
@@ -256,8 +261,14 @@ class Service:
             if now < self.auth_blocked_until or self._probe_id is not None:
                 return 0
             return 1  # one probe with a real task: does the provider take the key again?
-        ahead = math.ceil(self.limiter.rate * self.CLAIM_AHEAD_SECONDS) - self._waiting_for_rate
-        return min(self.CLAIM_BATCH, self.MAX_IN_FLIGHT - len(self._running), ahead)
+        # Claim only what can start soon: a claimed row waiting long in a queue holds its lease idle
+        # and its lateness grows unseen.
+        ahead = min(
+            math.ceil(self.limiter.rate * self.CLAIM_AHEAD_SECONDS), self.MAX_UNSTARTED_POLLS
+        )
+        return min(
+            self.CLAIM_BATCH, self.MAX_IN_FLIGHT - len(self._running), ahead - self._unstarted_polls
+        )
 
     async def _work(self, row: models.Task) -> None:
         task_log = log.bind(task_id=row.task_id)
@@ -306,24 +317,28 @@ class Service:
     ) -> models.Task | None:
         """Poll the provider once; None means: give the row back untouched (key rejected)."""
         probe = self._probe_id == row.task_id
-        self._waiting_for_rate += 1
+        self._unstarted_polls += 1
         try:
             await self.limiter.acquire()
+            await self._poll_slots.acquire()
         finally:
-            self._waiting_for_rate -= 1
-        if self.auth_blocked_until is not None and not probe:
-            return None
+            self._unstarted_polls -= 1
         now = self.clock()
-        if row.next_attempt_at is not None:
-            lateness = (now - row.next_attempt_at).total_seconds()
-            self.stats.lateness.append(lateness)
-            self.metrics.poll_lateness.observe(max(0.0, lateness))
-        self.stats.polls += 1
         try:
+            if self.auth_blocked_until is not None and not probe:
+                return None
+            if row.next_attempt_at is not None:
+                # Measured when the request really starts: time queued for a slot counts as late.
+                lateness = (now - row.next_attempt_at).total_seconds()
+                self.stats.lateness.append(lateness)
+                self.metrics.poll_lateness.observe(max(0.0, lateness))
+            self.stats.polls += 1
             answer = await self.provider.fetch(row.task_id)
         except errors.ProviderError as exc:
             self._count_poll(row, exc)
             return self._poll_failed(row, exc, now, task_log)
+        finally:
+            self._poll_slots.release()
         self._count_poll(row, None)
         if self.auth_blocked_until is not None:
             log.warning("api_key_accepted_again")

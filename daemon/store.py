@@ -145,7 +145,9 @@ class SqlStore:
         due = (
             sa.select(t.c.task_id)
             .where(
-                t.c.state.in_([s.value for s in models.ACTIVE_STATES]),
+                # Literal SQL identical to the partial index's predicate, so even a generic
+                # (prepared) plan can use ix_video_tasks_due.
+                sa.text(models.ACTIVE_SQL),
                 t.c.next_attempt_at <= now,
                 sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < now),
             )
