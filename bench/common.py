@@ -1,0 +1,155 @@
+"""Helpers shared by the benchmarks: the simulator as a child process, throwaway databases, CPU readings.
+
+Not a benchmark itself. Everything here talks to 127.0.0.1 only and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+
+import psycopg
+
+HOST = "127.0.0.1"
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_URL_TEMPLATE = "postgresql://postgres@127.0.0.1:5432/{name}"
+API_KEY = "bench-key"
+# Tasks the simulator creates on first sight and that never finish (the steady polling load).
+NEVER_READY = '{"ready_seconds": 1e9}'
+PORT_WAIT_SECONDS = 20.0
+PROCESS_STOP_SECONDS = 10.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_seconds: float = PORT_WAIT_SECONDS) -> None:
+    """Return once ``port`` on loopback accepts a connection; raise after ``timeout_seconds``."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing accepted connections on {HOST}:{port} in {timeout_seconds}s")
+
+
+@contextlib.contextmanager
+def simulator(auto: str = NEVER_READY, api_key: str = API_KEY) -> Iterator[tuple[str, int]]:
+    """Run ``python -m daemon.simulator`` in its own process (its CPU is not ours); yield (url, pid)."""
+    port = free_port()
+    log_path = pathlib.Path(tempfile.gettempdir()) / f"bench-simulator-{port}.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daemon.simulator",
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--api-key",
+                api_key,
+                "--auto",
+                auto,
+                "--no-poll-times",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        wait_for_port(port)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the simulator exited with {proc.returncode}; see {log_path}")
+        yield f"http://{HOST}:{port}", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=PROCESS_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=PROCESS_STOP_SECONDS)
+        log_path.unlink(missing_ok=True)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another process, from /proc (0.0 if it is gone)."""
+    try:
+        text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # Fields after the command name, which is in parentheses and may contain spaces.
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def postgres_cpu_seconds() -> float:
+    """User + system CPU seconds of every running ``postgres`` process (server and backends)."""
+    total = 0.0
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+        except OSError:
+            continue
+        total += process_cpu_seconds(int(entry.name))
+    return total
+
+
+def database_name(prefix: str) -> str:
+    """The name :func:`database` gives this process's database."""
+    return f"{prefix}_{os.getpid()}"
+
+
+@contextlib.contextmanager
+def database(prefix: str) -> Iterator[tuple[str, str]]:
+    """A fresh, empty PostgreSQL database, dropped on the way out; yield (name, SQLAlchemy URL)."""
+    name = database_name(prefix)
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield name, PG_URL_TEMPLATE.format(name=name)
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_dsn(name: str) -> str:
+    """A libpq connection string for database ``name`` on the local server."""
+    return f"host=127.0.0.1 port=5432 user=postgres dbname={name}"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values`` by nearest rank; NaN when there are none."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines.extend("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)
+    return "\n".join(lines)

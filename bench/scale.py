@@ -1,0 +1,556 @@
+"""The scale run of DESIGN.md: N active standard-mode tasks polled on time by one daemon on 2 cores.
+
+Loads ``--tasks`` rows (mode ``standard``, state ``polling``) into a fresh PostgreSQL database (dropped at
+the end), with ``next_attempt_at`` drawn from the steady-state distribution of a 30-60 s cadence (the
+time left until the next poll of a task polled every U(30, 60) s: an interval drawn length-biased, times
+U(0, 1)), so polls fall due at a constant N / 45 per second from the start. The provider simulator runs
+in its own process (auto mode, tasks never finish), so its CPU is not counted.
+
+The daemon runs in this process, as ``daemon.scheduler.run`` with settings from ``daemon.config.load``
+(rate limit raised to ``--rate``) and logging at WARNING, for ``--seconds`` of wall time. The first
+``--warmup`` seconds are not measured. ``scheduler.build_service`` is wrapped to get at the Service and its
+stats; its ``lateness`` deque is replaced at the end of the warm-up by an unbounded one so the window's
+every poll is kept. Measured over the window: polls per second, CPU-seconds of this process
+(``time.process_time()``: event loop and the store's worker threads) per 1,000 polls, and how late each
+poll started after its row's ``next_attempt_at`` (p50/p99/max). Every 10 s it also counts rows that are
+more than 1 s overdue and not yet written back (a growing count means the daemon is falling behind).
+
+Then the floor, in the same run: a bare ``aiohttp.ClientSession`` makes as many requests as the daemon
+polled in its window, to the same simulator, at the daemon's mean number of in-flight polls, its CPU
+measured the same way. Targets (DESIGN.md): p99 lateness <= 1 s; CPU per 1,000 polls <= 2x the floor.
+
+``--profile`` keeps the daemon running ``--profile-seconds`` longer after the window, under cProfile (the
+event-loop thread by its CPU time, ``time.thread_time``; the store's calls in worker threads by wall
+time, as they mostly wait for PostgreSQL), and prints the top functions. Profiling slows the daemon,
+so nothing measured comes from that stretch. Every run also reports the store's calls in the window:
+count, CPU and wall time per call.
+
+What-if knobs, all off by default (then the daemon runs exactly as built by ``scheduler.build_service``):
+``--transport aiohttp`` swaps the service's provider for an ``HttpProvider`` on
+``httpx_aiohttp.AiohttpTransport``; ``--tick-seconds`` and ``--claim-batch`` change the claim tick and
+batch. They measure proposed changes to ``daemon/`` without editing it.
+
+Run: ``cd /work/main && .venv/bin/python -m bench.scale [--tasks 100000] [--seconds 120] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import cProfile
+import dataclasses
+import functools
+import io
+import json
+import logging
+import pathlib
+import pstats
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx_aiohttp
+import psycopg
+
+from bench import common, transport
+from daemon import config, logs, provider, scheduler, schema, service, store
+
+CADENCE_LOW_SECONDS = 30.0
+CADENCE_HIGH_SECONDS = 60.0
+TIMELINE_SECONDS = 10.0
+SAMPLE_SECONDS = 0.2
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 60.0
+FLOOR_MAX_CONCURRENCY = 200
+ACTIVE = "state IN ('downloading', 'pending', 'polling')"
+
+# The time until the next poll in steady state: interval X drawn length-biased from U(low, high)
+# (density proportional to x: x = sqrt(low^2 + u (high^2 - low^2))), times U(0, 1).
+LOAD_ROWS = """
+INSERT INTO video_tasks (
+    task_id, mode, state, provider_status, model, provider_created_at, expires_at, inserted_at,
+    updated_at, next_attempt_at, last_polled_at, polls, attempts)
+SELECT
+    'video_' || r.g,
+    'standard',
+    'polling',
+    'processing',
+    'seedance_1_5_pro_720p',
+    r.created,
+    r.created + interval '1 day',
+    r.created,
+    now(),
+    now() + (%(delay)s + r.wait) * interval '1 second',
+    now() - interval '30 seconds',
+    1,
+    0
+FROM (
+    SELECT
+        g,
+        now() - random() * interval '20 hours' AS created,
+        random() * sqrt(%(low)s ^ 2 + random() * (%(high)s ^ 2 - %(low)s ^ 2)) AS wait
+    FROM generate_series(0, %(n)s - 1) AS g
+) AS r
+"""
+OVERDUE = f"""
+SELECT count(*) FILTER (WHERE next_attempt_at < now() - interval '1 second'), count(*)
+FROM video_tasks WHERE {ACTIVE}
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Counters read at one moment."""
+
+    wall: float
+    cpu: float
+    main_thread_cpu: float
+    simulator_cpu: float
+    postgres_cpu: float
+    polls: int
+    poll_errors: int
+
+    @classmethod
+    def take(cls, svc: service.Service, sim_pid: int) -> Snapshot:
+        return cls(
+            wall=time.perf_counter(),
+            cpu=time.process_time(),
+            main_thread_cpu=time.thread_time(),
+            simulator_cpu=common.process_cpu_seconds(sim_pid),
+            postgres_cpu=common.postgres_cpu_seconds(),
+            polls=svc.stats.polls,
+            poll_errors=svc.stats.poll_errors,
+        )
+
+
+class StoreCalls:
+    """Wraps the store's methods (run in worker threads by asyncio.to_thread) to count their calls,
+    CPU (``time.thread_time``) and wall time, and, while ``profiling``, to profile them."""
+
+    METHODS = ("claim_due", "save", "renew", "release")
+
+    def __init__(self) -> None:
+        self.profiling = False
+        self.profiles: dict[int, cProfile.Profile] = {}
+        self.totals: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.totals = {name: [0, 0.0, 0.0] for name in self.METHODS}
+
+    def install(self) -> None:
+        for name in self.METHODS:
+            setattr(store.SqlStore, name, self._wrap(name, getattr(store.SqlStore, name)))
+
+    def _wrap(self, name: str, method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            profile = None
+            if self.profiling:
+                with self._lock:
+                    profile = self.profiles.get(threading.get_ident())
+                    if profile is None:
+                        # Wall time: inside a store call a thread mostly waits for PostgreSQL.
+                        profile = cProfile.Profile()
+                        self.profiles[threading.get_ident()] = profile
+            cpu0 = time.thread_time()
+            wall0 = time.perf_counter()
+            if profile is not None:
+                profile.enable()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if profile is not None:
+                    profile.disable()
+                cpu = time.thread_time() - cpu0
+                wall = time.perf_counter() - wall0
+                with self._lock:
+                    total = self.totals[name]
+                    total[0] += 1
+                    total[1] += cpu
+                    total[2] += wall
+
+        return wrapper  # type: ignore[return-value]
+
+    def table(self) -> str:
+        rows = [
+            (
+                name,
+                int(calls),
+                f"{cpu:.2f}",
+                f"{1000 * cpu / calls:.1f}" if calls else "-",
+                f"{1000 * wall / calls:.1f}" if calls else "-",
+            )
+            for name, (calls, cpu, wall) in self.totals.items()
+        ]
+        return common.markdown_table(
+            ("store call", "calls", "CPU s", "CPU ms per call", "wall ms per call"), rows
+        )
+
+    def stats(self) -> pstats.Stats | None:
+        profiles = list(self.profiles.values())
+        if not profiles:
+            return None
+        merged = pstats.Stats(profiles[0])
+        for profile in profiles[1:]:
+            merged.add(profile)
+        return merged
+
+
+def _top(stats: pstats.Stats, sort: str, count: int) -> str:
+    out = io.StringIO()
+    stats.stream = out  # type: ignore[attr-defined]
+    stats.sort_stats(sort).print_stats(count)
+    text = out.getvalue()
+    # Drop pstats' preamble up to the column header; keep the table.
+    start = text.find("   ncalls")
+    return (text[start:] if start >= 0 else text).rstrip()
+
+
+def load_rows(dsn: str, tasks: int, delay_seconds: float) -> float:
+    """Insert the active rows and VACUUM ANALYZE; return the seconds it took."""
+    started = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            LOAD_ROWS,
+            {
+                "n": tasks,
+                "delay": delay_seconds,
+                "low": CADENCE_LOW_SECONDS,
+                "high": CADENCE_HIGH_SECONDS,
+            },
+        )
+        conn.execute("VACUUM ANALYZE video_tasks")
+    return time.perf_counter() - started
+
+
+async def floor_run(base: str, tasks: int, requests: int, concurrency: int) -> tuple[float, float]:
+    """A bare aiohttp client polling the same tasks: (wall seconds, CPU seconds) for ``requests``."""
+    async with transport.aiohttp_bare(base, concurrency) as fetch:
+        next_index = 0
+
+        async def worker(end: int) -> None:
+            nonlocal next_index
+            while next_index < end:
+                i = next_index
+                next_index += 1
+                await fetch(i % tasks)
+
+        async with asyncio.timeout(transport.RUN_TIMEOUT_SECONDS):
+            await asyncio.gather(*(worker(min(500, requests)) for _ in range(concurrency)))
+            next_index = 0
+            cpu0 = time.process_time()
+            wall0 = time.perf_counter()
+            await asyncio.gather(*(worker(requests) for _ in range(concurrency)))
+            return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str, url: str) -> None:
+    dsn = common.pg_dsn(name)
+    loaded = load_rows(dsn, args.tasks, args.start_delay)
+    print(f"# loaded {args.tasks:,} rows in {loaded:.1f} s", flush=True)
+
+    logs.configure(log_format="json", level=logging.WARNING)
+    settings = config.load(
+        api_base_url=base,
+        api_key=common.API_KEY,
+        database_url=url,
+        archive_url="file:///tmp/bench-archive",
+        max_requests_per_second=args.rate,
+        http_port=0,
+        allowed_video_url_schemes="http",
+        allow_private_video_hosts=True,
+        log_format="json",
+        shutdown_grace_seconds=5,
+    )
+    captured: list[service.Service] = []
+    original_build = scheduler.build_service
+
+    def capturing_build(
+        settings: config.Settings, api_key: str
+    ) -> tuple[service.Service, store.SqlStore]:
+        svc, sql_store = original_build(settings, api_key)
+        if args.transport == "aiohttp":
+            # What-if: the daemon's own client on aiohttp (the unused httpx client is never opened).
+            svc.provider = provider.HttpProvider(
+                settings.api_base_url,
+                api_key,
+                timeout_seconds=settings.request_timeout_seconds,
+                url_rules=provider.UrlRules(
+                    schemes=settings.allowed_video_url_schemes,
+                    allow_private_hosts=settings.allow_private_video_hosts,
+                ),
+                max_video_bytes=settings.max_video_bytes,
+                transport=httpx_aiohttp.AiohttpTransport(),
+            )
+        if args.claim_batch:
+            svc.CLAIM_BATCH = args.claim_batch
+        captured.append(svc)
+        return svc, sql_store
+
+    scheduler.build_service = capturing_build
+    store_calls = StoreCalls()
+    store_calls.install()
+
+    stop = asyncio.Event()
+    daemon = asyncio.create_task(
+        scheduler.run(settings, stop=stop, handle_signals=False, tick_seconds=args.tick_seconds)
+    )
+    started = time.perf_counter()
+    while not captured:
+        if daemon.done():
+            await daemon  # raises what stopped it
+            raise RuntimeError("the daemon stopped before it built its service")
+        if time.perf_counter() - started > START_TIMEOUT_SECONDS:
+            raise TimeoutError("the daemon did not start")
+        await asyncio.sleep(0.05)
+    svc = captured[0]
+    overdue_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+    async def overdue() -> tuple[int, int]:
+        row = await (await overdue_conn.execute(OVERDUE)).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    try:
+        await asyncio.sleep(max(0.0, args.warmup - (time.perf_counter() - started)))
+        first = Snapshot.take(svc, sim_pid)
+        svc.stats.lateness = collections.deque()
+        store_calls.reset()
+        in_flight: list[int] = []
+        timeline: list[tuple[float, int, float, float, int]] = []
+        mark_polls, mark_late, mark_wall = first.polls, 0, first.wall
+        end = first.wall + args.seconds - args.warmup
+        while (now := time.perf_counter()) < end:
+            if daemon.done():
+                await daemon
+                raise RuntimeError("the daemon stopped during the run")
+            in_flight.append(svc.in_flight)
+            if now - mark_wall >= TIMELINE_SECONDS:
+                late = list(svc.stats.lateness)[mark_late:]
+                behind, _ = await overdue()
+                timeline.append(
+                    (
+                        now - first.wall,
+                        svc.stats.polls - mark_polls,
+                        (svc.stats.polls - mark_polls) / (now - mark_wall),
+                        common.percentile(late, 99),
+                        behind,
+                    )
+                )
+                mark_polls, mark_late, mark_wall = svc.stats.polls, len(svc.stats.lateness), now
+            await asyncio.sleep(SAMPLE_SECONDS)
+        last = Snapshot.take(svc, sim_pid)
+        lateness = list(svc.stats.lateness)
+        behind, active = await overdue()
+        store_table = store_calls.table()
+
+        profile_text = ""
+        if args.profile:
+            main_profile = cProfile.Profile(time.thread_time)
+            store_calls.profiling = True
+            main_profile.enable()
+            await asyncio.sleep(args.profile_seconds)
+            main_profile.disable()
+            store_calls.profiling = False
+            profile_text = profile_report(main_profile, store_calls, args.profile_top)
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(daemon, STOP_TIMEOUT_SECONDS)
+        finally:
+            await overdue_conn.close()
+            scheduler.build_service = original_build
+
+    window = last.wall - first.wall
+    polls = last.polls - first.polls
+    cpu = last.cpu - first.cpu
+    main_cpu = last.main_thread_cpu - first.main_thread_cpu
+    mean_in_flight = sum(in_flight) / len(in_flight) if in_flight else 0.0
+    concurrency = args.floor_concurrency or max(
+        1, min(FLOOR_MAX_CONCURRENCY, round(mean_in_flight))
+    )
+    floor_wall, floor_cpu = await floor_run(base, args.tasks, polls, concurrency)
+
+    per_k = cpu / polls * 1000 if polls else float("nan")
+    floor_per_k = floor_cpu / polls * 1000 if polls else float("nan")
+    p50 = common.percentile(lateness, 50)
+    p99 = common.percentile(lateness, 99)
+    worst = max(lateness) if lateness else float("nan")
+    ratio = per_k / floor_per_k
+    lateness_ok = p99 <= 1.0
+    cpu_ok = ratio <= 2.0
+
+    print()
+    print(
+        f"Daemon: transport {args.transport}, tick {args.tick_seconds:g} s, claim batch "
+        f"{svc.CLAIM_BATCH}, rate cap {args.rate:g}/s."
+    )
+    print("Timeline of the measured window (every ~10 s):")
+    print(
+        common.markdown_table(
+            ("t s", "polls", "polls/s", "lateness p99 s", "rows >1 s overdue"),
+            [(f"{t:.0f}", n, f"{r:,.0f}", f"{p:.3f}", b) for t, n, r, p, b in timeline],
+        )
+    )
+    print()
+    print(
+        common.markdown_table(
+            (
+                "tasks",
+                "window s",
+                "polls/s",
+                "needed/s",
+                "CPU-s per 1,000 polls",
+                "floor CPU-s per 1,000",
+                "ratio",
+                "lateness p50 / p99 / max s",
+                "rows >1 s overdue at end",
+                "daemon CPU (loop / threads)",
+                "simulator CPU",
+                "PostgreSQL CPU",
+                "in-flight mean / max",
+                "p99 <= 1 s",
+                "CPU <= 2x floor",
+            ),
+            [
+                (
+                    f"{args.tasks:,}",
+                    f"{window:.0f}",
+                    f"{polls / window:,.0f}",
+                    f"{args.tasks / ((CADENCE_LOW_SECONDS + CADENCE_HIGH_SECONDS) / 2):,.0f}",
+                    f"{per_k:.3f}",
+                    f"{floor_per_k:.3f}",
+                    f"{ratio:.2f}x",
+                    f"{p50:.3f} / {p99:.3f} / {worst:.3f}",
+                    f"{behind:,} of {active:,}",
+                    f"{100 * cpu / window:.0f}% ({100 * main_cpu / window:.0f}% / "
+                    f"{100 * (cpu - main_cpu) / window:.0f}%)",
+                    f"{100 * (last.simulator_cpu - first.simulator_cpu) / window:.0f}%",
+                    f"{100 * (last.postgres_cpu - first.postgres_cpu) / window:.0f}%",
+                    f"{mean_in_flight:.0f} / {max(in_flight, default=0)}",
+                    "yes" if lateness_ok else "NO",
+                    "yes" if cpu_ok else "NO",
+                )
+            ],
+        )
+    )
+    print()
+    print(
+        f"Floor: aiohttp.ClientSession, {polls:,} requests at concurrency {concurrency}: "
+        f"{floor_wall:.1f} s wall, {floor_cpu:.2f} CPU-s. Poll errors in the window: "
+        f"{last.poll_errors - first.poll_errors}. CPU percentages are of one core."
+    )
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "tasks": args.tasks,
+                "transport": args.transport,
+                "tick_s": args.tick_seconds,
+                "claim_batch": svc.CLAIM_BATCH,
+                "window_s": round(window, 1),
+                "polls": polls,
+                "polls_per_s": round(polls / window, 1),
+                "cpu_s": round(cpu, 2),
+                "main_thread_cpu_s": round(main_cpu, 2),
+                "cpu_per_1000": round(per_k, 4),
+                "floor_cpu_per_1000": round(floor_per_k, 4),
+                "floor_concurrency": concurrency,
+                "lateness_p50_s": round(p50, 4),
+                "lateness_p99_s": round(p99, 4),
+                "lateness_max_s": round(worst, 4),
+                "overdue_at_end": behind,
+                "lateness_ok": lateness_ok,
+                "cpu_ok": cpu_ok,
+            }
+        )
+    )
+    print()
+    print("Store calls in the measured window (worker threads):")
+    print(store_table)
+    if profile_text:
+        print()
+        print(profile_text)
+
+
+def profile_report(main: cProfile.Profile, threads: StoreCalls, top: int) -> str:
+    main_stats = pstats.Stats(main)
+    parts = [
+        f"## Event-loop thread, top {top} by cumulative time",
+        "```",
+        _top(main_stats, "cumulative", top),
+        "```",
+        f"## Event-loop thread, top {top} by own time",
+        "```",
+        _top(main_stats, "tottime", top),
+        "```",
+    ]
+    thread_stats = threads.stats()
+    if thread_stats is not None:
+        parts += [
+            f"## Store calls in worker threads, top {top} by own wall time",
+            "```",
+            _top(thread_stats, "tottime", top),
+            "```",
+        ]
+    return "\n".join(parts)
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    with common.simulator() as (base, sim_pid), common.database("bench_scale") as (name, url):
+        schema.upgrade(url)
+        await run_scale(args, base, sim_pid, name, url)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=100_000, help="active standard-mode rows")
+    parser.add_argument("--seconds", type=float, default=120.0, help="wall time of the daemon run")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds not measured")
+    parser.add_argument("--rate", type=float, default=10_000.0, help="the daemon's request cap /s")
+    parser.add_argument(
+        "--start-delay", type=float, default=3.0, help="seconds before the first row falls due"
+    )
+    parser.add_argument(
+        "--floor-concurrency",
+        type=int,
+        default=0,
+        help="the floor client's concurrency (0: the daemon's mean in-flight polls)",
+    )
+    what_if = parser.add_argument_group(
+        "what-if knobs (the defaults run the daemon as it is)",
+    )
+    what_if.add_argument(
+        "--transport",
+        choices=("httpx", "aiohttp"),
+        default="httpx",
+        help="aiohttp: give the daemon's HttpProvider an httpx_aiohttp.AiohttpTransport",
+    )
+    what_if.add_argument(
+        "--tick-seconds", type=float, default=scheduler.TICK_SECONDS, help="the claim tick"
+    )
+    what_if.add_argument(
+        "--claim-batch", type=int, default=0, help="rows claimed per tick (0: Service.CLAIM_BATCH)"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile the daemon afterwards")
+    parser.add_argument("--profile-seconds", type=float, default=20.0)
+    parser.add_argument("--profile-top", type=int, default=25)
+    args = parser.parse_args(argv)
+    if args.seconds <= args.warmup:
+        parser.error("--seconds must be longer than --warmup")
+    try:
+        asyncio.run(main_async(args))
+    finally:
+        # Daemons before store.SqliteLock checked the backend left a `{database}.lock` file here.
+        pathlib.Path(f"{common.database_name('bench_scale')}.lock").unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
