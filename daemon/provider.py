@@ -215,10 +215,20 @@ class Provider(Protocol):
 
 
 def _unreachable(exc: BaseException) -> str:
-    """Why a poll got no answer. httpx-aiohttp reports a refused connection as ConnectTimeout, so
-    the aiohttp error it wraps decides."""
-    if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-        return f"cannot reach the provider: {exc.__cause__.strerror or 'connection failed'}"
+    """Why a poll got no answer.
+
+    httpx-aiohttp maps every aiohttp connection error, refused or dropped, to ConnectTimeout, so the
+    aiohttp error it wraps decides, and only a real timeout is called one.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, TimeoutError) or (
+        cause is None and isinstance(exc, (TimeoutError, httpx.TimeoutException))
+    ):
+        return "the provider timed out"
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return f"cannot reach the provider: {cause.strerror or 'connection failed'}"
+    if isinstance(cause, aiohttp.ClientError):
+        return f"cannot reach the provider: connection lost ({type(cause).__name__})"
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
         return "the provider timed out"
     return f"cannot reach the provider: {type(exc).__name__}"

@@ -231,7 +231,8 @@ async def run(
         await stop.wait()
         systemd.notify("STOPPING=1")
         log.info("daemon_stopping", in_flight=svc.in_flight)
-        # No new tick may start (or be cancelled half-way at shutdown) while the service drains.
+        # Claim nothing more, then let a tick in progress end (not be cancelled half-way).
+        svc.stop_claiming()
         scheduler.pause_job("tick")
         await ticker.wait_idle()
         await svc.stop(settings.shutdown_grace_seconds)

@@ -216,6 +216,10 @@ class Service:
                 self._to_release |= ids
                 raise
 
+    def stop_claiming(self) -> None:
+        """From now on no tick claims, and rows a claim in flight returns are given straight back."""
+        self._stopping = True
+
     async def stop(self, grace_seconds: float) -> None:
         """Stop claiming; give in-flight work ``grace_seconds`` to finish, cancel the rest, write back."""
         self._stopping = True
