@@ -260,3 +260,25 @@ class TestSystemdNotify:
         ready = next(i for i, m in enumerate(received) if "READY=1" in m)
         assert received.index("WATCHDOG=1") > ready
         assert received[-1] == "STOPPING=1"
+
+
+class TestPruneJob:
+    """With SEEDANCE_PRUNE_AFTER_DAYS set, the daemon prunes old finished rows on its own."""
+
+    async def test_the_daemon_prunes_at_start(
+        self, sqlite_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        sql = store.SqlStore.from_url(sqlite_url)
+        old = utils.utcnow() - dt.timedelta(days=3)
+        with sql.engine.begin() as conn:
+            for task_id, state in (("done_long_ago", "archived"), ("still_active", "polling")):
+                conn.execute(
+                    sa.insert(models.video_tasks).values(
+                        task_id=task_id, state=state, updated_at=old, next_attempt_at=old
+                    )
+                )
+        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0, prune_after_days=2)
+        async with running_daemon(settings):
+            await wait_until(lambda: sql.get("done_long_ago") is None, 10, "the prune job")
+            assert sql.get("still_active") is not None
+        sql.close()
