@@ -57,7 +57,10 @@ def task_id_problem(task_id: str) -> str | None:
     if len(task_id) > TASK_ID_MAX_LENGTH:
         return f"invalid task id: longer than {TASK_ID_MAX_LENGTH} characters"
     if not TASK_ID_PATTERN.fullmatch(task_id):
-        return "invalid task id: only letters, digits, '_', '.' and '-' are allowed, not first '.'"
+        return (
+            "invalid task id: it may hold only letters, digits, '_', '.' and '-', "
+            "and must start with a letter or digit"
+        )
     return None
 
 
