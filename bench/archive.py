@@ -1,0 +1,400 @@
+"""Archiving one large video: the daemon's streaming path against ``curl | aws s3 cp -`` on this machine.
+
+The simulator (``python -m daemon.simulator``) serves one deterministic video of ``--size`` bytes (default
+1 GiB) and moto's S3 server (``python -m moto.server``) stands in for S3; each runs in its own process
+and talks on 127.0.0.1 only. Every measurement of the daemon runs in a fresh child Python process so its
+peak RSS is its own:
+
+- **daemon -> S3**: ``provider.HttpProvider(...).fetch(id)`` for the link, then
+  ``async with http.open_video(url) as video: await archive.S3Archive(bucket, "bench").put(id,
+  video.chunks, video.length)`` (8 MiB multipart parts, one at a time, each through ``asyncio.to_thread``).
+- **what-if, S3 with CRC32 declared** (bench-side, ``daemon/`` untouched): the same ``S3Archive.put``
+  with a botocore hook adding ``ChecksumAlgorithm="CRC32"`` to ``CreateMultipartUpload``, as the aws CLI
+  sends. moto computes a full-object CRC64NVME in Python at ``CompleteMultipartUpload`` when no algorithm
+  was declared (~11 s for 1 GiB here), a per-part CRC32 when one was: this row separates that moto cost
+  from the daemon's. Only meaningful on moto (real S3 would then want each part's CRC32 in the
+  completion, which ``S3Archive`` does not send).
+- **daemon -> folder**: the same into ``archive.FileArchive(tmpdir)`` (write, fsync, rename).
+
+The child reads its RSS after its imports (the baseline: ``VmRSS`` from ``/proc/self/status``) and
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux: the peak) after the transfer, and checks
+``stored.sha256`` against ``daemon.simulator.video_sha256``. Wall time covers ``open_video`` + ``put``
+(not the child's interpreter start or imports, nor the one poll before it).
+
+The references, on the same simulator and the same moto, timed as whole shell pipelines (process start
+included, which is why the aws CLI's start-up time is printed beside them):
+
+- **curl | aws s3 cp -**: ``curl -s URL | aws s3 cp - s3://bucket/ref/x.mp4 --endpoint-url ...``, the
+  target of DESIGN.md (aws CLI defaults: 8 MiB parts, up to 10 in flight). When no ``aws`` is on PATH,
+  the closest honest stand-in is used and labelled as such: boto3's ``upload_fileobj`` from stdin with
+  a ``TransferConfig`` of 8 MiB multipart parts.
+- **curl -o file && sync file**: the folder backend's reference (the daemon fsyncs; so does this).
+- **curl -o /dev/null**: how fast the simulator can serve the video at all (the ceiling of every row).
+
+Each S3 object is deleted after its measurement (moto keeps objects in memory).
+
+Run: ``cd /work/main && .venv/bin/python -m bench.archive [--size 1073741824] [--repeat 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from bench import common
+
+DEFAULT_SIZE = 1024**3
+TASK_ID = "bench-archive-video"
+BUCKET = "bench-archive"
+PREFIX = "bench"
+REF_KEY = "ref/x.mp4"
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+MEASURE_TIMEOUT_SECONDS = 900.0
+POLLS_FOR_LINK = 20
+MIB = 1024 * 1024
+MB = 1_000_000
+
+BOTO3_STDIN_UPLOAD = """
+import sys, boto3
+from boto3.s3.transfer import TransferConfig
+config = TransferConfig(multipart_threshold=8 * 1024 * 1024, multipart_chunksize=8 * 1024 * 1024)
+boto3.client("s3").upload_fileobj(sys.stdin.buffer, sys.argv[1], sys.argv[2], Config=config)
+"""
+
+
+# --- the child: one measurement of the daemon's path --------------------------------------------
+
+
+def _vm_rss_kib() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _ask_crc32(params: dict[str, object], **_: object) -> None:
+    """What-if: declare CRC32 when the multipart upload is created, as the aws CLI does."""
+    params.setdefault("ChecksumAlgorithm", "CRC32")
+
+
+async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
+    from daemon import archive, provider
+
+    baseline_kib = _vm_rss_kib()
+    baseline_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    store: archive.Archive
+    if args.child == "s3":
+        store = archive.S3Archive(args.bucket, PREFIX)
+    elif args.child == "s3-crc32":
+        store = archive.S3Archive(args.bucket, PREFIX)
+        store.client.meta.events.register(
+            "before-parameter-build.s3.CreateMultipartUpload", _ask_crc32
+        )
+    else:
+        store = archive.FileArchive(pathlib.Path(args.folder))
+    http = provider.HttpProvider(
+        args.sim_url,
+        common.API_KEY,
+        url_rules=provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True),
+        max_video_bytes=max(args.size, 2 * 1024**3),
+    )
+    try:
+        answer = await http.fetch(args.task_id)
+        for _ in range(POLLS_FOR_LINK):
+            if answer.video_url is not None:
+                break
+            await asyncio.sleep(0.05)
+            answer = await http.fetch(args.task_id)
+        if answer.video_url is None:
+            raise RuntimeError(f"the simulator gave no video_url: {answer}")
+        started = time.perf_counter()
+        async with http.open_video(answer.video_url) as video:
+            stored = await store.put(args.task_id, video.chunks, video.length)
+        wall = time.perf_counter() - started
+    finally:
+        await http.aclose()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "wall": wall,
+        "size": stored.size,
+        "sha_ok": stored.sha256 == args.expected_sha,
+        "uri": stored.uri,
+        "baseline_kib": baseline_kib,
+        "baseline_peak_kib": baseline_peak_kib,
+        "peak_kib": peak_kib,
+    }
+
+
+def child_main(args: argparse.Namespace) -> None:
+    result = asyncio.run(_child_transfer(args))
+    print(json.dumps(result), flush=True)
+
+
+# --- the parent: servers, references, table ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """Run moto's S3 server in its own process; yield its endpoint URL."""
+    port = common.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", common.HOST, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        common.wait_for_port(port)
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto.server exited with {proc.returncode}")
+        yield f"http://{common.HOST}:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=common.PROCESS_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=common.PROCESS_STOP_SECONDS)
+
+
+def fresh_video_url(sim_url: str) -> str:
+    """A newly signed link to the video (links expire), as the daemon would get it."""
+    request = urllib.request.Request(
+        f"{sim_url}/v1/result/{TASK_ID}", headers={"Authorization": f"Bearer {common.API_KEY}"}
+    )
+    # The simulator creates the task on the first poll; it answers "completed" from the next one.
+    for _ in range(POLLS_FOR_LINK):
+        with urllib.request.urlopen(request, timeout=10) as response:
+            url = json.loads(response.read()).get("video_url")
+        if url:
+            return str(url)
+        time.sleep(0.05)
+    raise RuntimeError(f"no video_url from the simulator after {POLLS_FOR_LINK} polls")
+
+
+def run_child(
+    kind: str, sim_url: str, size: int, expected_sha: str, env: dict[str, str], folder: str
+) -> dict[str, object]:
+    command = [
+        sys.executable,
+        "-m",
+        "bench.archive",
+        "--child",
+        kind,
+        "--sim-url",
+        sim_url,
+        "--size",
+        str(size),
+        "--task-id",
+        TASK_ID,
+        "--expected-sha",
+        expected_sha,
+        "--bucket",
+        BUCKET,
+        "--folder",
+        folder,
+    ]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=MEASURE_TIMEOUT_SECONDS
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"child {kind} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_shell(pipeline: str, env: dict[str, str]) -> float:
+    """Wall seconds of ``bash -o pipefail -c pipeline``; raise if it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", pipeline],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=MEASURE_TIMEOUT_SECONDS,
+    )
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{pipeline!r} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return wall
+
+
+def machine_line() -> str:
+    model = "?"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    ram_kib = 0
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            ram_kib = int(line.split()[1])
+    return (
+        f"machine: {model}, {os.cpu_count()} cores, {ram_kib / 1024**2:.1f} GiB RAM, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def parent_main(args: argparse.Namespace) -> None:
+    import boto3
+
+    from daemon import simulator
+
+    curl = shutil.which("curl")
+    if curl is None:
+        raise SystemExit("curl is not on PATH: no reference")
+    aws = shutil.which("aws")
+    env = {**os.environ, **FAKE_AWS}
+    env.pop("AWS_PROFILE", None)
+    print(machine_line())
+    print(f"size: {args.size} bytes ({args.size / MIB:.0f} MiB), repeat: {args.repeat}")
+    started = time.perf_counter()
+    expected_sha = simulator.video_sha256(TASK_ID, args.size)
+    print(f"expected sha256 {expected_sha} ({time.perf_counter() - started:.1f} s to compute)")
+
+    auto = json.dumps({"ready_seconds": 0, "queued_seconds": 0, "size": args.size})
+    rows: list[list[object]] = []
+    with (
+        common.simulator(auto=auto) as (sim_url, _sim_pid),
+        moto_server() as s3_url,
+        tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp,
+    ):
+        env["AWS_ENDPOINT_URL_S3"] = s3_url
+        client = boto3.client(
+            "s3",
+            endpoint_url=s3_url,
+            aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+            region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
+        )
+        client.create_bucket(Bucket=BUCKET)
+        if aws is not None:
+            aws_start = run_shell(f"{shlex.quote(aws)} --version", env)
+            print(f"aws CLI: {aws} (start-up: `aws --version` takes {aws_start:.2f} s)")
+            s3_ref_name = "curl -s URL \\| aws s3 cp - s3://… (reference)"
+        else:
+            print("aws CLI: not found; reference is curl | boto3 upload_fileobj (8 MiB parts)")
+            s3_ref_name = "curl -s URL \\| boto3 upload_fileobj, 8 MiB parts (stand-in reference)"
+        folder = pathlib.Path(tmp) / "archive"
+        ref_file = pathlib.Path(tmp) / "ref.mp4"
+
+        def add(name: str, run: int, wall: float, peak: str, base: str, ok: str) -> None:
+            rate = args.size / MB / wall
+            rows.append([name, run, f"{wall:.2f}", f"{rate:.0f}", peak, base, ok])
+            print(f"  {name}: {wall:.2f} s, {rate:.0f} MB/s, peak RSS {peak}", flush=True)
+
+        for run in range(1, args.repeat + 1):
+            print(f"run {run}", flush=True)
+            url = shlex.quote(fresh_video_url(sim_url))
+            add(
+                "curl -s URL -o /dev/null (simulator ceiling)",
+                run,
+                run_shell(f"curl -sf {url} -o /dev/null", env),
+                "",
+                "",
+                "",
+            )
+
+            result = run_child("s3", sim_url, args.size, expected_sha, env, str(folder))
+            add(
+                "**daemon: HttpProvider.open_video -> S3Archive.put**",
+                run,
+                float(result["wall"]),  # type: ignore[arg-type]
+                f"{int(result['peak_kib']) / 1024:.1f}",  # type: ignore[call-overload]
+                f"{int(result['baseline_kib']) / 1024:.1f}",  # type: ignore[call-overload]
+                "yes" if result["sha_ok"] and result["size"] == args.size else "NO",
+            )
+            client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
+
+            result = run_child("s3-crc32", sim_url, args.size, expected_sha, env, str(folder))
+            add(
+                "what-if (bench-side, moto only): S3Archive.put + ChecksumAlgorithm=CRC32 at create",
+                run,
+                float(result["wall"]),  # type: ignore[arg-type]
+                f"{int(result['peak_kib']) / 1024:.1f}",  # type: ignore[call-overload]
+                f"{int(result['baseline_kib']) / 1024:.1f}",  # type: ignore[call-overload]
+                "yes" if result["sha_ok"] and result["size"] == args.size else "NO",
+            )
+            client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
+
+            url = shlex.quote(fresh_video_url(sim_url))
+            target = shlex.quote(f"s3://{BUCKET}/{REF_KEY}")
+            if aws is not None:
+                upload = f"{shlex.quote(aws)} s3 cp - {target} --endpoint-url {s3_url} --only-show-errors"
+            else:
+                upload = (
+                    f"{shlex.quote(sys.executable)} -c {shlex.quote(BOTO3_STDIN_UPLOAD)} "
+                    f"{BUCKET} {REF_KEY}"
+                )
+            wall = run_shell(f"curl -sf {url} | {upload}", env)
+            head = client.head_object(Bucket=BUCKET, Key=REF_KEY)
+            ok = "size ok" if head["ContentLength"] == args.size else "NO"
+            add(s3_ref_name, run, wall, "", "", ok)
+            client.delete_object(Bucket=BUCKET, Key=REF_KEY)
+
+            result = run_child("file", sim_url, args.size, expected_sha, env, str(folder))
+            add(
+                "**daemon: HttpProvider.open_video -> FileArchive.put**",
+                run,
+                float(result["wall"]),  # type: ignore[arg-type]
+                f"{int(result['peak_kib']) / 1024:.1f}",  # type: ignore[call-overload]
+                f"{int(result['baseline_kib']) / 1024:.1f}",  # type: ignore[call-overload]
+                "yes" if result["sha_ok"] and result["size"] == args.size else "NO",
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+
+            url = shlex.quote(fresh_video_url(sim_url))
+            out = shlex.quote(str(ref_file))
+            wall = run_shell(f"curl -sf {url} -o {out} && sync {out}", env)
+            ok = "size ok" if ref_file.stat().st_size == args.size else "NO"
+            add("curl -s URL -o file && sync file (reference)", run, wall, "", "", ok)
+            ref_file.unlink()
+
+    print()
+    print(
+        common.markdown_table(
+            ["path", "run", "wall s", "MB/s", "peak RSS MiB", "RSS after imports MiB", "verified"],
+            rows,
+        )
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="video bytes")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of every measurement")
+    # Internal: one measurement in a child process.
+    parser.add_argument("--child", choices=["s3", "s3-crc32", "file"], help=argparse.SUPPRESS)
+    parser.add_argument("--sim-url", help=argparse.SUPPRESS)
+    parser.add_argument("--task-id", default=TASK_ID, help=argparse.SUPPRESS)
+    parser.add_argument("--expected-sha", help=argparse.SUPPRESS)
+    parser.add_argument("--bucket", default=BUCKET, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or args.repeat > 20:
+        parser.error("--repeat must be 1..20")
+    if args.child:
+        child_main(args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()
