@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-PART_BYTES = (
-    8 * 1024 * 1024
-)  # S3's minimum part is 5 MiB; 8 MiB keeps memory flat and requests few.
+# S3's minimum part is 5 MiB; 8 MiB keeps memory flat and requests few.
+PART_BYTES = 8 * 1024 * 1024
+PARTS_IN_FLIGHT = 2  # parts uploading at once while the download goes on (bench/README.md)
 HASH_READ_BYTES = 1024 * 1024
 INCOMING_DIR = ".incoming"
 
@@ -227,6 +227,10 @@ class S3Archive:
             config=botocore.config.Config(
                 max_pool_connections=self.MAX_POOL_CONNECTIONS,
                 retries={"mode": "standard", "max_attempts": 3},
+                # Checksums where we ask for them (multipart parts, as the aws CLI sends them),
+                # not on every request: some S3-compatible stores reject botocore's defaults.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
             ),
         )
 
@@ -265,24 +269,41 @@ class S3Archive:
     ) -> Stored:
         key = self.key(task_id)
         counter = _Counter()
-        buffer = bytearray()
+        pending: list[bytes] = []  # the part being filled, as received (joined once when full)
+        pending_size = 0
         upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
+        # Up to PARTS_IN_FLIGHT parts upload while the download goes on; the download waits only
+        # when all are busy, so memory stays near PART_BYTES x (PARTS_IN_FLIGHT + 1).
+        slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        uploads: list[asyncio.Task[dict[str, Any]]] = []
         try:
             async for chunk in chunks:
                 counter.add(chunk)
-                buffer += chunk
-                if len(buffer) >= PART_BYTES:
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= PART_BYTES:
                     if upload_id is None:
                         created = await self._call(
                             self.client.create_multipart_upload,
                             Bucket=self.bucket,
                             Key=key,
                             ContentType="video/mp4",
+                            # As the aws CLI does: each part carries its CRC32, so the store can
+                            # check parts as they come instead of re-reading the whole object at
+                            # completion (11 s of 18 for 1 GiB on moto; bench/README.md).
+                            ChecksumAlgorithm="CRC32",
                         )
                         upload_id = created["UploadId"]
-                    parts.append(await self._upload_part(key, upload_id, len(parts) + 1, buffer))
-                    buffer = bytearray()
+                    await slots.acquire()
+                    _raise_failed(uploads)
+                    uploads.append(
+                        asyncio.create_task(
+                            self._upload_part(
+                                key, upload_id, len(uploads) + 1, b"".join(pending), slots
+                            )
+                        )
+                    )
+                    pending, pending_size = [], 0
             counter.verify(expected_size)
             sha = counter.hash.hexdigest()
             if upload_id is None:
@@ -290,13 +311,21 @@ class S3Archive:
                     self.client.put_object,
                     Bucket=self.bucket,
                     Key=key,
-                    Body=bytes(buffer),
+                    Body=b"".join(pending),
                     ContentType="video/mp4",
                     Metadata={"sha256": sha},
                 )
             else:
-                if buffer:
-                    parts.append(await self._upload_part(key, upload_id, len(parts) + 1, buffer))
+                if pending:
+                    await slots.acquire()
+                    uploads.append(
+                        asyncio.create_task(
+                            self._upload_part(
+                                key, upload_id, len(uploads) + 1, b"".join(pending), slots
+                            )
+                        )
+                    )
+                parts = [await upload for upload in uploads]
                 await self._call(
                     self.client.complete_multipart_upload,
                     Bucket=self.bucket,
@@ -307,6 +336,9 @@ class S3Archive:
                 upload_id = None
                 await self._tag_sha256(key, sha)
         except BaseException:
+            # Let parts already on the wire finish first (at most PARTS_IN_FLIGHT): S3 may keep a
+            # part that was still uploading when the upload was aborted.
+            await asyncio.shield(asyncio.gather(*uploads, return_exceptions=True))
             if upload_id is not None:
                 await self._abort(key, upload_id)
             raise
@@ -329,17 +361,24 @@ class S3Archive:
             log.warning("sha256_tag_not_stored", key=key, error=str(exc))
 
     async def _upload_part(
-        self, key: str, upload_id: str, number: int, data: bytearray
+        self, key: str, upload_id: str, number: int, data: bytes, slots: asyncio.Semaphore
     ) -> dict[str, Any]:
-        answer = await self._call(
-            self.client.upload_part,
-            Bucket=self.bucket,
-            Key=key,
-            UploadId=upload_id,
-            PartNumber=number,
-            Body=bytes(data),
-        )
-        return {"PartNumber": number, "ETag": answer["ETag"]}
+        try:
+            answer = await self._call(
+                self.client.upload_part,
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumAlgorithm="CRC32",
+            )
+        finally:
+            slots.release()
+        part = {"PartNumber": number, "ETag": answer["ETag"]}
+        if answer.get("ChecksumCRC32"):
+            part["ChecksumCRC32"] = answer["ChecksumCRC32"]
+        return part
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -410,6 +449,13 @@ class S3Archive:
             except errors.ArchiveError as exc:
                 log.warning("stale_upload_abort_failed", key=key, error=str(exc))
         return removed
+
+
+def _raise_failed(uploads: list[asyncio.Task[dict[str, Any]]]) -> None:
+    """Stop the stream early if a part upload already failed."""
+    for upload in uploads:
+        if upload.done() and not upload.cancelled() and upload.exception() is not None:
+            raise upload.exception()  # type: ignore[misc]
 
 
 def _s3_reason(exc: botocore.exceptions.ClientError) -> str:
