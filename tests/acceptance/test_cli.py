@@ -7,6 +7,7 @@ import os
 import pathlib
 import sqlite3
 import subprocess
+import sys
 
 from tests.acceptance.conftest import CLI, base_env, cli
 
@@ -89,3 +90,37 @@ class TestDemo:
         archived = sorted(p.name for p in (tmp_path / "archive").glob("*.mp4"))
         assert len(archived) == 5
         assert (tmp_path / "seedance-archiver.db").exists()
+
+
+class TestAlembicDirectly:
+    """`alembic upgrade head` with the root alembic.ini does what `seedance-archiver migrate` does."""
+
+    def test_root_alembic_ini_upgrades_to_head(self, tmp_path: pathlib.Path) -> None:
+        root = pathlib.Path(__file__).parents[2]
+        alembic = pathlib.Path(sys.executable).parent / "alembic"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")}
+        env["SEEDANCE_DATABASE_URL"] = f"sqlite:///{tmp_path}/by-alembic.db"
+        result = subprocess.run(
+            [str(alembic), "-c", str(root / "alembic.ini"), "upgrade", "head"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        with sqlite3.connect(tmp_path / "by-alembic.db") as conn:
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+        assert {"video_tasks", "archiver_heartbeats"} <= tables
+        heads = subprocess.run(
+            [str(alembic), "-c", str(root / "alembic.ini"), "heads"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert version in heads.stdout
