@@ -120,40 +120,42 @@ def on_answer(
 ) -> models.Task:
     """The task after a successful poll."""
     created = answer.created or task.provider_created_at
-    polled = task.replace(
-        provider_status=answer.status.value,
-        model=answer.model or task.model,
-        provider_created_at=created,
-        expires_at=deadline(created, rules) if created else task.expires_at,
-        last_polled_at=now,
-        polls=task.polls + 1,
-        attempts=0,
-        error=None,
-        updated_at=now,
-    )
+    # Built as one dict and applied with one copy: this runs on every poll.
+    changes: dict[str, object] = {
+        "provider_status": answer.status.value,
+        "model": answer.model or task.model,
+        "provider_created_at": created,
+        "expires_at": deadline(created, rules) if created else task.expires_at,
+        "last_polled_at": now,
+        "polls": task.polls + 1,
+        "attempts": 0,
+        "error": None,
+        "updated_at": now,
+        "state": State.POLLING.value,
+    }
     status = answer.status
-    if status is provider.Status.COMPLETED:
-        if not answer.video_url:
-            return polled.replace(
-                state=State.POLLING.value,
-                error="provider said completed but gave no video_url; polling again",
-                next_attempt_at=next_poll_at(task, now, rules, draw),
-            )
-        return polled.replace(
+    if status is provider.Status.COMPLETED and answer.video_url:
+        changes.update(
             state=State.DOWNLOADING.value,
             video_url=answer.video_url,
             actual_duration=answer.actual_duration,
             completed_at=task.completed_at or now,
             next_attempt_at=now,
         )
-    if status is provider.Status.FAILED:
+    elif status is provider.Status.COMPLETED:
+        changes.update(
+            error="provider said completed but gave no video_url; polling again",
+            next_attempt_at=next_poll_at(task, now, rules, draw),
+        )
+    elif status is provider.Status.FAILED:
         reason = answer.error or "the provider reported the task failed without a reason"
-        return _finish(polled, State.FAILED, reason, now)
-    if status is provider.Status.CANCELLED:
-        return _finish(polled, State.CANCELLED, answer.error or "cancelled at the provider", now)
-    return polled.replace(
-        state=State.POLLING.value, next_attempt_at=next_poll_at(task, now, rules, draw)
-    )
+        changes.update(state=State.FAILED.value, error=reason, next_attempt_at=now)
+    elif status is provider.Status.CANCELLED:
+        reason = answer.error or "cancelled at the provider"
+        changes.update(state=State.CANCELLED.value, error=reason, next_attempt_at=now)
+    else:
+        changes["next_attempt_at"] = next_poll_at(task, now, rules, draw)
+    return task.replace(**changes)
 
 
 def on_poll_error(
