@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
+from typing import Any
+
 import pytest
 
 from daemon import ratelimit
+
+# Float slack for comparing fake times built by repeated addition.
+EPSILON = 1e-9
 
 
 class FakeMonotonic:
@@ -15,6 +23,60 @@ class FakeMonotonic:
 
     def __call__(self) -> float:
         return self.now
+
+
+class FakeTimeline(FakeMonotonic):
+    """A moved clock with a fake ``sleep``: sleepers wake in time order as :meth:`run` moves the clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    async def sleep(self, seconds: float) -> None:
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + seconds, next(self._order), future))
+        await future
+
+    async def settle(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Let every task run until it is done or asleep on this timeline (no real time passes)."""
+        for _ in range(10_000):
+            if sum(task.done() for task in tasks) + len(self._sleepers) == len(tasks):
+                return
+            await asyncio.sleep(0)
+        raise AssertionError("a task neither finished nor slept on the fake timeline")
+
+    async def run(self, tasks: list[asyncio.Task[Any]], until: float | None = None) -> None:
+        """Wake sleepers in time order until every task is done (or the clock would pass ``until``)."""
+        await self.settle(tasks)
+        while self._sleepers:
+            when = self._sleepers[0][0]
+            if until is not None and when > until:
+                self.now = max(self.now, until)
+                return
+            _, _, future = heapq.heappop(self._sleepers)
+            self.now = max(self.now, when)
+            future.set_result(None)
+            await self.settle(tasks)
+
+
+async def start_acquires(
+    limiter: ratelimit.RateLimiter, timeline: FakeTimeline, n: int
+) -> tuple[list[asyncio.Task[None]], list[float]]:
+    """``n`` concurrent acquires, each holding its slot; the list gets the time each one returned."""
+    started: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        started.append(timeline.now)
+
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await timeline.settle(tasks)
+    return tasks, started
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 9) for a, b in itertools.pairwise(times)]
 
 
 def waits(limiter: ratelimit.RateLimiter, n: int) -> list[float]:
@@ -116,3 +178,80 @@ class TestPause:
         limiter.pause(2)
         limiter.pause(30)
         assert limiter.reserve() == 30.0
+
+
+class TestPauseHoldsWaitingRequests:
+    """Requests that took a slot before a pause began do not start inside it either."""
+
+    async def test_no_waiting_request_starts_inside_the_pause(self) -> None:
+        timeline = FakeTimeline()
+        limiter = ratelimit.RateLimiter(10, clock=timeline, sleep=timeline.sleep)
+        limiter.reserve()  # a request that has just started
+        tasks, started = await start_acquires(limiter, timeline, 40)
+        await timeline.run(tasks, until=1000.05)
+        assert started == []  # all 40 hold slots 1000.1 .. 1004.0
+        limiter.pause(30)
+        pause_end = timeline.now + 30
+        await timeline.run(tasks)
+        assert len(started) == 40
+        assert min(started) >= pause_end
+        assert started[0] == pytest.approx(pause_end)
+        assert min(gaps(started)) >= 0.1 - EPSILON
+        assert started[-1] - started[0] == pytest.approx(39 * 0.1)
+
+    async def test_requests_before_the_pause_are_not_held(self) -> None:
+        timeline = FakeTimeline()
+        limiter = ratelimit.RateLimiter(10, clock=timeline, sleep=timeline.sleep)
+        tasks, started = await start_acquires(limiter, timeline, 40)
+        await timeline.run(tasks, until=1000.25)
+        assert started == pytest.approx([1000.0, 1000.1, 1000.2])
+        limiter.pause(30)
+        await timeline.run(tasks)
+        assert min(started[3:]) >= 1030.25
+        assert min(gaps(started[3:])) >= 0.1 - EPSILON
+
+    async def test_slots_after_a_short_pause_keep_their_place_and_spacing(self) -> None:
+        timeline = FakeTimeline()
+        limiter = ratelimit.RateLimiter(1, clock=timeline, sleep=timeline.sleep)
+        limiter.reserve()
+        tasks, started = await start_acquires(limiter, timeline, 40)  # slots 1001 .. 1040
+        limiter.pause(10)  # covers 1001 .. 1009; 1010 onwards may start as planned
+        await timeline.run(tasks)
+        assert len(started) == 40
+        assert min(started) >= 1010.0
+        assert started[:31] == pytest.approx([1010.0 + i for i in range(31)])
+        assert gaps(sorted(started)) == [1.0] * 39
+
+    async def test_a_pause_during_the_pause_holds_them_again(self) -> None:
+        timeline = FakeTimeline()
+        limiter = ratelimit.RateLimiter(10, clock=timeline, sleep=timeline.sleep)
+        limiter.reserve()
+        tasks, started = await start_acquires(limiter, timeline, 20)
+        limiter.pause(5)
+        await timeline.run(tasks, until=1003.0)
+        limiter.pause(30)
+        await timeline.run(tasks)
+        assert len(started) == 20
+        assert min(started) >= 1033.0
+        assert min(gaps(started)) >= 0.1 - EPSILON
+
+    async def test_the_halved_rate_spaces_them_after_the_pause(self) -> None:
+        timeline = FakeTimeline()
+        limiter = ratelimit.RateLimiter(10, clock=timeline, sleep=timeline.sleep)
+        limiter.reserve()
+        tasks, started = await start_acquires(limiter, timeline, 10)
+        limiter.pause(30)
+        limiter.slow_down()
+        await timeline.run(tasks)
+        assert min(started) >= 1030.0
+        # Rate 5/s, climbing back towards 10/s: never closer than the cap allows.
+        assert min(gaps(started)) >= 0.1 - EPSILON
+        assert started[1] - started[0] == pytest.approx(0.2, abs=0.01)
+
+    async def test_acquire_without_a_pause_keeps_the_pace(self) -> None:
+        timeline = FakeTimeline()
+        limiter = ratelimit.RateLimiter(20, burst=3, clock=timeline, sleep=timeline.sleep)
+        timeline.now += 60
+        tasks, started = await start_acquires(limiter, timeline, 10)
+        await timeline.run(tasks)
+        assert gaps(started) == [0.0, 0.0] + [0.05] * 7
