@@ -1,7 +1,9 @@
 """The Seedance client: one request in, one typed result or one typed error out.
 
 ``fetch`` polls ``GET {base}/v1/result/{id}``; ``open_video`` streams a finished video from its
-``video_url``. Only this module imports httpx; its exceptions become ``errors.*`` here.
+``video_url``; ``check_key`` asks, for free, whether the API key is accepted. Only this module imports
+httpx; its exceptions become ``errors.*`` here. The strings of an answer are made storable here too
+(:func:`storable`), so what reaches the database is text every database accepts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import enum
 import ipaddress
 import json
 import math
+import re
 import socket
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -29,6 +32,19 @@ from daemon import errors, utils
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
 RETRY_AFTER_MAX_SECONDS = 3600.0
+# Caps on the provider's free-text fields: a name or a reason, never a 200 KB blob in every row.
+MODEL_MAX_CHARS = 200
+ERROR_MAX_CHARS = 2000
+# Signed links run long, but a longer one is garbage; a cut link would be useless, so it is refused.
+VIDEO_URL_MAX_CHARS = 8192
+# DNS limits (RFC 1035): a whole name, and each dot-separated label.
+HOST_MAX_CHARS = 253
+HOST_LABEL_MAX_CHARS = 63
+# The task id that ``check_key`` asks about. The provider issues ids like ``video_<hex>`` (seed page),
+# so an id without that prefix, with hyphens, can never be issued: the provider answers 404 when it
+# accepts the key and 401/403 when it does not, and no task is ever read or created by the check. Only
+# unreserved URL characters, so it reaches the provider as written.
+KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 
 
 class Status(enum.StrEnum):
@@ -59,6 +75,111 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# NUL (PostgreSQL's text refuses it) and lone surrogates (no UTF-8 encoding has them, so psycopg and
+# SQLite refuse them; json.loads makes one of "\ud800").
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def truncation_marker(total_chars: int) -> str:
+    """What :func:`storable` appends to a text it cut, saying how long the text was."""
+    return f"…[truncated, {total_chars} chars in all]"
+
+
+def storable(text: str, limit: int) -> str:
+    """``text`` as any database stores it: NUL and lone surrogates become U+FFFD, and beyond ``limit``
+    characters it is cut and ends with :func:`truncation_marker`.
+
+    Pure, and cheap for text that needs nothing; at most ``limit + len(truncation_marker(len(text)))``
+    characters come out, and they always encode to UTF-8.
+    """
+    if limit < 0:
+        raise ValueError("limit must not be negative")
+    if len(text) > limit:
+        text = text[:limit] + truncation_marker(len(text))
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    """``text`` for one line of a message: escapes for what is not printable, cut at ``limit``."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 2])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# C0 and C1 control characters and surrogates: never in a link anyone can follow.
+_URL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_HOST_LABEL = re.compile("[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?", re.IGNORECASE)
+
+
+def _parse_url(url: str) -> httpx.URL:
+    """``url`` as httpx will request it; ValueError, with the reason, if no request could use it.
+
+    httpx refuses some links only when a request is built (an invalid IDNA label, ``xn--a``) and takes
+    others no resolver will (``a..b``, ``exa mple.com``, a 64-character label): both are caught here.
+    """
+    bad = _URL_UNSAFE.search(url)
+    if bad is not None:
+        raise ValueError(f"control character {bad.group()!r} at position {bad.start()}")
+    try:
+        parsed = httpx.URL(url)
+        host = parsed.host  # decodes xn-- labels: an invalid one raises here, not in httpx.URL()
+        port = parsed.port
+    except httpx.InvalidURL as exc:
+        raise ValueError(_printable(str(exc))) from None
+    except UnicodeError as exc:  # idna.IDNAError among them
+        raise ValueError(f"invalid IDNA host: {_printable(str(exc))}") from None
+    except ValueError as exc:
+        raise ValueError(_printable(str(exc))) from None
+    if not parsed.scheme or not host:
+        raise ValueError("not an absolute URL with a host")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    _check_host(parsed.raw_host.decode("ascii", "replace"))
+    return parsed
+
+
+def _check_host(host: str) -> None:
+    """ValueError unless ``host`` (IDNA-encoded, as httpx sends it) is an IP address or a DNS name."""
+    if ":" in host:
+        return  # an IPv6 literal: httpx has checked it
+    with contextlib.suppress(ValueError):
+        ipaddress.IPv4Address(host)
+        return
+    name = host.removesuffix(".")
+    if len(name) > HOST_MAX_CHARS:
+        raise ValueError(f"host name longer than {HOST_MAX_CHARS} characters")
+    for label in name.split("."):
+        if not label:
+            raise ValueError("empty label in the host name")
+        if len(label) > HOST_LABEL_MAX_CHARS:
+            raise ValueError(f"host name label longer than {HOST_LABEL_MAX_CHARS} characters")
+        if not _HOST_LABEL.fullmatch(label):
+            raise ValueError(f"invalid host name label '{_printable(label, 70)}'")
+
+
+def _video_url(payload: dict[str, Any]) -> str | None:
+    """The answer's video_url, whole and usable, or MalformedAnswer."""
+    url: str | None = _optional(payload, "video_url", (str,), "a string")
+    if not url:
+        return url  # "" is no link, as null is (the policy treats both alike)
+    if len(url) > VIDEO_URL_MAX_CHARS:
+        raise errors.MalformedAnswer(
+            f"malformed answer: video_url is {len(url)} characters long, "
+            f"more than {VIDEO_URL_MAX_CHARS}"
+        )
+    try:
+        _parse_url(url)
+    except ValueError as exc:
+        raise errors.MalformedAnswer(
+            f"malformed answer: video_url is not a valid URL ({exc})"
+        ) from None
+    return url
+
+
+def _text(payload: dict[str, Any], key: str, limit: int) -> str | None:
+    value: str | None = _optional(payload, key, (str,), "a string")
+    return None if value is None else storable(value, limit)
+
+
 def _optional(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> Any:
     value = payload.get(key)
     if value is None:
@@ -85,7 +206,12 @@ def _number(payload: dict[str, Any], key: str, what: str) -> float | None:
 
 
 def parse_answer(task_id: str, body: bytes) -> Answer:
-    """Parse the provider's JSON for ``task_id``; anything off its contract is MalformedAnswer."""
+    """Parse the provider's JSON for ``task_id``; anything off its contract is MalformedAnswer.
+
+    Its strings come out storable: ``model`` and ``error`` through :func:`storable`; ``video_url``
+    whole or not at all (too long, control characters, or not a URL httpx can request is malformed);
+    ``id`` is the asked-for one.
+    """
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -121,10 +247,10 @@ def parse_answer(task_id: str, body: bytes) -> Answer:
         id=answer_id,
         status=status,
         created=created,
-        model=_optional(payload, "model", (str,), "a string"),
-        video_url=_optional(payload, "video_url", (str,), "a string"),
+        model=_text(payload, "model", MODEL_MAX_CHARS),
+        video_url=_video_url(payload),
         actual_duration=duration,
-        error=_optional(payload, "error", (str,), "a string"),
+        error=_text(payload, "error", ERROR_MAX_CHARS),
     )
 
 
@@ -167,14 +293,18 @@ def _is_public(address: str) -> bool:
 
 
 async def check_video_url(url: str, rules: UrlRules) -> None:
-    """Raise UnsafeVideoUrl unless ``url`` has an allowed scheme and, by default, a public host."""
+    """Raise UnsafeVideoUrl unless ``url`` has an allowed scheme and, by default, a public host.
+
+    The host checked is the one httpx will connect to (IDNA-encoded, as httpx parses the link): another
+    parser's idea of the host could differ (``ß.de`` resolves as ``ss.de`` but is sent as ``xn--zca.de``).
+    """
     try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        raise errors.UnsafeVideoUrl("unsafe video_url: it cannot be parsed") from None
-    if parts.scheme.lower() not in rules.schemes:
+        parts = _parse_url(url)
+    except ValueError as exc:
+        raise errors.UnsafeVideoUrl(f"unsafe video_url: it cannot be parsed ({exc})") from None
+    host = parts.raw_host.decode("ascii", "replace")
+    port = parts.port
+    if parts.scheme not in rules.schemes:
         raise errors.UnsafeVideoUrl(
             f"unsafe video_url: scheme {parts.scheme!r} is not in SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"
         )
@@ -210,6 +340,8 @@ class Provider(Protocol):
     async def fetch(self, task_id: str) -> Answer: ...
 
     def open_video(self, url: str) -> contextlib.AbstractAsyncContextManager[Video]: ...
+
+    async def check_key(self) -> bool | None: ...
 
     async def aclose(self) -> None: ...
 
@@ -277,13 +409,15 @@ class HttpProvider:
             timeout=timeout,
             limits=limits,
             follow_redirects=False,
+            event_hooks={"response": [_check_redirect]},
         )
 
     async def aclose(self) -> None:
         await self._api.aclose()
         await self._files.aclose()
 
-    async def fetch(self, task_id: str) -> Answer:
+    async def _get_result(self, task_id: str) -> tuple[httpx.Response, bytes]:
+        """One ``GET /v1/result/{id}`` with our key: the response and its body, or ProviderUnavailable."""
         url = f"{self._base}/v1/result/{urllib.parse.quote(task_id, safe='')}"
         request = httpx.Request(
             "GET", url, headers=self._api_headers, extensions=self._api_extensions
@@ -298,6 +432,10 @@ class HttpProvider:
                     await response.aclose()
         except (TimeoutError, httpx.HTTPError) as exc:
             raise errors.ProviderUnavailable(_unreachable(exc)) from exc
+        return response, body
+
+    async def fetch(self, task_id: str) -> Answer:
+        response, body = await self._get_result(task_id)
         code = response.status_code
         if code == 200:
             try:
@@ -318,27 +456,68 @@ class HttpProvider:
             raise errors.RateLimited("the provider rate-limited us (HTTP 429)", retry_after)
         raise errors.ProviderUnavailable(f"the provider answered HTTP {code}", status_code=code)
 
+    async def check_key(self) -> bool | None:
+        """Whether the provider accepts our API key: True, False, or None when its answer cannot tell.
+
+        One poll of :data:`KEY_CHECK_TASK_ID`, a task that cannot exist, so it costs nothing; it goes
+        with the same key, headers and timeout as :meth:`fetch` (the caller paces it like a poll).
+        404 means the key passed (the provider checks it before looking the task up) and 401/403
+        that it was refused; anything else (5xx, 429, a timeout, no connection, a 200 from a provider
+        that makes up tasks) is None. It never raises ProviderError.
+        """
+        try:
+            response, _ = await self._get_result(KEY_CHECK_TASK_ID)
+        except errors.ProviderUnavailable:
+            return None
+        code = response.status_code
+        if code == 404:
+            return True
+        if code in (401, 403):
+            return False
+        return None
+
     @contextlib.asynccontextmanager
     async def open_video(self, url: str) -> AsyncIterator[Video]:
-        """Stream the video at ``url``, following redirects only to links that pass the same rules."""
-        for _ in range(MAX_REDIRECTS + 1):
+        """Stream the video at ``url``, following redirects only to links that pass the same rules.
+
+        The whole download's deadline is the caller's (``service.Service._copy``), since it bounds
+        the upload to storage as well.
+        """
+        for hop in range(MAX_REDIRECTS + 1):
+            which = "the video_url" if hop == 0 else "the video host's redirect"
+            if hop > 0:
+                _check_scheme(
+                    url, self._url_rules
+                )  # a redirect to file:// is unsafe, not malformed
+            try:
+                _parse_url(url)
+            except ValueError as exc:
+                raise errors.DownloadError(f"{which} is not a valid URL ({exc})") from None
             await check_video_url(url, self._url_rules)
-            request = self._files.build_request("GET", url)
+            response = await self._send(url)
             try:
-                response = await self._files.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise errors.DownloadError(
-                    f"cannot reach the video host: {type(exc).__name__}"
-                ) from exc
-            try:
-                if response.is_redirect and "location" in response.headers:
-                    url = urllib.parse.urljoin(url, response.headers["location"])
+                if response.has_redirect_location:
+                    url = _redirect_target(url, response.headers["location"])
                     continue
                 yield self._video(response)
                 return
             finally:
                 await response.aclose()
         raise errors.DownloadError(f"more than {MAX_REDIRECTS} redirects from the video host")
+
+    async def _send(self, url: str) -> httpx.Response:
+        """GET ``url`` as a stream; DownloadError for anything httpx raises, a bad URL included."""
+        try:
+            request = self._files.build_request("GET", url)
+            return await self._files.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise errors.DownloadError(
+                f"cannot reach the video host: {type(exc).__name__}"
+            ) from exc
+        except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (IDNA) is a ValueError
+            raise errors.DownloadError(
+                f"cannot request the video link ({_printable(str(exc))})"
+            ) from exc
 
     def _video(self, response: httpx.Response) -> Video:
         code = response.status_code
@@ -376,3 +555,39 @@ class HttpProvider:
             raise errors.DownloadError(
                 f"the download broke off after {received} bytes: {type(exc).__name__}"
             ) from exc
+
+
+def _check_scheme(url: str, rules: UrlRules) -> None:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in rules.schemes:
+        raise errors.UnsafeVideoUrl(
+            f"unsafe video_url: scheme {scheme!r} is not in SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"
+        )
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect from ``url`` leads; DownloadError if no request could use it.
+
+    A target of another scheme (``file:``, ``ftp:``) is returned as it is, for the scheme rule to
+    refuse as unsafe.
+    """
+    try:
+        target = urllib.parse.urljoin(url, location)
+        if target.split(":", 1)[0].lower() not in ("http", "https"):
+            return target
+        _parse_url(target)
+    except ValueError as exc:
+        raise errors.DownloadError(
+            f"the video host's redirect is not a valid URL ({exc})"
+        ) from None
+    return target
+
+
+async def _check_redirect(response: httpx.Response) -> None:
+    """Check a redirect's Location by our rules before httpx does.
+
+    httpx parses the Location inside ``send`` even when it follows no redirect, and raises its own
+    errors there (RemoteProtocolError, a bare IDNAError); this hook runs first, for one clear reason.
+    """
+    if response.has_redirect_location:
+        _redirect_target(str(response.request.url), response.headers["location"])

@@ -519,3 +519,114 @@ class TestRedirects:
             finally:
                 await http.aclose()
         assert hits == ["hop"]
+
+
+class TestInvalidRedirects:
+    """A redirect to a link no request can use is a DownloadError, never an httpx exception."""
+
+    @pytest.mark.parametrize(
+        "location",
+        [
+            "http://xn--a.com/x",
+            "http://[::1/x",
+            "http://a..b/x",
+            "http://exa mple.com/x",
+            f"http://{'a' * 64}.com/x",
+            "http://127.0.0.1:99999/x",
+            "http://☃.net/x",
+        ],
+        ids=["bad punycode", "unclosed ipv6", "empty label", "space", "long label", "port", "idna"],
+    )
+    async def test_invalid_location(self, client: provider.HttpProvider, location: str) -> None:
+        async def hop(request: web.Request) -> web.Response:
+            return web.Response(status=302, headers={"Location": location})
+
+        async with LocalServer({"/hop": hop}) as base:
+            with pytest.raises(errors.DownloadError, match="redirect is not a valid URL") as caught:
+                await download(client, f"{base}/hop")
+        assert not isinstance(caught.value, errors.UnsafeVideoUrl)
+
+
+class TestCheckKey:
+    """check_key: one free poll of an id that cannot exist; True, False or None, never an error."""
+
+    async def test_the_right_key_is_accepted(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        assert await client.check_key() is True
+        assert sim.simulator.stats.polls[provider.KEY_CHECK_TASK_ID] == 1
+        assert provider.KEY_CHECK_TASK_ID not in sim.simulator.tasks
+
+    async def test_a_wrong_key_is_rejected(self, sim: simulator.SimulatorThread) -> None:
+        http = provider.HttpProvider(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
+        try:
+            assert await http.check_key() is False
+        finally:
+            await http.aclose()
+        assert sim.simulator.stats.unauthorized == 1
+
+    async def test_403_is_rejected(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", status=403)
+        assert await client.check_key() is False
+
+    @pytest.mark.parametrize("status", [500, 503, 429, 400])
+    async def test_other_answers_cannot_tell(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider, status: int
+    ) -> None:
+        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", status=status)
+        assert await client.check_key() is None
+        # The fault was consumed: the next check can tell again.
+        assert await client.check_key() is True
+
+    async def test_a_provider_that_makes_up_tasks_cannot_tell(
+        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+    ) -> None:
+        sim.simulator.add_task(provider.KEY_CHECK_TASK_ID)
+        assert await client.check_key() is None
+
+    async def test_a_stopped_provider_cannot_tell(self) -> None:
+        server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY)).start()
+        http = provider.HttpProvider(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
+        try:
+            assert await http.check_key() is True
+            server.stop()
+            assert await http.check_key() is None
+        finally:
+            await http.aclose()
+
+    async def test_a_timeout_cannot_tell(self, sim: simulator.SimulatorThread) -> None:
+        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
+        http = provider.HttpProvider(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
+        try:
+            assert await http.check_key() is None
+        finally:
+            await http.aclose()
+
+    async def test_it_sends_what_a_poll_sends(self) -> None:
+        seen: list[tuple[str, str | None, str | None]] = []
+
+        async def result(request: web.Request) -> web.Response:
+            seen.append(
+                (request.path, request.headers.get("Authorization"), request.headers.get("Accept"))
+            )
+            return web.json_response({"error": "task not found"}, status=404)
+
+        async with LocalServer({"/api/v1/result/{id}": result}) as base:
+            http = provider.HttpProvider(f"{base}/api", SIM_KEY, url_rules=LOCAL_HTTP)
+            try:
+                assert await http.check_key() is True
+            finally:
+                await http.aclose()
+        assert seen == [
+            (
+                f"/api/v1/result/{provider.KEY_CHECK_TASK_ID}",
+                f"Bearer {SIM_KEY}",
+                "application/json",
+            )
+        ]
+
+    def test_the_id_is_one_the_provider_never_issues(self) -> None:
+        assert not provider.KEY_CHECK_TASK_ID.startswith("video_")
+        assert urllib.parse.quote(provider.KEY_CHECK_TASK_ID, safe="") == provider.KEY_CHECK_TASK_ID

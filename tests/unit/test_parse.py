@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -174,6 +175,144 @@ class TestMalformedAnswer:
     def test_deeply_nested_json(self) -> None:
         with pytest.raises(errors.MalformedAnswer):
             parse(b"[" * 100_000 + b"]" * 100_000)
+
+
+class TestStorableStrings:
+    """model and error come out storable and capped; the id is the one asked for."""
+
+    def test_nul_and_lone_surrogates_in_model_and_error(self) -> None:
+        raw = b'{"id": "%s", "status": "failed", "model": "m\\u0000x\\ud800",' % TASK_ID.encode()
+        raw += b' "error": "bad\\udc00\\u0000"}'
+        answer = parse(raw)
+        assert answer.model == "m\ufffdx\ufffd"
+        assert answer.error == "bad\ufffd\ufffd"
+        assert answer.model is not None and answer.error is not None
+        (answer.model + answer.error).encode("utf-8")
+
+    def test_a_200_kb_model_is_capped(self) -> None:
+        model = parse(body(model="m" * 200_000)).model
+        assert model == "m" * provider.MODEL_MAX_CHARS + "…[truncated, 200000 chars in all]"
+
+    def test_a_200_kb_error_is_capped(self) -> None:
+        error = parse(body(status="failed", error="e" * 200_000)).error
+        assert error == "e" * provider.ERROR_MAX_CHARS + "…[truncated, 200000 chars in all]"
+
+    def test_emoji_and_cjk_pass_untouched(self) -> None:
+        answer = parse(body(model="即梦 1.5 😀", error="内容违规 👩‍👩‍👧"))
+        assert (answer.model, answer.error) == ("即梦 1.5 😀", "内容违规 👩‍👩‍👧")
+
+    def test_an_id_with_a_nul_is_another_task_with_a_readable_message(self) -> None:
+        with pytest.raises(errors.MalformedAnswer, match="not the one asked for") as caught:
+            parse(body(id=TASK_ID + "\x00"))
+        assert "\x00" not in str(caught.value)
+
+    def test_a_lone_surrogate_id_is_another_task(self) -> None:
+        with pytest.raises(errors.MalformedAnswer) as caught:
+            parse(body(id="\ud800"))
+        str(caught.value).encode("utf-8")
+
+
+GOOD_URLS: list[tuple[str, str]] = [
+    ("signed link", "https://cdn.example.com/v/abc.mp4?expires=1761635478&sig=0a1b2c"),
+    ("port", "https://cdn.example.com:8443/v.mp4"),
+    ("ipv4", "https://203.0.113.7/v.mp4"),
+    ("ipv6", "https://[2001:db8::1]/v.mp4"),
+    ("idna host", "https://例え.jp/v.mp4"),
+    ("punycode host", "https://xn--r8jz45g.jp/v.mp4"),
+    ("trailing dot", "https://cdn.example.com./v.mp4"),
+    ("unicode path", "https://cdn.example.com/样片/视频.mp4"),
+    ("underscore label", "https://my_bucket.s3.example.com/v.mp4"),
+    ("a 63-character label", f"https://{'a' * 63}.com/v.mp4"),
+    ("the longest link", "https://cdn.example.com/?" + "s" * (8192 - 25)),
+]
+
+BAD_URLS: list[tuple[str, str, str]] = [
+    ("invalid punycode", "https://xn--a.com/x", "IDNA"),
+    ("emoji punycode", "https://xn--ls8h.la/x", "IDNA"),
+    ("refused by IDNA", "https://☃.net/", "IDNA"),
+    ("zero-width joiner host", "https://ex\u200dample.com/", "IDNA"),
+    ("empty label", "https://a..b/", "empty label"),
+    ("leading dot", "https://.example.com/", "empty label"),
+    ("unclosed ipv6", "https://[::1/", "not a valid URL"),
+    ("space in host", "https://exa mple.com/", "invalid host name label"),
+    ("percent in host", "https://exa%20mple.com/", "invalid host name label"),
+    ("label of 64", f"https://{'a' * 64}.com/", "longer than 63"),
+    ("host of 254", "https://" + ".".join(["a" * 50] * 5) + "x" * 4 + "/", "longer than 253"),
+    ("leading hyphen", "https://-cdn.example.com/", "invalid host name label"),
+    ("bad ipv4", "https://999.1.1.1/", "IPv4"),
+    ("port out of range", "https://cdn.example.com:99999/", "out of range"),
+    ("port not a number", "https://cdn.example.com:abc/", "port"),
+    ("no host", "https:///v.mp4", "absolute"),
+    ("relative", "/files/v.mp4", "absolute"),
+    ("no scheme", "//cdn.example.com/v.mp4", "absolute"),
+    ("leading space", " https://cdn.example.com/v.mp4", "absolute"),
+    ("nul", "https://cdn.example.com/v\x00.mp4", "control character"),
+    ("newline", "https://cdn.example.com/v.mp4\r\nX-Evil: 1", "control character"),
+    ("tab", "https://cdn.example.com/\tv.mp4", "control character"),
+    ("c1 control", "https://cdn.example.com/\x85v.mp4", "control character"),
+    ("lone surrogate", "https://cdn.example.com/\ud800.mp4", "control character"),
+    ("too long", "https://cdn.example.com/?" + "s" * 8192, "more than 8192"),
+]
+
+# Too long to store, but a download could use it.
+UNUSABLE_URLS = [b for b in BAD_URLS if b[0] != "too long"]
+
+
+def raw_with_url(url: str) -> bytes:
+    return body(status="completed", video_url=url)
+
+
+class TestVideoUrl:
+    """A video_url is stored whole and usable, or the answer is malformed."""
+
+    @pytest.mark.parametrize("url", [u for _, u in GOOD_URLS], ids=[g[0] for g in GOOD_URLS])
+    def test_good_links_pass_unchanged(self, url: str) -> None:
+        assert parse(raw_with_url(url)).video_url == url
+
+    @pytest.mark.parametrize(
+        ("url", "fragment"),
+        [(url, frag) for _, url, frag in BAD_URLS],
+        ids=[b[0] for b in BAD_URLS],
+    )
+    def test_bad_links_are_malformed(self, url: str, fragment: str) -> None:
+        with pytest.raises(errors.MalformedAnswer) as caught:
+            parse(raw_with_url(url))
+        message = str(caught.value)
+        assert message.startswith("malformed answer: video_url ")
+        assert fragment in message
+        assert "\n" not in message
+        assert len(message) < 300
+        message.encode("utf-8")
+
+    @pytest.mark.parametrize(
+        "url", [u for _, u, _ in UNUSABLE_URLS], ids=[b[0] for b in UNUSABLE_URLS]
+    )
+    async def test_the_download_refuses_them_too(self, url: str) -> None:
+        # Rows stored before these checks: a typed error before any lookup or connection.
+        rules = provider.UrlRules(allow_private_hosts=True)  # no DNS lookup either
+        http = provider.HttpProvider("http://127.0.0.1:9", "key", url_rules=rules)
+        try:
+            with pytest.raises(errors.DownloadError, match="not a valid URL"):
+                async with http.open_video(url):
+                    pass
+        finally:
+            await http.aclose()
+
+    def test_an_empty_link_is_no_link(self) -> None:
+        assert parse(raw_with_url("")).video_url == ""
+
+    @given(st.text(alphabet=st.characters(exclude_categories=()), max_size=60))
+    def test_any_link_is_accepted_only_if_httpx_can_request_it(self, tail: str) -> None:
+        for url in (f"https://{tail}", f"https://cdn.example.com/{tail}", tail):
+            try:
+                got = parse(
+                    json.dumps({"id": TASK_ID, "status": "completed", "video_url": url}).encode()
+                )
+            except errors.MalformedAnswer:
+                continue
+            assert got.video_url == url
+            if url:
+                assert httpx.Request("GET", url).url.host
 
 
 JSON_LEAVES = (
