@@ -3,39 +3,67 @@
 Two backends: ``file://`` (write a temporary file, fsync, atomic rename) and ``s3://`` (one PUT below a
 part's size, else a multipart upload that is completed only when every byte arrived, aborted otherwise).
 Either way a partial object never appears under the final key. Only this module imports boto3.
+
+Every blocking call runs in a bounded executor of its own (not asyncio's default one), so slow storage
+never starves the database calls, which have theirs. Every library error (botocore, OSError) becomes
+:class:`errors.ArchiveError` here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import os
 import pathlib
+import threading
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
 import structlog
 
-from daemon import errors
+from daemon import errors, metrics
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger(__name__)
 
+_T = TypeVar("_T")
+
 # S3's minimum part is 5 MiB; 8 MiB keeps memory flat and requests few.
 PART_BYTES = 8 * 1024 * 1024
 PARTS_IN_FLIGHT = 2  # parts uploading at once while the download goes on (bench/README.md)
 HASH_READ_BYTES = 1024 * 1024
 INCOMING_DIR = ".incoming"
+# Threads for archive I/O when the caller passes no executor. At most service.MAX_DOWNLOADS (4)
+# videos stream at once, each holding up to PARTS_IN_FLIGHT (2) part uploads plus the call that
+# feeds them (create, complete, a file write): 4 x 3 = 12; four more leave room for find(),
+# housekeeping and /readyz's check() while every download is busy.
+ARCHIVE_IO_THREADS = 16
+
+_default_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_default_executor_lock = threading.Lock()
+
+
+def default_executor() -> concurrent.futures.Executor:
+    """The shared archive I/O pool (ARCHIVE_IO_THREADS threads), created on first use."""
+    global _default_executor
+    with _default_executor_lock:
+        if _default_executor is None:
+            _default_executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=ARCHIVE_IO_THREADS, thread_name_prefix="archive-io"
+            )
+        return _default_executor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +103,18 @@ class Archive(Protocol):
         ...
 
 
-def from_url(url: str) -> Archive:
+def from_url(
+    url: str,
+    *,
+    metrics: metrics.Metrics | None = None,
+    executor: concurrent.futures.Executor | None = None,
+) -> Archive:
     """The backend for SEEDANCE_ARCHIVE_URL (``s3://bucket/prefix`` or ``file:///dir``)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "s3":
-        return S3Archive(parts.netloc, parts.path.strip("/"))
+        return S3Archive(parts.netloc, parts.path.strip("/"), metrics=metrics, executor=executor)
     if parts.scheme == "file":
-        return FileArchive(pathlib.Path(parts.netloc + parts.path))
+        return FileArchive(pathlib.Path(parts.netloc + parts.path), executor=executor)
     raise errors.ConfigError("invalid setting SEEDANCE_ARCHIVE_URL: expected s3:// or file://")
 
 
@@ -103,17 +136,42 @@ class _Counter:
             )
 
 
-class FileArchive:
-    """Videos in a local folder: ``{root}/{task_id}.mp4``."""
+async def _run(
+    executor: concurrent.futures.Executor, fn: Callable[..., _T], /, *args: Any, **kwargs: Any
+) -> _T:
+    """``fn(*args, **kwargs)`` in the archive executor, awaited."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
-    def __init__(self, root: pathlib.Path) -> None:
+
+# --- file:// -----------------------------------------------------------------------------------
+
+
+class FileArchive:
+    """Videos in a local folder: ``{root}/{task_id}.mp4``.
+
+    Any OSError (a full disk, an I/O error, a path that cannot be a folder) is an ArchiveError that
+    names the cause, so the task is retried and the failure counts as "storage".
+    """
+
+    def __init__(
+        self, root: pathlib.Path, *, executor: concurrent.futures.Executor | None = None
+    ) -> None:
         self.root = root
+        self._executor = executor or default_executor()
 
     def _final(self, task_id: str) -> pathlib.Path:
         return self.root / f"{task_id}.mp4"
 
+    async def _io(self, failure: str, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """Run a blocking file operation; an OSError becomes ``ArchiveError("{failure}: ...")``."""
+        try:
+            return await _run(self._executor, fn, *args, **kwargs)
+        except OSError as exc:
+            raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
+
     async def find(self, task_id: str) -> Stored | None:
-        return await asyncio.to_thread(self._find, task_id)
+        return await self._io("archive folder read failed", self._find, task_id)
 
     def _find(self, task_id: str) -> Stored | None:
         path = self._final(task_id)
@@ -130,23 +188,29 @@ class FileArchive:
     async def put(
         self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
     ) -> Stored:
+        failure = "archive folder write failed"
         incoming = self.root / INCOMING_DIR
-        await asyncio.to_thread(incoming.mkdir, parents=True, exist_ok=True)
+        await self._io(failure, incoming.mkdir, parents=True, exist_ok=True)
         temp = incoming / f"{task_id}.{uuid.uuid4().hex}.part"
         counter = _Counter()
         try:
-            fh = await asyncio.to_thread(temp.open, "wb")
+            fh = await self._io(failure, temp.open, "wb")
             try:
                 async for chunk in chunks:
                     counter.add(chunk)
-                    await asyncio.to_thread(fh.write, chunk)
+                    await self._io(failure, fh.write, chunk)
                 counter.verify(expected_size)
-                await asyncio.to_thread(_flush_and_sync, fh)
-            finally:
-                await asyncio.to_thread(fh.close)
+                await self._io(failure, _flush_and_sync, fh)
+            except BaseException:
+                # Closing flushes what is buffered: on a full disk that fails again, and must not
+                # hide the first error (or a broken download) behind a second one.
+                with contextlib.suppress(OSError):
+                    await _run(self._executor, fh.close)
+                raise
+            await self._io(failure, fh.close)
             final = self._final(task_id)
-            await asyncio.to_thread(os.replace, temp, final)
-            await asyncio.to_thread(_sync_dir, self.root)
+            await self._io(failure, os.replace, temp, final)
+            await self._io(failure, _sync_dir, self.root)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()
@@ -158,13 +222,15 @@ class FileArchive:
         return list(incoming.glob("*.part")) if incoming.is_dir() else []
 
     async def incomplete(self) -> set[str]:
-        files = await asyncio.to_thread(self._temp_files)
+        files = await self._io("archive folder listing failed", self._temp_files)
         return {path.name.rsplit(".", 2)[0] for path in files}
 
     async def discard_incomplete(
         self, task_id: str, started_before: dt.datetime | None = None
     ) -> int:
-        return await asyncio.to_thread(self._discard, task_id, started_before)
+        return await self._io(
+            "archive folder cleanup failed", self._discard, task_id, started_before
+        )
 
     def _discard(self, task_id: str, started_before: dt.datetime | None) -> int:
         removed = 0
@@ -183,10 +249,7 @@ class FileArchive:
         return removed
 
     async def check(self) -> None:
-        try:
-            await asyncio.to_thread(self._check)
-        except OSError as exc:
-            raise errors.ArchiveError(f"archive folder not writable: {exc.strerror}") from exc
+        await self._io("archive folder not writable", self._check)
 
     def _check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -209,30 +272,142 @@ def _sync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
+def _os_reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason} ({exc.filename})" if exc.filename else reason
+
+
+# --- s3:// -------------------------------------------------------------------------------------
+
+# The optional S3 calls, by the name they carry in logs and in the storage_refusals metric. The
+# critical path (HeadObject, GetObject, PutObject and the four multipart calls) needs none of them.
+LIST_UPLOADS = "ListMultipartUploads"
+PUT_TAGS = "PutObjectTagging"
+GET_TAGS = "GetObjectTagging"
+CHECKSUM = "ChecksumCRC32"  # the x-amz-checksum-* headers of CreateMultipartUpload and UploadPart
+HEAD_BUCKET = "HeadBucket"
+
+_EFFECTS = {
+    LIST_UPLOADS: "stale multipart uploads are not cleaned up (a bucket lifecycle rule can)",
+    PUT_TAGS: "multipart objects carry no SHA-256 tag: after a crash before the database write, "
+    "such a video is uploaded again",
+    GET_TAGS: "stored multipart objects are not recognised: after a crash before the database "
+    "write, such a video is uploaded again",
+    CHECKSUM: "parts are sent without a CRC32 checksum",
+    HEAD_BUCKET: "the storage check reads a missing key instead of asking for the bucket",
+}
+
+# Answers that mean "this store, or these credentials, do not offer that call", for good.
+REFUSAL_STATUSES = frozenset({400, 403, 405, 501})
+REFUSAL_CODES = frozenset(
+    {
+        "NotImplemented",
+        "AccessDenied",
+        "InvalidRequest",
+        "InvalidArgument",
+        "MethodNotAllowed",
+        "NotSupported",
+        "UnsupportedOperation",
+    }
+)
+# 400 and 403 answers that say nothing about the call itself, only about this moment (a slow
+# socket, a skewed clock, credentials being rotated, throttling): never remembered.
+PASSING_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "RequestExpired",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "InvalidToken",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+    }
+)
+NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+# Read by check() when HeadBucket is refused; nothing ever writes it.
+CHECK_KEY_NAME = ".seedance-archiver-check"
+
+
+def refusal(exc: botocore.exceptions.ClientError) -> str | None:
+    """Why the store refused an optional call for good ("NotImplemented 501 ..."), or None when
+    the failure is transient (5xx other than 501, throttling, a timeout) and worth trying again."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = _status(exc)
+    if code in PASSING_CODES:
+        return None
+    if status in REFUSAL_STATUSES or code in REFUSAL_CODES:
+        message = str(exc.response.get("Error", {}).get("Message", "")).strip()
+        words = [code, str(status or ""), message]
+        return " ".join(dict.fromkeys(word for word in words if word))  # HEAD: "403 Forbidden"
+    return None
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int | None:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
+
+
+# Connections per client: more than ARCHIVE_IO_THREADS, so no archive thread waits for a connection.
+MAX_POOL_CONNECTIONS = 20
+
+
+def s3_client(**kwargs: Any) -> S3Client:
+    """A boto3 S3 client as the archive needs it; ``kwargs`` go to ``boto3.client`` (an endpoint,
+    credentials), the rest comes from boto3's own chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID...)."""
+    return boto3.client(
+        "s3",
+        config=botocore.config.Config(
+            max_pool_connections=MAX_POOL_CONNECTIONS,
+            retries={"mode": "standard", "max_attempts": 3},
+            # Checksums where we ask for them (multipart parts, as the aws CLI sends them), not on
+            # every request: some S3-compatible stores reject botocore's defaults.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+        **kwargs,
+    )
+
+
+def _new_metrics() -> metrics.Metrics:
+    return metrics.Metrics()
+
+
 class S3Archive:
     """Videos in an S3 bucket: ``s3://{bucket}/{prefix}/{task_id}.mp4``.
 
     Endpoint and credentials come from boto3's own chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...).
     The SHA-256 is kept in the object's metadata (single PUT) or tags (multipart, where it is known
     only at the end); an object without it is treated as not archived and written again.
+
+    Archiving needs only HeadObject, GetObject, PutObject and the multipart calls. Everything else
+    (listing uploads, tags, checksum headers, HeadBucket) is best effort: when the store refuses one
+    (501, 403, 405, 400), that is logged once, counted in ``storage_refusals`` and remembered in
+    :attr:`refused`, and the call is not sent again by this instance.
     """
 
-    MAX_POOL_CONNECTIONS = 20
-
-    def __init__(self, bucket: str, prefix: str, client: S3Client | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        client: S3Client | None = None,
+        *,
+        metrics: metrics.Metrics | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.client: S3Client = client or boto3.client(
-            "s3",
-            config=botocore.config.Config(
-                max_pool_connections=self.MAX_POOL_CONNECTIONS,
-                retries={"mode": "standard", "max_attempts": 3},
-                # Checksums where we ask for them (multipart parts, as the aws CLI sends them),
-                # not on every request: some S3-compatible stores reject botocore's defaults.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            ),
-        )
+        self.client: S3Client = client or s3_client()
+        self.metrics = metrics or _new_metrics()
+        self._executor = executor or default_executor()
+        #: The optional calls this store refused, with the reason: never sent again.
+        self.refused: dict[str, str] = {}
+        self._head_403_seen = False
 
     def key(self, task_id: str) -> str:
         name = f"{task_id}.mp4"
@@ -241,23 +416,102 @@ class S3Archive:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    # --- calls -------------------------------------------------------------------------------------
+
+    async def _run(self, method: Callable[..., Any], **kwargs: Any) -> Any:
+        return await _run(self._executor, method, **kwargs)
+
+    async def _call(self, method: Callable[..., Any], **kwargs: Any) -> Any:
+        """A call on the critical path: any failure is an ArchiveError."""
+        try:
+            return await self._run(method, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            raise errors.ArchiveError(f"S3 refused the upload: {_s3_reason(exc)}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+
+    async def _optional(
+        self, call: str, method: Callable[..., Any], **kwargs: Any
+    ) -> dict[str, Any] | None:
+        """A best-effort call: its answer, or None when it was refused (now or before) or failed."""
+        if call in self.refused:
+            return None
+        try:
+            answer: dict[str, Any] = await self._run(method, **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            reason = refusal(exc)
+            if reason is not None:
+                self._refuse(call, reason)
+            else:
+                log.warning("storage_call_failed", call=call, error=_s3_reason(exc))
+            return None
+        except botocore.exceptions.BotoCoreError as exc:
+            log.warning("storage_call_failed", call=call, error=type(exc).__name__)
+            return None
+        return answer
+
+    async def _with_checksum(self, call: str, method: Callable[..., Any], **kwargs: Any) -> Any:
+        """A critical call with ``ChecksumAlgorithm="CRC32"``, or without it where the store refuses
+        the checksum. Only a retry without it that succeeds proves the checksum was the problem."""
+        if CHECKSUM in self.refused:
+            return await self._call(method, **kwargs)
+        try:
+            return await self._run(method, ChecksumAlgorithm="CRC32", **kwargs)
+        except botocore.exceptions.ClientError as exc:
+            reason = refusal(exc)
+            if reason is None:
+                raise errors.ArchiveError(f"S3 refused the upload: {_s3_reason(exc)}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+        answer = await self._call(method, **kwargs)
+        self._refuse(CHECKSUM, f"{call}: {reason}")
+        return answer
+
+    def _refuse(self, call: str, reason: str) -> None:
+        if call in self.refused:
+            return
+        self.refused[call] = reason
+        log.warning(
+            "storage_feature_refused",
+            call=call,
+            reason=reason,
+            effect=_EFFECTS[call],
+            bucket=self.bucket,
+        )
+        self.metrics.storage_refusals.labels(call=call).inc()
+
+    # --- the archive ---------------------------------------------------------------------------------
+
     async def find(self, task_id: str) -> Stored | None:
         key = self.key(task_id)
         try:
-            head = await asyncio.to_thread(self.client.head_object, Bucket=self.bucket, Key=key)
+            head = await self._run(self.client.head_object, Bucket=self.bucket, Key=key)
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") in NOT_FOUND_CODES:
+                return None
+            if _status(exc) == 403:
+                # AWS answers a missing object with 403, not 404, unless the caller may also
+                # s3:ListBucket, which the least-privilege policy leaves out. Taking it for "not
+                # archived" costs at most one upload; real trouble with the credentials shows there.
+                if not self._head_403_seen:
+                    self._head_403_seen = True
+                    log.info(
+                        "object_head_forbidden",
+                        key=key,
+                        reason=_s3_reason(exc),
+                        effect="treated as not archived (without s3:ListBucket a missing object "
+                        "answers 403)",
+                    )
                 return None
             raise errors.ArchiveError(f"S3 HEAD failed: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
         sha = head.get("Metadata", {}).get("sha256")
         if not sha:
-            try:
-                tags = await asyncio.to_thread(
-                    self.client.get_object_tagging, Bucket=self.bucket, Key=key
-                )
-            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError):
+            tags = await self._optional(
+                GET_TAGS, self.client.get_object_tagging, Bucket=self.bucket, Key=key
+            )
+            if tags is None:
                 return None
             sha = next((t["Value"] for t in tags.get("TagSet", []) if t["Key"] == "sha256"), None)
         if not sha:
@@ -283,15 +537,15 @@ class S3Archive:
                 pending_size += len(chunk)
                 if pending_size >= PART_BYTES:
                     if upload_id is None:
-                        created = await self._call(
+                        # As the aws CLI does: each part carries its CRC32, so the store can
+                        # check parts as they come instead of re-reading the whole object at
+                        # completion (11 s of 18 for 1 GiB on moto; bench/README.md).
+                        created = await self._with_checksum(
+                            "CreateMultipartUpload",
                             self.client.create_multipart_upload,
                             Bucket=self.bucket,
                             Key=key,
                             ContentType="video/mp4",
-                            # As the aws CLI does: each part carries its CRC32, so the store can
-                            # check parts as they come instead of re-reading the whole object at
-                            # completion (11 s of 18 for 1 GiB on moto; bench/README.md).
-                            ChecksumAlgorithm="CRC32",
                         )
                         upload_id = created["UploadId"]
                     await slots.acquire()
@@ -334,7 +588,15 @@ class S3Archive:
                     MultipartUpload={"Parts": parts},
                 )
                 upload_id = None
-                await self._tag_sha256(key, sha)
+                # The object is complete either way and the database records the hash; without
+                # the tag, a crash before that database write means one more upload later.
+                await self._optional(
+                    PUT_TAGS,
+                    self.client.put_object_tagging,
+                    Bucket=self.bucket,
+                    Key=key,
+                    Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]},
+                )
         except BaseException:
             # Let parts already on the wire finish first (at most PARTS_IN_FLIGHT): S3 may keep a
             # part that was still uploading when the upload was aborted.
@@ -344,34 +606,18 @@ class S3Archive:
             raise
         return Stored(self._uri(key), counter.size, sha)
 
-    async def _tag_sha256(self, key: str, sha: str) -> None:
-        """Record the SHA-256 of a multipart object as a tag, where the store supports tags.
-
-        The object is complete either way and the database records the hash; without the tag, a
-        crash before that database write means one more upload later, nothing worse.
-        """
-        try:
-            await self._call(
-                self.client.put_object_tagging,
-                Bucket=self.bucket,
-                Key=key,
-                Tagging={"TagSet": [{"Key": "sha256", "Value": sha}]},
-            )
-        except errors.ArchiveError as exc:
-            log.warning("sha256_tag_not_stored", key=key, error=str(exc))
-
     async def _upload_part(
         self, key: str, upload_id: str, number: int, data: bytes, slots: asyncio.Semaphore
     ) -> dict[str, Any]:
         try:
-            answer = await self._call(
+            answer = await self._with_checksum(
+                "UploadPart",
                 self.client.upload_part,
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
                 Body=data,
-                ChecksumAlgorithm="CRC32",
             )
         finally:
             slots.release()
@@ -381,29 +627,62 @@ class S3Archive:
         return part
 
     async def _abort(self, key: str, upload_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        abort = functools.partial(
+            self.client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id
+        )
         try:
-            await asyncio.shield(
-                asyncio.to_thread(
-                    self.client.abort_multipart_upload,
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                )
-            )
+            await asyncio.shield(loop.run_in_executor(self._executor, abort))
         except Exception as exc:
             # Housekeeping removes stale uploads later; the final key was never written.
             log.warning("multipart_abort_failed", key=key, error=str(exc))
 
-    async def _call(self, method: Any, **kwargs: Any) -> Any:
+    async def check(self) -> None:
+        """Raise ArchiveError unless the bucket answers and takes our credentials.
+
+        HeadBucket (s3:ListBucket on AWS) is optional: where it is refused, a GetObject of a key
+        nobody writes tells the same. A GET, not a HEAD, because only a GET's error body tells a
+        missing bucket (NoSuchBucket) from a missing key.
+        """
+        if HEAD_BUCKET not in self.refused:
+            try:
+                await self._run(self.client.head_bucket, Bucket=self.bucket)
+                return
+            except botocore.exceptions.ClientError as exc:
+                if _status(exc) == 404 or exc.response.get("Error", {}).get("Code") in (
+                    "404",
+                    "NoSuchBucket",
+                ):
+                    raise errors.ArchiveError(
+                        f"S3 bucket {self.bucket!r} not found: {_s3_reason(exc)}"
+                    ) from exc
+                reason = refusal(exc)
+                if reason is not None:
+                    self._refuse(HEAD_BUCKET, reason)
+                else:
+                    log.warning("storage_call_failed", call=HEAD_BUCKET, error=_s3_reason(exc))
+            except botocore.exceptions.BotoCoreError as exc:
+                raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+        await self._probe()
+
+    async def _probe(self) -> None:
+        key = f"{self.prefix}/{CHECK_KEY_NAME}" if self.prefix else CHECK_KEY_NAME
         try:
-            return await asyncio.to_thread(method, **kwargs)
+            answer = await self._run(
+                self.client.get_object, Bucket=self.bucket, Key=key, Range="bytes=0-0"
+            )
+            answer["Body"].close()
         except botocore.exceptions.ClientError as exc:
-            raise errors.ArchiveError(f"S3 refused the upload: {_s3_reason(exc)}") from exc
+            code = exc.response.get("Error", {}).get("Code")
+            if code in NOT_FOUND_CODES:
+                return  # reachable, the bucket exists and the credentials are good
+            if code == "AccessDenied":
+                # AWS without s3:ListBucket: the bucket exists and the key was accepted (a bad
+                # key is InvalidAccessKeyId or SignatureDoesNotMatch); the next upload shows more.
+                return
+            raise errors.ArchiveError(f"S3 check failed: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
-
-    async def check(self) -> None:
-        await self._call(self.client.head_bucket, Bucket=self.bucket)
 
     def _task_of(self, key: str) -> str | None:
         head = f"{self.prefix}/" if self.prefix else ""
@@ -412,11 +691,14 @@ class S3Archive:
         name = key[len(head) : -len(".mp4")]
         return name if name and "/" not in name else None
 
-    async def _uploads(self, prefix: str) -> list[dict[str, Any]]:
+    async def _uploads(self, prefix: str) -> list[dict[str, Any]] | None:
+        """The open multipart uploads under ``prefix``, or None where they cannot be listed."""
         uploads: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         while True:
-            page = await self._call(self.client.list_multipart_uploads, **kwargs)
+            page = await self._optional(LIST_UPLOADS, self.client.list_multipart_uploads, **kwargs)
+            if page is None:
+                return None
             uploads.extend(page.get("Uploads", []))
             if not page.get("IsTruncated"):
                 return uploads
@@ -425,7 +707,7 @@ class S3Archive:
 
     async def incomplete(self) -> set[str]:
         prefix = f"{self.prefix}/" if self.prefix else ""
-        found = (self._task_of(u["Key"]) for u in await self._uploads(prefix))
+        found = (self._task_of(u["Key"]) for u in await self._uploads(prefix) or [])
         return {task_id for task_id in found if task_id}
 
     async def discard_incomplete(
@@ -433,7 +715,7 @@ class S3Archive:
     ) -> int:
         key = self.key(task_id)
         removed = 0
-        for upload in await self._uploads(key):
+        for upload in await self._uploads(key) or []:
             if upload["Key"] != key:
                 continue
             if started_before is not None and upload["Initiated"] >= started_before:

@@ -91,6 +91,19 @@ class Metrics:
             registry=r,
         )
 
+        self.storage_refusals = prom.Counter(
+            "seedance_storage_optional_refusals",
+            "Optional storage calls (listing uploads, tags, checksums, HeadBucket) the store refused; "
+            "each kind is remembered and not asked again.",
+            ["call"],
+            registry=r,
+        )
+        self.tick_failures = prom.Counter(
+            "seedance_tick_failures",
+            "Ticks that crashed (an unexpected error); several in a row turn /healthz 503.",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))
 

@@ -309,3 +309,71 @@ class TestFileSpecifics:
     def test_unknown_scheme_is_a_config_error(self) -> None:
         with pytest.raises(errors.ConfigError):
             archive.from_url("ftp://host/dir")
+
+
+# A path component longer than any filesystem allows (NAME_MAX is 255): every call on it fails.
+TOO_LONG_NAME = "x" * 300
+
+
+class TestFileErrors:
+    """file://: a real OSError (full disk, I/O error, impossible path) is an ArchiveError, never bare."""
+
+    async def test_put_where_no_folder_can_be(self, tmp_path: pathlib.Path) -> None:
+        blocker = tmp_path / "a-file"
+        blocker.write_bytes(b"")
+        store = archive.FileArchive(blocker / "archive")
+        task_id = new_id()
+        with pytest.raises(errors.ArchiveError, match="archive folder write failed: Not a dir"):
+            await store.put(task_id, video(task_id, SMALL), SMALL)
+
+    async def test_put_on_a_full_disk(
+        self, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """/dev/full fails every write with ENOSPC; only the temporary name is pinned, to put it there."""
+        root = tmp_path / "archive"
+        task_id = new_id()
+        pinned = uuid.UUID(int=1)
+        (root / archive.INCOMING_DIR).mkdir(parents=True)
+        temp = root / archive.INCOMING_DIR / f"{task_id}.{pinned.hex}.part"
+        temp.symlink_to("/dev/full")
+        monkeypatch.setattr(archive.uuid, "uuid4", lambda: pinned)
+        store = archive.FileArchive(root)
+
+        with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:
+            await store.put(task_id, video(task_id, SMALL), SMALL)
+
+        assert isinstance(caught.value.__cause__, OSError)
+        assert not (root / f"{task_id}.mp4").exists()
+        assert list((root / archive.INCOMING_DIR).iterdir()) == []
+
+    async def test_find_meets_an_io_error(self, tmp_path: pathlib.Path) -> None:
+        """Reading /proc/self/mem from offset 0 fails with EIO: a disk going bad looks like this."""
+        task_id = new_id()
+        (tmp_path / f"{task_id}.mp4").symlink_to("/proc/self/mem")
+        with pytest.raises(errors.ArchiveError, match="archive folder read failed: Input/output"):
+            await archive.FileArchive(tmp_path).find(task_id)
+
+    async def test_discard_meets_a_folder_named_like_a_temporary_file(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        task_id = new_id()
+        (tmp_path / archive.INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.part").mkdir(parents=True)
+        with pytest.raises(errors.ArchiveError, match="archive folder cleanup failed: Is a dir"):
+            await archive.FileArchive(tmp_path).discard_incomplete(task_id)
+
+    @pytest.mark.parametrize("call", ["find", "put", "check", "incomplete", "discard_incomplete"])
+    async def test_every_call_on_an_impossible_path(
+        self, call: str, tmp_path: pathlib.Path
+    ) -> None:
+        store = archive.FileArchive(tmp_path / TOO_LONG_NAME)
+        task_id = new_id()
+        calls = {
+            "find": lambda: store.find(task_id),
+            "put": lambda: store.put(task_id, video(task_id, SMALL), SMALL),
+            "check": store.check,
+            "incomplete": store.incomplete,
+            "discard_incomplete": lambda: store.discard_incomplete(task_id),
+        }
+        with pytest.raises(errors.ArchiveError, match="File name too long") as caught:
+            await calls[call]()
+        assert isinstance(caught.value.__cause__, OSError)
