@@ -147,7 +147,7 @@ def capture_claim(sql_store: store.SqlStore, at: dt.datetime) -> tuple[str, Any]
 
     sa.event.listen(sql_store.engine, "before_cursor_execute", listener)
     try:
-        sql_store.claim_due("bench-explain", at, at + LEASE, CLAIM_LIMIT)
+        sql_store.claim_due("bench-explain", at, LEASE.total_seconds(), CLAIM_LIMIT)
     except _Captured as captured:
         return captured.statement, captured.parameters
     finally:
@@ -203,7 +203,7 @@ def run_claims(sql_store: store.SqlStore, at: dt.datetime, calls: int) -> None:
     times = []
     for _ in range(calls):
         started = time.perf_counter()
-        claimed = sql_store.claim_due("bench-explain", at, at + LEASE, CLAIM_LIMIT)
+        claimed = sql_store.claim_due("bench-explain", at, LEASE.total_seconds(), CLAIM_LIMIT)
         times.append((time.perf_counter() - started) * 1000)
         if not claimed:
             break

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
     retry = sub.add_parser("retry", help="put a task back to polling now, keeping its history")
     retry.add_argument("task_id")
+    retry.add_argument(
+        "--force", action="store_true", help="also retry an archived task (copies it again)"
+    )
     sub.add_parser(
         "check", help="exit 0 if the database answers and a daemon ticks with an accepted key"
     )
@@ -103,8 +106,9 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             )
             return 0
         if command == "retry":
-            if not sql_store.retry(args.task_id, utils.utcnow()):
-                print(f"{PROG}: no such task: {args.task_id}", file=sys.stderr)
+            outcome = sql_store.retry(args.task_id, utils.utcnow(), force=args.force)
+            if outcome is not store.RetryOutcome.RETRIED:
+                print(f"{PROG}: not retried: {args.task_id}: {outcome.value}", file=sys.stderr)
                 return 1
             print(f"{PROG}: {args.task_id} will be polled again now")
             return 0

@@ -8,9 +8,15 @@ limited to one daemon per database file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import enum
+import math
+import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -33,12 +39,19 @@ class Store(Protocol):
     """What the service needs from the database."""
 
     def claim_due(
-        self, owner: str, now: dt.datetime, lease_until: dt.datetime, limit: int
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        states: Iterable[str] | None = None,
     ) -> list[models.Task]: ...
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int: ...
 
-    def renew(self, owner: str, task_ids: Iterable[str], lease_until: dt.datetime) -> int: ...
+    def renew(
+        self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
+    ) -> set[str]: ...
 
     def release(self, owner: str, task_ids: Iterable[str]) -> int: ...
 
@@ -55,8 +68,101 @@ def engine_url(url: str) -> sa.URL:
     return parsed
 
 
-def make_engine(url: str) -> sa.Engine:
-    """An engine for ``url``; SQLite gets WAL and a busy timeout so feeders can write alongside us."""
+# Every PostgreSQL connection, the LISTEN one included: a connect timeout, and keepalives that find
+# a peer gone silent (a dropped network path) within about a minute.
+CONNECT_TIMEOUT_SECONDS = 10  # at most; never longer than the statement timeout (libpq's floor: 2)
+STATEMENT_TIMEOUT_SECONDS = 15.0  # the default of SEEDANCE_DATABASE_STATEMENT_TIMEOUT_SECONDS
+# The client side gives the server this much longer than its own statement timeout before it cuts
+# the connection: the server's timeout, when it can fire, gives the clearer error.
+WATCHDOG_MARGIN_SECONDS = 2.0
+PG_KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    # Sent data unacknowledged this long means the peer is gone (Linux TCP_USER_TIMEOUT, in ms).
+    "tcp_user_timeout": 60_000,
+}
+
+
+def connect_timeout(statement_timeout_seconds: float) -> int:
+    return max(2, min(CONNECT_TIMEOUT_SECONDS, math.ceil(statement_timeout_seconds)))
+
+
+def set_statement_timeout(dbapi_conn: Any, seconds: float) -> None:
+    """Set the server's statement timeout on a new psycopg connection.
+
+    A SET, not the ``options`` start-up parameter, so it also works through pgbouncer.
+    """
+    dbapi_conn.execute(f"SET statement_timeout = {round(seconds * 1000)}")
+    if not dbapi_conn.autocommit:
+        dbapi_conn.commit()
+
+
+class Watchdog:
+    """Cuts a PostgreSQL connection that has not answered by its deadline.
+
+    A server that stops answering without closing the connection (a hung server, a stuck proxy or
+    pooler) leaves a blocking driver call waiting forever: the peer's kernel still answers TCP
+    keepalives, and the server's statement_timeout never fires on a query it has not read. Shutting
+    the socket down from this thread makes the blocked call fail at once with a connection error,
+    which SQLAlchemy treats as a disconnect (the connection is discarded, the next call reconnects).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, tuple[float, int]] = {}  # key -> (monotonic deadline, fd)
+        self._thread: threading.Thread | None = None
+        self.cuts = 0
+
+    def guard(self, key: int, fd: int, seconds: float) -> None:
+        with self._cond:
+            self._deadlines[key] = (time.monotonic() + seconds, fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="db-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def release(self, key: int) -> None:
+        with self._cond:
+            self._deadlines.pop(key, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for key, (deadline, fd) in list(self._deadlines.items()):
+                    if deadline <= now:
+                        del self._deadlines[key]
+                        self._cut(fd)
+                wait = min((d for d, _ in self._deadlines.values()), default=now + 60) - now
+                self._cond.wait(timeout=max(0.01, wait))
+
+    def _cut(self, fd: int) -> None:
+        # Called with the lock held, while the connection is still checked out (so ``fd`` is its).
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return
+        with sock:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.cuts += 1
+        log.warning("database_connection_cut", reason="no answer by the statement deadline")
+
+
+WATCHDOG = Watchdog()
+
+
+def make_engine(
+    url: str, statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS
+) -> sa.Engine:
+    """An engine for ``url``.
+
+    SQLite gets WAL and a busy timeout so feeders can write alongside us. PostgreSQL gets a connect
+    timeout, keepalives and a statement timeout on every connection, and the :class:`Watchdog` on
+    every checkout, so no call can hang the daemon; a checkout pings the connection first.
+    """
     parsed = engine_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
@@ -70,7 +176,39 @@ def make_engine(url: str) -> sa.Engine:
             cursor.close()
 
         return engine
-    return sa.create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = sa.create_engine(
+        parsed,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=statement_timeout_seconds,
+        connect_args={
+            "connect_timeout": connect_timeout(statement_timeout_seconds),
+            **PG_KEEPALIVES,
+        },
+    )
+    deadline = statement_timeout_seconds + WATCHDOG_MARGIN_SECONDS
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        set_statement_timeout(dbapi_conn, statement_timeout_seconds)
+
+    @sa.event.listens_for(engine, "checkout")
+    def _guard_and_ping(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        # Our own pre-ping, inside the watchdog's deadline (SQLAlchemy's pool_pre_ping runs
+        # before any event could guard it). A failed ping makes the pool take a new connection.
+        WATCHDOG.guard(id(dbapi_conn), dbapi_conn.fileno(), deadline)
+        try:
+            dbapi_conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            WATCHDOG.release(id(dbapi_conn))
+            raise sqlalchemy.exc.DisconnectionError(_first_line(exc)) from exc
+
+    def _unguard(dbapi_conn: Any, *_args: Any) -> None:
+        WATCHDOG.release(id(dbapi_conn))
+
+    for name in ("checkin", "invalidate", "soft_invalidate", "close", "detach"):
+        sa.event.listen(engine, name, _unguard)
+    return engine
 
 
 def _task(row: sa.Row[Any]) -> models.Task:
@@ -87,6 +225,30 @@ def _typed(name: str) -> sa.BindParameter[Any]:
 
 
 AT_RISK = dt.timedelta(hours=1)
+
+
+class RetryOutcome(enum.StrEnum):
+    """What ``retry`` did."""
+
+    RETRIED = "retried"
+    NO_SUCH_TASK = "no such task"
+    ARCHIVED = "archived: its video is safe (use --force to copy it again)"
+    LEASED = "a running daemon is working on it right now; try again in a minute"
+
+
+# Only these mean "the database is down or unreachable". Any other refusal of a write (a value the
+# database cannot store, a constraint, an encoding error) is about the rows, which are then written
+# again one by one.
+_DOWN_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.DisconnectionError,
+    sqlalchemy.exc.TimeoutError,
+)
+
+
+class _RowRefused(Exception):
+    """The database refused a write for its content."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +277,7 @@ class SqlStore:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.rows_refused = 0  # outcomes the database refused even alone, since start
         self._save_stmt = (
             sa.update(t)
             .where(
@@ -125,8 +288,10 @@ class SqlStore:
         )
 
     @classmethod
-    def from_url(cls, url: str) -> SqlStore:
-        return cls(make_engine(url))
+    def from_url(
+        cls, url: str, statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS
+    ) -> SqlStore:
+        return cls(make_engine(url, statement_timeout_seconds))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -134,22 +299,34 @@ class SqlStore:
     # --- the daemon's side ----------------------------------------------------------------------
 
     def claim_due(
-        self, owner: str, now: dt.datetime, lease_until: dt.datetime, limit: int
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        states: Iterable[str] | None = None,
     ) -> list[models.Task]:
         """Lease up to ``limit`` due rows to ``owner``, nearest deadline first, in one statement.
 
         Rows not yet polled have no known deadline; they come first so the intake poll learns it.
+        ``states`` narrows the claim to some active states (while the API key is rejected, only
+        rows already downloading are worked on: their link needs no key). ``now`` decides which
+        rows are due; whose lease is live is decided by :meth:`_lease_clock`.
         """
         if limit <= 0:
             return []
+        wanted = sa.true() if states is None else t.c.state.in_(list(states))
         due = (
             sa.select(t.c.task_id)
             .where(
                 # Literal SQL identical to the partial index's predicate, so even a generic
                 # (prepared) plan can use ix_video_tasks_due.
                 sa.text(models.ACTIVE_SQL),
+                wanted,
                 t.c.next_attempt_at <= now,
-                sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < now),
+                sa.or_(
+                    t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now)
+                ),
             )
             .order_by(t.c.expires_at.asc().nulls_first(), t.c.next_attempt_at.asc())
             .limit(limit)
@@ -158,7 +335,7 @@ class SqlStore:
         stmt = (
             sa.update(t)
             .where(t.c.task_id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_expires_at=lease_until)
+            .values(lease_owner=owner, lease_expires_at=self._lease_until(now, lease_seconds))
             .returning(*t.c)
         )
         with self._begin() as conn:
@@ -168,30 +345,70 @@ class SqlStore:
         return claimed
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int:
-        """Write the daemon's columns of each task and release its lease, if ``owner`` still holds it."""
+        """Write the daemon's columns of each task and release its lease, if ``owner`` still holds it.
+
+        One batch normally. If the database refuses the batch for its content (a value it cannot
+        store, a constraint), the rows are written one by one, so one bad row never holds up the
+        rest; a row refused even alone is logged and left for its lease to run out. Only a lost
+        connection (StoreError) means the database is down.
+        """
         if not tasks:
             return 0
+        try:
+            return self._save_batch(tasks, owner)
+        except _RowRefused as exc:
+            log.warning("batch_write_refused", rows=len(tasks), error=str(exc))
+        written = 0
+        for task in tasks:
+            try:
+                written += self._save_batch([task], owner)
+            except _RowRefused as exc:
+                self.rows_refused += 1
+                log.error(
+                    "outcome_not_saved",
+                    task_id=task.task_id,
+                    state=task.state,
+                    error=str(exc),
+                    action="left for its lease to run out; the task is worked on again then",
+                )
+        return written
+
+    def _save_batch(self, tasks: Sequence[models.Task], owner: str) -> int:
         params = [
             {"b_task_id": task.task_id, "b_owner": owner}
             | {f"v_{name}": getattr(task, name) for name in models.DAEMON_FIELDS}
             for task in tasks
         ]
-        with self._begin() as conn:
-            result = conn.execute(self._save_stmt, params)
-            return int(result.rowcount)
+        try:
+            with self._begin(translate=False) as conn:
+                result = conn.execute(self._save_stmt, params)
+                return int(result.rowcount)
+        except errors.StoreError:
+            raise  # could not even connect
+        except _DOWN_ERRORS as exc:
+            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+        except (sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
+            raise _RowRefused(_first_line(exc)) from exc
 
-    def renew(self, owner: str, task_ids: Iterable[str], lease_until: dt.datetime) -> int:
-        """Extend the leases ``owner`` holds on ``task_ids`` (a long download is still running)."""
+    def renew(
+        self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
+    ) -> set[str]:
+        """Extend the leases ``owner`` still holds on ``task_ids``; return the ids it still holds.
+
+        An id missing from the answer was taken over by another daemon (our lease ran out): its
+        work must stop without writing back.
+        """
         ids = list(task_ids)
         if not ids:
-            return 0
+            return set()
         stmt = (
             sa.update(t)
             .where(t.c.task_id.in_(ids), t.c.lease_owner == owner)
-            .values(lease_expires_at=lease_until)
+            .values(lease_expires_at=self._lease_until(now, lease_seconds))
+            .returning(t.c.task_id)
         )
         with self._begin() as conn:
-            return int(conn.execute(stmt).rowcount)
+            return set(conn.scalars(stmt))
 
     def release(self, owner: str, task_ids: Iterable[str]) -> int:
         """Give rows back untouched, so the next claim (ours or a replica's) takes them."""
@@ -206,13 +423,32 @@ class SqlStore:
         with self._begin() as conn:
             return int(conn.execute(stmt).rowcount)
 
+    def _lease_clock(self, now: dt.datetime) -> sa.ColumnElement[Any]:
+        """The clock that leases follow.
+
+        On PostgreSQL it is the database's ``now()``: every replica compares against the same
+        clock, so one whose own clock runs ahead never takes another's live lease. On SQLite one
+        daemon owns the file, and its clock (``now``) is the only one.
+        """
+        if self.dialect == "postgresql":
+            return sa.func.now()
+        return sa.literal(now, models.UTCDateTime())
+
+    def _lease_until(self, now: dt.datetime, lease_seconds: float) -> sa.ColumnElement[Any]:
+        lease = dt.timedelta(seconds=lease_seconds)
+        if self.dialect == "postgresql":
+            return sa.func.now() + sa.literal(lease, sa.Interval())
+        return sa.literal(now + lease, models.UTCDateTime())
+
     def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]:
         """Which of ``task_ids`` some daemon holds a live lease on right now."""
         ids = list(task_ids)
         if not ids:
             return set()
         stmt = sa.select(t.c.task_id).where(
-            t.c.task_id.in_(ids), t.c.lease_owner.is_not(None), t.c.lease_expires_at >= now
+            t.c.task_id.in_(ids),
+            t.c.lease_owner.is_not(None),
+            t.c.lease_expires_at >= self._lease_clock(now),
         )
         with self._begin() as conn:
             return set(conn.scalars(stmt))
@@ -331,11 +567,18 @@ class SqlStore:
         with self._begin() as conn:
             return [_task(row) for row in conn.execute(stmt)]
 
-    def retry(self, task_id: str, now: dt.datetime) -> bool:
-        """Put a task back to polling now, keeping its history (polls, times, last error)."""
+    def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> RetryOutcome:
+        """Put a task back to polling now, keeping its history (polls, times, last error).
+
+        An ``archived`` row is left alone unless ``force`` (its video is safe; retrying it copies
+        it again). A row a live daemon holds is never touched, forced or not: clearing its lease
+        would let a second daemon start the same work.
+        """
+        free = sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now))
+        allowed = sa.true() if force else t.c.state != models.State.ARCHIVED.value
         stmt = (
             sa.update(t)
-            .where(t.c.task_id == task_id)
+            .where(t.c.task_id == task_id, free, allowed)
             .values(
                 state=models.State.POLLING.value,
                 next_attempt_at=now,
@@ -346,7 +589,16 @@ class SqlStore:
             )
         )
         with self._begin() as conn:
-            return int(conn.execute(stmt).rowcount) == 1
+            if int(conn.execute(stmt).rowcount) == 1:
+                return RetryOutcome.RETRIED
+            row = conn.execute(
+                sa.select(t.c.state, t.c.lease_owner).where(t.c.task_id == task_id)
+            ).first()
+        if row is None:
+            return RetryOutcome.NO_SUCH_TASK
+        if not force and row.state == models.State.ARCHIVED.value:
+            return RetryOutcome.ARCHIVED
+        return RetryOutcome.LEASED
 
     def counts(self) -> dict[str, int]:
         """How many rows are in each state (every state listed, zeros included)."""
@@ -400,10 +652,18 @@ class Listener:
     POLL_SECONDS = 1.0
     RECONNECT_MIN_SECONDS = 1.0
     RECONNECT_MAX_SECONDS = 30.0
+    # A connection that silently stopped delivering would leave us deaf: ping it this often.
+    PING_SECONDS = 30.0
 
-    def __init__(self, url: str, on_notify: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_notify: Callable[[], None],
+        statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS,
+    ) -> None:
         parsed = engine_url(url).set(drivername="postgresql")
         self._dsn = parsed.render_as_string(hide_password=False)
+        self._timeout = statement_timeout_seconds
         self._on_notify = on_notify
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pg-listener", daemon=True)
@@ -420,22 +680,42 @@ class Listener:
         delay = self.RECONNECT_MIN_SECONDS
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
-                    conn.execute(f"LISTEN {LISTEN_CHANNEL}")
+                with psycopg.connect(
+                    self._dsn,
+                    autocommit=True,
+                    connect_timeout=connect_timeout(self._timeout),
+                    **PG_KEEPALIVES,
+                ) as conn:
+                    self._guarded(conn, set_statement_timeout, conn, self._timeout)
+                    self._guarded(conn, conn.execute, f"LISTEN {LISTEN_CHANNEL}")
                     self.connected.set()
                     log.info("listen_connected", channel=LISTEN_CHANNEL)
                     delay = self.RECONNECT_MIN_SECONDS
                     # Rows inserted while we were away are found by the table poll; wake once anyway.
                     self._on_notify()
+                    pinged = time.monotonic()
                     while not self._stop.is_set():
                         for _ in conn.notifies(timeout=self.POLL_SECONDS):
                             self._on_notify()
+                        if time.monotonic() - pinged >= self.PING_SECONDS:
+                            self._guarded(conn, conn.execute, "SELECT 1")
+                            pinged = time.monotonic()
             except psycopg.Error as exc:
                 self.connected.clear()
                 log.warning("listen_disconnected", error=_first_line(exc), retry_in_s=delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.RECONNECT_MAX_SECONDS)
         self.connected.clear()
+
+    def _guarded(
+        self, conn: psycopg.Connection[Any], call: Callable[..., object], *args: Any
+    ) -> None:
+        """Run one statement on the LISTEN connection under the watchdog's deadline."""
+        WATCHDOG.guard(id(conn), conn.fileno(), self._timeout + WATCHDOG_MARGIN_SECONDS)
+        try:
+            call(*args)
+        finally:
+            WATCHDOG.release(id(conn))
 
 
 class SqliteLock:

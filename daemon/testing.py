@@ -6,11 +6,13 @@ never sleep or touch the network, so unit tests of the service run in microsecon
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
 
 from daemon import archive, errors, models, provider, store
 
@@ -40,6 +42,18 @@ def high_draw(low: float, high: float) -> float:
     return high
 
 
+class InlineExecutor(concurrent.futures.Executor):
+    """Runs each submitted call at once, in the caller's thread: deterministic unit tests."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
 class FakeStore:
     """The store's semantics (due, leases, nearest deadline first) on a dict."""
 
@@ -56,12 +70,20 @@ class FakeStore:
         return task
 
     def claim_due(
-        self, owner: str, now: dt.datetime, lease_until: dt.datetime, limit: int
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        states: Iterable[str] | None = None,
     ) -> list[models.Task]:
+        wanted = None if states is None else set(states)
+        lease_until = now + dt.timedelta(seconds=lease_seconds)
         due = [
             t
             for t in self.rows.values()
             if not t.is_terminal
+            and (wanted is None or t.state in wanted)
             and t.next_attempt_at is not None
             and t.next_attempt_at <= now
             and (t.lease_expires_at is None or t.lease_expires_at < now)
@@ -86,14 +108,17 @@ class FakeStore:
             written += 1
         return written
 
-    def renew(self, owner: str, task_ids: Iterable[str], lease_until: dt.datetime) -> int:
-        n = 0
+    def renew(
+        self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
+    ) -> set[str]:
+        held = set()
         for task_id in task_ids:
             task = self.rows.get(task_id)
             if task is not None and task.lease_owner == owner:
-                self.rows[task_id] = task.replace(lease_expires_at=lease_until)
-                n += 1
-        return n
+                until = now + dt.timedelta(seconds=lease_seconds)
+                self.rows[task_id] = task.replace(lease_expires_at=until)
+                held.add(task_id)
+        return held
 
     def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]:
         return {
@@ -142,6 +167,9 @@ class FakeProvider:
         self.videos: dict[str, bytes | Exception] = {}
         self.fetches: list[str] = []
         self.downloads: list[str] = []
+        # What check_key answers: True (accepted), False (rejected) or None (can't tell).
+        self.key_ok: bool | None = True
+        self.key_checks = 0
 
     def script(self, task_id: str, *replies: Reply) -> None:
         """The replies to the next polls of ``task_id``; the last one repeats."""
@@ -156,6 +184,10 @@ class FakeProvider:
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    async def check_key(self) -> bool | None:
+        self.key_checks += 1
+        return self.key_ok
 
     @contextlib.asynccontextmanager
     async def open_video(self, url: str) -> AsyncIterator[provider.Video]:

@@ -70,6 +70,32 @@ class TestOperatorCommands:
         assert detail["polls"] == 7 and detail["error"] == "deadline passed"
         assert cli(env, "retry", "video_nope", check=False).returncode == 1
 
+    def test_retry_refuses_an_archived_task_unless_forced(self, tmp_path: pathlib.Path) -> None:
+        env = _env(tmp_path)
+        with sqlite3.connect(tmp_path / "tasks.db") as conn:
+            conn.execute(
+                "INSERT INTO video_tasks (task_id, state, archive_uri) "
+                "VALUES ('video_safe', 'archived', 'file:///a/video_safe.mp4')"
+            )
+        refused = cli(env, "retry", "video_safe", check=False)
+        assert refused.returncode == 1 and "--force" in refused.stderr
+        assert json.loads(cli(env, "status", "video_safe", "--json").stdout)["state"] == "archived"
+        assert cli(env, "retry", "video_safe", "--force").returncode == 0
+        assert json.loads(cli(env, "status", "video_safe", "--json").stdout)["state"] == "polling"
+
+    def test_retry_never_clears_a_live_lease(self, tmp_path: pathlib.Path) -> None:
+        env = _env(tmp_path)
+        with sqlite3.connect(tmp_path / "tasks.db") as conn:
+            conn.execute(
+                "INSERT INTO video_tasks (task_id, state, lease_owner, lease_expires_at) "
+                "VALUES ('video_busy', 'downloading', 'host:1:abc', '2999-01-01 00:00:00.000000')"
+            )
+        for args in (("retry", "video_busy"), ("retry", "video_busy", "--force")):
+            refused = cli(env, *args, check=False)
+            assert refused.returncode == 1 and "running daemon" in refused.stderr
+        row = json.loads(cli(env, "status", "video_busy", "--json").stdout)
+        assert (row["state"], row["lease_owner"]) == ("downloading", "host:1:abc")
+
     def test_a_missing_table_says_to_migrate(self, tmp_path: pathlib.Path) -> None:
         env = base_env("http://127.0.0.1:9", f"sqlite:///{tmp_path}/new.db", f"file://{tmp_path}")
         result = cli(env, "run", check=False)

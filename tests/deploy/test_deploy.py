@@ -694,9 +694,9 @@ class TestPostgresRoles:
             assert sql_store.add("video_member_1")
             now = utils.utcnow()
             later = now + dt.timedelta(days=365)
-            claimed = sql_store.claim_due("t-owner", now, later, 10)
+            claimed = sql_store.claim_due("t-owner", now, 60, 10)
             assert [t.task_id for t in claimed] == ["video_member_1"]
-            assert sql_store.renew("t-owner", ["video_member_1"], later) == 1
+            assert sql_store.renew("t-owner", ["video_member_1"], now, 60) == {"video_member_1"}
             assert sql_store.leased(["video_member_1"], now) == {"video_member_1"}
             assert sql_store.release("t-owner", ["video_member_1"]) == 1
             for _ in range(2):  # insert, then update
@@ -710,7 +710,7 @@ class TestPostgresRoles:
                     api_key_ok=True,
                 )
             assert [d.owner for d in sql_store.daemons()] == ["t-owner"]
-            assert sql_store.retry("video_member_1", now)
+            assert sql_store.retry("video_member_1", now) is store.RetryOutcome.RETRIED
             sql_store.summary(now)
             assert sql_store.prune(later) == 0
             sql_store.forget_daemon("t-owner")

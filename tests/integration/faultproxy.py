@@ -22,6 +22,7 @@ from tests.conftest import free_port
 
 PIPE_READ_BYTES = 64 * 1024
 HEAD_LIMIT_BYTES = 64 * 1024
+HOLD_STEP_SECONDS = 0.05
 
 
 class FaultProxy:
@@ -188,9 +189,10 @@ class FaultProxy:
             await writer.wait_closed()
 
     async def _hold(self) -> None:
-        left = self._hold_until - time.monotonic()
-        if left > 0:
-            await asyncio.sleep(left)
+        # In short steps, so forward() lets held traffic go at once. (ASYNC110: the deadline is
+        # set from other threads; polling it beats an Event handed across loops.)
+        while (left := self._hold_until - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(min(left, HOLD_STEP_SECONDS))
 
     async def _pipe(
         self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, upstream: bool

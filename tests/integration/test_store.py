@@ -6,17 +6,42 @@ import datetime as dt
 import sqlite3
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
+import structlog.testing
 
 from daemon import errors, models, store, utils
 from tests.conftest import wait_for
 
 LEASE = dt.timedelta(seconds=60)
+LEASE_S = LEASE.total_seconds()
+# Leases follow the database's clock on PostgreSQL; it and this process share one host clock.
+CLOCKS_AGREE = dt.timedelta(seconds=30)
+
+
+def close_to(value: dt.datetime | None, expected: dt.datetime) -> bool:
+    return value is not None and abs(value - expected) < CLOCKS_AGREE
+
+
+def expire_leases(engine: sa.Engine, *task_ids: str) -> None:
+    """Make the leases on ``task_ids`` run out now, as time passing would."""
+    past = utils.utcnow() - dt.timedelta(seconds=1)
+    value: object = past
+    if engine.dialect.name == "sqlite":
+        value = past.strftime("%Y-%m-%d %H:%M:%S.%f")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE video_tasks SET lease_expires_at = :past WHERE task_id IN :ids"
+            ).bindparams(sa.bindparam("ids", expanding=True)),
+            {"past": value, "ids": list(task_ids)},
+        )
+
+
 TERMINAL = ("archived", "failed", "cancelled", "expired", "rejected")
 
 
@@ -91,7 +116,7 @@ class TestFeedingContract:
     ) -> None:
         feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
         now = utils.utcnow()
-        claimed = sql_store.claim_due("daemon-a", now, now + LEASE, 10)
+        claimed = sql_store.claim_due("daemon-a", now, LEASE_S, 10)
         assert ids(claimed) == {"video_abc"}
 
     def test_insert_with_mode(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
@@ -139,16 +164,16 @@ class TestClaim:
         for state in TERMINAL:
             insert(engine, f"t_{state}", state=state, next_attempt_at=past)
 
-        claimed = sql_store.claim_due("daemon-a", now, now + LEASE, 100)
+        claimed = sql_store.claim_due("daemon-a", now, LEASE_S, 100)
 
         assert ids(claimed) == {"pending", "polling", "downloading"}
         for task in claimed:
             assert task.lease_owner == "daemon-a"
-            assert task.lease_expires_at == now + LEASE
+            assert close_to(task.lease_expires_at, now + LEASE)
         stored = sql_store.get("polling")
         assert stored is not None
         assert stored.lease_owner == "daemon-a"
-        assert stored.lease_expires_at == now + LEASE
+        assert close_to(stored.lease_expires_at, now + LEASE)
         untouched = sql_store.get("leased")
         assert untouched is not None
         assert untouched.lease_owner == "someone"
@@ -169,7 +194,7 @@ class TestClaim:
                 lease_expires_at=long_ago,
             )
         far_future = now + dt.timedelta(days=30)
-        assert sql_store.claim_due("daemon-a", far_future, far_future + LEASE, 100) == []
+        assert sql_store.claim_due("daemon-a", far_future, LEASE_S, 100) == []
 
     def test_no_deadline_first_then_nearest_deadline(
         self, engine: sa.Engine, sql_store: store.SqlStore
@@ -201,12 +226,12 @@ class TestClaim:
 
         order = []
         for _ in range(4):
-            batch = sql_store.claim_due("daemon-a", now, now + LEASE, 1)
+            batch = sql_store.claim_due("daemon-a", now, LEASE_S, 1)
             assert len(batch) == 1
             order.append(batch[0].task_id)
 
         assert order == ["new", "soon", "mid", "late"]
-        assert sql_store.claim_due("daemon-a", now, now + LEASE, 1) == []
+        assert sql_store.claim_due("daemon-a", now, LEASE_S, 1) == []
 
     def test_batch_comes_back_nearest_deadline_first(
         self, engine: sa.Engine, sql_store: store.SqlStore
@@ -224,7 +249,7 @@ class TestClaim:
             )
         insert(engine, "new_1", state="pending", next_attempt_at=past)
 
-        batch = sql_store.claim_due("daemon-a", now, now + LEASE, 100)
+        batch = sql_store.claim_due("daemon-a", now, LEASE_S, 100)
 
         # The service starts work on the rows in this order, under a global request-rate limit.
         assert [task.task_id for task in batch] == ["new_1"] + [f"h{h:02d}" for h in sorted(hours)]
@@ -242,31 +267,46 @@ class TestClaim:
                 next_attempt_at=past,
                 expires_at=now + dt.timedelta(hours=hours),
             )
-        first = sql_store.claim_due("daemon-a", now, now + LEASE, 3)
+        first = sql_store.claim_due("daemon-a", now, LEASE_S, 3)
         assert ids(first) == {"h01", "h02", "h03"}
-        second = sql_store.claim_due("daemon-a", now, now + LEASE, 4)
+        second = sql_store.claim_due("daemon-a", now, LEASE_S, 4)
         assert ids(second) == {"h04", "h05", "h06", "h07"}
-        assert sql_store.claim_due("daemon-a", now, now + LEASE, 0) == []
+        assert sql_store.claim_due("daemon-a", now, LEASE_S, 0) == []
 
     def test_lease_excludes_others_until_it_expires(
         self, engine: sa.Engine, sql_store: store.SqlStore
     ) -> None:
         feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
         now = utils.utcnow()
-        assert ids(sql_store.claim_due("daemon-a", now, now + LEASE, 10)) == {"video_abc"}
+        assert ids(sql_store.claim_due("daemon-a", now, LEASE_S, 10)) == {"video_abc"}
 
-        assert sql_store.claim_due("daemon-b", now, now + LEASE, 10) == []
-        almost = now + LEASE - dt.timedelta(seconds=1)
-        assert sql_store.claim_due("daemon-b", almost, almost + LEASE, 10) == []
+        assert sql_store.claim_due("daemon-b", now, LEASE_S, 10) == []
 
-        later = now + LEASE + dt.timedelta(seconds=1)
-        taken = sql_store.claim_due("daemon-b", later, later + LEASE, 10)
+        expire_leases(engine, "video_abc")
+        later = utils.utcnow()
+        taken = sql_store.claim_due("daemon-b", later, LEASE_S, 10)
         assert ids(taken) == {"video_abc"}
         assert taken[0].lease_owner == "daemon-b"
         stored = sql_store.get("video_abc")
         assert stored is not None
         assert stored.lease_owner == "daemon-b"
-        assert stored.lease_expires_at == later + LEASE
+        assert close_to(stored.lease_expires_at, later + LEASE)
+
+    def test_a_fast_clock_does_not_take_a_live_lease(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        """On PostgreSQL leases follow the database's clock, so a replica running ahead waits."""
+        feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
+        now = utils.utcnow()
+        assert ids(sql_store.claim_due("daemon-a", now, LEASE_S, 10)) == {"video_abc"}
+        ahead = now + LEASE + dt.timedelta(seconds=90)  # daemon-b's clock runs 2.5 min fast
+        taken = sql_store.claim_due("daemon-b", ahead, LEASE_S, 10)
+        if sql_store.dialect == "postgresql":
+            assert taken == []
+            assert sql_store.leased(["video_abc"], ahead) == {"video_abc"}
+        else:
+            # SQLite allows one daemon per file (SqliteLock): its clock is the only one.
+            assert ids(taken) == {"video_abc"}
 
 
 class TestLeases:
@@ -278,7 +318,7 @@ class TestLeases:
         """Feed one row and lease it to daemon-a; the row and the claim's ``now``."""
         feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
         now = utils.utcnow()
-        (task,) = sql_store.claim_due("daemon-a", now, now + LEASE, 10)
+        (task,) = sql_store.claim_due("daemon-a", now, LEASE_S, 10)
         return task, now
 
     def test_save_writes_daemon_columns_and_clears_lease(
@@ -325,8 +365,8 @@ class TestLeases:
         now = utils.utcnow()
         for name in ("a1", "a2", "b1"):
             insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
-        mine = sql_store.claim_due("daemon-a", now, now + LEASE, 2)
-        theirs = sql_store.claim_due("daemon-b", now, now + LEASE, 2)
+        mine = sql_store.claim_due("daemon-a", now, LEASE_S, 2)
+        theirs = sql_store.claim_due("daemon-b", now, LEASE_S, 2)
         assert len(mine) == 2
         assert len(theirs) == 1
         batch = [task.replace(state="polling", polls=1) for task in [*mine, *theirs]]
@@ -353,9 +393,9 @@ class TestLeases:
     def test_save_after_losing_the_lease_changes_nothing(
         self, engine: sa.Engine, sql_store: store.SqlStore
     ) -> None:
-        task, now = self._claim_one(engine, sql_store)
-        later = now + LEASE + dt.timedelta(seconds=1)
-        assert len(sql_store.claim_due("daemon-b", later, later + LEASE, 10)) == 1
+        task, _ = self._claim_one(engine, sql_store)
+        expire_leases(engine, "video_abc")
+        assert len(sql_store.claim_due("daemon-b", utils.utcnow(), LEASE_S, 10)) == 1
 
         assert sql_store.save([task.replace(state="archived")], "daemon-a") == 0
         stored = sql_store.get("video_abc")
@@ -369,23 +409,24 @@ class TestLeases:
         now = utils.utcnow()
         for name in ("a1", "a2", "b1"):
             insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
-        assert len(sql_store.claim_due("daemon-a", now, now + LEASE, 2)) == 2
-        assert len(sql_store.claim_due("daemon-b", now, now + LEASE, 2)) == 1
+        assert len(sql_store.claim_due("daemon-a", now, LEASE_S, 2)) == 2
+        assert len(sql_store.claim_due("daemon-b", now, LEASE_S, 2)) == 1
         mine = {t.task_id for t in sql_store.list() if t.lease_owner == "daemon-a"}
         theirs = {t.task_id for t in sql_store.list() if t.lease_owner == "daemon-b"}
         until = now + dt.timedelta(minutes=10)
 
-        assert sql_store.renew("daemon-a", ["a1", "a2", "b1", "missing"], until) == 2
+        held = sql_store.renew("daemon-a", ["a1", "a2", "b1", "missing"], now, 600)
+        assert held == mine
 
         for task in sql_store.list():
             if task.task_id in mine:
-                assert task.lease_expires_at == until
+                assert close_to(task.lease_expires_at, until)
                 assert task.lease_owner == "daemon-a"
             else:
                 assert task.task_id in theirs
-                assert task.lease_expires_at == now + LEASE
+                assert close_to(task.lease_expires_at, now + LEASE)
                 assert task.lease_owner == "daemon-b"
-        assert sql_store.renew("daemon-a", [], until) == 0
+        assert sql_store.renew("daemon-a", [], now, 600) == set()
 
     def test_release_clears_only_the_lease(
         self, engine: sa.Engine, sql_store: store.SqlStore
@@ -400,7 +441,7 @@ class TestLeases:
         assert sql_store.release("daemon-a", ["video_abc"]) == 1
         after = sql_store.get("video_abc")
         assert after == before.replace(lease_owner=None, lease_expires_at=None)
-        assert ids(sql_store.claim_due("daemon-b", now, now + LEASE, 10)) == {"video_abc"}
+        assert ids(sql_store.claim_due("daemon-b", now, LEASE_S, 10)) == {"video_abc"}
 
 
 class TestOperatorSide:
@@ -436,7 +477,7 @@ class TestOperatorSide:
             next_attempt_at=now + dt.timedelta(days=10),
         )
 
-        assert sql_store.retry("video_abc", now) is True
+        assert sql_store.retry("video_abc", now) is store.RetryOutcome.RETRIED
 
         task = sql_store.get("video_abc")
         assert task is not None
@@ -445,8 +486,28 @@ class TestOperatorSide:
         assert task.polls == 7
         assert task.error == "content policy violation"
         assert task.last_polled_at == polled
-        assert ids(sql_store.claim_due("daemon-a", now, now + LEASE, 10)) == {"video_abc"}
-        assert sql_store.retry("no_such_task", now) is False
+        assert ids(sql_store.claim_due("daemon-a", now, LEASE_S, 10)) == {"video_abc"}
+        assert sql_store.retry("no_such_task", now) is store.RetryOutcome.NO_SUCH_TASK
+
+    def test_retry_leaves_archived_rows_and_live_leases_alone(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        insert(engine, "video_safe", state="archived", archive_uri="s3://b/video_safe.mp4")
+        insert(engine, "video_busy", state="downloading", next_attempt_at=now)
+        assert ids(sql_store.claim_due("daemon-a", now, LEASE_S, 10)) == {"video_busy"}
+
+        assert sql_store.retry("video_safe", now) is store.RetryOutcome.ARCHIVED
+        assert sql_store.get("video_safe").state == "archived"  # type: ignore[union-attr]
+        for force in (False, True):
+            assert sql_store.retry("video_busy", now, force=force) is store.RetryOutcome.LEASED
+        busy = sql_store.get("video_busy")
+        assert busy is not None and busy.lease_owner == "daemon-a"
+
+        assert sql_store.retry("video_safe", now, force=True) is store.RetryOutcome.RETRIED
+        assert sql_store.get("video_safe").state == "polling"  # type: ignore[union-attr]
+        expire_leases(engine, "video_busy")
+        assert sql_store.retry("video_busy", utils.utcnow()) is store.RetryOutcome.RETRIED
 
     def test_counts_lists_every_state(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
         assert sql_store.counts() == {state.value: 0 for state in models.State}
@@ -476,7 +537,7 @@ class TestDatetimes:
     def test_round_trip_as_aware_utc(self, engine: sa.Engine, sql_store: store.SqlStore) -> None:
         feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
         now = utils.utcnow()
-        (task,) = sql_store.claim_due("daemon-a", now, now + LEASE, 10)
+        (task,) = sql_store.claim_due("daemon-a", now, LEASE_S, 10)
         plus8 = dt.timezone(dt.timedelta(hours=8))
         created = dt.datetime(2026, 3, 1, 20, 15, 30, 123456, tzinfo=plus8)
         saved = task.replace(
@@ -498,7 +559,7 @@ class TestDatetimes:
     def test_naive_datetime_is_refused(self, sql_store: store.SqlStore) -> None:
         naive = dt.datetime(2026, 3, 1, 12, 0, 0)
         with pytest.raises(errors.StoreError, match="naive"):
-            sql_store.claim_due("daemon-a", naive, naive + LEASE, 10)
+            sql_store.claim_due("daemon-a", naive, LEASE_S, 10)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -596,7 +657,7 @@ class TestPostgresConcurrentClaims:
                 ) -> None:
                     try:
                         barrier.wait(5.0)
-                        while batch := s.claim_due(owner, now, now + LEASE, self.LIMIT):
+                        while batch := s.claim_due(owner, now, LEASE_S, self.LIMIT):
                             got[owner].append([task.task_id for task in batch])
                     except BaseException as exc:
                         failures.append(exc)
@@ -650,3 +711,100 @@ class TestSqliteLock:
                 store.SqliteLock(sqlite_url).acquire()
         finally:
             second.release()
+
+
+class TestPoisonedOutcomes:
+    """One outcome the database cannot store never holds up the rest of its batch."""
+
+    POISONS: ClassVar[dict[str, str]] = {
+        "nul": "content\x00policy",
+        "lone_surrogate": "bad \ud800 text",
+    }
+
+    def test_the_rest_of_the_batch_is_saved(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        names = ["good_1", *self.POISONS, "good_2"]
+        for name in names:
+            insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
+        claimed = {t.task_id: t for t in sql_store.claim_due("daemon-a", now, LEASE_S, 10)}
+        assert set(claimed) == set(names)
+        batch = [
+            claimed[name].replace(state="failed", error=self.POISONS.get(name, "fine"), polls=1)
+            for name in names
+        ]
+        with structlog.testing.capture_logs() as logs:
+            written = sql_store.save(batch, "daemon-a")
+
+        refused = {e["task_id"] for e in logs if e["event"] == "outcome_not_saved"}
+        # PostgreSQL refuses NUL in text; SQLite stores it. Neither can encode a lone surrogate.
+        expected = (
+            {"nul", "lone_surrogate"} if sql_store.dialect == "postgresql" else {"lone_surrogate"}
+        )
+        assert refused == expected
+        assert written == len(names) - len(expected)
+        assert sql_store.rows_refused == len(expected)
+        for name in names:
+            row = sql_store.get(name)
+            assert row is not None
+            if name in expected:
+                # Left as it was, leased, for its lease to run out and the work to be done again.
+                assert (row.state, row.polls, row.lease_owner) == ("pending", 0, "daemon-a")
+            else:
+                assert (row.state, row.polls, row.lease_owner) == ("failed", 1, None)
+
+    def test_a_database_that_is_down_is_not_retried_row_by_row(self, tmp_path: Any) -> None:
+        """A lost connection is StoreError at once: "down" is not a per-row problem."""
+        gone = store.SqlStore.from_url(f"sqlite:///{tmp_path}/missing-dir/none.db")
+        try:
+            with pytest.raises(errors.StoreError):
+                gone.save([models.Task(task_id="video_abc")], "daemon-a")
+        finally:
+            gone.close()
+
+
+class TestHungDatabase:
+    """A server that stops answering without closing cannot hang a store call."""
+
+    @pytest.mark.postgres
+    def test_a_silent_connection_is_cut_and_the_next_call_reconnects(self, pg_url: str) -> None:
+        from tests.integration.faultproxy import FaultProxy
+
+        with FaultProxy(5432) as proxy:
+            path = pg_url.rsplit("/", 1)[1]
+            hung = store.SqlStore.from_url(
+                f"postgresql://postgres@127.0.0.1:{proxy.port}/{path}", statement_timeout_seconds=1
+            )
+            try:
+                hung.ping()  # a pooled connection, established
+                cuts = store.WATCHDOG.cuts
+                proxy.stall(3600)  # holds every byte; closes nothing
+                outcome: list[BaseException | None] = []
+
+                def call() -> None:
+                    try:
+                        hung.summary(utils.utcnow())
+                        outcome.append(None)
+                    except BaseException as exc:
+                        outcome.append(exc)
+
+                worker = threading.Thread(target=call, daemon=True)
+                worker.start()
+                wait_for(lambda: outcome, 60, what="the hung call to fail")
+                assert isinstance(outcome[0], errors.StoreError), outcome
+                assert store.WATCHDOG.cuts > cuts
+                proxy.forward()
+                wait_for(lambda: _pings(hung), 60, what="the store to reconnect")
+                assert hung.counts()["pending"] == 0
+            finally:
+                proxy.forward()
+                hung.close()
+
+
+def _pings(sql_store: store.SqlStore) -> bool:
+    try:
+        sql_store.ping()
+    except errors.StoreError:
+        return False
+    return True
