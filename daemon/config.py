@@ -100,6 +100,11 @@ class Settings(pydantic_settings.BaseSettings):
     lease_seconds: float = pydantic.Field(default=120.0, ge=1)
     # Delete finished rows this many days after they finished; 0 keeps them forever.
     prune_after_days: float = pydantic.Field(default=0.0, ge=0)
+    # The longest a database statement may take (server side), and the deadline after which the
+    # daemon cuts a connection that does not answer at all (a hung server or proxy).
+    database_statement_timeout_seconds: float = pydantic.Field(default=15.0, gt=0, le=3600)
+    # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.
+    max_download_seconds: float = pydantic.Field(default=3600.0, gt=0)
 
     @pydantic.field_validator("api_base_url")
     @classmethod

@@ -23,6 +23,9 @@ DOWNLOAD_RETRY_SECONDS = 5.0
 # A 404 for a task never seen is retried this many polls before the id is rejected.
 NOT_FOUND_POLLS = 3
 NOT_FOUND_REASON = "the provider does not know this task id"
+# A 403 for one task while the provider accepts the key is retried this many polls, then rejected.
+FORBIDDEN_POLLS = 3
+FORBIDDEN_REASON = "the provider refuses this task while it accepts the API key"
 
 # Provider ids look like ``video_abc123def456``. Anything outside this set never reaches a URL or a key.
 TASK_ID_MAX_LENGTH = 128
@@ -38,6 +41,7 @@ class Rules:
     backoff_cap_seconds: float = BACKOFF_CAP_SECONDS
     download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS
     not_found_polls: int = NOT_FOUND_POLLS
+    forbidden_polls: int = FORBIDDEN_POLLS
 
     @classmethod
     def from_settings(cls, settings: config.Settings) -> Rules:
@@ -209,19 +213,49 @@ def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) 
             "the provider no longer has this task (404): it was deleted before the video was archived",
             now,
         )
-    # ``attempts`` counts consecutive failures of any kind; only 404s in a row count towards rejection.
-    previous_404s = task.attempts if (task.error or "").startswith(NOT_FOUND_REASON) else 0
-    not_found = previous_404s + 1
-    if not_found >= rules.not_found_polls:
+    return _refused_in_a_row(
+        task, NOT_FOUND_REASON, "yet (404)", "404", rules.not_found_polls, now, rules, draw
+    )
+
+
+def on_task_forbidden(
+    task: models.Task, reason: str, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """A 401/403 that only this task gets (the key is accepted): retry briefly, then ``rejected``.
+
+    The task may belong to another account, or the provider may have withdrawn it; either way it
+    must not pause the daemon, and a few polls in a row make sure it was no passing glitch.
+    """
+    return _refused_in_a_row(
+        task, FORBIDDEN_REASON, f"({reason})", reason, rules.forbidden_polls, now, rules, draw
+    )
+
+
+def _refused_in_a_row(
+    task: models.Task,
+    prefix: str,
+    detail: str,
+    what: str,
+    limit: int,
+    now: dt.datetime,
+    rules: Rules,
+    draw: Draw,
+) -> models.Task:
+    """Retry a refusal at the cadence; ``limit`` of the same kind in a row make the task ``rejected``.
+
+    ``attempts`` counts consecutive failures of any kind; only refusals whose error starts with
+    ``prefix`` count towards rejection.
+    """
+    previous = task.attempts if (task.error or "").startswith(prefix) else 0
+    refused = previous + 1
+    if refused >= limit:
         return _finish(
-            task.replace(polls=task.polls + 1, last_polled_at=now, attempts=not_found),
+            task.replace(polls=task.polls + 1, last_polled_at=now, attempts=refused),
             State.REJECTED,
-            f"{NOT_FOUND_REASON} (404 on {not_found} polls in a row)",
+            f"{prefix} ({what} on {refused} polls in a row)",
             now,
         )
-    return on_poll_error(
-        task.replace(attempts=previous_404s), f"{NOT_FOUND_REASON} yet (404)", now, rules, draw
-    )
+    return on_poll_error(task.replace(attempts=previous), f"{prefix} {detail}", now, rules, draw)
 
 
 def on_archived(

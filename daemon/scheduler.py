@@ -24,6 +24,7 @@ from daemon import (
     archive,
     config,
     errors,
+    metrics,
     policy,
     provider,
     ratelimit,
@@ -41,6 +42,7 @@ GAUGES_SECONDS = 30.0
 HEARTBEAT_SECONDS = 10.0
 PRUNE_SECONDS = 3600.0
 WATCHDOG_STALE_SECONDS = 30.0
+KEY_CHECK_SECONDS = 1.0  # how often the key-check job asks whether a check is due (cheap)
 RATE_BURST = 10
 
 
@@ -109,7 +111,10 @@ def build_service(
     settings: config.Settings, api_key: str
 ) -> tuple[service.Service, store.SqlStore]:
     """The service with its real store, provider and archive, as the settings describe them."""
-    sql_store = store.SqlStore.from_url(settings.database_url)
+    sql_store = store.SqlStore.from_url(
+        settings.database_url, settings.database_statement_timeout_seconds
+    )
+    svc_metrics = metrics.Metrics()
     client = provider.HttpProvider(
         settings.api_base_url,
         api_key,
@@ -123,11 +128,13 @@ def build_service(
     svc = service.Service(
         sql_store,
         client,
-        archive.from_url(settings.archive_url),
+        archive.from_url(settings.archive_url, metrics=svc_metrics),
         policy.Rules.from_settings(settings),
         ratelimit.RateLimiter(settings.max_requests_per_second, burst=RATE_BURST),
         owner=owner_name(),
         lease_seconds=settings.lease_seconds,
+        max_download_seconds=settings.max_download_seconds,
+        metrics=svc_metrics,
     )
     return svc, sql_store
 
@@ -152,7 +159,7 @@ async def run(
     started_at = svc.clock()
 
     async def heartbeat() -> None:
-        await asyncio.to_thread(
+        await svc.db(
             sql_store.beat,
             svc.owner,
             hostname=socket.gethostname(),
@@ -165,14 +172,16 @@ async def run(
 
     async def prune() -> None:
         cutoff = svc.clock() - dt.timedelta(days=settings.prune_after_days)
-        deleted = await asyncio.to_thread(sql_store.prune, cutoff)
+        deleted = await svc.db(sql_store.prune, cutoff)
         if deleted:
             log.info("finished_rows_pruned", rows=deleted, finished_before=cutoff.isoformat())
 
     async def watchdog() -> None:
-        # Only vouch for the daemon while its tick really runs: a stuck tick gets us restarted.
+        # Only vouch for the daemon while its ticks complete: a stuck or crashing tick gets us
+        # restarted.
         last = svc.last_tick_at
-        if last is not None and (svc.clock() - last).total_seconds() < WATCHDOG_STALE_SECONDS:
+        fresh = last is not None and (svc.clock() - last).total_seconds() < WATCHDOG_STALE_SECONDS
+        if fresh and svc.healthy:
             systemd.notify("WATCHDOG=1")
 
     def every(name: str, job: Callable[[], Awaitable[object]], seconds: float, now: bool) -> None:
@@ -189,7 +198,7 @@ async def run(
         )
 
     try:
-        await asyncio.to_thread(sql_store.check_schema)
+        await svc.db(sql_store.check_schema)
         try:
             await svc.archive.check()
         except errors.ArchiveError as exc:
@@ -201,6 +210,7 @@ async def run(
         every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
         every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
         every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
+        every("check_key", svc.check_key_if_due, KEY_CHECK_SECONDS, now=True)
         every("heartbeat", heartbeat, HEARTBEAT_SECONDS, now=True)
         if settings.prune_after_days > 0:
             every("prune", prune, PRUNE_SECONDS, now=True)
@@ -219,7 +229,11 @@ async def run(
             def wake_from_thread() -> None:
                 loop.call_soon_threadsafe(wake)
 
-            listener = store.Listener(settings.database_url, wake_from_thread)
+            listener = store.Listener(
+                settings.database_url,
+                wake_from_thread,
+                settings.database_statement_timeout_seconds,
+            )
             listener.start()
         if settings.http_port:
             server = web.WebServer(svc, sql_store, settings.http_host, settings.http_port)
@@ -248,10 +262,11 @@ async def run(
             await asyncio.to_thread(listener.stop)
         await svc.provider.aclose()
         try:
-            await asyncio.to_thread(sql_store.forget_daemon, svc.owner)
+            await svc.db(sql_store.forget_daemon, svc.owner)
         except errors.StoreError as exc:
             log.warning("heartbeat_not_removed", error=str(exc))
         sql_store.close()
+        svc.db_executor.shutdown(wait=False)
         lock.release()
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import datetime as dt
+import functools
 import math
 import random
 import time
 from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import structlog
 
@@ -22,6 +25,14 @@ from daemon import archive, errors, metrics, models, policy, provider, ratelimit
 from daemon.models import State
 
 log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+# Database calls run in their own small pool, apart from archive I/O (archive.py has its own), so
+# slow storage never starves a claim or a write-back. Each call holds a thread for at most the
+# statement timeout (the store's watchdog cuts a silent connection).
+DB_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -54,8 +65,13 @@ class Service:
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
     MAX_UNSTARTED_POLLS = 1000  # nor more claimed-but-unstarted polls than this, whatever the rate
     MAX_CONCURRENT_POLLS = 100  # requests on the wire at once (the client pool holds 200)
-    AUTH_PROBE_SECONDS = 180.0
+    AUTH_PROBE_SECONDS = 180.0  # while the key is rejected, check it again this often
+    # While no poll has been answered for this long (no task active), check the key anyway, so a
+    # wrong key is reported before a task needs it.
+    KEY_CHECK_IDLE_SECONDS = 300.0
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
+    MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
+    MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then (or the row's deadline), retried
 
     def __init__(
         self,
@@ -70,7 +86,9 @@ class Service:
         draw: policy.Draw = random.uniform,
         max_downloads: int = MAX_DOWNLOADS,
         lease_seconds: float = LEASE_SECONDS,
+        max_download_seconds: float = MAX_DOWNLOAD_SECONDS,
         metrics: metrics.Metrics | None = None,
+        db_executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -81,18 +99,26 @@ class Service:
         self.clock = clock
         self.draw = draw
         self.lease = dt.timedelta(seconds=lease_seconds)
+        self.max_download_seconds = max_download_seconds
+        self.db_executor = db_executor or concurrent.futures.ThreadPoolExecutor(
+            DB_THREADS, thread_name_prefix="db"
+        )
         self.stats = Stats()
         self.metrics = metrics or _new_metrics()
         self.metrics.rate_limit.set(limiter.rate)
-        self.last_tick_at: dt.datetime | None = None
-        self.auth_blocked_until: dt.datetime | None = None
+        self.last_tick_at: dt.datetime | None = None  # when a tick last completed
+        self.tick_failures = 0  # crashed ticks in a row
+        self.last_answer_at: dt.datetime | None = None  # the provider last answered a poll
+        self.key_checked_at: dt.datetime | None = None
+        self.auth_blocked_until: dt.datetime | None = None  # when the rejected key is checked next
         self._download_slots = asyncio.Semaphore(max_downloads)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._done: list[models.Task] = []
         self._to_release: set[str] = set()
         self._unstarted_polls = 0  # claimed rows whose poll has not gone out yet
         self._poll_slots = asyncio.Semaphore(self.MAX_CONCURRENT_POLLS)
-        self._probe_id: str | None = None  # the one row polled to test a rejected key
+        self._key_check: asyncio.Future[bool | None] | None = None  # one check at a time
+        self._lost: set[str] = set()  # rows whose lease another daemon took: drop their work
         # The claim running in a thread, if any: stop() waits for it so no lease outlives us.
         self._claiming: asyncio.Future[list[models.Task]] | None = None
         self._store_failures = 0
@@ -101,21 +127,57 @@ class Service:
 
     # --- the scheduled jobs -------------------------------------------------------------------------
 
+    async def db(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run a blocking store call in the database's own thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.db_executor, functools.partial(call, *args, **kwargs)
+        )
+
     async def tick(self) -> int:
-        """Write finished work back, then claim due rows and start on them. Returns rows claimed."""
+        """Write finished work back, then claim due rows and start on them. Returns rows started.
+
+        A tick that crashes is logged and counted; the daemon counts as alive only while ticks
+        complete (see :attr:`healthy`).
+        """
         now = self.clock()
-        self.last_tick_at = now
         self.stats.ticks += 1
+        try:
+            started = await self._tick(now)
+        except Exception:
+            self.tick_failures += 1
+            self.metrics.tick_failures.inc()
+            log.exception("tick_crashed", failures_in_a_row=self.tick_failures)
+            return 0
+        self.tick_failures = 0
+        self.last_tick_at = now
+        self.metrics.last_tick.set(now.timestamp())
+        return started
+
+    @property
+    def healthy(self) -> bool:
+        """Ticks complete: fewer than MAX_TICK_FAILURES crashed in a row."""
+        return self.tick_failures < self.MAX_TICK_FAILURES
+
+    async def _tick(self, now: dt.datetime) -> int:
         if time.monotonic() < self._store_retry_at:
             return 0
         try:
             await self.flush()
-            limit = 0 if self._stopping else self._claim_limit(now)
+            limit = 0 if self._stopping else self._claim_limit()
             rows = []
             if limit > 0:
+                # While the key is rejected, only rows already downloading are worked on: their
+                # link needs no key.
+                states = [State.DOWNLOADING.value] if self.auth_blocked else None
                 claim = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        self.store.claim_due, self.owner, now, now + self.lease, limit
+                    self.db(
+                        self.store.claim_due,
+                        self.owner,
+                        now,
+                        self.lease.total_seconds(),
+                        limit,
+                        states,
                     )
                 )
                 self._claiming = claim
@@ -129,18 +191,16 @@ class Service:
         if self._store_failures:
             log.warning("database_available_again", after_failures=self._store_failures)
             self._store_failures = 0
-        self.metrics.last_tick.set(now.timestamp())
         self.metrics.rate_limit.set(self.limiter.rate)
         if self._stopping:
             # SIGTERM came while the claim ran: give the rows straight back.
             self._to_release.update(row.task_id for row in rows)
             return 0
-        if self.auth_blocked_until is not None and rows:
-            self._probe_id = rows[0].task_id
         started = 0
         for row in rows:
             if row.task_id in self._running:
                 continue  # our own lease ran out and we re-claimed it: one worker is enough
+            self._lost.discard(row.task_id)
             self._running[row.task_id] = asyncio.create_task(
                 self._work(row), name=f"task:{row.task_id}"
             )
@@ -174,7 +234,7 @@ class Service:
         candidates = await self.archive.incomplete()
         if not candidates:
             return 0
-        busy = await asyncio.to_thread(self.store.leased, candidates, checked_at)
+        busy = await self.db(self.store.leased, candidates, checked_at)
         removed = 0
         for task_id in sorted(candidates - busy - set(self._running)):
             removed += await self.archive.discard_incomplete(task_id, started_before=checked_at)
@@ -184,25 +244,85 @@ class Service:
 
     async def refresh_gauges(self) -> store.Summary:
         """Recount tasks by state and at risk for the gauges (a housekeeping job)."""
-        summary = await asyncio.to_thread(self.store.summary, self.clock())
+        summary = await self.db(self.store.summary, self.clock())
         for state, count in summary.counts.items():
             self.metrics.tasks.labels(state=state).set(count)
         self.metrics.tasks_at_risk.set(summary.at_risk)
         return summary
 
     async def renew_leases(self) -> int:
-        """Keep the leases of rows still being worked on (long downloads) from running out."""
+        """Keep the leases of rows still being worked on (long downloads) from running out.
+
+        A row whose lease another daemon has taken (ours ran out, say during a database outage)
+        is being worked on twice: our work on it is cancelled without writing back, and its
+        unfinished upload is aborted by the cancellation.
+        """
         ids = list(self._running)
         if not ids:
             return 0
-        return await asyncio.to_thread(self.store.renew, self.owner, ids, self.clock() + self.lease)
+        held = await self.db(
+            self.store.renew, self.owner, ids, self.clock(), self.lease.total_seconds()
+        )
+        for task_id in set(ids) - held:
+            work = self._running.get(task_id)
+            if work is None:
+                continue  # it finished meanwhile; its outcome is saved only if the lease is ours
+            self._lost.add(task_id)
+            work.cancel()
+            log.warning(
+                "lease_lost",
+                task_id=task_id,
+                action="work cancelled without writing back; the new holder carries on",
+            )
+        return len(held)
+
+    async def check_key(self) -> bool | None:
+        """Ask the provider whether it accepts the API key (one request that costs nothing).
+
+        Concurrent callers share one request. A rejection blocks polling, an acceptance lifts
+        the block; when the answer cannot tell, nothing changes.
+        """
+        if self._key_check is None:
+            self._key_check = asyncio.ensure_future(self._check_key())
+        check = self._key_check
+        try:
+            return await asyncio.shield(check)
+        finally:
+            if check.done():
+                self._key_check = None
+
+    async def _check_key(self) -> bool | None:
+        await self.limiter.acquire()
+        verdict = await self.provider.check_key()
+        now = self.clock()
+        self.key_checked_at = now
+        if verdict is False:
+            self._block_auth(now, "the provider rejected the API key (HTTP 401/403)")
+        elif verdict is True:
+            self._unblock_auth()
+        return verdict
+
+    async def check_key_if_due(self) -> bool | None:
+        """The key-check job: at start, while the key is rejected, and while no task is active."""
+        now = self.clock()
+        if self.auth_blocked_until is not None:
+            due = now >= self.auth_blocked_until
+        else:
+            latest = max(
+                (t for t in (self.last_answer_at, self.key_checked_at) if t is not None),
+                default=None,
+            )
+            due = latest is None or (now - latest).total_seconds() >= self.KEY_CHECK_IDLE_SECONDS
+        if not due:
+            return None
+        return await self.check_key()
 
     async def flush(self) -> None:
         """Write queued outcomes and releases; on a database error keep them for the next try."""
         if self._done:
             done, self._done = self._done, []
             try:
-                await asyncio.to_thread(self.store.save, done, self.owner)
+                await self.db(self.store.save, done, self.owner)
             except BaseException:
                 # Also on cancellation: writing an outcome twice is harmless (the second finds the
                 # lease released and changes nothing); dropping it is not.
@@ -211,7 +331,7 @@ class Service:
         if self._to_release:
             ids, self._to_release = self._to_release, set()
             try:
-                await asyncio.to_thread(self.store.release, self.owner, ids)
+                await self.db(self.store.release, self.owner, ids)
             except BaseException:
                 self._to_release |= ids
                 raise
@@ -260,11 +380,7 @@ class Service:
 
     # --- one row ----------------------------------------------------------------------------------
 
-    def _claim_limit(self, now: dt.datetime) -> int:
-        if self.auth_blocked_until is not None:
-            if now < self.auth_blocked_until or self._probe_id is not None:
-                return 0
-            return 1  # one probe with a real task: does the provider take the key again?
+    def _claim_limit(self) -> int:
         # Claim only what can start soon: a claimed row waiting long in a queue holds its lease idle
         # and its lateness grows unseen.
         ahead = min(
@@ -288,9 +404,11 @@ class Service:
             outcome = policy.on_poll_error(row, reason, self.clock(), self.rules, self.draw)
         finally:
             self._running.pop(row.task_id, None)
-            if self._probe_id == row.task_id:
-                self._probe_id = None
-            if outcome is None:
+            if row.task_id in self._lost:
+                # Another daemon holds the row now: write nothing back, release nothing.
+                self._lost.discard(row.task_id)
+                outcome = None
+            elif outcome is None:
                 self._to_release.add(row.task_id)
             else:
                 self._done.append(outcome)
@@ -320,7 +438,6 @@ class Service:
         self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
     ) -> models.Task | None:
         """Poll the provider once; None means: give the row back untouched (key rejected)."""
-        probe = self._probe_id == row.task_id
         self._unstarted_polls += 1
         try:
             await self.limiter.acquire()
@@ -329,8 +446,8 @@ class Service:
             self._unstarted_polls -= 1
         now = self.clock()
         try:
-            if self.auth_blocked_until is not None and not probe:
-                return None
+            if self.auth_blocked:
+                return None  # the key broke while this poll waited for its turn
             if row.next_attempt_at is not None:
                 # Measured when the request really starts: time queued for a slot counts as late.
                 lateness = (now - row.next_attempt_at).total_seconds()
@@ -338,16 +455,17 @@ class Service:
                 self.metrics.poll_lateness.observe(max(0.0, lateness))
             self.stats.polls += 1
             answer = await self.provider.fetch(row.task_id)
+        except errors.AuthRejected as exc:
+            self._count_poll(row, exc)
+            return await self._auth_rejected(row, exc, now, task_log)
         except errors.ProviderError as exc:
             self._count_poll(row, exc)
             return self._poll_failed(row, exc, now, task_log)
         finally:
             self._poll_slots.release()
         self._count_poll(row, None)
-        if self.auth_blocked_until is not None:
-            log.warning("api_key_accepted_again")
-            self.auth_blocked_until = None
-            self.metrics.api_key_rejected.set(0)
+        self.last_answer_at = now
+        self._unblock_auth()
         task_log.debug("task_polled", status=answer.status.value)
         return policy.on_answer(row, answer, now, self.rules, self.draw)
 
@@ -366,10 +484,7 @@ class Service:
         now: dt.datetime,
         task_log: structlog.typing.FilteringBoundLogger,
     ) -> models.Task | None:
-        """The task after a failed poll; None gives the row back untouched (key rejected)."""
-        if isinstance(exc, errors.AuthRejected):
-            self._block_auth(now, str(exc))
-            return None
+        """The task after a failed poll (any error but a rejected key)."""
         if isinstance(exc, errors.TaskNotFound):
             return policy.on_not_found(row, now, self.rules, self.draw)
         if isinstance(exc, errors.MalformedAnswer):
@@ -393,15 +508,44 @@ class Service:
         task_log.warning("poll_failed", error=str(exc), attempts=row.attempts + 1)
         return policy.on_poll_error(row, str(exc), now, self.rules, self.draw)
 
+    async def _auth_rejected(
+        self,
+        row: models.Task,
+        exc: errors.AuthRejected,
+        now: dt.datetime,
+        task_log: structlog.typing.FilteringBoundLogger,
+    ) -> models.Task | None:
+        """A 401/403 for one task: is the key wrong, or is only this task refused?
+
+        One key check (a request for an id that cannot exist) tells them apart. A rejected key
+        pauses polling and gives the row back untouched (None); a key the provider accepts makes
+        the refusal this task's own, retried a few times and then ``rejected``. When the check
+        cannot tell, polling pauses too: no task is given up on a guess.
+        """
+        verdict = await self.check_key()
+        if verdict is True:
+            task_log.warning("task_refused_by_provider", error=str(exc))
+            return policy.on_task_forbidden(row, str(exc), now, self.rules, self.draw)
+        if verdict is None and not self.auth_blocked:
+            self._block_auth(now, f"{exc} and the key check could not tell")
+        return None
+
     def _block_auth(self, now: dt.datetime, reason: str) -> None:
         self.auth_blocked_until = now + dt.timedelta(seconds=self.AUTH_PROBE_SECONDS)
         self.metrics.api_key_rejected.set(1)
         log.error(
             "api_key_rejected",
             error=reason,
-            action="polling paused; check SEEDANCE_API_KEY",
-            next_probe_at=self.auth_blocked_until.isoformat(),
+            action="polling paused (downloads go on); check SEEDANCE_API_KEY",
+            next_check_at=self.auth_blocked_until.isoformat(),
         )
+
+    def _unblock_auth(self) -> None:
+        if self.auth_blocked_until is None:
+            return
+        log.warning("api_key_accepted_again")
+        self.auth_blocked_until = None
+        self.metrics.api_key_rejected.set(0)
 
     async def _archive(
         self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
@@ -416,8 +560,7 @@ class Service:
                 else:
                     # We hold the lease: any unfinished upload of this task is a dead one's leftover.
                     await self.archive.discard_incomplete(row.task_id)
-                    async with self.provider.open_video(row.video_url) as video:
-                        stored = await self.archive.put(row.task_id, video.chunks, video.length)
+                    stored = await self._copy(row)
             except errors.LinkExpired as exc:
                 self._download_failed("link_expired")
                 task_log.warning("video_link_expired", error=str(exc))
@@ -449,6 +592,23 @@ class Service:
             seconds=round(time.monotonic() - started, 3),
         )
         return policy.on_archived(row, stored.uri, stored.size, stored.sha256, now)
+
+    async def _copy(self, row: models.Task) -> archive.Stored:
+        """Stream the video into the archive, as a whole by the earlier of the row's deadline and
+        MAX_DOWNLOAD_SECONDS: a trickling host (or store) cannot hold a download slot for hours."""
+        assert row.video_url is not None
+        limit = self.max_download_seconds
+        if row.expires_at is not None:
+            limit = min(limit, (row.expires_at - self.clock()).total_seconds())
+        try:
+            async with asyncio.timeout(max(0.0, limit)):
+                async with self.provider.open_video(row.video_url) as video:
+                    return await self.archive.put(row.task_id, video.chunks, video.length)
+        except TimeoutError:
+            raise errors.DownloadError(
+                f"the download did not finish within {limit:.0f}s (the task's deadline or "
+                "SEEDANCE_MAX_DOWNLOAD_SECONDS); it will be retried"
+            ) from None
 
     def _download_failed(self, reason: str) -> None:
         self.stats.download_failures += 1

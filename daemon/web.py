@@ -1,6 +1,7 @@
 """The operator's HTTP endpoints: ``/healthz``, ``/readyz`` and ``/metrics``; 404 everywhere else.
 
-- ``/healthz``: the process and its event loop are alive and the tick ran recently.
+- ``/healthz``: the process and its event loop are alive and ticks complete: the last one
+  completed recently and fewer than ``Service.MAX_TICK_FAILURES`` crashed in a row.
 - ``/readyz``: the database answers, the archive storage answers, and the provider accepts the API
   key; 503 with the failing checks otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py``).
@@ -59,13 +60,19 @@ class WebServer:
     async def healthz(self, request: web.Request) -> web.Response:
         last = self.svc.last_tick_at
         age = None if last is None else (utils.utcnow() - last).total_seconds()
-        healthy = age is not None and age <= HEALTHY_TICK_AGE_SECONDS
-        body = {"status": "ok" if healthy else "stalled", "last_tick_age_s": age}
+        fresh = age is not None and age <= HEALTHY_TICK_AGE_SECONDS
+        healthy = fresh and self.svc.healthy
+        status = "ok" if healthy else ("stalled" if not fresh else "ticks failing")
+        body = {
+            "status": status,
+            "last_tick_age_s": age,
+            "tick_failures_in_a_row": self.svc.tick_failures,
+        }
         return web.json_response(body, status=200 if healthy else 503)
 
     async def readyz(self, request: web.Request) -> web.Response:
         database, storage = await asyncio.gather(
-            self._check(asyncio.to_thread(self.store.ping)),
+            self._check(self.svc.db(self.store.ping)),
             self._check(self.svc.archive.check()),
         )
         api_key = "rejected by the provider" if self.svc.auth_blocked else "ok"

@@ -39,6 +39,7 @@ from daemon import (
     config,
     models,
     policy,
+    provider,
     ratelimit,
     scheduler,
     service,
@@ -143,6 +144,7 @@ class Launcher:
         *,
         download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS,
         recovery_seconds: float | None = None,
+        on_build: Callable[[service.Service], None] | None = None,
         **overrides: Any,
     ) -> AsyncIterator[Running]:
         """Run ``scheduler.run`` with these settings (``overrides`` win) until the block ends.
@@ -183,6 +185,8 @@ class Launcher:
                     burst=scheduler.RATE_BURST,
                     recovery_seconds=recovery_seconds,
                 )
+            if on_build is not None:
+                on_build(svc)
             built.append(svc)
             return svc, sql_store
 
@@ -359,8 +363,9 @@ class TestProviderUnavailable:
         assert len(slow_polls) >= 3
         # The slow answer took its 1.5 s; the task's next poll waited for it (no overlap).
         assert gaps(slow_polls)[1] >= 1.5
-        start = slow_polls[1]
-        assert any(start < x < start + 1.4 for x in d.polls(brisk)), "brisk waited for slow"
+        # While the slow answer was on its way (until the slow task's next poll), brisk was polled.
+        start, end = slow_polls[1], slow_polls[2]
+        assert any(start < x < end for x in d.polls(brisk)), "brisk waited for slow"
 
 
 # --- 2. 429 ---------------------------------------------------------------------------------------
@@ -424,25 +429,30 @@ class TestRateLimited:
 
 
 class TestKeyRejected:
-    """A rejected key pauses polling to one probe at a time, gives no task up, and resumes."""
+    """A rejected key pauses polling to one key check at a time, gives no task up, and resumes."""
 
     IDS = ("video_k1", "video_k2", "video_k3")
     PROBE_SECONDS = 1.0
     BLOCKED_SECONDS = 3.5
 
     @pytest.mark.parametrize("code", [401, 403])
-    async def test_polling_pauses_to_probes_and_resumes_when_the_key_works(
+    async def test_polling_pauses_to_key_checks_and_resumes_when_the_key_works(
         self,
         launch: Launcher,
         sim: simulator.SimulatorThread,
         monkeypatch: pytest.MonkeyPatch,
         code: int,
     ) -> None:
-        """One probe per AUTH_PROBE_SECONDS, each logged loudly; rows untouched; then work resumes."""
+        """One key check per AUTH_PROBE_SECONDS, each logged loudly; rows untouched; then resume."""
         monkeypatch.setattr(service.Service, "AUTH_PROBE_SECONDS", self.PROBE_SECONDS)
         for tid in self.IDS:
             sim.simulator.add_task(tid, ready_seconds=3600, size=SMALL)
         port = free_port()
+        probe = provider.KEY_CHECK_TASK_ID
+
+        def task_polls() -> int:
+            return sum(sim.simulator.stats.polls[tid] for tid in self.IDS)
+
         async with launch(http_port=port) as d:
             for tid in self.IDS:
                 insert(d.rows, tid)
@@ -450,26 +460,25 @@ class TestKeyRejected:
                 lambda: all(d.state(tid) == "polling" for tid in self.IDS), "the intake polls"
             )
             assert (await readyz(port))[0] == 200
-            forbidden: dict[str, Any] = {}
             if code == 401:
                 sim.simulator.api_key = "a-rotated-key"  # the daemon's key no longer works
             else:
                 sim.simulator.add_fault("*", status=403, times=FOREVER)
-                forbidden = sim.simulator.faults["*"][0]  # its "times" counts down per use
             await d.until(lambda: d.svc.auth_blocked, "the block")
             blocked_at = time.time()
             # Outcomes of polls answered just before the key broke are written by the next ticks.
             await d.until(lambda: time.time() >= blocked_at + 0.5, "pending writes")
             before = {tid: d.row(tid) for tid in self.IDS}
-            counted, since = sum(sim.simulator.stats.polls.values()), time.time()
+            polls, checks, since = task_polls(), sim.simulator.stats.polls[probe], time.time()
             await d.until(lambda: time.time() - since >= self.BLOCKED_SECONDS, "the blocked window")
-            probes = sum(sim.simulator.stats.polls.values()) - counted
             assert d.svc.auth_blocked
+            assert task_polls() == polls  # no task was polled while the key is rejected
+            key_checks = sim.simulator.stats.polls[probe] - checks
             after = {tid: d.row(tid) for tid in self.IDS}
             status, body = await readyz(port)
             assert status == 503 and body["checks"]["api_key"] != "ok", body
 
-            # The key works again: the next probe lifts the block and every task is archived.
+            # The key works again: the next key check lifts the block and every task is archived.
             for tid in self.IDS:
                 sim.simulator.tasks[tid].ready_seconds = 0
             if code == 401:
@@ -477,25 +486,21 @@ class TestKeyRejected:
             else:
                 sim.simulator.faults["*"].clear()
             await d.until(
-                lambda: not d.svc.auth_blocked, "the block to lift", self.PROBE_SECONDS + 3
+                lambda: not d.svc.auth_blocked, "the block to lift", self.PROBE_SECONDS + 12
             )
             for tid in self.IDS:
                 await d.until_state(tid, "archived")
             assert d.events("api_key_accepted_again")
             assert (await readyz(port))[0] == 200
         rejections = d.events("api_key_rejected")
+        assert len(rejections) >= 2
         assert all(e["log_level"] == "error" for e in rejections)
         assert all("SEEDANCE_API_KEY" in e["action"] for e in rejections)
-        # Every rejected poll said so loudly, once.
-        if code == 401:
-            assert len(rejections) == sim.simulator.stats.unauthorized
-        else:
-            assert len(rejections) == FOREVER - forbidden["times"]
-        # Three tasks at a 0.3-0.6 s cadence would make ~20 polls in the window: only probes came.
-        expected = self.BLOCKED_SECONDS / self.PROBE_SECONDS
-        assert 2 <= probes <= expected + 1.5, probes
-        blocked_polls = [x for x in d.all_polls() if since <= x <= since + self.BLOCKED_SECONDS]
-        assert all(g >= self.PROBE_SECONDS - 0.1 for g in gaps(blocked_polls)), blocked_polls
+        # Three tasks at a 0.3-0.6 s cadence would make ~20 polls in the window: only key checks
+        # came, spaced by the probe interval.
+        assert 1 <= key_checks <= self.BLOCKED_SECONDS / self.PROBE_SECONDS + 1.5, key_checks
+        checks_at = [x for x in d.polls(probe) if since <= x <= since + self.BLOCKED_SECONDS]
+        assert all(g >= self.PROBE_SECONDS - 0.1 for g in gaps(checks_at)), checks_at
         # No task changed while blocked, and none was given up.
         for tid in self.IDS:
             fields = ("state", "attempts", "polls", "error", "next_attempt_at")
@@ -559,9 +564,12 @@ class TestMalformedAnswers:
             assert row.state == "polling", (tid, row.state)
             assert what in (row.error or ""), (tid, row.error)
             waits = gaps(bad_polls[tid])
-            # Never faster than the mode allows, never slower than its cadence: no backoff growth.
+            # Never faster than the mode allows, and scheduled within its cadence: no backoff
+            # growth. (The schedule, not the arrival times: a busy machine may run late.)
             assert min(waits) >= CADENCE_LOW - 0.05, (tid, waits)
-            assert max(waits) <= CADENCE_HIGH + LATE, (tid, waits)
+            assert row.next_attempt_at is not None and row.last_polled_at is not None
+            scheduled = (row.next_attempt_at - row.last_polled_at).total_seconds()
+            assert scheduled <= CADENCE_HIGH + 0.01, (tid, scheduled)
             logged = d.events("malformed_answer", tid)
             assert len(logged) >= self.MIN_BAD_POLLS and all(what in e["error"] for e in logged)
             assert_archived_intact(d, tid, SMALL)
@@ -667,7 +675,9 @@ class TestCompletedWithoutVideo:
             await d.until_state(tid, "archived")
         assert row.state == "polling" and row.provider_status == "completed"
         assert "no video_url" in (row.error or "")
-        assert all(CADENCE_LOW - 0.05 <= g <= CADENCE_HIGH + LATE for g in gaps(linkless))
+        assert all(g >= CADENCE_LOW - 0.05 for g in gaps(linkless))
+        assert row.next_attempt_at is not None and row.last_polled_at is not None
+        assert (row.next_attempt_at - row.last_polled_at).total_seconds() <= CADENCE_HIGH + 0.01
         assert_archived_intact(d, tid, SMALL)
 
 
@@ -1189,7 +1199,7 @@ class TestHostileTaskIds:
                 row = await d.until_state(tid, "rejected", 10)
                 assert row.error is not None and row.error.startswith("invalid task id"), row.error
             await d.until_state("video_fine", "archived")
-        assert set(sim.simulator.stats.polls) == {"video_fine"}
+        assert set(sim.simulator.stats.polls) - {provider.KEY_CHECK_TASK_ID} == {"video_fine"}
         assert set(sim.simulator.stats.downloads_started) == {"video_fine"}
         assert_archived_intact(d, "video_fine", SMALL)
         # Nothing written outside the archive folder but the database's own files, and nothing in

@@ -213,10 +213,17 @@ class TestHeartbeatAndCheck:
         sql = store.SqlStore.from_url(sqlite_url)
         settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0)
         async with running_daemon(settings):
-            await wait_until(lambda: bool(sql.daemons()), 10, "the first heartbeat")
+            # A heartbeat reports the last tick that completed (none, in one written at start).
+            await wait_until(
+                lambda: any(d.last_tick_at is not None for d in sql.daemons()),
+                30,
+                "a heartbeat after a completed tick",
+            )
             good = await asyncio.to_thread(run_cli, "check")
             assert good.returncode == 0, good.stdout
-            summary = json.loads((await asyncio.to_thread(run_cli, "status", "--json")).stdout)
+            status = await asyncio.to_thread(run_cli, "status", "--json")
+            assert status.returncode == 0, status.stderr
+            summary = json.loads(status.stdout)
             assert len(summary["daemons"]) == 1 and summary["daemons"][0]["api_key_ok"]
             text = (await asyncio.to_thread(run_cli, "status")).stdout
             assert "last tick:" in text and "at risk" in text and "oldest pending" in text

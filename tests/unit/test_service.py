@@ -88,7 +88,17 @@ def make_rig(
     fake = fake_provider or testing.FakeProvider()
     archive = testing.FakeArchive()
     limiter = ratelimit.RateLimiter(1e6, burst=1000, clock=LimiterClock(clock))
-    svc = service.Service(store, fake, archive, RULES, limiter, owner=OWNER, clock=clock, draw=draw)
+    svc = service.Service(
+        store,
+        fake,
+        archive,
+        RULES,
+        limiter,
+        owner=OWNER,
+        clock=clock,
+        draw=draw,
+        db_executor=testing.InlineExecutor(),
+    )
     return Rig(svc, store, fake, archive, clock)
 
 
@@ -347,12 +357,14 @@ class TestProviderTrouble:
         rig.store.add(TASK_ID)
         rig.store.add(other)
         rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 401"), answer(TASK_ID, "processing"))
-        rig.provider.script(other, answer(other, "processing"))
+        rig.provider.script(other, errors.AuthRejected("HTTP 401"), answer(other, "processing"))
+        rig.provider.key_ok = False
         before = {tid: rig.row(tid) for tid in (TASK_ID, other)}
         await rig.cycle()
 
         assert rig.svc.auth_blocked
-        assert len(rig.provider.fetches) == 1
+        assert rig.provider.key_checks == 1  # both 401s shared one check of the key
+        assert len(rig.provider.fetches) == 2
         assert sorted(rig.store.released) == sorted([TASK_ID, other])
         for tid, row in before.items():
             after = rig.row(tid)
@@ -361,27 +373,99 @@ class TestProviderTrouble:
             assert after.lease_owner is None
         assert rig.store.saved == []
 
+        # Blocked: nothing is polled, and the key is checked again only when its time comes.
         for _ in range(3):
             await rig.at((rig.svc.AUTH_PROBE_SECONDS - 1) / 3)
-        assert len(rig.provider.fetches) == 1
+            assert await rig.svc.check_key_if_due() is None
+        assert len(rig.provider.fetches) == 2 and rig.provider.key_checks == 1
 
-        assert await rig.at(1) == 1  # one probe
-        assert len(rig.provider.fetches) == 2
+        rig.provider.key_ok = True
+        rig.clock.advance(1)
+        assert await rig.svc.check_key_if_due() is True  # the probe: no task needed
+        assert rig.provider.key_checks == 2
         assert not rig.svc.auth_blocked
 
         await rig.cycle()
-        assert len(rig.provider.fetches) == 3
+        assert len(rig.provider.fetches) == 4
         assert {rig.row(tid).state for tid in (TASK_ID, other)} == {"polling"}
+
+    async def test_downloads_go_on_while_the_key_is_rejected(self, rig: Rig) -> None:
+        """A row already downloading needs no key: it is archived during the block."""
+        waiting = "video_waiting00001"
+        rig.store.add(TASK_ID)
+        rig.store.add(waiting)
+        rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
+        rig.provider.videos[URL] = VIDEO
+        rig.provider.key_ok = False
+        assert await rig.svc.check_key_if_due() is False
+        assert rig.svc.auth_blocked
+
+        await rig.cycle()
+        assert rig.row().state == "archived"
+        assert rig.provider.fetches == []
+        assert rig.row(waiting).state == "pending" and rig.row(waiting).lease_owner is None
+
+    async def test_a_403_for_one_task_only_rejects_that_task(self, rig: Rig) -> None:
+        """The key check says the key is fine: the refusal is the task's own."""
+        other = "video_other000001"
+        rig.store.add(TASK_ID)
+        rig.store.add(other)
+        rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 403", status_code=403))
+        rig.provider.script(other, answer(other, "processing"))
+        await rig.cycle()
+        assert not rig.svc.auth_blocked
+        assert rig.row().state == "polling" and rig.row().attempts == 1
+        assert rig.row(other).state == "polling"
+        for _ in range(policy.FORBIDDEN_POLLS - 1):
+            await rig.at(3600)
+        assert not rig.svc.auth_blocked
+        row = rig.row()
+        assert row.state == "rejected"
+        assert row.error is not None and "refuses this task" in row.error
+        assert f"on {policy.FORBIDDEN_POLLS} polls in a row" in row.error
+        assert rig.row(other).state == "polling"
+
+    async def test_a_key_check_that_cannot_tell_pauses_without_giving_up(self, rig: Rig) -> None:
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 401"))
+        rig.provider.key_ok = None
+        await rig.cycle()
+        assert rig.svc.auth_blocked
+        assert (rig.row().state, rig.row().attempts) == ("pending", 0)
+
+    async def test_the_key_is_checked_at_start_and_while_idle(self, rig: Rig) -> None:
+        """A wrong key is found before any task needs it; an active daemon spends no checks."""
+        rig.provider.key_ok = False
+        assert await rig.svc.check_key_if_due() is False  # at start: never checked
+        assert rig.svc.auth_blocked
+        rig.provider.key_ok = True
+        rig.clock.advance(rig.svc.AUTH_PROBE_SECONDS)
+        assert await rig.svc.check_key_if_due() is True
+        assert not rig.svc.auth_blocked
+
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
+        for _ in range(10):  # polls answered every 60 s: no check needed
+            await rig.at(60)
+            assert await rig.svc.check_key_if_due() is None
+        checks = rig.provider.key_checks
+        rig.store.rows[TASK_ID] = rig.row().replace(state="archived")
+        rig.clock.advance(rig.svc.KEY_CHECK_IDLE_SECONDS)  # idle: nothing answered for a while
+        assert await rig.svc.check_key_if_due() is True
+        assert rig.provider.key_checks == checks + 1
 
     async def test_a_failed_probe_keeps_the_block(self, rig: Rig) -> None:
         rig.store.add(TASK_ID)
         rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 403"))
+        rig.provider.key_ok = False
         await rig.cycle()
-        await rig.at(rig.svc.AUTH_PROBE_SECONDS)
-        assert len(rig.provider.fetches) == 2
+        rig.clock.advance(rig.svc.AUTH_PROBE_SECONDS)
+        assert await rig.svc.check_key_if_due() is False
+        assert rig.provider.key_checks == 2
         assert rig.svc.auth_blocked
         await rig.at(rig.svc.AUTH_PROBE_SECONDS - 1)
-        assert len(rig.provider.fetches) == 2
+        assert await rig.svc.check_key_if_due() is None
+        assert len(rig.provider.fetches) == 1 and rig.provider.key_checks == 2
         assert rig.row().state == State.PENDING
         assert rig.row().attempts == 0
 
@@ -574,3 +658,132 @@ class TestStopWithTheDatabaseDown:
         await rig.svc.stop(0)  # must not raise
         assert rig.row().state == State.PENDING  # nothing written...
         assert rig.row().lease_owner == OWNER  # ...and the lease simply runs out later
+
+
+class BuggyStore(testing.FakeStore):
+    """A store whose claim raises a bug (not a database error) while ``broken``."""
+
+    broken = True
+
+    def claim_due(self, *args: object, **kwargs: object) -> list[models.Task]:
+        if self.broken:
+            raise RuntimeError("a bug")
+        return super().claim_due(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class FailingStore(testing.FakeStore):
+    def claim_due(self, *args: object, **kwargs: object) -> list[models.Task]:
+        raise errors.StoreError("database unreachable: connection refused")
+
+
+class TestTickHealth:
+    """A tick counts as alive only when it completes; crashed ticks in a row make it unhealthy."""
+
+    async def test_crashed_ticks_turn_unhealthy_and_recover(self) -> None:
+        buggy = BuggyStore()
+        rig = make_rig(fake_store=buggy)
+        buggy.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
+        for n in range(1, rig.svc.MAX_TICK_FAILURES + 1):
+            assert rig.svc.healthy
+            await rig.at(1)
+            assert rig.svc.tick_failures == n
+        assert not rig.svc.healthy
+        assert rig.svc.last_tick_at is None  # no tick ever completed
+        sample = rig.svc.metrics.registry.get_sample_value("seedance_tick_failures_total")
+        assert sample == rig.svc.MAX_TICK_FAILURES
+
+        buggy.broken = False
+        await rig.at(1)
+        assert rig.svc.healthy and rig.svc.tick_failures == 0
+        assert rig.svc.last_tick_at == rig.clock.now
+        assert rig.row().state == "polling"
+
+    async def test_a_database_outage_is_handled_not_a_crash(self) -> None:
+        rig = make_rig(fake_store=FailingStore())
+        for _ in range(5):
+            await rig.at(60)
+        assert rig.svc.healthy and rig.svc.tick_failures == 0
+        assert rig.svc.last_tick_at == rig.clock.now
+
+
+class SlowVideoProvider(testing.FakeProvider):
+    """Serves one chunk, then waits until ``release`` is set (a trickling host)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streaming = asyncio.Event()
+        self.release = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def open_video(self, url: str) -> AsyncIterator[provider.Video]:
+        self.downloads.append(url)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield VIDEO[:1000]
+            self.streaming.set()
+            await self.release.wait()
+            yield VIDEO[1000:]
+
+        yield provider.Video(length=len(VIDEO), chunks=chunks())
+
+
+async def downloading_slowly() -> tuple[Rig, SlowVideoProvider]:
+    """A rig whose one row is downloading, part-way through a slow video."""
+    slow = SlowVideoProvider()
+    rig = make_rig(fake_provider=slow)
+    rig.store.add(TASK_ID)
+    rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
+    assert await rig.svc.tick() == 1
+    await asyncio.wait_for(slow.streaming.wait(), 5)
+    return rig, slow
+
+
+class TestLeaseLost:
+    """Work whose lease another daemon took is cancelled and writes nothing back."""
+
+    async def test_renewal_cancels_work_on_a_lost_lease(self) -> None:
+        rig, _ = await downloading_slowly()
+        # Another daemon took the row (our lease ran out unseen, say in a database outage).
+        rig.store.rows[TASK_ID] = rig.row().replace(lease_owner="other-daemon")
+        assert await rig.svc.renew_leases() == 0
+        await rig.settle()
+        await rig.svc.flush()
+        assert rig.store.saved == [] and rig.store.released == []
+        assert TASK_ID not in rig.archive.objects  # the upload was abandoned, not committed
+        assert rig.row().lease_owner == "other-daemon"
+
+    async def test_renewal_keeps_work_whose_lease_is_held(self) -> None:
+        rig, slow = await downloading_slowly()
+        assert await rig.svc.renew_leases() == 1
+        slow.release.set()
+        await rig.settle()
+        await rig.svc.flush()
+        assert rig.row().state == "archived"
+
+
+class TestDownloadDeadline:
+    """A download ends by the earlier of MAX_DOWNLOAD_SECONDS and the row's deadline."""
+
+    async def test_a_trickling_download_is_cut_and_retried(self) -> None:
+        slow = SlowVideoProvider()
+        rig = make_rig(fake_provider=slow)
+        rig.svc.max_download_seconds = 0.05  # a real (short) timer: the one thing not faked here
+        rig.store.add(TASK_ID)
+        rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
+        await rig.svc.tick()
+        for _ in range(500):
+            if not rig.svc.in_flight:
+                break
+            await asyncio.sleep(0.01)
+        await rig.svc.flush()
+        row = rig.row()
+        assert row.state == "downloading" and row.attempts == 1
+        assert row.error is not None and "did not finish within" in row.error
+        assert TASK_ID not in rig.archive.objects
+        assert (
+            rig.svc.metrics.registry.get_sample_value(
+                "seedance_download_failures_total", {"reason": "download"}
+            )
+            == 1
+        )
