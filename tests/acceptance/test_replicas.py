@@ -39,6 +39,15 @@ def _plan(sim: simulator.Simulator, count: int, seed: int) -> dict[str, tuple[st
     return plan
 
 
+def _ticking(pg_url: str) -> int:
+    """How many daemons have written a heartbeat after a completed tick."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM archiver_heartbeats WHERE last_tick_at IS NOT NULL"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _replica_env(sim_url: str, pg_url: str, bucket: str) -> dict[str, str]:
     env = base_env(sim_url, pg_url, f"s3://{bucket}/replicas")
     # A modest rate each, so no single replica claims every due row at once: they compete.
@@ -95,6 +104,9 @@ class TestReplicas:
         cli(env, "migrate")
         feeder = PostgresFeeder(pg_url)
         replicas: list[Daemon] = [start_daemon(env) for _ in range(3)]
+        # Feed only once all three tick, so they compete from the first claim (a busy machine may
+        # take seconds to start one; the first to tick would otherwise take every row).
+        wait_for(lambda: _ticking(pg_url) == 3, timeout=60, what="three replicas to tick")
         for task_id, (mode, _, _) in plan.items():
             feeder.insert(task_id, mode)
         wait_for(lambda: _finished(feeder, list(plan)), timeout=120, what="every task to finish")
