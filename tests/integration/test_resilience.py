@@ -500,3 +500,50 @@ class TestHealth:
         finally:
             notify.close()
         assert d.events("tick_crashed")
+
+
+# --- 1. the whole daemon on a store that refuses every optional call --------------------------------
+
+
+class TestPlainStore:
+    """The issue's finding, replayed: PostgreSQL, 25 finished videos, a store answering 501 to
+    every optional S3 call (listing uploads, tags, checksum headers, HeadBucket)."""
+
+    @pytest.mark.postgres
+    async def test_every_video_is_archived(
+        self,
+        pg_url: str,
+        sim: simulator.SimulatorThread,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+        s3_endpoint: str,
+        s3_client: Any,
+        s3_bucket: str,
+    ) -> None:
+        from tests.integration import s3proxy
+        from tests.integration.test_s3_compat import OPTIONAL_CALLS
+
+        ids = [f"video_plain_{n:02d}" for n in range(25)]
+        big = {ids[0], ids[1]}  # two multipart uploads among them
+        sizes = {tid: archive.PART_BYTES + MIB if tid in big else SMALL for tid in ids}
+        for tid in ids:
+            sim.simulator.add_task(tid, ready_seconds=0.5, size=sizes[tid])
+        with s3proxy.S3Proxy(s3_endpoint) as store:
+            for call in OPTIONAL_CALLS:
+                store.refuse(call)
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", store.url)
+            launch = Launcher(sim, pg_url, tmp_path, monkeypatch)
+            async with launch(archive_url=f"s3://{s3_bucket}/{S3_PREFIX}") as d:
+                for tid in ids:
+                    insert(d.rows, tid)
+                for tid in ids:
+                    await d.until_state(tid, "archived", 60)
+                no_crashes(d)
+                refused = {e["call"] for e in d.events("storage_feature_refused")}
+        assert refused >= {"ListMultipartUploads", "HeadBucket"}, refused
+        # Each refusal was logged once, not once per video.
+        assert len(d.events("storage_feature_refused")) == len(refused)
+        for tid in ids:
+            row = d.row(tid)
+            assert row.archive_sha256 == simulator.video_sha256(tid, sizes[tid])
+            assert s3_sha256(s3_client, s3_bucket, tid) == row.archive_sha256
