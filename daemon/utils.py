@@ -17,8 +17,7 @@ def redact_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    # Everything up to the last "@" is userinfo (user:password); the rest is host[:port], kept as written.
+    host = parts.netloc.rpartition("@")[2]
     query = "?<redacted>" if parts.query else ""
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) + query
