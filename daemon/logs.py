@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections.abc
 import logging
-import re
 import sys
 from typing import Any, TextIO
 
@@ -18,18 +17,12 @@ import structlog
 
 from daemon import utils
 
-# Any scheme (RFC 3986: a letter, then letters, digits, "+", "-", "."): postgresql://, s3://, redis://...
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 # Values rendered as they are; anything else is rendered through its repr, which may hold a URL.
 _PLAIN = (int, float, bool, type(None))
 _MAX_DEPTH = 20
 
 
-def redact_text(text: str) -> str:
-    """``text`` with every URL in it redacted (no credentials, no query string)."""
-    if "://" not in text:
-        return text
-    return _URL.sub(lambda m: utils.redact_url(m.group(0)), text)
+redact_text = utils.redact_text
 
 
 def _redact(value: Any, depth: int = 0) -> Any:
