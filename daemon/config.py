@@ -8,6 +8,7 @@ the variable and never repeats the value (it may be a secret).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import pathlib
@@ -89,6 +90,8 @@ class Settings(pydantic_settings.BaseSettings):
         frozenset[str], pydantic_settings.NoDecode, pydantic.BeforeValidator(_split_schemes)
     ] = frozenset({"https"})
     allow_private_video_hosts: bool = False
+    # Send the API key over plain http:// to a host that is not loopback (a private network only).
+    allow_insecure_api_url: bool = False
     max_video_bytes: int = pydantic.Field(default=2 * 1024**3, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = pydantic.Field(default=9710, ge=0, le=65535)
@@ -158,8 +161,26 @@ class Settings(pydantic_settings.BaseSettings):
         """The polling cadence of each mode."""
         return {"draft": self.poll_draft, "standard": self.poll_standard, "flex": self.poll_flex}
 
+    def check_api_transport(self) -> None:
+        """Raise ConfigError if the key would travel in clear: http:// to a host that is not loopback.
+
+        SEEDANCE_ALLOW_INSECURE_API_URL=true allows it, for a provider reached over a private network.
+        """
+        parts = urllib.parse.urlsplit(self.api_base_url)
+        if parts.scheme == "https" or self.allow_insecure_api_url or _is_loopback(parts.hostname):
+            return
+        raise errors.ConfigError(
+            f"invalid setting {ENV_PREFIX}API_BASE_URL: http:// would send the API key in clear to a "
+            f"host that is not loopback; use https:// (or set {ENV_PREFIX}ALLOW_INSECURE_API_URL=true "
+            "for a private network)"
+        )
+
     def resolve_api_key(self) -> str:
-        """The API key from SEEDANCE_API_KEY, SEEDANCE_API_KEY_FILE or the systemd credential."""
+        """The API key from SEEDANCE_API_KEY, SEEDANCE_API_KEY_FILE or the systemd credential.
+
+        Refused (ConfigError) when the base URL would carry it in clear: see :meth:`check_api_transport`.
+        """
+        self.check_api_transport()
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         if self.api_key_file is not None:
@@ -184,6 +205,21 @@ class Settings(pydantic_settings.BaseSettings):
             "poll": {mode: str(c) for mode, c in self.cadences().items()},
             "max_requests_per_second": self.max_requests_per_second,
         }
+
+
+def _is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is localhost, 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z)."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _read_key_file(path: pathlib.Path, name: str) -> str:

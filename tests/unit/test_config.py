@@ -255,6 +255,54 @@ class TestApiKey:
             config.load().resolve_api_key()
 
 
+class TestKeyOnlyOverTls:
+    """The key is never handed out for a plain http:// base URL, unless it is loopback or allowed."""
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://api.example.com/kyy",
+            "http://10.0.0.5:8080",
+            "http://[2001:db8::1]/kyy",
+            "http://localhost.example.com",
+            "http://127.0.0.1.nip.io",
+        ],
+    )
+    def test_http_to_another_host_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, url: str
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", url)
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_BASE_URL") as caught:
+            config.load().resolve_api_key()
+        assert "SEEDANCE_ALLOW_INSECURE_API_URL" in str(caught.value)
+        assert SECRET not in str(caught.value)
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://127.0.0.1:8080",
+            "http://127.3.4.5",
+            "http://[::1]:8080/kyy",
+            "http://localhost:8080",
+            "http://LOCALHOST.",
+            "https://api.example.com/kyy",
+        ],
+    )
+    def test_loopback_and_https_are_allowed(
+        self, monkeypatch: pytest.MonkeyPatch, url: str
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", url)
+        assert config.load().resolve_api_key() == SECRET
+
+    def test_the_override_allows_a_private_network(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", "http://10.0.0.5:8080")
+        monkeypatch.setenv("SEEDANCE_ALLOW_INSECURE_API_URL", "true")
+        assert config.load().resolve_api_key() == SECRET
+
+
 class TestPublicSummary:
     """What is logged at start leaves every secret out."""
 
@@ -299,6 +347,16 @@ class TestCommandLine:
         assert len(err.splitlines()) == 1
         assert "SEEDANCE_API_KEY" in err
         assert not (tmp_path / "tasks.db").exists()
+
+    def test_http_base_url_stops_run(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", "http://api.example.com")
+        assert cli.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert "SEEDANCE_API_BASE_URL" in err and SECRET not in err
 
     def test_bad_api_key_is_not_printed(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
