@@ -88,12 +88,12 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         settings.resolve_api_key()  # fail before anything starts
         return asyncio.run(scheduler.run(settings))
     if command == "migrate":
-        schema.upgrade(settings.database_url)
+        schema.upgrade(settings.resolve_database_url())
         print(f"{PROG}: video_tasks is at the latest schema")
         return 0
     if command == "demo":
         return demo.run()
-    sql_store = store.SqlStore.from_url(settings.database_url)
+    sql_store = store.SqlStore.from_url(settings.resolve_database_url())
     try:
         if command == "add":
             problem = policy.task_id_problem(args.task_id)

@@ -26,6 +26,9 @@ ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
 # Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
 API_KEY_CREDENTIAL = "seedance-api-key"
+# Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
+DATABASE_URL_CREDENTIAL = "seedance-database-url"
+DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
 MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
 
 
@@ -79,7 +82,9 @@ class Settings(pydantic_settings.BaseSettings):
     api_key: pydantic.SecretStr | None = None
     api_key_file: pathlib.Path | None = None
     api_base_url: str = DEFAULT_API_BASE_URL
-    database_url: str = "sqlite:///seedance-archiver.db"
+    # Use resolve_database_url(): the URL may come from a file or a systemd credential instead.
+    database_url: str = DEFAULT_DATABASE_URL
+    database_url_file: pathlib.Path | None = None
     archive_url: str = "file://./archive"
     poll_draft: CadenceSetting = Cadence(10, 20)
     poll_standard: CadenceSetting = Cadence(30, 60)
@@ -120,15 +125,7 @@ class Settings(pydantic_settings.BaseSettings):
     @pydantic.field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        try:
-            url = sqlalchemy.engine.make_url(value)
-        except sqlalchemy.exc.ArgumentError:
-            raise ValueError(
-                "expected a SQLAlchemy URL: sqlite:///file.db or postgresql://..."
-            ) from None
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError("only sqlite:// and postgresql:// databases are supported")
-        return value
+        return _check_database_url(value)
 
     @pydantic.field_validator("archive_url")
     @classmethod
@@ -195,9 +192,30 @@ class Settings(pydantic_settings.BaseSettings):
             f"or the systemd credential {API_KEY_CREDENTIAL})"
         )
 
+    def resolve_database_url(self) -> str:
+        """The database URL: SEEDANCE_DATABASE_URL if set, else SEEDANCE_DATABASE_URL_FILE, else the
+        systemd credential seedance-database-url, else the default SQLite file.
+
+        A file keeps the password out of the environment (which /proc and ``systemctl show`` expose).
+        Its content is checked like the variable; an error names the source, never the content.
+        """
+        if "database_url" in self.model_fields_set:
+            return self.database_url
+        if self.database_url_file is not None:
+            return _read_database_url(self.database_url_file, f"{ENV_PREFIX}DATABASE_URL_FILE")
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL).exists():
+            return _read_database_url(
+                pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL,
+                f"credential {DATABASE_URL_CREDENTIAL}",
+            )
+        return self.database_url
+
     def public_summary(self) -> dict[str, Any]:
         """The settings worth logging at start, with every secret left out or masked."""
-        db = sqlalchemy.engine.make_url(self.database_url).render_as_string(hide_password=True)
+        db = sqlalchemy.engine.make_url(self.resolve_database_url()).render_as_string(
+            hide_password=True
+        )
         return {
             "api_base_url": self.api_base_url,
             "database_url": db,
@@ -220,6 +238,26 @@ def _is_loopback(host: str | None) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
+
+
+def _check_database_url(value: str) -> str:
+    try:
+        url = sqlalchemy.engine.make_url(value)
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(
+            "expected a SQLAlchemy URL: sqlite:///file.db or postgresql://..."
+        ) from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError("only sqlite:// and postgresql:// databases are supported")
+    return value
+
+
+def _read_database_url(path: pathlib.Path, name: str) -> str:
+    text = _read_key_file(path, name)
+    try:
+        return _check_database_url(text)
+    except ValueError as exc:
+        raise errors.ConfigError(f"invalid setting {name}: {exc}") from None
 
 
 def _read_key_file(path: pathlib.Path, name: str) -> str:

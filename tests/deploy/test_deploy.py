@@ -206,12 +206,17 @@ class TestSystemdUnit:
         grace = config.Settings.model_fields["shutdown_grace_seconds"].default
         assert _seconds(_one("TimeoutStopSec")) > grace
 
-    def test_api_key_is_the_credential_the_daemon_reads(self) -> None:
-        """LoadCredential names the credential config.py looks for in $CREDENTIALS_DIRECTORY."""
-        name, _, source = _one("LoadCredential").partition(":")
-        assert name == config.API_KEY_CREDENTIAL == "seedance-api-key"
-        assert source.startswith("/etc/seedance-archiver/")
-        assert "SEEDANCE_API_KEY" not in " ".join(SERVICE.get("Environment", []))
+    def test_secrets_are_the_credentials_the_daemon_reads(self) -> None:
+        """LoadCredential names the credentials config.py looks for in $CREDENTIALS_DIRECTORY."""
+        credentials = dict(v.partition(":")[::2] for v in SERVICE.get("LoadCredential", []))
+        assert credentials == {
+            config.API_KEY_CREDENTIAL: "/etc/seedance-archiver/api-key",
+            config.DATABASE_URL_CREDENTIAL: "/etc/seedance-archiver/database-url",
+        }
+        assert config.DATABASE_URL_CREDENTIAL == "seedance-database-url"
+        environment = " ".join(SERVICE.get("Environment", []))
+        assert "SEEDANCE_API_KEY" not in environment
+        assert "SEEDANCE_DATABASE_URL" not in environment
 
     def test_hardening(self) -> None:
         """No root, a read-only system, no privileges to gain, a system-call allow-list."""
@@ -494,6 +499,23 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
+def _secret_text(compose: dict[str, Any], service: dict[str, Any], path: str) -> str:
+    """The content of the compose secret ``service`` sees at ``path`` (/run/secrets/NAME)."""
+    names = [s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])]
+    name = path.removeprefix("/run/secrets/")
+    assert name in names, f"{path} is not one of the service's secrets {names}"
+    return (COMPOSE.parent / compose["secrets"][name]["file"]).read_text().strip()
+
+
+def _database_url(compose: dict[str, Any], service: dict[str, Any]) -> str:
+    """The database URL a service reads from its SEEDANCE_DATABASE_URL_FILE secret."""
+    env = _environment(service)
+    assert "SEEDANCE_DATABASE_URL" not in env, "the password belongs in a secret file"
+    url = _secret_text(compose, service, env["SEEDANCE_DATABASE_URL_FILE"])
+    config.load(database_url=url)  # a valid setting
+    return url
+
+
 class TestCompose:
     """deploy/compose.yaml: PostgreSQL, MinIO, a one-shot migration, then the daemon."""
 
@@ -535,14 +557,14 @@ class TestCompose:
         config.load(
             **{k.removeprefix("SEEDANCE_").lower(): v for k, v in env.items() if "SEEDANCE_" in k}
         )
-        db = urllib.parse.urlsplit(env["SEEDANCE_DATABASE_URL"])
+        db = urllib.parse.urlsplit(_database_url(compose, services["archiver"]))
         pg = _environment(services["postgres"])
         assert (db.hostname, db.username, db.path.lstrip("/")) == (
             "postgres",
             pg["POSTGRES_USER"],
             pg["POSTGRES_DB"],
         )
-        assert _environment(services["migrate"])["SEEDANCE_DATABASE_URL"] == db.geturl()
+        assert _database_url(compose, services["migrate"]) == db.geturl()
         assert env["SEEDANCE_ARCHIVE_URL"].startswith("s3://")
         assert urllib.parse.urlsplit(env["AWS_ENDPOINT_URL_S3"]).hostname in services
         assert env["SEEDANCE_HTTP_HOST"] == "0.0.0.0"
@@ -566,7 +588,9 @@ class TestCompose:
         values = {k: v for s in services.values() for k, v in _environment(s).items()}
         secrets = {k: v for k, v in values.items() if re.search("PASSWORD|SECRET", k)}
         assert secrets and set(secrets.values()) == {"change-me"}, secrets
-        for value in values.values():
+        compose = _compose()
+        urls = [_database_url(compose, services[n]) for n in ("migrate", "archiver")]
+        for value in [*values.values(), *urls]:
             parts = urllib.parse.urlsplit(value)
             if parts.password is not None:
                 assert parts.password == "change-me", value
