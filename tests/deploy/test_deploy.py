@@ -233,6 +233,13 @@ class TestSystemdUnit:
         assert _one("MemoryDenyWriteExecute") == "yes"
         assert set(_one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
 
+    def test_link_local_and_cloud_metadata_are_denied(self) -> None:
+        """A backstop to the private-host check: 169.254.169.254 and fe80::/10 are unreachable."""
+        denied = set(" ".join(SERVICE.get("IPAddressDeny", [])).split())
+        assert {"169.254.0.0/16", "fe80::/10"} <= denied
+        assert "any" not in denied  # the provider, PostgreSQL and S3 may be anywhere
+        assert "IPAddressAllow" not in SERVICE
+
 
 # --- the container image ------------------------------------------------------------------------
 
@@ -581,6 +588,19 @@ class TestCompose:
         assert "SEEDANCE_API_KEY" not in env
         for name in names:
             assert "file" in compose["secrets"][name]
+
+    @pytest.mark.parametrize("name", ["migrate", "archiver"])
+    def test_daemon_containers_are_locked_down(self, name: str) -> None:
+        """Read-only root, no capabilities, no new privileges, a tmpfs for scratch."""
+        service = _compose()["services"][name]
+        assert service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+        tmpfs = service["tmpfs"]
+        assert any(
+            str(t).split(":")[0] == "/tmp" for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)
+        )
+        assert "cap_add" not in service and not service.get("privileged", False)
 
     def test_only_placeholder_secrets(self) -> None:
         """Every password in the file is the placeholder change-me."""
