@@ -696,6 +696,11 @@ class TestPostgresRoles:
             "SELECT * FROM archiver_heartbeats",
             "SELECT * FROM alembic_version",
             "CREATE TABLE public.feeder_table (x int)",
+            "CREATE VIEW public.feeder_view AS SELECT 1",
+            "CREATE FUNCTION public.pg_notify(text, text) RETURNS void"
+            " LANGUAGE sql AS 'SELECT NULL'",
+            "CREATE SCHEMA feeder_schema",
+            "SELECT * FROM pg_catalog.pg_authid",
         ],
     )
     def test_feeder_can_do_nothing_else(self, roles_url: str, statement: str) -> None:
@@ -706,6 +711,39 @@ class TestPostgresRoles:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 feeder.execute(statement)  # type: ignore[arg-type]
             assert feeder.execute("SELECT count(*) FROM video_tasks").fetchone() == (1,)
+
+    def test_no_role_but_the_owner_may_create_in_public(self, roles_url: str) -> None:
+        """CREATE ON SCHEMA public is revoked from PUBLIC, so no member of PUBLIC gets it."""
+        with psycopg.connect(roles_url, autocommit=True) as conn:
+            conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")  # as an old database had it
+        _apply_roles(roles_url)
+        with psycopg.connect(roles_url) as conn:
+            for role in ("seedance_feeder", "seedance_archiver"):
+                row = conn.execute(
+                    "SELECT has_schema_privilege(%s, 'public', 'CREATE')", (role,)
+                ).fetchone()
+                assert row == (False,), role
+
+    def test_the_notify_function_has_a_fixed_search_path(self, roles_url: str) -> None:
+        """A caller's search_path cannot redirect what video_tasks_notify() calls (migration 0004)."""
+        with psycopg.connect(roles_url) as conn:
+            row = conn.execute(
+                "SELECT proconfig FROM pg_proc WHERE proname = 'video_tasks_notify'"
+            ).fetchone()
+        assert row is not None and row[0] == ["search_path=pg_catalog, public"]
+
+    def test_the_daemon_login_role_has_a_statement_timeout(
+        self, roles_url: str, archiver_login_url: str
+    ) -> None:
+        """Re-applied after a member is added, the script gives that login role a statement_timeout."""
+        _apply_roles(roles_url)
+        with psycopg.connect(archiver_login_url) as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("30s",)
+        with psycopg.connect(roles_url) as conn:
+            row = conn.execute(
+                "SELECT rolconfig FROM pg_roles WHERE rolname = 'seedance_archiver'"
+            ).fetchone()
+        assert row is not None and "statement_timeout=30s" in row[0]
 
     def test_inserting_roles_may_call_pg_notify(self, roles_url: str) -> None:
         """The trigger calls pg_notify() as the inserting role; PUBLIC's EXECUTE is still there."""
