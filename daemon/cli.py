@@ -40,10 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a summary, or one task's details")
     status.add_argument("task_id", nargs="?")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="print video_url with its query string (a signed link: anyone who has it can download)",
+    )
     listing = sub.add_parser("list", help="list tracked tasks")
     listing.add_argument("--state", choices=[s.value for s in models.State])
     listing.add_argument("--limit", type=int, default=None)
     listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+    listing.add_argument(
+        "--show-secrets",
+        action="store_true",
+        help="print video_url with its query string (a signed link: anyone who has it can download)",
+    )
     retry = sub.add_parser("retry", help="put a task back to polling now, keeping its history")
     retry.add_argument("task_id")
     retry.add_argument(
@@ -78,12 +88,12 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         settings.resolve_api_key()  # fail before anything starts
         return asyncio.run(scheduler.run(settings))
     if command == "migrate":
-        schema.upgrade(settings.database_url)
+        schema.upgrade(settings.resolve_database_url())
         print(f"{PROG}: video_tasks is at the latest schema")
         return 0
     if command == "demo":
         return demo.run()
-    sql_store = store.SqlStore.from_url(settings.database_url)
+    sql_store = store.SqlStore.from_url(settings.resolve_database_url())
     try:
         if command == "add":
             problem = policy.task_id_problem(args.task_id)
@@ -100,9 +110,9 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         if command == "list":
             tasks = sql_store.list(state=args.state, limit=args.limit)
             print(
-                views.to_json([views.task_dict(t) for t in tasks])
+                views.to_json([views.task_dict(t, args.show_secrets) for t in tasks])
                 if args.json
-                else views.table(tasks)
+                else views.table(tasks, args.show_secrets)
             )
             return 0
         if command == "retry":
@@ -123,7 +133,11 @@ def _status(sql_store: store.SqlStore, args: argparse.Namespace) -> int:
         if task is None:
             print(f"{PROG}: no such task: {args.task_id}", file=sys.stderr)
             return 1
-        print(views.to_json(views.task_dict(task)) if args.json else views.detail(task))
+        print(
+            views.to_json(views.task_dict(task, args.show_secrets))
+            if args.json
+            else views.detail(task, args.show_secrets)
+        )
         return 0
     now = utils.utcnow()
     summary = sql_store.summary(now)

@@ -8,6 +8,7 @@ the variable and never repeats the value (it may be a secret).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import pathlib
@@ -25,6 +26,9 @@ ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
 # Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
 API_KEY_CREDENTIAL = "seedance-api-key"
+# Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
+DATABASE_URL_CREDENTIAL = "seedance-database-url"
+DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
 MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
 
 
@@ -78,7 +82,9 @@ class Settings(pydantic_settings.BaseSettings):
     api_key: pydantic.SecretStr | None = None
     api_key_file: pathlib.Path | None = None
     api_base_url: str = DEFAULT_API_BASE_URL
-    database_url: str = "sqlite:///seedance-archiver.db"
+    # Use resolve_database_url(): the URL may come from a file or a systemd credential instead.
+    database_url: str = DEFAULT_DATABASE_URL
+    database_url_file: pathlib.Path | None = None
     archive_url: str = "file://./archive"
     poll_draft: CadenceSetting = Cadence(10, 20)
     poll_standard: CadenceSetting = Cadence(30, 60)
@@ -89,6 +95,8 @@ class Settings(pydantic_settings.BaseSettings):
         frozenset[str], pydantic_settings.NoDecode, pydantic.BeforeValidator(_split_schemes)
     ] = frozenset({"https"})
     allow_private_video_hosts: bool = False
+    # Send the API key over plain http:// to a host that is not loopback (a private network only).
+    allow_insecure_api_url: bool = False
     max_video_bytes: int = pydantic.Field(default=2 * 1024**3, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = pydantic.Field(default=9710, ge=0, le=65535)
@@ -117,15 +125,7 @@ class Settings(pydantic_settings.BaseSettings):
     @pydantic.field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        try:
-            url = sqlalchemy.engine.make_url(value)
-        except sqlalchemy.exc.ArgumentError:
-            raise ValueError(
-                "expected a SQLAlchemy URL: sqlite:///file.db or postgresql://..."
-            ) from None
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError("only sqlite:// and postgresql:// databases are supported")
-        return value
+        return _check_database_url(value)
 
     @pydantic.field_validator("archive_url")
     @classmethod
@@ -158,8 +158,26 @@ class Settings(pydantic_settings.BaseSettings):
         """The polling cadence of each mode."""
         return {"draft": self.poll_draft, "standard": self.poll_standard, "flex": self.poll_flex}
 
+    def check_api_transport(self) -> None:
+        """Raise ConfigError if the key would travel in clear: http:// to a host that is not loopback.
+
+        SEEDANCE_ALLOW_INSECURE_API_URL=true allows it, for a provider reached over a private network.
+        """
+        parts = urllib.parse.urlsplit(self.api_base_url)
+        if parts.scheme == "https" or self.allow_insecure_api_url or _is_loopback(parts.hostname):
+            return
+        raise errors.ConfigError(
+            f"invalid setting {ENV_PREFIX}API_BASE_URL: http:// would send the API key in clear to a "
+            f"host that is not loopback; use https:// (or set {ENV_PREFIX}ALLOW_INSECURE_API_URL=true "
+            "for a private network)"
+        )
+
     def resolve_api_key(self) -> str:
-        """The API key from SEEDANCE_API_KEY, SEEDANCE_API_KEY_FILE or the systemd credential."""
+        """The API key from SEEDANCE_API_KEY, SEEDANCE_API_KEY_FILE or the systemd credential.
+
+        Refused (ConfigError) when the base URL would carry it in clear: see :meth:`check_api_transport`.
+        """
+        self.check_api_transport()
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         if self.api_key_file is not None:
@@ -174,9 +192,30 @@ class Settings(pydantic_settings.BaseSettings):
             f"or the systemd credential {API_KEY_CREDENTIAL})"
         )
 
+    def resolve_database_url(self) -> str:
+        """The database URL: SEEDANCE_DATABASE_URL if set, else SEEDANCE_DATABASE_URL_FILE, else the
+        systemd credential seedance-database-url, else the default SQLite file.
+
+        A file keeps the password out of the environment (which /proc and ``systemctl show`` expose).
+        Its content is checked like the variable; an error names the source, never the content.
+        """
+        if "database_url" in self.model_fields_set:
+            return self.database_url
+        if self.database_url_file is not None:
+            return _read_database_url(self.database_url_file, f"{ENV_PREFIX}DATABASE_URL_FILE")
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL).exists():
+            return _read_database_url(
+                pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL,
+                f"credential {DATABASE_URL_CREDENTIAL}",
+            )
+        return self.database_url
+
     def public_summary(self) -> dict[str, Any]:
         """The settings worth logging at start, with every secret left out or masked."""
-        db = sqlalchemy.engine.make_url(self.database_url).render_as_string(hide_password=True)
+        db = sqlalchemy.engine.make_url(self.resolve_database_url()).render_as_string(
+            hide_password=True
+        )
         return {
             "api_base_url": self.api_base_url,
             "database_url": db,
@@ -184,6 +223,41 @@ class Settings(pydantic_settings.BaseSettings):
             "poll": {mode: str(c) for mode, c in self.cadences().items()},
             "max_requests_per_second": self.max_requests_per_second,
         }
+
+
+def _is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is localhost, 127.0.0.0/8 or ::1 (also as ::ffff:127.x.y.z)."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _check_database_url(value: str) -> str:
+    try:
+        url = sqlalchemy.engine.make_url(value)
+    except sqlalchemy.exc.ArgumentError:
+        raise ValueError(
+            "expected a SQLAlchemy URL: sqlite:///file.db or postgresql://..."
+        ) from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError("only sqlite:// and postgresql:// databases are supported")
+    return value
+
+
+def _read_database_url(path: pathlib.Path, name: str) -> str:
+    text = _read_key_file(path, name)
+    try:
+        return _check_database_url(text)
+    except ValueError as exc:
+        raise errors.ConfigError(f"invalid setting {name}: {exc}") from None
 
 
 def _read_key_file(path: pathlib.Path, name: str) -> str:

@@ -72,8 +72,8 @@ def run(out: Callable[[str], None] = print) -> int:
             f"demo: simulator on {server.url}; database {settings.public_summary()['database_url']}"
         )
         out(f"demo: archive {settings.archive_url}")
-        schema.upgrade(settings.database_url)
-        sql_store = store.SqlStore.from_url(settings.database_url)
+        schema.upgrade(settings.resolve_database_url())
+        sql_store = store.SqlStore.from_url(settings.resolve_database_url())
         stamp = time.strftime("%m%d%H%M%S")
         ids: dict[str, Scenario] = {}
         for scenario in SCENARIOS:

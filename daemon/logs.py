@@ -1,44 +1,74 @@
 """structlog set-up: JSON lines when not on a TTY, readable console output on one.
 
-A last processor strips query strings from anything that looks like a URL, so a signed video link
-never reaches a log line even if someone logs it by mistake.
+A last processor redacts every URL it finds, of any scheme and at any depth (nested dicts, lists,
+tuples, exception objects and the rendered traceback): a signed link loses its query string and a DSN
+its password, even if someone logs it by mistake. Library log lines through stdlib logging get the
+same treatment.
 """
 
 from __future__ import annotations
 
 import collections.abc
 import logging
-import re
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 from daemon import utils
 
-_URL = re.compile(r"https?://[^\s\"'<>]+")
+# Values rendered as they are; anything else is rendered through its repr, which may hold a URL.
+_PLAIN = (int, float, bool, type(None))
+_MAX_DEPTH = 20
 
 
-def _redact(value: Any) -> Any:
-    if isinstance(value, str) and "://" in value:
-        return _URL.sub(lambda m: utils.redact_url(m.group(0)), value)
-    return value
+redact_text = utils.redact_text
+
+
+def _redact(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, _PLAIN):
+        return value
+    if depth >= _MAX_DEPTH:
+        return "<nested too deep>"
+    if isinstance(value, collections.abc.Mapping):
+        return {_redact(k, depth + 1): _redact(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_redact(v, depth + 1) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, BaseException):
+        return redact_text(f"{type(value).__name__}: {value}")
+    text = repr(value)
+    return redact_text(text) if "://" in text else value
 
 
 def redact_urls(
     _logger: Any, _name: str, event: collections.abc.MutableMapping[str, Any]
 ) -> collections.abc.MutableMapping[str, Any]:
+    """structlog processor: every value of the event, redacted (see the module docstring)."""
     return {key: _redact(value) for key, value in event.items()}
 
 
-def configure(log_format: str | None = None, level: int = logging.INFO) -> None:
-    """Configure structlog (and stdlib logging, for libraries) once, at start."""
+class _RedactingFormatter(logging.Formatter):
+    """A stdlib formatter whose whole output (message and traceback) is redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
+
+
+def configure(
+    log_format: str | None = None, level: int = logging.INFO, stream: TextIO | None = None
+) -> None:
+    """Configure structlog (and stdlib logging, for libraries) once, at start, to ``stream`` (stderr)."""
+    if stream is None:
+        stream = sys.stderr
     if log_format is None:
-        log_format = "console" if sys.stderr.isatty() else "json"
+        log_format = "console" if stream.isatty() else "json"
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
         processors=[
@@ -50,10 +80,12 @@ def configure(log_format: str | None = None, level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     # APScheduler reports every skipped run at WARNING; our own tick logs what matters.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)

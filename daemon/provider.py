@@ -20,10 +20,11 @@ import math
 import re
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import aiohttp
+import aiohttp.abc
 import httpx
 import httpx_aiohttp
 
@@ -285,11 +286,49 @@ class UrlRules:
     allow_private_hosts: bool = False
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network(
+    "64:ff9b:1::/48"
+)  # RFC 8215: a site's own translator, never public
+_IPV4_COMPATIBLE = ipaddress.ip_network(
+    "::/96"
+)  # deprecated ::a.b.c.d; ``::`` and ``::1`` live here too
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo, compatible), if any.
+
+    A router or translator on the path delivers such an address to the IPv4 one inside, so it is
+    the inner address that must be public.
+    """
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        return [server, client]
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return []
+
+
 def _is_public(address: str) -> bool:
+    """Whether ``address`` (with any IPv4 address it carries) is a public unicast address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if ip.is_multicast or not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        return all(_is_public(str(inner)) for inner in _embedded_ipv4(ip))
+    return True
+
+
+PRIVATE_HOST_MESSAGE = (
+    "unsafe video_url: its host resolves to a loopback, private or link-local address "
+    "(set SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true to allow)"
+)
 
 
 async def check_video_url(url: str, rules: UrlRules) -> None:
@@ -297,13 +336,14 @@ async def check_video_url(url: str, rules: UrlRules) -> None:
 
     The host checked is the one httpx will connect to (IDNA-encoded, as httpx parses the link): another
     parser's idea of the host could differ (``ß.de`` resolves as ``ss.de`` but is sent as ``xn--zca.de``).
+    An IP literal is checked here; a name is not looked up here but by :class:`PublicResolver` when the
+    download connects, so the address checked is the address connected to (no DNS rebinding).
     """
     try:
         parts = _parse_url(url)
     except ValueError as exc:
         raise errors.UnsafeVideoUrl(f"unsafe video_url: it cannot be parsed ({exc})") from None
-    host = parts.raw_host.decode("ascii", "replace")
-    port = parts.port
+    host = parts.host
     if parts.scheme not in rules.schemes:
         raise errors.UnsafeVideoUrl(
             f"unsafe video_url: scheme {parts.scheme!r} is not in SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"
@@ -313,17 +353,51 @@ async def check_video_url(url: str, rules: UrlRules) -> None:
     if rules.allow_private_hosts:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            host, port or 443, type=socket.SOCK_STREAM
-        )
-    except OSError as exc:
-        raise errors.DownloadError(f"cannot resolve the video host: {exc.strerror or exc}") from exc
-    addresses = {info[4][0] for info in infos}
-    if not addresses or not all(_is_public(str(a)) for a in addresses):
-        raise errors.UnsafeVideoUrl(
-            "unsafe video_url: its host resolves to a loopback, private or link-local address "
-            "(set SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true to allow)"
-        )
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return  # a name: PublicResolver checks what it resolves to, at connect time
+    if not _is_public(host):
+        raise errors.UnsafeVideoUrl(PRIVATE_HOST_MESSAGE)
+
+
+class _PrivateAnswer(OSError):
+    """A DNS answer held an address a video download must not connect to."""
+
+
+class PublicResolver(aiohttp.abc.AbstractResolver):
+    """Resolves with ``inner`` and refuses any answer holding a non-public address.
+
+    The download's connector asks this resolver for every connection (first hop and redirects alike)
+    and connects only to what it returns, so the address checked is the one connected to: a DNS
+    server that answers publicly once and privately the next time gains nothing. An answer mixing
+    public and private addresses is refused whole (the connector would fall back to the next one).
+    """
+
+    def __init__(self, inner: aiohttp.abc.AbstractResolver) -> None:
+        self._inner = inner
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        if not answers or not all(_is_public(answer["host"]) for answer in answers):
+            raise _PrivateAnswer(PRIVATE_HOST_MESSAGE)
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _private_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused, somewhere down its chain, by a refused DNS answer."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, _PrivateAnswer):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 @dataclasses.dataclass
@@ -387,6 +461,7 @@ class HttpProvider:
         url_rules: UrlRules | None = None,
         max_video_bytes: int = 2 * 1024**3,
         transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Callable[[], aiohttp.abc.AbstractResolver] | None = None,
     ) -> None:
         self._base = base_url.rstrip("/")
         self._url_rules = url_rules or UrlRules()
@@ -403,8 +478,24 @@ class HttpProvider:
             {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         )
         self._api_extensions = {"timeout": timeout.as_dict()}
-        # Video hosts get no API key: a signed link carries its own authorisation.
+        make_resolver = resolver or aiohttp.ThreadedResolver
+        allow_private = self._url_rules.allow_private_hosts
+        ssl_context = httpx.create_ssl_context()
+
+        def files_session() -> aiohttp.ClientSession:
+            # Called on first use, inside the running loop (aiohttp's resolvers need one).
+            inner = make_resolver()
+            connector = aiohttp.TCPConnector(
+                resolver=inner if allow_private else PublicResolver(inner),
+                limit=self.MAX_CONNECTIONS,
+                ssl=ssl_context,
+            )
+            return aiohttp.ClientSession(connector=connector)
+
+        # Video hosts get no API key: a signed link carries its own authorisation. The connector's
+        # resolver checks every address a download connects to (see PublicResolver).
         self._files = httpx.AsyncClient(
+            transport=httpx_aiohttp.AiohttpTransport(client=files_session),
             headers={"Accept-Encoding": "identity"},
             timeout=timeout,
             limits=limits,
@@ -511,6 +602,8 @@ class HttpProvider:
             request = self._files.build_request("GET", url)
             return await self._files.send(request, stream=True)
         except httpx.HTTPError as exc:
+            if _private_answer(exc):
+                raise errors.UnsafeVideoUrl(PRIVATE_HOST_MESSAGE) from exc
             raise errors.DownloadError(
                 f"cannot reach the video host: {type(exc).__name__}"
             ) from exc

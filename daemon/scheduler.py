@@ -112,7 +112,7 @@ def build_service(
 ) -> tuple[service.Service, store.SqlStore]:
     """The service with its real store, provider and archive, as the settings describe them."""
     sql_store = store.SqlStore.from_url(
-        settings.database_url, settings.database_statement_timeout_seconds
+        settings.resolve_database_url(), settings.database_statement_timeout_seconds
     )
     svc_metrics = metrics.Metrics()
     client = provider.HttpProvider(
@@ -148,7 +148,7 @@ async def run(
 ) -> int:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
     api_key = settings.resolve_api_key()
-    lock = store.SqliteLock(settings.database_url)
+    lock = store.SqliteLock(settings.resolve_database_url())
     lock.acquire()
     svc, sql_store = build_service(settings, api_key)
     stop = stop or asyncio.Event()
@@ -230,7 +230,7 @@ async def run(
                 loop.call_soon_threadsafe(wake)
 
             listener = store.Listener(
-                settings.database_url,
+                settings.resolve_database_url(),
                 wake_from_thread,
                 settings.database_statement_timeout_seconds,
             )

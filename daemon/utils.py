@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import urllib.parse
+
+# Any scheme (RFC 3986: a letter, then letters, digits, "+", "-", "."): postgresql://, s3://, redis://...
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 
 
 def utcnow() -> dt.datetime:
@@ -17,8 +21,14 @@ def redact_url(url: str) -> str:
         parts = urllib.parse.urlsplit(url)
     except ValueError:
         return "<unparseable url>"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    # Everything up to the last "@" is userinfo (user:password); the rest is host[:port], kept as written.
+    host = parts.netloc.rpartition("@")[2]
     query = "?<redacted>" if parts.query else ""
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", "")) + query
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (see :func:`redact_url`)."""
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: redact_url(m.group(0)), text)

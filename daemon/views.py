@@ -8,13 +8,19 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from daemon import models, store
+from daemon import models, store, utils
 
 TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "where / why")
 
 
-def task_dict(task: models.Task) -> dict[str, Any]:
+def task_dict(task: models.Task, show_secrets: bool = False) -> dict[str, Any]:
+    """Every field of ``task``; a signed ``video_url`` loses its query string unless ``show_secrets``."""
     out = dataclasses.asdict(task)
+    if not show_secrets:
+        if out.get("video_url"):
+            out["video_url"] = utils.redact_url(out["video_url"])
+        if out.get("error"):
+            out["error"] = utils.redact_text(out["error"])
     for key, value in out.items():
         if isinstance(value, dt.datetime):
             out[key] = value.isoformat()
@@ -30,8 +36,8 @@ def _cell(value: object, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def table(tasks: Sequence[models.Task]) -> str:
-    """A readable table of ``tasks``, one line each."""
+def table(tasks: Sequence[models.Task], show_secrets: bool = False) -> str:
+    """A readable table of ``tasks``, one line each (URLs in errors redacted unless ``show_secrets``)."""
     rows = [
         (
             _cell(t.task_id, 48),
@@ -39,7 +45,12 @@ def table(tasks: Sequence[models.Task]) -> str:
             t.state,
             str(t.polls),
             "" if t.archive_bytes is None else str(t.archive_bytes),
-            _cell(t.archive_uri if t.state == models.State.ARCHIVED else t.error, 200),
+            _cell(
+                t.archive_uri
+                if t.state == models.State.ARCHIVED
+                else (t.error if show_secrets or t.error is None else utils.redact_text(t.error)),
+                200,
+            ),
         )
         for t in tasks
     ]
@@ -50,9 +61,9 @@ def table(tasks: Sequence[models.Task]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def detail(task: models.Task) -> str:
-    """Every field of one task, one per line."""
-    data = task_dict(task)
+def detail(task: models.Task, show_secrets: bool = False) -> str:
+    """Every field of one task, one per line (see :func:`task_dict` for ``show_secrets``)."""
+    data = task_dict(task, show_secrets)
     width = max(len(k) for k in data)
     return "\n".join(f"{k.ljust(width)}  {'' if v is None else v}" for k, v in data.items())
 

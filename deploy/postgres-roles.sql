@@ -53,6 +53,10 @@ BEGIN
 END
 $$;
 
+-- Nobody but the owner creates objects in public (PostgreSQL 15 does this by default; older
+-- databases, and those upgraded from them, still let every role create tables and functions there,
+-- which could shadow names others resolve through the search path).
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO seedance_feeder, seedance_archiver;
 
 -- Start from nothing on each object, so a re-run also takes back anything granted by hand since.
@@ -69,3 +73,24 @@ GRANT INSERT (task_id, mode) ON TABLE video_tasks TO seedance_feeder;
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE video_tasks TO seedance_archiver;
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE archiver_heartbeats TO seedance_archiver;
 GRANT SELECT ON TABLE alembic_version TO seedance_archiver;
+
+-- No statement of the daemon's role runs away: the daemon sets its own statement_timeout on every
+-- connection (SEEDANCE_DATABASE_STATEMENT_TIMEOUT_SECONDS); this is the backstop for anything else
+-- that logs in as it (psql, a script). Role settings apply to the role that logs in and are not
+-- inherited from a group, so they are set on seedance_archiver and on each login member it has now:
+-- run this file again after adding a member.
+ALTER ROLE seedance_archiver SET statement_timeout = '30s';
+DO $$
+DECLARE
+    member name;
+BEGIN
+    FOR member IN
+        SELECT r.rolname FROM pg_catalog.pg_auth_members m
+        JOIN pg_catalog.pg_roles r ON r.oid = m.member
+        JOIN pg_catalog.pg_roles g ON g.oid = m.roleid
+        WHERE g.rolname = 'seedance_archiver' AND r.rolcanlogin
+    LOOP
+        EXECUTE format('ALTER ROLE %I SET statement_timeout = %L', member, '30s');
+    END LOOP;
+END
+$$;

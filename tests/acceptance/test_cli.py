@@ -103,6 +103,50 @@ class TestOperatorCommands:
         assert "seedance-archiver migrate" in result.stderr
 
 
+SIGNATURE = "fake-signature-0123456789abcdef"
+SIGNED_URL = (
+    f"https://cdn.example/v/video_signed.mp4?X-Amz-Signature={SIGNATURE}&X-Amz-Expires=3600"
+)
+
+
+class TestSignedLinks:
+    """status and list never print a signed link's query string unless --show-secrets is given."""
+
+    def _env_with_signed_task(self, tmp_path: pathlib.Path) -> dict[str, str]:
+        env = _env(tmp_path)
+        with sqlite3.connect(tmp_path / "tasks.db") as conn:
+            conn.execute(
+                "INSERT INTO video_tasks (task_id, state, video_url, error) VALUES "
+                "('video_signed', 'downloading', ?, ?)",
+                (SIGNED_URL, f"download of {SIGNED_URL} failed: 503"),
+            )
+        return env
+
+    def test_hidden_by_default(self, tmp_path: pathlib.Path) -> None:
+        env = self._env_with_signed_task(tmp_path)
+        for args in (
+            ("status", "video_signed"),
+            ("status", "video_signed", "--json"),
+            ("list",),
+            ("list", "--json"),
+        ):
+            result = cli(env, *args)
+            assert SIGNATURE not in result.stdout + result.stderr, args
+            assert "video_signed" in result.stdout, args
+        detail = json.loads(cli(env, "status", "video_signed", "--json").stdout)
+        assert detail["video_url"] == "https://cdn.example/v/video_signed.mp4?<redacted>"
+        [row] = json.loads(cli(env, "list", "--json").stdout)
+        assert row["video_url"] == "https://cdn.example/v/video_signed.mp4?<redacted>"
+
+    def test_shown_when_asked(self, tmp_path: pathlib.Path) -> None:
+        env = self._env_with_signed_task(tmp_path)
+        detail = json.loads(cli(env, "status", "video_signed", "--json", "--show-secrets").stdout)
+        assert detail["video_url"] == SIGNED_URL
+        [row] = json.loads(cli(env, "list", "--json", "--show-secrets").stdout)
+        assert row["video_url"] == SIGNED_URL
+        assert SIGNATURE in cli(env, "status", "video_signed", "--show-secrets").stdout
+
+
 class TestDemo:
     """`seedance-archiver demo` runs the whole pipeline and verifies it."""
 

@@ -206,12 +206,17 @@ class TestSystemdUnit:
         grace = config.Settings.model_fields["shutdown_grace_seconds"].default
         assert _seconds(_one("TimeoutStopSec")) > grace
 
-    def test_api_key_is_the_credential_the_daemon_reads(self) -> None:
-        """LoadCredential names the credential config.py looks for in $CREDENTIALS_DIRECTORY."""
-        name, _, source = _one("LoadCredential").partition(":")
-        assert name == config.API_KEY_CREDENTIAL == "seedance-api-key"
-        assert source.startswith("/etc/seedance-archiver/")
-        assert "SEEDANCE_API_KEY" not in " ".join(SERVICE.get("Environment", []))
+    def test_secrets_are_the_credentials_the_daemon_reads(self) -> None:
+        """LoadCredential names the credentials config.py looks for in $CREDENTIALS_DIRECTORY."""
+        credentials = dict(v.partition(":")[::2] for v in SERVICE.get("LoadCredential", []))
+        assert credentials == {
+            config.API_KEY_CREDENTIAL: "/etc/seedance-archiver/api-key",
+            config.DATABASE_URL_CREDENTIAL: "/etc/seedance-archiver/database-url",
+        }
+        assert config.DATABASE_URL_CREDENTIAL == "seedance-database-url"
+        environment = " ".join(SERVICE.get("Environment", []))
+        assert "SEEDANCE_API_KEY" not in environment
+        assert "SEEDANCE_DATABASE_URL" not in environment
 
     def test_hardening(self) -> None:
         """No root, a read-only system, no privileges to gain, a system-call allow-list."""
@@ -227,6 +232,13 @@ class TestSystemdUnit:
         }
         assert _one("MemoryDenyWriteExecute") == "yes"
         assert set(_one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+
+    def test_link_local_and_cloud_metadata_are_denied(self) -> None:
+        """A backstop to the private-host check: 169.254.169.254 and fe80::/10 are unreachable."""
+        denied = set(" ".join(SERVICE.get("IPAddressDeny", [])).split())
+        assert {"169.254.0.0/16", "fe80::/10"} <= denied
+        assert "any" not in denied  # the provider, PostgreSQL and S3 may be anywhere
+        assert "IPAddressAllow" not in SERVICE
 
 
 # --- the container image ------------------------------------------------------------------------
@@ -494,6 +506,23 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in env.items()}
 
 
+def _secret_text(compose: dict[str, Any], service: dict[str, Any], path: str) -> str:
+    """The content of the compose secret ``service`` sees at ``path`` (/run/secrets/NAME)."""
+    names = [s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])]
+    name = path.removeprefix("/run/secrets/")
+    assert name in names, f"{path} is not one of the service's secrets {names}"
+    return (COMPOSE.parent / compose["secrets"][name]["file"]).read_text().strip()
+
+
+def _database_url(compose: dict[str, Any], service: dict[str, Any]) -> str:
+    """The database URL a service reads from its SEEDANCE_DATABASE_URL_FILE secret."""
+    env = _environment(service)
+    assert "SEEDANCE_DATABASE_URL" not in env, "the password belongs in a secret file"
+    url = _secret_text(compose, service, env["SEEDANCE_DATABASE_URL_FILE"])
+    config.load(database_url=url)  # a valid setting
+    return url
+
+
 class TestCompose:
     """deploy/compose.yaml: PostgreSQL, MinIO, a one-shot migration, then the daemon."""
 
@@ -535,14 +564,14 @@ class TestCompose:
         config.load(
             **{k.removeprefix("SEEDANCE_").lower(): v for k, v in env.items() if "SEEDANCE_" in k}
         )
-        db = urllib.parse.urlsplit(env["SEEDANCE_DATABASE_URL"])
+        db = urllib.parse.urlsplit(_database_url(compose, services["archiver"]))
         pg = _environment(services["postgres"])
         assert (db.hostname, db.username, db.path.lstrip("/")) == (
             "postgres",
             pg["POSTGRES_USER"],
             pg["POSTGRES_DB"],
         )
-        assert _environment(services["migrate"])["SEEDANCE_DATABASE_URL"] == db.geturl()
+        assert _database_url(compose, services["migrate"]) == db.geturl()
         assert env["SEEDANCE_ARCHIVE_URL"].startswith("s3://")
         assert urllib.parse.urlsplit(env["AWS_ENDPOINT_URL_S3"]).hostname in services
         assert env["SEEDANCE_HTTP_HOST"] == "0.0.0.0"
@@ -560,13 +589,28 @@ class TestCompose:
         for name in names:
             assert "file" in compose["secrets"][name]
 
+    @pytest.mark.parametrize("name", ["migrate", "archiver"])
+    def test_daemon_containers_are_locked_down(self, name: str) -> None:
+        """Read-only root, no capabilities, no new privileges, a tmpfs for scratch."""
+        service = _compose()["services"][name]
+        assert service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+        tmpfs = service["tmpfs"]
+        assert any(
+            str(t).split(":")[0] == "/tmp" for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)
+        )
+        assert "cap_add" not in service and not service.get("privileged", False)
+
     def test_only_placeholder_secrets(self) -> None:
         """Every password in the file is the placeholder change-me."""
         services = _compose()["services"]
         values = {k: v for s in services.values() for k, v in _environment(s).items()}
         secrets = {k: v for k, v in values.items() if re.search("PASSWORD|SECRET", k)}
         assert secrets and set(secrets.values()) == {"change-me"}, secrets
-        for value in values.values():
+        compose = _compose()
+        urls = [_database_url(compose, services[n]) for n in ("migrate", "archiver")]
+        for value in [*values.values(), *urls]:
             parts = urllib.parse.urlsplit(value)
             if parts.password is not None:
                 assert parts.password == "change-me", value
@@ -652,6 +696,11 @@ class TestPostgresRoles:
             "SELECT * FROM archiver_heartbeats",
             "SELECT * FROM alembic_version",
             "CREATE TABLE public.feeder_table (x int)",
+            "CREATE VIEW public.feeder_view AS SELECT 1",
+            "CREATE FUNCTION public.pg_notify(text, text) RETURNS void"
+            " LANGUAGE sql AS 'SELECT NULL'",
+            "CREATE SCHEMA feeder_schema",
+            "SELECT * FROM pg_catalog.pg_authid",
         ],
     )
     def test_feeder_can_do_nothing_else(self, roles_url: str, statement: str) -> None:
@@ -662,6 +711,39 @@ class TestPostgresRoles:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 feeder.execute(statement)  # type: ignore[arg-type]
             assert feeder.execute("SELECT count(*) FROM video_tasks").fetchone() == (1,)
+
+    def test_no_role_but_the_owner_may_create_in_public(self, roles_url: str) -> None:
+        """CREATE ON SCHEMA public is revoked from PUBLIC, so no member of PUBLIC gets it."""
+        with psycopg.connect(roles_url, autocommit=True) as conn:
+            conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")  # as an old database had it
+        _apply_roles(roles_url)
+        with psycopg.connect(roles_url) as conn:
+            for role in ("seedance_feeder", "seedance_archiver"):
+                row = conn.execute(
+                    "SELECT has_schema_privilege(%s, 'public', 'CREATE')", (role,)
+                ).fetchone()
+                assert row == (False,), role
+
+    def test_the_notify_function_has_a_fixed_search_path(self, roles_url: str) -> None:
+        """A caller's search_path cannot redirect what video_tasks_notify() calls (migration 0004)."""
+        with psycopg.connect(roles_url) as conn:
+            row = conn.execute(
+                "SELECT proconfig FROM pg_proc WHERE proname = 'video_tasks_notify'"
+            ).fetchone()
+        assert row is not None and row[0] == ["search_path=pg_catalog, public"]
+
+    def test_the_daemon_login_role_has_a_statement_timeout(
+        self, roles_url: str, archiver_login_url: str
+    ) -> None:
+        """Re-applied after a member is added, the script gives that login role a statement_timeout."""
+        _apply_roles(roles_url)
+        with psycopg.connect(archiver_login_url) as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("30s",)
+        with psycopg.connect(roles_url) as conn:
+            row = conn.execute(
+                "SELECT rolconfig FROM pg_roles WHERE rolname = 'seedance_archiver'"
+            ).fetchone()
+        assert row is not None and "statement_timeout=30s" in row[0]
 
     def test_inserting_roles_may_call_pg_notify(self, roles_url: str) -> None:
         """The trigger calls pg_notify() as the inserting role; PUBLIC's EXECUTE is still there."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import email.utils
+import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp.abc
 import pytest
 from aiohttp import web
 
@@ -519,6 +522,150 @@ class TestRedirects:
             finally:
                 await http.aclose()
         assert hits == ["hop"]
+
+
+class ScriptedResolver(aiohttp.abc.AbstractResolver):
+    """A DNS server under the test's control: the n-th query gets the n-th answer (then the last)."""
+
+    def __init__(self, *answers: list[str]) -> None:
+        self.answers = answers
+        self.queries: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        self.queries.append(host)
+        addresses = self.answers[min(len(self.queries), len(self.answers)) - 1]
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class TestDnsRebinding:
+    """The address checked is the address the download connects to, on every hop."""
+
+    RULES = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
+
+    @staticmethod
+    def _counting_server() -> tuple[LocalServer, list[str]]:
+        hits: list[str] = []
+
+        async def secret(request: web.Request) -> web.Response:
+            hits.append(request.path)
+            return web.Response(body=b"internal secrets", content_type="video/mp4")
+
+        return LocalServer({"/x": secret}), hits
+
+    async def test_the_resolver_refuses_the_second_answer_of_a_rebinding_server(self) -> None:
+        """Answered public first and loopback second, the connector gets only the public answer."""
+        dns = ScriptedResolver(["8.8.8.8"], ["127.0.0.1"])
+        resolver = provider.PublicResolver(dns)
+        first = await resolver.resolve("rebind.test", 80)
+        assert [a["host"] for a in first] == ["8.8.8.8"]
+        with pytest.raises(OSError, match="SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS"):
+            await resolver.resolve("rebind.test", 80)
+
+    async def test_no_byte_from_loopback_when_the_check_saw_a_public_address(
+        self, sim: simulator.SimulatorThread, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Whatever the system resolver said before, the connection's own answer is what is checked."""
+
+        async def public_getaddrinfo(host: object, port: object, **kwargs: object) -> list[Any]:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("8.8.8.8", 80))]
+
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", public_getaddrinfo)
+        dns = ScriptedResolver(["127.0.0.1"])
+        server, hits = self._counting_server()
+        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
+        try:
+            async with server as base:
+                url = base.replace("127.0.0.1", "rebind.test") + "/x"
+                with pytest.raises(
+                    errors.UnsafeVideoUrl, match="SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS"
+                ):
+                    await download(http, url)
+        finally:
+            await http.aclose()
+        assert dns.queries == ["rebind.test"]
+        assert hits == []
+
+    async def test_an_answer_mixing_public_and_loopback_is_refused_whole(
+        self, sim: simulator.SimulatorThread
+    ) -> None:
+        """The connector would fall back from the public address to the loopback one: no connection."""
+        dns = ScriptedResolver(["8.8.8.8", "127.0.0.1"])
+        server, hits = self._counting_server()
+        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
+        try:
+            async with server as base:
+                url = base.replace("127.0.0.1", "rebind.test") + "/x"
+                with pytest.raises(errors.UnsafeVideoUrl):
+                    await download(http, url)
+        finally:
+            await http.aclose()
+        assert hits == []
+
+    async def test_a_redirect_to_a_name_that_resolves_to_loopback_is_refused(
+        self, sim: simulator.SimulatorThread, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every hop's connection goes through the same check, not only the first."""
+        hits: list[str] = []
+
+        async def hop(request: web.Request) -> web.Response:
+            hits.append("hop")
+            raise web.HTTPFound(f"http://rebind.test:{request.url.port}/x")
+
+        async def inner(request: web.Request) -> web.Response:
+            hits.append("x")
+            return web.Response(body=b"internal secrets")
+
+        dns = ScriptedResolver(["127.0.0.1"])
+        real_check = provider.check_video_url
+        async with LocalServer({"/hop": hop, "/x": inner}) as base:
+            first = f"{base}/hop"
+
+            async def check(url: str, rules: provider.UrlRules) -> None:
+                if url != first:  # the first hop stands in for a public host
+                    await real_check(url, rules)
+
+            monkeypatch.setattr(provider, "check_video_url", check)
+            http = provider.HttpProvider(
+                sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns
+            )
+            try:
+                with pytest.raises(errors.UnsafeVideoUrl):
+                    await download(http, first)
+            finally:
+                await http.aclose()
+        assert hits == ["hop"]
+        assert dns.queries == ["rebind.test"]
+
+    async def test_private_hosts_allowed_when_configured(
+        self, sim: simulator.SimulatorThread
+    ) -> None:
+        """SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true lets a name resolve to loopback."""
+        dns = ScriptedResolver(["127.0.0.1"])
+        server, hits = self._counting_server()
+        rules = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
+        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules, resolver=lambda: dns)
+        try:
+            async with server as base:
+                url = base.replace("127.0.0.1", "rebind.test") + "/x"
+                assert await download(http, url) == (16, b"internal secrets")
+        finally:
+            await http.aclose()
+        assert hits == ["/x"]
 
 
 class TestInvalidRedirects:

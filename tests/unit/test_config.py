@@ -255,6 +255,166 @@ class TestApiKey:
             config.load().resolve_api_key()
 
 
+class TestKeyOnlyOverTls:
+    """The key is never handed out for a plain http:// base URL, unless it is loopback or allowed."""
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://api.example.com/kyy",
+            "http://10.0.0.5:8080",
+            "http://[2001:db8::1]/kyy",
+            "http://localhost.example.com",
+            "http://127.0.0.1.nip.io",
+        ],
+    )
+    def test_http_to_another_host_is_refused(
+        self, monkeypatch: pytest.MonkeyPatch, url: str
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", url)
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_API_BASE_URL") as caught:
+            config.load().resolve_api_key()
+        assert "SEEDANCE_ALLOW_INSECURE_API_URL" in str(caught.value)
+        assert SECRET not in str(caught.value)
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://127.0.0.1:8080",
+            "http://127.3.4.5",
+            "http://[::1]:8080/kyy",
+            "http://localhost:8080",
+            "http://LOCALHOST.",
+            "https://api.example.com/kyy",
+        ],
+    )
+    def test_loopback_and_https_are_allowed(
+        self, monkeypatch: pytest.MonkeyPatch, url: str
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", url)
+        assert config.load().resolve_api_key() == SECRET
+
+    def test_the_override_allows_a_private_network(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", "http://10.0.0.5:8080")
+        monkeypatch.setenv("SEEDANCE_ALLOW_INSECURE_API_URL", "true")
+        assert config.load().resolve_api_key() == SECRET
+
+
+DB_PASSWORD = "hunter2-not-a-real-password"
+DB_URL = f"postgresql://archiver:{DB_PASSWORD}@db.internal/videos"
+
+
+class TestDatabaseUrl:
+    """The URL comes from SEEDANCE_DATABASE_URL, its _FILE, the systemd credential, or the default."""
+
+    def _credential(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, text: str
+    ) -> None:
+        creds = tmp_path / "creds"
+        creds.mkdir(exist_ok=True)
+        (creds / "seedance-database-url").write_text(text, encoding="utf-8")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+
+    def _file(self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, text: str) -> None:
+        url_file = tmp_path / "database-url"
+        url_file.write_text(text, encoding="utf-8")
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL_FILE", str(url_file))
+
+    def test_default_without_any_source(self) -> None:
+        assert config.load().resolve_database_url() == "sqlite:///seedance-archiver.db"
+
+    def test_from_a_file_stripped(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._file(monkeypatch, tmp_path, f"{DB_URL}\n")
+        assert config.load().resolve_database_url() == DB_URL
+
+    def test_from_the_systemd_credential(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._credential(monkeypatch, tmp_path, DB_URL)
+        assert config.load().resolve_database_url() == DB_URL
+
+    def test_the_variable_wins_over_file_and_credential(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._file(monkeypatch, tmp_path, "postgresql://from-the-file@db/x")
+        self._credential(monkeypatch, tmp_path, "postgresql://from-the-credential@db/x")
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL", "sqlite:///explicit.db")
+        assert config.load().resolve_database_url() == "sqlite:///explicit.db"
+
+    def test_an_explicit_default_still_wins(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._credential(monkeypatch, tmp_path, DB_URL)
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL", "sqlite:///seedance-archiver.db")
+        assert config.load().resolve_database_url() == "sqlite:///seedance-archiver.db"
+
+    def test_the_file_wins_over_the_credential(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._file(monkeypatch, tmp_path, DB_URL)
+        self._credential(monkeypatch, tmp_path, "postgresql://from-the-credential@db/x")
+        assert config.load().resolve_database_url() == DB_URL
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            f"mysql://archiver:{DB_PASSWORD}@db/x",
+            f"not a url {DB_PASSWORD}",
+            f"::{DB_PASSWORD}",
+            "",
+        ],
+    )
+    def test_bad_file_contents_are_named_and_never_shown(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, text: str
+    ) -> None:
+        self._file(monkeypatch, tmp_path, text)
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_DATABASE_URL_FILE") as caught:
+            config.load().resolve_database_url()
+        assert DB_PASSWORD not in str(caught.value)
+
+    def test_bad_credential_is_named_and_never_shown(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._credential(monkeypatch, tmp_path, f"oracle://archiver:{DB_PASSWORD}@db/x")
+        with pytest.raises(errors.ConfigError, match="seedance-database-url") as caught:
+            config.load().resolve_database_url()
+        assert DB_PASSWORD not in str(caught.value)
+
+    def test_unreadable_file_is_named(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL_FILE", str(tmp_path / "missing"))
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_DATABASE_URL_FILE"):
+            config.load().resolve_database_url()
+
+    def test_summary_masks_the_password_from_the_file(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        self._file(monkeypatch, tmp_path, DB_URL)
+        summary = config.load().public_summary()
+        assert "db.internal" in summary["database_url"]
+        assert DB_PASSWORD not in repr(summary)
+
+    def test_run_with_a_bad_file_exits_2(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: pathlib.Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_ARCHIVE_URL", f"file://{tmp_path}/archive")
+        self._file(monkeypatch, tmp_path, f"mysql://archiver:{DB_PASSWORD}@db/x")
+        assert cli.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert "SEEDANCE_DATABASE_URL_FILE" in err and DB_PASSWORD not in err
+
+
 class TestPublicSummary:
     """What is logged at start leaves every secret out."""
 
@@ -299,6 +459,16 @@ class TestCommandLine:
         assert len(err.splitlines()) == 1
         assert "SEEDANCE_API_KEY" in err
         assert not (tmp_path / "tasks.db").exists()
+
+    def test_http_base_url_stops_run(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", "http://api.example.com")
+        assert cli.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert "SEEDANCE_API_BASE_URL" in err and SECRET not in err
 
     def test_bad_api_key_is_not_printed(
         self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
