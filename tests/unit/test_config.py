@@ -9,7 +9,7 @@ import pytest
 
 from daemon import cli, config, errors, logs
 
-SECRET = "sk-live-9f8e7d6c5b4a"
+SECRET = "fake-test-key-not-a-secret-0001"
 
 
 @pytest.fixture(autouse=True)
