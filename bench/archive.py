@@ -1,9 +1,9 @@
 """Archiving one large video: the daemon's streaming path against ``curl | aws s3 cp -`` on this machine.
 
-The simulator (``python -m daemon.simulator``) serves one deterministic video of ``--size`` bytes (default
-1 GiB) and moto's S3 server (``python -m moto.server``) stands in for S3; each runs in its own process
-and talks on 127.0.0.1 only. Every measurement of the daemon runs in a fresh child Python process so its
-peak RSS is its own:
+The simulator (``python -m seedance_archiver.simulator``) serves one deterministic video of ``--size``
+bytes (default 1 GiB) and moto's S3 server (``python -m moto.server``) stands in for S3; each runs in
+its own process and talks on 127.0.0.1 only. Every measurement of the daemon runs in a fresh child
+Python process so its peak RSS is its own:
 
 - **daemon -> S3**: ``provider.HttpProvider(...).fetch(id)`` for the link, then
   ``async with http.open_video(url) as video: await archive.S3Archive(bucket, "bench").put(id,
@@ -18,8 +18,8 @@ peak RSS is its own:
 
 The child reads its RSS after its imports (the baseline: ``VmRSS`` from ``/proc/self/status``) and
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux: the peak) after the transfer, and checks
-``stored.sha256`` against ``daemon.simulator.video_sha256``. Wall time covers ``open_video`` + ``put``
-(not the child's interpreter start or imports, nor the one poll before it).
+``stored.sha256`` against ``seedance_archiver.simulator.video_sha256``. Wall time covers
+``open_video`` + ``put`` (not the child's interpreter start or imports, nor the one poll before it).
 
 The references, on the same simulator and the same moto, timed as whole shell pipelines (process start
 included, which is why the aws CLI's start-up time is printed beside them):
@@ -33,7 +33,7 @@ included, which is why the aws CLI's start-up time is printed beside them):
 
 Each S3 object is deleted after its measurement (moto keeps objects in memory).
 
-Run: ``cd /work/main && .venv/bin/python -m bench.archive [--size 1073741824] [--repeat 1]``
+Run from the repository root: ``.venv/bin/python -m bench.archive [--size 1073741824] [--repeat 1]``
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _ask_crc32(params: dict[str, object], **_: object) -> None:
 
 
 async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
-    from daemon import archive, provider
+    from seedance_archiver import archive, provider
 
     baseline_kib = _vm_rss_kib()
     baseline_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -254,8 +254,7 @@ def machine_line() -> str:
 
 def parent_main(args: argparse.Namespace) -> None:
     import boto3
-
-    from daemon import simulator
+    from seedance_archiver import simulator
 
     curl = shutil.which("curl")
     if curl is None:

@@ -49,7 +49,7 @@ def wait_for_port(port: int, timeout_seconds: float = PORT_WAIT_SECONDS) -> None
 
 @contextlib.contextmanager
 def simulator(auto: str = NEVER_READY, api_key: str = API_KEY) -> Iterator[tuple[str, int]]:
-    """Run ``python -m daemon.simulator`` in its own process (its CPU is not ours); yield (url, pid)."""
+    """Run ``python -m seedance_archiver.simulator`` in its own process (its CPU is not ours)."""
     port = free_port()
     log_path = pathlib.Path(tempfile.gettempdir()) / f"bench-simulator-{port}.log"
     with log_path.open("wb") as log_file:
@@ -57,7 +57,7 @@ def simulator(auto: str = NEVER_READY, api_key: str = API_KEY) -> Iterator[tuple
             [
                 sys.executable,
                 "-m",
-                "daemon.simulator",
+                "seedance_archiver.simulator",
                 "--host",
                 HOST,
                 "--port",

@@ -1,6 +1,6 @@
 """The plan of the daemon's claim statement on PostgreSQL with 1,000,000 finished rows in the table.
 
-Creates its own database (dropped at the end), migrates it with ``daemon.schema.upgrade``, bulk-loads
+Creates its own database (dropped at the end), migrates it with ``schema.upgrade``, bulk-loads
 ``--finished`` terminal rows (archived/failed/expired) and ``--active`` polling rows (``next_attempt_at``
 spread over the next 60 s, ``expires_at`` over the next day) with ``INSERT ... SELECT generate_series``,
 runs ``VACUUM ANALYZE``, then captures the exact SQL and parameters that ``SqlStore.claim_due`` sends (a
@@ -20,7 +20,7 @@ PostgreSQL used once psycopg prepared the statement: that is the plan the daemon
 ``--variant`` applies candidate schema or data changes (one or more) before ANALYZE, to compare plans;
 none of them is a migration.
 
-Run: ``cd /work/main && .venv/bin/python -m bench.explain [--finished 1000000] [--active 100000]
+Run from the repository root: ``.venv/bin/python -m bench.explain [--finished 1000000] [--active 100000]
 [--variant baseline|drop-state-index|park-finished|expires-index|hot-updates ...]``
 """
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from seedance_archiver import schema, store
 
 from bench import common
-from daemon import schema, store
 
 CLAIM_LIMIT = 500
 LEASE = dt.timedelta(seconds=120)

@@ -6,7 +6,7 @@ time left until the next poll of a task polled every U(30, 60) s: an interval dr
 U(0, 1)), so polls fall due at a constant N / 45 per second from the start. The provider simulator runs
 in its own process (auto mode, tasks never finish), so its CPU is not counted.
 
-The daemon runs in this process, as ``daemon.scheduler.run`` with settings from ``daemon.config.load``
+The daemon runs in this process, as ``scheduler.run`` with settings from ``config.load``
 (rate limit raised to ``--rate``) and logging at WARNING, for ``--seconds`` of wall time. The first
 ``--warmup`` seconds are not measured. ``scheduler.build_service`` is wrapped to get at the Service and its
 stats; its ``lateness`` deque is replaced at the end of the warm-up by an unbounded one so the window's
@@ -30,7 +30,7 @@ What-if knobs, all off by default (then the daemon runs exactly as built by ``sc
 ``httpx_aiohttp.AiohttpTransport``; ``--tick-seconds`` and ``--claim-batch`` change the claim tick and
 batch. They measure proposed changes to ``daemon/`` without editing it.
 
-Run: ``cd /work/main && .venv/bin/python -m bench.scale [--tasks 100000] [--seconds 120] [--profile]``
+Run from the repository root: ``.venv/bin/python -m bench.scale [--tasks 100000] [--seconds 120] [--profile]``
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ import json
 import logging
 import pathlib
 import pstats
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -53,9 +55,9 @@ from typing import Any, TypeVar
 
 import httpx_aiohttp
 import psycopg
+from seedance_archiver import config, logs, provider, scheduler, schema, service, store
 
 from bench import common, transport
-from daemon import config, logs, provider, scheduler, schema, service, store
 
 CADENCE_LOW_SECONDS = 30.0
 CADENCE_HIGH_SECONDS = 60.0
@@ -257,11 +259,13 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
     print(f"# loaded {args.tasks:,} rows in {loaded:.1f} s", flush=True)
 
     logs.configure(log_format="json", level=logging.WARNING)
+    # Nothing is archived (the simulator never finishes a task), but the folder must exist somewhere.
+    archive_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-archive-"))
     settings = config.load(
         api_base_url=base,
         api_key=common.API_KEY,
         database_url=url,
-        archive_url="file:///tmp/bench-archive",
+        archive_url=archive_dir.as_uri(),
         max_requests_per_second=args.rate,
         http_port=0,
         allowed_video_url_schemes="http",
@@ -367,6 +371,7 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
         finally:
             await overdue_conn.close()
             scheduler.build_service = original_build
+            shutil.rmtree(archive_dir, ignore_errors=True)
 
     window = last.wall - first.wall
     polls = last.polls - first.polls

@@ -10,7 +10,7 @@ floor), and the daemon's own ``provider.HttpProvider.fetch`` on both transports.
 Every client gets a connection pool as large as the concurrency (httpx's default keeps only 20 idle
 connections, which would make it reconnect at 32 workers and measure that instead).
 
-Run: ``cd /work/main && .venv/bin/python -m bench.transport [--requests 20000] [--concurrency 32 64]``
+Run from the repository root: ``.venv/bin/python -m bench.transport [--requests 20000] [--concurrency 32 64]``
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import aiohttp
 import httpcore
 import httpx
 import httpx_aiohttp
+from seedance_archiver import provider
 
 from bench import common
-from daemon import provider
 
 Fetch = Callable[[int], Awaitable[None]]
 ClientFactory = Callable[[str, int], contextlib.AbstractAsyncContextManager[Fetch]]

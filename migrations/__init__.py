@@ -1,1 +1,1 @@
-"""Alembic migrations of ``video_tasks`` (shipped inside the wheel as ``daemon.migrations``)."""
+"""Alembic migrations of ``video_tasks`` (shipped inside the wheel as ``seedance_archiver.migrations``)."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 
 from alembic import context
-
-from daemon import models, store
+from seedance_archiver import models, store
 
 config = context.config
 url = (

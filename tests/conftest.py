@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-
-from daemon import schema, simulator
+from seedance_archiver import schema, simulator
 
 PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() == "true"

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
-from daemon import models
+from seedance_archiver import models
 
 revision = "0001"
 down_revision = None

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
-from daemon import models
+from seedance_archiver import models
 
 revision = "0002"
 down_revision = "0001"

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from seedance_archiver import simulator
 
-from daemon import simulator
 from tests.acceptance.conftest import Daemon, base_env, cli
 from tests.conftest import SIM_KEY, wait_for
 

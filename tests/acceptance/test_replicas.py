@@ -11,8 +11,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from seedance_archiver import simulator
 
-from daemon import simulator
 from tests.acceptance.conftest import Daemon, base_env, cli
 from tests.acceptance.test_end_to_end import PostgresFeeder
 from tests.conftest import wait_for

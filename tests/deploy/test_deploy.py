@@ -33,8 +33,8 @@ import yaml
 from alembic import command
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from seedance_archiver import cli, config, schema, simulator, store, utils, web
 
-from daemon import cli, config, schema, simulator, store, utils, web
 from tests.acceptance import conftest as acceptance
 from tests.conftest import IN_CI, free_port, wait_for
 
@@ -325,7 +325,7 @@ def _project_modules() -> set[str]:
                 modules.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 modules.add(node.module.split(".")[0])
-    return {m for m in modules if m not in sys.stdlib_module_names and m != "daemon"}
+    return {m for m in modules if m not in sys.stdlib_module_names and m != "seedance_archiver"}
 
 
 def _runtime_distributions() -> set[str]:
@@ -372,7 +372,7 @@ class TestDockerfile:
     def test_entrypoint_is_the_declared_console_script(self) -> None:
         """ENTRYPOINT is the script pyproject declares and the acceptance tests run."""
         assert _last("ENTRYPOINT").exec_form() == [SCRIPT]
-        assert PYPROJECT["project"]["scripts"] == {SCRIPT: "daemon.cli:main"}
+        assert PYPROJECT["project"]["scripts"] == {SCRIPT: "seedance_archiver.cli:main"}
         assert acceptance.CLI.name == SCRIPT
 
     def test_default_command_is_a_verb_the_cli_accepts(self) -> None:

@@ -1,4 +1,4 @@
-"""daemon.archive against a real folder and moto's S3 server over HTTP: commit whole, or nothing."""
+"""The archive module against a real folder and moto's S3 server over HTTP: commit whole, or nothing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
-
-from daemon import archive, errors, simulator
+from seedance_archiver import archive, errors, simulator
 
 MIB = 1024 * 1024
 SMALL = 100 * 1024

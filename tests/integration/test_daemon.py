@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable
 
 import psycopg
 import pytest
+from seedance_archiver import config, scheduler, simulator, store
 
-from daemon import config, scheduler, simulator, store
 from tests.conftest import SIM_KEY
 
 

@@ -33,8 +33,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import structlog.testing
-
-from daemon import (
+from seedance_archiver import (
     archive,
     config,
     models,
@@ -46,6 +45,7 @@ from daemon import (
     simulator,
     store,
 )
+
 from tests.conftest import SIM_KEY, free_port
 from tests.integration.faultproxy import FaultProxy
 from tests.integration.test_daemon import wait_until

@@ -6,8 +6,7 @@ import alembic.autogenerate
 import alembic.migration
 import pytest
 import sqlalchemy as sa
-
-from daemon import models, schema, store
+from seedance_archiver import models, schema, store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from seedance_archiver import config, metrics, models, simulator, store, utils
 
-from daemon import config, metrics, models, simulator, store, utils
 from tests.acceptance.conftest import CLI, base_env
 from tests.conftest import SIM_KEY, free_port
 from tests.integration.test_daemon import running_daemon, wait_until

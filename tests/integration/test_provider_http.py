@@ -1,4 +1,4 @@
-"""daemon.provider.HttpProvider against the provider simulator over real HTTP on loopback."""
+"""seedance_archiver.provider.HttpProvider against the provider simulator over real HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp.abc
 import pytest
 from aiohttp import web
+from seedance_archiver import errors, provider, simulator
 
-from daemon import errors, provider, simulator
 from tests.conftest import SIM_KEY, free_port
 
 LOCAL_HTTP = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
+from seedance_archiver import archive, service, simulator, utils
 
-from daemon import archive, service, simulator, utils
 from tests.acceptance.conftest import CLI, base_env
 from tests.conftest import free_port
 from tests.integration.faultproxy import FaultProxy

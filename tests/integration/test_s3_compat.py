@@ -26,8 +26,8 @@ import boto3
 import botocore.exceptions
 import pytest
 import structlog.testing
+from seedance_archiver import archive, errors, metrics, simulator
 
-from daemon import archive, errors, metrics, simulator
 from tests.conftest import free_port, wait_for
 from tests.integration import s3proxy
 

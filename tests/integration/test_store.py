@@ -1,4 +1,4 @@
-"""daemon.store.SqlStore on real SQLite and PostgreSQL: the feeding contract, claims, leases, notify."""
+"""SqlStore on real SQLite and PostgreSQL: the feeding contract, claims, leases, notify."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
 import structlog.testing
+from seedance_archiver import errors, models, store, utils
 
-from daemon import errors, models, store, utils
 from tests.conftest import wait_for
 
 LEASE = dt.timedelta(seconds=60)

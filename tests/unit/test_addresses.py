@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from daemon import errors, provider
+from seedance_archiver import errors, provider
 
 NOT_PUBLIC = [
     # plain IPv4

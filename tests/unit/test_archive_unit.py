@@ -1,4 +1,4 @@
-"""daemon.archive without a server: which S3 answers are refusals, and where blocking I/O runs."""
+"""seedance_archiver.archive without a server: which S3 answers are refusals, and where blocking I/O runs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
-
-from daemon import archive, errors, metrics
+from seedance_archiver import archive, errors, metrics
 
 
 def client_error(status: int, code: str, message: str = "") -> botocore.exceptions.ClientError:

@@ -6,8 +6,7 @@ import os
 import pathlib
 
 import pytest
-
-from daemon import cli, config, errors, logs
+from seedance_archiver import cli, config, errors, logs
 
 SECRET = "fake-test-key-not-a-secret-0001"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from daemon import cli, config
+from seedance_archiver import cli, config
 
 README = (pathlib.Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
 

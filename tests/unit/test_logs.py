@@ -9,8 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import structlog
-
-from daemon import logs, utils
+from seedance_archiver import logs, utils
 
 
 class TestRedaction:

@@ -12,8 +12,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from daemon import errors, provider, testing
+from seedance_archiver import errors, provider, testing
 
 TASK_ID = "video_abc123def456"
 SEED_CREATED = 1761635478

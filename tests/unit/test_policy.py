@@ -8,9 +8,8 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from daemon import config, models, policy, provider, testing
-from daemon.models import State
+from seedance_archiver import config, models, policy, provider, testing
+from seedance_archiver.models import State
 
 NOW = testing.EPOCH
 TASK_ID = "video_abc123def456"

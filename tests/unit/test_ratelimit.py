@@ -8,8 +8,7 @@ import itertools
 from typing import Any
 
 import pytest
-
-from daemon import ratelimit
+from seedance_archiver import ratelimit
 
 # Float slack for comparing fake times built by repeated addition.
 EPSILON = 1e-9

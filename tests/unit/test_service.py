@@ -10,9 +10,8 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-
-from daemon import config, errors, models, policy, provider, ratelimit, service, testing
-from daemon.models import State
+from seedance_archiver import config, errors, models, policy, provider, ratelimit, service, testing
+from seedance_archiver.models import State
 
 EPOCH = testing.EPOCH
 answer = testing.answer

@@ -7,8 +7,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-from daemon import provider
+from seedance_archiver import provider
 
 BIG = 200_000
 REPLACEMENT = "\ufffd"

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from daemon import cli
+from seedance_archiver import cli
 
 raise SystemExit(cli.main())

@@ -31,7 +31,7 @@ import botocore.config
 import botocore.exceptions
 import structlog
 
-from daemon import errors, metrics
+from seedance_archiver import errors, metrics
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

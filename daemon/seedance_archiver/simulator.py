@@ -10,7 +10,7 @@
   mis-sized or throttled body.
 - ``POST /_sim/tasks``, ``POST /_sim/faults``, ``GET /_sim/stats``: control and counters for tests.
 
-Run it alone with ``python -m daemon.simulator --port 8080``; tests and ``demo`` start it in-process
+Run it alone with ``python -m seedance_archiver.simulator --port 8080``: tests and ``demo`` start it
 with :class:`SimulatorThread`.
 """
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from daemon import models, store, utils
+from seedance_archiver import models, store, utils
 
 TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "where / why")
 

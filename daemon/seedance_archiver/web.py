@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon import errors, metrics, service, store, utils
+from seedance_archiver import errors, metrics, service, store, utils
 
 log = structlog.get_logger(__name__)
 

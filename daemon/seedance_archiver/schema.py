@@ -11,7 +11,9 @@ from alembic.config import Config
 def alembic_config(url: str) -> Config:
     """An Alembic config for the migrations shipped in the package, aimed at ``url``."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(importlib.resources.files("daemon.migrations")))
+    cfg.set_main_option(
+        "script_location", str(importlib.resources.files("seedance_archiver.migrations"))
+    )
     cfg.attributes["url"] = url
     return cfg
 

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from daemon import (
+from seedance_archiver import (
     config,
     demo,
     errors,

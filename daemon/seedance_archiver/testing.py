@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
-from daemon import archive, errors, models, provider, store
+from seedance_archiver import archive, errors, models, provider, store
 
 EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 

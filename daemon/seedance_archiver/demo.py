@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from daemon import config, models, scheduler, schema, simulator, store, views
+from seedance_archiver import config, models, scheduler, schema, simulator, store, views
 
 DEMO_KEY = "demo-not-a-secret"
 DEMO_DEADLINE_SECONDS = 100.0

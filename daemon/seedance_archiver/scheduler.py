@@ -19,8 +19,8 @@ import apscheduler.schedulers.base
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-import daemon
-from daemon import (
+import seedance_archiver
+from seedance_archiver import (
     archive,
     config,
     errors,
@@ -164,7 +164,7 @@ async def run(
             svc.owner,
             hostname=socket.gethostname(),
             pid=os.getpid(),
-            version=daemon.__version__,
+            version=seedance_archiver.__version__,
             started_at=started_at,
             last_tick_at=svc.last_tick_at,
             api_key_ok=not svc.auth_blocked,

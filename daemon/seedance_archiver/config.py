@@ -20,7 +20,7 @@ import pydantic
 import pydantic_settings
 import sqlalchemy.engine
 
-from daemon import errors
+from seedance_archiver import errors
 
 ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"

@@ -11,8 +11,8 @@ import datetime as dt
 import re
 from collections.abc import Callable, Mapping
 
-from daemon import config, models, provider
-from daemon.models import State
+from seedance_archiver import config, models, provider
+from seedance_archiver.models import State
 
 Draw = Callable[[float, float], float]
 

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from daemon import utils
+from seedance_archiver import utils
 
 # Values rendered as they are; anything else is rendered through its repr, which may hold a URL.
 _PLAIN = (int, float, bool, type(None))

@@ -28,7 +28,7 @@ import aiohttp.abc
 import httpx
 import httpx_aiohttp
 
-from daemon import errors, utils
+from seedance_archiver import errors, utils
 
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5

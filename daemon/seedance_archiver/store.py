@@ -25,7 +25,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 import structlog
 
-from daemon import errors, models
+from seedance_archiver import errors, models
 
 log = structlog.get_logger(__name__)
 t = models.video_tasks

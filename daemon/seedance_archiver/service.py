@@ -21,8 +21,18 @@ from typing import ParamSpec, TypeVar
 
 import structlog
 
-from daemon import archive, errors, metrics, models, policy, provider, ratelimit, store, utils
-from daemon.models import State
+from seedance_archiver import (
+    archive,
+    errors,
+    metrics,
+    models,
+    policy,
+    provider,
+    ratelimit,
+    store,
+    utils,
+)
+from seedance_archiver.models import State
 
 log = structlog.get_logger(__name__)
 
