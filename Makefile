@@ -1,15 +1,21 @@
 # seedance-archiver: every target creates .venv by itself on a fresh clone.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+#
+# Installs come from uv.lock (every package pinned, with hashes). uv installs it in seconds where pip
+# takes a minute here (bench/README.md, "Installing"); pip only bootstraps uv itself, at the version
+# the lock pins (tests/deploy checks that the two agree).
+PYTHON     ?= python3
+UV_VERSION := 0.13.9
+VENV       := .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.installed
+LOWEST     := .venv-lowest
 
-.PHONY: demo test lint format unit integration acceptance deploy-check clean
+.PHONY: demo test lint format unit integration acceptance deploy-check lock lowest clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml uv.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --quiet --frozen --extra dev
 	touch $(STAMP)
 
 ## demo: the whole pipeline on SQLite + ./archive against the built-in simulator
@@ -42,5 +48,19 @@ acceptance: $(STAMP)
 deploy-check: $(STAMP)
 	$(BIN)/pytest tests/deploy
 
+## lock: re-resolve every dependency to its newest allowed version (uv.lock and the image's export)
+lock: $(STAMP)
+	$(BIN)/uv lock --upgrade
+	$(BIN)/uv export --quiet --frozen --no-emit-project --no-header --format requirements-txt \
+		-o deploy/requirements.lock
+
+## lowest: the suite's fast part against the lowest versions pyproject.toml allows
+lowest: $(STAMP)
+	$(BIN)/uv pip compile --quiet pyproject.toml --resolution lowest-direct -o $(LOWEST).txt
+	test -x $(LOWEST)/bin/python || $(BIN)/uv venv --quiet $(LOWEST)
+	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python -e '.[dev]' -c $(LOWEST).txt
+	$(LOWEST)/bin/pytest -q -p no:cacheprovider tests/unit tests/integration/test_store.py \
+		tests/integration/test_provider_http.py tests/integration/test_archive.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(LOWEST) $(LOWEST).txt .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

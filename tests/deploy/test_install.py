@@ -1,0 +1,177 @@
+"""Installing the project: one copy of each module, a lock that pins everything, a wheel that lives
+beside python-daemon (whose import name is ``daemon`` too).
+
+The wheel and the venvs here are built offline, from uv's cache that ``make`` filled from uv.lock.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import pkgutil
+import re
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+
+import pytest
+import seedance_archiver
+from seedance_archiver import simulator
+
+from tests.acceptance import conftest as acceptance
+from tests.conftest import wait_for
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+UV = pathlib.Path(sys.executable).parent / "uv"
+LOCK = tomllib.loads((ROOT / "uv.lock").read_text())
+IMAGE_LOCK = ROOT / "deploy" / "requirements.lock"
+# What `make lock` exports for the image: the runtime dependencies only, with hashes.
+EXPORT = ["export", "--frozen", "--no-emit-project", "--no-header", "--format", "requirements-txt"]
+
+
+def _uv(*args: str | pathlib.Path, cwd: pathlib.Path = ROOT) -> str:
+    result = subprocess.run(
+        [str(UV), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"uv {args[0]} failed: {result.stderr[-2000:]}"
+    return result.stdout
+
+
+def _locked_version(name: str) -> str:
+    (package,) = [p for p in LOCK["package"] if p["name"] == name]
+    return str(package["version"])
+
+
+def _requirement_blocks(export: str, names: set[str]) -> str:
+    """The blocks (a pin and its hashes) of ``names`` in a requirements export."""
+    blocks = re.split(r"\n(?=\S)", export)
+    return "\n".join(b for b in blocks if re.split(r"[=\s\\]", b, maxsplit=1)[0] in names) + "\n"
+
+
+class TestOneCopy:
+    def test_every_module_is_imported_once_under_its_own_name(self) -> None:
+        """Nothing under daemon/ is importable as a second module (``daemon.seedance_archiver.x``)."""
+        for info in pkgutil.walk_packages(seedance_archiver.__path__, "seedance_archiver."):
+            if not info.name.endswith("__main__"):  # importing it would run the CLI
+                importlib.import_module(info.name)
+        ours = {
+            name: pathlib.Path(module.__file__).resolve()
+            for name, module in list(sys.modules.items())
+            if getattr(module, "__file__", None)
+            and pathlib.Path(module.__file__).resolve().is_relative_to(ROOT / "daemon")
+        }
+        assert "seedance_archiver.store" in ours
+        assert all(name.startswith("seedance_archiver") for name in ours), sorted(ours)
+        assert len(set(ours.values())) == len(ours), "a file is loaded under two module names"
+        # The installed package is the source tree itself (editable), not a stale copy.
+        assert ours["seedance_archiver"] == ROOT / "daemon" / "seedance_archiver" / "__init__.py"
+
+    def test_the_source_root_is_not_a_package(self) -> None:
+        """daemon/ has no __init__.py, so `import daemon` can never mean our code."""
+        assert not (ROOT / "daemon" / "__init__.py").exists()
+        assert [p.name for p in (ROOT / "daemon").iterdir() if p.suffix == ".py"] == []
+
+
+class TestLock:
+    def test_the_lock_matches_pyproject(self) -> None:
+        """`uv lock --check` fails when pyproject.toml changed and the lock did not (run `make lock`)."""
+        _uv("lock", "--check", "--offline")
+
+    def test_the_image_installs_the_export_of_the_same_lock(self) -> None:
+        assert IMAGE_LOCK.read_text() == _uv(*EXPORT), "deploy/requirements.lock is stale"
+        pins = re.findall(r"^([\w.-]+)==", IMAGE_LOCK.read_text(), re.MULTILINE)
+        assert "sqlalchemy" in pins and "pytest" not in pins and "moto" not in pins
+
+    def test_every_pin_carries_a_hash(self) -> None:
+        blocks = re.split(r"\n(?=\S)", IMAGE_LOCK.read_text().strip())
+        assert blocks and all("--hash=sha256:" in b for b in blocks if not b.startswith("#"))
+
+    def test_make_bootstraps_the_uv_the_lock_pins(self) -> None:
+        (pinned,) = re.findall(r"^UV_VERSION\s*:=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M)
+        assert pinned == _locked_version("uv")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The project's wheel, built offline with the locked setuptools."""
+    out = tmp_path_factory.mktemp("wheel")
+    _uv("build", "--quiet", "--wheel", "--offline", "--no-build-isolation",
+        "--python", sys.executable, "--out-dir", out, ROOT)  # fmt: skip
+    (built,) = out.glob("seedance_archiver-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def beside_python_daemon(
+    wheel: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[pathlib.Path]:
+    """A venv holding the image's lock, our wheel and python-daemon: what an Airflow host has."""
+    root = tmp_path_factory.mktemp("venv")
+    venv = root / "venv"
+    python = venv / "bin" / "python"
+    _uv("venv", "--quiet", "--python", sys.executable, venv)
+    _uv("pip", "install", "--quiet", "--offline", "--python", python, "-r", IMAGE_LOCK)
+    neighbour = root / "python-daemon.txt"
+    dev_export = _uv(*EXPORT, "--extra", "dev")
+    neighbour.write_text(_requirement_blocks(dev_export, {"python-daemon", "lockfile"}))
+    assert "python-daemon==" in neighbour.read_text()
+    _uv("pip", "install", "--quiet", "--offline", "--python", python, "-r", neighbour)
+    _uv("pip", "install", "--quiet", "--offline", "--no-deps", "--python", python, wheel)
+    yield venv
+
+
+class TestBesidePythonDaemon:
+    def test_both_import_under_their_own_names(self, beside_python_daemon: pathlib.Path) -> None:
+        code = (
+            "import daemon, daemon.daemon, seedance_archiver, seedance_archiver.migrations as m; "
+            "print(daemon.__file__); print(hasattr(daemon, 'DaemonContext')); "
+            "print(seedance_archiver.__version__); print(m.__file__)"
+        )
+        result = subprocess.run(
+            [str(beside_python_daemon / "bin" / "python"), "-c", code],
+            cwd=beside_python_daemon,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        daemon_file, has_context, version, migrations = result.stdout.split()
+        site = beside_python_daemon / "lib"
+        assert pathlib.Path(daemon_file).is_relative_to(site) and has_context == "True"
+        assert version == seedance_archiver.__version__
+        assert pathlib.Path(migrations).is_relative_to(site)
+
+    def test_the_daemon_runs_and_check_finds_it(
+        self,
+        beside_python_daemon: pathlib.Path,
+        tmp_path: pathlib.Path,
+        sim: simulator.SimulatorThread,
+    ) -> None:
+        """The heartbeat (which reads the package's version) is written, so `check` sees a daemon."""
+        cli = beside_python_daemon / "bin" / "seedance-archiver"
+        env = acceptance.base_env(
+            sim.url, f"sqlite:///{tmp_path}/tasks.db", (tmp_path / "archive").as_uri()
+        )
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(cli), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+            )
+
+        assert run("migrate").returncode == 0
+        assert run("check").returncode == 1  # no daemon yet: `check` can fail
+        log = tmp_path / "daemon.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen([str(cli), "run"], env=env, cwd=tmp_path, stdout=out,
+                                       stderr=subprocess.STDOUT)  # fmt: skip
+        try:
+            checked = wait_for(lambda: (r := run("check")).returncode == 0 and r, timeout=60,
+                               interval=0.5, what="`seedance-archiver check` to find the daemon")  # fmt: skip
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+        assert isinstance(checked, subprocess.CompletedProcess)
+        assert "daemon: ok (1 running)" in checked.stdout and "api key: ok" in checked.stdout
+        assert process.returncode == 0, log.read_text()[-3000:]
+        assert "job_failed" not in log.read_text() and "job_crashed" not in log.read_text()
