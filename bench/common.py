@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import psycopg
 
@@ -143,6 +144,49 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
     return ordered[rank]
+
+
+Buckets = list[tuple[float, float]]  # (upper bound "le", cumulative count), ascending
+
+
+def histogram_buckets(histogram: Any) -> Buckets:
+    """The cumulative bucket counts of an unlabelled prometheus_client Histogram, now."""
+    return [
+        (float(sample.labels["le"]), sample.value)
+        for metric in histogram.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_bucket")
+    ]
+
+
+def histogram_quantile(before: Buckets, after: Buckets, q: float) -> float:
+    """The ``q``-th percentile (0-100) of what was observed between two snapshots, interpolated
+    linearly within its bucket as Prometheus's ``histogram_quantile`` does; NaN when nothing was."""
+    counts = [(le, b - a) for (le, b), (_, a) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank = q / 100 * total
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in counts:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_le  # beyond the last finite bound: all a histogram can say
+            inside = count - lower_count
+            return lower_le + (le - lower_le) * ((rank - lower_count) / inside if inside else 1.0)
+        lower_le, lower_count = le, count
+    return lower_le
+
+
+def histogram_max_bound(before: Buckets, after: Buckets) -> float:
+    """The upper bound of the highest bucket that got an observation between two snapshots."""
+    previous = 0.0
+    worst = float("nan")
+    for (le, b), (_, a) in zip(after, before, strict=True):
+        if b - a > previous:
+            worst = le
+        previous = b - a
+    return worst
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -8,11 +8,12 @@ in its own process (auto mode, tasks never finish), so its CPU is not counted.
 
 The daemon runs in this process, as ``scheduler.run`` with settings from ``config.load``
 (rate limit raised to ``--rate``) and logging at WARNING, for ``--seconds`` of wall time. The first
-``--warmup`` seconds are not measured. ``scheduler.build_service`` is wrapped to get at the Service and its
-stats; its ``lateness`` deque is replaced at the end of the warm-up by an unbounded one so the window's
-every poll is kept. Measured over the window: polls per second, CPU-seconds of this process
+``--warmup`` seconds are not measured. ``scheduler.build_service`` is wrapped to get at the Service, its
+stats and its metrics. Measured over the window: polls per second, CPU-seconds of this process
 (``time.process_time()``: event loop and the store's worker threads) per 1,000 polls, and how late each
-poll started after its row's ``next_attempt_at`` (p50/p99/max). Every 10 s it also counts rows that are
+poll started after its row's ``next_attempt_at``: p50/p99 interpolated within the buckets of the
+daemon's own ``seedance_poll_lateness_seconds`` histogram (as Prometheus would), and the max as the
+upper bound of the highest bucket reached. Every 10 s it also counts rows that are
 more than 1 s overdue and not yet written back (a growing count means the daemon is falling behind).
 
 Then the floor, in the same run: a bare ``aiohttp.ClientSession`` makes as many requests as the daemon
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import cProfile
 import dataclasses
 import functools
@@ -325,11 +325,11 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
     try:
         await asyncio.sleep(max(0.0, args.warmup - (time.perf_counter() - started)))
         first = Snapshot.take(svc, sim_pid)
-        svc.stats.lateness = collections.deque()
+        lateness_at_start = common.histogram_buckets(svc.metrics.poll_lateness)
         store_calls.reset()
         in_flight: list[int] = []
         timeline: list[tuple[float, int, float, float, int]] = []
-        mark_polls, mark_late, mark_wall = first.polls, 0, first.wall
+        mark_polls, mark_late, mark_wall = first.polls, lateness_at_start, first.wall
         end = first.wall + args.seconds - args.warmup
         while (now := time.perf_counter()) < end:
             if daemon.done():
@@ -337,21 +337,21 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
                 raise RuntimeError("the daemon stopped during the run")
             in_flight.append(svc.in_flight)
             if now - mark_wall >= TIMELINE_SECONDS:
-                late = list(svc.stats.lateness)[mark_late:]
+                late = common.histogram_buckets(svc.metrics.poll_lateness)
                 behind, _ = await overdue()
                 timeline.append(
                     (
                         now - first.wall,
                         svc.stats.polls - mark_polls,
                         (svc.stats.polls - mark_polls) / (now - mark_wall),
-                        common.percentile(late, 99),
+                        common.histogram_quantile(mark_late, late, 99),
                         behind,
                     )
                 )
-                mark_polls, mark_late, mark_wall = svc.stats.polls, len(svc.stats.lateness), now
+                mark_polls, mark_late, mark_wall = svc.stats.polls, late, now
             await asyncio.sleep(SAMPLE_SECONDS)
         last = Snapshot.take(svc, sim_pid)
-        lateness = list(svc.stats.lateness)
+        lateness_at_end = common.histogram_buckets(svc.metrics.poll_lateness)
         behind, active = await overdue()
         store_table = store_calls.table()
 
@@ -385,9 +385,9 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
 
     per_k = cpu / polls * 1000 if polls else float("nan")
     floor_per_k = floor_cpu / polls * 1000 if polls else float("nan")
-    p50 = common.percentile(lateness, 50)
-    p99 = common.percentile(lateness, 99)
-    worst = max(lateness) if lateness else float("nan")
+    p50 = common.histogram_quantile(lateness_at_start, lateness_at_end, 50)
+    p99 = common.histogram_quantile(lateness_at_start, lateness_at_end, 99)
+    worst = common.histogram_max_bound(lateness_at_start, lateness_at_end)
     ratio = per_k / floor_per_k
     lateness_ok = p99 <= 1.0
     cpu_ok = ratio <= 2.0

@@ -106,13 +106,13 @@ class Archive(Protocol):
 def from_url(
     url: str,
     *,
-    metrics: metrics.Metrics | None = None,
+    meters: metrics.Metrics | None = None,
     executor: concurrent.futures.Executor | None = None,
 ) -> Archive:
     """The backend for SEEDANCE_ARCHIVE_URL (``s3://bucket/prefix`` or ``file:///dir``)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "s3":
-        return S3Archive(parts.netloc, parts.path.strip("/"), metrics=metrics, executor=executor)
+        return S3Archive(parts.netloc, parts.path.strip("/"), meters=meters, executor=executor)
     if parts.scheme == "file":
         return FileArchive(pathlib.Path(parts.netloc + parts.path), executor=executor)
     raise errors.ConfigError("invalid setting SEEDANCE_ARCHIVE_URL: expected s3:// or file://")
@@ -374,10 +374,6 @@ def s3_client(**kwargs: Any) -> S3Client:
     )
 
 
-def _new_metrics() -> metrics.Metrics:
-    return metrics.Metrics()
-
-
 class S3Archive:
     """Videos in an S3 bucket: ``s3://{bucket}/{prefix}/{task_id}.mp4``.
 
@@ -397,13 +393,13 @@ class S3Archive:
         prefix: str,
         client: S3Client | None = None,
         *,
-        metrics: metrics.Metrics | None = None,
+        meters: metrics.Metrics | None = None,
         executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.client: S3Client = client or s3_client()
-        self.metrics = metrics or _new_metrics()
+        self.metrics = meters or metrics.Metrics()
         self._executor = executor or default_executor()
         #: The optional calls this store refused, with the reason: never sent again.
         self.refused: dict[str, str] = {}

@@ -127,7 +127,7 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     raise AssertionError(command)
 
 
-def _status(sql_store: store.SqlStore, args: argparse.Namespace) -> int:
+def _status(sql_store: store.Store, args: argparse.Namespace) -> int:
     if args.task_id:
         task = sql_store.get(args.task_id)
         if task is None:
@@ -149,7 +149,7 @@ def _status(sql_store: store.SqlStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(sql_store: store.SqlStore) -> int:
+def _check(sql_store: store.Store) -> int:
     """Exit 0 when the database answers, the schema is there, and a daemon ticks with a good key."""
     try:
         sql_store.check_schema()

@@ -7,9 +7,7 @@ the variable and never repeats the value (it may be a secret).
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-import math
 import os
 import pathlib
 import re
@@ -20,7 +18,7 @@ import pydantic
 import pydantic_settings
 import sqlalchemy.engine
 
-from seedance_archiver import errors
+from seedance_archiver import errors, models
 
 ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
@@ -29,40 +27,9 @@ API_KEY_CREDENTIAL = "seedance-api-key"
 # Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
 DATABASE_URL_CREDENTIAL = "seedance-database-url"
 DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
-MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
-
-
-@dataclasses.dataclass(frozen=True)
-class Cadence:
-    """How long to wait between two polls of one task: each wait is drawn in [low, high] seconds."""
-
-    low: float
-    high: float
-
-    @classmethod
-    def parse(cls, value: object) -> Cadence:
-        if isinstance(value, Cadence):
-            return value
-        text = str(value).strip()
-        low_text, sep, high_text = text.partition("-")
-        try:
-            low = float(low_text)
-            high = float(high_text) if sep else low
-        except ValueError:
-            raise ValueError("expected seconds as min-max, for example 30-60") from None
-        if not (math.isfinite(high) and 0 < low <= high <= MAX_CADENCE_SECONDS):
-            raise ValueError(
-                f"expected 0 < min <= max <= {MAX_CADENCE_SECONDS} seconds, for example 30-60"
-            )
-        return cls(low, high)
-
-    def __str__(self) -> str:
-        return f"{self.low:g}-{self.high:g}"
-
-
 # NoDecode: the value is "min-max" text, not JSON (pydantic-settings JSON-decodes complex types).
 CadenceSetting = Annotated[
-    Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(Cadence.parse)
+    models.Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(models.Cadence.parse)
 ]
 
 
@@ -86,9 +53,9 @@ class Settings(pydantic_settings.BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     database_url_file: pathlib.Path | None = None
     archive_url: str = "file://./archive"
-    poll_draft: CadenceSetting = Cadence(10, 20)
-    poll_standard: CadenceSetting = Cadence(30, 60)
-    poll_flex: CadenceSetting = Cadence(60, 120)
+    poll_draft: CadenceSetting = models.Cadence(10, 20)
+    poll_standard: CadenceSetting = models.Cadence(30, 60)
+    poll_flex: CadenceSetting = models.Cadence(60, 120)
     retention_seconds: int = pydantic.Field(default=86_400, gt=0)
     max_requests_per_second: float = pydantic.Field(default=20.0, gt=0)
     allowed_video_url_schemes: Annotated[
@@ -154,7 +121,7 @@ class Settings(pydantic_settings.BaseSettings):
             raise ValueError("must be one token without spaces")
         return pydantic.SecretStr(text)
 
-    def cadences(self) -> dict[str, Cadence]:
+    def cadences(self) -> dict[str, models.Cadence]:
         """The polling cadence of each mode."""
         return {"draft": self.poll_draft, "standard": self.poll_standard, "flex": self.poll_flex}
 

@@ -107,9 +107,5 @@ class Metrics:
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))
 
-    def names(self) -> list[str]:
-        """The exported metric family names (for docs and tests)."""
-        return sorted({m.name for m in self.registry.collect()})
-
 
 CONTENT_TYPE = prom.CONTENT_TYPE_LATEST

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import math
 from typing import Any
 
 import sqlalchemy as sa
@@ -42,6 +43,63 @@ class State(enum.StrEnum):
 
 ACTIVE_STATES = frozenset({State.PENDING, State.POLLING, State.DOWNLOADING})
 TERMINAL_STATES = frozenset(State) - ACTIVE_STATES
+
+
+# --- what the provider said, and how often to ask (values the pure policy reads) ----------
+
+
+class Status(enum.StrEnum):
+    """The provider's task statuses (seed: 状态流程)."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """What the provider said about one task."""
+
+    id: str
+    status: Status
+    created: dt.datetime | None
+    model: str | None
+    video_url: str | None
+    actual_duration: float | None
+    error: str | None
+
+
+MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """How long to wait between two polls of one task: each wait is drawn in [low, high] seconds."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, value: object) -> Cadence:
+        if isinstance(value, Cadence):
+            return value
+        text = str(value).strip()
+        low_text, sep, high_text = text.partition("-")
+        try:
+            low = float(low_text)
+            high = float(high_text) if sep else low
+        except ValueError:
+            raise ValueError("expected seconds as min-max, for example 30-60") from None
+        if not (math.isfinite(high) and 0 < low <= high <= MAX_CADENCE_SECONDS):
+            raise ValueError(
+                f"expected 0 < min <= max <= {MAX_CADENCE_SECONDS} seconds, for example 30-60"
+            )
+        return cls(low, high)
+
+    def __str__(self) -> str:
+        return f"{self.low:g}-{self.high:g}"
 
 
 class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
@@ -193,6 +251,24 @@ class Task:
 
 
 TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+
+# The order due rows are claimed in, written once: the nearest deadline first, with rows never polled
+# (their deadline unknown) before all others so the intake poll learns it; then the longest overdue.
+# Each entry is (column, NULLs first). store.py turns it into the claim's ORDER BY, which
+# ix_video_tasks_due serves; claim_key turns it into a sort key for Task snapshots.
+CLAIM_ORDER: tuple[tuple[str, bool], ...] = (("expires_at", True), ("next_attempt_at", False))
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def claim_key(task: Task) -> tuple[tuple[bool, dt.datetime], ...]:
+    """Sorts tasks in :data:`CLAIM_ORDER`."""
+    key = []
+    for column, nulls_first in CLAIM_ORDER:
+        value = getattr(task, column)
+        key.append(((value is None) != nulls_first, value or _NEVER))
+    return tuple(key)
+
+
 # The columns the daemon writes back after working on a row (the feeder owns task_id and mode).
 DAEMON_FIELDS = tuple(
     name for name in TASK_FIELDS if name not in ("task_id", "mode", "inserted_at", "lease_owner")

@@ -10,9 +10,13 @@ import dataclasses
 import datetime as dt
 import re
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from seedance_archiver import config, models, provider
+from seedance_archiver import models
 from seedance_archiver.models import State
+
+if TYPE_CHECKING:  # only for a type: the settings module (pydantic, the environment) stays out
+    from seedance_archiver import config
 
 Draw = Callable[[float, float], float]
 
@@ -36,7 +40,7 @@ TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 class Rules:
     """The knobs the decisions depend on, taken from the settings once."""
 
-    cadences: Mapping[str, config.Cadence]
+    cadences: Mapping[str, models.Cadence]
     retention: dt.timedelta
     backoff_cap_seconds: float = BACKOFF_CAP_SECONDS
     download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS
@@ -50,7 +54,7 @@ class Rules:
             retention=dt.timedelta(seconds=settings.retention_seconds),
         )
 
-    def cadence(self, mode: str) -> config.Cadence:
+    def cadence(self, mode: str) -> models.Cadence:
         return self.cadences.get(mode) or self.cadences[models.Mode.STANDARD.value]
 
 
@@ -120,7 +124,7 @@ def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
 
 
 def on_answer(
-    task: models.Task, answer: provider.Answer, now: dt.datetime, rules: Rules, draw: Draw
+    task: models.Task, answer: models.Answer, now: dt.datetime, rules: Rules, draw: Draw
 ) -> models.Task:
     """The task after a successful poll."""
     created = answer.created or task.provider_created_at
@@ -138,7 +142,7 @@ def on_answer(
         "state": State.POLLING.value,
     }
     status = answer.status
-    if status is provider.Status.COMPLETED and answer.video_url:
+    if status is models.Status.COMPLETED and answer.video_url:
         changes.update(
             state=State.DOWNLOADING.value,
             video_url=answer.video_url,
@@ -146,15 +150,15 @@ def on_answer(
             completed_at=task.completed_at or now,
             next_attempt_at=now,
         )
-    elif status is provider.Status.COMPLETED:
+    elif status is models.Status.COMPLETED:
         changes.update(
             error="provider said completed but gave no video_url; polling again",
             next_attempt_at=next_poll_at(task, now, rules, draw),
         )
-    elif status is provider.Status.FAILED:
+    elif status is models.Status.FAILED:
         reason = answer.error or "the provider reported the task failed without a reason"
         changes.update(state=State.FAILED.value, error=reason, next_attempt_at=now)
-    elif status is provider.Status.CANCELLED:
+    elif status is models.Status.CANCELLED:
         reason = answer.error or "cancelled at the provider"
         changes.update(state=State.CANCELLED.value, error=reason, next_attempt_at=now)
     else:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import email.utils
-import enum
 import ipaddress
 import json
 import math
@@ -28,7 +27,7 @@ import aiohttp.abc
 import httpx
 import httpx_aiohttp
 
-from seedance_archiver import errors, utils
+from seedance_archiver import errors, models, utils
 
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
@@ -46,29 +45,6 @@ HOST_LABEL_MAX_CHARS = 63
 # accepts the key and 401/403 when it does not, and no task is ever read or created by the check. Only
 # unreserved URL characters, so it reaches the provider as written.
 KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
-
-
-class Status(enum.StrEnum):
-    """The provider's task statuses (seed: 状态流程)."""
-
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    """What the provider said about one task."""
-
-    id: str
-    status: Status
-    created: dt.datetime | None
-    model: str | None
-    video_url: str | None
-    actual_duration: float | None
-    error: str | None
 
 
 def _short(value: object) -> str:
@@ -206,7 +182,7 @@ def _number(payload: dict[str, Any], key: str, what: str) -> float | None:
     return number
 
 
-def parse_answer(task_id: str, body: bytes) -> Answer:
+def parse_answer(task_id: str, body: bytes) -> models.Answer:
     """Parse the provider's JSON for ``task_id``; anything off its contract is MalformedAnswer.
 
     Its strings come out storable: ``model`` and ``error`` through :func:`storable`; ``video_url``
@@ -232,7 +208,7 @@ def parse_answer(task_id: str, body: bytes) -> Answer:
     if not isinstance(raw_status, str):
         raise errors.MalformedAnswer("malformed answer: field 'status' is missing or not a string")
     try:
-        status = Status(raw_status)
+        status = models.Status(raw_status)
     except ValueError:
         raise errors.MalformedAnswer(
             f"malformed answer: unknown status {_short(raw_status)}"
@@ -244,7 +220,7 @@ def parse_answer(task_id: str, body: bytes) -> Answer:
             raise errors.MalformedAnswer("malformed answer: field 'created' is out of range")
         created = dt.datetime.fromtimestamp(created_raw, dt.UTC)
     duration = _number(payload, "actualDuration", "a number")
-    return Answer(
+    return models.Answer(
         id=answer_id,
         status=status,
         created=created,
@@ -411,7 +387,7 @@ class Video:
 class Provider(Protocol):
     """What the service needs from the provider."""
 
-    async def fetch(self, task_id: str) -> Answer: ...
+    async def fetch(self, task_id: str) -> models.Answer: ...
 
     def open_video(self, url: str) -> contextlib.AbstractAsyncContextManager[Video]: ...
 
@@ -525,7 +501,7 @@ class HttpProvider:
             raise errors.ProviderUnavailable(_unreachable(exc)) from exc
         return response, body
 
-    async def fetch(self, task_id: str) -> Answer:
+    async def fetch(self, task_id: str) -> models.Answer:
         response, body = await self._get_result(task_id)
         code = response.status_code
         if code == 200:

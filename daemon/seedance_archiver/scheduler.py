@@ -107,9 +107,7 @@ def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def build_service(
-    settings: config.Settings, api_key: str
-) -> tuple[service.Service, store.SqlStore]:
+def build_service(settings: config.Settings, api_key: str) -> tuple[service.Service, store.Store]:
     """The service with its real store, provider and archive, as the settings describe them."""
     sql_store = store.SqlStore.from_url(
         settings.resolve_database_url(), settings.database_statement_timeout_seconds
@@ -128,13 +126,13 @@ def build_service(
     svc = service.Service(
         sql_store,
         client,
-        archive.from_url(settings.archive_url, metrics=svc_metrics),
+        archive.from_url(settings.archive_url, meters=svc_metrics),
         policy.Rules.from_settings(settings),
         ratelimit.RateLimiter(settings.max_requests_per_second, burst=RATE_BURST),
         owner=owner_name(),
         lease_seconds=settings.lease_seconds,
         max_download_seconds=settings.max_download_seconds,
-        metrics=svc_metrics,
+        meters=svc_metrics,
     )
     return svc, sql_store
 
@@ -147,47 +145,199 @@ async def run(
     tick_seconds: float = TICK_SECONDS,
 ) -> int:
     """Run the daemon until ``stop`` is set or SIGTERM/SIGINT arrives; return the exit code."""
-    api_key = settings.resolve_api_key()
-    lock = store.SqliteLock(settings.resolve_database_url())
-    lock.acquire()
-    svc, sql_store = build_service(settings, api_key)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    listener: store.Listener | None = None
-    server: web.WebServer | None = None
-    scheduler = AsyncIOScheduler(timezone=dt.UTC)
-    started_at = svc.clock()
+    daemon = Daemon(settings, stop=stop, tick_seconds=tick_seconds)
+    if handle_signals:
+        # Before anything starts: a SIGTERM in the first moments (PID 1 in a container) still
+        # ends in a clean stop, never in Python's default of dying mid-step.
+        _install_signals(asyncio.get_running_loop(), daemon.stop_requested)
+    log.info("daemon_starting", **settings.public_summary())
+    try:
+        return await daemon.run()
+    finally:
+        if handle_signals:
+            _remove_signals(asyncio.get_running_loop())
 
-    async def heartbeat() -> None:
-        await svc.db(
-            sql_store.beat,
-            svc.owner,
+
+class Daemon:
+    """One daemon's life: start its parts in order, run until asked to stop, drain, close.
+
+    Each start step checks for a stop request first, so a stop during start-up skips the rest.
+    :meth:`close` undoes exactly what was started, in reverse order, whatever failed.
+    """
+
+    def __init__(
+        self,
+        settings: config.Settings,
+        *,
+        stop: asyncio.Event | None = None,
+        tick_seconds: float = TICK_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.stop_requested = stop or asyncio.Event()
+        self.tick_seconds = tick_seconds
+        self._lock: store.SqliteLock | None = None
+        self.svc: service.Service | None = None
+        self.store: store.Store | None = None
+        self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
+        self._ticker: _Ticker | None = None
+        self._listener: store.Listener | None = None
+        self._server: web.WebServer | None = None
+        self._started_at = dt.datetime.now(dt.UTC)
+
+    async def run(self) -> int:
+        try:
+            for step in (self._open, self._check, self._schedule, self._listen, self._serve):
+                if self.stop_requested.is_set():
+                    log.info("daemon_stopped_while_starting", before=step.__name__.lstrip("_"))
+                    return 0
+                await step()
+            log.info(
+                "daemon_started",
+                owner=self.svc.owner if self.svc else None,
+                tick_s=self.tick_seconds,
+                listen=self._listener is not None,
+            )
+            systemd.notify("READY=1\nSTATUS=archiving")
+            await self.stop_requested.wait()
+            await self._drain()
+            return 0
+        finally:
+            await self.close()
+
+    # --- start, in order ----------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Take the SQLite file's lock (one daemon per file), then build the service."""
+        self._lock = store.SqliteLock(self.settings.resolve_database_url())
+        self._lock.acquire()
+        # Looked up at call time: tests and benchmarks wrap build_service.
+        self.svc, self.store = build_service(self.settings, self.settings.resolve_api_key())
+        self._started_at = self.svc.clock()
+
+    async def _check(self) -> None:
+        """The schema must be there (fatal); the archive should answer (logged, retried by work)."""
+        svc, task_store = self._parts()
+        await svc.db(task_store.check_schema)
+        try:
+            await svc.archive.check()
+        except errors.ArchiveError as exc:
+            log.error("archive_unreachable", error=str(exc))
+
+    async def _schedule(self) -> None:
+        svc, _ = self._parts()
+        self._ticker = _Ticker(_guarded("tick", svc.tick))
+        self._every("tick", self._ticker.run, self.tick_seconds, now=True)
+        self._every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
+        self._every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
+        self._every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
+        self._every("check_key", svc.check_key_if_due, KEY_CHECK_SECONDS, now=True)
+        self._every("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, now=True)
+        if self.settings.prune_after_days > 0:
+            self._every("prune", self._prune, PRUNE_SECONDS, now=True)
+        watchdog_seconds = systemd.watchdog_interval()
+        if watchdog_seconds is not None:
+            self._every("watchdog", self._watchdog, watchdog_seconds, now=True)
+        self._scheduler.start()
+
+    async def _listen(self) -> None:
+        """Wake the tick when a feeder inserts rows, where the database can say so."""
+        _, task_store = self._parts()
+        loop = asyncio.get_running_loop()
+
+        def wake_from_thread() -> None:
+            loop.call_soon_threadsafe(self._wake)
+
+        self._listener = task_store.listener(wake_from_thread)
+        if self._listener is not None:
+            self._listener.start()
+
+    async def _serve(self) -> None:
+        if self.settings.http_port:
+            svc, task_store = self._parts()
+            self._server = web.WebServer(
+                svc, task_store, self.settings.http_host, self.settings.http_port
+            )
+            await self._server.start()
+
+    # --- stop ---------------------------------------------------------------------------------
+
+    async def _drain(self) -> None:
+        """Claim nothing more, let a tick in progress end (never cancel it half-way), then give
+        in-flight work the grace period."""
+        svc, _ = self._parts()
+        systemd.notify("STOPPING=1")
+        log.info("daemon_stopping", in_flight=svc.in_flight)
+        svc.stop_claiming()
+        self._scheduler.pause_job("tick")
+        assert self._ticker is not None
+        await self._ticker.wait_idle()
+        await svc.stop(self.settings.shutdown_grace_seconds)
+        log.info("daemon_stopped", polls=svc.stats.polls, archived=svc.stats.archived)
+
+    async def close(self) -> None:
+        """Undo what was started, last first."""
+        if self._scheduler.state != apscheduler.schedulers.base.STATE_STOPPED:
+            # AsyncIOScheduler defers shutdown to the loop; this is the one and only call.
+            self._scheduler.shutdown(wait=False)
+        if self._server is not None:
+            await self._server.stop()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.stop)
+        if self.svc is not None and self.store is not None:
+            await self.svc.provider.aclose()
+            try:
+                await self.svc.db(self.store.forget_daemon, self.svc.owner)
+            except errors.StoreError as exc:
+                log.warning("heartbeat_not_removed", error=str(exc))
+            self.store.close()
+            self.svc.db_executor.shutdown(wait=False)
+        if self._lock is not None:
+            self._lock.release()
+
+    # --- the jobs that live here ----------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        svc, task_store = self._parts()
+        beat = store.DaemonBeat(
+            owner=svc.owner,
             hostname=socket.gethostname(),
             pid=os.getpid(),
             version=seedance_archiver.__version__,
-            started_at=started_at,
+            started_at=self._started_at,
             last_tick_at=svc.last_tick_at,
             api_key_ok=not svc.auth_blocked,
         )
+        await svc.db(task_store.beat, beat)
 
-    async def prune() -> None:
-        cutoff = svc.clock() - dt.timedelta(days=settings.prune_after_days)
-        deleted = await svc.db(sql_store.prune, cutoff)
+    async def _prune(self) -> None:
+        svc, task_store = self._parts()
+        cutoff = svc.clock() - dt.timedelta(days=self.settings.prune_after_days)
+        deleted = await svc.db(task_store.prune, cutoff)
         if deleted:
             log.info("finished_rows_pruned", rows=deleted, finished_before=cutoff.isoformat())
 
-    async def watchdog() -> None:
+    async def _watchdog(self) -> None:
         # Only vouch for the daemon while its ticks complete: a stuck or crashing tick gets us
         # restarted.
+        svc, _ = self._parts()
         last = svc.last_tick_at
         fresh = last is not None and (svc.clock() - last).total_seconds() < WATCHDOG_STALE_SECONDS
         if fresh and svc.healthy:
             systemd.notify("WATCHDOG=1")
 
-    def every(name: str, job: Callable[[], Awaitable[object]], seconds: float, now: bool) -> None:
+    def _wake(self) -> None:
+        if not self.stop_requested.is_set() and self.svc is not None and self._ticker is not None:
+            self.svc.wake()
+            self._ticker.run_soon()
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _every(
+        self, name: str, job: Callable[[], Awaitable[object]], seconds: float, now: bool
+    ) -> None:
         # APScheduler 3 reads next_run_time=None as "add paused": pass it only to run at once.
         first: dict[str, dt.datetime] = {"next_run_time": dt.datetime.now(dt.UTC)} if now else {}
-        scheduler.add_job(
+        self._scheduler.add_job(
             _guarded(name, job),
             "interval",
             seconds=seconds,
@@ -197,77 +347,12 @@ async def run(
             **first,
         )
 
-    try:
-        await svc.db(sql_store.check_schema)
-        try:
-            await svc.archive.check()
-        except errors.ArchiveError as exc:
-            log.error("archive_unreachable", error=str(exc))
-        log.info("daemon_starting", owner=svc.owner, **settings.public_summary())
+    def _parts(self) -> tuple[service.Service, store.Store]:
+        assert self.svc is not None and self.store is not None, "the service is built by _open"
+        return self.svc, self.store
 
-        ticker = _Ticker(_guarded("tick", svc.tick))
-        every("tick", ticker.run, tick_seconds, now=True)
-        every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
-        every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
-        every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
-        every("check_key", svc.check_key_if_due, KEY_CHECK_SECONDS, now=True)
-        every("heartbeat", heartbeat, HEARTBEAT_SECONDS, now=True)
-        if settings.prune_after_days > 0:
-            every("prune", prune, PRUNE_SECONDS, now=True)
-        watchdog_seconds = systemd.watchdog_interval()
-        if watchdog_seconds is not None:
-            every("watchdog", watchdog, watchdog_seconds, now=True)
-        scheduler.start()
 
-        def wake() -> None:
-            if not stop.is_set():
-                svc.wake()
-                ticker.run_soon()
-
-        if sql_store.dialect == "postgresql":
-
-            def wake_from_thread() -> None:
-                loop.call_soon_threadsafe(wake)
-
-            listener = store.Listener(
-                settings.resolve_database_url(),
-                wake_from_thread,
-                settings.database_statement_timeout_seconds,
-            )
-            listener.start()
-        if settings.http_port:
-            server = web.WebServer(svc, sql_store, settings.http_host, settings.http_port)
-            await server.start()
-        if handle_signals:
-            _install_signals(loop, stop)
-        log.info("daemon_started", tick_s=tick_seconds, listen=listener is not None)
-        systemd.notify("READY=1\nSTATUS=archiving")
-        await stop.wait()
-        systemd.notify("STOPPING=1")
-        log.info("daemon_stopping", in_flight=svc.in_flight)
-        # Claim nothing more, then let a tick in progress end (not be cancelled half-way).
-        svc.stop_claiming()
-        scheduler.pause_job("tick")
-        await ticker.wait_idle()
-        await svc.stop(settings.shutdown_grace_seconds)
-        log.info("daemon_stopped", **{"polls": svc.stats.polls, "archived": svc.stats.archived})
-        return 0
-    finally:
-        if scheduler.state != apscheduler.schedulers.base.STATE_STOPPED:
-            # AsyncIOScheduler defers shutdown to the loop; this is the one and only call.
-            scheduler.shutdown(wait=False)
-        if server is not None:
-            await server.stop()
-        if listener is not None:
-            await asyncio.to_thread(listener.stop)
-        await svc.provider.aclose()
-        try:
-            await svc.db(sql_store.forget_daemon, svc.owner)
-        except errors.StoreError as exc:
-            log.warning("heartbeat_not_removed", error=str(exc))
-        sql_store.close()
-        svc.db_executor.shutdown(wait=False)
-        lock.release()
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
@@ -278,5 +363,10 @@ def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> No
         log.info("signal_received", signal=signal.Signals(signum).name)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _remove_signals(loop: asyncio.AbstractEventLoop) -> None:
+    for signum in SIGNALS:
+        loop.remove_signal_handler(signum)

@@ -8,7 +8,6 @@ outcome is queued and written back in a batch at the next tick.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import datetime as dt
@@ -57,10 +56,6 @@ class Stats:
     archived_bytes: int = 0
     download_failures: int = 0
     ticks: int = 0
-    # How late each poll started against its row's next_attempt_at, in seconds (the latest ones).
-    lateness: collections.deque[float] = dataclasses.field(
-        default_factory=lambda: collections.deque(maxlen=100_000)
-    )
 
 
 class Service:
@@ -85,9 +80,9 @@ class Service:
 
     def __init__(
         self,
-        store: store.Store,
-        provider: provider.Provider,
-        archive: archive.Archive,
+        task_store: store.Store,
+        client: provider.Provider,
+        storage: archive.Archive,
         rules: policy.Rules,
         limiter: ratelimit.RateLimiter,
         *,
@@ -97,12 +92,12 @@ class Service:
         max_downloads: int = MAX_DOWNLOADS,
         lease_seconds: float = LEASE_SECONDS,
         max_download_seconds: float = MAX_DOWNLOAD_SECONDS,
-        metrics: metrics.Metrics | None = None,
+        meters: metrics.Metrics | None = None,
         db_executor: concurrent.futures.Executor | None = None,
     ) -> None:
-        self.store = store
-        self.provider = provider
-        self.archive = archive
+        self.store = task_store
+        self.provider = client
+        self.archive = storage
         self.rules = rules
         self.limiter = limiter
         self.owner = owner
@@ -114,7 +109,7 @@ class Service:
             DB_THREADS, thread_name_prefix="db"
         )
         self.stats = Stats()
-        self.metrics = metrics or _new_metrics()
+        self.metrics = meters or metrics.Metrics()
         self.metrics.rate_limit.set(limiter.rate)
         self.last_tick_at: dt.datetime | None = None  # when a tick last completed
         self.tick_failures = 0  # crashed ticks in a row
@@ -129,8 +124,6 @@ class Service:
         self._poll_slots = asyncio.Semaphore(self.MAX_CONCURRENT_POLLS)
         self._key_check: asyncio.Future[bool | None] | None = None  # one check at a time
         self._lost: set[str] = set()  # rows whose lease another daemon took: drop their work
-        # The claim running in a thread, if any: stop() waits for it so no lease outlives us.
-        self._claiming: asyncio.Future[list[models.Task]] | None = None
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic() before which the tick leaves the database be
         self._stopping = False
@@ -180,21 +173,9 @@ class Service:
                 # While the key is rejected, only rows already downloading are worked on: their
                 # link needs no key.
                 states = [State.DOWNLOADING.value] if self.auth_blocked else None
-                claim = asyncio.ensure_future(
-                    self.db(
-                        self.store.claim_due,
-                        self.owner,
-                        now,
-                        self.lease.total_seconds(),
-                        limit,
-                        states,
-                    )
+                rows = await self.db(
+                    self.store.claim_due, self.owner, now, self.lease.total_seconds(), limit, states
                 )
-                self._claiming = claim
-                try:
-                    rows = await asyncio.shield(claim)
-                finally:
-                    self._claiming = None
         except errors.StoreError as exc:
             self._store_unavailable(exc)
             return 0
@@ -351,15 +332,12 @@ class Service:
         self._stopping = True
 
     async def stop(self, grace_seconds: float) -> None:
-        """Stop claiming; give in-flight work ``grace_seconds`` to finish, cancel the rest, write back."""
+        """Give in-flight work ``grace_seconds`` to finish, cancel the rest, write everything back.
+
+        Call it once no tick is running (after :meth:`stop_claiming` and the tick's end): rows a
+        last claim returned are then already queued for release.
+        """
         self._stopping = True
-        claim = self._claiming
-        if claim is not None:
-            try:
-                claimed = await claim
-            except errors.StoreError:
-                claimed = []
-            self._to_release.update(r.task_id for r in claimed if r.task_id not in self._running)
         pending = set(self._running.values())
         if pending:
             log.info("draining", in_flight=len(pending), grace_s=grace_seconds)
@@ -461,7 +439,6 @@ class Service:
             if row.next_attempt_at is not None:
                 # Measured when the request really starts: time queued for a slot counts as late.
                 lateness = (now - row.next_attempt_at).total_seconds()
-                self.stats.lateness.append(lateness)
                 self.metrics.poll_lateness.observe(max(0.0, lateness))
             self.stats.polls += 1
             answer = await self.provider.fetch(row.task_id)
@@ -632,7 +609,3 @@ _POLL_OUTCOMES: dict[type[errors.ProviderError], str] = {
     errors.MalformedAnswer: "malformed",
     errors.ProviderUnavailable: "unavailable",
 }
-
-
-def _new_metrics() -> metrics.Metrics:
-    return metrics.Metrics()

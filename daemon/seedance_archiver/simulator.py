@@ -326,8 +326,8 @@ class Simulator:
 class SimulatorThread:
     """Serve a :class:`Simulator` on loopback from a background thread (for tests and ``demo``)."""
 
-    def __init__(self, simulator: Simulator, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.simulator = simulator
+    def __init__(self, sim: Simulator, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.simulator = sim
         self.host = host
         self.port = port
         self._loop = asyncio.new_event_loop()

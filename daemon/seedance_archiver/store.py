@@ -36,7 +36,12 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
 class Store(Protocol):
-    """What the service needs from the database."""
+    """Everything the daemon, its web server and the command line ask of the database.
+
+    :class:`SqlStore` is the real one; ``testing.FakeStore`` keeps the same semantics on a dict.
+    """
+
+    # --- the daemon's work on rows
 
     def claim_due(
         self,
@@ -57,7 +62,44 @@ class Store(Protocol):
 
     def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
 
+    def prune(self, finished_before: dt.datetime, batch: int = ...) -> int: ...
+
+    # --- what is there
+
     def summary(self, now: dt.datetime) -> Summary: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def get(self, task_id: str) -> models.Task | None: ...
+
+    # --- the operator's and feeder's side
+
+    def add(self, task_id: str, mode: str = ...) -> bool: ...
+
+    def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> RetryOutcome: ...
+
+    # --- daemons' heartbeats
+
+    def beat(self, beat: DaemonBeat) -> None: ...
+
+    def forget_daemon(self, owner: str) -> None: ...
+
+    def daemons(self) -> list[DaemonBeat]: ...
+
+    # --- the connection
+
+    def ping(self) -> None: ...
+
+    def check_schema(self) -> None: ...
+
+    def listener(self, on_notify: Callable[[], None]) -> Listener | None:
+        """A listener that calls ``on_notify`` when rows are inserted, where the database has one."""
+        ...
+
+    def close(self) -> None: ...
+
+    # Last: below it, ``list`` in an annotation would mean this method.
+    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]: ...
 
 
 def engine_url(url: str) -> sa.URL:
@@ -215,9 +257,12 @@ def _task(row: sa.Row[Any]) -> models.Task:
     return models.Task(**row._mapping)
 
 
-def _claim_order(task: models.Task) -> tuple[bool, dt.datetime, dt.datetime]:
-    far = dt.datetime.max.replace(tzinfo=dt.UTC)
-    return (task.expires_at is not None, task.expires_at or far, task.next_attempt_at or far)
+def _claim_order_by() -> list[sa.UnaryExpression[Any]]:
+    """:data:`models.CLAIM_ORDER` as ORDER BY terms."""
+    return [
+        t.c[column].asc().nulls_first() if nulls_first else t.c[column].asc()
+        for column, nulls_first in models.CLAIM_ORDER
+    ]
 
 
 def _typed(name: str) -> sa.BindParameter[Any]:
@@ -262,6 +307,8 @@ class Summary:
 
 @dataclasses.dataclass(frozen=True)
 class DaemonBeat:
+    """One daemon's heartbeat row: who it is and when it last completed a tick."""
+
     owner: str
     hostname: str
     pid: int
@@ -274,9 +321,12 @@ class DaemonBeat:
 class SqlStore:
     """The real store, on SQLite or PostgreSQL."""
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(
+        self, engine: sa.Engine, statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS
+    ) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.statement_timeout_seconds = statement_timeout_seconds
         self.rows_refused = 0  # outcomes the database refused even alone, since start
         self._save_stmt = (
             sa.update(t)
@@ -291,10 +341,17 @@ class SqlStore:
     def from_url(
         cls, url: str, statement_timeout_seconds: float = STATEMENT_TIMEOUT_SECONDS
     ) -> SqlStore:
-        return cls(make_engine(url, statement_timeout_seconds))
+        return cls(make_engine(url, statement_timeout_seconds), statement_timeout_seconds)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def listener(self, on_notify: Callable[[], None]) -> Listener | None:
+        """PostgreSQL's LISTEN on new rows; None on SQLite, where the table poll alone finds them."""
+        if self.dialect != "postgresql":
+            return None
+        url = self.engine.url.render_as_string(hide_password=False)
+        return Listener(url, on_notify, self.statement_timeout_seconds)
 
     # --- the daemon's side ----------------------------------------------------------------------
 
@@ -328,7 +385,7 @@ class SqlStore:
                     t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now)
                 ),
             )
-            .order_by(t.c.expires_at.asc().nulls_first(), t.c.next_attempt_at.asc())
+            .order_by(*_claim_order_by())
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
@@ -341,7 +398,7 @@ class SqlStore:
         with self._begin() as conn:
             claimed = [_task(row) for row in conn.execute(stmt)]
         # RETURNING gives rows in table order; the service starts them in the order given.
-        claimed.sort(key=_claim_order)
+        claimed.sort(key=models.claim_key)
         return claimed
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int:
@@ -488,26 +545,10 @@ class SqlStore:
 
     # --- daemon heartbeats ------------------------------------------------------------------------
 
-    def beat(
-        self,
-        owner: str,
-        *,
-        hostname: str,
-        pid: int,
-        version: str,
-        started_at: dt.datetime,
-        last_tick_at: dt.datetime | None,
-        api_key_ok: bool,
-    ) -> None:
-        """Record that daemon ``owner`` is alive (insert or update its heartbeat row)."""
-        values = {
-            "hostname": hostname,
-            "pid": pid,
-            "version": version,
-            "started_at": started_at,
-            "last_tick_at": last_tick_at,
-            "api_key_ok": api_key_ok,
-        }
+    def beat(self, beat: DaemonBeat) -> None:
+        """Record that daemon ``beat.owner`` is alive (insert or update its heartbeat row)."""
+        values = dataclasses.asdict(beat)
+        owner = values.pop("owner")
         with self._begin() as conn:
             updated = conn.execute(sa.update(hb).where(hb.c.owner == owner).values(values))
             if updated.rowcount == 0:

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 from seedance_archiver import archive, errors, models, provider, store
@@ -55,19 +55,89 @@ class InlineExecutor(concurrent.futures.Executor):
 
 
 class FakeStore:
-    """The store's semantics (due, leases, nearest deadline first) on a dict."""
+    """The whole :class:`store.Store` on a dict: due rows, leases, claim order, heartbeats.
 
-    def __init__(self, tasks: Iterable[models.Task] = ()) -> None:
+    ``clock`` stamps rows the fake inserts (``add``), as the database's default does.
+    """
+
+    def __init__(
+        self, tasks: Iterable[models.Task] = (), clock: Callable[[], dt.datetime] = lambda: EPOCH
+    ) -> None:
         self.rows: dict[str, models.Task] = {t.task_id: t for t in tasks}
+        self.clock = clock
         self.saved: list[models.Task] = []
         self.released: list[str] = []
+        self.beats: dict[str, store.DaemonBeat] = {}
+        self.closed = False
 
-    def add(self, task_id: str, mode: str = "standard", now: dt.datetime = EPOCH) -> models.Task:
-        task = models.Task(
+    def add(self, task_id: str, mode: str = models.Mode.STANDARD.value) -> bool:
+        if task_id in self.rows:
+            return False
+        now = self.clock()
+        self.rows[task_id] = models.Task(
             task_id=task_id, mode=mode, inserted_at=now, updated_at=now, next_attempt_at=now
         )
-        self.rows[task_id] = task
-        return task
+        return True
+
+    def get(self, task_id: str) -> models.Task | None:
+        return self.rows.get(task_id)
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in models.State}
+        for task in self.rows.values():
+            counts[task.state] += 1
+        return counts
+
+    def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> store.RetryOutcome:
+        task = self.rows.get(task_id)
+        if task is None:
+            return store.RetryOutcome.NO_SUCH_TASK
+        if task.lease_expires_at is not None and task.lease_expires_at >= now:
+            return store.RetryOutcome.LEASED
+        if task.state == models.State.ARCHIVED and not force:
+            return store.RetryOutcome.ARCHIVED
+        self.rows[task_id] = task.replace(
+            state=models.State.POLLING.value,
+            next_attempt_at=now,
+            attempts=0,
+            updated_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        return store.RetryOutcome.RETRIED
+
+    def prune(self, finished_before: dt.datetime, batch: int = 5000) -> int:
+        doomed = [
+            t.task_id
+            for t in self.rows.values()
+            if t.is_terminal and t.updated_at is not None and t.updated_at < finished_before
+        ]
+        for task_id in doomed:
+            del self.rows[task_id]
+        return len(doomed)
+
+    def beat(self, beat: store.DaemonBeat) -> None:
+        self.beats[beat.owner] = beat
+
+    def forget_daemon(self, owner: str) -> None:
+        self.beats.pop(owner, None)
+
+    def daemons(self) -> list[store.DaemonBeat]:
+        never = dt.datetime.min.replace(tzinfo=dt.UTC)
+        return sorted(self.beats.values(), key=lambda b: b.last_tick_at or never, reverse=True)
+
+    def ping(self) -> None:
+        if self.closed:
+            raise errors.StoreError("the fake store is closed")
+
+    def check_schema(self) -> None:
+        self.ping()
+
+    def listener(self, on_notify: Callable[[], None]) -> store.Listener | None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
 
     def claim_due(
         self,
@@ -88,8 +158,7 @@ class FakeStore:
             and t.next_attempt_at <= now
             and (t.lease_expires_at is None or t.lease_expires_at < now)
         ]
-        far = dt.datetime.max.replace(tzinfo=dt.UTC)
-        due.sort(key=lambda t: (t.expires_at is not None, t.expires_at or far, t.next_attempt_at))
+        due.sort(key=models.claim_key)
         claimed = []
         for task in due[: max(0, limit)]:
             leased = task.replace(lease_owner=owner, lease_expires_at=lease_until)
@@ -131,9 +200,7 @@ class FakeStore:
         }
 
     def summary(self, now: dt.datetime) -> store.Summary:
-        counts = {s.value: 0 for s in models.State}
-        for task in self.rows.values():
-            counts[task.state] += 1
+        counts = self.counts()
         at_risk = sum(
             1
             for t in self.rows.values()
@@ -144,6 +211,12 @@ class FakeStore:
             key=lambda t: t.inserted_at or EPOCH,
         )
         return store.Summary(counts, at_risk, pending[0] if pending else None)
+
+    # Last: below it, ``list`` in an annotation would mean this method.
+    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
+        rows = sorted(self.rows.values(), key=lambda t: (t.inserted_at or EPOCH, t.task_id))
+        rows = [t for t in rows if state is None or t.state == state]
+        return rows if limit is None else rows[:limit]
 
     def release(self, owner: str, task_ids: Iterable[str]) -> int:
         n = 0
@@ -156,7 +229,7 @@ class FakeStore:
         return n
 
 
-Reply = provider.Answer | Exception
+Reply = models.Answer | Exception
 
 
 class FakeProvider:
@@ -175,7 +248,7 @@ class FakeProvider:
         """The replies to the next polls of ``task_id``; the last one repeats."""
         self.scripts[task_id] = list(replies)
 
-    async def fetch(self, task_id: str) -> provider.Answer:
+    async def fetch(self, task_id: str) -> models.Answer:
         self.fetches.append(task_id)
         replies = self.scripts.get(task_id)
         if not replies:
@@ -217,11 +290,11 @@ def answer(
     video_url: str | None = None,
     error: str | None = None,
     duration: float | None = None,
-) -> provider.Answer:
+) -> models.Answer:
     """A provider answer for tests, with the seed's defaults."""
-    return provider.Answer(
+    return models.Answer(
         id=task_id,
-        status=provider.Status(status),
+        status=models.Status(status),
         created=created,
         model="seedance_1_5_pro_720p",
         video_url=video_url,
@@ -273,3 +346,11 @@ class FakeArchive:
         self.unfinished = [t for t in self.unfinished if t != task_id]
         self.discarded.extend([task_id] * found)
         return found
+
+
+# mypy holds each fake to the whole of the Protocol it stands in for.
+_FAKES: tuple[type[store.Store], type[provider.Provider], type[archive.Archive]] = (
+    FakeStore,
+    FakeProvider,
+    FakeArchive,
+)

@@ -27,11 +27,9 @@ CHECK_TIMEOUT_SECONDS = 5.0
 class WebServer:
     """Serves the endpoints for one :class:`service.Service` on ``host:port``."""
 
-    def __init__(
-        self, svc: service.Service, sql_store: store.SqlStore, host: str, port: int
-    ) -> None:
+    def __init__(self, svc: service.Service, task_store: store.Store, host: str, port: int) -> None:
         self.svc = svc
-        self.store = sql_store
+        self.store = task_store
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import signal
 import sqlite3
 import urllib.parse
 from collections.abc import Callable
@@ -170,6 +171,21 @@ class TestSqliteAndFolder:
         assert "another seedance-archiver already runs" in second.stderr
         assert first.process.poll() is None
         assert first.terminate() == 0
+
+    def test_a_sigterm_while_starting_stops_it_cleanly(
+        self, tmp_path: pathlib.Path, sim: simulator.SimulatorThread, start_daemon: Any
+    ) -> None:
+        """The handlers are in place before the first start step (PID 1 in a container)."""
+        db = tmp_path / "tasks.db"
+        env = base_env(sim.url, f"sqlite:///{db}", f"file://{tmp_path}/archive")
+        cli(env, "migrate")
+        daemon = start_daemon(env)
+        # Logged right after the handlers are installed, before the database is opened.
+        wait_for(lambda: "daemon_starting" in daemon.log(), timeout=30, what="the first log line")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=30) == 0, daemon.log()[-3000:]
+        assert "signal_received" in daemon.log()
+        assert "Traceback" not in daemon.log()
 
 
 @pytest.mark.postgres

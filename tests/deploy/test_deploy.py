@@ -782,15 +782,7 @@ class TestPostgresRoles:
             assert sql_store.leased(["video_member_1"], now) == {"video_member_1"}
             assert sql_store.release("t-owner", ["video_member_1"]) == 1
             for _ in range(2):  # insert, then update
-                sql_store.beat(
-                    "t-owner",
-                    hostname="h",
-                    pid=1,
-                    version="0",
-                    started_at=now,
-                    last_tick_at=now,
-                    api_key_ok=True,
-                )
+                sql_store.beat(store.DaemonBeat("t-owner", "h", 1, "0", now, now, True))
             assert [d.owner for d in sql_store.daemons()] == ["t-owner"]
             assert sql_store.retry("video_member_1", now) is store.RetryOutcome.RETRIED
             sql_store.summary(now)

@@ -54,6 +54,46 @@ def _settings(
     )
 
 
+class TestLifecycle:
+    async def test_a_stop_before_start_starts_nothing_and_exits_0(
+        self, sim: simulator.SimulatorThread, sqlite_url: str, tmp_path: pathlib.Path
+    ) -> None:
+        stop = asyncio.Event()
+        stop.set()
+        daemon = scheduler.Daemon(_settings(sim, sqlite_url, tmp_path), stop=stop)
+        assert await asyncio.wait_for(daemon.run(), timeout=30) == 0
+        assert daemon.svc is None and daemon._server is None  # nothing was built or served
+        # ... and the SQLite lock was not left behind: another daemon may start.
+        lock = store.SqliteLock(sqlite_url)
+        lock.acquire()
+        lock.release()
+
+    async def test_a_stop_while_starting_skips_the_remaining_steps(
+        self,
+        sim: simulator.SimulatorThread,
+        sqlite_url: str,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """A stop requested during a step lets that step end, then starts nothing more."""
+        stop = asyncio.Event()
+        daemon = scheduler.Daemon(_settings(sim, sqlite_url, tmp_path), stop=stop)
+        opened = daemon._open
+
+        async def open_then_stop() -> None:
+            await opened()
+            stop.set()  # as SIGTERM would, half-way through start-up
+
+        monkeypatch.setattr(daemon, "_open", open_then_stop)
+        assert await asyncio.wait_for(daemon.run(), timeout=30) == 0
+        assert daemon.svc is not None and daemon._ticker is None and daemon._server is None
+        after = store.SqlStore.from_url(sqlite_url)
+        try:
+            assert after.daemons() == []  # no heartbeat was written, none left behind
+        finally:
+            after.close()
+
+
 class TestPickup:
     """New rows are worked on promptly."""
 

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp.abc
 import pytest
 from aiohttp import web
-from seedance_archiver import errors, provider, simulator
+from seedance_archiver import errors, models, provider, simulator
 
 from tests.conftest import SIM_KEY, free_port
 
@@ -39,7 +39,7 @@ def add_completed(sim: simulator.SimulatorThread, task_id: str, **fields: Any) -
 
 async def video_url(http: provider.HttpProvider, task_id: str) -> str:
     answer = await http.fetch(task_id)
-    assert answer.status is provider.Status.COMPLETED
+    assert answer.status is models.Status.COMPLETED
     assert answer.video_url is not None
     return answer.video_url
 
@@ -91,7 +91,7 @@ class TestFetchStatuses:
         )
 
         queued = await client.fetch("video_abc")
-        assert queued.status is provider.Status.QUEUED
+        assert queued.status is models.Status.QUEUED
         assert queued.id == "video_abc"
         assert queued.video_url is None
         assert queued.model == "seedance_1_5_pro_720p"
@@ -100,12 +100,12 @@ class TestFetchStatuses:
 
         task.created -= 150  # time passes
         processing = await client.fetch("video_abc")
-        assert processing.status is provider.Status.PROCESSING
+        assert processing.status is models.Status.PROCESSING
         assert processing.video_url is None
 
         task.created -= 100
         completed = await client.fetch("video_abc")
-        assert completed.status is provider.Status.COMPLETED
+        assert completed.status is models.Status.COMPLETED
         assert completed.video_url is not None
         assert completed.video_url.startswith(f"{sim.url}/files/video_abc.mp4?")
         assert completed.actual_duration == 7.5
@@ -117,7 +117,7 @@ class TestFetchStatuses:
     ) -> None:
         add_completed(sim, "video_bad", outcome="failed", error="content policy violation")
         answer = await client.fetch("video_bad")
-        assert answer.status is provider.Status.FAILED
+        assert answer.status is models.Status.FAILED
         assert answer.error == "content policy violation"
         assert answer.video_url is None
 
@@ -126,7 +126,7 @@ class TestFetchStatuses:
     ) -> None:
         add_completed(sim, "video_c", outcome="cancelled")
         answer = await client.fetch("video_c")
-        assert answer.status is provider.Status.CANCELLED
+        assert answer.status is models.Status.CANCELLED
         assert answer.video_url is None
 
 
@@ -146,7 +146,7 @@ class TestFetchErrors:
                 answer = await http.fetch("video_abc")
             finally:
                 await http.aclose()
-        assert answer.status is provider.Status.QUEUED
+        assert answer.status is models.Status.QUEUED
         assert seen == [("/api/v1/result/video_abc", f"Bearer {SIM_KEY}")]
 
     async def test_wrong_key_is_auth_rejected(self, sim: simulator.SimulatorThread) -> None:
@@ -179,7 +179,7 @@ class TestFetchErrors:
         with pytest.raises(errors.ProviderUnavailable, match="500"):
             await client.fetch("video_abc")
         # The fault was consumed; the next poll succeeds.
-        assert (await client.fetch("video_abc")).status is provider.Status.COMPLETED
+        assert (await client.fetch("video_abc")).status is models.Status.COMPLETED
 
     async def test_429_with_retry_after_seconds(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
@@ -267,7 +267,7 @@ class TestFetchErrors:
         add_completed(sim, task_id)
         answer = await client.fetch(task_id)
         assert answer.id == task_id
-        assert answer.status is provider.Status.COMPLETED
+        assert answer.status is models.Status.COMPLETED
 
 
 class TestOpenVideo:

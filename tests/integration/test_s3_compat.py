@@ -129,7 +129,7 @@ class AuthMoto:
             aws_access_key_id=key_id,
             aws_secret_access_key=secret,
         )
-        return archive.S3Archive(self.bucket, PREFIX, client, metrics=m)
+        return archive.S3Archive(self.bucket, PREFIX, client, meters=m)
 
 
 def _policy(path: pathlib.Path, bucket: str) -> str:
@@ -305,7 +305,7 @@ def proxy(s3_endpoint: str) -> Iterator[s3proxy.S3Proxy]:
 
 
 def proxied(proxy: s3proxy.S3Proxy, bucket: str, m: metrics.Metrics) -> archive.S3Archive:
-    return archive.S3Archive(bucket, PREFIX, archive.s3_client(endpoint_url=proxy.url), metrics=m)
+    return archive.S3Archive(bucket, PREFIX, archive.s3_client(endpoint_url=proxy.url), meters=m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,7 +546,7 @@ class TestDefaults:
                 return super().submit(fn, *args, **kwargs)
 
         with Recording(max_workers=2) as executor:
-            store = archive.from_url(f"s3://{s3_bucket}/{PREFIX}", metrics=m, executor=executor)
+            store = archive.from_url(f"s3://{s3_bucket}/{PREFIX}", meters=m, executor=executor)
             assert isinstance(store, archive.S3Archive)
             proxy.refuse(archive.LIST_UPLOADS)
             assert await store.discard_incomplete(new_id()) == 0

@@ -132,7 +132,7 @@ class TestCheckFallback:
             "bucket",
             "videos",
             FakeS3(client_error(501, "501")),
-            metrics=m,  # type: ignore[arg-type]
+            meters=m,  # type: ignore[arg-type]
         )
         await store.check()
         await store.check()

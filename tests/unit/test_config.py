@@ -6,7 +6,7 @@ import os
 import pathlib
 
 import pytest
-from seedance_archiver import cli, config, errors, logs
+from seedance_archiver import cli, config, errors, logs, models
 
 SECRET = "fake-test-key-not-a-secret-0001"
 
@@ -30,9 +30,9 @@ class TestDefaults:
         assert settings.database_url == "sqlite:///seedance-archiver.db"
         assert settings.archive_url == "file://./archive"
         assert settings.cadences() == {
-            "draft": config.Cadence(10, 20),
-            "standard": config.Cadence(30, 60),
-            "flex": config.Cadence(60, 120),
+            "draft": models.Cadence(10, 20),
+            "standard": models.Cadence(30, 60),
+            "flex": models.Cadence(60, 120),
         }
         assert settings.retention_seconds == 86_400
         assert settings.max_requests_per_second == 20
@@ -72,9 +72,9 @@ class TestEnvironment:
         assert settings.database_url == "postgresql://app@db.internal/tasks"
         assert settings.archive_url == "s3://videos/seedance"
         assert settings.cadences() == {
-            "draft": config.Cadence(5, 8),
-            "standard": config.Cadence(45, 45),
-            "flex": config.Cadence(90, 180),
+            "draft": models.Cadence(5, 8),
+            "standard": models.Cadence(45, 45),
+            "flex": models.Cadence(90, 180),
         }
         assert settings.retention_seconds == 3600
         assert settings.max_requests_per_second == 2.5
@@ -88,7 +88,7 @@ class TestEnvironment:
         monkeypatch.setenv("POLL_DRAFT", "1-2")
         monkeypatch.setenv("DATABASE_URL", "mysql://elsewhere")
         settings = config.load()
-        assert settings.poll_draft == config.Cadence(10, 20)
+        assert settings.poll_draft == models.Cadence(10, 20)
         assert settings.database_url == "sqlite:///seedance-archiver.db"
 
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import errors, provider, testing
+from seedance_archiver import errors, models, provider, testing
 
 TASK_ID = "video_abc123def456"
 SEED_CREATED = 1761635478
@@ -37,7 +37,7 @@ def body(**changes: Any) -> bytes:
     return json.dumps(payload).encode()
 
 
-def parse(raw: bytes) -> provider.Answer:
+def parse(raw: bytes) -> models.Answer:
     return provider.parse_answer(TASK_ID, raw)
 
 
@@ -45,9 +45,9 @@ class TestParseAnswer:
     """Every field of a well-formed answer is read."""
 
     def test_the_seed_example(self) -> None:
-        assert parse(body()) == provider.Answer(
+        assert parse(body()) == models.Answer(
             id=TASK_ID,
-            status=provider.Status.PROCESSING,
+            status=models.Status.PROCESSING,
             created=dt.datetime(2025, 10, 28, 7, 11, 18, tzinfo=dt.UTC),
             model="seedance_1_5_pro_720p",
             video_url=None,
@@ -58,7 +58,7 @@ class TestParseAnswer:
     @pytest.mark.parametrize("status", ["queued", "processing", "completed", "failed", "cancelled"])
     def test_every_status(self, status: str) -> None:
         answer = parse(body(status=status))
-        assert answer.status is provider.Status(status)
+        assert answer.status is models.Status(status)
         assert answer.status.value == status
 
     def test_created_is_an_aware_utc_datetime(self) -> None:
@@ -84,7 +84,7 @@ class TestParseAnswer:
 
     def test_failed_answer_carries_the_error(self) -> None:
         answer = parse(body(status="failed", error="content policy violation"))
-        assert answer.status is provider.Status.FAILED
+        assert answer.status is models.Status.FAILED
         assert answer.error == "content policy violation"
 
     def test_optional_fields_may_be_missing(self) -> None:
@@ -331,7 +331,7 @@ JSON_VALUES = st.recursive(
 FIELD_VALUES = st.one_of(
     JSON_VALUES,
     st.just(TASK_ID),
-    st.sampled_from([s.value for s in provider.Status]),
+    st.sampled_from([s.value for s in models.Status]),
     st.integers(min_value=-(10**12), max_value=10**12),
     st.just("https://cdn.example.com/v.mp4"),
 )
@@ -346,7 +346,7 @@ def parses_or_refuses(raw: bytes) -> None:
     except errors.MalformedAnswer:
         return
     assert answer.id == TASK_ID
-    assert isinstance(answer.status, provider.Status)
+    assert isinstance(answer.status, models.Status)
     assert answer.created is None or answer.created.utcoffset() == dt.timedelta(0)
     assert answer.actual_duration is None or math.isfinite(answer.actual_duration)
 

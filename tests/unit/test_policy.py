@@ -8,7 +8,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import config, models, policy, provider, testing
+from seedance_archiver import config, models, policy, testing
 from seedance_archiver.models import State
 
 NOW = testing.EPOCH
@@ -34,7 +34,7 @@ def task(mode: str = "standard", **fields: object) -> models.Task:
     return models.Task(task_id=TASK_ID, mode=mode, next_attempt_at=NOW, **fields)  # type: ignore[arg-type]
 
 
-def answer(status: str, **fields: object) -> provider.Answer:
+def answer(status: str, **fields: object) -> models.Answer:
     return testing.answer(TASK_ID, status, **fields)  # type: ignore[arg-type]
 
 
@@ -125,10 +125,8 @@ class TestOnAnswer:
         assert after.is_terminal
         assert after.error == (error or "cancelled at the provider")
 
-    @pytest.mark.parametrize("status", list(provider.Status))
-    def test_every_answer_records_the_poll_and_clears_failures(
-        self, status: provider.Status
-    ) -> None:
+    @pytest.mark.parametrize("status", list(models.Status))
+    def test_every_answer_records_the_poll_and_clears_failures(self, status: models.Status) -> None:
         before = task(state="polling", polls=7, attempts=3, error="HTTP 502")
         reply = answer(status.value, video_url=URL)
         after = policy.on_answer(before, reply, NOW, RULES, testing.low_draw)
@@ -140,7 +138,7 @@ class TestOnAnswer:
 
     def test_a_missing_model_keeps_the_known_one(self) -> None:
         before = task(model="seedance_1_5_pro_1080p")
-        reply = provider.Answer(TASK_ID, provider.Status.QUEUED, None, None, None, None, None)
+        reply = models.Answer(TASK_ID, models.Status.QUEUED, None, None, None, None, None)
         after = policy.on_answer(before, reply, NOW, RULES, testing.low_draw)
         assert after.model == "seedance_1_5_pro_1080p"
 
@@ -162,13 +160,13 @@ class TestDeadline:
     def test_answer_without_created_keeps_the_known_deadline(self) -> None:
         created = NOW - dt.timedelta(hours=3)
         before = task(provider_created_at=created, expires_at=created + dt.timedelta(days=1))
-        reply = provider.Answer(TASK_ID, provider.Status.PROCESSING, None, None, None, None, None)
+        reply = models.Answer(TASK_ID, models.Status.PROCESSING, None, None, None, None, None)
         after = policy.on_answer(before, reply, NOW, RULES, testing.low_draw)
         assert after.provider_created_at == created
         assert after.expires_at == created + dt.timedelta(days=1)
 
     def test_answer_without_created_on_a_new_task_leaves_no_deadline(self) -> None:
-        reply = provider.Answer(TASK_ID, provider.Status.QUEUED, None, None, None, None, None)
+        reply = models.Answer(TASK_ID, models.Status.QUEUED, None, None, None, None, None)
         after = policy.on_answer(task(), reply, NOW, RULES, testing.low_draw)
         assert after.expires_at is None
 

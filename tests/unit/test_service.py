@@ -106,7 +106,7 @@ def rig() -> Rig:
     return make_rig()
 
 
-def completed(task_id: str = TASK_ID, url: str = URL) -> provider.Answer:
+def completed(task_id: str = TASK_ID, url: str = URL) -> models.Answer:
     return answer(task_id, "completed", video_url=url, duration=5.0)
 
 
@@ -549,7 +549,7 @@ class BlockingProvider(testing.FakeProvider):
         self.release = asyncio.Event()
         self.cancelled = 0
 
-    async def fetch(self, task_id: str) -> provider.Answer:
+    async def fetch(self, task_id: str) -> models.Answer:
         self.fetches.append(task_id)
         self.entered.set()
         try:

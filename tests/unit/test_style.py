@@ -1,0 +1,124 @@
+"""The house rules of STYLE.md that a machine can check: where each library may be imported, a pure
+policy layer, no name that hides a module, the seams' Protocols covered by real and fake alike."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from seedance_archiver import archive, provider, store, testing
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "daemon" / "seedance_archiver"
+MODULES = {p.stem: p for p in PACKAGE.glob("*.py")}
+
+# Each I/O library belongs to the one module that is the seam for it (STYLE.md, "Layout").
+OWNERS = {
+    "httpx": {"provider"},
+    "httpx_aiohttp": {"provider"},
+    "boto3": {"archive"},
+    "botocore": {"archive"},
+    "psycopg": {"store"},
+    "apscheduler": {"scheduler"},
+    "alembic": {"schema"},
+    "prometheus_client": {"metrics"},
+}
+# Libraries that do I/O, or read the environment, or bring either: the pure layer may not load them.
+IO_LIBRARIES = (*OWNERS, "aiohttp", "pydantic_settings", "structlog")
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("library", sorted(OWNERS))
+def test_each_library_is_imported_by_its_seam_only(library: str) -> None:
+    importers = {name for name, path in MODULES.items() if library in _imports(path)}
+    assert importers <= OWNERS[library], f"{library} imported outside its seam: {importers}"
+
+
+def test_the_policy_loads_no_io_library() -> None:
+    """Importing ``policy`` (and what it needs: ``models``) loads nothing that talks to the world."""
+    code = "import sys, seedance_archiver.policy; print(' '.join(sorted(sys.modules)))"
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.split()
+    )
+    assert "seedance_archiver.policy" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in IO_LIBRARIES) == []
+    assert {"seedance_archiver.provider", "seedance_archiver.config"}.isdisjoint(loaded)
+
+
+def _shadowing_parameters(source: str) -> list[str]:
+    module_names = set(MODULES) | {"migrations"}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            args = node.args
+            every = [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+            found += [f"line {node.lineno}: {a.arg}" for a in every if a and a.arg in module_names]
+    return found
+
+
+def test_no_parameter_shadows_a_module_of_the_package() -> None:
+    shadows = {name: _shadowing_parameters(path.read_text()) for name, path in MODULES.items()}
+    assert {name: found for name, found in shadows.items() if found} == {}
+
+
+def test_the_shadowing_check_finds_one() -> None:
+    source = "def f(x: int, *, store: store.Store) -> None: ...\nasync def g(metrics): ..."
+    assert _shadowing_parameters(source) == ["line 1: store", "line 2: metrics"]
+
+
+def _members(protocol: type) -> set[str]:
+    return {
+        name
+        for name, value in vars(protocol).items()
+        if not name.startswith("_") and callable(value)
+    }
+
+
+@pytest.mark.parametrize(
+    ("protocol", "real", "fake"),
+    [
+        (store.Store, store.SqlStore, testing.FakeStore),
+        (provider.Provider, provider.HttpProvider, testing.FakeProvider),
+        (archive.Archive, archive.S3Archive, testing.FakeArchive),
+        (archive.Archive, archive.FileArchive, testing.FakeArchive),
+    ],
+)
+def test_real_and_fake_take_the_same_parameters_as_the_protocol(
+    protocol: type, real: type, fake: type
+) -> None:
+    """mypy checks the types (testing._FAKES); this checks the names, so keywords work on both."""
+    for name in _members(protocol):
+        wanted = list(inspect.signature(getattr(protocol, name)).parameters)
+        for implementation in (real, fake):
+            got = list(inspect.signature(getattr(implementation, name)).parameters)
+            assert got == wanted, f"{implementation.__name__}.{name}{got} vs {wanted}"
+
+
+def test_the_store_protocol_covers_what_the_daemon_and_cli_call() -> None:
+    """Every store method called from the scheduler, the web server, the CLI and the demo."""
+    called: set[str] = set()
+    for name in ("scheduler", "web", "cli", "demo", "service"):
+        for node in ast.walk(ast.parse(MODULES[name].read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name | ast.Attribute)
+                and ast.unparse(node.value).split(".")[-1] in {"store", "task_store", "sql_store"}
+            ):
+                called.add(node.attr)
+    called -= {"Store", "SqlStore", "Listener", "SqliteLock", "RetryOutcome", "Summary"}
+    called -= {"DaemonBeat", "from_url", "AT_RISK"}
+    assert called and called <= _members(store.Store), called - _members(store.Store)
