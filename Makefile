@@ -10,7 +10,8 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 LOWEST     := .venv-lowest
 
-.PHONY: demo test lint format unit integration acceptance deploy-check lock lowest clean
+.PHONY: demo test lint format unit integration acceptance deploy-check lock lowest \
+	prometheus-check prometheus-tools clean
 
 $(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +23,10 @@ $(STAMP): pyproject.toml uv.lock
 demo: $(STAMP)
 	$(BIN)/seedance-archiver demo
 
-## test: lint, type-check and the whole test suite (unit, integration, acceptance)
+## test: lint, type-check and the whole test suite (unit, integration, acceptance, deploy), but
+## the tests that need Prometheus's own tools: those are prometheus-check's
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not prometheus"
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check daemon migrations tests bench
@@ -61,6 +63,32 @@ lowest: $(STAMP)
 	$(BIN)/uv pip install --quiet --python $(LOWEST)/bin/python -e '.[dev]' -c $(LOWEST).txt
 	$(LOWEST)/bin/pytest -q -p no:cacheprovider tests/unit tests/integration/test_store.py \
 		tests/integration/test_provider_http.py tests/integration/test_archive.py
+
+## prometheus-check: the alert rules (promtool check rules, promtool test rules), the dashboard's
+## queries, and a real Prometheus scraping a real daemon (the pytest tests marked prometheus)
+prometheus-check: $(STAMP) prometheus-tools
+	promtool check rules deploy/prometheus/alerts.yaml
+	promtool test rules deploy/prometheus/alerts.test.yaml
+	$(BIN)/pytest -m prometheus tests/deploy
+
+# promtool and prometheus come from Debian's prometheus package, installed here when either is
+# missing (as root; anyone else is told what to install). Only the binaries are wanted: a service
+# the package starts on :9090 is stopped and disabled.
+prometheus-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "promtool or prometheus is missing: install Debian's prometheus package (as root)" >&2; \
+		exit 1; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y --no-install-recommends prometheus \
+		|| { apt-get update && apt-get install -y --no-install-recommends prometheus; } || exit 1; \
+	if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then \
+		systemctl disable --now prometheus; \
+	fi; \
+	if [ -x /etc/init.d/prometheus ] && /etc/init.d/prometheus status >/dev/null 2>&1; then \
+		/etc/init.d/prometheus stop; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(LOWEST) $(LOWEST).txt .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

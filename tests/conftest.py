@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import socket
 import time
 import uuid
@@ -26,6 +27,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def need_tool(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
+    """The tool's path, or skip naming it (fail under CI=true, where every check must run)."""
+    if tool is not None and os.access(tool, os.X_OK):
+        return str(tool)
+    message = f"{name} is not installed ({hint})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true: the deployment checks must run")
+    pytest.skip(message)
 
 
 def wait_for(

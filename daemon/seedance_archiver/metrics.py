@@ -43,6 +43,11 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.tasks_expired = prom.Counter(
+            "seedance_tasks_expired",
+            "Tasks that ended expired: the provider deleted them before their video was archived.",
+            registry=r,
+        )
         self.tasks_at_risk = prom.Gauge(
             "seedance_tasks_at_risk",
             "Tasks not yet archived whose provider deadline is less than an hour away.",

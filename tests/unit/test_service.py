@@ -267,6 +267,17 @@ class TestArchiving:
         assert rig.row().error == str(refusal)
 
 
+def past_deadline(task_id: str = TASK_ID) -> models.Task:
+    """A row still polling whose provider deadline passed a second ago."""
+    return models.Task(
+        task_id=task_id,
+        state=State.POLLING.value,
+        provider_status="processing",
+        expires_at=EPOCH - seconds(1),
+        next_attempt_at=EPOCH,
+    )
+
+
 class TestTerminal:
     """A terminal provider status ends the row, and a terminal row is never polled again."""
 
@@ -292,17 +303,32 @@ class TestTerminal:
         assert rig.provider.fetches == [TASK_ID]
 
     async def test_row_past_its_deadline_expires_without_a_poll(self, rig: Rig) -> None:
-        rig.store.rows[TASK_ID] = models.Task(
-            task_id=TASK_ID,
-            state=State.POLLING.value,
-            provider_status="processing",
-            expires_at=EPOCH - seconds(1),
-            next_attempt_at=EPOCH,
-        )
+        rig.store.rows[TASK_ID] = past_deadline()
         await rig.cycle()
         assert rig.row().state == State.EXPIRED
         assert rig.row().error is not None and "deadline" in rig.row().error
         assert rig.provider.fetches == []
+
+    async def test_expired_tasks_are_counted_once_each_way_they_expire(self, rig: Rig) -> None:
+        """Past the deadline and gone from the provider (404 once seen) both count; failed does not."""
+        rig.store.rows[TASK_ID] = past_deadline()
+        rig.store.add("video_gone")
+        rig.provider.script("video_gone", answer("video_gone", "processing"), errors.TaskNotFound())
+        rig.store.add("video_failed")
+        rig.provider.script("video_failed", answer("video_failed", "failed", error="no"))
+
+        def expired() -> float | None:
+            return rig.svc.metrics.registry.get_sample_value("seedance_tasks_expired_total")
+
+        assert expired() == 0
+        await rig.cycle()
+        assert expired() == 1
+        await rig.at(3600)
+        assert rig.row("video_gone").state == State.EXPIRED
+        assert rig.row("video_failed").state == State.FAILED
+        assert expired() == 2
+        await rig.at(3600)
+        assert expired() == 2
 
     async def test_invalid_task_id_is_rejected_without_a_poll(self, rig: Rig) -> None:
         rig.store.add("../etc/passwd")
