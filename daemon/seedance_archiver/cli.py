@@ -37,23 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     add = sub.add_parser("add", help="track a task id")
     add.add_argument("task_id")
     add.add_argument("--mode", default="standard", choices=[m.value for m in models.Mode])
-    status = sub.add_parser("status", help="a summary, or one task's details")
-    status.add_argument("task_id", nargs="?")
-    status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    status.add_argument(
+    # The output options of status and list.
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", help="print JSON for scripts")
+    output.add_argument(
         "--show-secrets",
         action="store_true",
         help="print video_url with its query string (a signed link: anyone who has it can download)",
     )
-    listing = sub.add_parser("list", help="list tracked tasks")
+    status = sub.add_parser("status", help="a summary, or one task's details", parents=[output])
+    status.add_argument("task_id", nargs="?")
+    listing = sub.add_parser("list", help="list tracked tasks", parents=[output])
     listing.add_argument("--state", choices=[s.value for s in models.State])
     listing.add_argument("--limit", type=int, default=None)
-    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
-    listing.add_argument(
-        "--show-secrets",
-        action="store_true",
-        help="print video_url with its query string (a signed link: anyone who has it can download)",
-    )
     retry = sub.add_parser("retry", help="put a task back to polling now, keeping its history")
     retry.add_argument("task_id")
     retry.add_argument(
