@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from seedance_archiver import models
-from seedance_archiver.models import State
 
 if TYPE_CHECKING:  # only for a type: the settings module (pydantic, the environment) stays out
     from seedance_archiver import config
@@ -111,11 +110,11 @@ def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
     """A terminal outcome decided without asking anyone (bad id, deadline passed), or None."""
     problem = task_id_problem(task.task_id)
     if problem is not None:
-        return _finish(task, State.REJECTED, problem, now)
+        return _finish(task, models.State.REJECTED, problem, now)
     if task.expires_at is not None and now >= task.expires_at:
         return _finish(
             task,
-            State.EXPIRED,
+            models.State.EXPIRED,
             f"deadline passed: the provider deletes the task at {_iso(task.expires_at)} and the "
             "video was not archived by then",
             now,
@@ -139,12 +138,12 @@ def on_answer(
         "attempts": 0,
         "error": None,
         "updated_at": now,
-        "state": State.POLLING.value,
+        "state": models.State.POLLING.value,
     }
     status = answer.status
     if status is models.Status.COMPLETED and answer.video_url:
         changes.update(
-            state=State.DOWNLOADING.value,
+            state=models.State.DOWNLOADING.value,
             video_url=answer.video_url,
             actual_duration=answer.actual_duration,
             completed_at=task.completed_at or now,
@@ -157,10 +156,10 @@ def on_answer(
         )
     elif status is models.Status.FAILED:
         reason = answer.error or "the provider reported the task failed without a reason"
-        changes.update(state=State.FAILED.value, error=reason, next_attempt_at=now)
+        changes.update(state=models.State.FAILED.value, error=reason, next_attempt_at=now)
     elif status is models.Status.CANCELLED:
         reason = answer.error or "cancelled at the provider"
-        changes.update(state=State.CANCELLED.value, error=reason, next_attempt_at=now)
+        changes.update(state=models.State.CANCELLED.value, error=reason, next_attempt_at=now)
     else:
         changes["next_attempt_at"] = next_poll_at(task, now, rules, draw)
     return task.replace(**changes)
@@ -180,7 +179,7 @@ def on_poll_error(
     wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
     wait = max(at_least_seconds, before_deadline(task, wait, floor, now))
     return task.replace(
-        state=State.POLLING.value,
+        state=models.State.POLLING.value,
         attempts=attempts,
         polls=task.polls + 1,
         last_polled_at=now,
@@ -198,7 +197,7 @@ def on_malformed(
     No backoff: the provider is up and answering; a malformed answer is usually one bad record.
     """
     return task.replace(
-        state=State.POLLING.value,
+        state=models.State.POLLING.value,
         attempts=task.attempts + 1,
         polls=task.polls + 1,
         last_polled_at=now,
@@ -213,7 +212,7 @@ def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) 
     if task.provider_status is not None:
         return _finish(
             task.replace(polls=task.polls + 1, last_polled_at=now),
-            State.EXPIRED,
+            models.State.EXPIRED,
             "the provider no longer has this task (404): it was deleted before the video was archived",
             now,
         )
@@ -255,7 +254,7 @@ def _refused_in_a_row(
     if refused >= limit:
         return _finish(
             task.replace(polls=task.polls + 1, last_polled_at=now, attempts=refused),
-            State.REJECTED,
+            models.State.REJECTED,
             f"{prefix} ({what} on {refused} polls in a row)",
             now,
         )
@@ -266,7 +265,7 @@ def on_archived(
     task: models.Task, uri: str, size: int, sha256: str, now: dt.datetime
 ) -> models.Task:
     return task.replace(
-        state=State.ARCHIVED.value,
+        state=models.State.ARCHIVED.value,
         archive_uri=uri,
         archive_bytes=size,
         archive_sha256=sha256,
@@ -287,7 +286,7 @@ def on_download_error(
     wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
     wait = before_deadline(task, wait, floor, now)
     return task.replace(
-        state=State.DOWNLOADING.value,
+        state=models.State.DOWNLOADING.value,
         attempts=attempts,
         error=f"{reason} (attempt {attempts}; next try in {wait:.0f}s)",
         next_attempt_at=now + dt.timedelta(seconds=wait),
@@ -303,7 +302,7 @@ def on_link_expired(task: models.Task, reason: str, now: dt.datetime, rules: Rul
             now, task.last_polled_at + dt.timedelta(seconds=rules.cadence(task.mode).low)
         )
     return task.replace(
-        state=State.POLLING.value,
+        state=models.State.POLLING.value,
         video_url=None,
         attempts=task.attempts + 1,
         error=f"{reason}; polling for a fresh video_url",
@@ -314,10 +313,12 @@ def on_link_expired(task: models.Task, reason: str, now: dt.datetime, rules: Rul
 
 def on_refused(task: models.Task, reason: str, now: dt.datetime) -> models.Task:
     """A video we must not fetch (too large, unsafe link): terminal, with the reason."""
-    return _finish(task, State.REJECTED, reason, now)
+    return _finish(task, models.State.REJECTED, reason, now)
 
 
-def _finish(task: models.Task, state: State, reason: str | None, now: dt.datetime) -> models.Task:
+def _finish(
+    task: models.Task, state: models.State, reason: str | None, now: dt.datetime
+) -> models.Task:
     return task.replace(state=state.value, error=reason, updated_at=now, next_attempt_at=now)
 
 

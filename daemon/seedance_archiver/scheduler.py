@@ -15,9 +15,9 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 
+import apscheduler.schedulers.asyncio
 import apscheduler.schedulers.base
 import structlog
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 import seedance_archiver
 from seedance_archiver import (
@@ -178,7 +178,7 @@ class Daemon:
         self._lock: store.SqliteLock | None = None
         self.svc: service.Service | None = None
         self.store: store.Store | None = None
-        self._scheduler = AsyncIOScheduler(timezone=dt.UTC)
+        self._scheduler = apscheduler.schedulers.asyncio.AsyncIOScheduler(timezone=dt.UTC)
         self._ticker: _Ticker | None = None
         self._listener: store.Listener | None = None
         self._server: web.WebServer | None = None

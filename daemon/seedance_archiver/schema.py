@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.resources
 
-from alembic import command
-from alembic.config import Config
+import alembic.command
+import alembic.config
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str) -> alembic.config.Config:
     """An Alembic config for the migrations shipped in the package, aimed at ``url``."""
-    cfg = Config()
+    cfg = alembic.config.Config()
     cfg.set_main_option(
         "script_location", str(importlib.resources.files("seedance_archiver.migrations"))
     )
@@ -19,8 +19,8 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    alembic.command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
-    command.downgrade(alembic_config(url), revision)
+    alembic.command.downgrade(alembic_config(url), revision)

@@ -31,7 +31,6 @@ from seedance_archiver import (
     store,
     utils,
 )
-from seedance_archiver.models import State
 
 log = structlog.get_logger(__name__)
 
@@ -172,7 +171,7 @@ class Service:
             if limit > 0:
                 # While the key is rejected, only rows already downloading are worked on: their
                 # link needs no key.
-                states = [State.DOWNLOADING.value] if self.auth_blocked else None
+                states = [models.State.DOWNLOADING.value] if self.auth_blocked else None
                 rows = await self.db(
                     self.store.claim_due, self.owner, now, self.lease.total_seconds(), limit, states
                 )
@@ -401,9 +400,13 @@ class Service:
             else:
                 self._done.append(outcome)
         if outcome is not None and outcome.state != row.state:
-            if outcome.state == State.EXPIRED:
+            if outcome.state == models.State.EXPIRED:
                 self.metrics.tasks_expired.inc()  # counted once: the row is terminal now
-            level = "warning" if outcome.state in (State.EXPIRED, State.REJECTED) else "info"
+            level = (
+                "warning"
+                if outcome.state in (models.State.EXPIRED, models.State.REJECTED)
+                else "info"
+            )
             getattr(task_log, level)(
                 "task_state_changed",
                 from_state=row.state,
@@ -417,10 +420,10 @@ class Service:
         decided = policy.before_work(row, self.clock())
         if decided is not None:
             return decided
-        if row.state == State.DOWNLOADING and row.video_url:
+        if row.state == models.State.DOWNLOADING and row.video_url:
             return await self._archive(row, task_log)
         polled = await self._poll(row, task_log)
-        if polled is None or polled.state != State.DOWNLOADING:
+        if polled is None or polled.state != models.State.DOWNLOADING:
             return polled
         return await self._archive(polled, task_log)
 

@@ -4,6 +4,7 @@ policy layer, no name that hides a module, the seams' Protocols covered by real 
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import pathlib
 import subprocess
@@ -122,3 +123,29 @@ def test_the_store_protocol_covers_what_the_daemon_and_cli_call() -> None:
     called -= {"Store", "SqlStore", "Listener", "SqliteLock", "RetryOutcome", "Summary"}
     called -= {"DaemonBeat", "from_url", "AT_RISK"}
     assert called and called <= _members(store.Store), called - _members(store.Store)
+
+
+def test_modules_are_imported_not_names() -> None:
+    """``from x import y`` names a module (``from aiohttp import web``), never a class or function,
+    so a reader sees where each name comes from (``errors.StoreError``). Typing helpers, and
+    type stubs imported for type checking only, excepted."""
+    exempt = {"__future__", "typing", "collections.abc"}
+    names = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for node in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module not in exempt:
+                for alias in node.names:
+                    try:
+                        importlib.import_module(f"{node.module}.{alias.name}")
+                    except ModuleNotFoundError:
+                        names.append(f"{name}.py: from {node.module} import {alias.name}")
+    assert names == []
