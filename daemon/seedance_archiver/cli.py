@@ -17,6 +17,7 @@ from seedance_archiver import (
     scheduler,
     schema,
     store,
+    supervisor,
     utils,
     views,
 )
@@ -32,7 +33,15 @@ def _parser() -> argparse.ArgumentParser:
         description="Archive every finished Seedance video to S3 before the provider deletes it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon (until SIGTERM)")
+    run = sub.add_parser("run", help="run the daemon (until SIGTERM)")
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N daemon processes under a supervisor that restarts a dead one (PostgreSQL only; "
+        "process i serves HTTP on SEEDANCE_HTTP_PORT + i)",
+    )
     sub.add_parser("migrate", help="create or upgrade the table video_tasks (alembic upgrade head)")
     add = sub.add_parser("add", help="track a task id")
     add.add_argument("task_id")
@@ -82,6 +91,13 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     command = args.command
     if command == "run":
         settings.resolve_api_key()  # fail before anything starts
+        if args.processes != 1:
+            _check_processes(args.processes, settings)
+            return supervisor.run(
+                args.processes,
+                http_port=settings.http_port,
+                grace_seconds=settings.shutdown_grace_seconds,
+            )
         return asyncio.run(scheduler.run(settings))
     if command == "migrate":
         schema.upgrade(settings.resolve_database_url())
@@ -121,6 +137,16 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     finally:
         sql_store.close()
     raise AssertionError(command)
+
+
+def _check_processes(processes: int, settings: config.Settings) -> None:
+    if processes < 1:
+        raise errors.ConfigError("invalid option --processes: expected 1 or more")
+    if store.engine_url(settings.resolve_database_url()).get_backend_name() != "postgresql":
+        raise errors.ConfigError(
+            "invalid option --processes: several processes need PostgreSQL "
+            "(SQLite allows one daemon per database file)"
+        )
 
 
 def _status(sql_store: store.Store, args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ import tomllib
 import urllib.parse
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 import pytest
@@ -41,6 +41,7 @@ from tests.conftest import free_port, need_tool, wait_for
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "seedance-archiver.service"
+TEMPLATE = DEPLOY / "seedance-archiver@.service"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -123,7 +124,9 @@ class TestSystemdUnit:
     """deploy/seedance-archiver.service: valid, hardened, and wired to the daemon's contract."""
 
     @staticmethod
-    def _verify(tmp_path: pathlib.Path, unit_text: str) -> subprocess.CompletedProcess[str]:
+    def _verify(
+        tmp_path: pathlib.Path, unit_text: str, file_name: str = UNIT.name, unit: str = UNIT.name
+    ) -> subprocess.CompletedProcess[str]:
         """``systemd-analyze verify`` of ``unit_text`` in a root where the install path exists.
 
         The unit is checked byte for byte, but against a scratch root directory (--root) that has
@@ -143,8 +146,8 @@ class TestSystemdUnit:
             stub.chmod(0o755)
         units = root / "etc/systemd/system"
         units.mkdir(parents=True)
-        (units / UNIT.name).write_text(unit_text)
-        return _run([analyze, "verify", f"--root={root}", UNIT.name])
+        (units / file_name).write_text(unit_text)
+        return _run([analyze, "verify", f"--root={root}", unit])
 
     def test_verify_reports_nothing(self, tmp_path: pathlib.Path) -> None:
         """systemd-analyze verify prints no warning and no error."""
@@ -232,6 +235,34 @@ class TestSystemdUnit:
 
 
 # --- the container image ------------------------------------------------------------------------
+
+
+class TestSystemdTemplate:
+    """deploy/seedance-archiver@.service: the same unit, one process per instance."""
+
+    # The only lines the template may change or add, by section.
+    CHANGED: ClassVar[dict[str, set[str]]] = {
+        "Unit": {"Description"},
+        "Service": {"Environment", "User"},
+    }
+
+    def test_it_is_the_main_unit_but_for_the_instance_lines(self) -> None:
+        main, template = parse_unit(UNIT.read_text()), parse_unit(TEMPLATE.read_text())
+        assert main.keys() == template.keys()
+        for section, keys in main.items():
+            changed = self.CHANGED.get(section, set())
+            assert {k: v for k, v in keys.items() if k not in changed} == {
+                k: v for k, v in template[section].items() if k not in changed
+            }, section
+        assert "%i" in template["Unit"]["Description"][0]
+        assert template["Service"]["Environment"] == ["SEEDANCE_HTTP_PORT=971%i"]
+        assert template["Service"]["User"] == ["seedance-archiver"]
+
+    def test_an_instance_verifies(self, tmp_path: pathlib.Path) -> None:
+        result = TestSystemdUnit._verify(
+            tmp_path, TEMPLATE.read_text(), TEMPLATE.name, "seedance-archiver@1.service"
+        )
+        assert result.returncode == 0 and result.stdout + result.stderr == "", result
 
 
 @dataclasses.dataclass
@@ -528,6 +559,20 @@ class TestCompose:
         needs = services["archiver"]["depends_on"]
         assert needs["migrate"]["condition"] == "service_completed_successfully"
         assert needs[s3]["condition"] == "service_healthy"
+
+    def test_replicas_share_postgresql_and_each_has_a_port(self) -> None:
+        """Several daemons only on PostgreSQL; the host port range has one port per replica."""
+        compose = _compose()
+        archiver = compose["services"]["archiver"]
+        replicas = archiver["deploy"]["replicas"]
+        assert replicas >= 2
+        url = _database_url(compose, archiver)
+        assert store.engine_url(url).get_backend_name() == "postgresql"
+        (published,) = archiver["ports"]
+        host, ports, container = published.rsplit(":", 2)
+        first, last = (int(p) for p in ports.split("-"))
+        assert host == "127.0.0.1" and last - first + 1 == replicas
+        assert int(container) == int(_environment(archiver)["SEEDANCE_HTTP_PORT"])
 
     def test_commands_are_verbs_of_one_image_built_from_deploy(self) -> None:
         """migrate runs ["migrate"], archiver ["run"], both from the image deploy/Dockerfile builds."""
