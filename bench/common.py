@@ -6,6 +6,7 @@ Not a benchmark itself. Everything here talks to 127.0.0.1 only and every wait h
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import pathlib
 import socket
@@ -85,6 +86,54 @@ def simulator(auto: str = NEVER_READY, api_key: str = API_KEY) -> Iterator[tuple
             proc.kill()
             proc.wait(timeout=PROCESS_STOP_SECONDS)
         log_path.unlink(missing_ok=True)
+
+
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that nothing listens on right now."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65536:
+            continue
+        socks = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def http_get_text(port: int, path: str) -> str:
+    """GET http://127.0.0.1:port/path (never through a proxy) and return its body."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def http_ok(port: int, path: str) -> bool:
+    try:
+        http_get_text(port, path)
+    except OSError:
+        return False
+    return True
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process, from /proc (Linux)."""
+    try:
+        text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -38,15 +38,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import dataclasses
 import functools
 import io
 import json
 import logging
+import os
 import pathlib
 import pstats
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -54,6 +59,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx_aiohttp
+import prometheus_client.parser
 import psycopg
 from seedance_archiver import config, logs, provider, scheduler, schema, service, store
 
@@ -485,6 +491,201 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
         print(profile_text)
 
 
+@dataclasses.dataclass
+class ProcessesSnapshot:
+    """The daemon processes' counters at one moment, read from /proc and their own /metrics."""
+
+    wall: float
+    cpu: float  # the supervisor and every child
+    simulator_cpu: float
+    postgres_cpu: float
+    polls: float
+    poll_errors: float
+    lateness: common.Buckets
+
+    @classmethod
+    def take(cls, supervisor_pid: int, ports: list[int], sim_pid: int) -> ProcessesSnapshot:
+        families: dict[str, list[Any]] = collections.defaultdict(list)
+        for port in ports:
+            for family in prometheus_client.parser.text_string_to_metric_families(
+                common.http_get_text(port, "/metrics")
+            ):
+                families[family.name].extend(family.samples)
+        polls = [s for s in families["seedance_polls"] if s.name.endswith("_total")]
+        buckets: dict[float, float] = collections.defaultdict(float)
+        for sample in families["seedance_poll_lateness_seconds"]:
+            if sample.name.endswith("_bucket"):
+                buckets[float(sample.labels["le"])] += sample.value
+        pids = [supervisor_pid, *common.child_pids(supervisor_pid)]
+        return cls(
+            wall=time.perf_counter(),
+            cpu=sum(common.process_cpu_seconds(pid) for pid in pids),
+            simulator_cpu=common.process_cpu_seconds(sim_pid),
+            postgres_cpu=common.postgres_cpu_seconds(),
+            polls=sum(s.value for s in polls),
+            poll_errors=sum(s.value for s in polls if s.labels.get("outcome") != "ok"),
+            lateness=sorted(buckets.items()),
+        )
+
+
+async def run_processes(
+    args: argparse.Namespace, base: str, sim_pid: int, name: str, url: str
+) -> None:
+    """The same measurement with ``run --processes N``: real processes, as an operator runs them."""
+    dsn = common.pg_dsn(name)
+    loaded = load_rows(dsn, args.tasks, args.start_delay)
+    print(f"# loaded {args.tasks:,} rows in {loaded:.1f} s", flush=True)
+    base_port = common.free_port_range(args.processes)
+    ports = [base_port + i for i in range(args.processes)]
+    archive_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-archive-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")}
+    env.update(
+        {
+            "SEEDANCE_API_BASE_URL": base,
+            "SEEDANCE_API_KEY": common.API_KEY,
+            "SEEDANCE_DATABASE_URL": url,
+            "SEEDANCE_ARCHIVE_URL": archive_dir.as_uri(),
+            # The cap is per daemon: the same total as one process would get.
+            "SEEDANCE_MAX_REQUESTS_PER_SECOND": str(args.rate / args.processes),
+            "SEEDANCE_HTTP_PORT": str(base_port),
+            "SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES": "http",
+            "SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS": "true",
+            "SEEDANCE_LOG_FORMAT": "json",
+            "SEEDANCE_SHUTDOWN_GRACE_SECONDS": "5",
+        }
+    )
+    log_path = archive_dir.parent / f"{archive_dir.name}.log"
+    started = time.perf_counter()
+    with log_path.open("wb") as log_file:
+        # Popen returns at once; started before the measured window.
+        supervisor = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "seedance_archiver", "run", "--processes", str(args.processes)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    overdue_conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not all(common.http_ok(port, "/metrics") for port in ports):
+            if supervisor.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemons did not start; see {log_path}")
+            await asyncio.sleep(SAMPLE_SECONDS)
+        await asyncio.sleep(max(0.0, args.warmup - (time.perf_counter() - started)))
+        first = ProcessesSnapshot.take(supervisor.pid, ports, sim_pid)
+        timeline: list[tuple[float, float, float, float, int]] = []
+        mark = first
+        end = first.wall + args.seconds - args.warmup
+        while (now := time.perf_counter()) < end:
+            if supervisor.poll() is not None:
+                raise RuntimeError(f"the supervisor stopped during the run; see {log_path}")
+            if now - mark.wall >= TIMELINE_SECONDS:
+                snap = ProcessesSnapshot.take(supervisor.pid, ports, sim_pid)
+                row = await (await overdue_conn.execute(OVERDUE)).fetchone()
+                assert row is not None
+                timeline.append(
+                    (
+                        now - first.wall,
+                        snap.polls - mark.polls,
+                        (snap.polls - mark.polls) / (snap.wall - mark.wall),
+                        common.histogram_quantile(mark.lateness, snap.lateness, 99),
+                        int(row[0]),
+                    )
+                )
+                mark = snap
+            await asyncio.sleep(SAMPLE_SECONDS)
+        last = ProcessesSnapshot.take(supervisor.pid, ports, sim_pid)
+        row = await (await overdue_conn.execute(OVERDUE)).fetchone()
+        assert row is not None
+        behind, active = int(row[0]), int(row[1])
+    finally:
+        await overdue_conn.close()
+        supervisor.send_signal(signal.SIGTERM)
+        try:
+            supervisor.wait(timeout=STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            supervisor.kill()
+        shutil.rmtree(archive_dir, ignore_errors=True)
+
+    window = last.wall - first.wall
+    polls = int(last.polls - first.polls)
+    cpu = last.cpu - first.cpu
+    concurrency = args.floor_concurrency or 32
+    floor_wall, floor_cpu = await floor_run(base, args.tasks, polls, concurrency)
+    per_k = cpu / polls * 1000 if polls else float("nan")
+    floor_per_k = floor_cpu / polls * 1000 if polls else float("nan")
+    p50 = common.histogram_quantile(first.lateness, last.lateness, 50)
+    p99 = common.histogram_quantile(first.lateness, last.lateness, 99)
+    worst = common.histogram_max_bound(first.lateness, last.lateness)
+    print()
+    print(f"Daemon: run --processes {args.processes}, rate cap {args.rate:g}/s in all.")
+    print("Timeline of the measured window (every ~10 s):")
+    print(
+        common.markdown_table(
+            ("t s", "polls", "polls/s", "lateness p99 s", "rows >1 s overdue"),
+            [(f"{t:.0f}", f"{n:.0f}", f"{r:,.0f}", f"{p:.3f}", b) for t, n, r, p, b in timeline],
+        )
+    )
+    print()
+    print(
+        common.markdown_table(
+            (
+                "processes",
+                "tasks",
+                "window s",
+                "polls/s",
+                "needed/s",
+                "CPU-s per 1,000 polls",
+                "floor CPU-s per 1,000",
+                "ratio",
+                "lateness p50 / p99 / max s",
+                "rows >1 s overdue at end",
+                "daemons' CPU",
+                "simulator CPU",
+                "PostgreSQL CPU",
+                "p99 <= 1 s",
+            ),
+            [
+                (
+                    args.processes,
+                    f"{args.tasks:,}",
+                    f"{window:.0f}",
+                    f"{polls / window:,.0f}",
+                    f"{args.tasks / ((CADENCE_LOW_SECONDS + CADENCE_HIGH_SECONDS) / 2):,.0f}",
+                    f"{per_k:.3f}",
+                    f"{floor_per_k:.3f}",
+                    f"{per_k / floor_per_k:.2f}x",
+                    f"{p50:.3f} / {p99:.3f} / {worst:.3f}",
+                    f"{behind:,} of {active:,}",
+                    f"{100 * cpu / window:.0f}%",
+                    f"{100 * (last.simulator_cpu - first.simulator_cpu) / window:.0f}%",
+                    f"{100 * (last.postgres_cpu - first.postgres_cpu) / window:.0f}%",
+                    "yes" if p99 <= 1.0 else "NO",
+                )
+            ],
+        )
+    )
+    print()
+    print(
+        f"Floor: aiohttp.ClientSession, {polls:,} requests at concurrency {concurrency}: "
+        f"{floor_wall:.1f} s wall, {floor_cpu:.2f} CPU-s. Poll errors in the window: "
+        f"{last.poll_errors - first.poll_errors:.0f}. CPU percentages are of one core."
+    )
+    result = {
+        "processes": args.processes,
+        "tasks": args.tasks,
+        "window_s": round(window, 1),
+        "polls": polls,
+        "polls_per_s": round(polls / window, 1),
+        "cpu_per_1000": round(per_k, 4),
+        "floor_cpu_per_1000": round(floor_per_k, 4),
+        "lateness_p50_s": round(p50, 4),
+        "lateness_p99_s": round(p99, 4),
+        "overdue_at_end": behind,
+    }
+    print("RESULT " + json.dumps(result))
+
+
 def profile_report(main: cProfile.Profile, threads: StoreCalls, top: int) -> str:
     main_stats = pstats.Stats(main)
     parts = [
@@ -511,7 +712,10 @@ def profile_report(main: cProfile.Profile, threads: StoreCalls, top: int) -> str
 async def main_async(args: argparse.Namespace) -> None:
     with common.simulator() as (base, sim_pid), common.database("bench_scale") as (name, url):
         schema.upgrade(url)
-        await run_scale(args, base, sim_pid, name, url)
+        if args.processes > 1:
+            await run_processes(args, base, sim_pid, name, url)
+        else:
+            await run_scale(args, base, sim_pid, name, url)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -543,6 +747,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     what_if.add_argument(
         "--claim-batch", type=int, default=0, help="rows claimed per tick (0: Service.CLAIM_BATCH)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="N > 1: run the daemon as `seedance-archiver run --processes N`, real processes "
+        "(the what-if knobs and --profile then do not apply)",
     )
     parser.add_argument("--profile", action="store_true", help="profile the daemon afterwards")
     parser.add_argument("--profile-seconds", type=float, default=20.0)
