@@ -170,6 +170,14 @@ class FileArchive:
         except OSError as exc:
             raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
 
+    @staticmethod
+    async def _wait(failure: str, work: concurrent.futures.Future[None]) -> None:
+        """Await a file operation already submitted; an OSError becomes an ArchiveError."""
+        try:
+            await asyncio.wrap_future(work)
+        except OSError as exc:
+            raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
+
     async def find(self, task_id: str) -> Stored | None:
         return await self._io("archive folder read failed", self._find, task_id)
 
@@ -195,13 +203,22 @@ class FileArchive:
         counter = _Counter()
         try:
             fh = await self._io(failure, temp.open, "wb")
+            # Hashing and writing a chunk run in a worker thread while the next chunk downloads
+            # (both release the GIL); one write in flight keeps memory at two chunks.
+            writing: concurrent.futures.Future[None] | None = None
             try:
                 async for chunk in chunks:
-                    counter.add(chunk)
-                    await self._io(failure, fh.write, chunk)
+                    if writing is not None:
+                        await self._wait(failure, writing)
+                    writing = self._executor.submit(_hash_and_write, counter, fh, chunk)
+                if writing is not None:
+                    await self._wait(failure, writing)
                 counter.verify(expected_size)
                 await self._io(failure, _flush_and_sync, fh)
             except BaseException:
+                # Never close the file under a write still running in its thread.
+                if writing is not None:
+                    await asyncio.wait([asyncio.wrap_future(writing)])
                 # Closing flushes what is buffered: on a full disk that fails again, and must not
                 # hide the first error (or a broken download) behind a second one.
                 with contextlib.suppress(OSError):
@@ -257,6 +274,11 @@ class FileArchive:
         probe.mkdir(exist_ok=True)
         if not os.access(probe, os.W_OK):
             raise PermissionError(13, "Permission denied")
+
+
+def _hash_and_write(counter: _Counter, fh: Any, chunk: bytes) -> None:
+    counter.add(chunk)
+    fh.write(chunk)
 
 
 def _flush_and_sync(fh: Any) -> None:
