@@ -9,8 +9,10 @@ VENV       := .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 LOWEST     := .venv-lowest
+# Installs Docker from Debian's packages, starts a private engine and prints its DOCKER_HOST.
+STANDIN    ?= ../shared/tools/standin-image.sh
 
-.PHONY: demo test lint format unit integration acceptance deploy-check lock lowest clean
+.PHONY: demo test lint format unit integration acceptance deploy-check image-check lock lowest clean
 
 $(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +49,11 @@ acceptance: $(STAMP)
 ## deploy-check: the systemd unit, Dockerfile, compose file and PostgreSQL roles (tests/deploy)
 deploy-check: $(STAMP)
 	$(BIN)/pytest tests/deploy
+
+## image-check: build deploy/Dockerfile and run it: migrate, archive, HEALTHCHECK, docker stop (as root)
+image-check: $(STAMP)
+	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
+	DOCKER_HOST=$$(bash $(STANDIN)) $(BIN)/pytest -m image -p no:cacheprovider -v -s tests/image
 
 ## lock: re-resolve every dependency to its newest allowed version (uv.lock and the image's export)
 lock: $(STAMP)
