@@ -9,9 +9,11 @@ VENV       := .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 LOWEST     := .venv-lowest
+# Installs Docker from Debian's packages, starts a private engine and prints its DOCKER_HOST.
+STANDIN    ?= ../shared/tools/standin-image.sh
 
-.PHONY: demo test lint format unit integration acceptance deploy-check lock lowest \
-	prometheus-check prometheus-tools clean
+.PHONY: demo test lint format unit integration acceptance deploy-check image-check lock \
+	lowest prometheus-check prometheus-tools clean
 
 $(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +25,10 @@ $(STAMP): pyproject.toml uv.lock
 demo: $(STAMP)
 	$(BIN)/seedance-archiver demo
 
-## test: lint, type-check and the whole test suite (unit, integration, acceptance, deploy), but
-## the tests that need Prometheus's own tools: those are prometheus-check's
+## test: lint, type-check and the whole test suite (unit, integration, acceptance, deploy), but the
+## tests that need their own tools (pytest addopts): prometheus-check and image-check run those
 test: lint
-	$(BIN)/pytest -m "not prometheus"
+	$(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check daemon migrations tests bench
@@ -49,6 +51,11 @@ acceptance: $(STAMP)
 ## deploy-check: the systemd unit, Dockerfile, compose file and PostgreSQL roles (tests/deploy)
 deploy-check: $(STAMP)
 	$(BIN)/pytest tests/deploy
+
+## image-check: build deploy/Dockerfile and run it: migrate, archive, HEALTHCHECK, docker stop (as root)
+image-check: $(STAMP)
+	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
+	DOCKER_HOST=$$(bash $(STANDIN)) $(BIN)/pytest -m image -p no:cacheprovider -v -s tests/image
 
 ## lock: re-resolve every dependency to its newest allowed version (uv.lock and the image's export)
 lock: $(STAMP)

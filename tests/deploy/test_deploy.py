@@ -43,13 +43,15 @@ DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "seedance-archiver.service"
 TEMPLATE = DEPLOY / "seedance-archiver@.service"
 DOCKERFILE = DEPLOY / "Dockerfile"
-DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
+DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = DEPLOY / "compose.yaml"
 ROLES_SQL = DEPLOY / "postgres-roles.sql"
+IMAGE_LOCK = DEPLOY / "requirements.lock"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 SCRIPT = "seedance-archiver"
-INSTALL_BIN = pathlib.PurePosixPath("/opt/seedance-archiver/bin")
+INSTALL_DIR = pathlib.PurePosixPath("/opt/seedance-archiver")
+INSTALL_BIN = INSTALL_DIR / "bin"
 MAX_EXPOSURE = 2.0
 HOST_UNIT_DIRS = (pathlib.Path("/usr/lib/systemd/system"), pathlib.Path("/lib/systemd/system"))
 
@@ -401,17 +403,46 @@ class TestDockerfile:
         assert _last("CMD").exec_form() == ["run"]
         assert _parses_as_verb(["run"]) == "run"
 
-    def test_builds_this_project_and_installs_its_wheel_only(self) -> None:
-        """A wheel of the project (pip wheel .), installed offline: no editable, no dev extra."""
+    def test_no_frontend_image_and_no_buildkit_only_syntax(self) -> None:
+        """No ``# syntax=`` line (an image to pull) and no RUN --mount: the classic builder builds it."""
+        lines = DOCKERFILE.read_text().splitlines()
+        assert not [line for line in lines if re.match(r"#\s*syntax\s*=", line, re.IGNORECASE)]
+        assert not [i for i in DOCKER if re.match(r"--(mount|network|security)\b", i.args)]
+
+    def test_base_image_is_pinned_by_digest_and_shared_by_both_stages(self) -> None:
+        """Every FROM is the one BASE_IMAGE ARG (or the build stage), whose default has a digest."""
+        (base,) = [i.args for i in DOCKER if i.keyword == "ARG" and i.stage == -1]
+        name, _, default = base.partition("=")
+        assert name == "BASE_IMAGE"
+        assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", default), default
+        froms = [i.args.split()[0] for i in DOCKER if i.keyword == "FROM"]
+        assert froms == ["${BASE_IMAGE}"] * (FINAL_STAGE + 1), froms
+
+    def test_installs_the_lock_with_hashes_then_the_projects_wheel_alone(self) -> None:
+        """The lock with --require-hashes, then a wheel of the project (pip wheel .) with --no-deps."""
         pips = _pip_commands()
         assert all("--no-cache-dir" in cmd for _, cmd in pips), pips
-        builds = [cmd for stage, cmd in pips if stage < FINAL_STAGE]
-        assert builds and all(re.search(r"\bpip wheel\b.* \.$", cmd) for cmd in builds), builds
-        installs = [cmd for stage, cmd in pips if stage == FINAL_STAGE]
+        assert all(stage < FINAL_STAGE for stage, _ in pips), "the final stage runs no pip"
+        cmds = [cmd for _, cmd in pips]
+        lock = IMAGE_LOCK.relative_to(ROOT).as_posix()
+        (dependencies,) = [c for c in cmds if re.search(rf"\s-r\s+{re.escape(lock)}$", c)]
+        assert "--require-hashes" in dependencies and "--only-binary=:all:" in dependencies
+        (build,) = [c for c in cmds if re.search(r"\bpip wheel\b", c)]
+        assert "--no-deps" in build and build.endswith(" ."), build
         wheel = re.sub(r"[-_.]+", "_", PYPROJECT["project"]["name"]).lower()
-        assert len(installs) == 1, installs
-        assert "--no-index" in installs[0] and f"/{wheel}-*.whl" in installs[0], installs
-        assert not re.search(r"\s(-e|--editable)\s|\[dev\]", installs[0]), installs
+        (install,) = [c for c in cmds if f"/{wheel}-*.whl" in c]
+        assert {"--no-deps", "--no-index"} <= set(install.split()), install
+        for cmd in cmds:
+            assert not re.search(r"\s(-e|--editable)\s|\[dev\]", cmd), cmd
+        assert cmds.index(dependencies) < cmds.index(install)
+
+    def test_final_stage_copies_the_finished_virtualenv(self) -> None:
+        """The final stage takes the build stage's virtualenv whole, at the systemd unit's path."""
+        copies = [i.args for i in DOCKER if i.keyword == "COPY" and i.stage == FINAL_STAGE]
+        assert copies == [f"--from=build {INSTALL_DIR} {INSTALL_DIR}"], copies
+        (build_stage,) = [i.args for i in DOCKER if i.keyword == "FROM" and i.stage == 0]
+        assert build_stage.split()[-2:] == ["AS", "build"]
+        assert f"-m venv {INSTALL_DIR} " in " ".join(i.args for i in DOCKER if i.stage == 0)
 
     def test_build_stage_copies_every_package_directory(self) -> None:
         """The wheel is built from the same sources pyproject packages (and its readme)."""
@@ -431,7 +462,12 @@ class TestDockerfile:
             assert (ROOT / path).exists(), path
 
     def test_dockerignore_lets_through_what_the_build_copies(self) -> None:
-        """Dockerfile.dockerignore ignores everything but the sources the build stage copies."""
+        """.dockerignore ignores everything but what the build stage copies.
+
+        At the context's root, where the classic builder reads it too (it ignores a
+        Dockerfile.dockerignore beside the Dockerfile, and would send .venv and the API key file).
+        """
+        assert not (DEPLOY / "Dockerfile.dockerignore").exists()
         rules = [
             line.strip()
             for line in DOCKERIGNORE.read_text().splitlines()
