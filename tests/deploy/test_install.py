@@ -10,6 +10,7 @@ import importlib
 import pathlib
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import seedance_archiver
+import yaml
 from seedance_archiver import simulator
 
 from tests.acceptance import conftest as acceptance
@@ -94,10 +96,16 @@ class TestLock:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """The project's wheel, built offline with the locked setuptools."""
+    """The project's wheel, built offline with the locked setuptools, from a copy of the sources
+    (setuptools leaves a build/ folder behind wherever it builds)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("daemon", "migrations"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     _uv("build", "--quiet", "--wheel", "--offline", "--no-build-isolation",
-        "--python", sys.executable, "--out-dir", out, ROOT)  # fmt: skip
+        "--python", sys.executable, "--out-dir", out, source)  # fmt: skip
     (built,) = out.glob("seedance_archiver-*.whl")
     return built
 
@@ -175,3 +183,14 @@ class TestBesidePythonDaemon:
         assert "daemon: ok (1 running)" in checked.stdout and "api key: ok" in checked.stdout
         assert process.returncode == 0, log.read_text()[-3000:]
         assert "job_failed" not in log.read_text() and "job_crashed" not in log.read_text()
+
+
+class TestPreCommit:
+    def test_the_hooks_are_make_lint(self) -> None:
+        """.pre-commit-config.yaml runs exactly the commands of `make lint`, nothing fetched."""
+        config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+        assert [repo["repo"] for repo in config["repos"]] == ["local"]
+        entries = [hook["entry"] for repo in config["repos"] for hook in repo["hooks"]]
+        makefile = (ROOT / "Makefile").read_text()
+        lint = makefile[makefile.index("\nlint:") :].strip().split("\n\n")[0].splitlines()[1:]
+        assert entries == [line.strip().replace("$(BIN)", ".venv/bin") for line in lint]
