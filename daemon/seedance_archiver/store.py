@@ -272,6 +272,21 @@ def _typed(name: str) -> sa.BindParameter[Any]:
 AT_RISK = dt.timedelta(hours=1)
 
 
+# The write-back by COPY (PostgreSQL): the columns save writes, the lease cleared by the UPDATE.
+_COPY_COLUMNS = ["task_id", *(n for n in models.DAEMON_FIELDS if n != "lease_expires_at")]
+_COPY_TABLE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS seedance_write_back ON COMMIT DELETE ROWS AS "
+    f"SELECT {', '.join(_COPY_COLUMNS)} FROM video_tasks WITH NO DATA"
+)
+_COPY_IN = f"COPY seedance_write_back ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+_COPY_UPDATE = (
+    "UPDATE video_tasks AS t SET "
+    + ", ".join(f"{name} = v.{name}" for name in _COPY_COLUMNS[1:])
+    + ", lease_owner = NULL, lease_expires_at = NULL FROM seedance_write_back AS v "
+    "WHERE t.task_id = v.task_id AND t.lease_owner = %s"
+)
+
+
 class RetryOutcome(enum.StrEnum):
     """What ``retry`` did."""
 
@@ -328,6 +343,8 @@ class SqlStore:
         self.dialect = engine.dialect.name
         self.statement_timeout_seconds = statement_timeout_seconds
         self.rows_refused = 0  # outcomes the database refused even alone, since start
+        # Batches go through COPY on PostgreSQL, unless the role may not create a temporary table.
+        self._copy_writes = self.dialect == "postgresql"
         self._save_stmt = (
             sa.update(t)
             .where(
@@ -431,6 +448,15 @@ class SqlStore:
         return written
 
     def _save_batch(self, tasks: Sequence[models.Task], owner: str) -> int:
+        if self._copy_writes and len(tasks) > 1:
+            try:
+                return self._save_copy(tasks, owner)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                # A role without TEMPORARY on the database: the statement per row still works.
+                self._copy_writes = False
+                log.warning(
+                    "copy_write_back_refused", error=_first_line(exc), fallback="executemany"
+                )
         params = [
             {"b_task_id": task.task_id, "b_owner": owner}
             | {f"v_{name}": getattr(task, name) for name in models.DAEMON_FIELDS}
@@ -445,6 +471,31 @@ class SqlStore:
         except _DOWN_ERRORS as exc:
             raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
         except (sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
+            raise _RowRefused(_first_line(exc)) from exc
+
+    def _save_copy(self, tasks: Sequence[models.Task], owner: str) -> int:
+        """PostgreSQL: COPY the batch into a temporary table, then one UPDATE ... FROM it.
+
+        The same columns and lease check as :attr:`_save_stmt`, at less than half its CPU per call
+        on either side (bench/writeback.py). Errors are sorted as :meth:`_save_batch` sorts them.
+        """
+        try:
+            with self._begin(translate=False) as conn:
+                raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
+                with raw.cursor() as cur:
+                    cur.execute(_COPY_TABLE)
+                    with cur.copy(_COPY_IN) as copy:
+                        for task in tasks:
+                            copy.write_row([getattr(task, name) for name in _COPY_COLUMNS])
+                    cur.execute(_COPY_UPDATE, (owner,))
+                    return int(cur.rowcount)
+        except errors.StoreError:
+            raise
+        except psycopg.errors.InsufficientPrivilege:
+            raise
+        except (psycopg.OperationalError, *_DOWN_ERRORS) as exc:
+            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+        except (psycopg.Error, sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
             raise _RowRefused(_first_line(exc)) from exc
 
     def renew(

@@ -839,6 +839,34 @@ class TestPostgresRoles:
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
                     conn.execute(statement)  # type: ignore[arg-type]
 
+    def test_batches_are_written_back_with_and_without_temporary_tables(
+        self, roles_url: str, archiver_login_url: str
+    ) -> None:
+        """The COPY write-back needs TEMPORARY on the database; a role without it falls back to a
+        statement per row, and every outcome is saved either way."""
+        dbname = urllib.parse.urlsplit(roles_url).path.lstrip("/")
+        for temporary in (True, False):
+            if not temporary:
+                with psycopg.connect(roles_url, autocommit=True) as conn:
+                    conn.execute(f'REVOKE TEMPORARY ON DATABASE "{dbname}" FROM PUBLIC')  # type: ignore[arg-type]
+            ids = [f"video_wb_{temporary}_{i}" for i in range(3)]
+            sql_store = store.SqlStore.from_url(archiver_login_url)
+            try:
+                for task_id in ids:
+                    assert sql_store.add(task_id)
+                soon = utils.utcnow() + dt.timedelta(minutes=1)  # the new rows are due
+                claimed = sql_store.claim_due("t-owner", soon, 60, 10)
+                assert {t.task_id for t in claimed} == set(ids)
+                later = soon + dt.timedelta(days=1)
+                done = [t.replace(state="polling", polls=1, next_attempt_at=later) for t in claimed]
+                assert sql_store.save(done, "t-owner") == 3
+                assert sql_store._copy_writes is temporary
+                for task_id in ids:
+                    stored = sql_store.get(task_id)
+                    assert stored is not None and stored.polls == 1 and stored.lease_owner is None
+            finally:
+                sql_store.close()
+
     def test_the_daemon_works_as_a_member_of_its_role(self, archiver_login_url: str) -> None:
         """Every statement the daemon and its operator commands send passes with these grants."""
         sql_store = store.SqlStore.from_url(archiver_login_url)
