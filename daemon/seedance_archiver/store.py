@@ -278,6 +278,11 @@ _COPY_TABLE = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS seedance_write_back ON COMMIT DELETE ROWS AS "
     f"SELECT {', '.join(_COPY_COLUMNS)} FROM video_tasks WITH NO DATA"
 )
+_COPY_TIMES = [
+    i
+    for i, name in enumerate(_COPY_COLUMNS)
+    if isinstance(models.video_tasks.c[name].type, models.UTCDateTime)
+]
 _COPY_IN = f"COPY seedance_write_back ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
 _COPY_UPDATE = (
     "UPDATE video_tasks AS t SET "
@@ -486,7 +491,13 @@ class SqlStore:
                     cur.execute(_COPY_TABLE)
                     with cur.copy(_COPY_IN) as copy:
                         for task in tasks:
-                            copy.write_row([getattr(task, name) for name in _COPY_COLUMNS])
+                            row = [getattr(task, name) for name in _COPY_COLUMNS]
+                            if any(
+                                row[i] is not None and row[i].tzinfo is None for i in _COPY_TIMES
+                            ):
+                                # As UTCDateTime refuses it in the statement per row.
+                                raise ValueError(f"naive datetime in the outcome of {task.task_id}")
+                            copy.write_row(row)
                     cur.execute(_COPY_UPDATE, (owner,))
                     return int(cur.rowcount)
         except errors.StoreError:

@@ -754,6 +754,24 @@ class TestPoisonedOutcomes:
             else:
                 assert (row.state, row.polls, row.lease_owner) == ("failed", 1, None)
 
+    def test_a_naive_time_is_refused_alone_whichever_way_the_batch_is_written(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        """COPY (PostgreSQL's batch write) refuses what the statement per row refuses."""
+        now = utils.utcnow()
+        for name in ("good", "naive"):
+            insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
+        claimed = {t.task_id: t for t in sql_store.claim_due("daemon-a", now, LEASE_S, 10)}
+        naive = now.replace(tzinfo=None)
+        batch = [
+            claimed["good"].replace(polls=1),
+            claimed["naive"].replace(polls=1, last_polled_at=naive),
+        ]
+        assert sql_store.save(batch, "daemon-a") == 1
+        good, bad = sql_store.get("good"), sql_store.get("naive")
+        assert good is not None and good.polls == 1
+        assert bad is not None and bad.polls == 0 and bad.lease_owner == "daemon-a"
+
     def test_a_database_that_is_down_is_not_retried_row_by_row(self, tmp_path: Any) -> None:
         """A lost connection is StoreError at once: "down" is not a per-row problem."""
         gone = store.SqlStore.from_url(f"sqlite:///{tmp_path}/missing-dir/none.db")
