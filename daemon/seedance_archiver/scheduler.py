@@ -183,6 +183,11 @@ class Daemon:
         self._listener: store.Listener | None = None
         self._server: web.WebServer | None = None
         self._started_at = dt.datetime.now(dt.UTC)
+        # The heartbeat being written, if any. The scheduler's shutdown cancels a job in flight,
+        # but not its write in a thread: close() waits for it before removing the heartbeat, so the
+        # row is never written back after it is gone.
+        self._beat_task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def run(self) -> int:
         try:
@@ -285,6 +290,11 @@ class Daemon:
             await asyncio.to_thread(self._listener.stop)
         if self.svc is not None and self.store is not None:
             await self.svc.provider.aclose()
+            self._closing = True
+            if self._beat_task is not None:
+                await asyncio.wait([self._beat_task])
+                if not self._beat_task.cancelled():
+                    self._beat_task.exception()  # its job logged it, or was cancelled: seen here
             try:
                 await self.svc.db(self.store.forget_daemon, self.svc.owner)
             except errors.StoreError as exc:
@@ -297,6 +307,12 @@ class Daemon:
     # --- the jobs that live here ----------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        if self._closing:
+            return
+        self._beat_task = asyncio.ensure_future(self._beat())
+        await asyncio.shield(self._beat_task)
+
+    async def _beat(self) -> None:
         svc, task_store = self._parts()
         beat = store.DaemonBeat(
             owner=svc.owner,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -90,6 +92,45 @@ class TestLifecycle:
         after = store.SqlStore.from_url(sqlite_url)
         try:
             assert after.daemons() == []  # no heartbeat was written, none left behind
+        finally:
+            after.close()
+
+    async def test_a_heartbeat_in_flight_at_stop_is_not_written_back_after_removal(
+        self,
+        sim: simulator.SimulatorThread,
+        sqlite_url: str,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """close() waits for a beat in flight before it removes the heartbeat, so a stopped
+        daemon never leaves one behind (``check`` would count it for a minute)."""
+        in_flight, written = threading.Event(), threading.Event()
+        original = scheduler.build_service
+
+        def slow_beats(settings: config.Settings, api_key: str) -> Any:
+            svc, task_store = original(settings, api_key)
+            real_beat = task_store.beat
+
+            def beat(beat: store.DaemonBeat) -> None:
+                in_flight.set()
+                time.sleep(0.5)  # a slow database: the beat is still running when stop comes
+                real_beat(beat)
+                written.set()
+
+            monkeypatch.setattr(task_store, "beat", beat)
+            return svc, task_store
+
+        monkeypatch.setattr(scheduler, "build_service", slow_beats)
+        stop = asyncio.Event()
+        daemon = scheduler.Daemon(_settings(sim, sqlite_url, tmp_path), stop=stop)
+        running = asyncio.create_task(daemon.run())
+        await wait_until(in_flight.is_set, 30, "a heartbeat in flight")
+        stop.set()
+        assert await asyncio.wait_for(running, timeout=30) == 0
+        await wait_until(written.is_set, 30, "the beat in flight to be written")
+        after = store.SqlStore.from_url(sqlite_url)
+        try:
+            assert after.daemons() == []
         finally:
             after.close()
 
