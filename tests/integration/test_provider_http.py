@@ -15,6 +15,7 @@ import aiohttp.abc
 import pytest
 from aiohttp import web
 from seedance_archiver import errors, models, provider, simulator
+from seedance_archiver.providers import reseller
 
 from tests.conftest import SIM_KEY, free_port
 
@@ -701,8 +702,8 @@ class TestCheckKey:
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
         assert await client.check_key() is True
-        assert sim.simulator.stats.polls[provider.KEY_CHECK_TASK_ID] == 1
-        assert provider.KEY_CHECK_TASK_ID not in sim.simulator.tasks
+        assert sim.simulator.stats.polls[reseller.KEY_CHECK_TASK_ID] == 1
+        assert reseller.KEY_CHECK_TASK_ID not in sim.simulator.tasks
 
     async def test_a_wrong_key_is_rejected(self, sim: simulator.SimulatorThread) -> None:
         http = provider.HttpProvider(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
@@ -715,14 +716,14 @@ class TestCheckKey:
     async def test_403_is_rejected(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
-        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", status=403)
+        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=403)
         assert await client.check_key() is False
 
     @pytest.mark.parametrize("status", [500, 503, 429, 400])
     async def test_other_answers_cannot_tell(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider, status: int
     ) -> None:
-        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", status=status)
+        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=status)
         assert await client.check_key() is None
         # The fault was consumed: the next check can tell again.
         assert await client.check_key() is True
@@ -730,7 +731,7 @@ class TestCheckKey:
     async def test_a_provider_that_makes_up_tasks_cannot_tell(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
-        sim.simulator.add_task(provider.KEY_CHECK_TASK_ID)
+        sim.simulator.add_task(reseller.KEY_CHECK_TASK_ID)
         assert await client.check_key() is None
 
     async def test_a_stopped_provider_cannot_tell(self) -> None:
@@ -744,7 +745,7 @@ class TestCheckKey:
             await http.aclose()
 
     async def test_a_timeout_cannot_tell(self, sim: simulator.SimulatorThread) -> None:
-        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
+        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
         http = provider.HttpProvider(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
         try:
             assert await http.check_key() is None
@@ -768,12 +769,12 @@ class TestCheckKey:
                 await http.aclose()
         assert seen == [
             (
-                f"/api/v1/result/{provider.KEY_CHECK_TASK_ID}",
+                f"/api/v1/result/{reseller.KEY_CHECK_TASK_ID}",
                 f"Bearer {SIM_KEY}",
                 "application/json",
             )
         ]
 
     def test_the_id_is_one_the_provider_never_issues(self) -> None:
-        assert not provider.KEY_CHECK_TASK_ID.startswith("video_")
-        assert urllib.parse.quote(provider.KEY_CHECK_TASK_ID, safe="") == provider.KEY_CHECK_TASK_ID
+        assert not reseller.KEY_CHECK_TASK_ID.startswith("video_")
+        assert urllib.parse.quote(reseller.KEY_CHECK_TASK_ID, safe="") == reseller.KEY_CHECK_TASK_ID

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from seedance_archiver import errors, models, provider, testing
+from seedance_archiver.providers import reseller
 
 TASK_ID = "video_abc123def456"
 SEED_CREATED = 1761635478
@@ -38,7 +39,7 @@ def body(**changes: Any) -> bytes:
 
 
 def parse(raw: bytes) -> models.Answer:
-    return provider.parse_answer(TASK_ID, raw)
+    return reseller.parse_answer(TASK_ID, raw)
 
 
 class TestParseAnswer:
