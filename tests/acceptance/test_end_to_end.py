@@ -7,7 +7,6 @@ in each dialect the daemon speaks (SEEDANCE_PROVIDER): the reseller's and Ark's.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import pathlib
@@ -22,7 +21,7 @@ import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import SIM_KEY, wait_for
+from tests.conftest import SIM_KEY, serving, wait_for
 
 DIALECTS = ["reseller", "ark"]
 
@@ -83,13 +82,8 @@ def dialect(request: pytest.FixtureRequest) -> Dialect:
 @pytest.fixture
 def dialect_sim(dialect: Dialect) -> Iterator[simulator.SimulatorThread]:
     """The simulator, speaking the dialect under test."""
-    server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY, dialect=dialect.name))
-    server.start()
-    try:
+    with serving(dialect.name) as server:
         yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.stop()
 
 
 def _plan(sim: simulator.Simulator, dialect: Dialect) -> None:
@@ -135,6 +129,13 @@ class PostgresFeeder:
                 conn.execute(
                     "INSERT INTO video_tasks (task_id, mode) VALUES (%s, %s)", (task_id, mode)
                 )
+
+    def insert_for(self, task_id: str, provider: str) -> None:
+        """Insert a row routed to ``provider``'s daemon (when daemons of two share the table)."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO video_tasks (task_id, provider) VALUES (%s, %s)", (task_id, provider)
+            )
 
     def rows(self) -> dict[str, dict[str, Any]]:
         with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor() as cur:
