@@ -8,16 +8,16 @@ import email.utils
 import socket
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp.abc
 import pytest
 from aiohttp import web
 from seedance_archiver import errors, models, provider, simulator
-from seedance_archiver.providers import reseller
+from seedance_archiver.providers import ark, reseller
 
-from tests.conftest import SIM_KEY, free_port
+from tests.conftest import SIM_KEY, free_port, serving
 
 LOCAL_HTTP = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
 
@@ -778,3 +778,83 @@ class TestCheckKey:
     def test_the_id_is_one_the_provider_never_issues(self) -> None:
         assert not reseller.KEY_CHECK_TASK_ID.startswith("video_")
         assert urllib.parse.quote(reseller.KEY_CHECK_TASK_ID, safe="") == reseller.KEY_CHECK_TASK_ID
+
+
+class TestArkDialect:
+    """HttpProvider speaking Ark to the simulator's Ark dialect over real HTTP."""
+
+    @pytest.fixture
+    def ark_sim(self) -> Iterator[simulator.SimulatorThread]:
+        with serving("ark") as server:
+            yield server
+
+    @pytest.fixture
+    async def ark_client(
+        self, ark_sim: simulator.SimulatorThread
+    ) -> AsyncIterator[provider.HttpProvider]:
+        http = provider.HttpProvider(
+            ark_sim.url, SIM_KEY, url_rules=LOCAL_HTTP, dialect=ark.DIALECT
+        )
+        try:
+            yield http
+        finally:
+            await http.aclose()
+
+    async def test_a_succeeded_task_and_its_24_h_link(
+        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+    ) -> None:
+        add_completed(ark_sim, "cgt-1", size=1000, resolution="1080p")
+        answer = await ark_client.fetch("cgt-1")
+        assert (answer.status, answer.resolution, answer.actual_duration) == (
+            models.Status.COMPLETED,
+            "1080p",
+            5.0,
+        )
+        assert answer.video_url is not None and "X-Tos-Expires=86400" in answer.video_url
+        assert await download(ark_client, answer.video_url) == (1000, expected_video("cgt-1", 1000))
+        assert ark_client.name == "ark"
+
+    @pytest.mark.parametrize(
+        ("age", "outcome", "status", "error"),
+        [
+            (0.2, "completed", models.Status.QUEUED, None),
+            (1.5, "completed", models.Status.PROCESSING, None),
+            (
+                60,
+                "failed",
+                models.Status.FAILED,
+                "content policy violation (OutputVideoSensitiveContentDetected)",
+            ),
+            (60, "cancelled", models.Status.CANCELLED, None),
+            (60, "expired", models.Status.FAILED, "expired at the provider before it ran"),
+        ],
+    )
+    async def test_every_status(
+        self,
+        ark_sim: simulator.SimulatorThread,
+        ark_client: provider.HttpProvider,
+        age: float,
+        outcome: str,
+        status: models.Status,
+        error: str | None,
+    ) -> None:
+        ark_sim.simulator.add_task(
+            "cgt-2", outcome=outcome, queued_seconds=1, ready_seconds=2, created=time.time() - age
+        )
+        answer = await ark_client.fetch("cgt-2")
+        assert (answer.status, answer.error) == (status, error)
+
+    async def test_an_unknown_task_is_not_found(self, ark_client: provider.HttpProvider) -> None:
+        with pytest.raises(errors.TaskNotFound):
+            await ark_client.fetch("cgt-unknown")
+
+    async def test_the_key_check(self, ark_sim: simulator.SimulatorThread) -> None:
+        for key, verdict in ((SIM_KEY, True), ("wrong-key", False)):
+            http = provider.HttpProvider(
+                ark_sim.url, key, url_rules=LOCAL_HTTP, dialect=ark.DIALECT
+            )
+            try:
+                assert await http.check_key() is verdict
+            finally:
+                await http.aclose()
+        assert ark_sim.simulator.stats.polls[ark.KEY_CHECK_TASK_ID] == 2
