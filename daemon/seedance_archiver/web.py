@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from seedance_archiver import errors, metrics, service, store, utils
+from seedance_archiver import errors, metrics, policy, service, store, utils
 
 log = structlog.get_logger(__name__)
 
@@ -111,9 +111,11 @@ class WebServer:
         outcome = "ignored"
         try:
             task_id = self.callback(await request.read())
+            if task_id is not None and policy.task_id_problem(task_id) is not None:
+                task_id = None  # no row can hold it; and it is not logged, whatever it is
             if task_id is not None:
                 hastened = await self.svc.db(
-                    self.store.hasten, task_id, utils.utcnow(), self.svc.provider.name
+                    self.store.hasten, task_id, self.svc.clock(), self.svc.provider.name
                 )
                 outcome = "hastened" if hastened else "ignored"
                 log.info("callback_received", task_id=task_id, hastened=hastened)
