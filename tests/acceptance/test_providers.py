@@ -67,6 +67,44 @@ class TestTwoProvidersShareOneTable:
             assert {rows[i]["provider"] for i in ARK_IDS} == {"ark"}
 
 
+class TestChangingTheSetting:
+    """SEEDANCE_PROVIDER changed under a running deployment: no task goes to the wrong API."""
+
+    def test_rows_stamped_reseller_are_never_sent_to_ark(
+        self, tmp_path: pathlib.Path, start_daemon: Any
+    ) -> None:
+        db = tmp_path / "tasks.db"
+        feeder = SqliteFeeder(db)
+        archive = f"file://{tmp_path}/archive"
+        with serving("reseller") as reseller_sim:
+            # Still generating when the setting changes: the reseller daemon has stamped it.
+            reseller_sim.simulator.add_task("video_long", ready_seconds=3600)
+            env = base_env(reseller_sim.url, f"sqlite:///{db}", archive)
+            cli(env, "migrate")
+            feeder.insert("video_long")
+            daemon = start_daemon(env)
+            wait_for(
+                lambda: feeder.rows()["video_long"]["provider"] == "reseller",
+                timeout=30,
+                what="the reseller daemon's stamp",
+            )
+            assert daemon.terminate() == 0, daemon.log()[-3000:]
+        with serving("ark") as ark_sim:
+            ark_sim.simulator.add_task("cgt-20261202-new", queued_seconds=0.3, ready_seconds=1.0)
+            env = {**base_env(ark_sim.url, f"sqlite:///{db}", archive), "SEEDANCE_PROVIDER": "ark"}
+            feeder.insert("cgt-20261202-new")
+            daemon = start_daemon(env)
+            wait_for(
+                lambda: _archived(feeder.rows(), ["cgt-20261202-new"]),
+                timeout=60,
+                what="the ark daemon's own task archived",
+            )
+            assert daemon.terminate() == 0, daemon.log()[-3000:]
+            assert set(ark_sim.simulator.stats.polls) - KEY_CHECKS == {"cgt-20261202-new"}
+        row = feeder.rows()["video_long"]
+        assert (row["state"], row["provider"], row["lease_owner"]) == ("polling", "reseller", None)
+
+
 def _metric(port: int, name: str, outcome: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
