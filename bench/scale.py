@@ -61,7 +61,7 @@ from typing import Any, TypeVar
 import httpx_aiohttp
 import prometheus_client.parser
 import psycopg
-from seedance_archiver import config, logs, provider, scheduler, schema, service, store
+from seedance_archiver import config, logs, providers, scheduler, schema, service, store
 
 from bench import common, transport
 
@@ -288,16 +288,8 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
         svc, sql_store = original_build(settings, api_key)
         if args.transport == "aiohttp":
             # What-if: the daemon's own client on aiohttp (the unused httpx client is never opened).
-            svc.provider = provider.HttpProvider(
-                settings.api_base_url,
-                api_key,
-                timeout_seconds=settings.request_timeout_seconds,
-                url_rules=provider.UrlRules(
-                    schemes=settings.allowed_video_url_schemes,
-                    allow_private_hosts=settings.allow_private_video_hosts,
-                ),
-                max_video_bytes=settings.max_video_bytes,
-                transport=httpx_aiohttp.AiohttpTransport(),
+            svc.provider = providers.from_settings(
+                settings, api_key, transport=httpx_aiohttp.AiohttpTransport()
             )
         if args.claim_batch:
             svc.CLAIM_BATCH = args.claim_batch

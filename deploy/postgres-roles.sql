@@ -17,8 +17,9 @@
 --     `seedance-archiver migrate` run as this role (the ExecStartPre of
 --     deploy/seedance-archiver.service) is a no-op at head and fails -- the daemon does not
 --     start -- when the database is behind the code.
---   * seedance_feeder: what the applications that feed task ids need: INSERT (task_id, mode) and
---     SELECT on video_tasks, nothing else (DESIGN.md's feeding contract).
+--   * seedance_feeder: what the applications that feed task ids need: INSERT (task_id, mode,
+--     provider) and SELECT on video_tasks, nothing else (DESIGN.md's feeding contract; provider
+--     routes a row to one provider's daemon when two share the table).
 --
 -- Both are NOLOGIN group roles; the roles that log in are their members, with passwords you choose:
 --
@@ -66,7 +67,7 @@ REVOKE ALL ON TABLE alembic_version FROM seedance_feeder, seedance_archiver;
 
 -- The feeder: read every column, insert a task id and its mode; every other column is the daemon's.
 GRANT SELECT ON TABLE video_tasks TO seedance_feeder;
-GRANT INSERT (task_id, mode) ON TABLE video_tasks TO seedance_feeder;
+GRANT INSERT (task_id, mode, provider) ON TABLE video_tasks TO seedance_feeder;
 
 -- The daemon: claim, lease and record outcomes (UPDATE), `add` (INSERT), prune (DELETE); its
 -- heartbeat row is inserted, updated every few seconds and deleted on a clean stop.

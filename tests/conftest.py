@@ -196,13 +196,20 @@ def s3_bucket(s3_client: object) -> str:
 SIM_KEY = "sim-test-key"
 
 
-@pytest.fixture
-def sim() -> Iterator[simulator.SimulatorThread]:
-    """A fresh simulator serving on 127.0.0.1 (``sim.simulator`` is its state, ``sim.url`` its base)."""
-    server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY))
+@contextlib.contextmanager
+def serving(dialect: str = "reseller") -> Iterator[simulator.SimulatorThread]:
+    """A fresh simulator of ``dialect`` serving on 127.0.0.1, stopped after."""
+    server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY, dialect=dialect))
     server.start()
     try:
         yield server
     finally:
         with contextlib.suppress(Exception):
             server.stop()
+
+
+@pytest.fixture
+def sim() -> Iterator[simulator.SimulatorThread]:
+    """A fresh simulator serving on 127.0.0.1 (``sim.simulator`` is its state, ``sim.url`` its base)."""
+    with serving() as server:
+        yield server

@@ -22,6 +22,13 @@ from seedance_archiver import errors, models
 
 ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
+# SEEDANCE_PROVIDER names the API spoken (providers/); each has its own default base URL. Ark's is
+# Volcengine's; BytePlus ModelArk users set https://ark.ap-southeast.bytepluses.com.
+CALLBACK_PROVIDERS = ("ark",)  # those that POST a task's state to us (providers.CALLBACKS)
+DEFAULT_API_BASE_URLS = {
+    "reseller": DEFAULT_API_BASE_URL,
+    "ark": "https://ark.cn-beijing.volces.com",
+}
 # Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
 API_KEY_CREDENTIAL = "seedance-api-key"
 # Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
@@ -48,6 +55,8 @@ class Settings(pydantic_settings.BaseSettings):
 
     api_key: pydantic.SecretStr | None = None
     api_key_file: pathlib.Path | None = None
+    provider: Literal["reseller", "ark"] = "reseller"
+    # Defaults to the provider's own (DEFAULT_API_BASE_URLS); see _default_base_url.
     api_base_url: str = DEFAULT_API_BASE_URL
     # Use resolve_database_url(): the URL may come from a file or a systemd credential instead.
     database_url: str = DEFAULT_DATABASE_URL
@@ -80,6 +89,31 @@ class Settings(pydantic_settings.BaseSettings):
     database_statement_timeout_seconds: float = pydantic.Field(default=15.0, gt=0, le=3600)
     # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.
     max_download_seconds: float = pydantic.Field(default=3600.0, gt=0)
+    # Serve POST /callbacks/{provider} on the HTTP port: a provider's callback makes its row due now.
+    callbacks: bool = False
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _default_base_url(cls, data: Any) -> Any:
+        """An unset (or empty) SEEDANCE_API_BASE_URL is the chosen provider's own."""
+        if isinstance(data, dict) and not data.get("api_base_url"):
+            chosen = str(data.get("provider") or "reseller")
+            default = DEFAULT_API_BASE_URLS.get(chosen, DEFAULT_API_BASE_URL)
+            data = {**data, "api_base_url": default}
+        return data
+
+    @pydantic.model_validator(mode="after")
+    def _check_callbacks(self) -> Settings:
+        if self.callbacks and self.provider not in CALLBACK_PROVIDERS:
+            raise ValueError(
+                f"{ENV_PREFIX}CALLBACKS: only {', '.join(CALLBACK_PROVIDERS)} sends callbacks "
+                f"(set {ENV_PREFIX}PROVIDER=ark or {ENV_PREFIX}CALLBACKS=false)"
+            )
+        if self.callbacks and self.http_port == 0:
+            raise ValueError(
+                f"{ENV_PREFIX}CALLBACKS: callbacks are served on {ENV_PREFIX}HTTP_PORT, which is 0 (off)"
+            )
+        return self
 
     @pydantic.field_validator("api_base_url")
     @classmethod
@@ -184,6 +218,7 @@ class Settings(pydantic_settings.BaseSettings):
             hide_password=True
         )
         return {
+            "provider": self.provider,
             "api_base_url": self.api_base_url,
             "database_url": db,
             "archive_url": self.archive_url,
@@ -248,8 +283,11 @@ def load(**overrides: Any) -> Settings:
     except pydantic.ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
-            field = str(err["loc"][0]) if err["loc"] else "?"
             message = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across settings: its message names them
+                problems.append(message)
+                continue
+            field = str(err["loc"][0])
             problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
         raise errors.ConfigError("invalid setting " + "; ".join(problems)) from None
     except pydantic_settings.SettingsError as exc:

@@ -48,6 +48,13 @@ class Metrics:
             "Tasks that ended expired: the provider deleted them before their video was archived.",
             registry=r,
         )
+        self.callbacks = prom.Counter(
+            "seedance_callbacks",
+            "Provider callbacks received: 'hastened' made a row due now; 'ignored' were malformed, "
+            "unknown, finished, leased or due already.",
+            ["outcome"],
+            registry=r,
+        )
         self.tasks_at_risk = prom.Gauge(
             "seedance_tasks_at_risk",
             "Tasks not yet archived whose provider deadline is less than an hour away.",

@@ -69,6 +69,8 @@ class Answer:
     video_url: str | None
     actual_duration: float | None
     error: str | None
+    # The output's resolution (``720p``), where the provider says it (Ark does).
+    resolution: str | None = None
 
 
 MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
@@ -177,6 +179,10 @@ class VideoTask(Base):
     archive_sha256: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     lease_owner: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     lease_expires_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    # The provider API the row belongs to (``reseller``, ``ark``): empty on insert (or set by the
+    # feeder), stamped by the daemon with its own at the first answer; a daemon claims only rows
+    # unstamped or stamped with its own (migration 0005).
+    provider: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
 
     __table_args__ = (
         sa.CheckConstraint(_in("mode", Mode), name="ck_video_tasks_mode"),
@@ -241,6 +247,7 @@ class Task:
     archive_sha256: str | None = None
     lease_owner: str | None = None
     lease_expires_at: dt.datetime | None = None
+    provider: str | None = None
 
     def replace(self, **changes: Any) -> Task:
         return dataclasses.replace(self, **changes)

@@ -1,9 +1,11 @@
-"""The Seedance client: one request in, one typed result or one typed error out.
+"""The Seedance client's HTTP machinery: one request in, one typed result or one typed error out.
 
-``fetch`` polls ``GET {base}/v1/result/{id}``; ``open_video`` streams a finished video from its
-``video_url``; ``check_key`` asks, for free, whether the API key is accepted. Only this module imports
-httpx; its exceptions become ``errors.*`` here. The strings of an answer are made storable here too
-(:func:`storable`), so what reaches the database is text every database accepts.
+``fetch`` polls a task at the URL its :class:`Dialect` names and has the dialect read the answer;
+``open_video`` streams a finished video from its ``video_url``; ``check_key`` asks, for free, whether
+the API key is accepted. The dialects (``providers/reseller.py``, ``providers/ark.py``) are pure
+parsers built from the field readers here; only this module imports httpx, and its exceptions become
+``errors.*`` here. The strings of an answer are made storable here too (:func:`storable`), so what
+reaches the database is text every database accepts.
 """
 
 from __future__ import annotations
@@ -40,11 +42,6 @@ VIDEO_URL_MAX_CHARS = 8192
 # DNS limits (RFC 1035): a whole name, and each dot-separated label.
 HOST_MAX_CHARS = 253
 HOST_LABEL_MAX_CHARS = 63
-# The task id that ``check_key`` asks about. The provider issues ids like ``video_<hex>`` (seed page),
-# so an id without that prefix, with hyphens, can never be issued: the provider answers 404 when it
-# accepts the key and 401/403 when it does not, and no task is ever read or created by the check. Only
-# unreserved URL characters, so it reaches the provider as written.
-KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 
 
 def _short(value: object) -> str:
@@ -133,31 +130,70 @@ def _check_host(host: str) -> None:
             raise ValueError(f"invalid host name label '{_printable(label, 70)}'")
 
 
-def _video_url(payload: dict[str, Any]) -> str | None:
-    """The answer's video_url, whole and usable, or MalformedAnswer."""
-    url: str | None = _optional(payload, "video_url", (str,), "a string")
+def json_object(body: bytes) -> dict[str, Any]:
+    """The answer's body as a JSON object, or MalformedAnswer."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise errors.MalformedAnswer("malformed answer: the body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise errors.MalformedAnswer(
+            f"malformed answer: expected a JSON object, got {type(payload).__name__}"
+        )
+    return payload
+
+
+def answer_id(payload: dict[str, Any], task_id: str) -> str:
+    """The answer's ``id``, which must be the asked-for one, or MalformedAnswer."""
+    value = payload.get("id")
+    if not isinstance(value, str):
+        raise errors.MalformedAnswer("malformed answer: field 'id' is missing or not a string")
+    if value != task_id:
+        raise errors.MalformedAnswer(
+            f"malformed answer: it is about task {_short(value)}, not the one asked for"
+        )
+    return value
+
+
+def status_text(payload: dict[str, Any]) -> str:
+    """The answer's ``status`` as given (each dialect maps it), or MalformedAnswer."""
+    raw = payload.get("status")
+    if not isinstance(raw, str):
+        raise errors.MalformedAnswer("malformed answer: field 'status' is missing or not a string")
+    return raw
+
+
+def unknown_status(raw: str) -> errors.MalformedAnswer:
+    return errors.MalformedAnswer(f"malformed answer: unknown status {_short(raw)}")
+
+
+def link(payload: dict[str, Any], key: str) -> str | None:
+    """A link field, whole and usable, or MalformedAnswer."""
+    url: str | None = field(payload, key, (str,), "a string")
     if not url:
         return url  # "" is no link, as null is (the policy treats both alike)
     if len(url) > VIDEO_URL_MAX_CHARS:
         raise errors.MalformedAnswer(
-            f"malformed answer: video_url is {len(url)} characters long, "
+            f"malformed answer: {key} is {len(url)} characters long, "
             f"more than {VIDEO_URL_MAX_CHARS}"
         )
     try:
         _parse_url(url)
     except ValueError as exc:
         raise errors.MalformedAnswer(
-            f"malformed answer: video_url is not a valid URL ({exc})"
+            f"malformed answer: {key} is not a valid URL ({exc})"
         ) from None
     return url
 
 
-def _text(payload: dict[str, Any], key: str, limit: int) -> str | None:
-    value: str | None = _optional(payload, key, (str,), "a string")
+def text(payload: dict[str, Any], key: str, limit: int) -> str | None:
+    """A string field, made :func:`storable` within ``limit``; None if absent or null."""
+    value: str | None = field(payload, key, (str,), "a string")
     return None if value is None else storable(value, limit)
 
 
-def _optional(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> Any:
+def field(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> Any:
+    """A field of one of ``kinds`` (never a JSON boolean), None if absent or null; else malformed."""
     value = payload.get(key)
     if value is None:
         return None
@@ -168,67 +204,38 @@ def _optional(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: 
     return value
 
 
-def _number(payload: dict[str, Any], key: str, what: str) -> float | None:
+def flag(payload: dict[str, Any], key: str) -> bool | None:
+    """A JSON boolean field, None if absent or null; else MalformedAnswer."""
+    value = payload.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise errors.MalformedAnswer(
+        f"malformed answer: field {key!r} should be a boolean, got {type(value).__name__}"
+    )
+
+
+def number(payload: dict[str, Any], key: str, what: str) -> float | None:
     """A finite number field: JSON integers too large for a float are malformed too."""
-    value = _optional(payload, key, (int, float), what)
+    value = field(payload, key, (int, float), what)
     if value is None:
         return None
     try:
-        number = float(value)
+        finite = float(value)
     except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
+        finite = math.inf
+    if not math.isfinite(finite):
         raise errors.MalformedAnswer(f"malformed answer: field {key!r} is not a finite number")
-    return number
+    return finite
 
 
-def parse_answer(task_id: str, body: bytes) -> models.Answer:
-    """Parse the provider's JSON for ``task_id``; anything off its contract is MalformedAnswer.
-
-    Its strings come out storable: ``model`` and ``error`` through :func:`storable`; ``video_url``
-    whole or not at all (too long, control characters, or not a URL httpx can request is malformed);
-    ``id`` is the asked-for one.
-    """
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise errors.MalformedAnswer("malformed answer: the body is not JSON") from None
-    if not isinstance(payload, dict):
-        raise errors.MalformedAnswer(
-            f"malformed answer: expected a JSON object, got {type(payload).__name__}"
-        )
-    answer_id = payload.get("id")
-    if not isinstance(answer_id, str):
-        raise errors.MalformedAnswer("malformed answer: field 'id' is missing or not a string")
-    if answer_id != task_id:
-        raise errors.MalformedAnswer(
-            f"malformed answer: it is about task {_short(answer_id)}, not the one asked for"
-        )
-    raw_status = payload.get("status")
-    if not isinstance(raw_status, str):
-        raise errors.MalformedAnswer("malformed answer: field 'status' is missing or not a string")
-    try:
-        status = models.Status(raw_status)
-    except ValueError:
-        raise errors.MalformedAnswer(
-            f"malformed answer: unknown status {_short(raw_status)}"
-        ) from None
-    created_raw = _number(payload, "created", "a Unix timestamp")
-    created = None
-    if created_raw is not None:
-        if not 0 < created_raw < 1e11:
-            raise errors.MalformedAnswer("malformed answer: field 'created' is out of range")
-        created = dt.datetime.fromtimestamp(created_raw, dt.UTC)
-    duration = _number(payload, "actualDuration", "a number")
-    return models.Answer(
-        id=answer_id,
-        status=status,
-        created=created,
-        model=_text(payload, "model", MODEL_MAX_CHARS),
-        video_url=_video_url(payload),
-        actual_duration=duration,
-        error=_text(payload, "error", ERROR_MAX_CHARS),
-    )
+def timestamp(payload: dict[str, Any], key: str) -> dt.datetime | None:
+    """A Unix-seconds field as an aware UTC time; out of range (before 1970, after ~5138) is malformed."""
+    raw = number(payload, key, "a Unix timestamp")
+    if raw is None:
+        return None
+    if not 0 < raw < 1e11:
+        raise errors.MalformedAnswer(f"malformed answer: field {key!r} is out of range")
+    return dt.datetime.fromtimestamp(raw, dt.UTC)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
@@ -385,7 +392,13 @@ class Video:
 
 
 class Provider(Protocol):
-    """What the service needs from the provider."""
+    """What the service needs from the provider.
+
+    ``name`` (``reseller``, ``ark``) is all the service learns of which API it talks to: it stamps
+    the rows it polls with it and claims only rows unstamped or stamped so.
+    """
+
+    name: str
 
     async def fetch(self, task_id: str) -> models.Answer: ...
 
@@ -394,6 +407,26 @@ class Provider(Protocol):
     async def check_key(self) -> bool | None: ...
 
     async def aclose(self) -> None: ...
+
+
+class Dialect(Protocol):
+    """One provider's task API: where a task is asked about and how its answer reads.
+
+    Implementations are pure (``providers/reseller.py``, ``providers/ark.py``); :class:`HttpProvider`
+    does the HTTP for all of them.
+    """
+
+    name: str
+    # An id the provider can never issue: asked about by ``check_key``, a 404 means the key passed.
+    key_check_task_id: str
+
+    def task_path(self, task_id: str) -> str:
+        """The task's path under the base URL, ``task_id`` already URL-quoted."""
+        ...
+
+    def parse(self, task_id: str, body: bytes) -> models.Answer:
+        """The 200 answer about ``task_id`` as our typed result; MalformedAnswer off the contract."""
+        ...
 
 
 def _unreachable(exc: BaseException) -> str:
@@ -438,7 +471,15 @@ class HttpProvider:
         max_video_bytes: int = 2 * 1024**3,
         transport: httpx.AsyncBaseTransport | None = None,
         resolver: Callable[[], aiohttp.abc.AbstractResolver] | None = None,
+        dialect: Dialect | None = None,
     ) -> None:
+        if dialect is None:
+            # The reseller is the default API; imported here because it is built on this module.
+            from seedance_archiver.providers import reseller
+
+            dialect = reseller.DIALECT
+        self._dialect = dialect
+        self.name = dialect.name
         self._base = base_url.rstrip("/")
         self._url_rules = url_rules or UrlRules()
         self._max_video_bytes = max_video_bytes
@@ -484,8 +525,8 @@ class HttpProvider:
         await self._files.aclose()
 
     async def _get_result(self, task_id: str) -> tuple[httpx.Response, bytes]:
-        """One ``GET /v1/result/{id}`` with our key: the response and its body, or ProviderUnavailable."""
-        url = f"{self._base}/v1/result/{urllib.parse.quote(task_id, safe='')}"
+        """One GET of the task with our key: the response and its body, or ProviderUnavailable."""
+        url = self._base + self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
         request = httpx.Request(
             "GET", url, headers=self._api_headers, extensions=self._api_extensions
         )
@@ -506,7 +547,7 @@ class HttpProvider:
         code = response.status_code
         if code == 200:
             try:
-                return parse_answer(task_id, body)
+                return self._dialect.parse(task_id, body)
             except errors.MalformedAnswer as exc:
                 exc.status_code = code
                 raise
@@ -526,14 +567,15 @@ class HttpProvider:
     async def check_key(self) -> bool | None:
         """Whether the provider accepts our API key: True, False, or None when its answer cannot tell.
 
-        One poll of :data:`KEY_CHECK_TASK_ID`, a task that cannot exist, so it costs nothing; it goes
-        with the same key, headers and timeout as :meth:`fetch` (the caller paces it like a poll).
+        One poll of the dialect's ``key_check_task_id``, a task that cannot exist, so it costs
+        nothing; it goes with the same key, headers and timeout as :meth:`fetch` (the caller paces
+        it like a poll).
         404 means the key passed (the provider checks it before looking the task up) and 401/403
         that it was refused; anything else (5xx, 429, a timeout, no connection, a 200 from a provider
         that makes up tasks) is None. It never raises ProviderError.
         """
         try:
-            response, _ = await self._get_result(KEY_CHECK_TASK_ID)
+            response, _ = await self._get_result(self._dialect.key_check_task_id)
         except errors.ProviderUnavailable:
             return None
         code = response.status_code

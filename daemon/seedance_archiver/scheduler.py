@@ -26,7 +26,7 @@ from seedance_archiver import (
     errors,
     metrics,
     policy,
-    provider,
+    providers,
     ratelimit,
     service,
     store,
@@ -113,16 +113,7 @@ def build_service(settings: config.Settings, api_key: str) -> tuple[service.Serv
         settings.resolve_database_url(), settings.database_statement_timeout_seconds
     )
     svc_metrics = metrics.Metrics()
-    client = provider.HttpProvider(
-        settings.api_base_url,
-        api_key,
-        timeout_seconds=settings.request_timeout_seconds,
-        url_rules=provider.UrlRules(
-            schemes=settings.allowed_video_url_schemes,
-            allow_private_hosts=settings.allow_private_video_hosts,
-        ),
-        max_video_bytes=settings.max_video_bytes,
-    )
+    client = providers.from_settings(settings, api_key)
     svc = service.Service(
         sql_store,
         client,
@@ -259,8 +250,11 @@ class Daemon:
     async def _serve(self) -> None:
         if self.settings.http_port:
             svc, task_store = self._parts()
+            callback = None
+            if self.settings.callbacks:
+                callback = providers.CALLBACKS[self.settings.provider]
             self._server = web.WebServer(
-                svc, task_store, self.settings.http_host, self.settings.http_port
+                svc, task_store, self.settings.http_host, self.settings.http_port, callback
             )
             await self._server.start()
 

@@ -173,7 +173,13 @@ class Service:
                 # link needs no key.
                 states = [models.State.DOWNLOADING.value] if self.auth_blocked else None
                 rows = await self.db(
-                    self.store.claim_due, self.owner, now, self.lease.total_seconds(), limit, states
+                    self.store.claim_due,
+                    self.owner,
+                    now,
+                    self.lease.total_seconds(),
+                    limit,
+                    states,
+                    self.provider.name,
                 )
         except errors.StoreError as exc:
             self._store_unavailable(exc)
@@ -459,7 +465,11 @@ class Service:
         self.last_answer_at = now
         self._unblock_auth()
         task_log.debug("task_polled", status=answer.status.value)
-        return policy.on_answer(row, answer, now, self.rules, self.draw)
+        polled = policy.on_answer(row, answer, now, self.rules, self.draw)
+        if row.provider is None:
+            # The first answer: from now on only daemons of this provider claim the row.
+            polled = polled.replace(provider=self.provider.name)
+        return polled
 
     def _count_poll(self, row: models.Task, exc: errors.ProviderError | None) -> None:
         code = 200 if exc is None else exc.status_code

@@ -9,6 +9,11 @@
   a malformed body, a delay, a dropped connection, a redirect, and for downloads a truncated,
   mis-sized or throttled body.
 - ``POST /_sim/tasks``, ``POST /_sim/faults``, ``GET /_sim/stats``: control and counters for tests.
+- ``dialect="ark"`` (``--dialect ark``): ByteDance's Ark API instead, ``GET
+  /api/v3/contents/generations/tasks/{id}`` with Ark's shape: statuses ``queued -> running ->
+  succeeded | failed | cancelled``, or ``expired`` (a SimTask outcome), an error object
+  ``{code, message}``, ``content.video_url`` signed with ``X-Tos-Expires=86400`` (24 h), JSON error
+  bodies for 401/404. :meth:`Simulator.send_callback` POSTs a task's state as Ark's callbacks do.
 
 Run it alone with ``python -m seedance_archiver.simulator --port 8080``: tests and ``demo`` start it
 with :class:`SimulatorThread`.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import collections
 import dataclasses
 import functools
@@ -27,6 +33,7 @@ import json
 import random
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +42,11 @@ from aiohttp import web
 VIDEO_BLOCK_BYTES = 1024 * 1024
 DEFAULT_RETENTION_SECONDS = 86_400.0
 DEFAULT_LINK_TTL_SECONDS = 3600.0
+DIALECTS = ("reseller", "ark")
+ARK_TASKS_PATH = "/api/v3/contents/generations/tasks/"
+ARK_LINK_TTL_SECONDS = 86_400.0  # Ark's links carry X-Tos-Expires=86400
+# Our statuses as Ark names them (its own ``expired`` is an outcome of its own).
+ARK_STATUSES = {"queued": "queued", "processing": "running", "completed": "succeeded"}
 
 
 @functools.lru_cache(maxsize=32)
@@ -75,13 +87,15 @@ class SimTask:
 
     id: str
     created: float
-    outcome: str = "completed"  # completed | failed | cancelled
+    outcome: str = "completed"  # completed | failed | cancelled | expired (Ark only)
     queued_seconds: float = 0.5
     ready_seconds: float = 2.0  # when it reaches its outcome, from creation
     size: int = 256 * 1024
     model: str = "seedance_1_5_pro_720p"
     duration: float = 5.0
     error: str = "content policy violation"
+    error_code: str = "OutputVideoSensitiveContentDetected"  # Ark's error object only
+    resolution: str = "720p"  # Ark only
 
     def status(self, now: float) -> str:
         age = now - self.created
@@ -115,12 +129,20 @@ class Simulator:
         api_key: str = "sim-key",
         *,
         retention_seconds: float = DEFAULT_RETENTION_SECONDS,
-        link_ttl_seconds: float = DEFAULT_LINK_TTL_SECONDS,
+        link_ttl_seconds: float | None = None,
         auto: dict[str, Any] | None = None,
         record_poll_times: bool = True,
+        dialect: str = "reseller",
     ) -> None:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown dialect {dialect!r}; expected one of {DIALECTS}")
         self.api_key = api_key
+        self.dialect = dialect
         self.retention_seconds = retention_seconds
+        if link_ttl_seconds is None:
+            link_ttl_seconds = (
+                ARK_LINK_TTL_SECONDS if dialect == "ark" else DEFAULT_LINK_TTL_SECONDS
+            )
         self.link_ttl_seconds = link_ttl_seconds
         # With ``auto``, an unknown id is created on first sight with these SimTask fields.
         self.auto = auto
@@ -181,15 +203,81 @@ class Simulator:
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
 
     def video_url(self, task_id: str, now: float) -> str:
+        if self.dialect == "ark":
+            # TOS-style: the signing time and the lifetime, the end being their sum.
+            date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+            ttl = int(self.link_ttl_seconds)
+            signature = self.sign(task_id, int(now) + ttl)
+            return (
+                f"{self.base_url}/files/{task_id}.mp4?X-Tos-Algorithm=TOS4-HMAC-SHA256"
+                f"&X-Tos-Date={date}&X-Tos-Expires={ttl}&X-Tos-Signature={signature}"
+            )
         expires = int(now + self.link_ttl_seconds)
         signature = self.sign(task_id, expires)
         return f"{self.base_url}/files/{task_id}.mp4?expires={expires}&sig={signature}"
+
+    @staticmethod
+    def _link_expires(query: Any) -> tuple[int, str]:
+        """A link's end (Unix seconds) and signature, from either dialect's query."""
+        try:
+            if "X-Tos-Date" in query:
+                start = time.strptime(query["X-Tos-Date"], "%Y%m%dT%H%M%SZ")
+                expires = calendar.timegm(start) + int(query.get("X-Tos-Expires", "0"))
+                return expires, query.get("X-Tos-Signature", "")
+            return int(query.get("expires", "0")), query.get("sig", "")
+        except ValueError:
+            return 0, ""
+
+    def ark_body(self, task: SimTask, now: float) -> dict[str, Any]:
+        """The task as Ark's query (and its callbacks) shows it at ``now``."""
+        status = task.status(now)
+        if task.outcome == "expired" and status == "processing":
+            status = "queued"  # an expired task never ran
+        status = ARK_STATUSES.get(status, status)
+        body: dict[str, Any] = {
+            "id": task.id,
+            "model": task.model,
+            "status": status,
+            "error": None,
+            "created_at": int(task.created),
+            "updated_at": int(now),
+            "seed": 58_423,
+            "resolution": task.resolution,
+            "ratio": "16:9",
+            "duration": task.duration,
+            "framespersecond": 24,
+            "service_tier": "default",
+            "execution_expires_after": 172_800,
+            "draft": False,
+            "usage": {"completion_tokens": 108_900, "total_tokens": 108_900},
+        }
+        if status == "succeeded":
+            body["content"] = {"video_url": self.video_url(task.id, now)}
+        elif status == "failed":
+            body["error"] = {"code": task.error_code, "message": task.error}
+        return body
+
+    def send_callback(self, task_id: str, url: str, timeout: float = 10.0) -> int:
+        """POST ``task_id``'s state to ``url`` as Ark's callback does; the HTTP status answered.
+
+        Called from the test's thread (never the server's loop), with the standard library.
+        """
+        task = self.tasks[task_id]
+        data = json.dumps(self.ark_body(task, time.time())).encode()
+        request = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return int(response.status)
 
     # --- HTTP -------------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/v1/result/{id}", self._result)
+        if self.dialect == "ark":
+            app.router.add_get(ARK_TASKS_PATH + "{id}", self._ark_result)
+        else:
+            app.router.add_get("/v1/result/{id}", self._result)
         app.router.add_get("/files/{name}", self._file)
         app.router.add_post("/_sim/tasks", self._post_tasks)
         app.router.add_post("/_sim/faults", self._post_faults)
@@ -222,7 +310,11 @@ class Simulator:
             )
         return None
 
-    async def _result(self, request: web.Request) -> web.StreamResponse:
+    async def _polled(
+        self, request: web.Request, unauthorized: Any, not_found: Any
+    ) -> tuple[SimTask, float] | web.StreamResponse:
+        """What both dialects do with a poll before their shapes differ: count it, check the key,
+        play a queued fault, find the task. The task and the time asked, or the answer to give."""
         task_id = request.match_info["id"]
         now = time.time()
         self.stats.polls[task_id] += 1
@@ -230,13 +322,22 @@ class Simulator:
             self.stats.poll_times[task_id].append(now)
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.stats.unauthorized += 1
-            return web.json_response({"error": "invalid api key"}, status=401)
+            return web.json_response(unauthorized, status=401)
         faulty = await self._apply_fault(self._take_fault(task_id, "poll"), request)
         if faulty is not None:
             return faulty
         task = self._task(task_id)
         if task is None:
-            return web.json_response({"error": "task not found"}, status=404)
+            return web.json_response(not_found, status=404)
+        return task, now
+
+    async def _result(self, request: web.Request) -> web.StreamResponse:
+        polled = await self._polled(
+            request, {"error": "invalid api key"}, {"error": "task not found"}
+        )
+        if isinstance(polled, web.StreamResponse):
+            return polled
+        task, now = polled
         status = task.status(now)
         body: dict[str, Any] = {
             "id": task.id,
@@ -254,17 +355,25 @@ class Simulator:
             body["error"] = task.error
         return web.json_response(body)
 
+    async def _ark_result(self, request: web.Request) -> web.StreamResponse:
+        # The error bodies' shape is Ark's documented one; the codes and messages are unverified.
+        polled = await self._polled(
+            request,
+            {"error": {"code": "AuthenticationError", "message": "the API key is invalid"}},
+            {"error": {"code": "ResourceNotFound", "message": "the specified task is not found"}},
+        )
+        if isinstance(polled, web.StreamResponse):
+            return polled
+        task, now = polled
+        return web.json_response(self.ark_body(task, now))
+
     async def _file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         task_id = name.removesuffix(".mp4")
         task = self._task(task_id)
         if task is None:
             return web.Response(status=404, text="no such video")
-        try:
-            expires = int(request.query.get("expires", "0"))
-        except ValueError:
-            expires = 0
-        signature = request.query.get("sig", "")
+        expires, signature = self._link_expires(request.query)
         valid = hmac.compare_digest(signature, self.sign(task_id, expires))
         if not valid or expires < time.time():
             return web.Response(status=403, text="link expired or invalid")
@@ -379,9 +488,13 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON SimTask fields for unknown ids, e.g. '{\"ready_seconds\": 5}'; off by default",
     )
     parser.add_argument("--no-poll-times", action="store_true", help="do not record poll times")
+    parser.add_argument(
+        "--dialect", choices=DIALECTS, default="reseller", help="which provider API to play"
+    )
     args = parser.parse_args(argv)
     simulator = Simulator(
         args.api_key,
+        dialect=args.dialect,
         auto=json.loads(args.auto) if args.auto else None,
         record_poll_times=not args.no_poll_times,
     )

@@ -50,6 +50,7 @@ class Store(Protocol):
         lease_seconds: float,
         limit: int,
         states: Iterable[str] | None = None,
+        provider_name: str | None = None,
     ) -> list[models.Task]: ...
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int: ...
@@ -75,6 +76,8 @@ class Store(Protocol):
     # --- the operator's and feeder's side
 
     def add(self, task_id: str, mode: str = ...) -> bool: ...
+
+    def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool: ...
 
     def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> RetryOutcome: ...
 
@@ -268,6 +271,11 @@ def _claim_order_by() -> list[sa.UnaryExpression[Any]]:
     ]
 
 
+def _ours(provider_name: str) -> sa.ColumnElement[bool]:
+    """Rows of ``provider_name``'s daemon: unstamped, or stamped with it."""
+    return sa.or_(t.c.provider.is_(None), t.c.provider == provider_name)
+
+
 def _typed(name: str) -> sa.BindParameter[Any]:
     return sa.bindparam(f"v_{name}", type_=t.c[name].type)
 
@@ -387,17 +395,21 @@ class SqlStore:
         lease_seconds: float,
         limit: int,
         states: Iterable[str] | None = None,
+        provider_name: str | None = None,
     ) -> list[models.Task]:
         """Lease up to ``limit`` due rows to ``owner``, nearest deadline first, in one statement.
 
         Rows not yet polled have no known deadline; they come first so the intake poll learns it.
         ``states`` narrows the claim to some active states (while the API key is rejected, only
         rows already downloading are worked on: their link needs no key). ``now`` decides which
-        rows are due; whose lease is live is decided by :meth:`_lease_clock`.
+        rows are due; whose lease is live is decided by :meth:`_lease_clock`. With
+        ``provider_name``, only rows unstamped or stamped with it are claimed: a row another
+        provider's daemon has answered for is never sent to this one's API.
         """
         if limit <= 0:
             return []
         wanted = sa.true() if states is None else t.c.state.in_(list(states))
+        ours = sa.true() if provider_name is None else _ours(provider_name)
         due = (
             sa.select(t.c.task_id)
             .where(
@@ -405,6 +417,7 @@ class SqlStore:
                 # (prepared) plan can use ix_video_tasks_due.
                 sa.text(models.ACTIVE_SQL),
                 wanted,
+                ours,
                 t.c.next_attempt_at <= now,
                 sa.or_(
                     t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now)
@@ -660,6 +673,28 @@ class SqlStore:
         except sqlalchemy.exc.SQLAlchemyError as exc:
             raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
         return True
+
+    def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool:
+        """Make an active row of ``provider_name`` (or unstamped) due now: a provider's callback
+        says it changed. False if there is no such row, or it is due already or leased.
+
+        Only ``next_attempt_at`` moves: the poll that follows decides, since callbacks are not
+        signed. A row a daemon holds is left alone (its work is under way).
+        """
+        free = sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now))
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.task_id == task_id,
+                sa.text(models.ACTIVE_SQL),
+                _ours(provider_name),
+                t.c.next_attempt_at > now,
+                free,
+            )
+            .values(next_attempt_at=now)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount) == 1
 
     def get(self, task_id: str) -> models.Task | None:
         with self._begin() as conn:

@@ -82,6 +82,20 @@ class FakeStore:
     def get(self, task_id: str) -> models.Task | None:
         return self.rows.get(task_id)
 
+    def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool:
+        task = self.rows.get(task_id)
+        if (
+            task is None
+            or task.is_terminal
+            or task.provider not in (None, provider_name)
+            or task.next_attempt_at is None
+            or task.next_attempt_at <= now
+            or (task.lease_expires_at is not None and task.lease_expires_at >= now)
+        ):
+            return False
+        self.rows[task_id] = task.replace(next_attempt_at=now)
+        return True
+
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in models.State}
         for task in self.rows.values():
@@ -146,6 +160,7 @@ class FakeStore:
         lease_seconds: float,
         limit: int,
         states: Iterable[str] | None = None,
+        provider_name: str | None = None,
     ) -> list[models.Task]:
         wanted = None if states is None else set(states)
         lease_until = now + dt.timedelta(seconds=lease_seconds)
@@ -154,6 +169,7 @@ class FakeStore:
             for t in self.rows.values()
             if not t.is_terminal
             and (wanted is None or t.state in wanted)
+            and (provider_name is None or t.provider in (None, provider_name))
             and t.next_attempt_at is not None
             and t.next_attempt_at <= now
             and (t.lease_expires_at is None or t.lease_expires_at < now)
@@ -235,7 +251,8 @@ Reply = models.Answer | Exception
 class FakeProvider:
     """Answers each task's polls from a script; serves videos from memory; records every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "reseller") -> None:
+        self.name = name
         self.scripts: dict[str, list[Reply]] = {}
         self.videos: dict[str, bytes | Exception] = {}
         self.fetches: list[str] = []
@@ -290,6 +307,7 @@ def answer(
     video_url: str | None = None,
     error: str | None = None,
     duration: float | None = None,
+    resolution: str | None = None,
 ) -> models.Answer:
     """A provider answer for tests, with the seed's defaults."""
     return models.Answer(
@@ -300,6 +318,7 @@ def answer(
         video_url=video_url,
         actual_duration=duration,
         error=error,
+        resolution=resolution,
     )
 
 

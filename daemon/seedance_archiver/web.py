@@ -5,40 +5,59 @@
 - ``/readyz``: the database answers, the archive storage answers, and the provider accepts the API
   key; 503 with the failing checks otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py``).
+- ``POST /callbacks/{provider}`` (only with SEEDANCE_CALLBACKS=true, for a provider that sends
+  callbacks): the task the body names becomes due now. Callbacks are not signed, so that is all one
+  can do; the poll that follows is the truth. Every callback is answered 204, a malformed or unknown
+  one too (a provider that gets errors retries), and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from seedance_archiver import errors, metrics, service, store, utils
+from seedance_archiver import errors, metrics, policy, service, store, utils
 
 log = structlog.get_logger(__name__)
 
 HEALTHY_TICK_AGE_SECONDS = 30.0
 CHECK_TIMEOUT_SECONDS = 5.0
+CALLBACK_MAX_BYTES = 64 * 1024  # a task's state is a few hundred bytes; more is not a callback
+
+# Reads the task id out of a provider's callback body; None when it is not one.
+CallbackReader = Callable[[bytes], str | None]
 
 
 class WebServer:
     """Serves the endpoints for one :class:`service.Service` on ``host:port``."""
 
-    def __init__(self, svc: service.Service, task_store: store.Store, host: str, port: int) -> None:
+    def __init__(
+        self,
+        svc: service.Service,
+        task_store: store.Store,
+        host: str,
+        port: int,
+        callback: CallbackReader | None = None,
+    ) -> None:
         self.svc = svc
         self.store = task_store
         self.host = host
         self.port = port
+        self.callback = callback
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=CALLBACK_MAX_BYTES)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        if self.callback is not None:
+            app.router.add_post(f"/callbacks/{self.svc.provider.name}", self.on_callback)
         return app
 
     async def start(self) -> None:
@@ -85,6 +104,30 @@ class WebServer:
         return web.Response(
             body=self.svc.metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE}
         )
+
+    async def on_callback(self, request: web.Request) -> web.Response:
+        """Make the row a callback names due now; 204 whatever the body (see the module doc)."""
+        assert self.callback is not None
+        outcome = "ignored"
+        try:
+            task_id = self.callback(await request.read())
+            if task_id is not None and policy.task_id_problem(task_id) is not None:
+                task_id = None  # no row can hold it; and it is not logged, whatever it is
+            if task_id is not None:
+                hastened = await self.svc.db(
+                    self.store.hasten, task_id, self.svc.clock(), self.svc.provider.name
+                )
+                outcome = "hastened" if hastened else "ignored"
+                log.info("callback_received", task_id=task_id, hastened=hastened)
+            else:
+                log.info("callback_ignored", reason="not a task's state")
+        except web.HTTPRequestEntityTooLarge:
+            log.info("callback_ignored", reason="body too large")
+        except errors.StoreError as exc:
+            # The row's own cadence still finds it; the provider need not retry.
+            log.warning("callback_not_applied", error=str(exc))
+        self.svc.metrics.callbacks.labels(outcome=outcome).inc()
+        return web.Response(status=204)
 
     @staticmethod
     async def _check(awaitable: Any) -> str:

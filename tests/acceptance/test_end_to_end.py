@@ -1,17 +1,19 @@
 """The installed CLI, fed by plain SQL, archives every completed video intact.
 
 Two set-ups, as users run them: SQLite + a local folder (the embedded default), and PostgreSQL + S3
-(moto's server over HTTP). The daemon is a subprocess; the provider is the simulator on loopback.
+(moto's server over HTTP). The daemon is a subprocess; the provider is the simulator on loopback,
+in each dialect the daemon speaks (SEEDANCE_PROVIDER): the reseller's and Ark's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import signal
 import sqlite3
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -19,7 +21,9 @@ import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import SIM_KEY, wait_for
+from tests.conftest import SIM_KEY, serving, wait_for
+
+DIALECTS = ["reseller", "ark"]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -34,16 +38,60 @@ TASKS = [
     ("video_e2e_flex_ok", "flex", "completed", 1 * MiB),
     ("video_e2e_flex_fail", "flex", "failed", 0),
 ]
-EXPECTED = {"completed": "archived", "failed": "failed", "cancelled": "cancelled"}
-SIZES = {task_id: size for task_id, _, _, size in TASKS}
+# Ark's expired (timed out before it ran) is our failed, with its reason.
+EXPECTED = {
+    "completed": "archived",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "expired": "failed",
+}
 
 
-def _plan(sim: simulator.Simulator) -> None:
-    for task_id, _mode, outcome, size in TASKS:
+# Ark only: a task that timed out in Ark's queue before it ran (its own status, expired).
+ARK_ONLY = [("video_e2e_std_expired", "standard", "expired", 0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """The scenario as one provider's dialect plays it: its ids, its tasks, what its errors read."""
+
+    name: str
+
+    def id(self, task_id: str) -> str:
+        """Ark's ids look like ``cgt-20250101…``; the reseller's like ``video_…``."""
+        return task_id.replace("video_", "cgt-20261202-") if self.name == "ark" else task_id
+
+    @property
+    def tasks(self) -> list[tuple[str, str, str, int]]:
+        tasks = TASKS + (ARK_ONLY if self.name == "ark" else [])
+        return [(self.id(task_id), mode, outcome, size) for task_id, mode, outcome, size in tasks]
+
+    @property
+    def failure(self) -> str:
+        """The failed task's error: Ark's error object reads as ``message (code)``."""
+        if self.name == "ark":
+            return "content policy violation (OutputVideoSensitiveContentDetected)"
+        return "content policy violation"
+
+
+@pytest.fixture(params=DIALECTS)
+def dialect(request: pytest.FixtureRequest) -> Dialect:
+    return Dialect(str(request.param))
+
+
+@pytest.fixture
+def dialect_sim(dialect: Dialect) -> Iterator[simulator.SimulatorThread]:
+    """The simulator, speaking the dialect under test."""
+    with serving(dialect.name) as server:
+        yield server
+
+
+def _plan(sim: simulator.Simulator, dialect: Dialect) -> None:
+    for task_id, _mode, outcome, size in dialect.tasks:
         sim.add_task(task_id, outcome=outcome, queued_seconds=0.3, ready_seconds=1.0, size=size)
     # A transient provider error and a broken download on the way: both must be retried.
-    sim.add_fault("video_e2e_std_ok", on="poll", status=503)
-    sim.add_fault("video_e2e_std_big", on="download", truncate_at=3 * MiB)
+    sim.add_fault(dialect.id("video_e2e_std_ok"), on="poll", status=503)
+    sim.add_fault(dialect.id("video_e2e_std_big"), on="download", truncate_at=3 * MiB)
 
 
 class SqliteFeeder:
@@ -82,6 +130,13 @@ class PostgresFeeder:
                     "INSERT INTO video_tasks (task_id, mode) VALUES (%s, %s)", (task_id, mode)
                 )
 
+    def insert_for(self, task_id: str, provider: str) -> None:
+        """Insert a row routed to ``provider``'s daemon (when daemons of two share the table)."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO video_tasks (task_id, provider) VALUES (%s, %s)", (task_id, provider)
+            )
+
     def rows(self) -> dict[str, dict[str, Any]]:
         with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT * FROM video_tasks")
@@ -102,22 +157,25 @@ def _run_scenario(
     sim: simulator.SimulatorThread,
     start_daemon: Callable[[dict[str, str]], Daemon],
     read_object: Callable[[str], bytes],
+    dialect: Dialect,
 ) -> Daemon:
-    _plan(sim.simulator)
+    _plan(sim.simulator, dialect)
+    env = {**env, "SEEDANCE_PROVIDER": dialect.name}
+    tasks = dialect.tasks
     cli(env, "migrate")
     # Half the rows exist before the daemon starts, half arrive while it runs.
-    first, later = TASKS[:3], TASKS[3:]
+    first, later = tasks[:3], tasks[3:]
     for task_id, mode, _, _ in first:
         feeder.insert(task_id, mode)
     daemon = start_daemon(env)
     for task_id, mode, _, _ in later:
         feeder.insert(task_id, None if mode == "standard" else mode)
-    ids = [t[0] for t in TASKS]
+    ids = [t[0] for t in tasks]
     wait_for(lambda: _all_finished(feeder, ids), timeout=90, what="every task to finish")
     assert daemon.terminate() == 0, daemon.log()[-3000:]
 
     rows = feeder.rows()
-    for task_id, _mode, outcome, size in TASKS:
+    for task_id, _mode, outcome, size in tasks:
         row = rows[task_id]
         assert row["state"] == EXPECTED[outcome], (task_id, row["state"], row["error"])
         if outcome == "completed":
@@ -126,16 +184,23 @@ def _run_scenario(
             assert row["archive_bytes"] == size
             data = read_object(row["archive_uri"])
             assert len(data) == size and hashlib.sha256(data).hexdigest() == expected_sha
+            if dialect.name == "ark":
+                assert "X-Tos-Expires=86400" in row["video_url"]  # Ark's 24 h link
         else:
             assert row["archive_uri"] is None
         assert row["lease_owner"] is None
-    assert rows["video_e2e_std_fail"]["error"] == "content policy violation"
+        assert row["provider"] == dialect.name  # stamped at intake
+    assert rows[dialect.id("video_e2e_std_fail")]["error"] == dialect.failure
+    if dialect.name == "ark":
+        expired = rows[dialect.id("video_e2e_std_expired")]
+        assert expired["error"] == "expired at the provider before it ran"
     # Every completed video was downloaded once, except the one whose first download broke.
     completed = sim.simulator.stats.downloads_completed
-    assert {k: v for k, v in completed.items()} == {t[0]: 1 for t in TASKS if t[2] == "completed"}
+    assert {k: v for k, v in completed.items()} == {t[0]: 1 for t in tasks if t[2] == "completed"}
     log = daemon.log()
     assert SIM_KEY not in log
     assert "sig=" not in log and "expires=" not in log
+    assert "X-Tos-Signature" not in log and "X-Tos-Expires" not in log
     return daemon
 
 
@@ -143,8 +208,13 @@ class TestSqliteAndFolder:
     """The embedded default: SQLite + a local folder."""
 
     def test_every_completed_video_is_archived_intact(
-        self, tmp_path: pathlib.Path, sim: simulator.SimulatorThread, start_daemon: Any
+        self,
+        tmp_path: pathlib.Path,
+        dialect_sim: simulator.SimulatorThread,
+        dialect: Dialect,
+        start_daemon: Any,
     ) -> None:
+        sim = dialect_sim
         db = tmp_path / "tasks.db"
         archive_dir = tmp_path / "archive"
         env = base_env(sim.url, f"sqlite:///{db}", f"file://{archive_dir}")
@@ -153,9 +223,9 @@ class TestSqliteAndFolder:
         def read(uri: str) -> bytes:
             return pathlib.Path(urllib.parse.urlsplit(uri).path).read_bytes()
 
-        _run_scenario(feeder, env, sim, start_daemon, read)
+        _run_scenario(feeder, env, sim, start_daemon, read, dialect)
         names = sorted(p.name for p in archive_dir.iterdir() if p.is_file())
-        assert names == sorted(f"{t[0]}.mp4" for t in TASKS if t[2] == "completed")
+        assert names == sorted(f"{t[0]}.mp4" for t in dialect.tasks if t[2] == "completed")
         assert list((archive_dir / ".incoming").iterdir()) == []
 
     def test_second_daemon_on_the_same_file_exits_with_a_clear_message(
@@ -197,9 +267,11 @@ class TestPostgresAndS3:
         pg_url: str,
         s3_client: Any,
         s3_bucket: str,
-        sim: simulator.SimulatorThread,
+        dialect_sim: simulator.SimulatorThread,
+        dialect: Dialect,
         start_daemon: Any,
     ) -> None:
+        sim = dialect_sim
         env = base_env(sim.url, pg_url, f"s3://{s3_bucket}/videos")
         feeder = PostgresFeeder(pg_url)
 
@@ -208,9 +280,9 @@ class TestPostgresAndS3:
             body = s3_client.get_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))["Body"]
             return bytes(body.read())
 
-        _run_scenario(feeder, env, sim, start_daemon, read)
+        _run_scenario(feeder, env, sim, start_daemon, read, dialect)
         listed = s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
         keys = sorted(o["Key"] for o in listed)
-        assert keys == sorted(f"videos/{t[0]}.mp4" for t in TASKS if t[2] == "completed")
+        assert keys == sorted(f"videos/{t[0]}.mp4" for t in dialect.tasks if t[2] == "completed")
         uploads = s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
         assert uploads == []

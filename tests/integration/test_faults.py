@@ -38,13 +38,13 @@ from seedance_archiver import (
     config,
     models,
     policy,
-    provider,
     ratelimit,
     scheduler,
     service,
     simulator,
     store,
 )
+from seedance_archiver.providers import reseller
 
 from tests.conftest import SIM_KEY, free_port
 from tests.integration.faultproxy import FaultProxy
@@ -448,7 +448,7 @@ class TestKeyRejected:
         for tid in self.IDS:
             sim.simulator.add_task(tid, ready_seconds=3600, size=SMALL)
         port = free_port()
-        probe = provider.KEY_CHECK_TASK_ID
+        probe = reseller.KEY_CHECK_TASK_ID
 
         def task_polls() -> int:
             return sum(sim.simulator.stats.polls[tid] for tid in self.IDS)
@@ -1199,7 +1199,7 @@ class TestHostileTaskIds:
                 row = await d.until_state(tid, "rejected", 10)
                 assert row.error is not None and row.error.startswith("invalid task id"), row.error
             await d.until_state("video_fine", "archived")
-        assert set(sim.simulator.stats.polls) - {provider.KEY_CHECK_TASK_ID} == {"video_fine"}
+        assert set(sim.simulator.stats.polls) - {reseller.KEY_CHECK_TASK_ID} == {"video_fine"}
         assert set(sim.simulator.stats.downloads_started) == {"video_fine"}
         assert_archived_intact(d, "video_fine", SMALL)
         # Nothing written outside the archive folder but the database's own files, and nothing in

@@ -8,15 +8,16 @@ import email.utils
 import socket
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp.abc
 import pytest
 from aiohttp import web
 from seedance_archiver import errors, models, provider, simulator
+from seedance_archiver.providers import ark, reseller
 
-from tests.conftest import SIM_KEY, free_port
+from tests.conftest import SIM_KEY, free_port, serving
 
 LOCAL_HTTP = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
 
@@ -701,8 +702,8 @@ class TestCheckKey:
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
         assert await client.check_key() is True
-        assert sim.simulator.stats.polls[provider.KEY_CHECK_TASK_ID] == 1
-        assert provider.KEY_CHECK_TASK_ID not in sim.simulator.tasks
+        assert sim.simulator.stats.polls[reseller.KEY_CHECK_TASK_ID] == 1
+        assert reseller.KEY_CHECK_TASK_ID not in sim.simulator.tasks
 
     async def test_a_wrong_key_is_rejected(self, sim: simulator.SimulatorThread) -> None:
         http = provider.HttpProvider(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
@@ -715,14 +716,14 @@ class TestCheckKey:
     async def test_403_is_rejected(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
-        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", status=403)
+        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=403)
         assert await client.check_key() is False
 
     @pytest.mark.parametrize("status", [500, 503, 429, 400])
     async def test_other_answers_cannot_tell(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider, status: int
     ) -> None:
-        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", status=status)
+        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=status)
         assert await client.check_key() is None
         # The fault was consumed: the next check can tell again.
         assert await client.check_key() is True
@@ -730,7 +731,7 @@ class TestCheckKey:
     async def test_a_provider_that_makes_up_tasks_cannot_tell(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
-        sim.simulator.add_task(provider.KEY_CHECK_TASK_ID)
+        sim.simulator.add_task(reseller.KEY_CHECK_TASK_ID)
         assert await client.check_key() is None
 
     async def test_a_stopped_provider_cannot_tell(self) -> None:
@@ -744,7 +745,7 @@ class TestCheckKey:
             await http.aclose()
 
     async def test_a_timeout_cannot_tell(self, sim: simulator.SimulatorThread) -> None:
-        sim.simulator.add_fault(provider.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
+        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
         http = provider.HttpProvider(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
         try:
             assert await http.check_key() is None
@@ -768,12 +769,92 @@ class TestCheckKey:
                 await http.aclose()
         assert seen == [
             (
-                f"/api/v1/result/{provider.KEY_CHECK_TASK_ID}",
+                f"/api/v1/result/{reseller.KEY_CHECK_TASK_ID}",
                 f"Bearer {SIM_KEY}",
                 "application/json",
             )
         ]
 
     def test_the_id_is_one_the_provider_never_issues(self) -> None:
-        assert not provider.KEY_CHECK_TASK_ID.startswith("video_")
-        assert urllib.parse.quote(provider.KEY_CHECK_TASK_ID, safe="") == provider.KEY_CHECK_TASK_ID
+        assert not reseller.KEY_CHECK_TASK_ID.startswith("video_")
+        assert urllib.parse.quote(reseller.KEY_CHECK_TASK_ID, safe="") == reseller.KEY_CHECK_TASK_ID
+
+
+class TestArkDialect:
+    """HttpProvider speaking Ark to the simulator's Ark dialect over real HTTP."""
+
+    @pytest.fixture
+    def ark_sim(self) -> Iterator[simulator.SimulatorThread]:
+        with serving("ark") as server:
+            yield server
+
+    @pytest.fixture
+    async def ark_client(
+        self, ark_sim: simulator.SimulatorThread
+    ) -> AsyncIterator[provider.HttpProvider]:
+        http = provider.HttpProvider(
+            ark_sim.url, SIM_KEY, url_rules=LOCAL_HTTP, dialect=ark.DIALECT
+        )
+        try:
+            yield http
+        finally:
+            await http.aclose()
+
+    async def test_a_succeeded_task_and_its_24_h_link(
+        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+    ) -> None:
+        add_completed(ark_sim, "cgt-1", size=1000, resolution="1080p")
+        answer = await ark_client.fetch("cgt-1")
+        assert (answer.status, answer.resolution, answer.actual_duration) == (
+            models.Status.COMPLETED,
+            "1080p",
+            5.0,
+        )
+        assert answer.video_url is not None and "X-Tos-Expires=86400" in answer.video_url
+        assert await download(ark_client, answer.video_url) == (1000, expected_video("cgt-1", 1000))
+        assert ark_client.name == "ark"
+
+    @pytest.mark.parametrize(
+        ("age", "outcome", "status", "error"),
+        [
+            (0.2, "completed", models.Status.QUEUED, None),
+            (1.5, "completed", models.Status.PROCESSING, None),
+            (
+                60,
+                "failed",
+                models.Status.FAILED,
+                "content policy violation (OutputVideoSensitiveContentDetected)",
+            ),
+            (60, "cancelled", models.Status.CANCELLED, None),
+            (60, "expired", models.Status.FAILED, "expired at the provider before it ran"),
+        ],
+    )
+    async def test_every_status(
+        self,
+        ark_sim: simulator.SimulatorThread,
+        ark_client: provider.HttpProvider,
+        age: float,
+        outcome: str,
+        status: models.Status,
+        error: str | None,
+    ) -> None:
+        ark_sim.simulator.add_task(
+            "cgt-2", outcome=outcome, queued_seconds=1, ready_seconds=2, created=time.time() - age
+        )
+        answer = await ark_client.fetch("cgt-2")
+        assert (answer.status, answer.error) == (status, error)
+
+    async def test_an_unknown_task_is_not_found(self, ark_client: provider.HttpProvider) -> None:
+        with pytest.raises(errors.TaskNotFound):
+            await ark_client.fetch("cgt-unknown")
+
+    async def test_the_key_check(self, ark_sim: simulator.SimulatorThread) -> None:
+        for key, verdict in ((SIM_KEY, True), ("wrong-key", False)):
+            http = provider.HttpProvider(
+                ark_sim.url, key, url_rules=LOCAL_HTTP, dialect=ark.DIALECT
+            )
+            try:
+                assert await http.check_key() is verdict
+            finally:
+                await http.aclose()
+        assert ark_sim.simulator.stats.polls[ark.KEY_CHECK_TASK_ID] == 2

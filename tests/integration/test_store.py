@@ -309,6 +309,63 @@ class TestClaim:
             assert ids(taken) == {"video_abc"}
 
 
+class TestProviderColumn:
+    """A daemon claims only rows unstamped or stamped with its provider; a callback hastens one."""
+
+    def test_the_claim_leaves_another_providers_rows_alone(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        past = now - dt.timedelta(minutes=5)
+        insert(engine, "cgt-ours", state="polling", next_attempt_at=past, provider="ark")
+        insert(engine, "cgt-new", next_attempt_at=past)
+        insert(engine, "video_theirs", state="polling", next_attempt_at=past, provider="reseller")
+
+        claimed = sql_store.claim_due("daemon-ark", now, LEASE_S, 100, provider_name="ark")
+
+        assert ids(claimed) == {"cgt-ours", "cgt-new"}
+        theirs = sql_store.get("video_theirs")
+        assert theirs is not None and theirs.lease_owner is None
+        assert ids(sql_store.claim_due("daemon-r", now, LEASE_S, 100, None, "reseller")) == {
+            "video_theirs"
+        }
+
+    def test_the_stamp_is_written_back_and_read(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        insert(engine, "cgt-1", next_attempt_at=now - dt.timedelta(seconds=1))
+        (row,) = sql_store.claim_due("daemon-ark", now, LEASE_S, 10, provider_name="ark")
+        assert row.provider is None
+        assert sql_store.save([row.replace(provider="ark", state="polling")], "daemon-ark") == 1
+        saved = sql_store.get("cgt-1")
+        assert saved is not None and saved.provider == "ark"
+        later = now + dt.timedelta(minutes=10)
+        assert sql_store.claim_due("daemon-r", later, LEASE_S, 10, provider_name="reseller") == []
+
+    def test_hasten_makes_a_waiting_row_due_now(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        later = now + dt.timedelta(minutes=1)
+        insert(engine, "cgt-wait", state="polling", next_attempt_at=later, provider="ark")
+        insert(engine, "cgt-done", state="archived", next_attempt_at=later)
+        insert(engine, "video_r", state="polling", next_attempt_at=later, provider="reseller")
+        insert(
+            engine,
+            "cgt-leased",
+            state="polling",
+            next_attempt_at=later,
+            lease_owner="someone",
+            lease_expires_at=later,
+        )
+        assert sql_store.hasten("cgt-wait", now, "ark") is True
+        for task_id in ("cgt-done", "video_r", "cgt-leased", "cgt-unknown"):
+            assert sql_store.hasten(task_id, now, "ark") is False, task_id
+        assert sql_store.hasten("cgt-wait", now, "ark") is False  # due already
+        assert ids(sql_store.claim_due("d", now, LEASE_S, 10, provider_name="ark")) == {"cgt-wait"}
+
+
 class TestLeases:
     """save, renew and release act only on the leases their owner holds."""
 

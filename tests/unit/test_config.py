@@ -478,3 +478,48 @@ class TestCommandLine:
         assert len(captured.err.splitlines()) == 1
         assert "SEEDANCE_API_KEY" in captured.err
         assert "bad key with spaces" not in captured.err + captured.out
+
+
+class TestProvider:
+    """SEEDANCE_PROVIDER picks the API, its default base URL, and whether callbacks can be served."""
+
+    def test_the_reseller_is_the_default(self) -> None:
+        settings = config.load()
+        assert settings.provider == "reseller"
+        assert settings.callbacks is False
+        assert settings.public_summary()["provider"] == "reseller"
+
+    def test_ark_has_its_own_default_base_url(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_PROVIDER", "ark")
+        assert config.load().api_base_url == "https://ark.cn-beijing.volces.com"
+
+    @pytest.mark.parametrize("provider", ["reseller", "ark"])
+    def test_a_base_url_set_wins(self, monkeypatch: pytest.MonkeyPatch, provider: str) -> None:
+        monkeypatch.setenv("SEEDANCE_PROVIDER", provider)
+        monkeypatch.setenv("SEEDANCE_API_BASE_URL", "https://ark.ap-southeast.bytepluses.com/")
+        assert config.load().api_base_url == "https://ark.ap-southeast.bytepluses.com"
+
+    def test_an_unknown_provider_is_refused(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_PROVIDER", "openai")
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_PROVIDER") as caught:
+            config.load()
+        assert "openai" not in str(caught.value)
+
+    def test_callbacks_need_a_provider_that_sends_them(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
+        with pytest.raises(errors.ConfigError, match="only ark sends callbacks"):
+            config.load()
+
+    def test_callbacks_need_the_http_port(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_PROVIDER", "ark")
+        monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
+        monkeypatch.setenv("SEEDANCE_HTTP_PORT", "0")
+        with pytest.raises(errors.ConfigError, match="SEEDANCE_HTTP_PORT"):
+            config.load()
+
+    def test_ark_with_callbacks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SEEDANCE_PROVIDER", "ark")
+        monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
+        assert config.load().callbacks is True

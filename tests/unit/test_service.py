@@ -812,3 +812,78 @@ class TestDownloadDeadline:
             )
             == 1
         )
+
+
+class TestProviderStamp:
+    """A row remembers the provider that first answered for it; other providers leave it alone."""
+
+    async def test_the_first_answer_stamps_the_row(self) -> None:
+        rig = make_rig(fake_provider=testing.FakeProvider("ark"))
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
+        await rig.cycle()
+        assert rig.row().provider == "ark"
+
+    async def test_an_unanswered_poll_leaves_it_unstamped(self, rig: Rig) -> None:
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, errors.ProviderUnavailable("the provider answered HTTP 503"))
+        await rig.cycle()
+        assert rig.row().provider is None and rig.row().polls == 1
+
+    async def test_a_row_stamped_for_another_provider_is_never_claimed(self) -> None:
+        """The setting changed from reseller to ark: the reseller's rows never reach Ark's API."""
+        rig = make_rig(fake_provider=testing.FakeProvider("ark"))
+        rig.store.add(TASK_ID)
+        rig.store.rows[TASK_ID] = rig.row().replace(provider="reseller")
+        rig.provider.script(TASK_ID, completed())
+        assert await rig.at(3600) == 0
+        assert rig.provider.fetches == []
+        assert rig.row().state == State.PENDING and rig.row().lease_owner is None
+
+    async def test_its_own_and_unstamped_rows_are_claimed(self) -> None:
+        rig = make_rig(fake_provider=testing.FakeProvider("ark"))
+        for task_id, stamp in (("cgt-1", "ark"), ("cgt-2", None), ("video_3", "reseller")):
+            rig.store.add(task_id)
+            rig.store.rows[task_id] = rig.row(task_id).replace(provider=stamp)
+            rig.provider.script(task_id, answer(task_id, "queued"))
+        assert await rig.cycle() == 2
+        assert sorted(rig.provider.fetches) == ["cgt-1", "cgt-2"]
+        assert rig.row("cgt-2").provider == "ark"
+        assert rig.row("video_3").provider == "reseller" and rig.row("video_3").polls == 0
+
+
+class TestHasten:
+    """A callback makes an active row of this provider due now, and nothing else."""
+
+    def test_a_waiting_row_becomes_due(self) -> None:
+        store = testing.FakeStore(
+            [models.Task("cgt-1", state="polling", next_attempt_at=EPOCH + seconds(60))]
+        )
+        assert store.hasten("cgt-1", EPOCH, "ark") is True
+        assert store.rows["cgt-1"].next_attempt_at == EPOCH
+
+    @pytest.mark.parametrize(
+        "task",
+        [
+            models.Task("cgt-1", state="archived", next_attempt_at=EPOCH + seconds(60)),
+            models.Task(
+                "cgt-1", state="polling", next_attempt_at=EPOCH + seconds(60), provider="reseller"
+            ),
+            models.Task("cgt-1", state="polling", next_attempt_at=EPOCH),
+            models.Task(
+                "cgt-1",
+                state="polling",
+                next_attempt_at=EPOCH + seconds(60),
+                lease_owner="other",
+                lease_expires_at=EPOCH + seconds(30),
+            ),
+        ],
+        ids=["finished", "another provider's", "due already", "leased"],
+    )
+    def test_other_rows_are_left_alone(self, task: models.Task) -> None:
+        store = testing.FakeStore([task])
+        assert store.hasten("cgt-1", EPOCH, "ark") is False
+        assert store.rows["cgt-1"] == task
+
+    def test_an_unknown_row(self) -> None:
+        assert testing.FakeStore().hasten("cgt-1", EPOCH, "ark") is False
