@@ -120,5 +120,5 @@ def test_the_store_protocol_covers_what_the_daemon_and_cli_call() -> None:
             ):
                 called.add(node.attr)
     called -= {"Store", "SqlStore", "Listener", "SqliteLock", "RetryOutcome", "Summary"}
-    called -= {"DaemonBeat", "from_url", "AT_RISK"}
+    called -= {"DaemonBeat", "from_url", "AT_RISK", "LOAD_WINDOW"}
     assert called and called <= _members(store.Store), called - _members(store.Store)
