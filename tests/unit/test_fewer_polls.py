@@ -12,8 +12,10 @@ import itertools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import config, models, policy, testing
+from seedance_archiver import config, models, policy, testing, views
 from seedance_archiver.models import State
+
+from tests.unit import test_service
 
 NOW = testing.EPOCH
 MODES = [m.value for m in models.Mode]
@@ -383,3 +385,80 @@ class TestCadenceProperty:
         floor = rules.cadence(mode).low
         gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(polls)]
         assert min(gaps) >= floor - 1e-6
+
+
+class TestService:
+    """The service wires the policies: skip on real polls, a learn job, starving rows claimed."""
+
+    def rig(self, rules: policy.Rules = RULES) -> test_service.Rig:
+        rig = test_service.make_rig()
+        rig.svc.rules = rules
+        return rig
+
+    async def test_no_poll_before_the_video_can_be_ready(self) -> None:
+        rig = self.rig()
+        rig.store.add("video_a")
+        rig.provider.script("video_a", answer(created=NOW), answer("completed", created=NOW))
+        assert await rig.cycle() == 1  # the intake poll, at once
+        for _ in range(3):
+            assert await rig.at(30) == 0  # standard cadence would poll at 30, 60, 90
+        assert await rig.at(30) == 1  # created + 120 s (720p)
+        assert rig.provider.fetches == ["video_a", "video_a"]
+
+    async def test_the_learn_job_reads_the_table_and_changes_the_skip(self) -> None:
+        rig = self.rig()
+        created = NOW - seconds(3600)
+        for i in range(60):
+            rig.store.rows[f"done{i}"] = models.Task(
+                task_id=f"done{i}",
+                state="archived",
+                model=MODEL_720,
+                provider_created_at=created,
+                completed_at=created + seconds(150 + i),
+            )
+        learned = await rig.svc.learn()
+        assert learned[MODEL_720].skip_seconds == pytest.approx(152.95)
+        assert policy.skip_seconds(answer(), rig.svc.rules) == pytest.approx(152.95)
+
+    async def test_starving_rows_get_a_share_once_claims_come_back_full(self) -> None:
+        rig = self.rig()
+        for i in range(10):
+            rig.store.rows[f"near{i}"] = task(
+                "standard", next_attempt_at=NOW - seconds(1), expires_at=NOW + seconds(100 + i)
+            ).replace(task_id=f"near{i}", state="polling")
+        rig.store.rows["starving"] = task(
+            "standard", next_attempt_at=NOW - seconds(600), expires_at=NOW + seconds(80_000)
+        ).replace(task_id="starving", state="polling")
+        first = await rig.svc._claim(NOW, 4)
+        assert "starving" not in {t.task_id for t in first}  # nearest deadline first
+        second = await rig.svc._claim(NOW, 4)
+        assert second[0].task_id == "starving"
+
+    async def test_the_polling_load_gauge(self) -> None:
+        rig = self.rig()
+        for i in range(120):
+            rig.store.add(f"video_{i}")
+        await rig.svc.refresh_gauges()
+        ratio = rig.svc.metrics.polling_load.collect()[0].samples[0].value
+        assert ratio == pytest.approx(120 / 60 / rig.svc.limiter.max_rate)
+
+
+class TestStatus:
+    """``status`` shows per model the sample count, the quantiles and the skip in use."""
+
+    def test_summary_lists_each_model(self) -> None:
+        times = {MODEL_720: [150.0 + i for i in range(100)], "mystery": [40.0]}
+        generation = policy.model_times(times, RULES)
+        summary = testing.FakeStore().summary(NOW)
+        text = views.summary(summary, [], NOW, generation)
+        lines = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+        assert lines[MODEL_720][1:] == ["100", "155", "200", "244", "155", "(learned)"]
+        assert lines["mystery"][1:] == ["1", "40", "40", "40", "none"]
+        data = views.summary_dict(summary, [], NOW, generation)
+        assert data["generation_times"][0]["model"] == "mystery"
+        assert data["generation_times"][1]["samples"] == 100
+
+    def test_the_seed_number_is_shown_until_learned(self) -> None:
+        generation = policy.model_times({MODEL_1080: [200.0] * 3}, RULES)
+        text = views.generation_table(generation)
+        assert text.splitlines()[-1].split()[-2:] == ["180", "(settings)"]
