@@ -72,6 +72,8 @@ class Settings(pydantic_settings.BaseSettings):
     # percentile instead of the seed's shortest time; 0 never learns.
     learn_min_samples: int = pydantic.Field(default=50, ge=0, le=100_000)
     learn_quantile: float = pydantic.Field(default=5.0, ge=0, le=50)
+    # Tasks with a skip (known resolution) wait from the top of their cadence range after it.
+    patient_polling: bool = True
     max_requests_per_second: float = pydantic.Field(default=20.0, gt=0)
     allowed_video_url_schemes: Annotated[
         frozenset[str], pydantic_settings.NoDecode, pydantic.BeforeValidator(_split_schemes)

@@ -42,6 +42,8 @@ TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 LEARN_MIN_SAMPLES = 50
 LEARN_QUANTILE = 5.0  # percent: the skip is this low quantile of the observed times
 LEARN_WINDOW = 500  # the most recent completions per model that count
+# Patient polling draws a task's waits from [this x the cadence's high bound, high] (jitter kept).
+PATIENT_FRACTION = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Rules:
     learned: Mapping[str, Learned] = dataclasses.field(default_factory=dict)
     learn_min_samples: int = LEARN_MIN_SAMPLES
     learn_quantile: float = LEARN_QUANTILE
+    patient: bool = False  # tasks with a skip wait near the top of their cadence range
 
     @classmethod
     def from_settings(cls, settings: config.Settings) -> Rules:
@@ -79,6 +82,7 @@ class Rules:
             generation_times=settings.generation_times(),
             learn_min_samples=settings.learn_min_samples,
             learn_quantile=settings.learn_quantile,
+            patient=settings.patient_polling,
         )
 
     def cadence(self, mode: str) -> models.Cadence:
@@ -192,11 +196,18 @@ def not_before_ready(
 ) -> dt.datetime:
     """The next poll of a queued or processing ``task``: its cadence, but not before its video can
     possibly be ready (created + :func:`skip_seconds` of ``source``, the answer or the task).
-    Never sooner than the cadence allows."""
-    at = next_poll_at(task, polled_at, rules, draw)
+    Never sooner than the cadence allows.
+
+    With ``rules.patient`` the wait is drawn from the top of the cadence range,
+    [max(low, PATIENT_FRACTION x high), high]: a video found up to one longest interval late is
+    what the plain draw allows anyway, and each longer wait is a poll saved.
+    """
     skip = skip_seconds(source, rules)
     if skip is None or task.provider_created_at is None:
-        return at
+        return next_poll_at(task, polled_at, rules, draw)
+    cadence = rules.cadence(task.mode)
+    low = max(cadence.low, PATIENT_FRACTION * cadence.high) if rules.patient else cadence.low
+    at = polled_at + dt.timedelta(seconds=draw(low, cadence.high))
     return max(at, task.provider_created_at + dt.timedelta(seconds=skip))
 
 

@@ -20,7 +20,8 @@ from tests.unit import test_service
 NOW = testing.EPOCH
 MODES = [m.value for m in models.Mode]
 PLAIN = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
-RULES = policy.Rules.from_settings(config.Settings())
+DEFAULTS = policy.Rules.from_settings(config.Settings())
+RULES = dataclasses.replace(DEFAULTS, patient=False)  # the skip alone, cadence draws as before
 MODEL_480 = "seedance_1_5_pro_480p"
 MODEL_720 = "seedance_1_5_pro_720p"
 MODEL_1080 = "seedance_1_5_pro_1080p"
@@ -144,6 +145,30 @@ class TestSkip:
         reply = answer(model=None, created=NOW)
         after = policy.on_answer(task(model=MODEL_1080), reply, NOW, RULES, testing.low_draw)
         assert after.next_attempt_at == NOW + seconds(180)
+
+
+class TestPatient:
+    """With a skip in force, waits come from the top of the cadence range (the default)."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_waits_are_drawn_near_the_longest_interval(self, mode: str) -> None:
+        assert DEFAULTS.patient is True
+        cadence = DEFAULTS.cadence(mode)
+        created = NOW - seconds(1000)  # past every skip
+        for draw, expected in (
+            (testing.low_draw, 0.9 * cadence.high),
+            (testing.high_draw, cadence.high),
+        ):
+            after = policy.on_answer(task(mode), answer(created=created), NOW, DEFAULTS, draw)
+            assert after.next_attempt_at == NOW + seconds(max(cadence.low, expected))
+
+    def test_unknown_resolution_keeps_the_plain_draw(self) -> None:
+        reply = answer(model="mystery", created=NOW)
+        after = policy.on_answer(task(), reply, NOW, DEFAULTS, testing.low_draw)
+        assert after.next_attempt_at == NOW + seconds(30)
+
+    def test_it_is_a_setting(self) -> None:
+        assert policy.Rules.from_settings(config.load(patient_polling=False)).patient is False
 
 
 class TestSettings:
@@ -359,9 +384,9 @@ class TestCadenceProperty:
         def draw(low: float, high: float) -> float:
             return low + (high - low) * fraction
 
-        rules = RULES
+        rules = DEFAULTS if fraction > 0.5 else RULES
         if learned is not None and model:
-            rules = dataclasses.replace(RULES, learned={model: policy.Learned(learned, learned)})
+            rules = dataclasses.replace(rules, learned={model: policy.Learned(learned, learned)})
         clock = testing.MovableClock()
         created = NOW - seconds(created_ago)
         row = task(mode)
