@@ -9,6 +9,8 @@
   a malformed body, a delay, a dropped connection, a redirect, and for downloads a truncated,
   mis-sized or throttled body.
 - ``POST /_sim/tasks``, ``POST /_sim/faults``, ``GET /_sim/stats``: control and counters for tests.
+- ``rate_limit``: the provider's own limit on polls per second; beyond it a poll gets 429 with
+  ``Retry-After: 1`` (counted in the stats), as the seed warns it does.
 
 Run it alone with ``python -m seedance_archiver.simulator --port 8080``: tests and ``demo`` start it
 with :class:`SimulatorThread`.
@@ -105,6 +107,7 @@ class Stats:
         default_factory=collections.Counter
     )
     unauthorized: int = 0
+    rate_limited: int = 0
 
 
 class Simulator:
@@ -118,6 +121,7 @@ class Simulator:
         link_ttl_seconds: float = DEFAULT_LINK_TTL_SECONDS,
         auto: dict[str, Any] | None = None,
         record_poll_times: bool = True,
+        rate_limit: float | None = None,
     ) -> None:
         self.api_key = api_key
         self.retention_seconds = retention_seconds
@@ -125,6 +129,10 @@ class Simulator:
         # With ``auto``, an unknown id is created on first sight with these SimTask fields.
         self.auto = auto
         self.record_poll_times = record_poll_times
+        # The provider's own limit on polls (a token bucket, one second of burst): beyond it, 429.
+        self.rate_limit = rate_limit
+        self._tokens = rate_limit or 0.0
+        self._tokens_at = time.monotonic()
         self.tasks: dict[str, SimTask] = {}
         self.faults: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
             collections.deque
@@ -231,6 +239,9 @@ class Simulator:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.stats.unauthorized += 1
             return web.json_response({"error": "invalid api key"}, status=401)
+        if not self._take_token():
+            self.stats.rate_limited += 1
+            return web.Response(status=429, headers={"Retry-After": "1"}, text="rate limited")
         faulty = await self._apply_fault(self._take_fault(task_id, "poll"), request)
         if faulty is not None:
             return faulty
@@ -253,6 +264,20 @@ class Simulator:
         elif status == "failed":
             body["error"] = task.error
         return web.json_response(body)
+
+    def _take_token(self) -> bool:
+        """Whether a poll fits the simulated provider's rate limit (always, without one)."""
+        if self.rate_limit is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(
+            self.rate_limit, self._tokens + (now - self._tokens_at) * self.rate_limit
+        )
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -319,6 +344,7 @@ class Simulator:
                 "downloads_started": dict(self.stats.downloads_started),
                 "downloads_completed": dict(self.stats.downloads_completed),
                 "unauthorized": self.stats.unauthorized,
+                "rate_limited": self.stats.rate_limited,
             }
         )
 
@@ -379,11 +405,15 @@ def main(argv: list[str] | None = None) -> None:
         help="JSON SimTask fields for unknown ids, e.g. '{\"ready_seconds\": 5}'; off by default",
     )
     parser.add_argument("--no-poll-times", action="store_true", help="do not record poll times")
+    parser.add_argument(
+        "--rate-limit", type=float, default=None, help="answer 429 to polls beyond this many per s"
+    )
     args = parser.parse_args(argv)
     simulator = Simulator(
         args.api_key,
         auto=json.loads(args.auto) if args.auto else None,
         record_poll_times=not args.no_poll_times,
+        rate_limit=args.rate_limit,
     )
     simulator.base_url = f"http://{args.host}:{args.port}"
     web.run_app(simulator.app(), host=args.host, port=args.port, access_log=None, print=None)
