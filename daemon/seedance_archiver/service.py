@@ -185,8 +185,11 @@ class Service:
             self._to_release.update(row.task_id for row in rows)
             return 0
         started = 0
-        # The order the polls take the limiter's slots in: what saves a video or a wait first.
-        for row in policy.budget_order(rows, now, self.rules):
+        if self._claims_full:
+            # The budget is tight: the polls take the limiter's slots in the order that saves a
+            # video or a wait first.
+            rows = policy.budget_order(rows, now, self.rules)
+        for row in rows:
             if row.task_id in self._running:
                 continue  # our own lease ran out and we re-claimed it: one worker is enough
             self._lost.discard(row.task_id)
