@@ -227,6 +227,13 @@ class VideoTask(Base):
             postgresql_where=sa.text(ACTIVE_SQL),
         ),
         sa.Index("ix_video_tasks_state", "state"),
+        # The learn job's recent completions (migration 0007).
+        sa.Index(
+            "ix_video_tasks_completed",
+            "completed_at",
+            sqlite_where=sa.text("completed_at IS NOT NULL"),
+            postgresql_where=sa.text("completed_at IS NOT NULL"),
+        ),
     )
 
 
