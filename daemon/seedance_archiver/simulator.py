@@ -129,9 +129,11 @@ class Simulator:
         # With ``auto``, an unknown id is created on first sight with these SimTask fields.
         self.auto = auto
         self.record_poll_times = record_poll_times
-        # The provider's own limit on polls (a token bucket, one second of burst): beyond it, 429.
+        # The provider's own limit on polls (a token bucket holding one second's worth, and at
+        # least one poll): beyond it, 429.
         self.rate_limit = rate_limit
-        self._tokens = rate_limit or 0.0
+        self._burst = max(1.0, rate_limit or 0.0)
+        self._tokens = self._burst
         self._tokens_at = time.monotonic()
         self.tasks: dict[str, SimTask] = {}
         self.faults: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
@@ -270,9 +272,7 @@ class Simulator:
         if self.rate_limit is None:
             return True
         now = time.monotonic()
-        self._tokens = min(
-            self.rate_limit, self._tokens + (now - self._tokens_at) * self.rate_limit
-        )
+        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.rate_limit)
         self._tokens_at = now
         if self._tokens < 1:
             return False
