@@ -376,7 +376,8 @@ def on_answer(
     else:
         # Queued or processing: no poll before the video can possibly be ready.
         known = task.replace(model=changes["model"], provider_created_at=created)
-        source = answer if answer.model else known
+        stated = answer.model or getattr(answer, "resolution", None)
+        source = answer if stated else known
         changes["next_attempt_at"] = not_before_ready(known, source, now, rules, draw)
     return task.replace(**changes)
 

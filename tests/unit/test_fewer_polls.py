@@ -76,6 +76,20 @@ class TestResolution:
         assert policy.resolution(WithResolution(MODEL_480, None)) == "480p"  # type: ignore[arg-type]
 
 
+class TestResolutionFromTheAnswer:
+    """A resolution the answer states (a second provider's field) feeds the skip, model or not."""
+
+    def test_a_stated_resolution_without_a_model(self) -> None:
+        @dataclasses.dataclass(frozen=True)
+        class ResolvedAnswer(models.Answer):
+            resolution: str | None = None
+
+        base = answer(model=None, created=NOW)
+        reply = ResolvedAnswer(**dataclasses.asdict(base), resolution="1080p")
+        after = policy.on_answer(task(), reply, NOW, RULES, testing.low_draw)
+        assert after.next_attempt_at == NOW + seconds(180)
+
+
 class TestSkip:
     """While queued or processing, the next poll is not before created + the shortest time."""
 
