@@ -211,6 +211,15 @@ def not_before_ready(
     return max(at, task.provider_created_at + dt.timedelta(seconds=skip))
 
 
+def _seconds_until_ready(task: models.Task, now: dt.datetime, rules: Rules) -> float:
+    """Seconds from ``now`` until created + the skip (0 without a skip or once it is past)."""
+    skip = skip_seconds(task, rules)
+    if skip is None or task.provider_created_at is None:
+        return 0.0
+    ready = task.provider_created_at + dt.timedelta(seconds=skip)
+    return max(0.0, (ready - now).total_seconds())
+
+
 # --- learning the generation times from what the daemon saw ----------------------------------
 
 
@@ -395,6 +404,9 @@ def on_poll_error(
     floor = rules.cadence(task.mode).low
     wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
     wait = max(at_least_seconds, before_deadline(task, wait, floor, now))
+    if task.provider_status in (models.Status.QUEUED, models.Status.PROCESSING):
+        # A retry is a poll too: not before the video can be ready (the skip).
+        wait = max(wait, _seconds_until_ready(task, now, rules))
     return task.replace(
         state=State.POLLING.value,
         attempts=attempts,

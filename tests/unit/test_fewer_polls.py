@@ -155,6 +155,14 @@ class TestSkip:
         after = policy.on_answer(task(), reply, NOW, RULES, testing.low_draw)
         assert after.next_attempt_at == NOW
 
+    def test_a_retry_after_an_error_also_waits_for_the_skip(self) -> None:
+        known = task(model=MODEL_720, provider_status="processing", provider_created_at=NOW)
+        after = policy.on_poll_error(known, "timeout", NOW, RULES, testing.low_draw)
+        assert after.next_attempt_at == NOW + seconds(120)
+        unseen = task(model=MODEL_720, provider_created_at=NOW)  # never answered: plain backoff
+        after = policy.on_poll_error(unseen, "timeout", NOW, RULES, testing.low_draw)
+        assert after.next_attempt_at == NOW + seconds(30)
+
     def test_the_model_comes_from_the_task_when_the_answer_has_none(self) -> None:
         reply = answer(model=None, created=NOW)
         after = policy.on_answer(task(model=MODEL_1080), reply, NOW, RULES, testing.low_draw)
