@@ -50,8 +50,12 @@ def wait_for_port(port: int, timeout_seconds: float = PORT_WAIT_SECONDS) -> None
 
 
 @contextlib.contextmanager
-def simulator(auto: str = NEVER_READY, api_key: str = API_KEY) -> Iterator[tuple[str, int]]:
-    """Run ``python -m seedance_archiver.simulator`` in its own process (its CPU is not ours)."""
+def simulator(
+    auto: str = NEVER_READY, api_key: str = API_KEY, rate_limit: float | None = None
+) -> Iterator[tuple[str, int]]:
+    """Run ``python -m seedance_archiver.simulator`` in its own process (its CPU is not ours);
+    ``rate_limit`` makes it answer 429 beyond that many polls per second."""
+    limit = [] if rate_limit is None else ["--rate-limit", str(rate_limit)]
     port = free_port()
     log_path = pathlib.Path(tempfile.gettempdir()) / f"bench-simulator-{port}.log"
     with log_path.open("wb") as log_file:
@@ -69,6 +73,7 @@ def simulator(auto: str = NEVER_READY, api_key: str = API_KEY) -> Iterator[tuple
                 "--auto",
                 auto,
                 "--no-poll-times",
+                *limit,
             ],
             stdout=subprocess.DEVNULL,
             stderr=log_file,

@@ -155,6 +155,36 @@ def capture_claim(sql_store: store.SqlStore, at: dt.datetime) -> tuple[str, Any]
     raise RuntimeError("claim_due ran no UPDATE statement")
 
 
+def generation_times(sql_store: store.SqlStore, dsn: str, now: dt.datetime) -> None:
+    """Time the learn job's ``SqlStore.generation_times`` and EXPLAIN its statement (issue 12)."""
+    captured: list[tuple[str, Any]] = []
+
+    def listener(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _ctx: Any, _many: bool
+    ) -> None:
+        if "row_number" in statement:
+            captured.append((statement, parameters))
+
+    since = now - dt.timedelta(days=1)
+    sa.event.listen(sql_store.engine, "before_cursor_execute", listener)
+    times = []
+    try:
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            found = sql_store.generation_times(since, 500)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        sa.event.remove(sql_store.engine, "before_cursor_execute", listener)
+    print()
+    print(f"## SqlStore.generation_times(since=now - 1 day, per_model=500): {REPEATS} calls")
+    print("ms per call:", ", ".join(f"{t:.0f}" for t in times))
+    print("samples per model:", {model: len(v) for model, v in found.items()})
+    statement, parameters = captured[0]
+    print("```")
+    print(explain(dsn, statement, parameters, generic=False))
+    print("```")
+
+
 def explain(dsn: str, statement: str, parameters: dict[str, Any], generic: bool) -> str:
     """EXPLAIN (ANALYZE, BUFFERS) of ``statement`` in a transaction that is rolled back.
 
@@ -277,6 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         default=["baseline"],
         help="apply this candidate change after loading (baseline: the migrated schema as is)",
     )
+    parser.add_argument(
+        "--generation-times",
+        action="store_true",
+        help="instead of the claim: time and explain the learn job's query (SqlStore.generation_times)",
+    )
     args = parser.parse_args(argv)
 
     with common.database("bench_explain") as (name, url):
@@ -315,6 +350,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# table with indexes: {size[0]}; ix_video_tasks_due: {size[1]}")
 
         sql_store = store.SqlStore.from_url(url)
+        if args.generation_times:
+            try:
+                generation_times(sql_store, dsn, loaded_at[0])
+            finally:
+                sql_store.close()
+            return
         try:
             for offset in args.at:
                 at = loaded_at[0] + dt.timedelta(seconds=offset)

@@ -278,6 +278,7 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
         allow_private_video_hosts=True,
         log_format="json",
         shutdown_grace_seconds=5,
+        **config.SKIP_OFF,  # the steady cadence load this benchmark is about
     )
     captured: list[service.Service] = []
     original_build = scheduler.build_service

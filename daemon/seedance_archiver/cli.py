@@ -116,7 +116,7 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"{PROG}: {'added' if added else 'already tracked'}: {args.task_id}")
             return 0
         if command == "status":
-            return _status(sql_store, args)
+            return _status(sql_store, args, policy.Rules.from_settings(settings))
         if command == "check":
             return _check(sql_store)
         if command == "list":
@@ -149,7 +149,7 @@ def _check_processes(processes: int, settings: config.Settings) -> None:
         )
 
 
-def _status(sql_store: store.Store, args: argparse.Namespace) -> int:
+def _status(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
     if args.task_id:
         task = sql_store.get(args.task_id)
         if task is None:
@@ -164,10 +164,12 @@ def _status(sql_store: store.Store, args: argparse.Namespace) -> int:
     now = utils.utcnow()
     summary = sql_store.summary(now)
     daemons = sql_store.daemons()
+    times = sql_store.generation_times(now - rules.retention, policy.LEARN_WINDOW)
+    generation = policy.model_times(times, rules)
     if args.json:
-        print(views.to_json(views.summary_dict(summary, daemons, now)))
+        print(views.to_json(views.summary_dict(summary, daemons, now, generation)))
     else:
-        print(views.summary(summary, daemons, now))
+        print(views.summary(summary, daemons, now, generation))
     return 0
 
 

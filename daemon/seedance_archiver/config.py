@@ -39,6 +39,15 @@ CadenceSetting = Annotated[
     models.Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(models.Cadence.parse)
 ]
 
+GenerationTimeSetting = Annotated[
+    models.GenerationTime | None,
+    pydantic_settings.NoDecode,
+    pydantic.BeforeValidator(models.GenerationTime.parse),
+]
+# Overrides that turn the skip off: for runs whose cadences are scaled down while the simulator's
+# tasks take seconds, not the seed's minutes (the demo, tests and benchmarks).
+SKIP_OFF: dict[str, str] = {f"expected_seconds_{r}": "off" for r in models.SEED_GENERATION_TIMES}
+
 
 def _split_schemes(value: object) -> object:
     if isinstance(value, str):
@@ -66,6 +75,17 @@ class Settings(pydantic_settings.BaseSettings):
     poll_standard: CadenceSetting = models.Cadence(30, 60)
     poll_flex: CadenceSetting = models.Cadence(60, 120)
     retention_seconds: int = pydantic.Field(default=86_400, gt=0)
+    # How long the provider takes per resolution (the seed's numbers); no poll of a queued or
+    # processing task before created + the shortest. "off" polls that resolution on the cadence.
+    expected_seconds_480p: GenerationTimeSetting = models.SEED_GENERATION_TIMES["480p"]
+    expected_seconds_720p: GenerationTimeSetting = models.SEED_GENERATION_TIMES["720p"]
+    expected_seconds_1080p: GenerationTimeSetting = models.SEED_GENERATION_TIMES["1080p"]
+    # Once a model has this many observed generation times, its skip is their learn_quantile-th
+    # percentile instead of the seed's shortest time; 0 never learns.
+    learn_min_samples: int = pydantic.Field(default=50, ge=0, le=100_000)
+    learn_quantile: float = pydantic.Field(default=5.0, ge=0, le=50)
+    # Tasks with a skip (known resolution) wait from the top of their cadence range after it.
+    patient_polling: bool = True
     max_requests_per_second: float = pydantic.Field(default=20.0, gt=0)
     allowed_video_url_schemes: Annotated[
         frozenset[str], pydantic_settings.NoDecode, pydantic.BeforeValidator(_split_schemes)
@@ -159,6 +179,15 @@ class Settings(pydantic_settings.BaseSettings):
         """The polling cadence of each mode."""
         return {"draft": self.poll_draft, "standard": self.poll_standard, "flex": self.poll_flex}
 
+    def generation_times(self) -> dict[str, models.GenerationTime]:
+        """The expected generation time of each resolution whose skip is on."""
+        ranges = {
+            "480p": self.expected_seconds_480p,
+            "720p": self.expected_seconds_720p,
+            "1080p": self.expected_seconds_1080p,
+        }
+        return {res: r for res, r in ranges.items() if r is not None}
+
     def check_api_transport(self) -> None:
         """Raise ConfigError if the key would travel in clear: http:// to a host that is not loopback.
 
@@ -223,6 +252,7 @@ class Settings(pydantic_settings.BaseSettings):
             "database_url": db,
             "archive_url": self.archive_url,
             "poll": {mode: str(c) for mode, c in self.cadences().items()},
+            "expected_seconds": {res: str(r) for res, r in self.generation_times().items()},
             "max_requests_per_second": self.max_requests_per_second,
         }
 

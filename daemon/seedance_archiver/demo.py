@@ -67,6 +67,7 @@ def run(out: Callable[[str], None] = print) -> int:
             allow_private_video_hosts=True,
             http_port=0,
             shutdown_grace_seconds=5,
+            **config.SKIP_OFF,  # its tasks take seconds: the seed's skips would idle it
         )
         out(
             f"demo: simulator on {server.url}; database {settings.public_summary()['database_url']}"

@@ -102,6 +102,12 @@ class Metrics:
             "The current cap on provider requests per second (lowered after 429s).",
             registry=r,
         )
+        self.polling_load = prom.Gauge(
+            "seedance_polling_load_ratio",
+            "Polls needed per second (rows due within the next minute, overdue included, over 60 s) "
+            "divided by SEEDANCE_MAX_REQUESTS_PER_SECOND; above 1 the limit cannot keep up.",
+            registry=r,
+        )
 
         self.storage_refusals = prom.Counter(
             "seedance_storage_optional_refusals",

@@ -76,6 +76,21 @@ class Answer:
 MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video
 
 
+def _seconds_range(text: str, *, zero_allowed: bool, example: str) -> tuple[float, float]:
+    """``min-max`` (or one number) seconds, within (0 or more, MAX_CADENCE_SECONDS)."""
+    low_text, sep, high_text = text.strip().partition("-")
+    try:
+        low = float(low_text)
+        high = float(high_text) if sep else low
+    except ValueError:
+        raise ValueError(f"expected seconds as min-max{example}") from None
+    positive = low >= 0 if zero_allowed else low > 0
+    if not (math.isfinite(high) and positive and low <= high <= MAX_CADENCE_SECONDS):
+        sign = "<=" if zero_allowed else "<"
+        raise ValueError(f"expected 0 {sign} min <= max <= {MAX_CADENCE_SECONDS} seconds{example}")
+    return low, high
+
+
 @dataclasses.dataclass(frozen=True)
 class Cadence:
     """How long to wait between two polls of one task: each wait is drawn in [low, high] seconds."""
@@ -87,21 +102,42 @@ class Cadence:
     def parse(cls, value: object) -> Cadence:
         if isinstance(value, Cadence):
             return value
-        text = str(value).strip()
-        low_text, sep, high_text = text.partition("-")
-        try:
-            low = float(low_text)
-            high = float(high_text) if sep else low
-        except ValueError:
-            raise ValueError("expected seconds as min-max, for example 30-60") from None
-        if not (math.isfinite(high) and 0 < low <= high <= MAX_CADENCE_SECONDS):
-            raise ValueError(
-                f"expected 0 < min <= max <= {MAX_CADENCE_SECONDS} seconds, for example 30-60"
-            )
-        return cls(low, high)
+        return cls(*_seconds_range(str(value), zero_allowed=False, example=", for example 30-60"))
 
     def __str__(self) -> str:
         return f"{self.low:g}-{self.high:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationTime:
+    """How long the provider takes to make a video: between ``low`` and ``high`` seconds.
+
+    The seed (生成时间预估) gives one range per resolution; a poll before ``created + low`` is wasted.
+    """
+
+    low: float
+    high: float
+
+    @classmethod
+    def parse(cls, value: object) -> GenerationTime | None:
+        """``min-max`` seconds, or ``off`` (None: no skip for that resolution)."""
+        if value is None or isinstance(value, GenerationTime):
+            return value
+        if str(value).strip().lower() == "off":
+            return None
+        example = " (for example 120-300) or off"
+        return cls(*_seconds_range(str(value), zero_allowed=True, example=example))
+
+    def __str__(self) -> str:
+        return f"{self.low:g}-{self.high:g}"
+
+
+# The seed's generation times (生成时间预估), by the resolution a model name ends in.
+SEED_GENERATION_TIMES: dict[str, GenerationTime] = {
+    "480p": GenerationTime(30, 120),
+    "720p": GenerationTime(120, 300),
+    "1080p": GenerationTime(180, 480),
+}
 
 
 class UTCDateTime(sa.types.TypeDecorator[dt.datetime]):
@@ -197,6 +233,13 @@ class VideoTask(Base):
             postgresql_where=sa.text(ACTIVE_SQL),
         ),
         sa.Index("ix_video_tasks_state", "state"),
+        # The learn job's recent completions (migration 0007).
+        sa.Index(
+            "ix_video_tasks_completed",
+            "completed_at",
+            sqlite_where=sa.text("completed_at IS NOT NULL"),
+            postgresql_where=sa.text("completed_at IS NOT NULL"),
+        ),
     )
 
 

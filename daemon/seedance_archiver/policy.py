@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from seedance_archiver import models
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # only for a type: the settings module (pydantic, the environ
     from seedance_archiver import config
 
 Draw = Callable[[float, float], float]
+_NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 
 # Every error is retried; waits double from the mode's floor up to this cap.
 BACKOFF_CAP_SECONDS = 600.0
@@ -35,9 +37,29 @@ TASK_ID_MAX_LENGTH = 128
 TASK_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+# Learning: a model's skip comes from its own observed generation times once it has this many.
+LEARN_MIN_SAMPLES = 50
+LEARN_QUANTILE = 5.0  # percent: the skip is this low quantile of the observed times
+LEARN_WINDOW = 500  # the most recent completions per model that count
+# Patient polling draws a task's waits from [this x the cadence's high bound, high] (jitter kept).
+PATIENT_FRACTION = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """What the observed generation times of one model say: the skip to use and the median."""
+
+    skip_seconds: float
+    median_seconds: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
-    """The knobs the decisions depend on, taken from the settings once."""
+    """The knobs the decisions depend on, taken from the settings once.
+
+    ``generation_times`` (by resolution) is empty unless the settings fill it, so a Rules built by
+    hand polls on the plain cadence; ``learned`` (by model) is refreshed by the service's learn job.
+    """
 
     cadences: Mapping[str, models.Cadence]
     retention: dt.timedelta
@@ -45,12 +67,21 @@ class Rules:
     download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS
     not_found_polls: int = NOT_FOUND_POLLS
     forbidden_polls: int = FORBIDDEN_POLLS
+    generation_times: Mapping[str, models.GenerationTime] = dataclasses.field(default_factory=dict)
+    learned: Mapping[str, Learned] = dataclasses.field(default_factory=dict)
+    learn_min_samples: int = LEARN_MIN_SAMPLES
+    learn_quantile: float = LEARN_QUANTILE
+    patient: bool = False  # tasks with a skip wait near the top of their cadence range
 
     @classmethod
     def from_settings(cls, settings: config.Settings) -> Rules:
         return cls(
             cadences=settings.cadences(),
             retention=dt.timedelta(seconds=settings.retention_seconds),
+            generation_times=settings.generation_times(),
+            learn_min_samples=settings.learn_min_samples,
+            learn_quantile=settings.learn_quantile,
+            patient=settings.patient_polling,
         )
 
     def cadence(self, mode: str) -> models.Cadence:
@@ -104,6 +135,196 @@ def deadline(created: dt.datetime, rules: Rules) -> dt.datetime:
 def next_poll_at(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) -> dt.datetime:
     cadence = rules.cadence(task.mode)
     return now + dt.timedelta(seconds=draw(cadence.low, cadence.high))
+
+
+# --- the skip: no poll before a video can be ready ---------------------------------------------
+
+# ``seedance_1_5_pro_720p``, ``seedance-1-5-pro_1080p``: the resolution is the name's last part.
+_RESOLUTION = re.compile(r"(?:^|[_\-.])(\d{3,4}p)$", re.IGNORECASE)
+
+
+def resolution(source: models.Answer | models.Task) -> str | None:
+    """The resolution of a task's video (``480p``, ``720p``, ``1080p``), or None if unknown.
+
+    The one place that knows where it comes from: a ``resolution`` the provider states (a field
+    another provider may add), else the end of the model name.
+    """
+    stated = getattr(source, "resolution", None)
+    if isinstance(stated, str) and stated.strip():
+        return stated.strip().lower()
+    model = source.model
+    match = _RESOLUTION.search(model.strip()) if model else None
+    return match.group(1).lower() if match else None
+
+
+def skip_seconds(source: models.Answer | models.Task, rules: Rules) -> float | None:
+    """How long after creation a video of this kind can be ready at the earliest, or None (no skip).
+
+    The model's learned low quantile once it has enough samples, else the seed's shortest time for
+    its resolution; always within [0, the seed's longest time]. An unknown resolution, or one whose
+    setting is ``off``, gets no skip.
+    """
+    res = resolution(source)
+    expected = rules.generation_times.get(res) if res is not None else None
+    if expected is None:
+        return None
+    learned = rules.learned.get(source.model or "")
+    if learned is None:
+        return expected.low
+    return min(max(0.0, learned.skip_seconds), expected.high)
+
+
+def expected_ready_at(task: models.Task, rules: Rules) -> dt.datetime | None:
+    """When a task's video is probably ready: created + the model's observed median, else the middle
+    of its resolution's expected range. None when creation or resolution is unknown."""
+    res = resolution(task)
+    expected = rules.generation_times.get(res) if res is not None else None
+    if task.provider_created_at is None or expected is None:
+        return None
+    learned = rules.learned.get(task.model or "")
+    typical = learned.median_seconds if learned else (expected.low + expected.high) / 2
+    return task.provider_created_at + dt.timedelta(seconds=min(typical, expected.high))
+
+
+def not_before_ready(
+    task: models.Task,
+    source: models.Answer | models.Task,
+    polled_at: dt.datetime,
+    rules: Rules,
+    draw: Draw,
+) -> dt.datetime:
+    """The next poll of a queued or processing ``task``: its cadence, but not before its video can
+    possibly be ready (created + :func:`skip_seconds` of ``source``, the answer or the task).
+    Never sooner than the cadence allows.
+
+    With ``rules.patient`` the wait is drawn from the top of the cadence range,
+    [max(low, PATIENT_FRACTION x high), high]: a video found up to one longest interval late is
+    what the plain draw allows anyway, and each longer wait is a poll saved.
+    """
+    skip = skip_seconds(source, rules)
+    if skip is None or task.provider_created_at is None:
+        return next_poll_at(task, polled_at, rules, draw)
+    cadence = rules.cadence(task.mode)
+    low = max(cadence.low, PATIENT_FRACTION * cadence.high) if rules.patient else cadence.low
+    at = polled_at + dt.timedelta(seconds=draw(low, cadence.high))
+    return max(at, task.provider_created_at + dt.timedelta(seconds=skip))
+
+
+def _seconds_until_ready(task: models.Task, now: dt.datetime, rules: Rules) -> float:
+    """Seconds from ``now`` until created + the skip (0 without a skip or once it is past)."""
+    skip = skip_seconds(task, rules)
+    if skip is None or task.provider_created_at is None:
+        return 0.0
+    ready = task.provider_created_at + dt.timedelta(seconds=skip)
+    return max(0.0, (ready - now).total_seconds())
+
+
+# --- learning the generation times from what the daemon saw ----------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelTimes:
+    """One model's observed generation times at a glance, and the skip they lead to."""
+
+    model: str
+    samples: int
+    p5: float | None
+    p50: float | None
+    p95: float | None
+    skip_seconds: float | None  # the skip in use for this model (None: no skip)
+    learned: bool  # whether the skip comes from the samples (else from the settings)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``, interpolated between neighbours."""
+    if not values:
+        raise ValueError("quantile of no values")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * min(100.0, max(0.0, q)) / 100
+    below = math.floor(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def learn(times: Mapping[str, Sequence[float]], rules: Rules) -> dict[str, Learned]:
+    """The learned skip of each model with at least ``rules.learn_min_samples`` observed times.
+
+    Times are ``completed_at - created`` as the daemon saw them (late by up to one poll interval);
+    negative ones (clock skew) count as zero. ``learn_min_samples`` 0 turns learning off.
+    """
+    learned: dict[str, Learned] = {}
+    if rules.learn_min_samples <= 0:
+        return learned
+    for model, observed in times.items():
+        if len(observed) < rules.learn_min_samples:
+            continue
+        clean = [max(0.0, t) for t in observed]
+        learned[model] = Learned(quantile(clean, rules.learn_quantile), quantile(clean, 50))
+    return learned
+
+
+def model_times(times: Mapping[str, Sequence[float]], rules: Rules) -> list[ModelTimes]:
+    """Per model (sorted by name): sample count, p5/p50/p95 and the skip in use under ``rules``."""
+    learned = learn(times, rules)
+    rules = dataclasses.replace(rules, learned=learned)
+    out = []
+    for model in sorted(times):
+        observed = [max(0.0, t) for t in times[model]]
+        stub = models.Task(task_id="-", model=model)
+        out.append(
+            ModelTimes(
+                model=model,
+                samples=len(observed),
+                p5=quantile(observed, 5) if observed else None,
+                p50=quantile(observed, 50) if observed else None,
+                p95=quantile(observed, 95) if observed else None,
+                skip_seconds=skip_seconds(stub, rules),
+                learned=model in learned and skip_seconds(stub, rules) is not None,
+            )
+        )
+    return out
+
+
+# --- spending a tight request budget -----------------------------------------------------------
+
+
+def starving(task: models.Task, now: dt.datetime, rules: Rules) -> bool:
+    """Whether a row is overdue by more than its mode's longest interval: it goes first, whatever
+    else is due (the no-starvation bound)."""
+    if task.next_attempt_at is None:
+        return False
+    overdue = (now - task.next_attempt_at).total_seconds()
+    return overdue > rules.cadence(task.mode).high
+
+
+def budget_order(tasks: Sequence[models.Task], now: dt.datetime, rules: Rules) -> list[models.Task]:
+    """Due rows in the order a tight request budget should serve them.
+
+    0. rows starving (:func:`starving`), longest overdue first;
+    1. rows already downloading (a video to save; their download needs no poll);
+    2. rows past their expected completion (:func:`expected_ready_at`), nearest deadline first;
+    3. the rest, in the claim's order (:data:`models.CLAIM_ORDER`).
+    """
+
+    def key(task: models.Task) -> tuple[int, tuple[tuple[bool, dt.datetime], ...]]:
+        if starving(task, now, rules):
+            return 0, ((False, task.next_attempt_at or _NEVER),)
+        if task.state == models.State.DOWNLOADING:
+            return 1, models.claim_key(task)
+        ready = expected_ready_at(task, rules)
+        if ready is not None and ready <= now:
+            return 2, models.claim_key(task)
+        return 3, models.claim_key(task)
+
+    return sorted(tasks, key=key)
+
+
+def polling_load(due_soon: int, window_seconds: float, limit_per_second: float) -> float:
+    """Needed request rate over the limit: the rows due within ``window_seconds`` (overdue ones
+    included) spread over that window, divided by the limit. Above 1 the limit cannot keep up."""
+    if window_seconds <= 0 or limit_per_second <= 0:
+        return float("inf") if due_soon else 0.0
+    return due_soon / window_seconds / limit_per_second
 
 
 def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
@@ -161,7 +382,11 @@ def on_answer(
         reason = answer.error or "cancelled at the provider"
         changes.update(state=models.State.CANCELLED.value, error=reason, next_attempt_at=now)
     else:
-        changes["next_attempt_at"] = next_poll_at(task, now, rules, draw)
+        # Queued or processing: no poll before the video can possibly be ready.
+        known = task.replace(model=changes["model"], provider_created_at=created)
+        stated = answer.model or getattr(answer, "resolution", None)
+        source = answer if stated else known
+        changes["next_attempt_at"] = not_before_ready(known, source, now, rules, draw)
     return task.replace(**changes)
 
 
@@ -178,6 +403,9 @@ def on_poll_error(
     floor = rules.cadence(task.mode).low
     wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
     wait = max(at_least_seconds, before_deadline(task, wait, floor, now))
+    if task.provider_status in (models.Status.QUEUED, models.Status.PROCESSING):
+        # A retry is a poll too: not before the video can be ready (the skip).
+        wait = max(wait, _seconds_until_ready(task, now, rules))
     return task.replace(
         state=models.State.POLLING.value,
         attempts=attempts,

@@ -39,6 +39,7 @@ log = structlog.get_logger(__name__)
 TICK_SECONDS = 0.25
 HOUSEKEEPING_SECONDS = 600.0
 GAUGES_SECONDS = 30.0
+LEARN_SECONDS = 300.0  # how often the observed generation times are re-read from the table
 HEARTBEAT_SECONDS = 10.0
 PRUNE_SECONDS = 3600.0
 WATCHDOG_STALE_SECONDS = 30.0
@@ -226,6 +227,7 @@ class Daemon:
         self._every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
         self._every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
         self._every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
+        self._every("learn", svc.learn, LEARN_SECONDS, now=True)
         self._every("check_key", svc.check_key_if_due, KEY_CHECK_SECONDS, now=True)
         self._every("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, now=True)
         if self.settings.prune_after_days > 0:

@@ -76,6 +76,7 @@ class Service:
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
     MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
     MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then (or the row's deadline), retried
+    STARVING_SHARE = 0.25  # while claims come back full, this share goes to starving rows first
 
     def __init__(
         self,
@@ -126,6 +127,7 @@ class Service:
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic() before which the tick leaves the database be
         self._stopping = False
+        self._claims_full = False  # the last claim returned all it asked for: the budget is tight
 
     # --- the scheduled jobs -------------------------------------------------------------------------
 
@@ -167,20 +169,9 @@ class Service:
         try:
             await self.flush()
             limit = 0 if self._stopping else self._claim_limit()
-            rows = []
+            rows: list[models.Task] = []
             if limit > 0:
-                # While the key is rejected, only rows already downloading are worked on: their
-                # link needs no key.
-                states = [models.State.DOWNLOADING.value] if self.auth_blocked else None
-                rows = await self.db(
-                    self.store.claim_due,
-                    self.owner,
-                    now,
-                    self.lease.total_seconds(),
-                    limit,
-                    states,
-                    self.provider.name,
-                )
+                rows = await self._claim(now, limit)
         except errors.StoreError as exc:
             self._store_unavailable(exc)
             return 0
@@ -193,6 +184,10 @@ class Service:
             self._to_release.update(row.task_id for row in rows)
             return 0
         started = 0
+        if self._claims_full:
+            # The budget is tight: the polls take the limiter's slots in the order that saves a
+            # video or a wait first.
+            rows = policy.budget_order(rows, now, self.rules)
         for row in rows:
             if row.task_id in self._running:
                 continue  # our own lease ran out and we re-claimed it: one worker is enough
@@ -202,6 +197,64 @@ class Service:
             )
             started += 1
         return started
+
+    async def _claim(self, now: dt.datetime, limit: int) -> list[models.Task]:
+        """Claim up to ``limit`` due rows, nearest deadline first.
+
+        While claims come back full (more is due than the rate limit lets start), a share of each
+        claim goes to rows starving (overdue by more than their mode's longest interval), longest
+        overdue first, so no row waits behind ever-due rows closer to their deadline.
+        """
+        lease = self.lease.total_seconds()
+        if self.auth_blocked:
+            # While the key is rejected, only rows already downloading are worked on: their link
+            # needs no key.
+            states = [models.State.DOWNLOADING.value]
+            return await self.db(
+                self.store.claim_due, self.owner, now, lease, limit, states, self.provider.name
+            )
+        rows: list[models.Task] = []
+        if self._claims_full:
+            share = max(1, math.floor(limit * self.STARVING_SHARE))
+            due_before = {
+                mode: now - dt.timedelta(seconds=cadence.high)
+                for mode, cadence in self.rules.cadences.items()
+            }
+            rows = await self.db(
+                self.store.claim_overdue,
+                self.owner,
+                now,
+                lease,
+                share,
+                due_before,
+                self.provider.name,
+            )
+        rest = await self.db(
+            self.store.claim_due,
+            self.owner,
+            now,
+            lease,
+            limit - len(rows),
+            None,
+            self.provider.name,
+        )
+        self._claims_full = len(rows) + len(rest) >= limit
+        return rows + rest
+
+    async def learn(self) -> dict[str, policy.Learned]:
+        """Re-read the recent generation times per model from the table and learn each model's
+        skip from them (a periodic job: replicas and restarts share what every daemon saw)."""
+        now = self.clock()
+        since = now - self.rules.retention
+        times = await self.db(self.store.generation_times, since, policy.LEARN_WINDOW)
+        learned = policy.learn(times, self.rules)
+        if learned != self.rules.learned:
+            log.info(
+                "generation_times_learned",
+                skips={m: round(v.skip_seconds, 1) for m, v in sorted(learned.items())},
+            )
+        self.rules = dataclasses.replace(self.rules, learned=learned)
+        return learned
 
     def wake(self) -> None:
         """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""
@@ -244,6 +297,11 @@ class Service:
         for state, count in summary.counts.items():
             self.metrics.tasks.labels(state=state).set(count)
         self.metrics.tasks_at_risk.set(summary.at_risk)
+        self.metrics.polling_load.set(
+            policy.polling_load(
+                summary.due_soon, store.LOAD_WINDOW.total_seconds(), self.limiter.max_rate
+            )
+        )
         return summary
 
     async def renew_leases(self) -> int:

@@ -14,6 +14,8 @@
   succeeded | failed | cancelled``, or ``expired`` (a SimTask outcome), an error object
   ``{code, message}``, ``content.video_url`` signed with ``X-Tos-Expires=86400`` (24 h), JSON error
   bodies for 401/404. :meth:`Simulator.send_callback` POSTs a task's state as Ark's callbacks do.
+- ``rate_limit``: the provider's own limit on polls per second; beyond it a poll gets 429 with
+  ``Retry-After: 1`` (counted in the stats), as the seed warns it does.
 
 Run it alone with ``python -m seedance_archiver.simulator --port 8080``: tests and ``demo`` start it
 with :class:`SimulatorThread`.
@@ -119,6 +121,7 @@ class Stats:
         default_factory=collections.Counter
     )
     unauthorized: int = 0
+    rate_limited: int = 0
 
 
 class Simulator:
@@ -133,6 +136,7 @@ class Simulator:
         auto: dict[str, Any] | None = None,
         record_poll_times: bool = True,
         dialect: str = "reseller",
+        rate_limit: float | None = None,
     ) -> None:
         if dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {dialect!r}; expected one of {DIALECTS}")
@@ -147,6 +151,12 @@ class Simulator:
         # With ``auto``, an unknown id is created on first sight with these SimTask fields.
         self.auto = auto
         self.record_poll_times = record_poll_times
+        # The provider's own limit on polls (a token bucket holding one second's worth, and at
+        # least one poll): beyond it, 429.
+        self.rate_limit = rate_limit
+        self._burst = max(1.0, rate_limit or 0.0)
+        self._tokens = self._burst
+        self._tokens_at = time.monotonic()
         self.tasks: dict[str, SimTask] = {}
         self.faults: dict[str, collections.deque[dict[str, Any]]] = collections.defaultdict(
             collections.deque
@@ -323,6 +333,9 @@ class Simulator:
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.stats.unauthorized += 1
             return web.json_response(unauthorized, status=401)
+        if not self._take_token():
+            self.stats.rate_limited += 1
+            return web.Response(status=429, headers={"Retry-After": "1"}, text="rate limited")
         faulty = await self._apply_fault(self._take_fault(task_id, "poll"), request)
         if faulty is not None:
             return faulty
@@ -366,6 +379,18 @@ class Simulator:
             return polled
         task, now = polled
         return web.json_response(self.ark_body(task, now))
+
+    def _take_token(self) -> bool:
+        """Whether a poll fits the simulated provider's rate limit (always, without one)."""
+        if self.rate_limit is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.rate_limit)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -428,6 +453,7 @@ class Simulator:
                 "downloads_started": dict(self.stats.downloads_started),
                 "downloads_completed": dict(self.stats.downloads_completed),
                 "unauthorized": self.stats.unauthorized,
+                "rate_limited": self.stats.rate_limited,
             }
         )
 
@@ -491,12 +517,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dialect", choices=DIALECTS, default="reseller", help="which provider API to play"
     )
+    parser.add_argument(
+        "--rate-limit", type=float, default=None, help="answer 429 to polls beyond this many per s"
+    )
     args = parser.parse_args(argv)
     simulator = Simulator(
         args.api_key,
         dialect=args.dialect,
         auto=json.loads(args.auto) if args.auto else None,
         record_poll_times=not args.no_poll_times,
+        rate_limit=args.rate_limit,
     )
     simulator.base_url = f"http://{args.host}:{args.port}"
     web.run_app(simulator.app(), host=args.host, port=args.port, access_log=None, print=None)

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -53,6 +53,19 @@ class Store(Protocol):
         provider_name: str | None = None,
     ) -> list[models.Task]: ...
 
+    def claim_overdue(
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        due_before: Mapping[str, dt.datetime],
+        provider_name: str | None = None,
+    ) -> list[models.Task]:
+        """Lease up to ``limit`` rows to poll whose ``next_attempt_at`` is before their mode's
+        ``due_before`` time, longest overdue first (what keeps a tight budget from starving rows)."""
+        ...
+
     def save(self, tasks: Sequence[models.Task], owner: str) -> int: ...
 
     def renew(
@@ -64,6 +77,11 @@ class Store(Protocol):
     def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
 
     def prune(self, finished_before: dt.datetime, batch: int = ...) -> int: ...
+
+    def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
+        """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
+        completed at or after ``since`` (what the daemons saw, shared through the table)."""
+        ...
 
     # --- what is there
 
@@ -263,6 +281,10 @@ def _task(row: sa.Row[Any]) -> models.Task:
     return models.Task(**row._mapping)
 
 
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
 def _claim_order_by() -> list[sa.UnaryExpression[Any]]:
     """:data:`models.CLAIM_ORDER` as ORDER BY terms."""
     return [
@@ -281,6 +303,8 @@ def _typed(name: str) -> sa.BindParameter[Any]:
 
 
 AT_RISK = dt.timedelta(hours=1)
+# Rows due within this long (overdue ones included) make the polling load (Summary.due_soon).
+LOAD_WINDOW = dt.timedelta(seconds=60)
 
 
 # The write-back by COPY (PostgreSQL): the columns save writes, the lease cleared by the UPDATE.
@@ -334,6 +358,7 @@ class Summary:
     counts: dict[str, int]
     at_risk: int  # not archived yet, deadline less than AT_RISK away
     oldest_pending: models.Task | None
+    due_soon: int = 0  # rows to poll (pending, polling) due within LOAD_WINDOW, overdue included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,6 +452,15 @@ class SqlStore:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        claimed = self._lease_rows(due, owner, now, lease_seconds)
+        # RETURNING gives rows in table order; the service starts them in the order given.
+        claimed.sort(key=models.claim_key)
+        return claimed
+
+    def _lease_rows(
+        self, due: sa.Select[Any], owner: str, now: dt.datetime, lease_seconds: float
+    ) -> list[models.Task]:
+        """Lease the rows ``due`` selects (task ids) to ``owner``, in one statement."""
         stmt = (
             sa.update(t)
             .where(t.c.task_id.in_(due.scalar_subquery()))
@@ -436,9 +470,48 @@ class SqlStore:
             .returning(*_TASK_COLUMNS)
         )
         with self._begin() as conn:
-            claimed = [models.Task(*row) for row in conn.execute(stmt).all()]
-        # RETURNING gives rows in table order; the service starts them in the order given.
-        claimed.sort(key=models.claim_key)
+            return [models.Task(*row) for row in conn.execute(stmt).all()]
+
+    def claim_overdue(
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        due_before: Mapping[str, dt.datetime],
+        provider_name: str | None = None,
+    ) -> list[models.Task]:
+        """Lease up to ``limit`` rows to poll (pending or polling) that are overdue past their
+        mode's ``due_before``, longest overdue first.
+
+        Only called while the claim comes back full (the budget is tight): it scans the active rows
+        in ``ix_video_tasks_due`` without its order, so it costs O(active rows), not O(due rows).
+        """
+        if limit <= 0 or not due_before:
+            return []
+        overdue = sa.or_(
+            *(
+                sa.and_(t.c.mode == mode, t.c.next_attempt_at < before)
+                for mode, before in sorted(due_before.items())
+            )
+        )
+        due = (
+            sa.select(t.c.task_id)
+            .where(
+                sa.text(models.ACTIVE_SQL),
+                t.c.state != models.State.DOWNLOADING.value,
+                overdue,
+                sa.true() if provider_name is None else _ours(provider_name),
+                sa.or_(
+                    t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now)
+                ),
+            )
+            .order_by(t.c.next_attempt_at.asc())
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claimed = self._lease_rows(due, owner, now, lease_seconds)
+        claimed.sort(key=lambda task: task.next_attempt_at or now)
         return claimed
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int:
@@ -601,10 +674,51 @@ class SqlStore:
             .order_by(t.c.inserted_at)
             .limit(1)
         )
+        due_stmt = sa.select(sa.func.count()).where(
+            sa.text(models.ACTIVE_SQL),
+            t.c.state != models.State.DOWNLOADING.value,
+            t.c.next_attempt_at <= now + LOAD_WINDOW,
+        )
         with self._begin() as conn:
             at_risk = int(conn.execute(at_risk_stmt).scalar_one())
             oldest = conn.execute(oldest_stmt).first()
-        return Summary(self.counts(), at_risk, _task(oldest) if oldest is not None else None)
+            due_soon = int(conn.execute(due_stmt).scalar_one())
+        return Summary(
+            self.counts(), at_risk, _task(oldest) if oldest is not None else None, due_soon
+        )
+
+    def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
+        """Per model, creation-to-completion seconds of its latest ``per_model`` completions since
+        ``since``: one statement, numbered per model by a window function (both databases)."""
+        if per_model <= 0:
+            return {}
+        latest = (
+            sa.select(
+                t.c.model,
+                t.c.provider_created_at,
+                t.c.completed_at,
+                sa.func.row_number()
+                .over(partition_by=t.c.model, order_by=t.c.completed_at.desc())
+                .label("rank"),
+            )
+            .where(
+                t.c.model.is_not(None),
+                t.c.provider_created_at.is_not(None),
+                t.c.completed_at >= since,
+            )
+            .subquery()
+        )
+        stmt = sa.select(latest.c.model, latest.c.provider_created_at, latest.c.completed_at).where(
+            latest.c.rank <= per_model
+        )
+        times: dict[str, list[float]] = {}
+        with self._begin() as conn:
+            for model, created, completed in conn.execute(stmt):
+                # Differences in Python: the subquery loses the column type's UTC tagging.
+                times.setdefault(model, []).append(
+                    (_utc(completed) - _utc(created)).total_seconds()
+                )
+        return times
 
     def prune(self, finished_before: dt.datetime, batch: int = 5000) -> int:
         """Delete finished rows last updated before ``finished_before``, in small batches."""

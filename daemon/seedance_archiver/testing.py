@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from seedance_archiver import archive, errors, models, provider, store
@@ -175,12 +175,40 @@ class FakeStore:
             and (t.lease_expires_at is None or t.lease_expires_at < now)
         ]
         due.sort(key=models.claim_key)
+        return self._lease(due[: max(0, limit)], owner, lease_until)
+
+    def _lease(
+        self, tasks: Iterable[models.Task], owner: str, until: dt.datetime
+    ) -> list[models.Task]:
         claimed = []
-        for task in due[: max(0, limit)]:
-            leased = task.replace(lease_owner=owner, lease_expires_at=lease_until)
+        for task in tasks:
+            leased = task.replace(lease_owner=owner, lease_expires_at=until)
             self.rows[task.task_id] = leased
             claimed.append(leased)
         return claimed
+
+    def claim_overdue(
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        due_before: Mapping[str, dt.datetime],
+        provider_name: str | None = None,
+    ) -> list[models.Task]:
+        lease_until = now + dt.timedelta(seconds=lease_seconds)
+        due = [
+            t
+            for t in self.rows.values()
+            if t.state in (models.State.PENDING, models.State.POLLING)
+            and (provider_name is None or t.provider in (None, provider_name))
+            and t.mode in due_before
+            and t.next_attempt_at is not None
+            and t.next_attempt_at < due_before[t.mode]
+            and (t.lease_expires_at is None or t.lease_expires_at < now)
+        ]
+        due.sort(key=lambda t: t.next_attempt_at or EPOCH)
+        return self._lease(due[: max(0, limit)], owner, lease_until)
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int:
         written = 0
@@ -226,7 +254,35 @@ class FakeStore:
             (t for t in self.rows.values() if t.state == models.State.PENDING.value),
             key=lambda t: t.inserted_at or EPOCH,
         )
-        return store.Summary(counts, at_risk, pending[0] if pending else None)
+        due_soon = sum(
+            1
+            for t in self.rows.values()
+            if t.state in (models.State.PENDING, models.State.POLLING)
+            and t.next_attempt_at is not None
+            and t.next_attempt_at <= now + store.LOAD_WINDOW
+        )
+        return store.Summary(counts, at_risk, pending[0] if pending else None, due_soon)
+
+    def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
+        done = sorted(
+            (
+                t
+                for t in self.rows.values()
+                if t.model is not None
+                and t.provider_created_at is not None
+                and t.completed_at is not None
+                and t.completed_at >= since
+            ),
+            key=lambda t: t.completed_at or EPOCH,
+            reverse=True,
+        )
+        times: dict[str, list[float]] = {}
+        for t in done:
+            assert t.model is not None and t.completed_at and t.provider_created_at
+            kept = times.setdefault(t.model, [])
+            if len(kept) < per_model:
+                kept.append((t.completed_at - t.provider_created_at).total_seconds())
+        return {m: v for m, v in times.items() if v}
 
     # Last: below it, ``list`` in an annotation would mean this method.
     def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from seedance_archiver import models, store, utils
+from seedance_archiver import models, policy, store, utils
 
 TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "where / why")
 
@@ -69,10 +69,14 @@ def detail(task: models.Task, show_secrets: bool = False) -> str:
 
 
 def summary_dict(
-    summary: store.Summary, daemons: Sequence[store.DaemonBeat], now: dt.datetime
+    summary: store.Summary,
+    daemons: Sequence[store.DaemonBeat],
+    now: dt.datetime,
+    generation: Sequence[policy.ModelTimes] = (),
 ) -> dict[str, Any]:
     oldest = summary.oldest_pending
     return {
+        "generation_times": [dataclasses.asdict(g) for g in generation],
         "counts": summary.counts,
         "total": sum(summary.counts.values()),
         "at_risk": summary.at_risk,
@@ -94,8 +98,14 @@ def summary_dict(
     }
 
 
-def summary(summary: store.Summary, daemons: Sequence[store.DaemonBeat], now: dt.datetime) -> str:
-    """The operator's overview: counts by state, what is at risk, and whether daemons tick."""
+def summary(
+    summary: store.Summary,
+    daemons: Sequence[store.DaemonBeat],
+    now: dt.datetime,
+    generation: Sequence[policy.ModelTimes] = (),
+) -> str:
+    """The operator's overview: counts by state, what is at risk, whether daemons tick, and per
+    model the observed generation times with the skip in use."""
     width = max(len(s) for s in summary.counts)
     lines = [f"{state.ljust(width)}  {n}" for state, n in summary.counts.items()]
     lines.append(f"{'total'.ljust(width)}  {sum(summary.counts.values())}")
@@ -117,7 +127,39 @@ def summary(summary: store.Summary, daemons: Sequence[store.DaemonBeat], now: dt
         )
         key = "" if d.api_key_ok else ", API KEY REJECTED"
         lines.append(f"last tick: {age_text} by {d.owner}{key}")
+    if generation:
+        lines.append("")
+        lines.append(generation_table(generation))
     return "\n".join(lines)
+
+
+GENERATION_COLUMNS = ("model", "samples", "p5 s", "p50 s", "p95 s", "skip s")
+
+
+def generation_table(generation: Sequence[policy.ModelTimes]) -> str:
+    """Per model: observed generation times (the last day) and the skip the daemon uses."""
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    rows = [
+        (
+            g.model,
+            str(g.samples),
+            secs(g.p5),
+            secs(g.p50),
+            secs(g.p95),
+            "none"
+            if g.skip_seconds is None
+            else f"{secs(g.skip_seconds)} (" + ("learned" if g.learned else "settings") + ")",
+        )
+        for g in generation
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(GENERATION_COLUMNS)]
+    lines = ["generation times (created to completed, as seen):"]
+    lines.append("  ".join(c.ljust(w) for c, w in zip(GENERATION_COLUMNS, widths, strict=True)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from seedance_archiver import config
 
 from tests.conftest import SIM_KEY
 
@@ -37,6 +38,8 @@ def base_env(sim_url: str, database_url: str, archive_url: str) -> dict[str, str
             "SEEDANCE_SHUTDOWN_GRACE_SECONDS": "5",
         }
     )
+    # The simulator's tasks take seconds, not the seed's minutes: no skip unless a test sets one.
+    env.update({config.ENV_PREFIX + k.upper(): v for k, v in config.SKIP_OFF.items()})
     return env
 
 

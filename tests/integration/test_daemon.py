@@ -53,6 +53,7 @@ def _settings(
         allow_private_video_hosts=True,
         http_port=0,
         poll_standard="0.5-1",
+        **config.SKIP_OFF,
     )
 
 

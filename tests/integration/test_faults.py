@@ -166,6 +166,7 @@ class Launcher:
             "max_requests_per_second": 50,
             "request_timeout_seconds": 5,
             "shutdown_grace_seconds": 2,
+            **config.SKIP_OFF,
         }
         values.update(overrides)
         settings = config.load(**values)

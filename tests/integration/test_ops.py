@@ -33,6 +33,7 @@ def _settings(
         "allow_private_video_hosts": True,
         "http_port": port,
         "poll_standard": "0.3-0.6",
+        **config.SKIP_OFF,
     }
     values.update(extra)
     return config.load(**values)

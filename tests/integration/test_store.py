@@ -883,3 +883,77 @@ def _pings(sql_store: store.SqlStore) -> bool:
     except errors.StoreError:
         return False
     return True
+
+
+class TestFewerPolls:
+    """The store's side of issue 12: observed generation times, starving rows, the load count."""
+
+    def test_generation_times_per_model_latest_first_and_bounded(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        created = now - dt.timedelta(hours=2)
+        for i in range(5):
+            insert(
+                engine,
+                f"a{i}",
+                state="archived",
+                model="seedance_1_5_pro_720p",
+                provider_created_at=created,
+                completed_at=created + dt.timedelta(seconds=100 + i, minutes=i),
+            )
+        insert(
+            engine,
+            "b",
+            state="downloading",
+            model="seedance_1_5_pro_480p",
+            provider_created_at=created,
+            completed_at=created + dt.timedelta(seconds=45),
+        )
+        insert(engine, "not-done", state="polling", model="m", provider_created_at=created)
+        insert(
+            engine,
+            "too-old",
+            state="archived",
+            model="seedance_1_5_pro_480p",
+            provider_created_at=created - dt.timedelta(days=3),
+            completed_at=created - dt.timedelta(days=3) + dt.timedelta(seconds=10),
+        )
+
+        times = sql_store.generation_times(now - dt.timedelta(days=1), 3)
+
+        assert set(times) == {"seedance_1_5_pro_720p", "seedance_1_5_pro_480p"}
+        assert sorted(times["seedance_1_5_pro_720p"]) == pytest.approx([222, 283, 344])
+        assert times["seedance_1_5_pro_480p"] == pytest.approx([45])
+
+    def test_claim_overdue_takes_the_longest_overdue_of_each_mode(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        ago = lambda s: now - dt.timedelta(seconds=s)  # noqa: E731
+        insert(engine, "std-late", mode="standard", state="polling", next_attempt_at=ago(300))
+        insert(engine, "std-later", mode="standard", state="pending", next_attempt_at=ago(900))
+        insert(engine, "std-ok", mode="standard", state="polling", next_attempt_at=ago(30))
+        insert(engine, "draft-late", mode="draft", state="polling", next_attempt_at=ago(40))
+        insert(engine, "dl", mode="standard", state="downloading", next_attempt_at=ago(900))
+        insert(engine, "done", mode="standard", state="archived", next_attempt_at=ago(900))
+        due_before = {"standard": ago(60), "draft": ago(20), "flex": ago(120)}
+
+        claimed = sql_store.claim_overdue("daemon-a", now, LEASE_S, 10, due_before)
+
+        assert [t.task_id for t in claimed] == ["std-later", "std-late", "draft-late"]
+        assert all(t.lease_owner == "daemon-a" for t in claimed)
+        assert sql_store.claim_overdue("daemon-b", now, LEASE_S, 10, due_before) == []
+        assert ids(sql_store.claim_due("daemon-b", now, LEASE_S, 10)) == {"std-ok", "dl"}
+
+    def test_summary_counts_rows_due_within_the_load_window(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        now = utils.utcnow()
+        soon = now + store.LOAD_WINDOW / 2
+        insert(engine, "overdue", state="polling", next_attempt_at=now - dt.timedelta(hours=1))
+        insert(engine, "soon", state="pending", next_attempt_at=soon)
+        insert(engine, "later", state="polling", next_attempt_at=now + store.LOAD_WINDOW * 2)
+        insert(engine, "dl", state="downloading", next_attempt_at=now)
+        insert(engine, "done", state="archived", next_attempt_at=now)
+        assert sql_store.summary(now).due_soon == 2
