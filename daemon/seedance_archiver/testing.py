@@ -68,6 +68,7 @@ class FakeStore:
         self.saved: list[models.Task] = []
         self.released: list[str] = []
         self.beats: dict[str, store.DaemonBeat] = {}
+        self.outbox: dict[int, models.OutboxEvent] = {}
         self.closed = False
 
     def add(self, task_id: str, mode: str = models.Mode.STANDARD.value) -> bool:
@@ -114,6 +115,7 @@ class FakeStore:
         ]
         for task_id in doomed:
             del self.rows[task_id]
+        self.outbox = {i: e for i, e in self.outbox.items() if e.task_id not in doomed}
         return len(doomed)
 
     def beat(self, beat: store.DaemonBeat) -> None:
@@ -175,7 +177,107 @@ class FakeStore:
             self.rows[task.task_id] = task.replace(lease_owner=None, lease_expires_at=None)
             self.saved.append(task)
             written += 1
+            if task.is_terminal and current.state != task.state:  # what the trigger does
+                self._event(task, models.Event(f"task.{task.state}"), self.clock())
         return written
+
+    def _event(self, task: models.Task, event: models.Event, now: dt.datetime) -> None:
+        event_id = max(self.outbox, default=0) + 1
+        self.outbox[event_id] = models.OutboxEvent(
+            id=event_id,
+            webhook_id=store.new_webhook_id(),
+            task_id=task.task_id,
+            event=event.value,
+            payload=models.event_payload(task),
+            created_at=now,
+            next_attempt_at=now,
+        )
+
+    def add_at_risk_events(self, now: dt.datetime, limit: int = 1000) -> int:
+        warned = {e.task_id for e in self.outbox.values() if e.event == models.Event.AT_RISK}
+        doomed = sorted(
+            (
+                t
+                for t in self.rows.values()
+                if not t.is_terminal
+                and t.expires_at is not None
+                and t.expires_at < now + store.AT_RISK
+                and t.task_id not in warned
+            ),
+            key=lambda t: t.expires_at or EPOCH,
+        )[:limit]
+        for task in doomed:
+            self._event(task, models.Event.AT_RISK, now)
+        return len(doomed)
+
+    def claim_webhooks(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[models.OutboxEvent]:
+        due = sorted(
+            (
+                e
+                for e in self.outbox.values()
+                if e.state == models.Delivery.PENDING
+                and e.next_attempt_at is not None
+                and e.next_attempt_at <= now
+                and (e.lease_expires_at is None or e.lease_expires_at < now)
+            ),
+            key=lambda e: (e.next_attempt_at or EPOCH, e.id),
+        )[: max(0, limit)]
+        until = now + dt.timedelta(seconds=lease_seconds)
+        claimed = []
+        for event in due:
+            self.outbox[event.id] = dataclasses.replace(
+                event, lease_owner=owner, lease_expires_at=until
+            )
+            claimed.append(self.outbox[event.id])
+        return claimed
+
+    def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool:
+        current = self.outbox.get(event.id)
+        if current is None:
+            return False
+        delivered = event.state == models.Delivery.DELIVERED
+        if current.lease_owner != owner and not (
+            delivered and current.state == models.Delivery.PENDING
+        ):
+            return False
+        self.outbox[event.id] = dataclasses.replace(event, lease_owner=None, lease_expires_at=None)
+        return True
+
+    def webhook_backlog(self) -> store.WebhookBacklog:
+        pending = [e for e in self.outbox.values() if e.state == models.Delivery.PENDING]
+        given_up = sum(
+            1
+            for e in self.outbox.values()
+            if e.state in (models.Delivery.FAILED, models.Delivery.DISABLED)
+        )
+        oldest = min((e.created_at for e in pending), default=None)
+        return store.WebhookBacklog(len(pending), oldest, given_up)
+
+    def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
+        gave_up = (models.Delivery.FAILED, models.Delivery.DISABLED)
+        events = [
+            e
+            for _, e in sorted(self.outbox.items(), reverse=True)
+            if not failed or e.state in gave_up
+        ]
+        return events if limit is None else events[:limit]
+
+    def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool:
+        event = self.outbox.get(event_id)
+        if event is None:
+            return False
+        self.outbox[event_id] = dataclasses.replace(
+            event,
+            state=models.Delivery.PENDING.value,
+            next_attempt_at=now,
+            attempts=0,
+            delivered_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        return True
 
     def renew(
         self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
