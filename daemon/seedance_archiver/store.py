@@ -756,7 +756,7 @@ class SqlStore:
         """Raise StoreError with the fix if ``video_tasks`` has not been created yet."""
         with self._begin() as conn:
             inspector = sa.inspect(conn)
-            for table in (t.name, hb.name):
+            for table in (t.name, hb.name, ob.name):
                 if not inspector.has_table(table):
                     raise errors.StoreError(
                         f"the table {table} does not exist: run `seedance-archiver migrate` first"
