@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="exit 0 if the database answers and a daemon ticks with an accepted key"
     )
     sub.add_parser("demo", help="the whole pipeline on SQLite + ./archive against the simulator")
+    hooks = sub.add_parser("webhooks", help="list webhook deliveries (newest first)")
+    hooks.add_argument("--failed", action="store_true", help="only those given up on")
+    hooks.add_argument("--limit", type=int, default=100)
+    hooks.add_argument("--json", action="store_true", help="print JSON for scripts")
+    hooks_sub = hooks.add_subparsers(dest="webhooks_action", metavar="ACTION")
+    redeliver = hooks_sub.add_parser("redeliver", help="send one event again (same webhook-id)")
+    redeliver.add_argument("event_id", type=int)
     return parser
 
 
@@ -115,6 +122,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
                 else views.table(tasks, args.show_secrets)
             )
             return 0
+        if command == "webhooks":
+            return _webhooks(sql_store, args)
         if command == "retry":
             outcome = sql_store.retry(args.task_id, utils.utcnow(), force=args.force)
             if outcome is not store.RetryOutcome.RETRIED:
@@ -142,10 +151,26 @@ def _status(sql_store: store.Store, args: argparse.Namespace) -> int:
     now = utils.utcnow()
     summary = sql_store.summary(now)
     daemons = sql_store.daemons()
+    backlog = sql_store.webhook_backlog()
     if args.json:
-        print(views.to_json(views.summary_dict(summary, daemons, now)))
+        print(views.to_json(views.summary_dict(summary, daemons, now, backlog)))
     else:
-        print(views.summary(summary, daemons, now))
+        print(views.summary(summary, daemons, now, backlog))
+    return 0
+
+
+def _webhooks(sql_store: store.Store, args: argparse.Namespace) -> int:
+    if args.webhooks_action == "redeliver":
+        if not sql_store.redeliver_webhook(args.event_id, utils.utcnow()):
+            print(f"{PROG}: no such webhook event: {args.event_id}", file=sys.stderr)
+            return 1
+        print(f"{PROG}: webhook event {args.event_id} will be sent again now")
+        return 0
+    events = sql_store.webhooks(failed=args.failed, limit=args.limit)
+    if args.json:
+        print(views.to_json([views.webhook_dict(e) for e in events]))
+    else:
+        print(views.webhook_table(events))
     return 0
 
 
