@@ -162,7 +162,10 @@ def build_deliverer(
         meters=svc.metrics,
         concurrency=settings.webhook_concurrency,
         # Longer than a batch can take, so a live daemon never loses an event it is sending.
-        lease_seconds=max(settings.lease_seconds, 3 * settings.webhook_timeout_seconds),
+        lease_seconds=max(
+            settings.lease_seconds,
+            (webhooks.BATCH_ROUNDS + 1) * settings.webhook_timeout_seconds,
+        ),
         clock=svc.clock,
     )
 

@@ -80,6 +80,8 @@ class Store(Protocol):
 
     def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool: ...
 
+    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int: ...
+
     def webhook_backlog(self) -> WebhookBacklog: ...
 
     def webhooks(self, failed: bool = ..., limit: int | None = ...) -> list[models.OutboxEvent]: ...
@@ -659,30 +661,38 @@ class SqlStore:
         return sorted(claimed, key=lambda e: e.id)
 
     def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool:
-        """Write the outcome of one attempt and release the lease; False if it was not written.
+        """Write the outcome of one attempt and release the lease; False if it was not written."""
+        return self.record_webhooks([event], owner) == 1
+
+    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int:
+        """Write the outcomes of a batch of attempts in one transaction (one commit, not one per
+        event) and release their leases; return how many were written.
 
         A delivery is recorded even if ``owner``'s lease ran out meanwhile (the receiver has it:
         recording it spares a duplicate); any other outcome only while ``owner`` holds the lease.
         """
-        mine = ob.c.lease_owner == owner
-        if event.state == models.Delivery.DELIVERED.value:
-            mine = sa.or_(mine, ob.c.state == models.Delivery.PENDING.value)
-        stmt = (
-            sa.update(ob)
-            .where(ob.c.id == event.id, mine)
-            .values(
-                state=event.state,
-                attempts=event.attempts,
-                next_attempt_at=event.next_attempt_at,
-                last_status=event.last_status,
-                last_error=event.last_error,
-                delivered_at=event.delivered_at,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
+        written = 0
         with self._begin() as conn:
-            return int(conn.execute(stmt).rowcount) == 1
+            for event in events:
+                mine = ob.c.lease_owner == owner
+                if event.state == models.Delivery.DELIVERED.value:
+                    mine = sa.or_(mine, ob.c.state == models.Delivery.PENDING.value)
+                stmt = (
+                    sa.update(ob)
+                    .where(ob.c.id == event.id, mine)
+                    .values(
+                        state=event.state,
+                        attempts=event.attempts,
+                        next_attempt_at=event.next_attempt_at,
+                        last_status=event.last_status,
+                        last_error=event.last_error,
+                        delivered_at=event.delivered_at,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                )
+                written += int(conn.execute(stmt).rowcount)
+        return written
 
     def webhook_backlog(self) -> WebhookBacklog:
         pending = ob.c.state == models.Delivery.PENDING.value

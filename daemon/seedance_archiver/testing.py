@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from seedance_archiver import archive, errors, models, provider, store
@@ -245,6 +245,9 @@ class FakeStore:
         self.outbox[event.id] = dataclasses.replace(event, lease_owner=None, lease_expires_at=None)
         return True
 
+    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int:
+        return sum(self.record_webhook(event, owner) for event in events)
+
     def webhook_backlog(self) -> store.WebhookBacklog:
         pending = [e for e in self.outbox.values() if e.state == models.Delivery.PENDING]
         given_up = sum(
@@ -411,6 +414,7 @@ class FakeArchive:
 
     objects: dict[str, bytes] = dataclasses.field(default_factory=dict)
     puts: list[str] = dataclasses.field(default_factory=list)
+    metadata: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     fail_next: Exception | None = None
     # Task ids with an unfinished upload left behind (as a killed process would leave them).
     unfinished: list[str] = dataclasses.field(default_factory=list)
@@ -423,9 +427,14 @@ class FakeArchive:
         return archive.Stored(f"mem://{task_id}.mp4", len(data), hashlib.sha256(data).hexdigest())
 
     async def put(
-        self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
+        self,
+        task_id: str,
+        chunks: AsyncIterator[bytes],
+        expected_size: int | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> archive.Stored:
         self.puts.append(task_id)
+        self.metadata[task_id] = dict(metadata or {})
         data = b"".join([chunk async for chunk in chunks])
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None

@@ -52,6 +52,9 @@ RETRY_SCHEDULE_SECONDS: tuple[float, ...] = (
 JITTER_FRACTION = 0.1  # each delay is drawn within +-10%, so a burst of failures spreads out
 TIMEOUT_SECONDS = 10.0
 CONCURRENCY = 8
+# A claim takes this many rounds of ``concurrency`` events: fewer claims and one commit for all
+# their outcomes. The lease must outlast them: BATCH_ROUNDS x the timeout, at worst.
+BATCH_ROUNDS = 4
 LEASE_SECONDS = 60.0
 POLL_SECONDS = 0.5
 AT_RISK_SECONDS = 60.0
@@ -267,24 +270,30 @@ class Deliverer:
         """Deliver every due event, a batch of ``concurrency`` at a time; return how many tried."""
         tried = 0
         while True:
+            limit = self.concurrency * BATCH_ROUNDS
             batch = await self._db(
-                self.store.claim_webhooks,
-                self.owner,
-                self.clock(),
-                self.lease_seconds,
-                self.concurrency,
+                self.store.claim_webhooks, self.owner, self.clock(), self.lease_seconds, limit
             )
             if not batch:
                 return tried
-            await asyncio.gather(*(self._deliver(event) for event in batch))
+            slots = asyncio.Semaphore(self.concurrency)
+            done = await asyncio.gather(*(self._deliver(event, slots) for event in batch))
+            try:
+                await self._db(self.store.record_webhooks, done, self.owner)
+            except errors.StoreError as exc:
+                # Left leased: sent again when the leases run out (at least once).
+                log.warning("webhook_outcomes_not_saved", events=len(done), error=str(exc))
             tried += len(batch)
-            if len(batch) < self.concurrency:
+            if len(batch) < limit:
                 return tried
 
-    async def _deliver(self, event: models.OutboxEvent) -> None:
+    async def _deliver(
+        self, event: models.OutboxEvent, slots: asyncio.Semaphore
+    ) -> models.OutboxEvent:
         payload = body(event)
-        headers = self.signer.headers(event.webhook_id, self.clock(), payload)
-        answer = await self.sender.post(self.url, headers, payload)
+        async with slots:
+            headers = self.signer.headers(event.webhook_id, self.clock(), payload)
+            answer = await self.sender.post(self.url, headers, payload)
         after = outcome(event, answer, self.clock(), self.schedule, self.draw)
         fields = {
             "webhook_id": event.webhook_id,
@@ -313,11 +322,7 @@ class Deliverer:
             )
         if self.meters is not None:
             self.meters.webhook_deliveries.labels(outcome=label).inc()
-        try:
-            await self._db(self.store.record_webhook, after, self.owner)
-        except errors.StoreError as exc:
-            # Left leased: it is sent again when the lease runs out (at least once).
-            log.warning("webhook_outcome_not_saved", webhook_id=event.webhook_id, error=str(exc))
+        return after
 
     async def warn_at_risk(self) -> int:
         """Write task.at_risk for tasks whose deadline is near (once per task, by the store)."""
