@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from seedance_archiver import (
+    archive,
     config,
     demo,
     errors,
@@ -24,6 +25,8 @@ from seedance_archiver import (
 PROG = "seedance-archiver"
 # `check` passes only if some daemon's heartbeat (every 10 s) is at most this old.
 CHECK_MAX_TICK_AGE_SECONDS = 60.0
+DEFAULT_LINK_SECONDS = 3600
+MAX_LINK_SECONDS = 7 * 86400  # S3's own limit for a presigned URL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="exit 0 if the database answers and a daemon ticks with an accepted key"
     )
     sub.add_parser("demo", help="the whole pipeline on SQLite + ./archive against the simulator")
+    url = sub.add_parser(
+        "url", help="print a presigned GET URL of an archived video (a path for a folder archive)"
+    )
+    url.add_argument("task_id")
+    url.add_argument(
+        "--expires", type=int, default=DEFAULT_LINK_SECONDS, help="seconds the link is valid"
+    )
     hooks = sub.add_parser("webhooks", help="list webhook deliveries (newest first)")
     hooks.add_argument("--failed", action="store_true", help="only those given up on")
     hooks.add_argument("--limit", type=int, default=100)
@@ -122,6 +132,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
                 else views.table(tasks, args.show_secrets)
             )
             return 0
+        if command == "url":
+            return _url(sql_store, args)
         if command == "webhooks":
             return _webhooks(sql_store, args)
         if command == "retry":
@@ -156,6 +168,19 @@ def _status(sql_store: store.Store, args: argparse.Namespace) -> int:
         print(views.to_json(views.summary_dict(summary, daemons, now, backlog)))
     else:
         print(views.summary(summary, daemons, now, backlog))
+    return 0
+
+
+def _url(sql_store: store.Store, args: argparse.Namespace) -> int:
+    if not 1 <= args.expires <= MAX_LINK_SECONDS:
+        print(f"{PROG}: --expires must be 1..{MAX_LINK_SECONDS} seconds", file=sys.stderr)
+        return 2
+    task = sql_store.get(args.task_id)
+    if task is None or task.state != models.State.ARCHIVED or not task.archive_uri:
+        why = "no such task" if task is None else f"not archived ({task.state})"
+        print(f"{PROG}: no link: {args.task_id}: {why}", file=sys.stderr)
+        return 1
+    print(archive.link(task.archive_uri, args.expires))
     return 0
 
 
