@@ -20,6 +20,7 @@ from seedance_archiver import (
     store,
     utils,
     views,
+    webhooks,
 )
 
 PROG = "seedance-archiver"
@@ -103,6 +104,9 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     command = args.command
     if command == "run":
         settings.resolve_api_key()  # fail before anything starts
+        if settings.webhook_url is not None:
+            webhooks.check_url(settings.webhook_url, settings.allow_private_webhook_hosts)
+            webhooks.Signer(settings.resolve_webhook_secrets())
         return asyncio.run(scheduler.run(settings))
     if command == "migrate":
         schema.upgrade(settings.resolve_database_url())

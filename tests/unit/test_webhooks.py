@@ -7,10 +7,12 @@ import dataclasses
 import datetime as dt
 import json
 import pathlib
+from collections.abc import Iterator
 
 import pytest
 import standardwebhooks
-from seedance_archiver import config, errors, models, testing, webhooks
+import structlog
+from seedance_archiver import cli, config, errors, models, testing, webhooks
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
@@ -180,3 +182,62 @@ class TestSecretSettings:
     def test_the_logged_url_carries_no_token(self) -> None:
         settings = config.Settings(webhook_url="https://u:p@hooks.example.com/x?token=t")
         assert settings.public_summary()["webhook_url"] == "https://hooks.example.com/x"
+
+
+class TestStartUp:
+    """`run` refuses a webhook setting it cannot use before anything starts (exit 2)."""
+
+    @pytest.fixture(autouse=True)
+    def _logs_back_to_default(self) -> Iterator[None]:
+        yield  # cli.main configured structlog onto pytest's captured stream
+        structlog.reset_defaults()
+
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            ({"SEEDANCE_WEBHOOK_URL": "https://hooks.example.com/x"}, "WEBHOOK_SECRET"),
+            (
+                {"SEEDANCE_WEBHOOK_URL": "http://10.0.0.5/x", "SEEDANCE_WEBHOOK_SECRET": SECRET},
+                "ALLOW_PRIVATE_WEBHOOK_HOSTS",
+            ),
+        ],
+    )
+    def test_run_exits_2(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        env: dict[str, str],
+        message: str,
+    ) -> None:
+        monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+        monkeypatch.setenv("SEEDANCE_API_KEY", "k")
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["run"]) == 2
+        assert message in capsys.readouterr().err
+
+
+class TestAtRiskJob:
+    """The deliverer's at-risk job writes task.at_risk once per task."""
+
+    async def test_once_per_task(self) -> None:
+        clock = testing.MovableClock()
+        near = models.Task(
+            task_id="video_near", state="polling", expires_at=NOW + dt.timedelta(minutes=30)
+        )
+        far = models.Task(
+            task_id="video_far", state="polling", expires_at=NOW + dt.timedelta(days=1)
+        )
+        fake = testing.FakeStore([near, far], clock=clock)
+        deliverer = webhooks.Deliverer(
+            fake,
+            "https://hooks.example.com/x",
+            webhooks.Signer([SECRET]),
+            ScriptedSender(),
+            owner="o",
+            clock=clock,
+            executor=testing.InlineExecutor(),
+        )
+        assert await deliverer.warn_at_risk() == 1
+        assert await deliverer.warn_at_risk() == 0
+        assert [(e.task_id, e.event) for e in fake.webhooks()] == [("video_near", "task.at_risk")]
