@@ -326,7 +326,7 @@ class Daemon:
         if self._listener is not None:
             await asyncio.to_thread(self._listener.stop)
         if self._delivery is not None:
-            # An attempt cut short keeps its lease and is sent again when it runs out.
+            # An attempt cut short is released by aclose and sent again by the next claim.
             self._delivery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._delivery

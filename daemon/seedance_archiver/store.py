@@ -82,6 +82,8 @@ class Store(Protocol):
 
     def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int: ...
 
+    def release_webhooks(self, owner: str) -> int: ...
+
     def webhook_backlog(self) -> WebhookBacklog: ...
 
     def webhooks(self, failed: bool = ..., limit: int | None = ...) -> list[models.OutboxEvent]: ...
@@ -693,6 +695,17 @@ class SqlStore:
                 )
                 written += int(conn.execute(stmt).rowcount)
         return written
+
+    def release_webhooks(self, owner: str) -> int:
+        """Give back every undelivered event ``owner`` holds (a clean stop), so the next claim
+        sends it at once instead of after the lease."""
+        stmt = (
+            sa.update(ob)
+            .where(ob.c.lease_owner == owner, ob.c.state == models.Delivery.PENDING.value)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
 
     def webhook_backlog(self) -> WebhookBacklog:
         pending = ob.c.state == models.Delivery.PENDING.value

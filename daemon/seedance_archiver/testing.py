@@ -248,6 +248,18 @@ class FakeStore:
     def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int:
         return sum(self.record_webhook(event, owner) for event in events)
 
+    def release_webhooks(self, owner: str) -> int:
+        mine = [
+            e
+            for e in self.outbox.values()
+            if e.lease_owner == owner and e.state == models.Delivery.PENDING
+        ]
+        for event in mine:
+            self.outbox[event.id] = dataclasses.replace(
+                event, lease_owner=None, lease_expires_at=None
+            )
+        return len(mine)
+
     def webhook_backlog(self) -> store.WebhookBacklog:
         pending = [e for e in self.outbox.values() if e.state == models.Delivery.PENDING]
         given_up = sum(

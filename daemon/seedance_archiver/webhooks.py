@@ -342,5 +342,14 @@ class Deliverer:
         return backlog
 
     async def aclose(self) -> None:
+        """Close the connections and give back the events this daemon still holds (attempts cut
+        short by the stop: sent again at once by the next claim, under the same webhook-id)."""
         await self.sender.aclose()
+        try:
+            released = await self._db(self.store.release_webhooks, self.owner)
+        except errors.StoreError as exc:
+            log.warning("webhook_leases_not_released", error=str(exc))
+        else:
+            if released:
+                log.info("webhook_leases_released", events=released)
         self._executor.shutdown(wait=False)

@@ -799,6 +799,7 @@ class TestPostgresRoles:
             assert [e.id for e in sql_store.webhooks()] == [event.id]
             assert sql_store.redeliver_webhook(event.id, now)
             assert sql_store.webhook_backlog().pending == 1
+            assert sql_store.release_webhooks("t-owner") == 0
             [task] = sql_store.claim_due("t-owner", utils.utcnow(), 60, 10)
             sql_store.save([task.replace(state="failed", updated_at=now)], "t-owner")
             assert sql_store.prune(later) == 1

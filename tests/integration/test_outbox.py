@@ -149,6 +149,15 @@ class TestDeliveryClaims:
         assert backlog.pending == 1 and backlog.given_up == 0
         assert backlog.oldest_pending_at is not None and backlog.oldest_pending_at.tzinfo
 
+    def test_a_clean_stop_releases_what_it_holds(self, sql_store: store.SqlStore) -> None:
+        finish(sql_store, "video_a", "archived")
+        now = utils.utcnow()
+        [event] = sql_store.claim_webhooks("one", now, 60, 10)
+        assert sql_store.release_webhooks("two") == 0
+        assert sql_store.release_webhooks("one") == 1
+        [again] = sql_store.claim_webhooks("two", now, 60, 10)
+        assert again.id == event.id
+
     def test_given_up_events_are_listed_and_redelivered(self, sql_store: store.SqlStore) -> None:
         finish(sql_store, "video_a", "archived")
         now = utils.utcnow()
