@@ -59,6 +59,7 @@ LEASE_SECONDS = 60.0
 POLL_SECONDS = 0.5
 AT_RISK_SECONDS = 60.0
 ERROR_CHARS = 300
+MAX_ANSWER_BYTES = 64 * 1024
 USER_AGENT = f"seedance-archiver/{seedance_archiver.__version__}"
 
 
@@ -210,7 +211,9 @@ class HttpSender:
             async with self._open().post(
                 url, data=payload.encode(), headers=sent, allow_redirects=False
             ) as response:
-                await response.read()  # bounded by the timeout; lets the connection be reused
+                # The answer's body means nothing to us: read a little (a connection whose answer
+                # was read whole is reused), never an unbounded amount.
+                await response.content.read(MAX_ANSWER_BYTES)
                 retry_after = provider.parse_retry_after(
                     response.headers.get("Retry-After"), utils.utcnow()
                 )
