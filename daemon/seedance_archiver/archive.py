@@ -237,7 +237,9 @@ class FileArchive:
 
     def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
         """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
-        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.json.part"
+        # Named like the video's temp file ({task_id}.{random}.part), so the same clean-up finds
+        # one a kill left behind.
+        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}-json.part"
         try:
             with temp.open("w", encoding="utf-8") as fh:
                 json.dump(sidecar, fh, indent=2, sort_keys=True)

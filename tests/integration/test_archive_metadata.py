@@ -65,6 +65,15 @@ class TestMetadata:
         assert sidecar["bytes"] == str(SMALL)
         assert list((tmp_path / archive.INCOMING_DIR).iterdir()) == []  # no temp file left
 
+    async def test_a_left_over_sidecar_temp_is_cleaned_up_with_the_task(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        store = archive.FileArchive(tmp_path)
+        (tmp_path / archive.INCOMING_DIR).mkdir()
+        (tmp_path / archive.INCOMING_DIR / "video_k.0123abcd-json.part").write_text("{")  # killed
+        assert await store.incomplete() == {"video_k"}
+        assert await store.discard_incomplete("video_k") == 1
+
     def test_non_ascii_values_are_encoded(self) -> None:
         described = archive.describe(models.Task(task_id="video_a", model="模型"))
         assert described["model"].isascii()
