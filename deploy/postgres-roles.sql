@@ -12,8 +12,8 @@
 --     DDL, so only the owner migrates: by hand or from a deploy step with the owner's URL, e.g.
 --       SEEDANCE_DATABASE_URL=postgresql://videos_owner@db/videos seedance-archiver migrate
 --   * seedance_archiver: what the daemon (`run`) and the operator commands (`add`, `status`,
---     `list`, `retry`, `check`) need: the rows of video_tasks (DELETE for
---     SEEDANCE_PRUNE_AFTER_DAYS) and of archiver_heartbeats. It may read alembic_version, so
+--     `list`, `retry`, `check`, `webhooks`) need: the rows of video_tasks (DELETE for
+--     SEEDANCE_PRUNE_AFTER_DAYS), of archiver_heartbeats and of webhook_outbox. It may read alembic_version, so
 --     `seedance-archiver migrate` run as this role (the ExecStartPre of
 --     deploy/seedance-archiver.service) is a no-op at head and fails -- the daemon does not
 --     start -- when the database is behind the code.
@@ -32,6 +32,11 @@
 -- as the inserting role, and PUBLIC may execute it by default. Keep it that way: where EXECUTE on
 -- pg_notify(text, text) has been revoked from PUBLIC, every insert fails with "permission denied
 -- for function pg_notify" (only a superuser can grant it back).
+--
+-- A move into a terminal state fires the row trigger video_tasks_done (migration 0006), also
+-- SECURITY INVOKER with a pinned search_path: it inserts the webhook event into webhook_outbox and
+-- sends NOTIFY video_tasks_done as the updating role, so the daemon's role needs INSERT on the
+-- outbox and USAGE on its id sequence. The feeder never changes a state, so it needs neither.
 
 DO $$
 BEGIN
@@ -64,6 +69,8 @@ GRANT USAGE ON SCHEMA public TO seedance_feeder, seedance_archiver;
 REVOKE ALL ON TABLE video_tasks FROM seedance_feeder, seedance_archiver;
 REVOKE ALL ON TABLE archiver_heartbeats FROM seedance_feeder, seedance_archiver;
 REVOKE ALL ON TABLE alembic_version FROM seedance_feeder, seedance_archiver;
+REVOKE ALL ON TABLE webhook_outbox FROM seedance_feeder, seedance_archiver;
+REVOKE ALL ON SEQUENCE webhook_outbox_id_seq FROM seedance_feeder, seedance_archiver;
 
 -- The feeder: read every column, insert a task id and its mode; every other column is the daemon's.
 GRANT SELECT ON TABLE video_tasks TO seedance_feeder;
@@ -74,6 +81,9 @@ GRANT INSERT (task_id, mode, provider) ON TABLE video_tasks TO seedance_feeder;
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE video_tasks TO seedance_archiver;
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE archiver_heartbeats TO seedance_archiver;
 GRANT SELECT ON TABLE alembic_version TO seedance_archiver;
+-- The outbox: written by the trigger (INSERT), claimed and recorded (UPDATE), pruned (DELETE).
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE webhook_outbox TO seedance_archiver;
+GRANT USAGE ON SEQUENCE webhook_outbox_id_seq TO seedance_archiver;
 
 -- No statement of the daemon's role runs away: the daemon sets its own statement_timeout on every
 -- connection (SEEDANCE_DATABASE_STATEMENT_TIMEOUT_SECONDS); this is the backstop for anything else

@@ -18,12 +18,13 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import threading
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import boto3
@@ -31,7 +32,7 @@ import botocore.config
 import botocore.exceptions
 import structlog
 
-from seedance_archiver import errors, metrics
+from seedance_archiver import errors, metrics, models
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -83,9 +84,17 @@ class Archive(Protocol):
         ...
 
     async def put(
-        self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
+        self,
+        task_id: str,
+        chunks: AsyncIterator[bytes],
+        expected_size: int | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Stored:
-        """Stream ``chunks`` in and commit them, or raise and leave nothing under the final key."""
+        """Stream ``chunks`` in and commit them, or raise and leave nothing under the final key.
+
+        ``metadata`` (ASCII-safe: see :func:`describe`) describes the video: S3 user metadata on the
+        object, or a ``{task_id}.json`` sidecar beside a folder's video.
+        """
         ...
 
     async def check(self) -> None:
@@ -194,7 +203,11 @@ class FileArchive:
         return Stored(path.resolve().as_uri(), size, digest.hexdigest())
 
     async def put(
-        self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
+        self,
+        task_id: str,
+        chunks: AsyncIterator[bytes],
+        expected_size: int | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Stored:
         failure = "archive folder write failed"
         incoming = self.root / INCOMING_DIR
@@ -232,7 +245,28 @@ class FileArchive:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        return Stored(final.resolve().as_uri(), counter.size, counter.hash.hexdigest())
+        stored = Stored(final.resolve().as_uri(), counter.size, counter.hash.hexdigest())
+        if metadata is not None:
+            # After the video's commit: a sidecar never describes a video that is not there.
+            sidecar = dict(metadata) | {"sha256": stored.sha256, "bytes": str(stored.size)}
+            await self._io(failure, self._write_sidecar, task_id, sidecar)
+        return stored
+
+    def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
+        """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
+        # Named like the video's temp file ({task_id}.{random}.part), so the same clean-up finds
+        # one a kill left behind.
+        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}-json.part"
+        try:
+            with temp.open("w", encoding="utf-8") as fh:
+                json.dump(sidecar, fh, indent=2, sort_keys=True)
+                _flush_and_sync(fh)
+            os.replace(temp, self.root / f"{task_id}.json")
+            _sync_dir(self.root)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
 
     def _temp_files(self) -> list[pathlib.Path]:
         incoming = self.root / INCOMING_DIR
@@ -377,6 +411,42 @@ def _status(exc: botocore.exceptions.ClientError) -> int | None:
 
 # Connections per client: more than ARCHIVE_IO_THREADS, so no archive thread waits for a connection.
 MAX_POOL_CONNECTIONS = 20
+
+
+def describe(task: models.Task) -> dict[str, str]:
+    """What an archived video says about itself: S3 user metadata / the folder's sidecar.
+
+    Values are ASCII (S3 user metadata must be): anything else is percent-encoded.
+    """
+    values = {
+        "task-id": task.task_id,
+        "model": task.model,
+        "actual-duration": None if task.actual_duration is None else f"{task.actual_duration:g}",
+        "provider-created": None
+        if task.provider_created_at is None
+        else task.provider_created_at.isoformat(),
+    }
+    return {k: urllib.parse.quote(v, safe=" :/+-.,_") for k, v in values.items() if v is not None}
+
+
+def link(archive_uri: str, expires_seconds: int, client: S3Client | None = None) -> str:
+    """A presigned GET URL for an ``s3://`` archive (valid ``expires_seconds``), or a folder
+    archive's local path: what the feeding application shows without credentials of its own."""
+    parts = urllib.parse.urlsplit(archive_uri)
+    if parts.scheme == "file":
+        return urllib.parse.unquote(parts.path)
+    if parts.scheme != "s3":
+        raise errors.ArchiveError(f"no link for an archive of scheme {parts.scheme!r}")
+    try:
+        return str(
+            (client or s3_client()).generate_presigned_url(
+                "get_object",
+                Params={"Bucket": parts.netloc, "Key": parts.path[1:]},
+                ExpiresIn=expires_seconds,
+            )
+        )
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise errors.ArchiveError(f"cannot sign a link: {exc}") from exc
 
 
 def s3_client(**kwargs: Any) -> S3Client:
@@ -537,9 +607,14 @@ class S3Archive:
         return Stored(self._uri(key), int(head["ContentLength"]), sha)
 
     async def put(
-        self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
+        self,
+        task_id: str,
+        chunks: AsyncIterator[bytes],
+        expected_size: int | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Stored:
         key = self.key(task_id)
+        described = dict(metadata or {})
         counter = _Counter()
         pending: list[bytes] = []  # the part being filled, as received (joined once when full)
         pending_size = 0
@@ -564,6 +639,7 @@ class S3Archive:
                             Bucket=self.bucket,
                             Key=key,
                             ContentType="video/mp4",
+                            Metadata=described,
                         )
                         upload_id = created["UploadId"]
                     await slots.acquire()
@@ -585,7 +661,7 @@ class S3Archive:
                     Key=key,
                     Body=b"".join(pending),
                     ContentType="video/mp4",
-                    Metadata={"sha256": sha},
+                    Metadata=described | {"sha256": sha},
                 )
             else:
                 if pending:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from seedance_archiver import (
+    archive,
     config,
     demo,
     errors,
@@ -20,11 +21,14 @@ from seedance_archiver import (
     supervisor,
     utils,
     views,
+    webhooks,
 )
 
 PROG = "seedance-archiver"
 # `check` passes only if some daemon's heartbeat (every 10 s) is at most this old.
 CHECK_MAX_TICK_AGE_SECONDS = 60.0
+DEFAULT_LINK_SECONDS = 3600
+MAX_LINK_SECONDS = 7 * 86400  # S3's own limit for a presigned URL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +72,20 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="exit 0 if the database answers and a daemon ticks with an accepted key"
     )
     sub.add_parser("demo", help="the whole pipeline on SQLite + ./archive against the simulator")
+    url = sub.add_parser(
+        "url", help="print a presigned GET URL of an archived video (a path for a folder archive)"
+    )
+    url.add_argument("task_id")
+    url.add_argument(
+        "--expires", type=int, default=DEFAULT_LINK_SECONDS, help="seconds the link is valid"
+    )
+    hooks = sub.add_parser("webhooks", help="list webhook deliveries (newest first)")
+    hooks.add_argument("--failed", action="store_true", help="only those given up on")
+    hooks.add_argument("--limit", type=int, default=100)
+    hooks.add_argument("--json", action="store_true", help="print JSON for scripts")
+    hooks_sub = hooks.add_subparsers(dest="webhooks_action", metavar="ACTION")
+    redeliver = hooks_sub.add_parser("redeliver", help="send one event again (same webhook-id)")
+    redeliver.add_argument("event_id", type=int)
     return parser
 
 
@@ -91,6 +109,9 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     command = args.command
     if command == "run":
         settings.resolve_api_key()  # fail before anything starts
+        if settings.webhook_url is not None:
+            webhooks.check_url(settings.webhook_url, settings.allow_private_webhook_hosts)
+            webhooks.Signer(settings.resolve_webhook_secrets())
         if args.processes != 1:
             _check_processes(args.processes, settings)
             return supervisor.run(
@@ -127,6 +148,10 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
                 else views.table(tasks, args.show_secrets)
             )
             return 0
+        if command == "url":
+            return _url(sql_store, args)
+        if command == "webhooks":
+            return _webhooks(sql_store, args)
         if command == "retry":
             outcome = sql_store.retry(args.task_id, utils.utcnow(), force=args.force)
             if outcome is not store.RetryOutcome.RETRIED:
@@ -166,10 +191,39 @@ def _status(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rule
     daemons = sql_store.daemons()
     times = sql_store.generation_times(now - rules.retention, policy.LEARN_WINDOW)
     generation = policy.model_times(times, rules)
+    backlog = sql_store.webhook_backlog()
     if args.json:
-        print(views.to_json(views.summary_dict(summary, daemons, now, generation)))
+        print(views.to_json(views.summary_dict(summary, daemons, now, generation, backlog)))
     else:
-        print(views.summary(summary, daemons, now, generation))
+        print(views.summary(summary, daemons, now, generation, backlog))
+    return 0
+
+
+def _url(sql_store: store.Store, args: argparse.Namespace) -> int:
+    if not 1 <= args.expires <= MAX_LINK_SECONDS:
+        print(f"{PROG}: --expires must be 1..{MAX_LINK_SECONDS} seconds", file=sys.stderr)
+        return 2
+    task = sql_store.get(args.task_id)
+    if task is None or task.state != models.State.ARCHIVED or not task.archive_uri:
+        why = "no such task" if task is None else f"not archived ({task.state})"
+        print(f"{PROG}: no link: {args.task_id}: {why}", file=sys.stderr)
+        return 1
+    print(archive.link(task.archive_uri, args.expires))
+    return 0
+
+
+def _webhooks(sql_store: store.Store, args: argparse.Namespace) -> int:
+    if args.webhooks_action == "redeliver":
+        if not sql_store.redeliver_webhook(args.event_id, utils.utcnow()):
+            print(f"{PROG}: no such webhook event: {args.event_id}", file=sys.stderr)
+            return 1
+        print(f"{PROG}: webhook event {args.event_id} will be sent again now")
+        return 0
+    events = sql_store.webhooks(failed=args.failed, limit=args.limit)
+    if args.json:
+        print(views.to_json([views.webhook_dict(e) for e in events]))
+    else:
+        print(views.webhook_table(events))
     return 0
 
 

@@ -34,6 +34,8 @@ API_KEY_CREDENTIAL = "seedance-api-key"
 # Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
 DATABASE_URL_CREDENTIAL = "seedance-database-url"
 DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
+# Name of the systemd credential (LoadCredential=seedance-webhook-secret:...) holding the secrets.
+WEBHOOK_SECRET_CREDENTIAL = "seedance-webhook-secret"
 # NoDecode: the value is "min-max" text, not JSON (pydantic-settings JSON-decodes complex types).
 CadenceSetting = Annotated[
     models.Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(models.Cadence.parse)
@@ -109,6 +111,15 @@ class Settings(pydantic_settings.BaseSettings):
     database_statement_timeout_seconds: float = pydantic.Field(default=15.0, gt=0, le=3600)
     # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.
     max_download_seconds: float = pydantic.Field(default=3600.0, gt=0)
+    # Webhooks to the feeding application (off while no URL is set).
+    webhook_url: str | None = None
+    # One or more whsec_ secrets, separated by spaces or commas: every one signs (rotation).
+    webhook_secret: pydantic.SecretStr | None = None
+    webhook_secret_file: pathlib.Path | None = None
+    allow_private_webhook_hosts: bool = False
+    webhook_timeout_seconds: float = pydantic.Field(default=10.0, gt=0, le=300)
+    webhook_concurrency: int = pydantic.Field(default=8, ge=1, le=256)
+
     # Serve POST /callbacks/{provider} on the HTTP port: a provider's callback makes its row due now.
     callbacks: bool = False
 
@@ -241,6 +252,29 @@ class Settings(pydantic_settings.BaseSettings):
             )
         return self.database_url
 
+    def resolve_webhook_secrets(self) -> list[str]:
+        """The webhook secrets from SEEDANCE_WEBHOOK_SECRET, its _FILE, or the systemd credential.
+
+        Several secrets (space- or comma-separated) all sign each webhook, so a receiver can move
+        to a new one before the old one is dropped.
+        """
+        if self.webhook_secret is not None:
+            text = self.webhook_secret.get_secret_value()
+        elif self.webhook_secret_file is not None:
+            text = _read_secret_file(self.webhook_secret_file, f"{ENV_PREFIX}WEBHOOK_SECRET_FILE")
+        elif (cred := _credential(WEBHOOK_SECRET_CREDENTIAL)) is not None:
+            text = _read_secret_file(cred, f"credential {WEBHOOK_SECRET_CREDENTIAL}")
+        else:
+            raise errors.ConfigError(
+                f"missing setting {ENV_PREFIX}WEBHOOK_SECRET (or {ENV_PREFIX}WEBHOOK_SECRET_FILE, "
+                f"or the systemd credential {WEBHOOK_SECRET_CREDENTIAL}): "
+                f"{ENV_PREFIX}WEBHOOK_URL is set"
+            )
+        secrets = [part for part in re.split(r"[\s,]+", text) if part]
+        if not secrets:
+            raise errors.ConfigError(f"invalid setting {ENV_PREFIX}WEBHOOK_SECRET: it is empty")
+        return secrets
+
     def public_summary(self) -> dict[str, Any]:
         """The settings worth logging at start, with every secret left out or masked."""
         db = sqlalchemy.engine.make_url(self.resolve_database_url()).render_as_string(
@@ -254,7 +288,35 @@ class Settings(pydantic_settings.BaseSettings):
             "poll": {mode: str(c) for mode, c in self.cadences().items()},
             "expected_seconds": {res: str(r) for res, r in self.generation_times().items()},
             "max_requests_per_second": self.max_requests_per_second,
+            "webhook_url": _without_credentials(self.webhook_url),
         }
+
+
+def _credential(name: str) -> pathlib.Path | None:
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = pathlib.Path(cred_dir) / name if cred_dir else None
+    return path if path is not None and path.exists() else None
+
+
+def _read_secret_file(path: pathlib.Path, name: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise errors.ConfigError(
+            f"invalid setting {name}: cannot read the file ({exc.strerror})"
+        ) from None
+    except UnicodeDecodeError:
+        raise errors.ConfigError(f"invalid setting {name}: the file is not UTF-8 text") from None
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """A URL fit for a log: no user, password, query or fragment (any may carry a token)."""
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -293,14 +355,7 @@ def _read_database_url(path: pathlib.Path, name: str) -> str:
 
 
 def _read_key_file(path: pathlib.Path, name: str) -> str:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise errors.ConfigError(
-            f"invalid setting {name}: cannot read the file ({exc.strerror})"
-        ) from None
-    except UnicodeDecodeError:
-        raise errors.ConfigError(f"invalid setting {name}: the file is not UTF-8 text") from None
+    text = _read_secret_file(path, name)
     if not text or any(ch.isspace() for ch in text):
         raise errors.ConfigError(f"invalid setting {name}: the file must hold one token")
     return text

@@ -122,6 +122,29 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_deliveries = prom.Counter(
+            "seedance_webhook_deliveries",
+            "Webhook attempts by outcome: delivered (2xx), retry (will be tried again), failed (the "
+            "retry schedule ran out), disabled (410 Gone).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_backlog = prom.Gauge(
+            "seedance_webhook_backlog",
+            "Webhook events not yet delivered (refreshed with the other gauges).",
+            registry=r,
+        )
+        self.webhook_oldest_age = prom.Gauge(
+            "seedance_webhook_oldest_undelivered_age_seconds",
+            "Age of the oldest webhook event not yet delivered; 0 when none is waiting.",
+            registry=r,
+        )
+        self.webhook_given_up = prom.Gauge(
+            "seedance_webhook_given_up",
+            "Webhook events given up on (failed or disabled) and not redelivered.",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))
 

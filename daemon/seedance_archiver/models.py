@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
 import math
 from typing import Any
 
@@ -323,3 +324,136 @@ def claim_key(task: Task) -> tuple[tuple[bool, dt.datetime], ...]:
 DAEMON_FIELDS = tuple(
     name for name in TASK_FIELDS if name not in ("task_id", "mode", "inserted_at", "lease_owner")
 )
+
+
+# --- what the feeding application is told (issue 11) ---------------------------------------------
+
+
+class Event(enum.StrEnum):
+    """The webhook events: one per terminal state, and a warning while a deadline is near."""
+
+    ARCHIVED = "task.archived"
+    FAILED = "task.failed"
+    CANCELLED = "task.cancelled"
+    EXPIRED = "task.expired"
+    REJECTED = "task.rejected"
+    AT_RISK = "task.at_risk"
+
+
+class Delivery(enum.StrEnum):
+    """Where one outbox event is: waiting (or retrying), delivered, or given up on."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # every attempt of the retry schedule failed
+    DISABLED = "disabled"  # the receiver answered 410 Gone: never sent again unless redelivered
+
+
+# The row's public fields an event carries: no signed link (video_url), no lease.
+EVENT_FIELDS = (
+    "task_id",
+    "mode",
+    "state",
+    "provider_status",
+    "model",
+    "actual_duration",
+    "error",
+    "provider_created_at",
+    "expires_at",
+    "inserted_at",
+    "completed_at",
+    "archived_at",
+    "polls",
+    "archive_uri",
+    "archive_bytes",
+    "archive_sha256",
+)
+
+
+class WebhookOutbox(Base):
+    """One event for the feeding application, written in the transaction that changed the row.
+
+    A trigger on ``video_tasks`` writes it (migration 0006), so every writer is covered; the daemon
+    delivers it at least once, ``webhook_id`` staying the same on every attempt.
+    """
+
+    __tablename__ = "webhook_outbox"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    webhook_id: orm.Mapped[str] = orm.mapped_column(sa.Text, unique=True)
+    task_id: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    event: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    payload: orm.Mapped[str] = orm.mapped_column(sa.Text)  # JSON: the row's EVENT_FIELDS
+    created_at: orm.Mapped[dt.datetime] = orm.mapped_column(
+        UTCDateTime, server_default=sa.func.now()
+    )
+    state: orm.Mapped[str] = orm.mapped_column(sa.Text, server_default=Delivery.PENDING.value)
+    next_attempt_at: orm.Mapped[dt.datetime] = orm.mapped_column(
+        UTCDateTime, server_default=sa.func.now()
+    )
+    attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    last_status: orm.Mapped[int | None] = orm.mapped_column(sa.Integer)
+    last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    delivered_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+    lease_owner: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    lease_expires_at: orm.Mapped[dt.datetime | None] = orm.mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("state", Delivery), name="ck_webhook_outbox_state"),
+        sa.Index(
+            "ix_webhook_outbox_due",
+            "next_attempt_at",
+            sqlite_where=sa.text("state = 'pending'"),
+            postgresql_where=sa.text("state = 'pending'"),
+        ),
+        sa.Index("ix_webhook_outbox_task", "task_id"),
+        # task.at_risk is sent once per task: a second insert (another replica) is a no-op.
+        sa.Index(
+            "ux_webhook_outbox_at_risk",
+            "task_id",
+            unique=True,
+            sqlite_where=sa.text("event = 'task.at_risk'"),
+            postgresql_where=sa.text("event = 'task.at_risk'"),
+        ),
+        {"sqlite_autoincrement": True},
+    )
+
+
+webhook_outbox: sa.Table = WebhookOutbox.__table__  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A snapshot of one ``webhook_outbox`` row."""
+
+    id: int
+    webhook_id: str
+    task_id: str
+    event: str
+    payload: str
+    created_at: dt.datetime
+    state: str = Delivery.PENDING.value
+    next_attempt_at: dt.datetime | None = None
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+    delivered_at: dt.datetime | None = None
+    lease_owner: str | None = None
+    lease_expires_at: dt.datetime | None = None
+
+
+def event_time(value: dt.datetime | None) -> str | None:
+    """A time as event payloads write it: UTC ISO 8601 with milliseconds (as the trigger does)."""
+    if value is None:
+        return None
+    value = value.astimezone(dt.UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def event_payload(task: Task) -> str:
+    """A row's public fields as JSON, the same fields and formats the trigger writes."""
+    data = {}
+    for name in EVENT_FIELDS:
+        value = getattr(task, name)
+        data[name] = event_time(value) if isinstance(value, dt.datetime) else value
+    return json.dumps(data)

@@ -308,6 +308,11 @@ def _is_public(address: str) -> bool:
     return True
 
 
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is public unicast: the rule for video links, also for webhook hosts."""
+    return _is_public(address)
+
+
 PRIVATE_HOST_MESSAGE = (
     "unsafe video_url: its host resolves to a loopback, private or link-local address "
     "(set SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true to allow)"

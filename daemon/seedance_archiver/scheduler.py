@@ -8,6 +8,7 @@ is the only source of truth.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -32,6 +33,7 @@ from seedance_archiver import (
     store,
     systemd,
     web,
+    webhooks,
 )
 
 log = structlog.get_logger(__name__)
@@ -45,6 +47,8 @@ PRUNE_SECONDS = 3600.0
 WATCHDOG_STALE_SECONDS = 30.0
 KEY_CHECK_SECONDS = 1.0  # how often the key-check job asks whether a check is due (cheap)
 RATE_BURST = 10
+WEBHOOK_POLL_SECONDS = 0.5  # how often the outbox is asked for due events
+AT_RISK_SECONDS = 60.0
 
 
 def _guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
@@ -129,6 +133,35 @@ def build_service(settings: config.Settings, api_key: str) -> tuple[service.Serv
     return svc, sql_store
 
 
+def build_deliverer(
+    settings: config.Settings, svc: service.Service, task_store: store.Store
+) -> webhooks.Deliverer | None:
+    """The webhook deliverer the settings ask for; None while SEEDANCE_WEBHOOK_URL is unset."""
+    if settings.webhook_url is None:
+        return None
+    webhooks.check_url(settings.webhook_url, settings.allow_private_webhook_hosts)
+    sender = webhooks.HttpSender(
+        timeout_seconds=settings.webhook_timeout_seconds,
+        concurrency=settings.webhook_concurrency,
+        allow_private_hosts=settings.allow_private_webhook_hosts,
+    )
+    return webhooks.Deliverer(
+        task_store,
+        settings.webhook_url,
+        webhooks.Signer(settings.resolve_webhook_secrets()),
+        sender,
+        owner=svc.owner,
+        meters=svc.metrics,
+        concurrency=settings.webhook_concurrency,
+        # Longer than a batch can take, so a live daemon never loses an event it is sending.
+        lease_seconds=max(
+            settings.lease_seconds,
+            (webhooks.BATCH_ROUNDS + 1) * settings.webhook_timeout_seconds,
+        ),
+        clock=svc.clock,
+    )
+
+
 async def run(
     settings: config.Settings,
     *,
@@ -174,6 +207,8 @@ class Daemon:
         self._ticker: _Ticker | None = None
         self._listener: store.Listener | None = None
         self._server: web.WebServer | None = None
+        self.deliverer: webhooks.Deliverer | None = None
+        self._delivery: asyncio.Task[None] | None = None
         self._started_at = dt.datetime.now(dt.UTC)
         # The heartbeat being written, if any. The scheduler's shutdown cancels a job in flight,
         # but not its write in a thread: close() waits for it before removing the heartbeat, so the
@@ -210,6 +245,7 @@ class Daemon:
         # Looked up at call time: tests and benchmarks wrap build_service.
         self.svc, self.store = build_service(self.settings, self.settings.resolve_api_key())
         self._started_at = self.svc.clock()
+        self.deliverer = build_deliverer(self.settings, self.svc, self.store)
 
     async def _check(self) -> None:
         """The schema must be there (fatal); the archive should answer (logged, retried by work)."""
@@ -232,6 +268,12 @@ class Daemon:
         self._every("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, now=True)
         if self.settings.prune_after_days > 0:
             self._every("prune", self._prune, PRUNE_SECONDS, now=True)
+        if self.deliverer is not None:
+            # Its own task, not a scheduler job: a receiver that hangs holds up only its batch,
+            # never the tick, and never piles up "job skipped" warnings.
+            self._delivery = asyncio.get_running_loop().create_task(self._deliver_forever())
+            self._every("at_risk_events", self.deliverer.warn_at_risk, AT_RISK_SECONDS, now=True)
+            self._every("webhook_gauges", self.deliverer.refresh_gauges, GAUGES_SECONDS, now=True)
         watchdog_seconds = systemd.watchdog_interval()
         if watchdog_seconds is not None:
             self._every("watchdog", self._watchdog, watchdog_seconds, now=True)
@@ -284,6 +326,13 @@ class Daemon:
             await self._server.stop()
         if self._listener is not None:
             await asyncio.to_thread(self._listener.stop)
+        if self._delivery is not None:
+            # An attempt cut short is released by aclose and sent again by the next claim.
+            self._delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._delivery
+        if self.deliverer is not None:
+            await self.deliverer.aclose()
         if self.svc is not None and self.store is not None:
             await self.svc.provider.aclose()
             self._closing = True
@@ -320,6 +369,13 @@ class Daemon:
             api_key_ok=not svc.auth_blocked,
         )
         await svc.db(task_store.beat, beat)
+
+    async def _deliver_forever(self) -> None:
+        assert self.deliverer is not None
+        run = _guarded("deliver_webhooks", self.deliverer.deliver_due)
+        while not self.stop_requested.is_set():
+            await run()
+            await asyncio.sleep(WEBHOOK_POLL_SECONDS)
 
     async def _prune(self) -> None:
         svc, task_store = self._parts()

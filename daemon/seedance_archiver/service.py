@@ -663,7 +663,9 @@ class Service:
         try:
             async with asyncio.timeout(max(0.0, limit)):
                 async with self.provider.open_video(row.video_url) as video:
-                    return await self.archive.put(row.task_id, video.chunks, video.length)
+                    return await self.archive.put(
+                        row.task_id, video.chunks, video.length, archive.describe(row)
+                    )
         except TimeoutError:
             raise errors.DownloadError(
                 f"the download did not finish within {limit:.0f}s (the task's deadline or "

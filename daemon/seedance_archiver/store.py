@@ -17,11 +17,14 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
 import sqlalchemy as sa
+import sqlalchemy.dialects.postgresql
+import sqlalchemy.dialects.sqlite
 import sqlalchemy.exc
 import structlog
 
@@ -30,8 +33,11 @@ from seedance_archiver import errors, models
 log = structlog.get_logger(__name__)
 t = models.video_tasks
 hb = models.heartbeats
+ob = models.webhook_outbox
 
 LISTEN_CHANNEL = "video_tasks"
+# Every move into a terminal state is announced here (migration 0006), for feeding applications.
+DONE_CHANNEL = "video_tasks_done"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
 
@@ -82,6 +88,26 @@ class Store(Protocol):
         """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
         completed at or after ``since`` (what the daemons saw, shared through the table)."""
         ...
+
+    # --- the feeding application's webhooks (the outbox)
+
+    def add_at_risk_events(self, now: dt.datetime, limit: int = ...) -> int: ...
+
+    def claim_webhooks(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[models.OutboxEvent]: ...
+
+    def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool: ...
+
+    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int: ...
+
+    def release_webhooks(self, owner: str) -> int: ...
+
+    def webhook_backlog(self) -> WebhookBacklog: ...
+
+    def webhooks(self, failed: bool = ..., limit: int | None = ...) -> list[models.OutboxEvent]: ...
+
+    def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool: ...
 
     # --- what is there
 
@@ -327,6 +353,18 @@ _COPY_UPDATE = (
 )
 
 
+def new_webhook_id() -> str:
+    """A webhook-id like the trigger's: ``msg_`` and 32 hex digits, the same on every attempt."""
+    return "msg_" + uuid.uuid4().hex
+
+
+def _insert(dialect: str, table: sa.Table) -> Any:
+    """An INSERT that can say ON CONFLICT DO NOTHING, on either database."""
+    if dialect == "postgresql":
+        return sqlalchemy.dialects.postgresql.insert(table)
+    return sqlalchemy.dialects.sqlite.insert(table)
+
+
 class RetryOutcome(enum.StrEnum):
     """What ``retry`` did."""
 
@@ -359,6 +397,15 @@ class Summary:
     at_risk: int  # not archived yet, deadline less than AT_RISK away
     oldest_pending: models.Task | None
     due_soon: int = 0  # rows to poll (pending, polling) due within LOAD_WINDOW, overdue included
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookBacklog:
+    """The outbox at a glance: what is still to deliver, since when, and what was given up on."""
+
+    pending: int
+    oldest_pending_at: dt.datetime | None  # when the oldest undelivered event was written
+    given_up: int  # failed (the schedule ran out) or disabled (410 Gone)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -721,21 +768,181 @@ class SqlStore:
         return times
 
     def prune(self, finished_before: dt.datetime, batch: int = 5000) -> int:
-        """Delete finished rows last updated before ``finished_before``, in small batches."""
+        """Delete finished rows last updated before ``finished_before``, in small batches, and
+        their webhook events with them."""
         terminal = [s.value for s in models.TERMINAL_STATES]
         total = 0
         while True:
-            doomed = (
+            doomed_stmt = (
                 sa.select(t.c.task_id)
                 .where(t.c.state.in_(terminal), t.c.updated_at < finished_before)
                 .limit(batch)
-                .scalar_subquery()
             )
             with self._begin() as conn:
-                deleted = int(conn.execute(sa.delete(t).where(t.c.task_id.in_(doomed))).rowcount)
-            total += deleted
-            if deleted < batch:
+                doomed = list(conn.scalars(doomed_stmt))
+                if doomed:
+                    conn.execute(sa.delete(ob).where(ob.c.task_id.in_(doomed)))
+                    conn.execute(sa.delete(t).where(t.c.task_id.in_(doomed)))
+            total += len(doomed)
+            if len(doomed) < batch:
                 return total
+
+    # --- the feeding application's webhooks (the outbox) ----------------------------------------
+
+    def add_at_risk_events(self, now: dt.datetime, limit: int = 1000) -> int:
+        """Write ``task.at_risk`` for rows not archived whose deadline is under AT_RISK away.
+
+        Once per task: the outbox's unique index on (task_id) for this event makes a second insert,
+        by us or by a replica at the same moment, a no-op.
+        """
+        active = [s.value for s in models.ACTIVE_STATES]
+        warned = sa.select(ob.c.task_id).where(
+            ob.c.task_id == t.c.task_id, ob.c.event == models.Event.AT_RISK.value
+        )
+        stmt = (
+            sa.select(t)
+            .where(t.c.state.in_(active), t.c.expires_at < now + AT_RISK, ~warned.exists())
+            .order_by(t.c.expires_at)
+            .limit(limit)
+        )
+        with self._begin() as conn:
+            tasks = [_task(row) for row in conn.execute(stmt)]
+            if not tasks:
+                return 0
+            insert = _insert(self.dialect, ob).on_conflict_do_nothing().returning(ob.c.id)
+            rows = [
+                {
+                    "webhook_id": new_webhook_id(),
+                    "task_id": task.task_id,
+                    "event": models.Event.AT_RISK.value,
+                    "payload": models.event_payload(task),
+                    "created_at": now,
+                    "next_attempt_at": now,
+                }
+                for task in tasks
+            ]
+            # RETURNING counts what was written (rowcount is -1 for an executemany on psycopg).
+            return len(conn.execute(insert, rows).all())
+
+    def claim_webhooks(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[models.OutboxEvent]:
+        """Lease up to ``limit`` due undelivered events to ``owner``, oldest due first.
+
+        SKIP LOCKED on PostgreSQL, and the lease after it, so replicas never send one event at once.
+        """
+        if limit <= 0:
+            return []
+        due = (
+            sa.select(ob.c.id)
+            .where(
+                ob.c.state == models.Delivery.PENDING.value,
+                ob.c.next_attempt_at <= now,
+                sa.or_(
+                    ob.c.lease_expires_at.is_(None), ob.c.lease_expires_at < self._lease_clock(now)
+                ),
+            )
+            .order_by(ob.c.next_attempt_at, ob.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            sa.update(ob)
+            .where(ob.c.id.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_expires_at=self._lease_until(now, lease_seconds))
+            .returning(*ob.c)
+        )
+        with self._begin() as conn:
+            claimed = [models.OutboxEvent(**row._mapping) for row in conn.execute(stmt)]
+        return sorted(claimed, key=lambda e: e.id)
+
+    def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool:
+        """Write the outcome of one attempt and release the lease; False if it was not written."""
+        return self.record_webhooks([event], owner) == 1
+
+    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int:
+        """Write the outcomes of a batch of attempts in one transaction (one commit, not one per
+        event) and release their leases; return how many were written.
+
+        A delivery is recorded even if ``owner``'s lease ran out meanwhile (the receiver has it:
+        recording it spares a duplicate); any other outcome only while ``owner`` holds the lease.
+        """
+        written = 0
+        with self._begin() as conn:
+            for event in events:
+                mine = ob.c.lease_owner == owner
+                if event.state == models.Delivery.DELIVERED.value:
+                    mine = sa.or_(mine, ob.c.state == models.Delivery.PENDING.value)
+                stmt = (
+                    sa.update(ob)
+                    .where(ob.c.id == event.id, mine)
+                    .values(
+                        state=event.state,
+                        attempts=event.attempts,
+                        next_attempt_at=event.next_attempt_at,
+                        last_status=event.last_status,
+                        last_error=event.last_error,
+                        delivered_at=event.delivered_at,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                )
+                written += int(conn.execute(stmt).rowcount)
+        return written
+
+    def release_webhooks(self, owner: str) -> int:
+        """Give back every undelivered event ``owner`` holds (a clean stop), so the next claim
+        sends it at once instead of after the lease."""
+        stmt = (
+            sa.update(ob)
+            .where(ob.c.lease_owner == owner, ob.c.state == models.Delivery.PENDING.value)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def webhook_backlog(self) -> WebhookBacklog:
+        pending = ob.c.state == models.Delivery.PENDING.value
+        stmt = sa.select(
+            sa.func.count().filter(pending),
+            sa.func.min(ob.c.created_at).filter(pending),
+            sa.func.count().filter(~pending, ob.c.state != models.Delivery.DELIVERED.value),
+        )
+        with self._begin() as conn:
+            count, oldest, given_up = conn.execute(stmt).one()
+        oldest_at = models.UTCDateTime().process_result_value(oldest, self.engine.dialect)
+        if isinstance(oldest, str):  # SQLite's aggregate loses the column's type
+            oldest_at = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.UTC)
+        return WebhookBacklog(int(count), oldest_at, int(given_up))
+
+    def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
+        """The outbox, newest first; with ``failed``, only the events given up on."""
+        stmt = sa.select(ob).order_by(ob.c.id.desc())
+        if failed:
+            stmt = stmt.where(
+                ob.c.state.in_([models.Delivery.FAILED.value, models.Delivery.DISABLED.value])
+            )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._begin() as conn:
+            return [models.OutboxEvent(**row._mapping) for row in conn.execute(stmt)]
+
+    def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool:
+        """Send event ``event_id`` again now, under the same webhook-id; False if there is none."""
+        stmt = (
+            sa.update(ob)
+            .where(ob.c.id == event_id)
+            .values(
+                state=models.Delivery.PENDING.value,
+                next_attempt_at=now,
+                attempts=0,
+                delivered_at=None,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount) == 1
 
     # --- daemon heartbeats ------------------------------------------------------------------------
 
@@ -766,7 +973,7 @@ class SqlStore:
         """Raise StoreError with the fix if ``video_tasks`` has not been created yet."""
         with self._begin() as conn:
             inspector = sa.inspect(conn)
-            for table in (t.name, hb.name):
+            for table in (t.name, hb.name, ob.name):
                 if not inspector.has_table(table):
                     raise errors.StoreError(
                         f"the table {table} does not exist: run `seedance-archiver migrate` first"

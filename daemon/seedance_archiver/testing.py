@@ -68,6 +68,7 @@ class FakeStore:
         self.saved: list[models.Task] = []
         self.released: list[str] = []
         self.beats: dict[str, store.DaemonBeat] = {}
+        self.outbox: dict[int, models.OutboxEvent] = {}
         self.closed = False
 
     def add(self, task_id: str, mode: str = models.Mode.STANDARD.value) -> bool:
@@ -128,6 +129,7 @@ class FakeStore:
         ]
         for task_id in doomed:
             del self.rows[task_id]
+        self.outbox = {i: e for i, e in self.outbox.items() if e.task_id not in doomed}
         return len(doomed)
 
     def beat(self, beat: store.DaemonBeat) -> None:
@@ -219,7 +221,122 @@ class FakeStore:
             self.rows[task.task_id] = task.replace(lease_owner=None, lease_expires_at=None)
             self.saved.append(task)
             written += 1
+            if task.is_terminal and current.state != task.state:  # what the trigger does
+                self._event(task, models.Event(f"task.{task.state}"), self.clock())
         return written
+
+    def _event(self, task: models.Task, event: models.Event, now: dt.datetime) -> None:
+        event_id = max(self.outbox, default=0) + 1
+        self.outbox[event_id] = models.OutboxEvent(
+            id=event_id,
+            webhook_id=store.new_webhook_id(),
+            task_id=task.task_id,
+            event=event.value,
+            payload=models.event_payload(task),
+            created_at=now,
+            next_attempt_at=now,
+        )
+
+    def add_at_risk_events(self, now: dt.datetime, limit: int = 1000) -> int:
+        warned = {e.task_id for e in self.outbox.values() if e.event == models.Event.AT_RISK}
+        doomed = sorted(
+            (
+                t
+                for t in self.rows.values()
+                if not t.is_terminal
+                and t.expires_at is not None
+                and t.expires_at < now + store.AT_RISK
+                and t.task_id not in warned
+            ),
+            key=lambda t: t.expires_at or EPOCH,
+        )[:limit]
+        for task in doomed:
+            self._event(task, models.Event.AT_RISK, now)
+        return len(doomed)
+
+    def claim_webhooks(
+        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+    ) -> list[models.OutboxEvent]:
+        due = sorted(
+            (
+                e
+                for e in self.outbox.values()
+                if e.state == models.Delivery.PENDING
+                and e.next_attempt_at is not None
+                and e.next_attempt_at <= now
+                and (e.lease_expires_at is None or e.lease_expires_at < now)
+            ),
+            key=lambda e: (e.next_attempt_at or EPOCH, e.id),
+        )[: max(0, limit)]
+        until = now + dt.timedelta(seconds=lease_seconds)
+        claimed = []
+        for event in due:
+            self.outbox[event.id] = dataclasses.replace(
+                event, lease_owner=owner, lease_expires_at=until
+            )
+            claimed.append(self.outbox[event.id])
+        return claimed
+
+    def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool:
+        current = self.outbox.get(event.id)
+        if current is None:
+            return False
+        delivered = event.state == models.Delivery.DELIVERED
+        if current.lease_owner != owner and not (
+            delivered and current.state == models.Delivery.PENDING
+        ):
+            return False
+        self.outbox[event.id] = dataclasses.replace(event, lease_owner=None, lease_expires_at=None)
+        return True
+
+    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int:
+        return sum(self.record_webhook(event, owner) for event in events)
+
+    def release_webhooks(self, owner: str) -> int:
+        mine = [
+            e
+            for e in self.outbox.values()
+            if e.lease_owner == owner and e.state == models.Delivery.PENDING
+        ]
+        for event in mine:
+            self.outbox[event.id] = dataclasses.replace(
+                event, lease_owner=None, lease_expires_at=None
+            )
+        return len(mine)
+
+    def webhook_backlog(self) -> store.WebhookBacklog:
+        pending = [e for e in self.outbox.values() if e.state == models.Delivery.PENDING]
+        given_up = sum(
+            1
+            for e in self.outbox.values()
+            if e.state in (models.Delivery.FAILED, models.Delivery.DISABLED)
+        )
+        oldest = min((e.created_at for e in pending), default=None)
+        return store.WebhookBacklog(len(pending), oldest, given_up)
+
+    def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
+        gave_up = (models.Delivery.FAILED, models.Delivery.DISABLED)
+        events = [
+            e
+            for _, e in sorted(self.outbox.items(), reverse=True)
+            if not failed or e.state in gave_up
+        ]
+        return events if limit is None else events[:limit]
+
+    def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool:
+        event = self.outbox.get(event_id)
+        if event is None:
+            return False
+        self.outbox[event_id] = dataclasses.replace(
+            event,
+            state=models.Delivery.PENDING.value,
+            next_attempt_at=now,
+            attempts=0,
+            delivered_at=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+        return True
 
     def renew(
         self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
@@ -384,6 +501,7 @@ class FakeArchive:
 
     objects: dict[str, bytes] = dataclasses.field(default_factory=dict)
     puts: list[str] = dataclasses.field(default_factory=list)
+    metadata: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     fail_next: Exception | None = None
     # Task ids with an unfinished upload left behind (as a killed process would leave them).
     unfinished: list[str] = dataclasses.field(default_factory=list)
@@ -396,9 +514,14 @@ class FakeArchive:
         return archive.Stored(f"mem://{task_id}.mp4", len(data), hashlib.sha256(data).hexdigest())
 
     async def put(
-        self, task_id: str, chunks: AsyncIterator[bytes], expected_size: int | None
+        self,
+        task_id: str,
+        chunks: AsyncIterator[bytes],
+        expected_size: int | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> archive.Stored:
         self.puts.append(task_id)
+        self.metadata[task_id] = dict(metadata or {})
         data = b"".join([chunk async for chunk in chunks])
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None

@@ -54,8 +54,13 @@ def table(tasks: Sequence[models.Task], show_secrets: bool = False) -> str:
         )
         for t in tasks
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(TABLE_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True))]
+    return _render(TABLE_COLUMNS, rows)
+
+
+def _render(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Fixed-width columns under a header and a rule."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
@@ -68,15 +73,54 @@ def detail(task: models.Task, show_secrets: bool = False) -> str:
     return "\n".join(f"{k.ljust(width)}  {'' if v is None else v}" for k, v in data.items())
 
 
+WEBHOOK_COLUMNS = ("id", "event", "task_id", "state", "attempts", "last", "next / delivered")
+
+
+def webhook_dict(event: models.OutboxEvent) -> dict[str, Any]:
+    """One outbox event for scripts (its payload as JSON, never a signed link: it has none)."""
+    out = dataclasses.asdict(event)
+    out["payload"] = json.loads(event.payload)
+    for key, value in out.items():
+        if isinstance(value, dt.datetime):
+            out[key] = value.isoformat()
+    return out
+
+
+def webhook_table(events: Sequence[models.OutboxEvent]) -> str:
+    """The outbox, one event a line."""
+    rows = [
+        (
+            str(e.id),
+            e.event,
+            _cell(e.task_id, 48),
+            e.state,
+            str(e.attempts),
+            _cell(e.last_error or ("" if e.last_status is None else str(e.last_status)), 40),
+            _iso(e.delivered_at if e.state == models.Delivery.DELIVERED else e.next_attempt_at)
+            or "",
+        )
+        for e in events
+    ]
+    return _render(WEBHOOK_COLUMNS, rows)
+
+
 def summary_dict(
     summary: store.Summary,
     daemons: Sequence[store.DaemonBeat],
     now: dt.datetime,
     generation: Sequence[policy.ModelTimes] = (),
+    backlog: store.WebhookBacklog | None = None,
 ) -> dict[str, Any]:
     oldest = summary.oldest_pending
     return {
         "generation_times": [dataclasses.asdict(g) for g in generation],
+        "webhooks": None
+        if backlog is None
+        else {
+            "backlog": backlog.pending,
+            "oldest_undelivered_at": _iso(backlog.oldest_pending_at),
+            "given_up": backlog.given_up,
+        },
         "counts": summary.counts,
         "total": sum(summary.counts.values()),
         "at_risk": summary.at_risk,
@@ -103,9 +147,10 @@ def summary(
     daemons: Sequence[store.DaemonBeat],
     now: dt.datetime,
     generation: Sequence[policy.ModelTimes] = (),
+    backlog: store.WebhookBacklog | None = None,
 ) -> str:
-    """The operator's overview: counts by state, what is at risk, whether daemons tick, and per
-    model the observed generation times with the skip in use."""
+    """The operator's overview: counts by state, what is at risk, whether daemons tick, per model
+    the observed generation times with the skip in use, and the webhook backlog."""
     width = max(len(s) for s in summary.counts)
     lines = [f"{state.ljust(width)}  {n}" for state, n in summary.counts.items()]
     lines.append(f"{'total'.ljust(width)}  {sum(summary.counts.values())}")
@@ -130,6 +175,13 @@ def summary(
     if generation:
         lines.append("")
         lines.append(generation_table(generation))
+    if backlog is not None:
+        oldest_at = backlog.oldest_pending_at
+        since = "" if oldest_at is None else f", oldest {(now - oldest_at).total_seconds():.0f}s"
+        lines.append(
+            f"webhooks: {backlog.pending} undelivered{since}; {backlog.given_up} given up"
+            + (" (seedance-archiver webhooks --failed)" if backlog.given_up else "")
+        )
     return "\n".join(lines)
 
 

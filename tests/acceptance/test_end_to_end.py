@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pathlib
 import signal
 import sqlite3
@@ -225,7 +226,11 @@ class TestSqliteAndFolder:
 
         _run_scenario(feeder, env, sim, start_daemon, read, dialect)
         names = sorted(p.name for p in archive_dir.iterdir() if p.is_file())
-        assert names == sorted(f"{t[0]}.mp4" for t in dialect.tasks if t[2] == "completed")
+        done = [t[0] for t in dialect.tasks if t[2] == "completed"]
+        # Each video, and the JSON sidecar that describes it (issue 11).
+        assert names == sorted([f"{t}.mp4" for t in done] + [f"{t}.json" for t in done])
+        sidecar = json.loads((archive_dir / f"{done[0]}.json").read_text())
+        assert sidecar["task-id"] == done[0] and len(sidecar["sha256"]) == 64
         assert list((archive_dir / ".incoming").iterdir()) == []
 
     def test_second_daemon_on_the_same_file_exits_with_a_clear_message(

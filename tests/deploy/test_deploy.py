@@ -766,6 +766,7 @@ class TestPostgresRoles:
             "INSERT INTO video_tasks (task_id, state) VALUES ('video_feeder_3', 'archived')",
             "SELECT * FROM archiver_heartbeats",
             "SELECT * FROM alembic_version",
+            "SELECT * FROM webhook_outbox",
             "CREATE TABLE public.feeder_table (x int)",
             "CREATE VIEW public.feeder_view AS SELECT 1",
             "CREATE FUNCTION public.pg_notify(text, text) RETURNS void"
@@ -803,6 +804,14 @@ class TestPostgresRoles:
             ).fetchone()
         assert row is not None and row[0] == ["search_path=pg_catalog, public"]
 
+    def test_the_done_function_has_a_fixed_search_path(self, roles_url: str) -> None:
+        """video_tasks_done() (migration 0006) resolves names as pinned, whoever updates."""
+        with psycopg.connect(roles_url) as conn:
+            row = conn.execute(
+                "SELECT proconfig, prosecdef FROM pg_proc WHERE proname = 'video_tasks_done'"
+            ).fetchone()
+        assert row == (["search_path=pg_catalog, public"], False)
+
     def test_the_daemon_login_role_has_a_statement_timeout(
         self, roles_url: str, archiver_login_url: str
     ) -> None:
@@ -833,6 +842,9 @@ class TestPostgresRoles:
             conn.execute(
                 "UPDATE video_tasks SET state = 'archived' WHERE task_id = 'video_daemon_1'"
             )
+            # The terminal state wrote its webhook event, as the daemon's role.
+            assert conn.execute("SELECT count(*) FROM webhook_outbox").fetchone() == (1,)
+            conn.execute("DELETE FROM webhook_outbox")
             deleted = conn.execute("DELETE FROM video_tasks WHERE state = 'archived'").rowcount
             assert deleted == 1
             for statement in ("TRUNCATE video_tasks", "ALTER TABLE video_tasks ADD COLUMN x int"):
@@ -885,7 +897,22 @@ class TestPostgresRoles:
             assert [d.owner for d in sql_store.daemons()] == ["t-owner"]
             assert sql_store.retry("video_member_1", now) is store.RetryOutcome.RETRIED
             sql_store.summary(now)
-            assert sql_store.prune(later) == 0
+            # The webhook side: at_risk, claim, record, list, redeliver, backlog.
+            [task] = sql_store.claim_due("t-owner", utils.utcnow(), 60, 10)
+            soon = now + dt.timedelta(minutes=5)
+            sql_store.save([task.replace(expires_at=soon)], "t-owner")
+            assert sql_store.add_at_risk_events(now) == 1
+            [event] = sql_store.claim_webhooks("t-owner", utils.utcnow(), 60, 10)
+            delivered = dataclasses.replace(event, state="delivered", attempts=1)
+            assert sql_store.record_webhook(delivered, "t-owner")
+            assert [e.id for e in sql_store.webhooks()] == [event.id]
+            assert sql_store.redeliver_webhook(event.id, now)
+            assert sql_store.webhook_backlog().pending == 1
+            assert sql_store.release_webhooks("t-owner") == 0
+            [task] = sql_store.claim_due("t-owner", utils.utcnow(), 60, 10)
+            sql_store.save([task.replace(state="failed", updated_at=now)], "t-owner")
+            assert sql_store.prune(later) == 1
+            assert sql_store.webhooks() == []
             sql_store.forget_daemon("t-owner")
         finally:
             sql_store.close()

@@ -1206,11 +1206,11 @@ class TestHostileTaskIds:
         assert set(sim.simulator.stats.downloads_started) == {"video_fine"}
         assert_archived_intact(d, "video_fine", SMALL)
         # Nothing written outside the archive folder but the database's own files, and nothing in
-        # the folder but the valid video.
+        # the folder but the valid video and its sidecar.
         new = _tree(tmp_path) - before
         outside = {p for p in new if not p.startswith("archive")}
         assert outside <= {"tasks.db", "tasks.db-wal", "tasks.db-shm", "tasks.db.lock"}
-        assert _tree(d.archive_dir) <= {"video_fine.mp4", archive.INCOMING_DIR}
+        assert _tree(d.archive_dir) <= {"video_fine.mp4", "video_fine.json", archive.INCOMING_DIR}
         assert not (d.archive_dir / "../../etc/passwd.mp4").exists()
         assert d.rows.counts()["rejected"] == len(HOSTILE_IDS)  # and the table is still there
 

@@ -33,6 +33,7 @@ OWNERS = {
     "apscheduler": {"scheduler"},
     "alembic": {"schema"},
     "prometheus_client": {"metrics"},
+    "standardwebhooks": {"webhooks"},
 }
 # Libraries that do I/O, or read the environment, or bring either: the pure layer may not load them.
 IO_LIBRARIES = (*OWNERS, "aiohttp", "pydantic_settings", "structlog")

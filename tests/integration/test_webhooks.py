@@ -1,0 +1,174 @@
+"""Webhooks over real HTTP to a loopback receiver that verifies every signature."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp.web
+import pytest
+import standardwebhooks
+from seedance_archiver import models, store, utils, webhooks
+
+SECRET = "whsec_" + base64.b64encode(b"r" * 32).decode()
+OWNER = "test-owner"
+FAST_SCHEDULE = (0, 0.05, 0.05, 0.05, 0.05, 0.05)  # the specification's, compressed
+TIMEOUT_S = 0.5
+
+
+@dataclasses.dataclass
+class Received:
+    webhook_id: str
+    event: str
+    task_id: str
+    at: float
+
+
+class Receiver:
+    """An HTTP receiver on 127.0.0.1: each task's requests get its scripted answers in turn."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, list[str]] = {}
+        self.received: list[Received] = []
+        self.bad_signatures = 0
+        self.release = asyncio.Event()
+        self.url = ""
+        self._runner: aiohttp.web.AppRunner | None = None
+
+    async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        raw = await request.text()
+        try:
+            data = standardwebhooks.Webhook(SECRET).verify(raw, dict(request.headers))
+        except standardwebhooks.WebhookVerificationError:
+            self.bad_signatures += 1
+            return aiohttp.web.Response(status=400)
+        task_id = data["data"]["task_id"]
+        self.received.append(
+            Received(request.headers["webhook-id"], data["type"], task_id, time.monotonic())
+        )
+        script = self.scripts.get(task_id, [])
+        answer = script.pop(0) if script else "204"
+        if answer == "hang":
+            await self.release.wait()
+            return aiohttp.web.Response(status=204)
+        headers = {"Retry-After": "1"} if answer in ("429", "503") else {}
+        return aiohttp.web.Response(status=int(answer), headers=headers)
+
+    async def start(self) -> None:
+        app = aiohttp.web.Application()
+        app.router.add_post("/hook", self.handle)
+        self._runner = aiohttp.web.AppRunner(app)
+        await self._runner.setup()
+        site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+@pytest.fixture
+def sql_store(db_url: str) -> Any:
+    s = store.SqlStore.from_url(db_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def finish(s: store.SqlStore, task_id: str, state: str) -> None:
+    s.add(task_id)
+    [task] = [t for t in s.claim_due(OWNER, utils.utcnow(), 60, 100) if t.task_id == task_id]
+    assert s.save([task.replace(state=state)], OWNER) == 1
+
+
+def deliverer_for(
+    sql_store: store.SqlStore, receiver: Receiver, schedule: tuple[float, ...]
+) -> webhooks.Deliverer:
+    sender = webhooks.HttpSender(timeout_seconds=TIMEOUT_S, allow_private_hosts=True)
+    signer = webhooks.Signer([SECRET])
+    return webhooks.Deliverer(
+        sql_store, receiver.url, signer, sender, owner=OWNER, schedule=schedule
+    )
+
+
+async def until(what: str, condition: Callable[[], bool], step: Callable[[], Any]) -> None:
+    deadline = time.monotonic() + 15
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await step()
+        await asyncio.sleep(0.02)
+
+
+class TestDelivery:
+    """500, 429 with Retry-After, a hang and 410, each answered as the specification says."""
+
+    async def test_failures_retry_under_one_id_and_410_stops(
+        self, receiver: Receiver, sql_store: store.SqlStore
+    ) -> None:
+        receiver.scripts = {"video_a": ["500", "429", "hang", "200"], "video_b": ["410"]}
+        finish(sql_store, "video_a", "archived")
+        finish(sql_store, "video_b", "failed")
+        deliverer = deliverer_for(sql_store, receiver, FAST_SCHEDULE)
+        try:
+
+            def settled() -> bool:
+                return all(e.state != "pending" for e in sql_store.webhooks())
+
+            await until("every event settled", settled, deliverer.deliver_due)
+        finally:
+            await deliverer.aclose()
+        events = {e.task_id: e for e in sql_store.webhooks()}
+        assert (events["video_a"].state, events["video_a"].attempts) == ("delivered", 4)
+        assert (events["video_b"].state, events["video_b"].last_status) == ("disabled", 410)
+        assert receiver.bad_signatures == 0
+        a = [r for r in receiver.received if r.task_id == "video_a"]
+        assert [r.webhook_id for r in a] == [events["video_a"].webhook_id] * 4
+        assert [r.event for r in a] == ["task.archived"] * 4
+        assert a[2].at - a[1].at >= 1.0  # Retry-After: 1 waited out (a floor, not a window)
+        b = [r for r in receiver.received if r.task_id == "video_b"]
+        assert [r.event for r in b] == ["task.failed"]  # never sent again after 410
+
+    async def test_a_hanging_receiver_costs_one_timeout(
+        self, receiver: Receiver, sql_store: store.SqlStore
+    ) -> None:
+        receiver.scripts = {"video_h": ["hang"]}
+        finish(sql_store, "video_h", "expired")
+        deliverer = deliverer_for(sql_store, receiver, (0, 3600))
+        try:
+            await asyncio.wait_for(deliverer.deliver_due(), timeout=10)
+        finally:
+            await deliverer.aclose()
+        [event] = sql_store.webhooks()
+        assert event.state == "pending" and event.attempts == 1
+        assert event.last_error == "no answer within the timeout"
+        assert event.next_attempt_at is not None
+        assert event.next_attempt_at > utils.utcnow() + dt.timedelta(minutes=50)
+
+
+def test_the_envelope_is_the_rows_public_fields() -> None:
+    """The body: type, timestamp, and the row's public fields as data."""
+    payload = models.event_payload(models.Task(task_id="video_a", state="archived"))
+    e = models.OutboxEvent(1, "msg_1", "video_a", "task.archived", payload, utils.utcnow())
+    body = json.loads(webhooks.body(e))
+    assert body["type"] == "task.archived"
+    assert set(body["data"]) == set(models.EVENT_FIELDS)
