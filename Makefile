@@ -27,8 +27,9 @@ demo: $(STAMP)
 
 ## test: lint, type-check and the whole test suite (unit, integration, acceptance, deploy), but the
 ## tests that need their own tools (pytest addopts): prometheus-check and image-check run those
+# Four processes (pytest-xdist): most tests wait on timers, sockets and subprocesses, not on CPU.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 4
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check daemon migrations tests bench

@@ -348,7 +348,9 @@ class TestProviderUnavailable:
     ) -> None:
         """An answer slower than usual but inside the timeout is an answer; others go on meanwhile."""
         slow, brisk = "video_slow", "video_brisk"
-        sim.simulator.add_task(slow, ready_seconds=1.0, size=SMALL)
+        # Ready only well after its slow answers: a busy machine that spaces the polls out can
+        # still not find it finished before its third poll.
+        sim.simulator.add_task(slow, ready_seconds=4.0, size=SMALL)
         sim.simulator.add_task(brisk, ready_seconds=3.0, size=SMALL)
         sim.simulator.add_fault(slow, **no_op())
         sim.simulator.add_fault(slow, delay=1.5, times=2)
