@@ -57,7 +57,8 @@ deploy-check: $(STAMP)
 ## image-check: build deploy/Dockerfile and run it: migrate, archive, HEALTHCHECK, docker stop (as root)
 image-check: $(STAMP)
 	command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose; }
-	DOCKER_HOST=$$(bash $(STANDIN)) $(BIN)/pytest -m image -p no:cacheprovider -v -s tests/image
+	@test -f $(STANDIN) || { echo "image-check: $(STANDIN) not found (set STANDIN=...)" >&2; exit 1; }
+	host=$$(bash $(STANDIN)) && DOCKER_HOST=$$host $(BIN)/pytest -m image -p no:cacheprovider -v -s tests/image
 
 ## lock: re-resolve every dependency to its newest allowed version (uv.lock and the image's export)
 lock: $(STAMP)
