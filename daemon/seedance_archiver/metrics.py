@@ -145,6 +145,23 @@ class Metrics:
             registry=r,
         )
 
+        # The counters' children per label set, looked up once: count_poll runs on every poll.
+        self._poll_children: dict[tuple[str, str, str], tuple[prom.Counter, prom.Counter]] = {}
+
+    def count_poll(self, mode: str, outcome: str, code_class: str) -> None:
+        """One poll: ``seedance_polls`` by mode and outcome, and the answer's HTTP class."""
+        key = (mode, outcome, code_class)
+        children = self._poll_children.get(key)
+        if children is None:
+            # .labels() takes a lock and checks its labels on each call.
+            children = (
+                self.polls.labels(mode=mode, outcome=outcome),
+                self.provider_responses.labels(code_class=code_class),
+            )
+            self._poll_children[key] = children
+        children[0].inc()
+        children[1].inc()
+
     def render(self) -> bytes:
         return bytes(prom.generate_latest(self.registry))
 

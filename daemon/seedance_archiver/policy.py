@@ -187,27 +187,28 @@ def expected_ready_at(task: models.Task, rules: Rules) -> dt.datetime | None:
 
 
 def not_before_ready(
-    task: models.Task,
+    mode: str,
+    created: dt.datetime | None,
     source: models.Answer | models.Task,
     polled_at: dt.datetime,
     rules: Rules,
     draw: Draw,
 ) -> dt.datetime:
-    """The next poll of a queued or processing ``task``: its cadence, but not before its video can
-    possibly be ready (created + :func:`skip_seconds` of ``source``, the answer or the task).
-    Never sooner than the cadence allows.
+    """The next poll of a queued or processing task of ``mode`` created at ``created``: its cadence,
+    but not before its video can possibly be ready (created + :func:`skip_seconds` of ``source``, the
+    answer or the task). Never sooner than the cadence allows.
 
     With ``rules.patient`` the wait is drawn from the top of the cadence range,
     [max(low, PATIENT_FRACTION x high), high]: a video found up to one longest interval late is
     what the plain draw allows anyway, and each longer wait is a poll saved.
     """
+    cadence = rules.cadence(mode)
     skip = skip_seconds(source, rules)
-    if skip is None or task.provider_created_at is None:
-        return next_poll_at(task, polled_at, rules, draw)
-    cadence = rules.cadence(task.mode)
+    if skip is None or created is None:
+        return polled_at + dt.timedelta(seconds=draw(cadence.low, cadence.high))
     low = max(cadence.low, PATIENT_FRACTION * cadence.high) if rules.patient else cadence.low
     at = polled_at + dt.timedelta(seconds=draw(low, cadence.high))
-    return max(at, task.provider_created_at + dt.timedelta(seconds=skip))
+    return max(at, created + dt.timedelta(seconds=skip))
 
 
 def _seconds_until_ready(task: models.Task, now: dt.datetime, rules: Rules) -> float:
@@ -382,11 +383,11 @@ def on_answer(
         reason = answer.error or "cancelled at the provider"
         changes.update(state=models.State.CANCELLED.value, error=reason, next_attempt_at=now)
     else:
-        # Queued or processing: no poll before the video can possibly be ready.
-        known = task.replace(model=changes["model"], provider_created_at=created)
+        # Queued or processing: no poll before the video can possibly be ready. The skip comes from
+        # what the answer states (model, resolution), else from what the task already knew.
         stated = answer.model or getattr(answer, "resolution", None)
-        source = answer if stated else known
-        changes["next_attempt_at"] = not_before_ready(known, source, now, rules, draw)
+        source = answer if stated else task
+        changes["next_attempt_at"] = not_before_ready(task.mode, created, source, now, rules, draw)
     return task.replace(**changes)
 
 

@@ -530,12 +530,15 @@ class Service:
         return polled
 
     def _count_poll(self, row: models.Task, exc: errors.ProviderError | None) -> None:
-        code = 200 if exc is None else exc.status_code
-        self.metrics.provider_responses.labels(
-            code_class="none" if code is None else f"{code // 100}xx"
-        ).inc()
-        outcome = "ok" if exc is None else _POLL_OUTCOMES.get(type(exc), "error")
-        self.metrics.polls.labels(mode=row.mode, outcome=outcome).inc()
+        if exc is None:
+            self.metrics.count_poll(row.mode, "ok", "2xx")
+            return
+        code = exc.status_code
+        self.metrics.count_poll(
+            row.mode,
+            _POLL_OUTCOMES.get(type(exc), "error"),
+            "none" if code is None else f"{code // 100}xx",
+        )
 
     def _poll_failed(
         self,
