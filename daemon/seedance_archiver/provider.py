@@ -10,7 +10,6 @@ reaches the database is text every database accepts.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -29,7 +28,7 @@ import aiohttp.abc
 import httpx
 import httpx_aiohttp
 
-from seedance_archiver import errors, models, utils
+from seedance_archiver import errors, models, utils, wire
 
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
@@ -454,17 +453,69 @@ def _unreachable(exc: BaseException) -> str:
     return f"cannot reach the provider: {type(exc).__name__}"
 
 
+class TaskUrls:
+    """The URL each task is polled at: the base URL, the dialect's path, the id percent-encoded.
+
+    httpx parses and checks every URL it is handed, character by character: in the scale run that
+    was 35 us of CPU per poll, more than anything else of ours (bench/README.md, issue 14). A task's
+    URL differs from every other only in its path, and that path is already percent-encoded, so
+    :meth:`of` copies the base URL's parsed form (httpx's ``URL._uri_reference``) with the task's
+    path instead of parsing the whole again. That form is httpx's own, not its API: at start the
+    shortcut is checked against httpx's parse for a few awkward ids, and where any differs (another
+    httpx, a base URL with a query) every URL is parsed, as before.
+    """
+
+    PROBES = ("video_0123abc", "a/../b?x#y", "样片 1%2F+x", "seedance-archiver-key-check-0")
+
+    def __init__(self, base: str, dialect: Dialect) -> None:
+        self._base = base
+        self._dialect = dialect
+        self._parsed: Any = None
+        try:
+            parsed = httpx.URL(base)._uri_reference
+            if parsed.query is None and parsed.fragment is None:
+                self._parsed = parsed
+                self._prefix = parsed.path
+                self._parsed = parsed if all(self._agrees(t) for t in self.PROBES) else None
+        except (AttributeError, TypeError, ValueError, httpx.InvalidURL):
+            self._parsed = None
+
+    @property
+    def shortcut(self) -> bool:
+        """Whether URLs are copied from the parsed base (else httpx parses each)."""
+        return self._parsed is not None
+
+    def of(self, task_id: str) -> httpx.URL:
+        quoted = urllib.parse.quote(task_id, safe="")
+        path = self._dialect.task_path(quoted)
+        if self._parsed is None or quoted in (".", ".."):
+            # httpx resolves a "." or ".." segment away (no valid id is one: policy.task_id_problem)
+            return httpx.URL(self._base + path)
+        url = httpx.URL.__new__(httpx.URL)
+        url._uri_reference = self._parsed._replace(path=self._prefix + path)
+        return url
+
+    def _agrees(self, task_id: str) -> bool:
+        made = self.of(task_id)
+        parsed = httpx.URL(
+            self._base + self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
+        )
+        return bool(made._uri_reference == parsed._uri_reference)
+
+
 class HttpProvider:
     """The real provider client over httpx's API.
 
-    Polls are ``httpx.Request`` objects handed straight to an aiohttp-backed transport (the
-    httpx-aiohttp package): chosen by measurement (bench/README.md), it costs about 1.9x the CPU of a
-    bare aiohttp client per poll, where httpx's default transport costs 20x and httpx's Client on the
-    same transport 4x (its cookie jar and URL merging run on every request; we need neither).
-    Video downloads are few and long, so they keep httpx's plain Client.
+    Polls are ``httpx.Request`` objects handed straight to our own aiohttp-backed transport
+    (:class:`wire.ApiTransport`), chosen by measurement (bench/README.md): httpx's default transport
+    costs 20x the CPU of a bare aiohttp client per poll, httpx's Client 1.2x more on top of any
+    transport (its cookie jar and URL merging run on every request; we need neither), and
+    httpx-aiohttp's transport, which streams every body, about 2x ours. Video downloads are few and
+    long, so they keep httpx's plain Client on httpx-aiohttp's streaming transport.
     """
 
     MAX_CONNECTIONS = 200
+    MAX_ANSWER_BYTES = 1024 * 1024  # a poll's answer is about 1 KB; a longer one is not an answer
 
     def __init__(
         self,
@@ -488,21 +539,25 @@ class HttpProvider:
         self._base = base_url.rstrip("/")
         self._url_rules = url_rules or UrlRules()
         self._max_video_bytes = max_video_bytes
-        self._timeout_seconds = timeout_seconds
         limits = httpx.Limits(
             max_connections=self.MAX_CONNECTIONS, max_keepalive_connections=self.MAX_CONNECTIONS
         )
         timeout = httpx.Timeout(timeout_seconds)
-        self._api: httpx.AsyncBaseTransport = transport or httpx_aiohttp.AiohttpTransport(
-            limits=limits
+        ssl_context = httpx.create_ssl_context()
+        # A transport given here bounds each exchange as a whole itself (ours: total_seconds).
+        self._api: httpx.AsyncBaseTransport = transport or wire.ApiTransport(
+            max_connections=self.MAX_CONNECTIONS,
+            max_body_bytes=self.MAX_ANSWER_BYTES,
+            total_seconds=timeout_seconds,
+            ssl_context=ssl_context,
         )
+        self._task_urls = TaskUrls(self._base, dialect)
         self._api_headers = httpx.Headers(
             {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
         )
         self._api_extensions = {"timeout": timeout.as_dict()}
         make_resolver = resolver or aiohttp.ThreadedResolver
         allow_private = self._url_rules.allow_private_hosts
-        ssl_context = httpx.create_ssl_context()
 
         def files_session() -> aiohttp.ClientSession:
             # Called on first use, inside the running loop (aiohttp's resolvers need one).
@@ -531,18 +586,18 @@ class HttpProvider:
 
     async def _get_result(self, task_id: str) -> tuple[httpx.Response, bytes]:
         """One GET of the task with our key: the response and its body, or ProviderUnavailable."""
-        url = self._base + self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
         request = httpx.Request(
-            "GET", url, headers=self._api_headers, extensions=self._api_extensions
+            "GET",
+            self._task_urls.of(task_id),
+            headers=self._api_headers,
+            extensions=self._api_extensions,
         )
         try:
-            # The transport's timeouts are per socket operation; this bounds the whole exchange.
-            async with asyncio.timeout(self._timeout_seconds):
-                response = await self._api.handle_async_request(request)
-                try:
-                    body = await response.aread()
-                finally:
-                    await response.aclose()
+            response = await self._api.handle_async_request(request)
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
         except (TimeoutError, httpx.HTTPError) as exc:
             raise errors.ProviderUnavailable(_unreachable(exc)) from exc
         return response, body

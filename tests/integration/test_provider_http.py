@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import gzip
 import socket
 import time
 import urllib.parse
@@ -12,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp.abc
+import httpx
 import pytest
 from aiohttp import web
-from seedance_archiver import errors, models, provider, simulator
+from seedance_archiver import errors, models, provider, simulator, wire
 from seedance_archiver.providers import ark, reseller
 
 from tests.conftest import SIM_KEY, free_port, serving
@@ -858,3 +860,118 @@ class TestArkDialect:
             finally:
                 await http.aclose()
         assert ark_sim.simulator.stats.polls[ark.KEY_CHECK_TASK_ID] == 2
+
+
+class TestApiTransport:
+    """wire.ApiTransport, the polls' transport: httpx's interface over aiohttp, bodies read whole."""
+
+    @staticmethod
+    async def send(
+        base: str, path: str = "/answer", *, max_body_bytes: int = 1024, read_seconds: float = 5.0
+    ) -> httpx.Response:
+        api = wire.ApiTransport(max_connections=4, max_body_bytes=max_body_bytes)
+        timeout = httpx.Timeout(read_seconds)
+        request = httpx.Request(
+            "GET",
+            base + path,
+            headers={"Authorization": "Bearer k", "Accept": "application/json"},
+            extensions={"timeout": timeout.as_dict()},
+        )
+        try:
+            return await api.handle_async_request(request)
+        finally:
+            await api.aclose()
+
+    async def test_answer_status_headers_body_and_request_headers(self) -> None:
+        seen: list[tuple[str, str | None, str | None]] = []
+
+        async def answer(request: web.Request) -> web.Response:
+            seen.append(
+                (request.path_qs, request.headers.get("Authorization"), request.headers["Host"])
+            )
+            return web.json_response({"ok": True}, status=202, headers={"X-Thing": "1"})
+
+        async with LocalServer({"/answer/{id}": answer}) as base:
+            response = await self.send(base, "/answer/a%2Fb%20c")
+        assert response.status_code == 202
+        assert response.headers["x-thing"] == "1"
+        assert response.json() == {"ok": True}
+        assert response.extensions["http_version"] == b"HTTP/1.1"
+        # The path goes out as httpx encoded it: an escaped slash stays one segment.
+        assert seen == [("/answer/a%2Fb%20c", "Bearer k", base.removeprefix("http://"))]
+
+    async def test_a_compressed_answer_is_decoded_once(self) -> None:
+        async def answer(request: web.Request) -> web.Response:
+            body = gzip.compress(b'{"status": "queued"}')
+            return web.Response(body=body, headers={"Content-Encoding": "gzip"})
+
+        async with LocalServer({"/answer": answer}) as base:
+            response = await self.send(base)
+        assert response.json() == {"status": "queued"}
+
+    async def test_an_answer_declared_too_long_is_refused(self) -> None:
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(body=b"x" * 2000)
+
+        async with LocalServer({"/answer": answer}) as base:
+            with pytest.raises(wire.AnswerTooLarge, match="longer than 1024 bytes"):
+                await self.send(base)
+
+    async def test_a_chunked_answer_too_long_is_refused(self) -> None:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for _ in range(8):
+                await response.write(b"y" * 200)
+            await response.write_eof()
+            return response
+
+        async with LocalServer({"/answer": answer}) as base:
+            with pytest.raises(wire.AnswerTooLarge):
+                await self.send(base)
+            # The same answer within the bound arrives whole, from its chunks.
+            response = await self.send(base, max_body_bytes=1600)
+        assert response.content == b"y" * 1600
+
+    async def test_a_refused_connection_is_a_connect_error(self) -> None:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await self.send(f"http://127.0.0.1:{free_port()}")
+        assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
+
+    async def test_a_silent_server_is_a_read_timeout(self) -> None:
+        release = asyncio.Event()
+
+        async def answer(request: web.Request) -> web.Response:
+            await release.wait()
+            return web.Response(body=b"{}")
+
+        async with LocalServer({"/answer": answer}) as base:
+            try:
+                with pytest.raises(httpx.ReadTimeout):
+                    await self.send(base, read_seconds=0.2)
+            finally:
+                release.set()
+
+    async def test_a_connection_cut_mid_body_is_an_httpx_error(self) -> None:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": "500"})
+            await response.prepare(request)
+            await response.write(b"z" * 100)
+            assert request.transport is not None
+            request.transport.close()
+            return response
+
+        async with LocalServer({"/answer": answer}) as base:
+            with pytest.raises(httpx.TransportError):
+                await self.send(base)
+
+    async def test_it_is_the_default_poll_transport(self, sim: simulator.SimulatorThread) -> None:
+        # Read off what the daemon sends: no test double in between.
+        add_completed(sim, "video_abc")
+        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+        try:
+            assert isinstance(http._api, wire.ApiTransport)
+            assert (await http.fetch("video_abc")).status is models.Status.COMPLETED
+        finally:
+            await http.aclose()

@@ -24,8 +24,9 @@ MODULES = {
 
 # Each I/O library belongs to the one module that is the seam for it (STYLE.md, "Layout").
 OWNERS = {
-    # providers/__init__ names httpx's transport type only (from_settings' transport), at type-check time.
-    "httpx": {"provider", "providers"},
+    # providers/__init__ names httpx's transport type only (from_settings' transport), at type-check
+    # time; wire is the polls' own transport, under provider.
+    "httpx": {"provider", "providers", "wire"},
     "httpx_aiohttp": {"provider"},
     "boto3": {"archive"},
     "botocore": {"archive"},

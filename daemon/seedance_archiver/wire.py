@@ -1,0 +1,115 @@
+"""The polls on the wire: our own httpx transport, httpx requests in and responses out, on aiohttp.
+
+A poll is a small JSON answer, sent thousands of times a second at scale, so what each one costs on top
+of the HTTP client itself is the daemon's capacity. httpx's default transport (httpcore) costs 20x the
+CPU of a bare aiohttp client per poll, and httpx-aiohttp's transport still about 2x more than this one
+(bench/README.md, issue 14): it builds an ``aiohttp.ClientTimeout`` per request and hands back each body
+as a stream that httpx then reads through three async generators and an exception-mapping context
+manager, chunk by chunk.
+
+:class:`ApiTransport` reads the body whole inside aiohttp (bounded by ``max_body_bytes``) and returns an
+``httpx.Response`` that already holds it. It keeps httpx's API for everything above it: the provider
+builds ``httpx.Request`` objects, reads ``httpx.Response`` objects and sees httpx's exceptions, so tests
+can hand the provider ``httpx.MockTransport`` instead. Video downloads, few and long, keep httpx-aiohttp's
+streaming transport.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import aiohttp
+import httpx
+
+# httpx's timeout names as aiohttp's: connect is the socket's connect, read each socket read, pool
+# the wait for a connection of the pool (and the connect, as aiohttp counts it).
+_TIMEOUT_NAMES = (("connect", "sock_connect"), ("read", "sock_read"), ("pool", "connect"))
+
+
+class AnswerTooLarge(httpx.TransportError):
+    """The answer's body is longer than the transport accepts: not a poll's answer."""
+
+
+class ApiTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over one ``aiohttp.ClientSession``, for small whole answers."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int,
+        max_body_bytes: int,
+        total_seconds: float | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._max_connections = max_connections
+        self._max_body_bytes = max_body_bytes
+        # Each exchange as a whole, on top of httpx's per-operation timeouts: a server that trickles
+        # its answer byte by byte gets no longer than this. aiohttp's own timer does it for a tenth
+        # of what an asyncio.timeout() around the call costs per poll.
+        self._total_seconds = total_seconds
+        self._ssl = ssl_context or httpx.create_ssl_context()
+        self._session: aiohttp.ClientSession | None = None
+        # The provider sends every poll with the same timeout: built once, not per request.
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        # On first use, inside the running loop, as aiohttp wants.
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
+        # httpx decodes Content-Encoding itself (Response.read), so aiohttp must not do it first.
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        return self._session
+
+    def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:
+        given = request.extensions.get("timeout", {})
+        key = tuple(given.get(name) for name, _ in _TIMEOUT_NAMES)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=self._total_seconds,
+                **{theirs: given.get(ours) for ours, theirs in _TIMEOUT_NAMES},
+            )
+            self._timeouts[key] = timeout
+        return timeout
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        try:
+            async with session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=self._timeout(request),
+            ) as answer:
+                if (answer.content_length or 0) > self._max_body_bytes:
+                    raise AnswerTooLarge(self._too_large())
+                body = await answer.content.read(self._max_body_bytes + 1)
+                while not answer.content.at_eof() and len(body) <= self._max_body_bytes:
+                    body += await answer.content.read(self._max_body_bytes + 1 - len(body))
+                if len(body) > self._max_body_bytes:
+                    raise AnswerTooLarge(self._too_large())
+                status, headers = answer.status, answer.raw_headers
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise httpx.ReadError(str(exc), request=request) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.NetworkError(str(exc), request=request) from exc
+        return httpx.Response(
+            status,
+            headers=headers,
+            content=body,
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    def _too_large(self) -> str:
+        return f"the answer is longer than {self._max_body_bytes} bytes"
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
