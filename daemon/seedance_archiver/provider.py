@@ -26,7 +26,6 @@ from typing import Any, Protocol
 import aiohttp
 import aiohttp.abc
 import httpx
-import httpx_aiohttp
 
 from seedance_archiver import errors, models, utils, wire
 
@@ -567,12 +566,13 @@ class HttpProvider:
                 limit=self.MAX_CONNECTIONS,
                 ssl=ssl_context,
             )
-            return aiohttp.ClientSession(connector=connector)
+            # httpx reads the body as sent (aiter_raw), as httpx-aiohttp's transport did.
+            return aiohttp.ClientSession(connector=connector, auto_decompress=False)
 
         # Video hosts get no API key: a signed link carries its own authorisation. The connector's
         # resolver checks every address a download connects to (see PublicResolver).
         self._files = httpx.AsyncClient(
-            transport=httpx_aiohttp.AiohttpTransport(client=files_session),
+            transport=wire.StreamTransport(files_session, chunk_bytes=CHUNK_BYTES),
             headers={"Accept-Encoding": "identity"},
             timeout=timeout,
             limits=limits,
@@ -715,7 +715,8 @@ class HttpProvider:
     async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
         received = 0
         try:
-            async for chunk in response.aiter_raw(CHUNK_BYTES):
+            # Pieces of up to CHUNK_BYTES as the transport reads them, not copied into equal ones.
+            async for chunk in response.aiter_raw():
                 received += len(chunk)
                 if received > self._max_video_bytes:
                     raise errors.VideoTooLarge(

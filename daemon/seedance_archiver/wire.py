@@ -17,6 +17,7 @@ streaming transport.
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import httpx
@@ -24,6 +25,27 @@ import httpx
 # httpx's timeout names as aiohttp's: connect is the socket's connect, read each socket read, pool
 # the wait for a connection of the pool (and the connect, as aiohttp counts it).
 _TIMEOUT_NAMES = (("connect", "sock_connect"), ("read", "sock_read"), ("pool", "connect"))
+
+
+def as_httpx(
+    exc: aiohttp.ClientError | TimeoutError, request: httpx.Request
+) -> httpx.TransportError:
+    """aiohttp's error as the httpx error that means the same (raise it ``from exc``)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc), request=request)
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return httpx.ReadTimeout(str(exc) or "timed out", request=request)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.ReadError(str(exc), request=request)
+    return httpx.NetworkError(str(exc), request=request)
+
+
+def timeout_of(request: httpx.Request, total: float | None = None) -> aiohttp.ClientTimeout:
+    """httpx's per-operation timeouts of ``request`` as aiohttp's, with ``total`` for the whole."""
+    given = request.extensions.get("timeout", {})
+    return aiohttp.ClientTimeout(
+        total=total, **{theirs: given.get(ours) for ours, theirs in _TIMEOUT_NAMES}
+    )
 
 
 class AnswerTooLarge(httpx.TransportError):
@@ -64,11 +86,7 @@ class ApiTransport(httpx.AsyncBaseTransport):
         key = tuple(given.get(name) for name, _ in _TIMEOUT_NAMES)
         timeout = self._timeouts.get(key)
         if timeout is None:
-            timeout = aiohttp.ClientTimeout(
-                total=self._total_seconds,
-                **{theirs: given.get(ours) for ours, theirs in _TIMEOUT_NAMES},
-            )
-            self._timeouts[key] = timeout
+            timeout = self._timeouts[key] = timeout_of(request, self._total_seconds)
         return timeout
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -90,14 +108,8 @@ class ApiTransport(httpx.AsyncBaseTransport):
                 if len(body) > self._max_body_bytes:
                     raise AnswerTooLarge(self._too_large())
                 status, headers = answer.status, answer.raw_headers
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc), request=request) from exc
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            raise httpx.ReadTimeout(str(exc) or "timed out", request=request) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.ReadError(str(exc), request=request) from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.NetworkError(str(exc), request=request) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise as_httpx(exc, request) from exc
         return httpx.Response(
             status,
             headers=headers,
@@ -113,3 +125,70 @@ class ApiTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class StreamTransport(httpx.AsyncBaseTransport):
+    """httpx's transport interface over an ``aiohttp.ClientSession``, for long streamed bodies.
+
+    The video downloads' transport. httpx-aiohttp's streams every body in pieces of 16 KiB, each
+    through an async generator and a context manager, and httpx's ``aiter_raw(size)`` then copies
+    them into chunks of the asked size: ~65,000 pieces per GiB. Here the session's read buffer and
+    each piece handed on are ``chunk_bytes`` (the archive's chunk), so a piece is a chunk, not
+    copied again. ``session`` makes the session on first use, inside the running loop (aiohttp's
+    resolvers need one); the provider's checks every address a download connects to.
+    """
+
+    def __init__(self, session: Callable[[], aiohttp.ClientSession], *, chunk_bytes: int) -> None:
+        self._make_session = session
+        self._chunk_bytes = chunk_bytes
+        self._session: aiohttp.ClientSession | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._session is None:
+            self._session = self._make_session()
+        try:
+            answer = await self._session.request(
+                request.method,
+                str(request.url),
+                headers=request.headers.multi_items(),
+                data=request.content or None,
+                allow_redirects=False,
+                timeout=timeout_of(request),
+                read_bufsize=self._chunk_bytes,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise as_httpx(exc, request) from exc
+        return httpx.Response(
+            answer.status,
+            headers=answer.raw_headers,
+            stream=_Body(answer, request, self._chunk_bytes),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _Body(httpx.AsyncByteStream):
+    """An answer's body as aiohttp reads it: pieces of up to ``chunk_bytes`` as they arrive."""
+
+    def __init__(
+        self, answer: aiohttp.ClientResponse, request: httpx.Request, chunk_bytes: int
+    ) -> None:
+        self._answer = answer
+        self._request = request
+        self._chunk_bytes = chunk_bytes
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._answer.content.iter_chunked(self._chunk_bytes):
+                yield piece
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise as_httpx(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        # Back to the pool when the body was read to its end; closed when it was not.
+        self._answer.release()
