@@ -545,6 +545,8 @@ async def run_processes(
             "SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS": "true",
             "SEEDANCE_LOG_FORMAT": "json",
             "SEEDANCE_SHUTDOWN_GRACE_SECONDS": "5",
+            # The steady cadence load this benchmark is about, as in the in-process run.
+            **{f"SEEDANCE_{setting.upper()}": value for setting, value in config.SKIP_OFF.items()},
         }
     )
     log_path = archive_dir.parent / f"{archive_dir.name}.log"
