@@ -42,6 +42,7 @@ import collections
 import cProfile
 import dataclasses
 import functools
+import gc
 import io
 import json
 import logging
@@ -211,6 +212,10 @@ class StoreCalls:
         return merged
 
 
+# Python's own, read before anything could change it.
+DEFAULT_GC_THRESHOLD = gc.get_threshold()
+
+
 def _top(stats: pstats.Stats, sort: str, count: int) -> str:
     out = io.StringIO()
     stats.stream = out  # type: ignore[attr-defined]
@@ -239,7 +244,13 @@ def load_rows(dsn: str, tasks: int, delay_seconds: float) -> float:
 
 
 async def floor_run(base: str, tasks: int, requests: int, concurrency: int) -> tuple[float, float]:
-    """A bare aiohttp client polling the same tasks: (wall seconds, CPU seconds) for ``requests``."""
+    """A bare aiohttp client polling the same tasks: (wall seconds, CPU seconds) for ``requests``.
+
+    It runs with Python's default garbage collection, as a bare client would: the daemon's own
+    tuning (``scheduler.tune_gc``) is undone first.
+    """
+    gc.unfreeze()
+    gc.set_threshold(*DEFAULT_GC_THRESHOLD)
     async with transport.aiohttp_bare(base, concurrency) as fetch:
         next_index = 0
 
@@ -302,6 +313,7 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
     store_calls.install()
 
     stop = asyncio.Event()
+    scheduler.tune_gc()  # as `seedance-archiver run` does before scheduler.run
     daemon = asyncio.create_task(
         scheduler.run(settings, stop=stop, handle_signals=False, tick_seconds=args.tick_seconds)
     )

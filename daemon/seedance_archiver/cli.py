@@ -111,6 +111,7 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
                 http_port=settings.http_port,
                 grace_seconds=settings.shutdown_grace_seconds,
             )
+        scheduler.tune_gc()
         return asyncio.run(scheduler.run(settings))
     if command == "migrate":
         from seedance_archiver import schema

@@ -552,7 +552,12 @@ class HttpProvider:
         )
         self._task_urls = TaskUrls(self._base, dialect)
         self._api_headers = httpx.Headers(
-            {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+            {
+                # What httpx would add to each request (its Headers rebuilt each time): set once.
+                "Host": httpx.URL(self._base).netloc.decode("ascii"),
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+            }
         )
         self._api_extensions = {"timeout": timeout.as_dict()}
         make_resolver = resolver or aiohttp.ThreadedResolver
