@@ -5,7 +5,8 @@ Each client makes ``--requests`` GETs of ``{simulator}/v1/result/video_{i}`` wit
 process, so only the client's CPU is counted: ``time.process_time()`` of this process over the run.
 Clients: httpx with its default transport, httpx over ``httpx_aiohttp.AiohttpTransport``, httpcore's
 connection pool alone (httpx's default transport without httpx), a bare ``aiohttp.ClientSession`` (the
-floor), and the daemon's own ``provider.HttpProvider.fetch`` on both transports.
+floor), and the daemon's own ``provider.HttpProvider.fetch``, on its transport (``wire.ApiTransport``)
+and on httpx-aiohttp's.
 
 Every client gets a connection pool as large as the concurrency (httpx's default keeps only 20 idle
 connections, which would make it reconnect at 32 workers and measure that instead).
@@ -134,7 +135,7 @@ CLIENTS: dict[str, ClientFactory] = {
     "httpx.AsyncClient (default transport)": httpx_default,
     "httpx.AsyncClient + AiohttpTransport": httpx_aiohttp_transport,
     "httpcore.AsyncConnectionPool (no httpx)": httpcore_pool,
-    "HttpProvider.fetch (default transport)": daemon_provider,
+    "HttpProvider.fetch (wire.ApiTransport)": daemon_provider,
     "HttpProvider.fetch + AiohttpTransport": daemon_provider_aiohttp,
 }
 FLOOR = "aiohttp.ClientSession (floor)"

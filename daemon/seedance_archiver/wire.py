@@ -1,17 +1,19 @@
-"""The polls on the wire: our own httpx transport, httpx requests in and responses out, on aiohttp.
+"""The provider's HTTP on the wire: our own httpx transports, over aiohttp.
 
 A poll is a small JSON answer, sent thousands of times a second at scale, so what each one costs on top
 of the HTTP client itself is the daemon's capacity. httpx's default transport (httpcore) costs 20x the
-CPU of a bare aiohttp client per poll, and httpx-aiohttp's transport still about 2x more than this one
-(bench/README.md, issue 14): it builds an ``aiohttp.ClientTimeout`` per request and hands back each body
-as a stream that httpx then reads through three async generators and an exception-mapping context
-manager, chunk by chunk.
+CPU of a bare aiohttp client per poll. httpx-aiohttp's transport, the daemon's until issue 14, built an
+``aiohttp.ClientTimeout`` per request and handed back each body as a stream that httpx then read
+through three async generators and an exception-mapping context manager (bench/README.md).
 
-:class:`ApiTransport` reads the body whole inside aiohttp (bounded by ``max_body_bytes``) and returns an
-``httpx.Response`` that already holds it. It keeps httpx's API for everything above it: the provider
-builds ``httpx.Request`` objects, reads ``httpx.Response`` objects and sees httpx's exceptions, so tests
-can hand the provider ``httpx.MockTransport`` instead. Video downloads, few and long, keep httpx-aiohttp's
-streaming transport.
+- :class:`ApiTransport`, the polls': reads the body whole inside aiohttp (at most ``max_body_bytes``)
+  and returns an ``httpx.Response`` that already holds it.
+- :class:`StreamTransport`, the video downloads': hands the body on in pieces of the archive's chunk
+  size as aiohttp reads them.
+
+Both keep httpx's API for everything above them: the provider builds ``httpx.Request`` objects, reads
+``httpx.Response`` objects and sees httpx's exceptions (:func:`as_httpx`), so any other
+``httpx.AsyncBaseTransport`` (``httpx.MockTransport`` in a test) can stand in.
 """
 
 from __future__ import annotations
