@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --quiet --frozen --extra dev
+	# tests/deploy installs the lock with `uv pip install --offline`, which reads the registry's
+	# index from uv's cache; `uv sync` installs from the lock's URLs and never fetches it. Resolving
+	# the same pins once here fills it (a fresh machine's cache holds nothing else).
+	$(BIN)/uv export --quiet --frozen --no-emit-project --no-header --extra dev \
+		--format requirements-txt | $(BIN)/uv pip compile --quiet --no-header - -o /dev/null
 	touch $(STAMP)
 
 ## demo: the whole pipeline on SQLite + ./archive against the built-in simulator
