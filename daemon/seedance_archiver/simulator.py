@@ -419,17 +419,21 @@ class Simulator:
         for chunk in video_chunks(task_id, min(size, stop_at)):
             pieces = [chunk] if throttle is None else _split(chunk, THROTTLE_PIECE_BYTES)
             for piece in pieces:
+                if throttle is not None:
+                    # Paced before each piece, not after: once the last byte is out, nothing waits
+                    # before the count below (a client with its whole body may hang up at once).
+                    await asyncio.sleep(len(piece) / throttle)
                 await response.write(piece)
                 sent += len(piece)
-                if throttle is not None:
-                    await asyncio.sleep(len(piece) / throttle)
         if sent < length:
             # Cut the connection so the client sees a short body, as a broken download would.
             if request.transport is not None:
                 request.transport.close()
             return response
-        await response.write_eof()
+        # Counted once every byte is handed over, before write_eof, which fails when the client
+        # has already closed the connection.
         self.stats.downloads_completed[task_id] += 1
+        await response.write_eof()
         return response
 
     async def _post_tasks(self, request: web.Request) -> web.Response:
