@@ -41,8 +41,20 @@ log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
-# S3's minimum part is 5 MiB; 8 MiB keeps memory flat and requests few.
-PART_BYTES = 8 * 1024 * 1024
+# S3's minimum part. A transfer holds about PART_BYTES x (PARTS_IN_FLIGHT + 2): 5 MiB parts peaked
+# at 127-132 MiB for 1 GiB where 8 MiB ones reached 139-145, as fast (bench/README.md, issue 14).
+PART_BYTES = 5 * 1024 * 1024
+MAX_PARTS = 10_000  # S3's most parts per upload: 48.8 GiB at PART_BYTES
+
+
+def part_size(expected_size: int | None) -> int:
+    """The part size for a video of ``expected_size`` bytes: PART_BYTES, or more where the video
+    would otherwise need more than MAX_PARTS parts."""
+    if expected_size is None:
+        return PART_BYTES
+    return max(PART_BYTES, -(-expected_size // MAX_PARTS))
+
+
 PARTS_IN_FLIGHT = 2  # parts uploading at once while the download goes on (bench/README.md)
 HASH_READ_BYTES = 1024 * 1024
 INCOMING_DIR = ".incoming"
@@ -643,13 +655,14 @@ class S3Archive:
         # Up to PARTS_IN_FLIGHT parts upload while the download goes on; the download waits only
         # when all are busy, so memory stays near PART_BYTES x (PARTS_IN_FLIGHT + 1).
         slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
+        part_bytes = part_size(expected_size)
         uploads: list[asyncio.Task[dict[str, Any]]] = []
         try:
             async for chunk in chunks:
                 counter.add(chunk)
                 pending.append(chunk)
                 pending_size += len(chunk)
-                if pending_size >= PART_BYTES:
+                if pending_size >= part_bytes:
                     if upload_id is None:
                         # As the aws CLI does: each part carries its CRC32, so the store can
                         # check parts as they come instead of re-reading the whole object at

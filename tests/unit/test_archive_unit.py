@@ -146,3 +146,21 @@ class TestCheckFallback:
         store = archive.S3Archive("bucket", "videos", FakeS3(client_error(404, "404")))  # type: ignore[arg-type]
         with pytest.raises(errors.ArchiveError, match="not found"):
             await store.check()
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (None, archive.PART_BYTES),
+        (0, archive.PART_BYTES),
+        (archive.PART_BYTES * archive.MAX_PARTS, archive.PART_BYTES),
+        (archive.PART_BYTES * archive.MAX_PARTS + 1, archive.PART_BYTES + 1),
+        (100 * 1024**3, -(-100 * 1024**3 // archive.MAX_PARTS)),
+    ],
+)
+def test_parts_are_the_minimum_unless_a_video_would_need_too_many(
+    size: int | None, expected: int
+) -> None:
+    part = archive.part_size(size)
+    assert part == expected
+    assert size is None or -(-size // part) <= archive.MAX_PARTS
