@@ -333,15 +333,17 @@ class FileArchive:
 WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
+_FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync does it all
+
+
 def _write(fh: BinaryIO, chunk: bytes) -> None:
     fh.write(chunk)
     end = fh.tell()
-    if end // WRITEBACK_BYTES != (end - len(chunk)) // WRITEBACK_BYTES and hasattr(
-        os, "posix_fadvise"
-    ):
+    if _FADVISE is not None and end // WRITEBACK_BYTES != (end - len(chunk)) // WRITEBACK_BYTES:
+        # A WRITEBACK_BYTES stretch was just completed: hand it to the disk.
         fh.flush()
         start = (end // WRITEBACK_BYTES - 1) * WRITEBACK_BYTES
-        os.posix_fadvise(fh.fileno(), start, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
+        _FADVISE(fh.fileno(), start, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
 
 
 def _open_binary(path: pathlib.Path) -> BinaryIO:

@@ -469,15 +469,16 @@ class TaskUrls:
     def __init__(self, base: str, dialect: Dialect) -> None:
         self._base = base
         self._dialect = dialect
-        self._parsed: Any = None
+        self._parsed: Any = None  # the base URL as httpx parsed it, while the shortcut holds
+        self._prefix = ""
         try:
             parsed = httpx.URL(base)._uri_reference
-            if parsed.query is None and parsed.fragment is None:
-                self._parsed = parsed
-                self._prefix = parsed.path
-                self._parsed = parsed if all(self._agrees(t) for t in self.PROBES) else None
-        except (AttributeError, TypeError, ValueError, httpx.InvalidURL):
-            self._parsed = None
+        except (AttributeError, httpx.InvalidURL):
+            return  # every URL parsed (an invalid base fails at the first poll, as before)
+        if parsed.query is None and parsed.fragment is None:
+            self._parsed, self._prefix = parsed, parsed.path
+            if not all(self._agrees(task_id) for task_id in self.PROBES):
+                self._parsed = None
 
     @property
     def shortcut(self) -> bool:
@@ -485,21 +486,25 @@ class TaskUrls:
         return self._parsed is not None
 
     def of(self, task_id: str) -> httpx.URL:
-        quoted = urllib.parse.quote(task_id, safe="")
-        path = self._dialect.task_path(quoted)
-        if self._parsed is None or quoted in (".", ".."):
+        path = self._path(task_id)
+        if self._parsed is None or task_id in (".", ".."):
             # httpx resolves a "." or ".." segment away (no valid id is one: policy.task_id_problem)
             return httpx.URL(self._base + path)
         url = httpx.URL.__new__(httpx.URL)
         url._uri_reference = self._parsed._replace(path=self._prefix + path)
         return url
 
+    def _path(self, task_id: str) -> str:
+        return self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
+
     def _agrees(self, task_id: str) -> bool:
-        made = self.of(task_id)
-        parsed = httpx.URL(
-            self._base + self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
+        try:
+            made = self.of(task_id)
+        except (TypeError, ValueError):  # another httpx's parse result has other fields
+            return False
+        return bool(
+            made._uri_reference == httpx.URL(self._base + self._path(task_id))._uri_reference
         )
-        return bool(made._uri_reference == parsed._uri_reference)
 
 
 class HttpProvider:
@@ -510,7 +515,7 @@ class HttpProvider:
     costs 20x the CPU of a bare aiohttp client per poll, httpx's Client 1.2x more on top of any
     transport (its cookie jar and URL merging run on every request; we need neither), and
     httpx-aiohttp's transport, which streams every body, about 2x ours. Video downloads are few and
-    long, so they keep httpx's plain Client on httpx-aiohttp's streaming transport.
+    long, so they keep httpx's plain Client, on :class:`wire.StreamTransport`.
     """
 
     MAX_CONNECTIONS = 200

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import httpx
@@ -48,6 +49,28 @@ def timeout_of(request: httpx.Request, total: float | None = None) -> aiohttp.Cl
     return aiohttp.ClientTimeout(
         total=total, **{theirs: given.get(ours) for ours, theirs in _TIMEOUT_NAMES}
     )
+
+
+def _request(
+    session: aiohttp.ClientSession,
+    request: httpx.Request,
+    timeout: aiohttp.ClientTimeout,
+    **extra: Any,
+) -> Any:
+    """``request`` sent on ``session`` as it stands (no redirects followed: httpx's caller decides);
+    awaited for the answer, or entered with ``async with`` to release it at the end."""
+    return session.request(
+        request.method,
+        str(request.url),
+        headers=request.headers.multi_items(),
+        data=request.content or None,
+        allow_redirects=False,
+        timeout=timeout,
+        **extra,
+    )
+
+
+_HTTP_11 = {"http_version": b"HTTP/1.1"}  # httpx.Response copies it
 
 
 class AnswerTooLarge(httpx.TransportError):
@@ -94,14 +117,7 @@ class ApiTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         session = self._session or self._open()
         try:
-            async with session.request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=request.content or None,
-                allow_redirects=False,
-                timeout=self._timeout(request),
-            ) as answer:
+            async with _request(session, request, self._timeout(request)) as answer:
                 if (answer.content_length or 0) > self._max_body_bytes:
                     raise AnswerTooLarge(self._too_large())
                 body = await answer.content.read(self._max_body_bytes + 1)
@@ -117,7 +133,7 @@ class ApiTransport(httpx.AsyncBaseTransport):
             headers=headers,
             content=body,
             request=request,
-            extensions={"http_version": b"HTTP/1.1"},
+            extensions=_HTTP_11,
         )
 
     def _too_large(self) -> str:
@@ -149,14 +165,8 @@ class StreamTransport(httpx.AsyncBaseTransport):
         if self._session is None:
             self._session = self._make_session()
         try:
-            answer = await self._session.request(
-                request.method,
-                str(request.url),
-                headers=request.headers.multi_items(),
-                data=request.content or None,
-                allow_redirects=False,
-                timeout=timeout_of(request),
-                read_bufsize=self._chunk_bytes,
+            answer = await _request(
+                self._session, request, timeout_of(request), read_bufsize=self._chunk_bytes
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise as_httpx(exc, request) from exc
@@ -165,7 +175,7 @@ class StreamTransport(httpx.AsyncBaseTransport):
             headers=answer.raw_headers,
             stream=_Body(answer, request, self._chunk_bytes),
             request=request,
-            extensions={"http_version": b"HTTP/1.1"},
+            extensions=_HTTP_11,
         )
 
     async def aclose(self) -> None:
