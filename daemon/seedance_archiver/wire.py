@@ -44,11 +44,20 @@ def as_httpx(
 
 
 def timeout_of(request: httpx.Request, total: float | None = None) -> aiohttp.ClientTimeout:
-    """httpx's per-operation timeouts of ``request`` as aiohttp's, with ``total`` for the whole."""
+    """httpx's per-operation timeouts of ``request`` as aiohttp's, with ``total`` for the whole.
+
+    An operation's limit no shorter than ``total`` can never end the exchange first, so it is left
+    out: aiohttp re-arms the socket-read timer on every piece of data it receives, a timer set and
+    cancelled per poll for nothing (the provider's polls give read = total = 30 s).
+    """
     given = request.extensions.get("timeout", {})
-    return aiohttp.ClientTimeout(
-        total=total, **{theirs: given.get(ours) for ours, theirs in _TIMEOUT_NAMES}
-    )
+    limits = {theirs: given.get(ours) for ours, theirs in _TIMEOUT_NAMES}
+    if total is not None:
+        limits = {
+            name: None if limit is not None and limit >= total else limit
+            for name, limit in limits.items()
+        }
+    return aiohttp.ClientTimeout(total=total, **limits)
 
 
 def _request(

@@ -33,3 +33,26 @@ async def test_it_reads_as_httpx_reads_a_given_content(body: bytes) -> None:
     assert ours.request is request
     assert ours.headers["x-request-id"] == "r-1"
     assert ours.http_version == "HTTP/1.1"
+
+
+def _timed(**limits: float | None) -> httpx.Request:
+    return httpx.Request(
+        "GET",
+        "http://127.0.0.1:9/v1/tasks/t",
+        extensions={"timeout": httpx.Timeout(**limits).as_dict()},
+    )
+
+
+def test_limits_that_cannot_fire_before_the_total_are_left_out() -> None:
+    # The provider's polls: every operation 30 s, the exchange as a whole 30 s.
+    same = wire.timeout_of(_timed(timeout=30.0), total=30.0)
+    assert (same.total, same.sock_read, same.sock_connect, same.connect) == (30.0, None, None, None)
+    # A shorter limit still ends a stalled read or connect before the total does.
+    shorter = wire.timeout_of(_timed(timeout=30.0, read=5.0, connect=2.0), total=30.0)
+    assert (shorter.sock_read, shorter.sock_connect, shorter.connect) == (5.0, 2.0, None)
+
+
+def test_without_a_total_every_limit_is_kept() -> None:
+    # The downloads': no bound on the whole (a video takes what it takes), each read bounded.
+    kept = wire.timeout_of(_timed(timeout=30.0, read=60.0))
+    assert (kept.total, kept.sock_read, kept.sock_connect, kept.connect) == (None, 60.0, 30.0, 30.0)
