@@ -1,0 +1,40 @@
+"""The simulator's answers, encoded once per status: the same answer each time, a new status when the
+task moves on, and a completed task's link signed anew."""
+
+from __future__ import annotations
+
+import httpx
+from seedance_archiver import simulator
+
+from tests.conftest import SIM_KEY
+
+
+def test_answers_follow_the_status_and_links_stay_fresh() -> None:
+    sim = simulator.Simulator(api_key=SIM_KEY)
+    sim.add_task("video_moving", ready_seconds=1e9)
+    sim.add_task("video_refused", outcome="failed", queued_seconds=0, ready_seconds=0)
+    with simulator.SimulatorThread(sim) as server:
+
+        def poll(task_id: str) -> httpx.Response:
+            return httpx.get(
+                f"{server.url}/v1/result/{task_id}",
+                headers={"Authorization": f"Bearer {SIM_KEY}"},
+                timeout=10,
+            )
+
+        first, second = poll("video_moving"), poll("video_moving")
+        sim.tasks["video_moving"].queued_seconds = 0  # processing from now on
+        processing = poll("video_moving")
+        sim.tasks["video_moving"].ready_seconds = 0  # and now complete
+        done = poll("video_moving")
+        refused = poll("video_refused")
+
+    assert first.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert first.json() == second.json()
+    assert first.json()["status"] == "queued" and first.json()["video_url"] is None
+    assert processing.json()["status"] == "processing"
+    assert done.json()["status"] == "completed"
+    assert done.json()["video_url"].startswith(f"{server.url}/files/video_moving.mp4?expires=")
+    assert done.json()["actualDuration"] == 5.0
+    assert refused.json()["status"] == "failed"
+    assert refused.json()["error"] == "content policy violation"
