@@ -441,6 +441,9 @@ class SqlStore:
             .values({name: _typed(name) for name in models.DAEMON_FIELDS})
             .values(lease_owner=None, lease_expires_at=None)
         )
+        # claim_due's statement per (states, provider), built once: building and cache-keying it
+        # anew took a third of a 55-row claim's CPU (5.3 -> 3.6 ms; bench/README.md, issue 14).
+        self._claim_stmts: dict[tuple[tuple[str, ...] | None, str | None], sa.Update] = {}
 
     @classmethod
     def from_url(
@@ -480,44 +483,81 @@ class SqlStore:
         """
         if limit <= 0:
             return []
-        wanted = sa.true() if states is None else t.c.state.in_(list(states))
-        ours = sa.true() if provider_name is None else _ours(provider_name)
+        key = (None if states is None else tuple(sorted(states)), provider_name)
+        stmt = self._claim_stmts.get(key)
+        if stmt is None:
+            stmt = self._claim_stmts[key] = self._claim_due_stmt(*key)
+        claimed = self._lease_rows(stmt, {"due_at": now, "limit": limit}, owner, now, lease_seconds)
+        # RETURNING gives rows in table order; the service starts them in the order given.
+        claimed.sort(key=models.claim_key)
+        return claimed
+
+    def _claim_due_stmt(
+        self, states: tuple[str, ...] | None, provider_name: str | None
+    ) -> sa.Update:
+        """:meth:`claim_due`'s statement; the time (``due_at``) and ``limit`` are parameters."""
         due = (
             sa.select(t.c.task_id)
             .where(
                 # Literal SQL identical to the partial index's predicate, so even a generic
                 # (prepared) plan can use ix_video_tasks_due.
                 sa.text(models.ACTIVE_SQL),
-                wanted,
-                ours,
-                t.c.next_attempt_at <= now,
-                sa.or_(
-                    t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now)
-                ),
+                sa.true() if states is None else t.c.state.in_(states),
+                sa.true() if provider_name is None else _ours(provider_name),
+                t.c.next_attempt_at <= sa.bindparam("due_at", type_=models.UTCDateTime()),
+                self._lease_free(),
             )
             .order_by(*_claim_order_by())
-            .limit(limit)
+            .limit(sa.bindparam("limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
         )
-        claimed = self._lease_rows(due, owner, now, lease_seconds)
-        # RETURNING gives rows in table order; the service starts them in the order given.
-        claimed.sort(key=models.claim_key)
-        return claimed
+        return self._lease_stmt(due)
 
-    def _lease_rows(
-        self, due: sa.Select[Any], owner: str, now: dt.datetime, lease_seconds: float
-    ) -> list[models.Task]:
-        """Lease the rows ``due`` selects (task ids) to ``owner``, in one statement."""
-        stmt = (
+    def _lease_free(self) -> sa.ColumnElement[bool]:
+        """No live lease, by the clock of :meth:`_lease_clock` (parameter ``lease_clock`` on
+        SQLite; :meth:`_lease_rows` gives it)."""
+        clock = (
+            sa.func.now()
+            if self.dialect == "postgresql"
+            else sa.bindparam("lease_clock", type_=models.UTCDateTime())
+        )
+        return sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < clock)
+
+    def _lease_stmt(self, due: sa.Select[Any]) -> sa.Update:
+        """Lease the rows ``due`` selects (task ids) to parameter ``owner``, until ``now()`` plus
+        parameter ``lease`` on PostgreSQL (:meth:`_lease_until`), parameter ``lease_until`` on
+        SQLite."""
+        until = (
+            sa.func.now() + sa.bindparam("lease", type_=sa.Interval())
+            if self.dialect == "postgresql"
+            else sa.bindparam("lease_until", type_=models.UTCDateTime())
+        )
+        return (
             sa.update(t)
             .where(t.c.task_id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_expires_at=self._lease_until(now, lease_seconds))
+            .values(lease_owner=sa.bindparam("owner"), lease_expires_at=until)
             # In Task's field order, so each row becomes a Task positionally (a claim returns up
             # to a thousand rows: fetched at once, no mapping per row).
             .returning(*_TASK_COLUMNS)
         )
+
+    def _lease_rows(
+        self,
+        stmt: sa.Update,
+        params: dict[str, Any],
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+    ) -> list[models.Task]:
+        """Run a :meth:`_lease_stmt` with ``params`` and the lease's own: the claimed rows."""
+        lease = dt.timedelta(seconds=lease_seconds)
+        params = params | {"owner": owner}
+        if self.dialect == "postgresql":
+            params["lease"] = lease
+        else:
+            params |= {"lease_clock": now, "lease_until": now + lease}
         with self._begin() as conn:
-            return [models.Task(*row) for row in conn.execute(stmt).all()]
+            return [models.Task(*row) for row in conn.execute(stmt, params).all()]
 
     def claim_overdue(
         self,
@@ -549,15 +589,13 @@ class SqlStore:
                 t.c.state != models.State.DOWNLOADING.value,
                 overdue,
                 sa.true() if provider_name is None else _ours(provider_name),
-                sa.or_(
-                    t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now)
-                ),
+                self._lease_free(),
             )
             .order_by(t.c.next_attempt_at.asc())
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        claimed = self._lease_rows(due, owner, now, lease_seconds)
+        claimed = self._lease_rows(self._lease_stmt(due), {}, owner, now, lease_seconds)
         claimed.sort(key=lambda task: task.next_attempt_at or now)
         return claimed
 

@@ -273,6 +273,22 @@ class TestClaim:
         assert ids(second) == {"h04", "h05", "h06", "h07"}
         assert sql_store.claim_due("daemon-a", now, LEASE_S, 0) == []
 
+    def test_each_claim_uses_its_own_time_and_states(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        # The store builds claim_due's statement once; what a call passes must still decide.
+        now = utils.utcnow()
+        soon = now + dt.timedelta(minutes=1)
+        insert(engine, "video_soon", state="polling", next_attempt_at=soon)
+        insert(engine, "video_fetching", state="downloading", next_attempt_at=now)
+        insert(engine, "video_due", state="polling", next_attempt_at=now)
+
+        assert ids(sql_store.claim_due("d", now, LEASE_S, 10, ["downloading"])) == {
+            "video_fetching"
+        }
+        assert ids(sql_store.claim_due("d", now, LEASE_S, 10)) == {"video_due"}
+        assert ids(sql_store.claim_due("d", soon, LEASE_S, 10)) == {"video_soon"}
+
     def test_lease_excludes_others_until_it_expires(
         self, engine: sa.Engine, sql_store: store.SqlStore
     ) -> None:
