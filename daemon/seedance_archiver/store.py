@@ -442,7 +442,7 @@ class SqlStore:
             .values(lease_owner=None, lease_expires_at=None)
         )
         # claim_due's statement per (states, provider), built once: building and cache-keying it
-        # anew took a third of a 55-row claim's CPU (5.3 -> 3.6 ms; bench/README.md, issue 14).
+        # anew took 40% of a 55-row claim's CPU (5.3 -> 3.1 ms; bench/README.md, issue 14).
         self._claim_stmts: dict[tuple[tuple[str, ...] | None, str | None], sa.Update] = {}
 
     @classmethod
