@@ -29,6 +29,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nothing listens on right now: for
+    ``run --processes N``, whose process ``i`` serves ``SEEDANCE_HTTP_PORT + i``."""
+    for _ in range(100):
+        first = free_port()
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except (OSError, OverflowError):
+                continue  # one of them is taken, or past 65535: try elsewhere
+        return first
+    raise RuntimeError(f"no {count} consecutive free loopback ports")
+
+
 def need_tool(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
     """The tool's path, or skip naming it (fail under CI=true, where every check must run)."""
     if tool is not None and os.access(tool, os.X_OK):

@@ -15,7 +15,7 @@ from seedance_archiver import simulator
 
 from tests.acceptance.conftest import CLI, base_env, cli
 from tests.acceptance.test_end_to_end import PostgresFeeder
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_ports, wait_for
 
 
 def _daemon_pids(pg_url: str) -> set[int]:
@@ -40,7 +40,7 @@ class TestProcesses:
     def test_two_processes_archive_survive_a_kill_and_stop_cleanly(
         self, tmp_path: pathlib.Path, pg_url: str, sim: simulator.SimulatorThread
     ) -> None:
-        port = free_port()
+        port = free_ports(2)  # process i serves port + i
         env = base_env(sim.url, pg_url, (tmp_path / "archive").as_uri())
         env["SEEDANCE_HTTP_PORT"] = str(port)
         ids = [f"video_proc_{i:02d}" for i in range(12)]
