@@ -2,23 +2,30 @@
 
 The simulator (``python -m seedance_archiver.simulator``) serves one deterministic video of ``--size``
 bytes (default 1 GiB) and moto's S3 server (``python -m moto.server``) stands in for S3; each runs in
-its own process and talks on 127.0.0.1 only. Every measurement of the daemon runs in a fresh child
-Python process so its peak RSS is its own:
+its own process and talks on 127.0.0.1 only. With ``--s3-endpoint URL`` an S3 server already running
+there is used instead of moto (e.g. Ceph's radosgw, started by ``bench/rgw.sh``), with the credentials
+of ``--s3-access-key``/``--s3-secret-key`` or else ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
+(the secret is never printed); the bucket is created if it is missing, and the header and the table
+name the server. Every measurement of the daemon runs in a fresh child Python process so its peak RSS
+is its own:
 
 - **daemon -> S3**: ``provider.HttpProvider(...).fetch(id)`` for the link, then
   ``async with http.open_video(url) as video: await archive.S3Archive(bucket, "bench").put(id,
   video.chunks, video.length)`` (8 MiB multipart parts, ``PARTS_IN_FLIGHT`` of them uploading at once).
 - **warm-up** (not measured): one more daemon upload to S3 before the measured ones of each run:
-  moto's first upload after a pause runs ~20% slower than the next, whoever sends it.
+  moto's first upload after a pause runs ~20% slower than the next, whoever sends it (done on any
+  server, so every measured upload follows another).
 - **daemon -> folder**: the same into ``archive.FileArchive(tmpdir)`` (write, fsync, rename).
 
 The child reads its RSS after its imports (the baseline: ``VmRSS`` from ``/proc/self/status``) and
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux: the peak) after the transfer, and checks
-``stored.sha256`` against ``seedance_archiver.simulator.video_sha256``. Wall time covers
-``open_video`` + ``put`` (not the child's interpreter start or imports, nor the one poll before it).
+``stored.sha256`` against ``seedance_archiver.simulator.video_sha256``; the parent checks the stored
+object's size with HeadObject. The optional S3 calls the store refused (``S3Archive.refused``:
+checksum headers, tags, ...) are printed under the row. Wall time covers ``open_video`` + ``put``
+(not the child's interpreter start or imports, nor the one poll before it).
 
-The references, on the same simulator and the same moto, timed as whole shell pipelines (process start
-included, which is why the aws CLI's start-up time is printed beside them):
+The references, on the same simulator and the same S3 server, timed as whole shell pipelines (process
+start included, which is why the aws CLI's start-up time is printed beside them):
 
 - **curl | aws s3 cp -**: ``curl -s URL | aws s3 cp - s3://bucket/ref/x.mp4 --endpoint-url ...``, the
   target of DESIGN.md (aws CLI defaults: 8 MiB parts, up to 10 in flight). When no ``aws`` is on PATH,
@@ -27,9 +34,12 @@ included, which is why the aws CLI's start-up time is printed beside them):
 - **curl -o file && sync file**: the folder backend's reference (the daemon fsyncs; so does this).
 - **curl -o /dev/null**: how fast the simulator can serve the video at all (the ceiling of every row).
 
-Each S3 object is deleted after its measurement (moto keeps objects in memory).
+Each S3 object is deleted after its measurement (moto keeps objects in memory, and so does the
+memstore OSD of ``bench/rgw.sh``). ``--only s3`` or ``--only file`` keeps the simulator ceiling and
+the rows of that backend only.
 
-Run from the repository root: ``.venv/bin/python -m bench.archive [--size 1073741824] [--repeat 1]``
+Run from the repository root: ``.venv/bin/python -m bench.archive [--size 1073741824] [--repeat 1]
+[--only s3|file] [--s3-endpoint http://127.0.0.1:7480 [--s3-access-key KEY --s3-secret-key SECRET]]``
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -48,8 +59,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 from bench import common
 
@@ -118,9 +131,11 @@ async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
     finally:
         await http.aclose()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    refused = store.refused if isinstance(store, archive.S3Archive) else {}
     return {
         "wall": wall,
         "size": stored.size,
+        "refused": refused,
         "sha_ok": stored.sha256 == args.expected_sha,
         "uri": stored.uri,
         "baseline_kib": baseline_kib,
@@ -158,6 +173,75 @@ def moto_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=common.PROCESS_STOP_SECONDS)
+
+
+# radosgw sends no Server header; its request ids look like "tx000...-006b115679-1016-default".
+RGW_REQUEST_ID = re.compile(r"^tx[0-9a-f]{21,}-[0-9a-f]+-[0-9a-f]+-")
+
+
+def s3_server_name(endpoint: str) -> str:
+    """What answers at ``endpoint``, from one anonymous ``GET /``: its ``Server`` header, or
+    "radosgw" (with the version of the local ``radosgw`` binary, if any) by its request ids."""
+    try:
+        with urllib.request.urlopen(endpoint.rstrip("/") + "/", timeout=10) as response:
+            response.read()  # all of it: a server may log a connection closed mid-answer
+            headers = response.headers
+    except urllib.error.HTTPError as exc:  # 403 for anonymous listing is an answer too
+        exc.read()
+        headers = exc.headers
+    if headers.get("Server"):
+        return str(headers["Server"])
+    if RGW_REQUEST_ID.match(headers.get("x-amz-request-id", "")):
+        radosgw = shutil.which("radosgw")
+        if radosgw is None:
+            return "radosgw"
+        done = subprocess.run([radosgw, "--version"], capture_output=True, text=True, timeout=30)
+        words = done.stdout.split()  # "ceph version 16.2.15 (618f...) pacific (stable)"
+        return f"radosgw {words[2]} ({words[4]})" if len(words) > 4 else "radosgw"
+    return "an S3 server"
+
+
+def s3_credentials(args: argparse.Namespace) -> dict[str, str]:
+    """The AWS_* variables for the children and the aws CLI: moto's dummies, or the given ones."""
+    if args.s3_endpoint is None:
+        return dict(FAKE_AWS)
+    access = args.s3_access_key or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = args.s3_secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise SystemExit(
+            "--s3-endpoint needs --s3-access-key/--s3-secret-key or "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        )
+    return {
+        "AWS_ACCESS_KEY_ID": access,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION")
+        or FAKE_AWS["AWS_DEFAULT_REGION"],
+    }
+
+
+@contextlib.contextmanager
+def s3_server(endpoint: str | None) -> Iterator[tuple[str, str]]:
+    """Yield (endpoint URL, description): moto started here, or the server at ``endpoint``."""
+    if endpoint is not None:
+        yield endpoint.rstrip("/"), f"{s3_server_name(endpoint)} at {endpoint.rstrip('/')}"
+        return
+    import moto
+
+    with moto_server() as url:
+        yield url, f"moto {moto.__version__} (python -m moto.server) at {url}"
+
+
+def ensure_bucket(client: Any, bucket: str) -> None:
+    """Create ``bucket`` unless it is there (a server of our own starts empty; another may not)."""
+    import botocore.exceptions
+
+    try:
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        if str(exc.response.get("Error", {}).get("Code")) not in {"404", "NoSuchBucket"}:
+            raise
+        client.create_bucket(Bucket=bucket)
 
 
 def fresh_video_url(sim_url: str) -> str:
@@ -246,33 +330,46 @@ def parent_main(args: argparse.Namespace) -> None:
     if curl is None:
         raise SystemExit("curl is not on PATH: no reference")
     aws = shutil.which("aws")
-    env = {**os.environ, **FAKE_AWS}
+    credentials = s3_credentials(args)
+    env = {**os.environ, **credentials}
     env.pop("AWS_PROFILE", None)
     print(machine_line())
-    print(f"size: {args.size} bytes ({args.size / MIB:.0f} MiB), repeat: {args.repeat}")
+    print(
+        f"size: {args.size} bytes ({args.size / MIB:.0f} MiB), repeat: {args.repeat}, "
+        f"rows: {args.only or 's3 and file'}"
+    )
     started = time.perf_counter()
     expected_sha = simulator.video_sha256(TASK_ID, args.size)
     print(f"expected sha256 {expected_sha} ({time.perf_counter() - started:.1f} s to compute)")
 
     auto = json.dumps({"ready_seconds": 0, "queued_seconds": 0, "size": args.size})
     rows: list[list[object]] = []
+    refusals: dict[str, str] = {}
     with (
         common.simulator(auto=auto) as (sim_url, _sim_pid),
-        moto_server() as s3_url,
+        s3_server(args.s3_endpoint) as (s3_url, s3_name),
         tempfile.TemporaryDirectory(prefix="bench-archive-") as tmp,
     ):
+        print(f"S3 server: {s3_name}")
         env["AWS_ENDPOINT_URL_S3"] = s3_url
         client = boto3.client(
             "s3",
             endpoint_url=s3_url,
-            aws_access_key_id=FAKE_AWS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
-            region_name=FAKE_AWS["AWS_DEFAULT_REGION"],
+            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+            region_name=credentials["AWS_DEFAULT_REGION"],
         )
-        client.create_bucket(Bucket=BUCKET)
+        ensure_bucket(client, BUCKET)
         if aws is not None:
-            aws_start = run_shell(f"{shlex.quote(aws)} --version", env)
-            print(f"aws CLI: {aws} (start-up: `aws --version` takes {aws_start:.2f} s)")
+            started = time.perf_counter()
+            version = subprocess.run(
+                [aws, "--version"], env=env, capture_output=True, text=True, timeout=60
+            )
+            aws_start = time.perf_counter() - started
+            aws_version = (version.stdout or version.stderr).split(" ", 1)[0]
+            print(
+                f"aws CLI: {aws}, {aws_version} (start-up: `aws --version` takes {aws_start:.2f} s)"
+            )
             s3_ref_name = "curl -s URL \\| aws s3 cp - s3://… (reference)"
         else:
             print("aws CLI: not found; reference is curl | boto3 upload_fileobj (8 MiB parts)")
@@ -284,6 +381,24 @@ def parent_main(args: argparse.Namespace) -> None:
             rate = args.size / MB / wall
             rows.append([name, run, f"{wall:.2f}", f"{rate:.0f}", peak, base, ok])
             print(f"  {name}: {wall:.2f} s, {rate:.0f} MB/s, peak RSS {peak}", flush=True)
+
+        def add_daemon(name: str, run: int, result: dict[str, Any]) -> None:
+            # The hash and size the daemon computed while streaming, and (S3) the stored size.
+            ok = (
+                result["sha_ok"]
+                and result["size"] == result.get("stored_size", args.size) == args.size
+            )
+            add(
+                name,
+                run,
+                float(result["wall"]),
+                f"{int(result['peak_kib']) / 1024:.1f}",
+                f"{int(result['baseline_kib']) / 1024:.1f}",
+                "yes" if ok else "NO",
+            )
+            for call, reason in dict(result.get("refused") or {}).items():
+                print(f"    the store refused {call}: {reason}", flush=True)
+                refusals.setdefault(call, reason)
 
         for run in range(1, args.repeat + 1):
             print(f"run {run}", flush=True)
@@ -297,47 +412,41 @@ def parent_main(args: argparse.Namespace) -> None:
                 "",
             )
 
-            # Not measured: moto's first upload after a pause runs ~20% slower than the next one,
-            # whoever sends it (seen with either order of the daemon and the aws CLI), so each
-            # measured upload follows another.
-            run_child("s3", sim_url, args.size, expected_sha, env, str(folder))
-            client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
+            if args.only in (None, "s3"):
+                # Not measured: moto's first upload after a pause runs ~20% slower than the next
+                # one, whoever sends it (seen with either order of the daemon and the aws CLI), so
+                # each measured upload follows another.
+                run_child("s3", sim_url, args.size, expected_sha, env, str(folder))
+                client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
 
-            result = run_child("s3", sim_url, args.size, expected_sha, env, str(folder))
-            add(
-                "**daemon: HttpProvider.open_video -> S3Archive.put**",
-                run,
-                float(result["wall"]),  # type: ignore[arg-type]
-                f"{int(result['peak_kib']) / 1024:.1f}",  # type: ignore[call-overload]
-                f"{int(result['baseline_kib']) / 1024:.1f}",  # type: ignore[call-overload]
-                "yes" if result["sha_ok"] and result["size"] == args.size else "NO",
-            )
-            client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
+                result = run_child("s3", sim_url, args.size, expected_sha, env, str(folder))
+                head = client.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
+                result["stored_size"] = head["ContentLength"]
+                add_daemon("**daemon: HttpProvider.open_video -> S3Archive.put**", run, result)
+                client.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{TASK_ID}.mp4")
 
-            url = shlex.quote(fresh_video_url(sim_url))
-            target = shlex.quote(f"s3://{BUCKET}/{REF_KEY}")
-            if aws is not None:
-                upload = f"{shlex.quote(aws)} s3 cp - {target} --endpoint-url {s3_url} --only-show-errors"
-            else:
-                upload = (
-                    f"{shlex.quote(sys.executable)} -c {shlex.quote(BOTO3_STDIN_UPLOAD)} "
-                    f"{BUCKET} {REF_KEY}"
-                )
-            wall = run_shell(f"curl -sf {url} | {upload}", env)
-            head = client.head_object(Bucket=BUCKET, Key=REF_KEY)
-            ok = "size ok" if head["ContentLength"] == args.size else "NO"
-            add(s3_ref_name, run, wall, "", "", ok)
-            client.delete_object(Bucket=BUCKET, Key=REF_KEY)
+                url = shlex.quote(fresh_video_url(sim_url))
+                target = shlex.quote(f"s3://{BUCKET}/{REF_KEY}")
+                if aws is not None:
+                    upload = (
+                        f"{shlex.quote(aws)} s3 cp - {target} --endpoint-url {shlex.quote(s3_url)}"
+                        " --only-show-errors"
+                    )
+                else:
+                    upload = (
+                        f"{shlex.quote(sys.executable)} -c {shlex.quote(BOTO3_STDIN_UPLOAD)} "
+                        f"{BUCKET} {REF_KEY}"
+                    )
+                wall = run_shell(f"curl -sf {url} | {upload}", env)
+                head = client.head_object(Bucket=BUCKET, Key=REF_KEY)
+                ok = "size ok" if head["ContentLength"] == args.size else "NO"
+                add(s3_ref_name, run, wall, "", "", ok)
+                client.delete_object(Bucket=BUCKET, Key=REF_KEY)
 
+            if args.only == "s3":
+                continue
             result = run_child("file", sim_url, args.size, expected_sha, env, str(folder))
-            add(
-                "**daemon: HttpProvider.open_video -> FileArchive.put**",
-                run,
-                float(result["wall"]),  # type: ignore[arg-type]
-                f"{int(result['peak_kib']) / 1024:.1f}",  # type: ignore[call-overload]
-                f"{int(result['baseline_kib']) / 1024:.1f}",  # type: ignore[call-overload]
-                "yes" if result["sha_ok"] and result["size"] == args.size else "NO",
-            )
+            add_daemon("**daemon: HttpProvider.open_video -> FileArchive.put**", run, result)
             shutil.rmtree(folder, ignore_errors=True)
 
             url = shlex.quote(fresh_video_url(sim_url))
@@ -348,18 +457,39 @@ def parent_main(args: argparse.Namespace) -> None:
             ref_file.unlink()
 
     print()
+    print(f"S3 server: {s3_name}")
     print(
         common.markdown_table(
             ["path", "run", "wall s", "MB/s", "peak RSS MiB", "RSS after imports MiB", "verified"],
             rows,
         )
     )
+    for call, reason in refusals.items():
+        print(f"the store refused {call}: {reason}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="video bytes")
     parser.add_argument("--repeat", type=int, default=1, help="runs of every measurement")
+    parser.add_argument(
+        "--only",
+        choices=["s3", "file"],
+        help="only this backend's rows (and the simulator ceiling)",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="an S3 server already running (e.g. bench/rgw.sh's radosgw) instead of starting moto",
+    )
+    parser.add_argument(
+        "--s3-access-key", metavar="KEY", help="for --s3-endpoint; default: $AWS_ACCESS_KEY_ID"
+    )
+    parser.add_argument(
+        "--s3-secret-key",
+        metavar="SECRET",
+        help="for --s3-endpoint; default: $AWS_SECRET_ACCESS_KEY (never printed)",
+    )
     # Internal: one measurement in a child process.
     parser.add_argument("--child", choices=["s3", "file"], help=argparse.SUPPRESS)
     parser.add_argument("--sim-url", help=argparse.SUPPRESS)
@@ -370,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.repeat > 20:
         parser.error("--repeat must be 1..20")
+    if args.s3_endpoint is None and (args.s3_access_key or args.s3_secret_key):
+        parser.error("--s3-access-key/--s3-secret-key go with --s3-endpoint")
     if args.child:
         child_main(args)
     else:
