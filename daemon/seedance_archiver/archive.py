@@ -41,8 +41,8 @@ log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 
-# S3's minimum part. A transfer holds about PART_BYTES x (PARTS_IN_FLIGHT + 2): 5 MiB parts peaked
-# at 127-132 MiB for 1 GiB where 8 MiB ones reached 139-145, as fast (bench/README.md, issue 14).
+# S3's minimum part. A transfer holds PARTS_IN_FLIGHT + 1 part buffers, reused (bench/README.md,
+# issue 14).
 PART_BYTES = 5 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's most parts per upload: 48.8 GiB at PART_BYTES
 
@@ -155,6 +155,37 @@ class _Counter:
             raise errors.DownloadError(
                 f"truncated download: got {self.size} bytes, Content-Length said {expected}"
             )
+
+
+class _PartBody:
+    """The first ``size`` bytes of a part's buffer as the file botocore reads a body from.
+
+    botocore hashes (SigV4, CRC32) and sends a file body by ``read(n)``, rewinding with ``seek``
+    between passes and before a retry, so the part is read in place, a piece at a time, and never
+    copied whole. Handing it ``bytes`` instead cost a 5 MiB copy per part, and the allocator kept
+    the freed copies: peak RSS grew by about twice the bytes in flight (bench/README.md).
+    """
+
+    def __init__(self, buffer: bytearray, size: int) -> None:
+        self._view = memoryview(buffer)[:size]
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self._position
+        end = len(self._view) if size is None or size < 0 else min(start + size, len(self._view))
+        self._position = end
+        return self._view[start:end].tobytes()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: len(self._view)}[whence]
+        self._position = min(max(base + offset, 0), len(self._view))
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
 
 
 async def _run(
@@ -586,6 +617,9 @@ class S3Archive:
                 raise errors.ArchiveError(f"S3 refused the upload: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+        body = kwargs.get("Body")
+        if isinstance(body, _PartBody):
+            body.seek(0)  # the refused attempt may have read some of it
         answer = await self._call(method, **kwargs)
         self._refuse(CHECKSUM, f"{call}: {reason}")
         return answer
@@ -651,20 +685,30 @@ class S3Archive:
         key = self.key(task_id)
         described = dict(metadata or {})
         counter = _Counter()
-        pending: list[bytes] = []  # the part being filled, as received (joined once when full)
-        pending_size = 0
+        part_bytes = part_size(expected_size)
+        # Each part is filled in a buffer of its own, reused once S3 has it: at most
+        # PARTS_IN_FLIGHT uploading and one filling, so the transfer's memory is fixed.
+        free: list[bytearray] = []
+        filling: bytearray | None = None
+        filled = 0
         upload_id: str | None = None
         # Up to PARTS_IN_FLIGHT parts upload while the download goes on; the download waits only
-        # when all are busy, so memory stays near PART_BYTES x (PARTS_IN_FLIGHT + 1).
+        # when all are busy.
         slots = asyncio.Semaphore(PARTS_IN_FLIGHT)
-        part_bytes = part_size(expected_size)
         uploads: list[asyncio.Task[dict[str, Any]]] = []
         try:
             async for chunk in chunks:
                 counter.add(chunk)
-                pending.append(chunk)
-                pending_size += len(chunk)
-                if pending_size >= part_bytes:
+                rest = memoryview(chunk)
+                while rest:
+                    if filling is None:
+                        filling, filled = (free.pop() if free else bytearray(part_bytes)), 0
+                    taken = min(len(rest), part_bytes - filled)
+                    filling[filled : filled + taken] = rest[:taken]
+                    filled += taken
+                    rest = rest[taken:]
+                    if filled < part_bytes:
+                        continue
                     if upload_id is None:
                         # As the aws CLI does: each part carries its CRC32, so the store can
                         # check parts as they come instead of re-reading the whole object at
@@ -683,11 +727,11 @@ class S3Archive:
                     uploads.append(
                         asyncio.create_task(
                             self._upload_part(
-                                key, upload_id, len(uploads) + 1, b"".join(pending), slots
+                                key, upload_id, len(uploads) + 1, filling, filled, slots, free
                             )
                         )
                     )
-                    pending, pending_size = [], 0
+                    filling = None
             counter.verify(expected_size)
             sha = counter.hash.hexdigest()
             if upload_id is None:
@@ -695,17 +739,17 @@ class S3Archive:
                     self.client.put_object,
                     Bucket=self.bucket,
                     Key=key,
-                    Body=b"".join(pending),
+                    Body=b"" if filling is None else _PartBody(filling, filled),
                     ContentType="video/mp4",
                     Metadata=described | {"sha256": sha},
                 )
             else:
-                if pending:
+                if filling is not None:
                     await slots.acquire()
                     uploads.append(
                         asyncio.create_task(
                             self._upload_part(
-                                key, upload_id, len(uploads) + 1, b"".join(pending), slots
+                                key, upload_id, len(uploads) + 1, filling, filled, slots, free
                             )
                         )
                     )
@@ -737,8 +781,18 @@ class S3Archive:
         return Stored(self._uri(key), counter.size, sha)
 
     async def _upload_part(
-        self, key: str, upload_id: str, number: int, data: bytes, slots: asyncio.Semaphore
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        buffer: bytearray,
+        size: int,
+        slots: asyncio.Semaphore,
+        free: list[bytearray],
     ) -> dict[str, Any]:
+        """Upload the first ``size`` bytes of ``buffer`` as part ``number``; then ``buffer`` goes
+        back to ``free`` for the next part. After a failure it does not: the put is over, and a
+        thread botocore was retrying in may still be reading it."""
         try:
             answer = await self._with_checksum(
                 "UploadPart",
@@ -747,10 +801,11 @@ class S3Archive:
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=data,
+                Body=_PartBody(buffer, size),
             )
         finally:
             slots.release()
+        free.append(buffer)
         part = {"PartNumber": number, "ETag": answer["ETag"]}
         if answer.get("ChecksumCRC32"):
             part["ChecksumCRC32"] = answer["ChecksumCRC32"]

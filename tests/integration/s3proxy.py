@@ -137,7 +137,8 @@ class S3Proxy:
     # --- switches (from any thread) ---------------------------------------------------------------
 
     def refuse(self, kind: str, status: int = 501, code: str = "NotImplemented") -> None:
-        """Answer every request of ``kind`` (an operation name, or CHECKSUM) with this error."""
+        """Answer every request of ``kind`` with this error: an operation name, CHECKSUM, or both
+        joined by ``+`` (``"UploadPart+" + CHECKSUM``: only that operation's checksummed requests)."""
         with self._lock:
             self._refusals[kind] = (status, code)
 
@@ -183,7 +184,14 @@ class S3Proxy:
         found = kinds(request.method, request.raw_path, request.headers)
         with self._lock:
             self.seen.update(found)
-            refusal = next((self._refusals[k] for k in sorted(found) if k in self._refusals), None)
+            refusal = next(
+                (
+                    self._refusals[kind]
+                    for kind in sorted(self._refusals)
+                    if set(kind.split("+")) <= found
+                ),
+                None,
+            )
             if refusal is not None:
                 self.refused.update(found)
         if refusal is not None:

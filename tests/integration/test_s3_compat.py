@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import boto3
+import botocore.config
 import botocore.exceptions
 import pytest
 import structlog.testing
@@ -400,6 +401,32 @@ class TestRefusedOptionalCalls:
         # The checksummed requests: the first CreateMultipartUpload and the PutObjectTagging.
         assert counts[archive.CHECKSUM] == 2
         assert store.refused[archive.CHECKSUM].startswith("CreateMultipartUpload: InvalidRequest")
+
+    async def test_a_part_refused_for_its_checksum_goes_again_whole(
+        self, proxy: s3proxy.S3Proxy, s3_bucket: str, s3_client: Any
+    ) -> None:
+        """A store that takes the checksum at creation but refuses it on a part: the part goes
+        again without it, from its first byte (the refused attempt read the body to its end)."""
+        proxy.refuse("UploadPart+" + s3proxy.CHECKSUM, 400, "InvalidRequest")
+        # No retries: botocore's own retry rewinds the body, which would hide a missing rewind
+        # (the part's second attempt would wait out the read timeout, then go again whole).
+        client = boto3.client(
+            "s3",
+            endpoint_url=proxy.url,
+            config=botocore.config.Config(
+                retries={"total_max_attempts": 1},
+                read_timeout=10,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        store = archive.S3Archive(s3_bucket, PREFIX, client, meters=metrics.Metrics())
+
+        await archive_one(store, s3_client, s3_bucket, LARGE)  # checks every byte S3 holds
+
+        assert proxy.refused["UploadPart"] >= 1
+        assert proxy.count("UploadPart") == 2 + proxy.refused["UploadPart"]
+        assert store.refused[archive.CHECKSUM].startswith("UploadPart: InvalidRequest")
 
     async def test_a_refused_put_is_not_taken_for_a_refused_checksum(
         self, proxy: s3proxy.S3Proxy, s3_bucket: str

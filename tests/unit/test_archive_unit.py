@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import pathlib
 import threading
 from typing import Any
@@ -164,3 +165,38 @@ def test_parts_are_the_minimum_unless_a_video_would_need_too_many(
     part = archive.part_size(size)
     assert part == expected
     assert size is None or -(-size // part) <= archive.MAX_PARTS
+
+
+class TestPartBody:
+    """A part's body is read in place from its buffer, as botocore reads a file: by pieces, with
+    rewinds between its passes (SigV4 hash, CRC32, the send)."""
+
+    def test_reads_the_first_bytes_of_the_buffer_in_pieces(self) -> None:
+        buffer = bytearray(b"0123456789" + b"\0" * 6)  # a part buffer filled to 10 of 16
+        body = archive._PartBody(buffer, 10)
+        assert len(body) == 10
+        assert [body.read(4), body.read(4), body.read(4), body.read(4)] == [
+            b"0123",
+            b"4567",
+            b"89",
+            b"",
+        ]
+        assert body.tell() == 10
+
+    def test_seeks_as_a_file_does(self) -> None:
+        body = archive._PartBody(bytearray(b"abcdefgh"), 8)
+        assert body.seek(3) == 3
+        assert body.read() == b"defgh"
+        assert body.seek(-2, os.SEEK_END) == 6
+        assert body.read(None) == b"gh"
+        assert body.seek(0) == 0
+        assert body.seek(2, os.SEEK_CUR) == 2
+        assert body.read(-1) == b"cdefgh"
+        assert body.seek(100) == 8  # clamped, as a read past the end gives nothing
+        assert body.read(1) == b""
+
+    def test_a_read_copies_so_a_reused_buffer_cannot_change_it(self) -> None:
+        buffer = bytearray(b"abcd")
+        piece = archive._PartBody(buffer, 4).read(2)
+        buffer[:2] = b"zz"
+        assert piece == b"ab"
