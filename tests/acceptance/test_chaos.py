@@ -391,7 +391,7 @@ class TestKillNine:
         """Four kills at random moments (0.5-3 s after the daemon holds leases), plus one kill aimed
         at an open multipart upload if none of the four left one; then a run to completion.
 
-        Four videos of 10-24 MiB (above the 5 MiB part size) at 6 MiB/s, so kills land mid-upload.
+        Four videos of 10-24 MiB (above the 8 MiB part size) at 6 MiB/s, so kills land mid-upload.
         """
         seed = _seed()
         rng = random.Random(seed)

@@ -14,7 +14,7 @@ from seedance_archiver import archive, errors, simulator
 
 MIB = 1024 * 1024
 SMALL = 100 * 1024
-LARGE = 20 * MIB + 12_345  # several parts: five of 5 MiB (PART_BYTES) and a bit
+LARGE = 20 * MIB + 12_345  # several parts: two of 8 MiB (PART_BYTES) and a bit
 PREFIX = "videos/2026"
 
 
