@@ -163,8 +163,9 @@ class _PartBody:
 
     botocore hashes (SigV4, CRC32) and sends a file body by ``read(n)``, rewinding with ``seek``
     between passes and before a retry, so the part is read in place, a piece at a time, and never
-    copied whole. Handing it ``bytes`` instead cost a 5 MiB copy per part, and the allocator kept
-    the freed copies: peak RSS grew by about twice the bytes in flight (bench/README.md).
+    copied whole. Joining each part's chunks into a ``bytes`` instead made a new part-sized block
+    per part, and the allocator kept the freed ones: peak RSS grew by about twice the bytes in
+    flight (bench/README.md).
     """
 
     def __init__(self, buffer: bytearray, size: int) -> None:
