@@ -29,10 +29,13 @@ import calendar
 import collections
 import dataclasses
 import functools
+import gzip
 import hashlib
 import hmac
+import io
 import json
 import random
+import struct
 import threading
 import time
 import urllib.request
@@ -56,13 +59,30 @@ def _block(task_id: str) -> bytes:
     return random.Random(task_id).randbytes(VIDEO_BLOCK_BYTES)
 
 
+# An MP4 begins with its ``ftyp`` box (size, type, major brand, minor version, compatible brands).
+_FTYP = struct.pack(">I4s4sI4s4s", 24, b"ftyp", b"isom", 0x200, b"isom", b"mp41")
+MP4_HEADER_BYTES = len(_FTYP) + 8  # then the header of the ``mdat`` box that holds the rest
+
+
+def _mp4_header(size: int) -> bytes:
+    """The first boxes of a ``size``-byte MP4: ``ftyp``, then ``mdat`` reaching to the end (its
+    size field, or 0, "to the end of the file", where the size does not fit 32 bits)."""
+    rest = size - len(_FTYP)
+    return _FTYP + struct.pack(">I4s", rest if 0 <= rest < 2**32 else 0, b"mdat")
+
+
 def video_chunks(task_id: str, size: int) -> Iterator[bytes]:
-    """The simulated video of ``task_id``: ``size`` deterministic bytes, one block at a time."""
+    """The simulated video of ``task_id``: ``size`` deterministic bytes, one block at a time.
+
+    MP4-shaped, as every provider's video is: an ``ftyp`` box, then an ``mdat`` box of random bytes
+    (the daemon checks that a download starts like a video).
+    """
     block = _block(task_id)
     index = 0
     sent = 0
     while sent < size:
-        chunk = index.to_bytes(8, "big") + block[8:]
+        head = _mp4_header(size) if index == 0 else index.to_bytes(8, "big")
+        chunk = head + block[len(head) :]
         chunk = chunk[: size - sent]
         yield chunk
         sent += len(chunk)
@@ -77,6 +97,17 @@ def video_sha256(task_id: str, size: int) -> str:
 
 
 THROTTLE_PIECE_BYTES = 64 * 1024
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_bomb(size: int) -> bytes:
+    """``size`` zero bytes, gzip-compressed (512 MiB make about 0.5 MiB), compressed once."""
+    out = io.BytesIO()
+    zeros = bytes(VIDEO_BLOCK_BYTES)
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as packed:
+        for start in range(0, size, len(zeros)):
+            packed.write(zeros[: size - start])
+    return out.getvalue()
 
 
 def _split(data: bytes, size: int) -> list[bytes]:
@@ -98,6 +129,9 @@ class SimTask:
     error: str = "content policy violation"
     error_code: str = "OutputVideoSensitiveContentDetected"  # Ark's error object only
     resolution: str = "720p"  # Ark only
+    # Fields of every answer replaced (or added) as given: a provider whose answers drifted from
+    # its documented types (``{"actualDuration": "5.04"}``).
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The reseller's answer per status, encoded on first use (all but ``completed``, whose link is
     # signed anew): change the timings of a polled task, not what its answers say.
     answers: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -183,7 +217,9 @@ class Simulator:
 
         ``on="poll"|"download"``, plus: ``status=CODE`` [``retry_after=..``], ``body=TEXT``,
         ``delay=SECONDS`` (alone: a slow answer), ``drop=True`` (close the connection unanswered),
-        ``redirect=URL``; for downloads also ``truncate_at=BYTES``, ``claim_length=BYTES``,
+        ``redirect=URL``, ``body=TEXT`` [``status=CODE``, ``content_type=TYPE``] (a 200 of JSON
+        unless told: an HTML 404, a video host's error page), ``gzip_bomb=BYTES`` (a gzip body that
+        inflates to BYTES); for downloads also ``truncate_at=BYTES``, ``claim_length=BYTES``,
         ``throttle=BYTES_PER_SECOND``.
         """
         fault.setdefault("on", "poll")
@@ -268,6 +304,7 @@ class Simulator:
             body["content"] = {"video_url": self.video_url(task.id, now)}
         elif status == "failed":
             body["error"] = {"code": task.error_code, "message": task.error}
+        body.update(task.overrides)
         return body
 
     def send_callback(self, task_id: str, url: str, timeout: float = 10.0) -> int:
@@ -310,16 +347,23 @@ class Simulator:
             return web.Response(status=500)  # never reaches the client: the connection is gone
         if "redirect" in fault:
             raise web.HTTPFound(location=str(fault["redirect"]))
-        if "status" in fault:
+        if "gzip_bomb" in fault:
+            # A small gzip body that inflates to ``gzip_bomb`` bytes, sent whatever was asked for.
+            return web.Response(
+                body=_gzip_bomb(int(fault["gzip_bomb"])),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            )
+        if "status" in fault or "body" in fault:
             headers = {}
             if fault.get("retry_after") is not None:
                 headers["Retry-After"] = str(fault["retry_after"])
+            # A status alone answers plain text; a body alone is a 200 of JSON, unless told.
+            default_type = "text/plain" if "body" not in fault else "application/json"
+            headers["Content-Type"] = str(fault.get("content_type", default_type))
             return web.Response(
-                status=int(fault["status"]), headers=headers, text="simulated fault"
-            )
-        if "body" in fault:
-            return web.Response(
-                status=200, text=str(fault["body"]), content_type="application/json"
+                status=int(fault.get("status", 200)),
+                headers=headers,
+                text=str(fault.get("body", "simulated fault")),
             )
         return None
 
@@ -379,6 +423,7 @@ class Simulator:
             body["actualDuration"] = task.duration
         elif status == "failed":
             body["error"] = task.error
+        body.update(task.overrides)
         return body
 
     async def _ark_result(self, request: web.Request) -> web.StreamResponse:
