@@ -37,6 +37,13 @@ class Metrics:
             "Provider answers that did not follow the API contract.",
             registry=r,
         )
+        self.answer_fields_ignored = prom.Counter(
+            "seedance_answer_fields_ignored",
+            "Side fields of provider answers that could not be read (a drifted type) and were "
+            "ignored; the video is archived all the same.",
+            ["field"],
+            registry=r,
+        )
         self.tasks = prom.Gauge(
             "seedance_tasks",
             "Tracked tasks by state (refreshed by housekeeping).",

@@ -73,6 +73,12 @@ class Answer:
     error: str | None
     # The output's resolution (``720p``), where the provider says it (Ark does).
     resolution: str | None = None
+    # The best-known deadline, where the provider's own facts give one (Ark: its signed link's
+    # expiry); None leaves it to created + SEEDANCE_RETENTION_SECONDS.
+    expires_at: dt.datetime | None = None
+    # Side fields that could not be read, as (field, why): counted and logged, never a reason
+    # not to archive (provider.Lenient).
+    ignored: tuple[tuple[str, str], ...] = ()
 
 
 MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video

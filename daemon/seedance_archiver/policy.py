@@ -354,7 +354,9 @@ def on_answer(
         "provider_status": answer.status.value,
         "model": answer.model or task.model,
         "provider_created_at": created,
-        "expires_at": deadline(created, rules) if created else task.expires_at,
+        # The provider's own deadline where it knows one, else created + the retention.
+        "expires_at": answer.expires_at
+        or (deadline(created, rules) if created else task.expires_at),
         "last_polled_at": now,
         "polls": task.polls + 1,
         "attempts": 0,

@@ -184,14 +184,11 @@ def link(payload: dict[str, Any], key: str) -> str | None:
     return url
 
 
-def text(payload: dict[str, Any], key: str, limit: int) -> str | None:
-    """A string field, made :func:`storable` within ``limit``; None if absent or null."""
-    value: str | None = field(payload, key, (str,), "a string")
-    return None if value is None else storable(value, limit)
-
-
 def field(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> Any:
-    """A field of one of ``kinds`` (never a JSON boolean), None if absent or null; else malformed."""
+    """A field of one of ``kinds`` (never a JSON boolean), None if absent or null; else malformed.
+
+    For the fields a video depends on (its link); the rest are read by :class:`Lenient`.
+    """
     value = payload.get(key)
     if value is None:
         return None
@@ -202,38 +199,127 @@ def field(payload: dict[str, Any], key: str, kinds: tuple[type, ...], what: str)
     return value
 
 
-def flag(payload: dict[str, Any], key: str) -> bool | None:
-    """A JSON boolean field, None if absent or null; else MalformedAnswer."""
-    value = payload.get(key)
-    if value is None or isinstance(value, bool):
+# A time in milliseconds: from this on (2001-09-09 in ms, year 33658 in s) a number is read as ms.
+MILLISECONDS_FROM = 1e12
+LATEST_SECONDS = 1e11  # year 5138: a later time in seconds is no time at all
+
+
+class Lenient:
+    """Reads an answer's side fields where they make sense, and notes the ones it ignores.
+
+    Only ``id``, ``status`` and, when completed, the video link must be right to archive a video;
+    a provider whose other fields drift from their documented types (a number in a string, a time
+    in milliseconds or as ISO text) still gets its video archived. What cannot be read is None and
+    noted in :attr:`ignored` as (field, why), for a counted warning: never a reason not to archive.
+    """
+
+    def __init__(self) -> None:
+        self.ignored: list[tuple[str, str]] = []
+
+    def _ignore(self, name: str, why: str) -> None:
+        self.ignored.append((name, why))
+
+    def object(self, payload: dict[str, Any], key: str, name: str | None = None) -> dict[str, Any]:
+        """An object field; {} if absent, null or not an object."""
+        value = payload.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self._ignore(name or key, f"not an object ({type(value).__name__})")
+            return {}
         return value
-    raise errors.MalformedAnswer(
-        f"malformed answer: field {key!r} should be a boolean, got {type(value).__name__}"
-    )
+
+    def number(self, payload: dict[str, Any], key: str, name: str | None = None) -> float | None:
+        """A finite number, also written as a string (``"5.04"``); None otherwise."""
+        value = payload.get(key)
+        if value is None:
+            return None
+        number = _as_number(value)
+        if number is None:
+            self._ignore(name or key, f"not a finite number ({_short(value)})")
+        return number
+
+    def time(
+        self, payload: dict[str, Any], key: str, name: str | None = None
+    ) -> dt.datetime | None:
+        """A time as Unix seconds, milliseconds (from 10^12 on) or ISO 8601 text, aware UTC."""
+        value = payload.get(key)
+        if value is None:
+            return None
+        when = _as_time(value)
+        if when is None:
+            self._ignore(name or key, f"not a time ({_short(value)})")
+        return when
+
+    def text(
+        self, payload: dict[str, Any], key: str, limit: int, name: str | None = None
+    ) -> str | None:
+        """A string made :func:`storable` within ``limit``; None otherwise."""
+        value = payload.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self._ignore(name or key, f"not a string ({type(value).__name__})")
+            return None
+        return storable(value, limit)
+
+    def reason(self, payload: dict[str, Any], key: str) -> str | None:
+        """A failure's reason as one readable line: text as given; an error object as
+        ``message (code)``; any other value as compact JSON. None when absent, null or empty."""
+        value = payload.get(key)
+        if value is None or value == {} or value == "":
+            return None
+        if isinstance(value, str):
+            return storable(value, ERROR_MAX_CHARS)
+        if isinstance(value, dict):
+            code = value.get("code")
+            message = value.get("message")
+            message = message if isinstance(message, str) and message else None
+            if code is not None and (isinstance(code, bool) or not isinstance(code, str | int)):
+                code = json.dumps(code, ensure_ascii=False)
+            if message is not None or code is not None:
+                line = message or "no message"
+                if code is not None:
+                    line = f"{line} ({code})"
+                return storable(line, ERROR_MAX_CHARS)
+        return storable(json.dumps(value, ensure_ascii=False), ERROR_MAX_CHARS)
 
 
-def number(payload: dict[str, Any], key: str, what: str) -> float | None:
-    """A finite number field: JSON integers too large for a float are malformed too."""
-    value = field(payload, key, (int, float), what)
-    if value is None:
+def _as_number(value: object) -> float | None:
+    """``value`` as a finite float: a JSON number (never a boolean) or a numeric string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, int | float):
         return None
     try:
-        finite = float(value)
+        number = float(value)
     except OverflowError:
-        finite = math.inf
-    if not math.isfinite(finite):
-        raise errors.MalformedAnswer(f"malformed answer: field {key!r} is not a finite number")
-    return finite
-
-
-def timestamp(payload: dict[str, Any], key: str) -> dt.datetime | None:
-    """A Unix-seconds field as an aware UTC time; out of range (before 1970, after ~5138) is malformed."""
-    raw = number(payload, key, "a Unix timestamp")
-    if raw is None:
         return None
-    if not 0 < raw < 1e11:
-        raise errors.MalformedAnswer(f"malformed answer: field {key!r} is out of range")
-    return dt.datetime.fromtimestamp(raw, dt.UTC)
+    return number if math.isfinite(number) else None
+
+
+def _as_time(value: object) -> dt.datetime | None:
+    """``value`` as an aware UTC time: Unix seconds or milliseconds (a number or a numeric
+    string), or ISO 8601 text (without an offset: UTC); None when it is none of these."""
+    seconds = _as_number(value)
+    if seconds is None and isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+        return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+    if seconds is None:
+        return None
+    if seconds >= MILLISECONDS_FROM:
+        seconds /= 1000
+    if not 0 < seconds < LATEST_SECONDS:
+        return None
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
 
 
 def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:

@@ -77,6 +77,7 @@ class Service:
     MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
     MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then (or the row's deadline), retried
     STARVING_SHARE = 0.25  # while claims come back full, this share goes to starving rows first
+    IGNORED_FIELD_LOG_SECONDS = 600.0  # an answer field ignored is logged this often at most
 
     def __init__(
         self,
@@ -128,6 +129,7 @@ class Service:
         self._store_retry_at = 0.0  # time.monotonic() before which the tick leaves the database be
         self._stopping = False
         self._claims_full = False  # the last claim returned all it asked for: the budget is tight
+        self._ignored_logged: dict[str, float] = {}  # answer field -> when it was last logged
 
     # --- the scheduled jobs -------------------------------------------------------------------------
 
@@ -523,11 +525,32 @@ class Service:
         self.last_answer_at = now
         self._unblock_auth()
         task_log.debug("task_polled", status=answer.status.value)
+        if answer.ignored:
+            self._ignored_fields(answer, task_log)
         polled = policy.on_answer(row, answer, now, self.rules, self.draw)
         if row.provider is None:
             # The first answer: from now on only daemons of this provider claim the row.
             polled = polled.replace(provider=self.provider.name)
         return polled
+
+    def _ignored_fields(
+        self, answer: models.Answer, task_log: structlog.typing.FilteringBoundLogger
+    ) -> None:
+        """Count the side fields an answer had that could not be read; say so once per field per
+        IGNORED_FIELD_LOG_SECONDS (a drifted provider would otherwise log on every poll)."""
+        moment = time.monotonic()
+        for name, why in answer.ignored:
+            self.metrics.answer_fields_ignored.labels(field=name).inc()
+            last = self._ignored_logged.get(name)
+            if last is None or moment - last >= self.IGNORED_FIELD_LOG_SECONDS:
+                self._ignored_logged[name] = moment
+                task_log.warning(
+                    "answer_field_ignored",
+                    field=name,
+                    why=why,
+                    effect="read as absent; the task goes on (only id, status and a finished "
+                    "task's link must be right)",
+                )
 
     def _count_poll(self, row: models.Task, exc: errors.ProviderError | None) -> None:
         if exc is None:

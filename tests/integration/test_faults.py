@@ -523,9 +523,9 @@ MALFORMED = {
         '{"id": "video_badtype", "status": 7}',
         "'status' is missing or not a string",
     ),
-    "video_badcreated": (
-        '{"id": "video_badcreated", "status": "queued", "created": "yesterday"}',
-        "field 'created' should be a Unix timestamp",
+    "video_badlink": (
+        '{"id": "video_badlink", "status": "completed", "video_url": "not a link"}',
+        "video_url is not a valid URL",
     ),
     "video_otherid": ('{"id": "video_someone_else", "status": "queued"}', "not the one asked for"),
     "video_unknown": ('{"id": "video_unknown", "status": "exploded"}', "unknown status"),

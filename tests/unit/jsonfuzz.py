@@ -37,3 +37,5 @@ def parses_or_refuses(parse: Callable[[bytes], models.Answer], raw: bytes, task_
     assert answer.created is None or answer.created.utcoffset() == dt.timedelta(0)
     assert answer.actual_duration is None or math.isfinite(answer.actual_duration)
     assert answer.error is None or isinstance(answer.error, str)
+    assert answer.expires_at is None or answer.expires_at.utcoffset() == dt.timedelta(0)
+    assert all(isinstance(name, str) and isinstance(why, str) for name, why in answer.ignored)

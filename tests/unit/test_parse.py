@@ -119,22 +119,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("status a number", body(status=1), "'status'"),
     ("status a list", body(status=["queued"]), "'status'"),
     ("status null", body(status=None), "'status'"),
-    ("created a string", body(created=str(SEED_CREATED)), "'created'"),
-    ("created a bool", body(created=True), "'created'"),
-    ("created negative", body(created=-5), "'created'"),
-    ("created zero", body(created=0), "'created'"),
-    ("created huge", body(created=1e12), "'created'"),
-    ("created NaN", body(created=math.nan), "'created'"),
-    ("created infinite", body(created=math.inf), "'created'"),
-    ("model a number", body(model=7), "'model'"),
-    ("video_url a number", body(video_url=42), "'video_url'"),
-    ("video_url an object", body(video_url={"href": "x"}), "'video_url'"),
-    ("video_url a bool", body(video_url=True), "'video_url'"),
-    ("duration a string", body(actualDuration="5"), "'actualDuration'"),
-    ("duration a bool", body(actualDuration=False), "'actualDuration'"),
-    ("duration NaN", body(actualDuration=math.nan), "'actualDuration'"),
-    ("error a number", body(error=500), "'error'"),
-    ("error a list", body(error=["bad"]), "'error'"),
+    ("video_url a number", body(status="completed", video_url=42), "'video_url'"),
+    ("video_url an object", body(status="completed", video_url={"href": "x"}), "'video_url'"),
+    ("video_url a bool", body(status="completed", video_url=True), "'video_url'"),
 ]
 
 
@@ -162,21 +149,81 @@ class TestMalformedAnswer:
             parse(body(id="x" * 10_000))
         assert len(str(caught.value)) < 200
 
-    def test_created_beyond_float_range(self) -> None:
-        raw = body(created=0).replace(b'"created": 0', b'"created": ' + b"9" * 400)
-        with pytest.raises(errors.MalformedAnswer):
-            parse(raw)
-
-    def test_duration_beyond_float_range(self) -> None:
-        raw = body(actualDuration=0).replace(
-            b'"actualDuration": 0', b'"actualDuration": ' + b"9" * 400
-        )
-        with pytest.raises(errors.MalformedAnswer):
-            parse(raw)
-
     def test_deeply_nested_json(self) -> None:
         with pytest.raises(errors.MalformedAnswer):
             parse(b"[" * 100_000 + b"]" * 100_000)
+
+
+SEED_TIME = dt.datetime.fromtimestamp(SEED_CREATED, dt.UTC)
+# (case, field, value, what the answer reads, the field noted as ignored or None)
+LENIENT: list[tuple[str, str, Any, Any, str | None]] = [
+    ("duration in a string", "actualDuration", "5.04", 5.04, None),
+    ("duration in a padded string", "actualDuration", " 5 ", 5.0, None),
+    ("duration a word", "actualDuration", "five", None, "actualDuration"),
+    ("duration a bool", "actualDuration", False, None, "actualDuration"),
+    ("duration NaN", "actualDuration", math.nan, None, "actualDuration"),
+    ("duration a list", "actualDuration", [5], None, "actualDuration"),
+    ("created in milliseconds", "created", SEED_CREATED * 1000, SEED_TIME, None),
+    ("created in a string", "created", str(SEED_CREATED), SEED_TIME, None),
+    ("created in milliseconds in a string", "created", str(SEED_CREATED * 1000), SEED_TIME, None),
+    ("created as ISO 8601", "created", "2025-10-28T07:11:18Z", SEED_TIME, None),
+    ("created as ISO 8601 with an offset", "created", "2025-10-28T15:11:18+08:00", SEED_TIME, None),
+    ("created as ISO 8601 without an offset", "created", "2025-10-28T07:11:18", SEED_TIME, None),
+    ("created a word", "created", "yesterday", None, "created"),
+    ("created a bool", "created", True, None, "created"),
+    ("created negative", "created", -5, None, "created"),
+    ("created zero", "created", 0, None, "created"),
+    ("created between seconds and milliseconds", "created", 5e11, None, "created"),
+    ("created NaN", "created", math.nan, None, "created"),
+    ("created infinite", "created", math.inf, None, "created"),
+    ("created an object", "created", {"s": 1}, None, "created"),
+    ("model a number", "model", 7, None, "model"),
+    ("error a number", "error", 500, "500", None),
+    ("error a list", "error", ["bad"], '["bad"]', None),
+    ("error an object", "error", {"code": "E1", "message": "bad"}, "bad (E1)", None),
+]
+READ_AS = {"actualDuration": "actual_duration", "created": "created", "model": "model"}
+
+
+class TestLenientFields:
+    """Side fields are read where they make sense and otherwise ignored and noted; a completed
+    answer keeps its link whatever its side fields say."""
+
+    @pytest.mark.parametrize(
+        ("field", "value", "read", "ignored"),
+        [case[1:] for case in LENIENT],
+        ids=[case[0] for case in LENIENT],
+    )
+    def test_a_drifted_field(self, field: str, value: Any, read: Any, ignored: str | None) -> None:
+        url = "https://cdn.example.com/v/abc.mp4?sig=1"
+        answer = parse(body(status="completed", video_url=url, **{field: value}))
+        assert (answer.status, answer.video_url) == (models.Status.COMPLETED, url)
+        assert getattr(answer, READ_AS.get(field, field)) == read
+        assert [name for name, _ in answer.ignored] == ([ignored] if ignored else [])
+        for _, why in answer.ignored:
+            assert "\n" not in why and len(why) < 100
+
+    def test_beyond_float_range_is_ignored(self) -> None:
+        for field in ("created", "actualDuration"):
+            raw = body(**{field: 0}).replace(
+                f'"{field}": 0'.encode(), f'"{field}": '.encode() + b"9" * 400
+            )
+            assert [name for name, _ in parse(raw).ignored] == [field]
+
+    def test_a_well_formed_answer_ignores_nothing(self) -> None:
+        assert (
+            parse(
+                body(status="completed", video_url="https://a.example/v", actualDuration=5)
+            ).ignored
+            == ()
+        )
+
+    def test_a_link_before_completion_is_not_read(self) -> None:
+        assert parse(body(status="processing", video_url=42)).video_url is None
+
+    def test_the_reseller_knows_no_deadline_of_its_own(self) -> None:
+        # created + SEEDANCE_RETENTION_SECONDS, decided by the policy
+        assert parse(body()).expires_at is None
 
 
 class TestStorableStrings:

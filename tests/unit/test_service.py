@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
+import structlog.testing
 from seedance_archiver import config, errors, models, policy, provider, ratelimit, service, testing
 from seedance_archiver.models import State
 
@@ -265,6 +266,29 @@ class TestArchiving:
         await rig.cycle()
         assert rig.row().state == State.REJECTED
         assert rig.row().error == str(refusal)
+
+
+class TestDriftedAnswers:
+    """A field the video does not depend on never stops it: ignored, counted, logged sparingly."""
+
+    async def test_archived_counted_and_logged_once_per_field(self, rig: Rig) -> None:
+        drifted = dataclasses.replace(
+            completed(), ignored=(("actualDuration", "not a finite number ('5s')"),)
+        )
+        for task_id in (TASK_ID, "video_second"):
+            rig.store.add(task_id)
+            rig.provider.script(task_id, dataclasses.replace(drifted, id=task_id))
+        rig.provider.videos[URL] = VIDEO
+        with structlog.testing.capture_logs() as logs:
+            await rig.cycle()
+        assert rig.row().state == rig.row("video_second").state == State.ARCHIVED
+        sample = rig.svc.metrics.registry.get_sample_value(
+            "seedance_answer_fields_ignored_total", {"field": "actualDuration"}
+        )
+        assert sample == 2
+        warned = [e for e in logs if e["event"] == "answer_field_ignored"]
+        assert len(warned) == 1
+        assert warned[0]["field"] == "actualDuration" and "5s" in warned[0]["why"]
 
 
 def past_deadline(task_id: str = TASK_ID) -> models.Task:

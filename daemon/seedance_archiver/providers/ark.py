@@ -13,22 +13,28 @@ Ark                       ours
 ``failed``                ``failed``, ``error`` from the error object (``message (code)``)
 ``cancelled``             ``cancelled``
 ``expired``               ``failed``, reason :data:`EXPIRED_REASON`
-``created_at``            ``created`` (the deadline is created + the retention, 24 h)
+``created_at``            ``created``
 ``content.video_url``     ``video_url``
 ``duration``              ``actual_duration``
 ``resolution``            ``resolution``
 ========================  =======================================================================
 
-The other documented fields (``updated_at``, ``content.last_frame_url``, ``ratio``,
-``framespersecond``, ``seed``, ``usage.completion_tokens``, ``service_tier``, ``draft``,
-``execution_expires_after``) are checked for their type, so a changed contract shows as a malformed
-answer rather than a silent misreading, and are not stored.
+The deadline (``expires_at``) is what Ark's own facts say. A finished task's video lives as long as
+its signed link, whose query gives its start and lifetime (``X-Tos-Date`` + ``X-Tos-Expires``), else
+24 h from ``updated_at`` (its completion). A task still queued or running may wait until
+``created_at`` + its ``execution_expires_after`` (48 h by default, for flex tasks), and then its
+video lives 24 h. Ark keeps every task 7 days.
+
+Only ``id``, ``status`` and a finished task's ``content.video_url`` must follow the contract; the
+other fields are read where they make sense and otherwise ignored (:class:`provider.Lenient`). The
+documented fields nothing here needs (``seed``, ``ratio``, ``usage``, ...) are not read at all.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from typing import Any
+import urllib.parse
 
 from seedance_archiver import models, provider
 
@@ -37,7 +43,12 @@ TASKS_PATH = "/api/v3/contents/generations/tasks/"
 # Ark issues ids like ``cgt-20250101…``; this one has no such prefix, so it can never be issued.
 KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 EXPIRED_REASON = "expired at the provider before it ran"
-SHORT_MAX_CHARS = 100  # resolution, ratio, service tier: short words, never a blob
+SHORT_MAX_CHARS = 100  # resolution: a short word, never a blob
+# Ark's lifetimes: a video 24 h from its generation; a flex task may wait in the queue for its
+# execution_expires_after (this by default); every task is kept 7 days.
+VIDEO_LIFETIME = dt.timedelta(hours=24)
+EXECUTION_EXPIRES_AFTER_SECONDS = 172_800.0
+TASK_LIFETIME_SECONDS = 7 * 86_400
 
 STATUSES = {
     "queued": models.Status.QUEUED,
@@ -49,61 +60,61 @@ STATUSES = {
 }
 
 
-def _object(payload: dict[str, Any], key: str) -> dict[str, Any]:
-    found: dict[str, Any] | None = provider.field(payload, key, (dict,), "an object")
-    return found or {}
-
-
-def _error_text(payload: dict[str, Any]) -> str | None:
-    """The error object as one readable line, ``message (code)``; None when it is null."""
-    if payload.get("error") is None:
-        return None
-    error = _object(payload, "error")
-    code = provider.field(error, "code", (str, int), "a string or a number")
-    message = provider.field(error, "message", (str,), "a string")
-    if not message and code is None:
-        return None
-    text = message or "no message"
-    if code is not None:
-        text = f"{text} ({code})"
-    return provider.storable(text, provider.ERROR_MAX_CHARS)
-
-
 def parse_answer(task_id: str, body: bytes) -> models.Answer:
-    """Parse Ark's JSON for ``task_id``; anything off its contract is MalformedAnswer.
-
-    As the reseller's parser: strings come out storable, links whole or not at all, ``id`` is the
-    asked-for one.
-    """
+    """Parse Ark's JSON for ``task_id``: strict where a video depends on it, lenient elsewhere,
+    as the reseller's parser is."""
     payload = provider.json_object(body)
     answer_id = provider.answer_id(payload, task_id)
     raw_status = provider.status_text(payload)
     status = STATUSES.get(raw_status)
     if status is None:
         raise provider.unknown_status(raw_status)
-    content = _object(payload, "content")
-    video_url = provider.link(content, "video_url")
-    provider.link(content, "last_frame_url")
-    provider.timestamp(payload, "updated_at")
-    for key in ("ratio", "service_tier"):
-        provider.text(payload, key, SHORT_MAX_CHARS)
-    for key in ("framespersecond", "seed", "execution_expires_after"):
-        provider.number(payload, key, "a number")
-    provider.number(_object(payload, "usage"), "completion_tokens", "a number")
-    provider.flag(payload, "draft")
-    error = _error_text(payload)
+    read = provider.Lenient()
+    video_url = None
+    if status is models.Status.COMPLETED:
+        video_url = provider.link(read.object(payload, "content"), "video_url")
+    created = read.time(payload, "created_at")
+    error = read.reason(payload, "error")
     if raw_status == "expired":
         error = EXPIRED_REASON if error is None else f"{EXPIRED_REASON}: {error}"
+    if status is models.Status.COMPLETED:
+        completed = read.time(payload, "updated_at")
+        expires_at = link_expiry(video_url) if video_url else None
+        if expires_at is None and completed is not None:
+            expires_at = completed + VIDEO_LIFETIME
+    elif status in (models.Status.QUEUED, models.Status.PROCESSING) and created is not None:
+        waits = read.number(payload, "execution_expires_after")
+        waits = EXECUTION_EXPIRES_AFTER_SECONDS if waits is None or waits <= 0 else waits
+        expires_at = created + dt.timedelta(seconds=min(waits, TASK_LIFETIME_SECONDS))
+        expires_at += VIDEO_LIFETIME
+    else:
+        expires_at = None
     return models.Answer(
         id=answer_id,
         status=status,
-        created=provider.timestamp(payload, "created_at"),
-        model=provider.text(payload, "model", provider.MODEL_MAX_CHARS),
+        created=created,
+        model=read.text(payload, "model", provider.MODEL_MAX_CHARS),
         video_url=video_url,
-        actual_duration=provider.number(payload, "duration", "a number"),
+        actual_duration=read.number(payload, "duration"),
         error=error,
-        resolution=provider.text(payload, "resolution", SHORT_MAX_CHARS),
+        resolution=read.text(payload, "resolution", SHORT_MAX_CHARS),
+        expires_at=expires_at,
+        ignored=tuple(read.ignored),
     )
+
+
+def link_expiry(url: str) -> dt.datetime | None:
+    """When a TOS-signed link stops working: ``X-Tos-Date`` + ``X-Tos-Expires`` seconds; None
+    when its query does not say."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    try:
+        signed = dt.datetime.strptime(query["X-Tos-Date"][0], "%Y%m%dT%H%M%SZ")
+        lifetime = int(query["X-Tos-Expires"][0])
+    except (KeyError, IndexError, ValueError):
+        return None
+    if not 0 < lifetime <= TASK_LIFETIME_SECONDS:
+        return None
+    return signed.replace(tzinfo=dt.UTC) + dt.timedelta(seconds=lifetime)
 
 
 def callback_task_id(body: bytes) -> str | None:

@@ -17,11 +17,12 @@ KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 
 
 def parse_answer(task_id: str, body: bytes) -> models.Answer:
-    """Parse the provider's JSON for ``task_id``; anything off its contract is MalformedAnswer.
+    """Parse the provider's JSON for ``task_id``.
 
-    Its strings come out storable: ``model`` and ``error`` through :func:`provider.storable`;
-    ``video_url`` whole or not at all (too long, control characters, or not a URL httpx can request
-    is malformed); ``id`` is the asked-for one.
+    Strict where a wrong reading would lose a video: ``id`` must be the asked-for one, ``status`` one
+    of the seed's, and a completed task's ``video_url`` whole and usable (else MalformedAnswer). The
+    rest is read leniently (:class:`provider.Lenient`): a drifted side field is ignored and noted,
+    never a reason not to archive. Strings come out storable.
     """
     payload = provider.json_object(body)
     answer_id = provider.answer_id(payload, task_id)
@@ -30,14 +31,17 @@ def parse_answer(task_id: str, body: bytes) -> models.Answer:
         status = models.Status(raw_status)
     except ValueError:
         raise provider.unknown_status(raw_status) from None
+    video_url = provider.link(payload, "video_url") if status is models.Status.COMPLETED else None
+    read = provider.Lenient()
     return models.Answer(
         id=answer_id,
         status=status,
-        created=provider.timestamp(payload, "created"),
-        model=provider.text(payload, "model", provider.MODEL_MAX_CHARS),
-        video_url=provider.link(payload, "video_url"),
-        actual_duration=provider.number(payload, "actualDuration", "a number"),
-        error=provider.text(payload, "error", provider.ERROR_MAX_CHARS),
+        created=read.time(payload, "created"),
+        model=read.text(payload, "model", provider.MODEL_MAX_CHARS),
+        video_url=video_url,
+        actual_duration=read.number(payload, "actualDuration"),
+        error=read.reason(payload, "error"),
+        ignored=tuple(read.ignored),
     )
 
 
