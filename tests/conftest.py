@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from seedance_archiver import schema, simulator
+from seedance_archiver import schema, simulator, store, testing, utils
 
 PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -150,6 +150,20 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """The same test on SQLite and on PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "pg_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture(params=["fake", "sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest) -> Iterator[store.Store]:
+    """The same store behaviour on the fake store, SQLite and PostgreSQL."""
+    if request.param == "fake":
+        yield testing.FakeStore(clock=utils.utcnow)
+        return
+    url = str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+    sql_store = store.SqlStore.from_url(url)
+    try:
+        yield sql_store
+    finally:
+        sql_store.close()
 
 
 # --- S3 (moto's server mode, over real HTTP on loopback) ---------------------------------------

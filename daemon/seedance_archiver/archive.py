@@ -92,8 +92,14 @@ class Stored:
 class Archive(Protocol):
     """What the service needs from archive storage."""
 
-    async def find(self, task_id: str) -> Stored | None:
-        """The committed video of ``task_id``, if one is already stored (archived before a crash)."""
+    async def find(self, task_id: str, *, read_back: bool = False) -> Stored | None:
+        """The committed video of ``task_id``, if one is already stored (archived before a crash).
+
+        An object whose SHA-256 was never recorded (a store that refused the tag) counts only with
+        ``read_back``: it is then read back whole to hash it. Every object under a task's key is
+        complete (a single PUT and a completed multipart upload are atomic), so this is how a task
+        is looked for before it is given up.
+        """
         ...
 
     async def put(
@@ -232,7 +238,8 @@ class FileArchive:
         except OSError as exc:
             raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
 
-    async def find(self, task_id: str) -> Stored | None:
+    async def find(self, task_id: str, *, read_back: bool = False) -> Stored | None:
+        # A file is hashed as it is read: its hash is always known.
         return await self._io("archive folder read failed", self._find, task_id)
 
     def _find(self, task_id: str) -> Stored | None:
@@ -539,7 +546,8 @@ class S3Archive:
 
     Endpoint and credentials come from boto3's own chain (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...).
     The SHA-256 is kept in the object's metadata (single PUT) or tags (multipart, where it is known
-    only at the end); an object without it is treated as not archived and written again.
+    only at the end); an object without it is written again while its link works, and read back to
+    hash it before a task is given up (``find(read_back=True)``).
 
     Archiving needs only HeadObject, GetObject, PutObject and the multipart calls. Everything else
     (listing uploads, tags, checksum headers, HeadBucket) is best effort: when the store refuses one
@@ -641,7 +649,7 @@ class S3Archive:
 
     # --- the archive ---------------------------------------------------------------------------------
 
-    async def find(self, task_id: str) -> Stored | None:
+    async def find(self, task_id: str, *, read_back: bool = False) -> Stored | None:
         key = self.key(task_id)
         try:
             head = await self._run(self.client.head_object, Bucket=self.bucket, Key=key)
@@ -670,12 +678,39 @@ class S3Archive:
             tags = await self._optional(
                 GET_TAGS, self.client.get_object_tagging, Bucket=self.bucket, Key=key
             )
-            if tags is None:
-                return None
-            sha = next((t["Value"] for t in tags.get("TagSet", []) if t["Key"] == "sha256"), None)
-        if not sha:
+            if tags is not None:
+                sha = next(
+                    (t["Value"] for t in tags.get("TagSet", []) if t["Key"] == "sha256"), None
+                )
+        if sha:
+            return Stored(self._uri(key), int(head["ContentLength"]), sha)
+        if not read_back:
             return None
-        return Stored(self._uri(key), int(head["ContentLength"]), sha)
+        size, sha = await self._read_back(key)
+        log.info("object_read_back", key=key, bytes=size, why="its SHA-256 was not recorded")
+        return Stored(self._uri(key), size, sha)
+
+    async def _read_back(self, key: str) -> tuple[int, str]:
+        """The size and SHA-256 of the object at ``key``, read whole (GetObject), in constant
+        memory."""
+
+        def read() -> tuple[int, str]:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            counter = _Counter()
+            try:
+                for chunk in body.iter_chunks(HASH_READ_BYTES):
+                    counter.add(chunk)
+            finally:
+                body.close()
+            return counter.size, counter.hash.hexdigest()
+
+        try:
+            found: tuple[int, str] = await self._run(read)
+        except botocore.exceptions.ClientError as exc:
+            raise errors.ArchiveError(f"S3 GET failed: {_s3_reason(exc)}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+        return found
 
     async def put(
         self,

@@ -104,6 +104,9 @@ class Settings(pydantic_settings.BaseSettings):
     # How long a claimed row stays ours without renewal. A dead replica's rows wait this long before
     # another replica takes them, so it should exceed the longest cadence floor (flex: 60 s).
     lease_seconds: float = pydantic.Field(default=120.0, ge=1)
+    # A task the provider keeps unfinished (queued, processing) this many days after its creation
+    # ends expired: Ark keeps a task 7 days. The deadline alone never ends a task.
+    give_up_after_days: float = pydantic.Field(default=7.0, gt=0, le=3650)
     # Delete finished rows this many days after they finished; 0 keeps them forever.
     prune_after_days: float = pydantic.Field(default=0.0, ge=0)
     # The longest a database statement may take (server side), and the deadline after which the

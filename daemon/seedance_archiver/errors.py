@@ -65,12 +65,27 @@ class LinkExpired(DownloadError):
     """The video link was refused (403/404): poll the task again for a fresh video_url."""
 
 
-class UnsafeVideoUrl(DownloadError):
+class NotAVideo(DownloadError):
+    """The video host answered 200, but not with a video (empty, an error page, no container)."""
+
+    PREFIX = "the video host answered 200"
+
+
+class RefusedBySetting(DownloadError):
+    """Our own settings refuse this video: it waits, downloading, until they change."""
+
+
+class UnsafeVideoUrl(RefusedBySetting):
     """The video_url is not allowed by SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES / _ALLOW_PRIVATE_VIDEO_HOSTS."""
 
 
-class VideoTooLarge(DownloadError):
+class VideoTooLarge(RefusedBySetting):
     """The video is larger than SEEDANCE_MAX_VIDEO_BYTES."""
+
+    def __init__(self, message: str | None = None, *, length: int | None = None) -> None:
+        super().__init__(message)
+        #: The size the video host announced (Content-Length), when it did.
+        self.length = length
 
 
 # --- storage and database ---------------------------------------------------------------------
@@ -82,6 +97,10 @@ class ArchiveError(ArchiverError):
 
 class StoreError(ArchiverError):
     """The database failed."""
+
+
+class PermissionMissing(StoreError):
+    """The database role lacks a grant the daemon's writes need."""
 
 
 class AlreadyRunning(StoreError):

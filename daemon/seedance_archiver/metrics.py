@@ -67,6 +67,12 @@ class Metrics:
             "Tasks not yet archived whose provider deadline is less than an hour away.",
             registry=r,
         )
+        self.tasks_waiting_on_setting = prom.Gauge(
+            "seedance_tasks_waiting_on_setting",
+            "Finished videos not downloaded because one of our settings refuses them "
+            "(SEEDANCE_MAX_VIDEO_BYTES, the video URL rules); they wait for the setting to change.",
+            registry=r,
+        )
         self.archived_bytes = prom.Counter(
             "seedance_archived_bytes", "Bytes of video archived.", registry=r
         )
@@ -99,6 +105,13 @@ class Metrics:
             "Unix time of the last successful tick.",
             registry=r,
         )
+        self.provider_outage = prom.Gauge(
+            "seedance_provider_outage",
+            "1 while most polls get no answer from the provider's API (5xx, timeouts, 404s that are "
+            "not its own JSON) or its own 404 for tasks it should still have, else 0. No task is "
+            "given up on a 404 while it lasts.",
+            registry=r,
+        )
         self.api_key_rejected = prom.Gauge(
             "seedance_api_key_rejected",
             "1 while the provider rejects the API key and polling is paused, else 0.",
@@ -121,6 +134,12 @@ class Metrics:
             "Optional storage calls (listing uploads, tags, checksums, HeadBucket) the store refused; "
             "each kind is remembered and not asked again.",
             ["call"],
+            registry=r,
+        )
+        self.database_writes_refused = prom.Gauge(
+            "seedance_database_writes_refused",
+            "1 while the database refuses the daemon's write-backs for a missing grant (outcomes "
+            "wait in memory; no task can end), else 0.",
             registry=r,
         )
         self.tick_failures = prom.Counter(

@@ -45,6 +45,9 @@ class State(enum.StrEnum):
 
 ACTIVE_STATES = frozenset({State.PENDING, State.POLLING, State.DOWNLOADING})
 TERMINAL_STATES = frozenset(State) - ACTIVE_STATES
+# How the error of a downloading row whose video our own settings refuse begins (policy writes it;
+# the store counts such rows and makes them due when a daemon starts).
+WAITING_ON_SETTING = "waiting on a setting"
 
 
 # --- what the provider said, and how often to ask (values the pure policy reads) ----------

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from seedance_archiver import models
+from seedance_archiver import errors, models
 
 if TYPE_CHECKING:  # only for a type: the settings module (pydantic, the environment) stays out
     from seedance_archiver import config
@@ -25,9 +25,32 @@ _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
 BACKOFF_CAP_SECONDS = 600.0
 # A download retry talks to the file host, not the provider's API, so it may come sooner than a poll.
 DOWNLOAD_RETRY_SECONDS = 5.0
-# A 404 for a task never seen is retried this many polls before the id is rejected.
+# The provider's own 404 (its JSON error) this many polls in a row, spread over at least the mode's
+# longest interval, is its word that a task is gone (seen before: expired) or never was (rejected).
 NOT_FOUND_POLLS = 3
 NOT_FOUND_REASON = "the provider does not know this task id"
+GONE_REASON = "the provider no longer has this task"
+# While most polls of tasks the provider should still have get its 404, a 404 for a task before its
+# deadline is an outage, not evidence (outage.py); "should still have": this far before the deadline.
+WELL_INSIDE = dt.timedelta(hours=1)
+STORM_REASON = (
+    "the provider answers 404 for most of the tasks it should still have: an outage, not counted "
+    "against this task"
+)
+# A task the provider keeps unfinished this long after its creation is given up on (expired).
+GIVE_UP_AFTER = dt.timedelta(days=7)
+GIVE_UP_REASON = "the provider kept the task unfinished past SEEDANCE_GIVE_UP_AFTER_DAYS"
+# A video our own settings refuse (too large, a link our URL rules refuse) waits, downloading, and
+# is tried again from the mode's longest interval, doubling up to this, and at every start.
+WAITING_ON_SETTING = models.WAITING_ON_SETTING
+SETTING_RETRY_CAP_SECONDS = 1800.0
+# A video link refused (403/404/410) this many times in a row, each but the first fresh from a
+# poll, means the provider no longer serves the video.
+LINK_REFUSALS = 3
+LINK_REFUSED_PREFIX = "the video link was refused"
+LINK_GONE_REASON = "the provider no longer serves the video"
+# A 200 that is not a video this many times in a row: ask the provider for a fresh link.
+NOT_A_VIDEO_TRIES = 3
 # A 403 for one task while the provider accepts the key is retried this many polls, then rejected.
 FORBIDDEN_POLLS = 3
 FORBIDDEN_REASON = "the provider refuses this task while it accepts the API key"
@@ -67,6 +90,10 @@ class Rules:
     download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS
     not_found_polls: int = NOT_FOUND_POLLS
     forbidden_polls: int = FORBIDDEN_POLLS
+    link_refusals: int = LINK_REFUSALS
+    give_up_after: dt.timedelta = GIVE_UP_AFTER
+    setting_retry_cap_seconds: float = SETTING_RETRY_CAP_SECONDS
+    not_a_video_tries: int = NOT_A_VIDEO_TRIES
     generation_times: Mapping[str, models.GenerationTime] = dataclasses.field(default_factory=dict)
     learned: Mapping[str, Learned] = dataclasses.field(default_factory=dict)
     learn_min_samples: int = LEARN_MIN_SAMPLES
@@ -82,6 +109,7 @@ class Rules:
             learn_min_samples=settings.learn_min_samples,
             learn_quantile=settings.learn_quantile,
             patient=settings.patient_polling,
+            give_up_after=dt.timedelta(days=settings.give_up_after_days),
         )
 
     def cadence(self, mode: str) -> models.Cadence:
@@ -124,6 +152,10 @@ def before_deadline(task: models.Task, wait: float, floor: float, now: dt.dateti
     if task.expires_at is None:
         return wait
     left = (task.expires_at - now).total_seconds()
+    if left <= 0:
+        return (
+            wait  # past it the task goes on as long as the provider serves it, backing off as usual
+        )
     return max(floor, min(wait, left / 2))
 
 
@@ -329,19 +361,44 @@ def polling_load(due_soon: int, window_seconds: float, limit_per_second: float) 
 
 
 def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
-    """A terminal outcome decided without asking anyone (bad id, deadline passed), or None."""
+    """``rejected`` for an id that can never be a provider's (nobody is asked), else None.
+
+    The deadline is not looked at: it orders the work and raises alarms, it never ends a task.
+    """
     problem = task_id_problem(task.task_id)
     if problem is not None:
         return _finish(task, models.State.REJECTED, problem, now)
-    if task.expires_at is not None and now >= task.expires_at:
-        return _finish(
-            task,
-            models.State.EXPIRED,
-            f"deadline passed: the provider deletes the task at {_iso(task.expires_at)} and the "
-            "video was not archived by then",
-            now,
-        )
     return None
+
+
+def before_deadline_passed(task: models.Task, now: dt.datetime) -> bool:
+    """Whether the task's deadline (``expires_at``) is still ahead, or unknown."""
+    return task.expires_at is None or now < task.expires_at
+
+
+def well_inside(task: models.Task, now: dt.datetime) -> bool:
+    """Whether the provider should surely still have the task: seen, and its deadline at least
+    WELL_INSIDE away (or unknown)."""
+    if task.provider_status is None:
+        return False
+    return task.expires_at is None or now < task.expires_at - WELL_INSIDE
+
+
+def given_up(task: models.Task, now: dt.datetime, rules: Rules, said: str) -> models.Task | None:
+    """``expired`` for a task still unfinished ``rules.give_up_after`` after its creation (its
+    insertion, where the provider never said), ``said`` being what the provider last said; else
+    None. A task is not polled forever."""
+    since = task.provider_created_at or task.inserted_at
+    if since is None or now - since < rules.give_up_after:
+        return None
+    days = (now - since).total_seconds() / 86_400
+    return _finish(
+        task.replace(polls=task.polls + 1, last_polled_at=now),
+        models.State.EXPIRED,
+        f"{GIVE_UP_REASON} ({rules.give_up_after.total_seconds() / 86_400:g} days): "
+        f"{days:.1f} days after it was created the provider's answer was {said}",
+        now,
+    )
 
 
 def on_answer(
@@ -373,6 +430,9 @@ def on_answer(
             completed_at=task.completed_at or now,
             next_attempt_at=now,
         )
+        if (task.error or "").startswith(LINK_REFUSED_PREFIX):
+            # A fresh link after refused ones: the count of refusals goes on until one works.
+            changes.update(error=task.error, attempts=task.attempts)
     elif status is models.Status.COMPLETED:
         changes.update(
             error="provider said completed but gave no video_url; polling again",
@@ -390,7 +450,12 @@ def on_answer(
         stated = answer.model or getattr(answer, "resolution", None)
         source = answer if stated else task
         changes["next_attempt_at"] = not_before_ready(task.mode, created, source, now, rules, draw)
-    return task.replace(**changes)
+    after = task.replace(**changes)
+    if after.state == models.State.POLLING:
+        return (
+            given_up(task.replace(provider_created_at=created), now, rules, status.value) or after
+        )
+    return after
 
 
 def on_poll_error(
@@ -401,7 +466,10 @@ def on_poll_error(
     draw: Draw,
     at_least_seconds: float = 0.0,
 ) -> models.Task:
-    """The task after a poll that failed in a way worth retrying (5xx, timeout, malformed, 429)."""
+    """The task after a poll that failed in a way worth retrying (5xx, timeout, an outage, 429)."""
+    ended = given_up(task, now, rules, f"an error ({reason})")
+    if ended is not None:
+        return ended
     attempts = task.attempts + 1
     floor = rules.cadence(task.mode).low
     wait = backoff_seconds(attempts, floor, rules.backoff_cap_seconds, draw)
@@ -427,6 +495,9 @@ def on_malformed(
 
     No backoff: the provider is up and answering; a malformed answer is usually one bad record.
     """
+    ended = given_up(task, now, rules, f"malformed ({reason})")
+    if ended is not None:
+        return ended
     return task.replace(
         state=models.State.POLLING.value,
         attempts=task.attempts + 1,
@@ -439,16 +510,25 @@ def on_malformed(
 
 
 def on_not_found(task: models.Task, now: dt.datetime, rules: Rules, draw: Draw) -> models.Task:
-    """The task after the provider answered 404 (DESIGN.md: rejected if never seen, else expired)."""
-    if task.provider_status is not None:
-        return _finish(
-            task.replace(polls=task.polls + 1, last_polled_at=now),
-            models.State.EXPIRED,
-            "the provider no longer has this task (404): it was deleted before the video was archived",
-            now,
-        )
+    """The provider answered its own 404 (DESIGN.md): evidence, not proof.
+
+    ``rules.not_found_polls`` of them in a row, spread over at least the mode's longest interval,
+    make a task the provider had answered for ``expired`` and one it never knew ``rejected`` (the
+    service looks in the archive first). Until then the task is polled again, never sooner than
+    that spread allows: a 404 that comes sooner after the last (a hastened poll) does not count.
+    """
+    seen = task.provider_status is not None
     return _refused_in_a_row(
-        task, NOT_FOUND_REASON, "yet (404)", "404", rules.not_found_polls, now, rules, draw
+        task,
+        GONE_REASON if seen else NOT_FOUND_REASON,
+        "(its own 404)",
+        "its own 404",
+        rules.not_found_polls,
+        models.State.EXPIRED if seen else models.State.REJECTED,
+        now,
+        rules,
+        draw,
+        spread=rules.cadence(task.mode).high,
     )
 
 
@@ -461,7 +541,15 @@ def on_task_forbidden(
     must not pause the daemon, and a few polls in a row make sure it was no passing glitch.
     """
     return _refused_in_a_row(
-        task, FORBIDDEN_REASON, f"({reason})", reason, rules.forbidden_polls, now, rules, draw
+        task,
+        FORBIDDEN_REASON,
+        f"({reason})",
+        reason,
+        rules.forbidden_polls,
+        models.State.REJECTED,
+        now,
+        rules,
+        draw,
     )
 
 
@@ -471,25 +559,39 @@ def _refused_in_a_row(
     detail: str,
     what: str,
     limit: int,
+    verdict: models.State,
     now: dt.datetime,
     rules: Rules,
     draw: Draw,
+    spread: float = 0.0,
 ) -> models.Task:
-    """Retry a refusal at the cadence; ``limit`` of the same kind in a row make the task ``rejected``.
+    """Retry a refusal at the cadence; ``limit`` of the same kind in a row, spread over at least
+    ``spread`` seconds, end the task in ``verdict``.
 
     ``attempts`` counts consecutive failures of any kind; only refusals whose error starts with
-    ``prefix`` count towards rejection.
+    ``prefix`` count towards the verdict, each at least ``spread / (limit - 1)`` after the last.
     """
+    ended = given_up(task, now, rules, f"{what}")
+    if ended is not None:
+        return ended
+    gap = spread / max(1, limit - 1)
     previous = task.attempts if (task.error or "").startswith(prefix) else 0
-    refused = previous + 1
+    too_soon = (
+        previous > 0
+        and task.last_polled_at is not None
+        and (now - task.last_polled_at).total_seconds() < gap
+    )
+    refused = previous if too_soon else previous + 1
     if refused >= limit:
         return _finish(
             task.replace(polls=task.polls + 1, last_polled_at=now, attempts=refused),
-            models.State.REJECTED,
+            verdict,
             f"{prefix} ({what} on {refused} polls in a row)",
             now,
         )
-    return on_poll_error(task.replace(attempts=previous), f"{prefix} {detail}", now, rules, draw)
+    return on_poll_error(
+        task.replace(attempts=refused - 1), f"{prefix} {detail}", now, rules, draw, gap
+    )
 
 
 def on_archived(
@@ -525,8 +627,48 @@ def on_download_error(
     )
 
 
-def on_link_expired(task: models.Task, reason: str, now: dt.datetime, rules: Rules) -> models.Task:
-    """The video link was refused: poll again for a fresh one, no sooner than the cadence allows."""
+def on_link_refused(task: models.Task, reason: str, now: dt.datetime, rules: Rules) -> models.Task:
+    """The video link was refused (403, 404, 410): poll again for a fresh one.
+
+    When ``rules.link_refusals`` links in a row were refused, each but the first fresh from a new
+    poll, the provider no longer serves the video: ``expired`` (the service looks in the archive
+    first). The count goes on across the polls in between (:func:`on_answer` keeps it).
+    """
+    previous = task.attempts if (task.error or "").startswith(LINK_REFUSED_PREFIX) else 0
+    refusals = previous + 1
+    if refusals >= rules.link_refusals:
+        return _finish(
+            task.replace(attempts=refusals, video_url=None),
+            models.State.EXPIRED,
+            f"{LINK_GONE_REASON} ({refusals} links in a row refused, each fresh from a poll; "
+            f"the last: {reason.removeprefix(LINK_REFUSED_PREFIX).strip()})",
+            now,
+        )
+    return _poll_for_link(task, f"{reason}; polling for a fresh video_url", refusals, now, rules)
+
+
+def on_not_a_video(
+    task: models.Task, reason: str, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """The video host answered 200 with something that is not a video: a transient download error,
+    retried; after ``rules.not_a_video_tries`` in a row, poll for a fresh link. Never a verdict."""
+    previous = task.attempts if (task.error or "").startswith(errors.NotAVideo.PREFIX) else 0
+    tries = previous + 1
+    if tries >= rules.not_a_video_tries:
+        return _poll_for_link(
+            task,
+            f"{reason} ({tries} times in a row); polling for a fresh video_url",
+            tries,
+            now,
+            rules,
+        )
+    return on_download_error(task.replace(attempts=previous), reason, now, rules, draw)
+
+
+def _poll_for_link(
+    task: models.Task, error: str, attempts: int, now: dt.datetime, rules: Rules
+) -> models.Task:
+    """Back to polling for a fresh video_url, no sooner than the cadence allows."""
     earliest = now
     if task.last_polled_at is not None:
         earliest = max(
@@ -535,23 +677,57 @@ def on_link_expired(task: models.Task, reason: str, now: dt.datetime, rules: Rul
     return task.replace(
         state=models.State.POLLING.value,
         video_url=None,
-        attempts=task.attempts + 1,
-        error=f"{reason}; polling for a fresh video_url",
+        attempts=attempts,
+        error=error,
         next_attempt_at=earliest,
         updated_at=now,
     )
 
 
-def on_refused(task: models.Task, reason: str, now: dt.datetime) -> models.Task:
-    """A video we must not fetch (too large, unsafe link): terminal, with the reason."""
-    return _finish(task, models.State.REJECTED, reason, now)
+def on_waiting_on_setting(
+    task: models.Task, reason: str, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """A video our own settings refuse (SEEDANCE_MAX_VIDEO_BYTES, the URL rules): not a verdict.
+
+    The row stays ``downloading`` with the reason, tried again from the mode's longest interval,
+    doubling up to ``rules.setting_retry_cap_seconds``, and at every start of a daemon (the
+    setting may have changed); until it is archived or the provider deletes the task.
+    """
+    previous = task.attempts if (task.error or "").startswith(WAITING_ON_SETTING) else 0
+    attempts = previous + 1
+    floor = rules.cadence(task.mode).high
+    wait = backoff_seconds(attempts, floor, max(floor, rules.setting_retry_cap_seconds), draw)
+    return task.replace(
+        state=models.State.DOWNLOADING.value,
+        attempts=attempts,
+        error=f"{WAITING_ON_SETTING}: {reason}; tried again in {wait:.0f}s and at every start",
+        next_attempt_at=now + dt.timedelta(seconds=wait),
+        updated_at=now,
+    )
+
+
+def on_verdict_deferred(
+    task: models.Task, verdict: models.Task, reason: str, now: dt.datetime, rules: Rules, draw: Draw
+) -> models.Task:
+    """``verdict`` (a negative end) could not be checked against the archive: no verdict yet. The
+    task stays where it was, with what the poll learnt, and is tried again after a backoff. Its
+    error still starts with the verdict's, and its attempts are the verdict's count, so the next
+    answer of the same kind gives the verdict again (and the archive another look)."""
+    floor = rules.cadence(task.mode).low
+    wait = backoff_seconds(max(1, verdict.attempts), floor, rules.backoff_cap_seconds, draw)
+    return verdict.replace(
+        state=(
+            models.State.DOWNLOADING.value
+            if task.state == models.State.DOWNLOADING
+            else models.State.POLLING.value
+        ),
+        error=f"{verdict.error}; not given up yet: {reason}; next try in {wait:.0f}s",
+        next_attempt_at=now + dt.timedelta(seconds=wait),
+        updated_at=now,
+    )
 
 
 def _finish(
     task: models.Task, state: models.State, reason: str | None, now: dt.datetime
 ) -> models.Task:
     return task.replace(state=state.value, error=reason, updated_at=now, next_attempt_at=now)
-
-
-def _iso(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -141,6 +141,30 @@ def json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
+NOT_OWN_404 = "the provider answered 404 without its own JSON error (an outage, not a verdict)"
+
+
+def json_error(body: bytes) -> bool:
+    """Whether ``body`` is a JSON object with an ``error`` member: how both APIs answer a 404.
+
+    A gateway's 404 (nginx, a load balancer, a CDN) is an HTML page or empty; API gateways that
+    answer JSON say ``message``. Only the provider's own error counts as its word on a task.
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(payload, dict) and payload.get("error") not in (None, "", {})
+
+
+def _body_kind(response: httpx.Response, body: bytes) -> str:
+    """What a body was, for a log line: its type and size, never its text."""
+    media = response.headers.get("Content-Type") or "no Content-Type"
+    return (
+        f"{_printable(media, 60)}, {len(body)} bytes" if body else f"{_printable(media, 60)}, empty"
+    )
+
+
 def answer_id(payload: dict[str, Any], task_id: str) -> str:
     """The answer's ``id``, which must be the asked-for one, or MalformedAnswer."""
     value = payload.get("id")
@@ -517,6 +541,11 @@ class Dialect(Protocol):
         """The 200 answer about ``task_id`` as our typed result; MalformedAnswer off the contract."""
         ...
 
+    def is_own_not_found(self, body: bytes) -> bool:
+        """Whether a 404's body is the provider's own error (so evidence about the task), not a
+        gateway's page."""
+        ...
+
 
 def _unreachable(exc: BaseException) -> str:
     """Why a poll got no answer.
@@ -524,6 +553,8 @@ def _unreachable(exc: BaseException) -> str:
     httpx-aiohttp maps every aiohttp connection error, refused or dropped, to ConnectTimeout, so the
     aiohttp error it wraps decides, and only a real timeout is called one.
     """
+    if isinstance(exc, wire.AnswerTooLarge | httpx.DecodingError):
+        return f"answer refused: {exc}"
     cause = exc.__cause__
     if isinstance(cause, TimeoutError) or (
         cause is None and isinstance(exc, (TimeoutError, httpx.TimeoutException))
@@ -651,6 +682,9 @@ class HttpProvider:
                 "Host": httpx.URL(self._base).netloc.decode("ascii"),
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",
+                # An answer is a few hundred bytes: nothing to gain from compression, and a
+                # compressed one could inflate far past MAX_ANSWER_BYTES (wire.decode_bounded).
+                "Accept-Encoding": "identity",
             }
         )
         self._api_extensions = {"timeout": timeout.as_dict()}
@@ -718,8 +752,14 @@ class HttpProvider:
                 f"the provider rejected the API key (HTTP {code})", status_code=code
             )
         if code == 404:
-            raise errors.TaskNotFound(
-                "the provider does not know this task (HTTP 404)", status_code=code
+            if self._dialect.is_own_not_found(body):
+                raise errors.TaskNotFound(
+                    "the provider does not know this task (HTTP 404)", status_code=code
+                )
+            # An HTML page or an empty body: a gateway, a misrouted deploy or a wrong base path
+            # answers so for every path. That is an outage, not the provider's word on a task.
+            raise errors.ProviderUnavailable(
+                f"{NOT_OWN_404}: {_body_kind(response, body)}", status_code=code
             )
         if code == 429:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), utils.utcnow())
@@ -732,17 +772,18 @@ class HttpProvider:
         One poll of the dialect's ``key_check_task_id``, a task that cannot exist, so it costs
         nothing; it goes with the same key, headers and timeout as :meth:`fetch` (the caller paces
         it like a poll).
-        404 means the key passed (the provider checks it before looking the task up) and 401/403
-        that it was refused; anything else (5xx, 429, a timeout, no connection, a 200 from a provider
-        that makes up tasks) is None. It never raises ProviderError.
+        The provider's own 404 (its JSON error) means the key passed (the provider checks it
+        before looking the task up) and 401/403 that it was refused; anything else (5xx, 429, a
+        404 that is not the provider's, a timeout, no connection, a 200 from a provider that makes
+        up tasks) is None. It never raises ProviderError.
         """
         try:
-            response, _ = await self._get_result(self._dialect.key_check_task_id)
+            response, body = await self._get_result(self._dialect.key_check_task_id)
         except errors.ProviderUnavailable:
             return None
         code = response.status_code
         if code == 404:
-            return True
+            return True if self._dialect.is_own_not_found(body) else None
         if code in (401, 403):
             return False
         return None
@@ -770,7 +811,7 @@ class HttpProvider:
                 if response.has_redirect_location:
                     url = _redirect_target(url, response.headers["location"])
                     continue
-                yield self._video(response)
+                yield await self._video(response)
                 return
             finally:
                 await response.aclose()
@@ -792,7 +833,8 @@ class HttpProvider:
                 f"cannot request the video link ({_printable(str(exc))})"
             ) from exc
 
-    def _video(self, response: httpx.Response) -> Video:
+    async def _video(self, response: httpx.Response) -> Video:
+        """The answer as a Video, once its status, size and first bytes say it is one."""
         code = response.status_code
         if code in (403, 404, 410):
             raise errors.LinkExpired(f"the video link was refused (HTTP {code})")
@@ -810,25 +852,84 @@ class HttpProvider:
             if length > self._max_video_bytes:
                 raise errors.VideoTooLarge(
                     f"video is {length} bytes, more than SEEDANCE_MAX_VIDEO_BYTES "
-                    f"({self._max_video_bytes})"
+                    f"({self._max_video_bytes})",
+                    length=length,
                 )
-        return Video(length=length, chunks=self._chunks(response))
-
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        received = 0
+        pieces = response.aiter_raw()
+        head = b""
         try:
             # Pieces of up to CHUNK_BYTES as the transport reads them, not copied into equal ones.
-            async for chunk in response.aiter_raw():
-                received += len(chunk)
-                if received > self._max_video_bytes:
-                    raise errors.VideoTooLarge(
-                        f"video is larger than SEEDANCE_MAX_VIDEO_BYTES ({self._max_video_bytes})"
-                    )
-                yield chunk
+            async for piece in pieces:
+                head += piece
+                if len(head) >= VIDEO_HEAD_BYTES:
+                    break
         except httpx.HTTPError as exc:
-            raise errors.DownloadError(
-                f"the download broke off after {received} bytes: {type(exc).__name__}"
-            ) from exc
+            raise _broke_off(len(head), exc) from exc
+        check_video(response.headers.get("Content-Type"), head)
+        return Video(length=length, chunks=self._chunks(head, pieces))
+
+    async def _chunks(self, head: bytes, pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The head already read, then the rest as it comes, within SEEDANCE_MAX_VIDEO_BYTES."""
+        received = 0
+        try:
+            if head:
+                received = len(head)
+                self._within_limit(received)
+                yield head
+            async for piece in pieces:
+                received += len(piece)
+                self._within_limit(received)
+                yield piece
+        except httpx.HTTPError as exc:
+            raise _broke_off(received, exc) from exc
+
+    def _within_limit(self, received: int) -> None:
+        if received > self._max_video_bytes:
+            raise errors.VideoTooLarge(
+                f"video is larger than SEEDANCE_MAX_VIDEO_BYTES ({self._max_video_bytes})"
+            )
+
+
+def _broke_off(received: int, exc: BaseException) -> errors.DownloadError:
+    return errors.DownloadError(
+        f"the download broke off after {received} bytes: {type(exc).__name__}"
+    )
+
+
+# The first bytes of a video: enough for a container's signature and a readable log line.
+VIDEO_HEAD_BYTES = 32
+# Types an error page is served as (a host's "link expired" page, a JSON or XML error); a video is
+# video/*, application/octet-stream, binary/octet-stream, or has no type at all.
+_NOT_VIDEO_TYPES = ("application/json", "application/xml")
+_NOT_VIDEO_SUFFIXES = ("+json", "+xml")
+EBML_MAGIC = b"\x1a\x45\xdf\xa3"  # WebM and Matroska
+
+
+def check_video(content_type: str | None, head: bytes) -> None:
+    """Raise NotAVideo unless a body of ``content_type`` starting with ``head`` can be a video.
+
+    Three checks and no more, so that no real video is refused by an encoder we have not seen: the
+    body is not empty; its type is not text, JSON or XML; it starts like a video container, an ISO
+    BMFF box whose type is ``ftyp`` (MP4, MOV) or the EBML magic (WebM).
+    """
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if not head:
+        why = "an empty body"
+    elif (
+        media.startswith("text/")
+        or media in _NOT_VIDEO_TYPES
+        or media.endswith(_NOT_VIDEO_SUFFIXES)
+    ):
+        why = f"a body of type {media}"
+    elif head[4:8] != b"ftyp" and not head.startswith(EBML_MAGIC):
+        why = "a body that starts like no video container (no ftyp box, no WebM header)"
+    else:
+        return
+    shown = _printable(content_type, 80) if content_type is not None else "none"
+    raise errors.NotAVideo(
+        f"{errors.NotAVideo.PREFIX} with {why}, not a video: Content-Type {shown}, "
+        f"first bytes {head[:VIDEO_HEAD_BYTES]!r}"
+    )
 
 
 def _check_scheme(url: str, rules: UrlRules) -> None:

@@ -272,6 +272,10 @@ class Daemon:
             await svc.archive.check()
         except errors.ArchiveError as exc:
             log.error("archive_unreachable", error=str(exc))
+        try:
+            await svc.wake_waiting_on_settings()
+        except errors.StoreError as exc:
+            log.warning("waiting_on_settings_not_woken", error=str(exc))
 
     async def _schedule(self) -> None:
         svc, _ = self._parts()
@@ -397,7 +401,9 @@ class Daemon:
     async def _prune(self) -> None:
         svc, task_store = self._parts()
         cutoff = svc.clock() - dt.timedelta(days=self.settings.prune_after_days)
-        deleted = await svc.db(task_store.prune, cutoff)
+        # With webhooks on, a row waits until its events are delivered: none is deleted unsent.
+        keep = self.deliverer is not None
+        deleted = await svc.db(task_store.prune, cutoff, keep_undelivered=keep)
         if deleted:
             log.info("finished_rows_pruned", rows=deleted, finished_before=cutoff.isoformat())
 

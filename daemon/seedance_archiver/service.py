@@ -25,6 +25,7 @@ from seedance_archiver import (
     errors,
     metrics,
     models,
+    outage,
     policy,
     provider,
     ratelimit,
@@ -117,7 +118,11 @@ class Service:
         self.last_answer_at: dt.datetime | None = None  # the provider last answered a poll
         self.key_checked_at: dt.datetime | None = None
         self.auth_blocked_until: dt.datetime | None = None  # when the rejected key is checked next
+        self.max_downloads = max_downloads
+        # Downloads claimed beyond the free slots: at most this many wait for one.
+        self.download_queue = max_downloads
         self._download_slots = asyncio.Semaphore(max_downloads)
+        self._downloading: set[str] = set()  # rows downloading, waiting for a slot, or about to
         self._running: dict[str, asyncio.Task[None]] = {}
         self._done: list[models.Task] = []
         self._to_release: set[str] = set()
@@ -130,6 +135,14 @@ class Service:
         self._stopping = False
         self._claims_full = False  # the last claim returned all it asked for: the budget is tight
         self._ignored_logged: dict[str, float] = {}  # answer field -> when it was last logged
+        # Why the database refuses our writes (a missing grant), while it does.
+        self.writes_refused: str | None = None
+        # The provider's health over the longest a poll may wait (the longest cadence, or the
+        # backoff cap in an outage): every task is polled at least once in such a window.
+        self.health = outage.Health(
+            max(rules.backoff_cap_seconds, *(c.high for c in rules.cadences.values()))
+        )
+        self._trouble: str | None = None
 
     # --- the scheduled jobs -------------------------------------------------------------------------
 
@@ -180,6 +193,10 @@ class Service:
         if self._store_failures:
             log.warning("database_available_again", after_failures=self._store_failures)
             self._store_failures = 0
+        if self.writes_refused is not None:
+            log.warning("database_writes_accepted_again")
+            self.writes_refused = None
+            self.metrics.database_writes_refused.set(0)
         self.metrics.rate_limit.set(self.limiter.rate)
         if self._stopping:
             # SIGTERM came while the claim ran: give the rows straight back.
@@ -193,6 +210,12 @@ class Service:
         for row in rows:
             if row.task_id in self._running:
                 continue  # our own lease ran out and we re-claimed it: one worker is enough
+            if row.state == models.State.DOWNLOADING and row.video_url:
+                if self._download_room() <= 0:
+                    # More downloads than this daemon can start soon: another replica takes it.
+                    self._to_release.add(row.task_id)
+                    continue
+                self._downloading.add(row.task_id)
             self._lost.discard(row.task_id)
             self._running[row.task_id] = asyncio.create_task(
                 self._work(row), name=f"task:{row.task_id}"
@@ -208,13 +231,22 @@ class Service:
         overdue first, so no row waits behind ever-due rows closer to their deadline.
         """
         lease = self.lease.total_seconds()
+        room = self._download_room()
         if self.auth_blocked:
             # While the key is rejected, only rows already downloading are worked on: their link
             # needs no key.
             states = [models.State.DOWNLOADING.value]
             return await self.db(
-                self.store.claim_due, self.owner, now, lease, limit, states, self.provider.name
+                self.store.claim_due,
+                self.owner,
+                now,
+                lease,
+                min(limit, room),
+                states,
+                self.provider.name,
             )
+        # With no download room, rows waiting to download are left to another daemon (or later).
+        wanted = None if room > 0 else POLL_STATES
         rows: list[models.Task] = []
         if self._claims_full:
             share = max(1, math.floor(limit * self.STARVING_SHARE))
@@ -237,7 +269,7 @@ class Service:
             now,
             lease,
             limit - len(rows),
-            None,
+            wanted,
             self.provider.name,
         )
         self._claims_full = len(rows) + len(rest) >= limit
@@ -258,15 +290,36 @@ class Service:
         self.rules = dataclasses.replace(self.rules, learned=learned)
         return learned
 
+    async def wake_waiting_on_settings(self) -> int:
+        """At start: rows waiting on one of our settings are due now, since it may have changed
+        (raise SEEDANCE_MAX_VIDEO_BYTES, restart, and they are archived with no row touched)."""
+        woken = await self.db(self.store.wake_waiting_on_settings, self.clock(), self.provider.name)
+        if woken:
+            log.info("waiting_on_settings_woken", rows=woken)
+        return woken
+
     def wake(self) -> None:
         """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""
         self._store_retry_at = 0.0
 
     def _store_unavailable(self, exc: errors.StoreError) -> None:
-        """Back off from a database that does not answer; queued outcomes wait in memory."""
+        """Back off from a database that does not answer, or refuses our writes for a missing
+        grant; queued outcomes wait in memory."""
         self._store_failures += 1
         delay = min(self.STORE_RETRY_MAX_SECONDS, 2.0 ** (self._store_failures - 1))
         self._store_retry_at = time.monotonic() + delay
+        if isinstance(exc, errors.PermissionMissing):
+            # Not "the database is down": it answers, and refuses. Said as such, in /readyz too.
+            self.writes_refused = str(exc)
+            self.metrics.database_writes_refused.set(1)
+            log.error(
+                "database_writes_refused",
+                error=str(exc),
+                failures=self._store_failures,
+                retry_in_s=delay,
+                unsaved_outcomes=len(self._done),
+            )
+            return
         log.warning(
             "database_unavailable",
             error=str(exc),
@@ -295,10 +348,12 @@ class Service:
 
     async def refresh_gauges(self) -> store.Summary:
         """Recount tasks by state and at risk for the gauges (a housekeeping job)."""
+        self.provider_trouble()  # an outage ends when its polls leave the window, polled or not
         summary = await self.db(self.store.summary, self.clock())
         for state, count in summary.counts.items():
             self.metrics.tasks.labels(state=state).set(count)
         self.metrics.tasks_at_risk.set(summary.at_risk)
+        self.metrics.tasks_waiting_on_setting.set(summary.waiting_on_setting)
         self.metrics.polling_load.set(
             policy.polling_load(
                 summary.due_soon, store.LOAD_WINDOW.total_seconds(), self.limiter.max_rate
@@ -433,6 +488,10 @@ class Service:
 
     # --- one row ----------------------------------------------------------------------------------
 
+    def _download_room(self) -> int:
+        """How many more downloads this daemon can start soon: its free slots plus a short queue."""
+        return self.max_downloads + self.download_queue - len(self._downloading)
+
     def _claim_limit(self) -> int:
         # Claim only what can start soon: a claimed row waiting long in a queue holds its lease idle
         # and its lateness grows unseen.
@@ -457,6 +516,7 @@ class Service:
             outcome = policy.on_poll_error(row, reason, self.clock(), self.rules, self.draw)
         finally:
             self._running.pop(row.task_id, None)
+            self._downloading.discard(row.task_id)
             if row.task_id in self._lost:
                 # Another daemon holds the row now: write nothing back, release nothing.
                 self._lost.discard(row.task_id)
@@ -485,13 +545,52 @@ class Service:
     ) -> models.Task | None:
         decided = policy.before_work(row, self.clock())
         if decided is not None:
-            return decided
+            return decided  # an id that can never be valid: no key in the archive either
         if row.state == models.State.DOWNLOADING and row.video_url:
-            return await self._archive(row, task_log)
-        polled = await self._poll(row, task_log)
-        if polled is None or polled.state != models.State.DOWNLOADING:
-            return polled
-        return await self._archive(polled, task_log)
+            outcome = await self._archive(row, task_log)
+        else:
+            polled = await self._poll(row, task_log)
+            if polled is None:
+                return None
+            if polled.state != models.State.DOWNLOADING:
+                outcome = polled
+            elif self._download_room() <= 0:
+                # No slot soon: written back due now, for whichever daemon has one first.
+                task_log.debug("download_handed_back", downloads=len(self._downloading))
+                return polled
+            else:
+                self._downloading.add(row.task_id)
+                outcome = await self._archive(polled, task_log)
+        if outcome.state in NEGATIVE_STATES:
+            return await self._looked_up(row, outcome, task_log)
+        return outcome
+
+    async def _looked_up(
+        self,
+        row: models.Task,
+        verdict: models.Task,
+        task_log: structlog.typing.FilteringBoundLogger,
+    ) -> models.Task:
+        """``verdict`` (failed, cancelled, expired, rejected), unless the video is in the archive
+        after all: then ``archived``. A task is never given up before the archive was looked at;
+        when the archive cannot say, the verdict waits and the task is tried again."""
+        now = self.clock()
+        try:
+            stored = await self.archive.find(row.task_id, read_back=True)
+        except errors.ArchiveError as exc:
+            task_log.warning("verdict_deferred", verdict=verdict.state, error=str(exc))
+            reason = f"the archive could not be checked ({exc})"
+            return policy.on_verdict_deferred(row, verdict, reason, now, self.rules, self.draw)
+        if stored is None:
+            return verdict
+        task_log.info(
+            "video_found_in_archive",
+            uri=stored.uri,
+            bytes=stored.size,
+            instead_of=verdict.state,
+            reason=verdict.error,
+        )
+        return policy.on_archived(verdict, stored.uri, stored.size, stored.sha256, now)
 
     async def _poll(
         self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
@@ -518,10 +617,12 @@ class Service:
             return await self._auth_rejected(row, exc, now, task_log)
         except errors.ProviderError as exc:
             self._count_poll(row, exc)
+            self._observe(row, exc, now)
             return self._poll_failed(row, exc, now, task_log)
         finally:
             self._poll_slots.release()
         self._count_poll(row, None)
+        self._observe(row, None, now)
         self.last_answer_at = now
         self._unblock_auth()
         task_log.debug("task_polled", status=answer.status.value)
@@ -532,6 +633,38 @@ class Service:
             # The first answer: from now on only daemons of this provider claim the row.
             polled = polled.replace(provider=self.provider.name)
         return polled
+
+    def _observe(
+        self, row: models.Task, exc: errors.ProviderError | None, now: dt.datetime
+    ) -> None:
+        """Count a poll's outcome towards the provider's health (outage.py)."""
+        stamp = now.timestamp()
+        if exc is None or isinstance(exc, errors.MalformedAnswer | errors.TaskNotFound):
+            gone = isinstance(exc, errors.TaskNotFound)
+            known = policy.well_inside(row, now)
+            self.health.answered(stamp, row.task_id, gone=gone, known=known)
+        elif isinstance(exc, errors.ProviderUnavailable):
+            self.health.failed(stamp, row.task_id)
+        else:
+            return  # a 429 or a rejected key says nothing of the provider's health
+        self.provider_trouble(now)
+
+    def provider_trouble(self, now: dt.datetime | None = None) -> str | None:
+        """Why the provider looks out of order now (outage.py), or None; said once when it starts
+        and when it ends, and kept in the gauge ``seedance_provider_outage``."""
+        reason = self.health.outage((now or self.clock()).timestamp())
+        if (reason is None) != (self._trouble is None):
+            if reason is not None:
+                log.error(
+                    "provider_outage",
+                    reason=reason,
+                    effect="polls back off; no task is given up on a 404 while it lasts",
+                )
+            else:
+                log.warning("provider_outage_over")
+            self.metrics.provider_outage.set(0 if reason is None else 1)
+        self._trouble = reason
+        return reason
 
     def _ignored_fields(
         self, answer: models.Answer, task_log: structlog.typing.FilteringBoundLogger
@@ -572,6 +705,10 @@ class Service:
     ) -> models.Task | None:
         """The task after a failed poll (any error but a rejected key)."""
         if isinstance(exc, errors.TaskNotFound):
+            if policy.before_deadline_passed(row, now) and self.health.storm(now.timestamp()):
+                # A task past its deadline answering 404 is what the provider promised: evidence.
+                self.stats.poll_errors += 1
+                return policy.on_poll_error(row, policy.STORM_REASON, now, self.rules, self.draw)
             return policy.on_not_found(row, now, self.rules, self.draw)
         if isinstance(exc, errors.MalformedAnswer):
             self.stats.malformed += 1
@@ -650,12 +787,21 @@ class Service:
             except errors.LinkExpired as exc:
                 self._download_failed("link_expired")
                 task_log.warning("video_link_expired", error=str(exc))
-                return policy.on_link_expired(row, str(exc), self.clock(), self.rules)
-            except (errors.VideoTooLarge, errors.UnsafeVideoUrl) as exc:
+                return policy.on_link_refused(row, str(exc), self.clock(), self.rules)
+            except errors.NotAVideo as exc:
+                self._download_failed("not_a_video")
+                task_log.warning("video_not_a_video", error=str(exc))
+                return policy.on_not_a_video(row, str(exc), self.clock(), self.rules, self.draw)
+            except errors.RefusedBySetting as exc:
                 self._download_failed(
                     "too_large" if isinstance(exc, errors.VideoTooLarge) else "unsafe_url"
                 )
-                return policy.on_refused(row, str(exc), self.clock())
+                stored = await self._stored_whole(row, exc, task_log)
+                if stored is None:
+                    task_log.warning("video_waits_on_setting", error=str(exc))
+                    return policy.on_waiting_on_setting(
+                        row, str(exc), self.clock(), self.rules, self.draw
+                    )
             except (errors.DownloadError, errors.ArchiveError) as exc:
                 self._download_failed(
                     "storage" if isinstance(exc, errors.ArchiveError) else "download"
@@ -679,29 +825,52 @@ class Service:
         )
         return policy.on_archived(row, stored.uri, stored.size, stored.sha256, now)
 
+    async def _stored_whole(
+        self,
+        row: models.Task,
+        refusal: errors.RefusedBySetting,
+        task_log: structlog.typing.FilteringBoundLogger,
+    ) -> archive.Stored | None:
+        """The video already in the archive at the size its link announces, if it is: a video
+        refused by a setting now may have been archived before the setting changed."""
+        length = refusal.length if isinstance(refusal, errors.VideoTooLarge) else None
+        if length is None:
+            return None
+        try:
+            stored = await self.archive.find(row.task_id, read_back=True)
+        except errors.ArchiveError as exc:
+            task_log.warning("archive_not_checked", error=str(exc))
+            return None
+        return stored if stored is not None and stored.size == length else None
+
     async def _copy(self, row: models.Task) -> archive.Stored:
-        """Stream the video into the archive, as a whole by the earlier of the row's deadline and
-        MAX_DOWNLOAD_SECONDS: a trickling host (or store) cannot hold a download slot for hours."""
+        """Stream the video into the archive, as a whole within MAX_DOWNLOAD_SECONDS: a trickling
+        host (or store) cannot hold a download slot for hours. The task's deadline never cuts a
+        download: the provider may well serve the video past it."""
         assert row.video_url is not None
         limit = self.max_download_seconds
-        if row.expires_at is not None:
-            limit = min(limit, (row.expires_at - self.clock()).total_seconds())
         try:
-            async with asyncio.timeout(max(0.0, limit)):
+            async with asyncio.timeout(limit):
                 async with self.provider.open_video(row.video_url) as video:
                     return await self.archive.put(
                         row.task_id, video.chunks, video.length, archive.describe(row)
                     )
         except TimeoutError:
             raise errors.DownloadError(
-                f"the download did not finish within {limit:.0f}s (the task's deadline or "
-                "SEEDANCE_MAX_DOWNLOAD_SECONDS); it will be retried"
+                f"the download did not finish within {limit:.0f}s "
+                "(SEEDANCE_MAX_DOWNLOAD_SECONDS); it will be retried"
             ) from None
 
     def _download_failed(self, reason: str) -> None:
         self.stats.download_failures += 1
         self.metrics.download_failures.labels(reason=reason).inc()
 
+
+POLL_STATES = (models.State.PENDING.value, models.State.POLLING.value)
+# The terminal states other than archived: each is given only after a look in the archive.
+NEGATIVE_STATES = frozenset(
+    {models.State.FAILED, models.State.CANCELLED, models.State.EXPIRED, models.State.REJECTED}
+)
 
 _POLL_OUTCOMES: dict[type[errors.ProviderError], str] = {
     errors.AuthRejected: "auth_rejected",

@@ -129,6 +129,8 @@ class SimTask:
     error: str = "content policy violation"
     error_code: str = "OutputVideoSensitiveContentDetected"  # Ark's error object only
     resolution: str = "720p"  # Ark only
+    # The first this many links the task is answered with are already expired (a real 403).
+    stale_links: int = 0
     # Fields of every answer replaced (or added) as given: a provider whose answers drifted from
     # its documented types (``{"actualDuration": "5.04"}``).
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -252,6 +254,10 @@ class Simulator:
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
 
     def video_url(self, task_id: str, now: float) -> str:
+        task = self.tasks.get(task_id)
+        if task is not None and task.stale_links > 0:
+            task.stale_links -= 1
+            now -= self.link_ttl_seconds + 5  # signed long enough ago to have expired
         if self.dialect == "ark":
             # TOS-style: the signing time and the lifetime, the end being their sum.
             date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
@@ -363,7 +369,7 @@ class Simulator:
             return web.Response(
                 status=int(fault.get("status", 200)),
                 headers=headers,
-                text=str(fault.get("body", "simulated fault")),
+                body=str(fault.get("body", "simulated fault")).encode(),
             )
         return None
 

@@ -14,6 +14,7 @@ import datetime as dt
 import enum
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -82,7 +83,9 @@ class Store(Protocol):
 
     def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
 
-    def prune(self, finished_before: dt.datetime, batch: int = ...) -> int: ...
+    def prune(
+        self, finished_before: dt.datetime, batch: int = ..., *, keep_undelivered: bool = ...
+    ) -> int: ...
 
     def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
         """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
@@ -122,6 +125,11 @@ class Store(Protocol):
     def add(self, task_id: str, mode: str = ...) -> bool: ...
 
     def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool: ...
+
+    def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
+        """Make every row of ``provider_name`` waiting on a setting due now (a daemon starts: the
+        setting may have changed); the number of rows."""
+        ...
 
     def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> RetryOutcome: ...
 
@@ -324,6 +332,11 @@ def _ours(provider_name: str) -> sa.ColumnElement[bool]:
     return sa.or_(t.c.provider.is_(None), t.c.provider == provider_name)
 
 
+def _waiting_on_setting() -> sa.ColumnElement[bool]:
+    """The row waits on one of our settings (policy.on_waiting_on_setting wrote its error)."""
+    return t.c.error.startswith(models.WAITING_ON_SETTING + ":", autoescape=True)
+
+
 def _typed(name: str) -> sa.BindParameter[Any]:
     return sa.bindparam(f"v_{name}", type_=t.c[name].type)
 
@@ -389,6 +402,30 @@ class _RowRefused(Exception):
     """The database refused a write for its content."""
 
 
+class _NoTemporary(Exception):
+    """The role may not create the temporary table COPY writes go through."""
+
+
+_DENIED_ON = re.compile(r'permission denied for (?:table|relation|sequence) "?([\w.]+)"?')
+
+
+def _permission_missing(exc: BaseException) -> errors.PermissionMissing:
+    """A write refused for a missing grant, said plainly: which table, which grant, what to do.
+
+    The trigger on ``video_tasks`` writes every move into a terminal state to ``webhook_outbox``
+    (migration 0006); a role upgraded without its grant there cannot save any such outcome.
+    """
+    found = _DENIED_ON.search(_first_line(exc))
+    what = found.group(1) if found else "a table the write-back needs"
+    return errors.PermissionMissing(
+        f"the database role may not write to {what} (permission denied): outcomes are kept in "
+        "memory and no task can end until it may. The trigger on video_tasks writes every move "
+        "into a final state to webhook_outbox; grant the daemon's role SELECT, INSERT, UPDATE, "
+        "DELETE ON webhook_outbox and USAGE ON SEQUENCE webhook_outbox_id_seq, as "
+        "deploy/postgres-roles.sql does"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Summary:
     """The table at a glance: what operators, ``status`` and the gauges need."""
@@ -397,6 +434,7 @@ class Summary:
     at_risk: int  # not archived yet, deadline less than AT_RISK away
     oldest_pending: models.Task | None
     due_soon: int = 0  # rows to poll (pending, polling) due within LOAD_WINDOW, overdue included
+    waiting_on_setting: int = 0  # rows downloading whose video one of our settings refuses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -632,12 +670,10 @@ class SqlStore:
         if self._copy_writes and len(tasks) > 1:
             try:
                 return self._save_copy(tasks, owner)
-            except psycopg.errors.InsufficientPrivilege as exc:
+            except _NoTemporary as exc:
                 # A role without TEMPORARY on the database: the statement per row still works.
                 self._copy_writes = False
-                log.warning(
-                    "copy_write_back_refused", error=_first_line(exc), fallback="executemany"
-                )
+                log.warning("copy_write_back_refused", error=str(exc), fallback="executemany")
         params = [
             {"b_task_id": task.task_id, "b_owner": owner}
             | {f"v_{name}": getattr(task, name) for name in models.DAEMON_FIELDS}
@@ -651,6 +687,10 @@ class SqlStore:
             raise  # could not even connect
         except _DOWN_ERRORS as exc:
             raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+        except sqlalchemy.exc.ProgrammingError as exc:
+            if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+                raise _permission_missing(exc.orig) from exc
+            raise _RowRefused(_first_line(exc)) from exc
         except (sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
             raise _RowRefused(_first_line(exc)) from exc
 
@@ -664,7 +704,10 @@ class SqlStore:
             with self._begin(translate=False) as conn:
                 raw: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
                 with raw.cursor() as cur:
-                    cur.execute(_COPY_TABLE)
+                    try:
+                        cur.execute(_COPY_TABLE)
+                    except psycopg.errors.InsufficientPrivilege as exc:
+                        raise _NoTemporary(_first_line(exc)) from exc
                     with cur.copy(_COPY_IN) as copy:
                         for task in tasks:
                             row = [getattr(task, name) for name in _COPY_COLUMNS]
@@ -676,10 +719,10 @@ class SqlStore:
                             copy.write_row(row)
                     cur.execute(_COPY_UPDATE, (owner,))
                     return int(cur.rowcount)
-        except errors.StoreError:
+        except (errors.StoreError, _NoTemporary):
             raise
-        except psycopg.errors.InsufficientPrivilege:
-            raise
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _permission_missing(exc) from exc
         except (psycopg.OperationalError, *_DOWN_ERRORS) as exc:
             raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
         except (psycopg.Error, sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
@@ -764,12 +807,20 @@ class SqlStore:
             t.c.state != models.State.DOWNLOADING.value,
             t.c.next_attempt_at <= now + LOAD_WINDOW,
         )
+        waiting_stmt = sa.select(sa.func.count()).where(
+            t.c.state == models.State.DOWNLOADING.value, _waiting_on_setting()
+        )
         with self._begin() as conn:
             at_risk = int(conn.execute(at_risk_stmt).scalar_one())
             oldest = conn.execute(oldest_stmt).first()
             due_soon = int(conn.execute(due_stmt).scalar_one())
+            waiting = int(conn.execute(waiting_stmt).scalar_one())
         return Summary(
-            self.counts(), at_risk, _task(oldest) if oldest is not None else None, due_soon
+            self.counts(),
+            at_risk,
+            _task(oldest) if oldest is not None else None,
+            due_soon,
+            waiting,
         )
 
     def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
@@ -805,15 +856,30 @@ class SqlStore:
                 )
         return times
 
-    def prune(self, finished_before: dt.datetime, batch: int = 5000) -> int:
+    def prune(
+        self, finished_before: dt.datetime, batch: int = 5000, *, keep_undelivered: bool = False
+    ) -> int:
         """Delete finished rows last updated before ``finished_before``, in small batches, and
-        their webhook events with them."""
+        their webhook events with them.
+
+        With ``keep_undelivered`` (webhooks are on), a row waits while any of its events is not
+        delivered (pending, or given up on and so still to redeliver): no event is deleted unsent.
+        An event a receiver refused with 410 Gone is done with.
+        """
         terminal = [s.value for s in models.TERMINAL_STATES]
+        unsent = sa.select(ob.c.id).where(
+            ob.c.task_id == t.c.task_id,
+            ob.c.state.in_([models.Delivery.PENDING.value, models.Delivery.FAILED.value]),
+        )
         total = 0
         while True:
             doomed_stmt = (
                 sa.select(t.c.task_id)
-                .where(t.c.state.in_(terminal), t.c.updated_at < finished_before)
+                .where(
+                    t.c.state.in_(terminal),
+                    t.c.updated_at < finished_before,
+                    ~unsent.exists() if keep_undelivered else sa.true(),
+                )
                 .limit(batch)
             )
             with self._begin() as conn:
@@ -1054,6 +1120,22 @@ class SqlStore:
         )
         with self._begin() as conn:
             return int(conn.execute(stmt).rowcount) == 1
+
+    def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
+        free = sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now))
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.state == models.State.DOWNLOADING.value,
+                _waiting_on_setting(),
+                _ours(provider_name),
+                t.c.next_attempt_at > now,
+                free,
+            )
+            .values(next_attempt_at=now)
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
 
     def get(self, task_id: str) -> models.Task | None:
         with self._begin() as conn:

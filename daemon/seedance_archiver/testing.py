@@ -97,6 +97,21 @@ class FakeStore:
         self.rows[task_id] = task.replace(next_attempt_at=now)
         return True
 
+    def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
+        woken = 0
+        for task in list(self.rows.values()):
+            if (
+                task.state == models.State.DOWNLOADING
+                and (task.error or "").startswith(models.WAITING_ON_SETTING + ":")
+                and task.provider in (None, provider_name)
+                and task.next_attempt_at is not None
+                and task.next_attempt_at > now
+                and (task.lease_expires_at is None or task.lease_expires_at < now)
+            ):
+                self.rows[task.task_id] = task.replace(next_attempt_at=now)
+                woken += 1
+        return woken
+
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in models.State}
         for task in self.rows.values():
@@ -121,11 +136,21 @@ class FakeStore:
         )
         return store.RetryOutcome.RETRIED
 
-    def prune(self, finished_before: dt.datetime, batch: int = 5000) -> int:
+    def prune(
+        self, finished_before: dt.datetime, batch: int = 5000, *, keep_undelivered: bool = False
+    ) -> int:
+        unsent = {
+            e.task_id
+            for e in self.outbox.values()
+            if e.state in (models.Delivery.PENDING, models.Delivery.FAILED)
+        }
         doomed = [
             t.task_id
             for t in self.rows.values()
-            if t.is_terminal and t.updated_at is not None and t.updated_at < finished_before
+            if t.is_terminal
+            and t.updated_at is not None
+            and t.updated_at < finished_before
+            and not (keep_undelivered and t.task_id in unsent)
         ]
         for task_id in doomed:
             del self.rows[task_id]
@@ -378,7 +403,13 @@ class FakeStore:
             and t.next_attempt_at is not None
             and t.next_attempt_at <= now + store.LOAD_WINDOW
         )
-        return store.Summary(counts, at_risk, pending[0] if pending else None, due_soon)
+        waiting = sum(
+            1
+            for t in self.rows.values()
+            if t.state == models.State.DOWNLOADING
+            and (t.error or "").startswith(models.WAITING_ON_SETTING + ":")
+        )
+        return store.Summary(counts, at_risk, pending[0] if pending else None, due_soon, waiting)
 
     def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
         done = sorted(
@@ -430,6 +461,8 @@ class FakeProvider:
         self.videos: dict[str, bytes | Exception] = {}
         self.fetches: list[str] = []
         self.downloads: list[str] = []
+        # The Content-Type every video is served with (checked as the real client checks it).
+        self.content_type = "video/mp4"
         # What check_key answers: True (accepted), False (rejected) or None (can't tell).
         self.key_ok: bool | None = True
         self.key_checks = 0
@@ -461,6 +494,7 @@ class FakeProvider:
         if isinstance(body, Exception):
             raise body
         data = body
+        provider.check_video(self.content_type, data[: provider.VIDEO_HEAD_BYTES])
 
         async def chunks() -> AsyncIterator[bytes]:
             for start in range(0, len(data), 64 * 1024):
@@ -472,6 +506,15 @@ class FakeProvider:
         pass
 
 
+# An MP4's first box (ftyp, 24 bytes): what a download must start with to count as a video.
+MP4_FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isommp41"
+
+
+def mp4(payload: bytes) -> bytes:
+    """``payload`` made MP4-shaped (an ftyp box first), as every video the fakes serve must be."""
+    return MP4_FTYP + payload
+
+
 def answer(
     task_id: str,
     status: str = "processing",
@@ -481,6 +524,7 @@ def answer(
     error: str | None = None,
     duration: float | None = None,
     resolution: str | None = None,
+    expires_at: dt.datetime | None = None,
 ) -> models.Answer:
     """A provider answer for tests, with the seed's defaults."""
     return models.Answer(
@@ -492,6 +536,7 @@ def answer(
         actual_duration=duration,
         error=error,
         resolution=resolution,
+        expires_at=expires_at,
     )
 
 
@@ -506,10 +551,18 @@ class FakeArchive:
     # Task ids with an unfinished upload left behind (as a killed process would leave them).
     unfinished: list[str] = dataclasses.field(default_factory=list)
     discarded: list[str] = dataclasses.field(default_factory=list)
+    # Objects stored without their SHA-256 recorded (a store that refused the tag): found only when
+    # read back.
+    untagged: set[str] = dataclasses.field(default_factory=set)
+    finds: list[tuple[str, bool]] = dataclasses.field(default_factory=list)
+    find_fails: Exception | None = None  # every find raises this (an unreachable store)
 
-    async def find(self, task_id: str) -> archive.Stored | None:
+    async def find(self, task_id: str, *, read_back: bool = False) -> archive.Stored | None:
+        self.finds.append((task_id, read_back))
+        if self.find_fails is not None:
+            raise self.find_fails
         data = self.objects.get(task_id)
-        if data is None:
+        if data is None or (task_id in self.untagged and not read_back):
             return None
         return archive.Stored(f"mem://{task_id}.mp4", len(data), hashlib.sha256(data).hexdigest())
 

@@ -2,8 +2,8 @@
 
 - ``/healthz``: the process and its event loop are alive and ticks complete: the last one
   completed recently and fewer than ``Service.MAX_TICK_FAILURES`` crashed in a row.
-- ``/readyz``: the database answers, the archive storage answers, and the provider accepts the API
-  key; 503 with the failing checks otherwise.
+- ``/readyz``: the database answers, the archive storage answers, the provider accepts the API
+  key and is not in an outage (``outage.py``); 503 with the failing checks otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py``).
 - ``POST /callbacks/{provider}`` (only with SEEDANCE_CALLBACKS=true, for a provider that sends
   callbacks): the task the body names becomes due now. Callbacks are not signed, so that is all one
@@ -93,7 +93,15 @@ class WebServer:
             self._check(self.svc.archive.check()),
         )
         api_key = "rejected by the provider" if self.svc.auth_blocked else "ok"
-        checks = {"database": database, "storage": storage, "api_key": api_key}
+        provider = self.svc.provider_trouble() or "ok"
+        if database == "ok" and self.svc.writes_refused is not None:
+            database = self.svc.writes_refused
+        checks = {
+            "database": database,
+            "storage": storage,
+            "api_key": api_key,
+            "provider": provider,
+        }
         ready = all(value == "ok" for value in checks.values())
         return web.json_response(
             {"status": "ready" if ready else "not ready", "checks": checks},

@@ -19,6 +19,7 @@ Both keep httpx's API for everything above them: the provider builds ``httpx.Req
 from __future__ import annotations
 
 import ssl
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -129,6 +130,46 @@ class AnswerTooLarge(httpx.TransportError):
     """The answer's body is longer than the transport accepts: not a poll's answer."""
 
 
+# A decoded answer no longer has the encoding or the length it was sent with.
+_ENCODING_HEADERS = (b"content-encoding", b"content-length")
+_ZLIB_WBITS = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+
+
+def decode_bounded(body: bytes, encoding: str, limit: int, request: httpx.Request) -> bytes:
+    """``body`` decoded as its ``Content-Encoding`` says (gzip, deflate; applied in order), never
+    beyond ``limit`` bytes: AnswerTooLarge past it, httpx.DecodingError for a coding we did not ask
+    for or a body that does not decode."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        wbits = _ZLIB_WBITS.get(coding)
+        if wbits is None:
+            raise httpx.DecodingError(
+                f"the answer is encoded with {coding[:40]!r}, which we did not ask for",
+                request=request,
+            )
+        decoder = zlib.decompressobj(wbits)
+        try:
+            decoded = decoder.decompress(body, limit + 1)
+            if len(decoded) <= limit and not decoder.unconsumed_tail:
+                decoded += decoder.flush()
+        except zlib.error as exc:
+            raise httpx.DecodingError(
+                f"the answer's {coding} does not decode", request=request
+            ) from exc
+        if len(decoded) > limit or decoder.unconsumed_tail:
+            raise AnswerTooLarge(
+                f"the answer is longer than {limit} bytes once decoded ({coding})", request=request
+            )
+        body = decoded
+    return body
+
+
 class ApiTransport(httpx.AsyncBaseTransport):
     """httpx's transport interface over one ``aiohttp.ClientSession``, for small whole answers."""
 
@@ -178,11 +219,15 @@ class ApiTransport(httpx.AsyncBaseTransport):
                 if len(body) > self._max_body_bytes:
                     raise AnswerTooLarge(self._too_large())
                 status, headers = answer.status, answer.raw_headers
-                encoded = "Content-Encoding" in answer.headers
+                encoding = answer.headers.get("Content-Encoding")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise as_httpx(exc, request) from exc
-        if encoded or not _READ_SHORTCUT:
-            # httpx decodes the body (Content-Encoding) as it reads it into the response.
+        if encoding is not None:
+            # We ask for identity; a server that compresses anyway gets its answer decoded here,
+            # within the same cap, so a small gzip body cannot inflate to gigabytes in memory.
+            body = decode_bounded(body, encoding, self._max_body_bytes, request)
+            headers = [(k, v) for k, v in headers if k.lower() not in _ENCODING_HEADERS]
+        if not _READ_SHORTCUT:
             return httpx.Response(
                 status, headers=headers, content=body, request=request, extensions=_HTTP_11
             )

@@ -605,28 +605,37 @@ class TestNotFound:
         assert polls[-1] - polls[0] < 5.0  # brief
         assert all(g >= CADENCE_LOW - 0.05 for g in gaps(polls))
 
-    async def test_seen_then_gone_is_expired(
+    async def test_seen_then_gone_is_expired_after_several_of_its_own_404s(
         self, launch: Launcher, sim: simulator.SimulatorThread
     ) -> None:
-        """A task the provider knew and then deleted becomes `expired` at the first 404."""
+        """A task the provider knew and then deleted answers its own JSON 404: `expired` after
+        NOT_FOUND_POLLS of them in a row, spread over the mode's longest interval, never at one."""
         tid = "video_deleted_early"
         sim.simulator.add_task(tid, ready_seconds=3600)
         async with launch() as d:
             insert(d.rows, tid)
             await d.until(lambda: d.row(tid).provider_status is not None, "a first answer")
-            del sim.simulator.tasks[tid]
             seen = len(d.polls(tid))
+            del sim.simulator.tasks[tid]
+            await d.until(lambda: len(d.polls(tid)) > seen, "a first 404")
+            await d.until(lambda: d.row(tid).polls > seen, "its outcome")
+            after_one = d.row(tid)
             row = await d.until_state(tid, "expired")
-        assert len(d.polls(tid)) == seen + 1  # one 404, no retries
-        assert row.error is not None and "no longer has this task (404)" in row.error
+        assert after_one.state == "polling"
+        assert (after_one.error or "").startswith(policy.GONE_REASON)
+        gone = d.polls(tid)[seen:]
+        assert len(gone) == policy.NOT_FOUND_POLLS
+        assert gone[-1] - gone[0] >= CADENCE_HIGH - 0.05
+        assert row.error is not None and row.error.startswith(policy.GONE_REASON)
+        assert f"its own 404 on {policy.NOT_FOUND_POLLS} polls in a row" in row.error
         assert row.polls == len(d.polls(tid))
 
-    async def test_deadline_already_passed_is_expired_without_a_poll(
+    async def test_past_its_deadline_a_served_video_is_archived(
         self, launch: Launcher, sim: simulator.SimulatorThread
     ) -> None:
-        """A row whose deadline is behind it is `expired` with the reason; nobody is asked."""
+        """A row whose deadline is behind it is polled; the provider still has the video: archived."""
         tid = "video_too_late"
-        sim.simulator.add_task(tid, ready_seconds=0)  # it would even be ready
+        sim.simulator.add_task(tid, queued_seconds=0, ready_seconds=0, size=SMALL)
         past = utcnow() - dt.timedelta(minutes=5)
         feed(
             launch.db_url,
@@ -639,10 +648,9 @@ class TestNotFound:
             },
         )
         async with launch() as d:
-            row = await d.until_state(tid, "expired")
-        assert sim.simulator.stats.polls[tid] == 0
-        assert row.error is not None and row.error.startswith("deadline passed")
-        assert past.strftime("%Y-%m-%dT%H:%M") in row.error
+            await d.until_state(tid, "archived")
+        assert sim.simulator.stats.polls[tid] == 1
+        assert_archived_intact(d, tid, SMALL)
 
 
 # --- 6. completed without video_url ---------------------------------------------------------------
@@ -728,19 +736,34 @@ class TestBrokenDownloads:
         failures = d.events("video_download_failed", tid)
         assert len(failures) >= 2 and all(cause in e["error"] for e in failures)
 
-    async def test_larger_than_the_limit_is_rejected(
+    async def test_larger_than_the_limit_waits_until_the_setting_is_raised(
         self, launch: Launcher, sim: simulator.SimulatorThread
     ) -> None:
-        """A video above SEEDANCE_MAX_VIDEO_BYTES is `rejected` with the reason, nothing stored."""
+        """A video above SEEDANCE_MAX_VIDEO_BYTES waits, downloading, with the reason; raised and
+        restarted, the daemon archives it with no row touched."""
         tid = "video_huge"
         sim.simulator.add_task(tid, ready_seconds=0, size=256 * 1024)
         async with launch(max_video_bytes=100_000) as d:
             insert(d.rows, tid)
-            row = await d.until_state(tid, "rejected")
+            await d.until(
+                lambda: (d.row(tid).error or "").startswith(policy.WAITING_ON_SETTING),
+                "the row to wait on the setting",
+            )
+            row = d.row(tid)
+            await d.svc.refresh_gauges()
+            waiting = d.svc.metrics.registry.get_sample_value("seedance_tasks_waiting_on_setting")
+        assert row.state == "downloading" and row.video_url is not None
         assert row.error is not None and "SEEDANCE_MAX_VIDEO_BYTES" in row.error
+        assert row.next_attempt_at is not None and row.last_polled_at is not None
+        assert (row.next_attempt_at - utcnow()).total_seconds() > 0  # a slow schedule
+        assert waiting == 1
         assert not (d.archive_dir / f"{tid}.mp4").exists()
         assert leftovers(d.archive_dir) == []
-        assert d.svc.stats.archived_bytes == 0
+        polls = sim.simulator.stats.polls[tid]
+        async with launch(max_video_bytes=1_000_000) as d:
+            await d.until_state(tid, "archived")
+        assert_archived_intact(d, tid, 256 * 1024)
+        assert sim.simulator.stats.polls[tid] == polls  # the same link, no poll needed
 
     @pytest.mark.parametrize("refusal", ["403-expired-signature", "404"])
     async def test_expired_link_polls_for_a_fresh_one(
@@ -748,38 +771,43 @@ class TestBrokenDownloads:
     ) -> None:
         """A refused link sends the task back to polling; the next poll's fresh link is archived."""
         tid = "video_stale_link"
-        sim.simulator.add_task(tid, created=time.time() - 60, ready_seconds=1, size=SMALL)
+        refused = policy.LINK_REFUSALS - 1  # the most that are not the provider's word
         if refusal == "404":
-            sim.simulator.add_fault(tid, on="download", status=404, times=FOREVER)
+            sim.simulator.add_task(tid, created=time.time() - 60, ready_seconds=1, size=SMALL)
+            sim.simulator.add_fault(tid, on="download", status=404, times=refused)
         else:
-            sim.simulator.link_ttl_seconds = -5  # every link is born expired: a real 403
+            sim.simulator.add_task(
+                tid, created=time.time() - 60, ready_seconds=1, size=SMALL, stale_links=refused
+            )
         async with launch() as d:
             insert(d.rows, tid)
-            await d.until(lambda: len(d.events("video_link_expired", tid)) >= 2, "refused links")
-            await d.until(
-                lambda: d.row(tid).polls >= 2 and d.row(tid).error is not None, "their outcomes"
-            )
-            row = d.row(tid)
-            refused_polls = d.polls(tid)
-            if refusal == "404":
-                sim.simulator.faults[tid].clear()
-            else:
-                sim.simulator.link_ttl_seconds = 3600
             await d.until_state(tid, "archived")
+        failures = d.events("video_link_expired", tid)
         code = "404" if refusal == "404" else "403"
-        assert row.state == "polling" and row.video_url is None
-        assert f"HTTP {code}" in (row.error or "") and "fresh video_url" in (row.error or "")
+        assert len(failures) == refused
+        assert all(f"HTTP {code}" in e["error"] for e in failures)
         # Each refused link cost one more poll, never sooner than the cadence allows.
-        assert len(refused_polls) >= 2
-        assert all(g >= CADENCE_LOW - 0.05 for g in gaps(refused_polls))
+        polls = d.polls(tid)
+        assert len(polls) == refused + 1
+        assert all(g >= CADENCE_LOW - 0.05 for g in gaps(polls))
         assert_archived_intact(d, tid, SMALL)
-        final = d.row(tid)
-        assert final.video_url is not None
-        expires = int(
-            urllib.parse.parse_qs(urllib.parse.urlsplit(final.video_url).query)["expires"][0]
-        )
-        assert expires > time.time() + 3000  # archived from a link handed out after the repair
         assert sim.simulator.stats.downloads_completed[tid] == 1
+
+    async def test_fresh_links_refused_again_and_again_end_it_expired(
+        self, launch: Launcher, sim: simulator.SimulatorThread
+    ) -> None:
+        """The provider hands out links its host refuses every time: its word that the video is
+        gone. `expired` after LINK_REFUSALS fresh links, with nothing stored."""
+        tid = "video_link_never_works"
+        sim.simulator.add_task(tid, created=time.time() - 60, ready_seconds=1, size=SMALL)
+        sim.simulator.add_fault(tid, on="download", status=410, times=FOREVER)
+        async with launch() as d:
+            insert(d.rows, tid)
+            row = await d.until_state(tid, "expired")
+        assert row.error is not None and row.error.startswith(policy.LINK_GONE_REASON)
+        assert len(d.events("video_link_expired", tid)) == policy.LINK_REFUSALS
+        assert len(d.polls(tid)) == policy.LINK_REFUSALS
+        assert not (d.archive_dir / f"{tid}.mp4").exists()
 
 
 # --- 8. S3 errors ---------------------------------------------------------------------------------
@@ -1007,20 +1035,19 @@ class TestDeadlineOrder:
         starts = sorted(first.values())
         assert all(g >= 0.5 - 0.1 for g in gaps(starts)), gaps(starts)  # the cap held
 
-    async def test_deadline_passing_before_the_video_expires_the_row(
+    async def test_a_deadline_passing_ends_nothing(
         self, launch: Launcher, sim: simulator.SimulatorThread
     ) -> None:
-        """A task still processing at its deadline is `expired` with the reason, and not polled on."""
+        """A task still processing at its deadline is polled on, and archived when it is done."""
         tid = "video_slowpoke"
-        sim.simulator.add_task(tid, ready_seconds=3600)
+        sim.simulator.add_task(tid, ready_seconds=4, size=SMALL)
         async with launch(retention_seconds=2) as d:
             insert(d.rows, tid)
-            row = await d.until_state(tid, "expired", 10)
-        assert row.expires_at is not None
-        assert row.error is not None and row.error.startswith("deadline passed")
-        polls = d.polls(tid)
-        assert polls
-        assert all(x < row.expires_at.timestamp() + 0.05 for x in polls)
+            row = await d.until_state(tid, "archived", 30)
+        assert row.expires_at is not None and row.completed_at is not None
+        assert row.completed_at > row.expires_at
+        assert any(x > row.expires_at.timestamp() for x in d.polls(tid))
+        assert_archived_intact(d, tid, SMALL)
 
 
 # --- 10. database unreachable, leases -------------------------------------------------------------
@@ -1239,7 +1266,7 @@ class TestVideoUrlSafety:
         ],
         ids=["private-host", "http-not-allowed", "redirect-to-ftp", "redirect-to-file"],
     )
-    async def test_unsafe_link_is_rejected_and_nothing_downloaded(
+    async def test_unsafe_link_waits_on_the_setting_and_nothing_is_downloaded(
         self,
         launch: Launcher,
         sim: simulator.SimulatorThread,
@@ -1247,20 +1274,28 @@ class TestVideoUrlSafety:
         redirect: str | None,
         names: str,
     ) -> None:
-        """The task is `rejected` naming the setting; no byte of any video is fetched or stored."""
+        """The task waits, `downloading`, naming the setting; no byte of any video is fetched or
+        stored. With the setting changed and a restart, it is archived."""
         tid = "video_unsafe"
         sim.simulator.add_task(tid, created=time.time() - 60, ready_seconds=1, size=SMALL)
         if redirect is not None:
             sim.simulator.add_fault(tid, on="download", redirect=redirect, times=FOREVER)
         async with launch(**settings) as d:
             insert(d.rows, tid)
-            row = await d.until_state(tid, "rejected")
-        assert row.error is not None and names in row.error, row.error
+            await d.until(lambda: d.row(tid).attempts >= 2, "two refusals")
+            row = d.row(tid)
+        assert row.state == "downloading"
+        assert row.error is not None and row.error.startswith(policy.WAITING_ON_SETTING)
+        assert names in row.error, row.error
         if redirect is not None:
             scheme = redirect.split(":", 1)[0]
             assert repr(scheme) in row.error
-            # The redirect was served once and not followed.
-            assert sim.simulator.faults[tid][0]["times"] == FOREVER - 1
+            # The redirect was served on each try and never followed.
+            assert sim.simulator.faults[tid][0]["times"] <= FOREVER - 2
         assert sim.simulator.stats.downloads_started[tid] == 0
         assert not (d.archive_dir / f"{tid}.mp4").exists()
         assert leftovers(d.archive_dir) == []
+        if redirect is None:
+            async with launch() as d:  # the settings these tests otherwise run with
+                await d.until_state(tid, "archived")
+            assert_archived_intact(d, tid, SMALL)

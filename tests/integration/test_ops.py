@@ -70,7 +70,12 @@ class TestEndpoints:
             assert health.status_code == 200 and health.json()["status"] == "ok"
             ready = await client.get("/readyz")
             assert ready.status_code == 200
-            assert ready.json()["checks"] == {"database": "ok", "storage": "ok", "api_key": "ok"}
+            assert ready.json()["checks"] == {
+                "database": "ok",
+                "storage": "ok",
+                "api_key": "ok",
+                "provider": "ok",
+            }
             assert (await client.get("/nope")).status_code == 404
             assert (await client.get("/")).status_code == 404
 

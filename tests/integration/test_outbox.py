@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ def sql_store(db_url: str) -> Iterator[store.SqlStore]:
         s.close()
 
 
-def finish(s: store.SqlStore, task_id: str, state: str, **changes: object) -> None:
+def finish(s: store.Store, task_id: str, state: str, **changes: object) -> None:
     """Add a task, claim it and save it in ``state``, as the daemon does."""
     s.add(task_id)
     [task] = [t for t in s.claim_due(OWNER, utils.utcnow(), 60, 100) if t.task_id == task_id]
@@ -105,6 +106,40 @@ class TestOutboxTrigger:
         finish(sql_store, "video_a", "failed")
         assert sql_store.prune(utils.utcnow() + dt.timedelta(days=1)) == 1
         assert sql_store.webhooks() == []
+
+
+class TestPruneKeepsWhatIsNotDelivered:
+    """While webhooks are on, prune never deletes an event that was not delivered."""
+
+    def test_rows_wait_for_their_events(self, any_store: store.Store) -> None:
+        later = utils.utcnow() + dt.timedelta(days=1)
+        for task_id in ("video_pending", "video_delivered", "video_failed", "video_gone"):
+            finish(any_store, task_id, "archived")  # type: ignore[arg-type]
+        outcomes = {
+            "video_delivered": models.Delivery.DELIVERED,
+            "video_failed": models.Delivery.FAILED,
+            "video_gone": models.Delivery.DISABLED,
+        }
+        events = any_store.claim_webhooks(OWNER, utils.utcnow(), 60, 10)
+        any_store.record_webhooks(
+            [
+                dataclasses.replace(e, state=outcomes[e.task_id].value)
+                for e in events
+                if e.task_id in outcomes
+            ],
+            OWNER,
+        )
+        any_store.release_webhooks(OWNER)
+        assert any_store.prune(later, keep_undelivered=True) == 2
+        left = {e.task_id: e.state for e in any_store.webhooks()}
+        assert left == {"video_pending": "pending", "video_failed": "failed"}
+        assert any_store.get("video_pending") is not None and any_store.get("video_failed")
+        assert any_store.get("video_delivered") is None and any_store.get("video_gone") is None
+
+    def test_without_webhooks_they_go_with_their_rows(self, any_store: store.Store) -> None:
+        finish(any_store, "video_a", "failed")  # type: ignore[arg-type]
+        assert any_store.prune(utils.utcnow() + dt.timedelta(days=1)) == 1
+        assert any_store.webhooks() == []
 
 
 class TestAtRisk:

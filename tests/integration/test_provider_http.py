@@ -8,7 +8,9 @@ import email.utils
 import gzip
 import socket
 import time
+import tracemalloc
 import urllib.parse
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -53,6 +55,14 @@ async def download(http: provider.HttpProvider, url: str) -> tuple[int | None, b
         async for chunk in video.chunks:
             data += chunk
     return video.length, bytes(data)
+
+
+# A small video as a host serves one: an ftyp box first.
+MP4 = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isommp41" + b"\x00\x00\x00\x10mdat" + b"v" * 8
+
+
+# What a private host must never hand a download.
+SECRET_VIDEO = MP4 + b"internal secrets"
 
 
 def expected_video(task_id: str, size: int) -> bytes:
@@ -174,6 +184,34 @@ class TestFetchErrors:
         with pytest.raises(errors.TaskNotFound):
             await client.fetch("video_never_created")
 
+    @pytest.mark.parametrize(
+        ("body", "content_type"),
+        [
+            ("<html><body><h1>404 Not Found</h1>nginx</body></html>", "text/html"),
+            ("", "text/plain"),
+            ('{"message": "no Route matched with those values"}', "application/json"),
+        ],
+        ids=["html", "empty", "a gateway's json"],
+    )
+    async def test_a_404_that_is_not_the_providers_own_is_an_outage(
+        self,
+        sim: simulator.SimulatorThread,
+        client: provider.HttpProvider,
+        body: str,
+        content_type: str,
+    ) -> None:
+        add_completed(sim, "video_abc")
+        sim.simulator.add_fault(
+            "video_abc", on="poll", status=404, body=body, content_type=content_type
+        )
+        with pytest.raises(errors.ProviderUnavailable) as caught:
+            await client.fetch("video_abc")
+        assert caught.value.status_code == 404
+        assert str(caught.value).startswith(provider.NOT_OWN_404)
+        assert content_type in str(caught.value) and (
+            not body or body[:12] not in str(caught.value)
+        )
+
     async def test_server_error_is_provider_unavailable(
         self, sim: simulator.SimulatorThread, client: provider.HttpProvider
     ) -> None:
@@ -291,15 +329,99 @@ class TestOpenVideo:
 
         async def handler(request: web.Request) -> web.Response:
             seen.append(request.headers.get("Authorization"))
-            return web.Response(body=b"video", content_type="video/mp4")
+            return web.Response(body=MP4, content_type="video/mp4")
 
         async with LocalServer({"/v.mp4": handler}) as base:
             http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
             try:
-                assert await download(http, f"{base}/v.mp4") == (5, b"video")
+                assert await download(http, f"{base}/v.mp4") == (len(MP4), MP4)
             finally:
                 await http.aclose()
         assert seen == [None]
+
+    @pytest.mark.parametrize(
+        ("fault", "why"),
+        [
+            ({"body": "", "content_type": "video/mp4"}, "with an empty body"),
+            (
+                {
+                    "body": "<html><body>This link has expired</body></html>",
+                    "content_type": "text/html",
+                },
+                "of type text/html",
+            ),
+            (
+                {"body": '{"error": "expired"}', "content_type": "application/json"},
+                "of type application/json",
+            ),
+            (
+                {
+                    "body": "<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>",
+                    "content_type": "application/xml",
+                },
+                "of type application/xml",
+            ),
+            (
+                {"body": '{"title": "gone"}', "content_type": "application/problem+json"},
+                "problem+json",
+            ),
+            ({"body": "<a/>", "content_type": "image/svg+xml"}, "svg+xml"),
+            (
+                {"body": "\x00" * 64, "content_type": "application/octet-stream"},
+                "no video container",
+            ),
+        ],
+        ids=["empty", "html", "json", "xml", "problem+json", "svg+xml", "no container"],
+    )
+    async def test_a_200_that_is_not_a_video_is_refused(
+        self,
+        sim: simulator.SimulatorThread,
+        client: provider.HttpProvider,
+        fault: dict[str, str],
+        why: str,
+    ) -> None:
+        add_completed(sim, "video_abc")
+        url = await video_url(client, "video_abc")
+        sim.simulator.add_fault("video_abc", on="download", **fault)
+        with pytest.raises(errors.NotAVideo) as caught:
+            await download(client, url)
+        message = str(caught.value)
+        assert why in message and "Content-Type" in message and "first bytes b" in message
+        assert "sig=" not in message and "files/" not in message  # never the link
+        assert "\n" not in message and len(message) < 400
+        # Not a verdict: the next download of the same link is the video.
+        assert (await download(client, url))[1] == expected_video("video_abc", 256 * 1024)
+
+    @pytest.mark.parametrize(
+        ("content_type", "body"),
+        [
+            ("video/mp4", MP4),
+            ("application/octet-stream", MP4),
+            ("binary/octet-stream", MP4),
+            (None, MP4),
+            ("video/webm", provider.EBML_MAGIC + b"\x9f\x42\x86\x81\x01" * 8),
+            ("video/quicktime", b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + b"\x00" * 40),
+        ],
+        ids=["mp4", "octet-stream", "binary-octet-stream", "no type", "webm", "mov"],
+    )
+    async def test_what_a_video_is_served_as(self, content_type: str | None, body: bytes) -> None:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": str(len(body))})
+            if content_type is not None:
+                response.headers["Content-Type"] = content_type
+            await response.prepare(request)
+            # In pieces smaller than the head the check reads: it gathers them.
+            for start in range(0, len(body), 7):
+                await response.write(body[start : start + 7])
+            await response.write_eof()
+            return response
+
+        async with LocalServer({"/v": handler}) as base:
+            http = provider.HttpProvider(base, SIM_KEY, url_rules=LOCAL_HTTP)
+            try:
+                assert await download(http, f"{base}/v") == (len(body), body)
+            finally:
+                await http.aclose()
 
     async def test_expired_link(self) -> None:
         sim_state = simulator.Simulator(api_key=SIM_KEY, link_ttl_seconds=-1)
@@ -389,6 +511,7 @@ class TestOpenVideo:
             response = web.StreamResponse()
             response.enable_chunked_encoding()
             await response.prepare(request)
+            await response.write(MP4)
             for _ in range(8):
                 await response.write(b"x" * 64 * 1024)
             await response.write_eof()
@@ -459,10 +582,10 @@ class TestRedirects:
             raise web.HTTPFound("/files/v.mp4")
 
         async def file(request: web.Request) -> web.Response:
-            return web.Response(body=b"relative", content_type="video/mp4")
+            return web.Response(body=MP4 + b"relative", content_type="video/mp4")
 
         async with LocalServer({"/a/hop": hop, "/files/v.mp4": file}) as base:
-            assert await download(client, f"{base}/a/hop") == (8, b"relative")
+            assert await download(client, f"{base}/a/hop") == (len(MP4) + 8, MP4 + b"relative")
 
     async def test_too_many_redirects(self, client: provider.HttpProvider) -> None:
         hits: collections.Counter[int] = collections.Counter()
@@ -483,11 +606,11 @@ class TestRedirects:
         async def loop(request: web.Request) -> web.Response:
             n = int(request.match_info["n"])
             if n == provider.MAX_REDIRECTS:
-                return web.Response(body=b"arrived", content_type="video/mp4")
+                return web.Response(body=MP4 + b"arrived", content_type="video/mp4")
             raise web.HTTPFound(f"/loop/{n + 1}")
 
         async with LocalServer({"/loop/{n}": loop}) as base:
-            assert await download(client, f"{base}/loop/0") == (7, b"arrived")
+            assert await download(client, f"{base}/loop/0") == (len(MP4) + 7, MP4 + b"arrived")
 
     async def test_redirect_to_a_loopback_host_is_refused(
         self,
@@ -502,7 +625,7 @@ class TestRedirects:
 
         async def inner(request: web.Request) -> web.Response:
             hits.append("x")
-            return web.Response(body=b"internal secrets")
+            return web.Response(body=SECRET_VIDEO)
 
         real_check = provider.check_video_url
 
@@ -566,7 +689,7 @@ class TestDnsRebinding:
 
         async def secret(request: web.Request) -> web.Response:
             hits.append(request.path)
-            return web.Response(body=b"internal secrets", content_type="video/mp4")
+            return web.Response(body=SECRET_VIDEO, content_type="video/mp4")
 
         return LocalServer({"/x": secret}), hits
 
@@ -631,7 +754,7 @@ class TestDnsRebinding:
 
         async def inner(request: web.Request) -> web.Response:
             hits.append("x")
-            return web.Response(body=b"internal secrets")
+            return web.Response(body=SECRET_VIDEO)
 
         dns = ScriptedResolver(["127.0.0.1"])
         real_check = provider.check_video_url
@@ -665,7 +788,7 @@ class TestDnsRebinding:
         try:
             async with server as base:
                 url = base.replace("127.0.0.1", "rebind.test") + "/x"
-                assert await download(http, url) == (16, b"internal secrets")
+                assert await download(http, url) == (len(SECRET_VIDEO), SECRET_VIDEO)
         finally:
             await http.aclose()
         assert hits == ["/x"]
@@ -720,6 +843,24 @@ class TestCheckKey:
     ) -> None:
         sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=403)
         assert await client.check_key() is False
+
+    @pytest.mark.parametrize(
+        ("body", "content_type"),
+        [("<html>404 Not Found</html>", "text/html"), ("", "text/plain")],
+        ids=["html", "empty"],
+    )
+    async def test_a_404_that_is_not_the_providers_own_cannot_tell(
+        self,
+        sim: simulator.SimulatorThread,
+        client: provider.HttpProvider,
+        body: str,
+        content_type: str,
+    ) -> None:
+        sim.simulator.add_fault(
+            reseller.KEY_CHECK_TASK_ID, on="poll", status=404, body=body, content_type=content_type
+        )
+        assert await client.check_key() is None
+        assert await client.check_key() is True
 
     @pytest.mark.parametrize("status", [500, 503, 429, 400])
     async def test_other_answers_cannot_tell(
@@ -850,6 +991,32 @@ class TestArkDialect:
         with pytest.raises(errors.TaskNotFound):
             await ark_client.fetch("cgt-unknown")
 
+    async def test_an_html_404_is_an_outage(
+        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+    ) -> None:
+        ark_sim.simulator.add_fault(
+            "*", on="poll", status=404, body="<html>Not Found</html>", content_type="text/html"
+        )
+        with pytest.raises(errors.ProviderUnavailable, match="without its own JSON error"):
+            await ark_client.fetch("cgt-unknown")
+        ark_sim.simulator.add_fault(
+            "*", on="poll", status=404, body="<html>Not Found</html>", content_type="text/html"
+        )
+        assert await ark_client.check_key() is None
+
+    async def test_drifted_side_fields_still_give_the_link(
+        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+    ) -> None:
+        drift = {"updated_at": int(time.time() * 1000), "seed": "42", "duration": "5"}
+        add_completed(ark_sim, "cgt-3", size=1000, overrides=drift)
+        answer = await ark_client.fetch("cgt-3")
+        assert (answer.status, answer.actual_duration, answer.ignored) == (
+            models.Status.COMPLETED,
+            5.0,
+            (),
+        )
+        assert answer.video_url is not None and answer.expires_at is not None
+
     async def test_the_key_check(self, ark_sim: simulator.SimulatorThread) -> None:
         for key, verdict in ((SIM_KEY, True), ("wrong-key", False)):
             http = provider.HttpProvider(
@@ -908,6 +1075,66 @@ class TestApiTransport:
         async with LocalServer({"/answer": answer}) as base:
             response = await self.send(base)
         assert response.json() == {"status": "queued"}
+
+    async def test_a_gzip_bomb_is_too_large_and_costs_no_memory(self) -> None:
+        """512 MiB of zeros in about half a MiB of gzip: refused once 1 KiB is decoded."""
+        bomb = simulator._gzip_bomb(512 * 1024 * 1024)
+        assert len(bomb) < 1024 * 1024
+
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
+
+        async with LocalServer({"/answer": answer}) as base:
+            tracemalloc.start()
+            try:
+                for _ in range(3):
+                    with pytest.raises(wire.AnswerTooLarge, match="once decoded"):
+                        await self.send(base, max_body_bytes=1024 * 1024)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        # The compressed body (0.5 MiB) and at most the cap decoded; never the 512 MiB.
+        assert peak < 8 * 1024 * 1024
+
+    @pytest.mark.parametrize(
+        ("encoding", "body", "error"),
+        [
+            ("deflate", zlib.compress(b'{"status": "queued"}'), None),
+            ("gzip, identity", gzip.compress(b'{"status": "queued"}'), None),
+            ("br", b"\x0b\x02\x80{}\x03", "which we did not ask for"),
+            ("gzip", b"not gzip at all", "does not decode"),
+        ],
+        ids=["deflate", "gzip-identity", "brotli", "corrupt"],
+    )
+    async def test_other_encodings(self, encoding: str, body: bytes, error: str | None) -> None:
+        async def answer(request: web.Request) -> web.Response:
+            return web.Response(body=body, headers={"Content-Encoding": encoding})
+
+        async with LocalServer({"/answer": answer}) as base:
+            if error is None:
+                response = await self.send(base)
+                assert response.json() == {"status": "queued"}
+                assert "content-encoding" not in response.headers
+            else:
+                with pytest.raises(httpx.DecodingError, match=error):
+                    await self.send(base)
+
+    async def test_the_provider_asks_for_identity_and_says_why_it_refused(self) -> None:
+        asked: list[str | None] = []
+        bomb = simulator._gzip_bomb(64 * 1024 * 1024)
+
+        async def answer(request: web.Request) -> web.Response:
+            asked.append(request.headers.get("Accept-Encoding"))
+            return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
+
+        async with LocalServer({"/v1/result/{id}": answer}) as base:
+            http = provider.HttpProvider(base, "k", url_rules=LOCAL_HTTP)
+            try:
+                with pytest.raises(errors.ProviderUnavailable, match="once decoded"):
+                    await http.fetch("video_bomb")
+            finally:
+                await http.aclose()
+        assert asked == ["identity"]
 
     async def test_an_answer_declared_too_long_is_refused(self) -> None:
         async def answer(request: web.Request) -> web.Response:

@@ -973,3 +973,51 @@ class TestFewerPolls:
         insert(engine, "dl", state="downloading", next_attempt_at=now)
         insert(engine, "done", state="archived", next_attempt_at=now)
         assert sql_store.summary(now).due_soon == 2
+
+
+def claimed_and_saved(s: store.Store, task_id: str, **changes: Any) -> None:
+    """Add a task, claim it and write ``changes`` back, as the daemon does."""
+    s.add(task_id)
+    now = utils.utcnow()
+    [task] = [t for t in s.claim_due("t-owner", now, 60, 100) if t.task_id == task_id]
+    assert s.save([task.replace(updated_at=now, **changes)], "t-owner") == 1
+
+
+class TestWaitingOnSettings:
+    """Rows whose video one of our settings refuses: counted, and due at once when a daemon
+    starts (on the fake store, SQLite and PostgreSQL alike)."""
+
+    WAITING = (
+        models.WAITING_ON_SETTING + ": video is 3000000 bytes, more than SEEDANCE_MAX_VIDEO_BYTES"
+    )
+
+    def test_woken_counted_and_nothing_else_touched(self, any_store: store.Store) -> None:
+        later = utils.utcnow() + dt.timedelta(hours=1)
+        waiting = {"state": "downloading", "error": self.WAITING, "next_attempt_at": later}
+        claimed_and_saved(any_store, "video_waits", provider="reseller", **waiting)
+        claimed_and_saved(any_store, "video_other_provider", provider="ark", **waiting)
+        claimed_and_saved(
+            any_store,
+            "video_retrying",
+            state="downloading",
+            error="the video host answered HTTP 503 (attempt 1; next try in 5s)",
+            next_attempt_at=later,
+        )
+        claimed_and_saved(
+            any_store, "video_polling", state="polling", error=self.WAITING, next_attempt_at=later
+        )
+        assert any_store.summary(utils.utcnow()).waiting_on_setting == 2
+        now = utils.utcnow()
+        assert any_store.wake_waiting_on_settings(now, "reseller") == 1
+        assert any_store.wake_waiting_on_settings(now, "reseller") == 0  # due already
+        due = {t.task_id for t in any_store.claim_due("t-owner", now, 60, 100)}
+        assert due == {"video_waits"}
+
+    def test_a_leased_row_is_left_alone(self, any_store: store.Store) -> None:
+        later = utils.utcnow() + dt.timedelta(hours=1)
+        claimed_and_saved(
+            any_store, "video_waits", state="downloading", error=self.WAITING, next_attempt_at=later
+        )
+        [held] = any_store.claim_due("t-owner", later, 60, 10)
+        assert any_store.wake_waiting_on_settings(utils.utcnow(), "reseller") == 0
+        assert held.task_id == "video_waits"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from seedance_archiver import cli, config
+from seedance_archiver import cli, config, policy
 
 README = (pathlib.Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
 
@@ -29,3 +29,32 @@ class TestReadme:
     def test_the_quick_start_is_the_two_make_targets(self) -> None:
         quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
         assert "make demo" in quick_start and "make test" in quick_start
+
+
+class TestStates:
+    """The README's states table says when a task ends expired or rejected in the code's words."""
+
+    TABLE = README.split("| `state` | meaning |", 1)[1].split("\n\n", 1)[0]
+
+    def row(self, state: str) -> str:
+        return next(line for line in self.TABLE.splitlines() if line.startswith(f"| `{state}` |"))
+
+    def test_expired_gives_each_reason_the_code_writes(self) -> None:
+        row = self.row("expired")
+        for reason in (policy.GONE_REASON, policy.LINK_GONE_REASON, policy.GIVE_UP_REASON):
+            assert f'"{reason}"' in row
+        assert f"{policy.NOT_FOUND_POLLS} polls in a row" in row
+        assert f"refused {policy.LINK_REFUSALS} times in a row" in row
+        assert f"{policy.GIVE_UP_AFTER.days} days" in row
+
+    def test_rejected_gives_each_reason_the_code_writes(self) -> None:
+        row = self.row("rejected")
+        for reason in (policy.NOT_FOUND_REASON, policy.FORBIDDEN_REASON):
+            assert f'"{reason}"' in row
+        assert policy.task_id_problem("../x") is not None
+        assert '"invalid task id"' in row and (policy.task_id_problem("../x") or "").startswith(
+            "invalid task id"
+        )
+
+    def test_waiting_on_a_setting_is_named(self) -> None:
+        assert f"`{policy.WAITING_ON_SETTING}`" in self.row("downloading")

@@ -247,24 +247,14 @@ class TestPollError:
 
 
 class TestBeforeWork:
-    """Outcomes decided without asking the provider: a passed deadline or an impossible id."""
+    """Only an impossible id is decided without asking: the deadline never ends a task."""
 
-    def test_deadline_passed_is_expired_with_a_reason(self) -> None:
-        expires = NOW - dt.timedelta(seconds=1)
-        after = policy.before_work(task(state="polling", expires_at=expires), NOW)
-        assert after is not None
-        assert after.state == State.EXPIRED
-        assert after.error is not None
-        assert "deadline passed" in after.error
-        assert "2026-11-25T11:59:59Z" in after.error
-
-    def test_deadline_reached_exactly_is_expired(self) -> None:
-        after = policy.before_work(task(state="polling", expires_at=NOW), NOW)
-        assert after is not None and after.state == State.EXPIRED
-
-    def test_deadline_ahead_needs_work(self) -> None:
-        later = NOW + dt.timedelta(seconds=1)
-        assert policy.before_work(task(state="polling", expires_at=later), NOW) is None
+    @pytest.mark.parametrize(
+        "past", [dt.timedelta(0), dt.timedelta(seconds=1), dt.timedelta(days=2)]
+    )
+    def test_a_passed_deadline_still_needs_work(self, past: dt.timedelta) -> None:
+        expired = task(state="polling", provider_status="processing", expires_at=NOW - past)
+        assert policy.before_work(expired, NOW) is None
 
     def test_no_deadline_yet_needs_work(self) -> None:
         assert policy.before_work(task(), NOW) is None
@@ -277,56 +267,177 @@ class TestBeforeWork:
         assert after.error is not None and after.error.startswith("invalid task id")
 
 
-class TestNotFound:
-    """A 404: retried briefly for a task never seen, expired for one seen before."""
+class TestDeadlineOrdersWork:
+    """The deadline is what the provider's facts say; past it, work goes on as before."""
 
-    def test_never_seen_is_retried_then_rejected(self) -> None:
-        current = task()
+    def test_the_providers_own_deadline_is_taken(self) -> None:
+        own = NOW + dt.timedelta(hours=70)
+        after = policy.on_answer(
+            task(), answer("queued", expires_at=own), NOW, RULES, testing.low_draw
+        )
+        assert after.expires_at == own
+
+    def test_else_created_plus_the_retention(self) -> None:
+        after = policy.on_answer(task(), answer("queued"), NOW, RULES, testing.low_draw)
+        assert after.expires_at == NOW + RULES.retention  # testing.answer: created = EPOCH
+
+    def test_a_completed_answer_past_the_deadline_is_downloaded(self) -> None:
+        late = NOW + RULES.retention + dt.timedelta(seconds=20)
+        after = policy.on_answer(
+            task(state="polling", provider_status="processing"),
+            answer("completed", video_url=URL),
+            late,
+            RULES,
+            testing.low_draw,
+        )
+        assert after.state == State.DOWNLOADING and after.video_url == URL
+        assert after.expires_at is not None and after.expires_at < late
+
+    def test_past_the_deadline_errors_back_off_as_before_it(self) -> None:
+        ahead = task(attempts=4, expires_at=NOW + dt.timedelta(days=1))
+        past = task(attempts=4, expires_at=NOW - dt.timedelta(minutes=1))
+        waits = [
+            policy.on_poll_error(t, "HTTP 502", NOW, RULES, testing.high_draw).next_attempt_at
+            for t in (ahead, past)
+        ]
+        assert waits[0] == waits[1] == NOW + dt.timedelta(seconds=min(600, 30 * 2**4))
+
+
+class TestGiveUp:
+    """A task the provider keeps unfinished is not polled forever: expired after the hard limit."""
+
+    CREATED = NOW - policy.GIVE_UP_AFTER
+
+    @pytest.mark.parametrize("status", ["queued", "processing"])
+    def test_unfinished_at_the_limit_is_expired_with_the_reason(self, status: str) -> None:
+        before = task(state="polling", provider_status=status, provider_created_at=self.CREATED)
+        after = policy.on_answer(
+            before, answer(status, created=self.CREATED), NOW, RULES, testing.low_draw
+        )
+        assert after.state == State.EXPIRED
+        assert after.error is not None and after.error.startswith(policy.GIVE_UP_REASON)
+        assert f"answer was {status}" in after.error and "7.0 days" in after.error
+
+    def test_just_before_the_limit_it_goes_on(self) -> None:
+        created = self.CREATED + dt.timedelta(minutes=1)
+        before = task(state="polling", provider_status="queued", provider_created_at=created)
+        after = policy.on_answer(
+            before, answer("queued", created=created), NOW, RULES, testing.low_draw
+        )
+        assert after.state == State.POLLING
+
+    def test_a_finished_video_is_never_given_up_on_the_clock(self) -> None:
+        before = task(state="polling", provider_status="queued", provider_created_at=self.CREATED)
+        done = answer("completed", created=self.CREATED, video_url=URL)
+        assert (
+            policy.on_answer(before, done, NOW, RULES, testing.low_draw).state == State.DOWNLOADING
+        )
+
+    def test_without_a_creation_time_it_counts_from_the_insert(self) -> None:
+        before = task(state="polling", inserted_at=self.CREATED)
+        after = policy.on_malformed(
+            before, "malformed answer: unknown status 'x'", NOW, RULES, testing.low_draw
+        )
+        assert after.state == State.EXPIRED and "malformed" in (after.error or "")
+
+    def test_errors_past_the_limit_end_it_too(self) -> None:
+        before = task(state="polling", provider_status="queued", provider_created_at=self.CREATED)
+        after = policy.on_poll_error(before, "HTTP 502", NOW, RULES, testing.low_draw)
+        assert after.state == State.EXPIRED and "HTTP 502" in (after.error or "")
+
+    def test_the_limit_is_a_rule(self) -> None:
+        rules = policy.Rules(
+            cadences=RULES.cadences, retention=RULES.retention, give_up_after=dt.timedelta(days=2)
+        )
+        created = NOW - dt.timedelta(days=2)
+        before = task(state="polling", provider_status="queued", provider_created_at=created)
+        after = policy.on_answer(
+            before, answer("queued", created=created), NOW, rules, testing.low_draw
+        )
+        assert after.state == State.EXPIRED and "(2 days)" in (after.error or "")
+
+
+def not_found_in_a_row(
+    current: models.Task, count: int, gap: float, rules: policy.Rules = RULES
+) -> tuple[models.Task, list[dt.datetime]]:
+    """``count`` of the provider's own 404s, ``gap`` seconds apart; the task after, and the times."""
+    times = []
+    at = NOW
+    for _ in range(count):
+        times.append(at)
+        current = policy.on_not_found(current, at, rules, testing.low_draw)
+        at += dt.timedelta(seconds=gap)
+    return current, times
+
+
+class TestNotFound:
+    """The provider's own 404 is evidence: several in a row, spread over the mode's longest
+    interval, end a task (expired if seen, rejected if never seen); one never does."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_never_seen_is_retried_then_rejected(self, mode: str) -> None:
+        gap = RULES.cadence(mode).high / (RULES.not_found_polls - 1)
+        current = task(mode)
         for poll in range(1, RULES.not_found_polls):
-            current = policy.on_not_found(current, NOW, RULES, testing.low_draw)
+            current, _ = not_found_in_a_row(current, 1, 0)
             assert current.state == State.POLLING
             assert current.attempts == poll
             assert current.next_attempt_at is not None
-            assert current.next_attempt_at >= NOW + dt.timedelta(seconds=30)
+            assert current.next_attempt_at >= NOW + dt.timedelta(seconds=gap)
+            current = current.replace(last_polled_at=NOW - dt.timedelta(seconds=gap))
         current = policy.on_not_found(current, NOW, RULES, testing.low_draw)
         assert current.state == State.REJECTED
-        assert current.error is not None and "404" in current.error
-        assert current.polls == RULES.not_found_polls
+        assert current.error is not None and policy.NOT_FOUND_REASON in current.error
+        assert "its own 404 on 3 polls in a row" in current.error
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_seen_before_takes_several_spread_404s_to_expire(self, mode: str) -> None:
+        high = RULES.cadence(mode).high
+        seen = task(mode, state="polling", provider_status="processing", polls=4)
+        once, _ = not_found_in_a_row(seen, 1, 0)
+        assert once.state == State.POLLING
+        assert once.error is not None and once.error.startswith(policy.GONE_REASON)
+        after, times = not_found_in_a_row(seen, RULES.not_found_polls, high / 2)
+        assert after.state == State.EXPIRED
+        assert after.error is not None and after.error.startswith(policy.GONE_REASON)
+        assert after.polls == 4 + RULES.not_found_polls
+        assert (times[-1] - times[0]).total_seconds() >= high
+
+    def test_404s_sooner_than_the_spread_allows_do_not_count(self) -> None:
+        seen = task(state="polling", provider_status="processing")
+        hurried, _ = not_found_in_a_row(seen, 10, 1)  # a hastened row, polled every second
+        assert hurried.state == State.POLLING
+        assert hurried.attempts == 1
 
     def test_the_number_of_polls_is_a_rule(self) -> None:
         rules = policy.Rules(cadences=RULES.cadences, retention=RULES.retention, not_found_polls=5)
-        current = task()
-        states = []
-        for _ in range(5):
-            current = policy.on_not_found(current, NOW, rules, testing.low_draw)
-            states.append(current.state)
+        states = [not_found_in_a_row(task(), n, 15, rules)[0].state for n in range(1, 6)]
         assert states == ["polling"] * 4 + ["rejected"]
 
-    def test_seen_before_is_expired(self) -> None:
-        before = task(state="polling", provider_status="processing", polls=4)
-        after = policy.on_not_found(before, NOW, RULES, testing.low_draw)
-        assert after.state == State.EXPIRED
-        assert after.error is not None and "404" in after.error
-        assert after.polls == 5
+    def test_an_answer_in_between_starts_the_count_again(self) -> None:
+        seen = task(state="polling", provider_status="processing")
+        twice, _ = not_found_in_a_row(seen, 2, 30)
+        answered = policy.on_answer(twice, answer("processing"), NOW, RULES, testing.low_draw)
+        again, _ = not_found_in_a_row(answered, 2, 30)
+        assert again.state == State.POLLING
 
     def test_earlier_unrelated_failures_do_not_count_as_404s(self) -> None:
         before = task(state="polling", attempts=2, error="the provider answered HTTP 502")
         after = policy.on_not_found(before, NOW, RULES, testing.low_draw)
-        assert after.state == State.POLLING
+        assert after.state == State.POLLING and after.attempts == 1
 
 
-class TestDownloadOutcomes:
-    """Link expiry, download failures and a successful archive."""
+class TestLinkRefused:
+    """A refused link means: poll for a fresh one. Only fresh links refused again and again are the
+    provider's word that the video is gone."""
 
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("polled_ago", [0.0, 5.0, 1000.0])
-    def test_link_expired_polls_again_not_sooner_than_the_cadence(
-        self, mode: str, polled_ago: float
-    ) -> None:
+    def test_polls_again_not_sooner_than_the_cadence(self, mode: str, polled_ago: float) -> None:
         low = RULES.cadence(mode).low
         last = NOW - dt.timedelta(seconds=polled_ago)
         before = task(mode, state="downloading", video_url=URL, last_polled_at=last)
-        after = policy.on_link_expired(before, "HTTP 403", NOW, RULES)
+        after = policy.on_link_refused(before, "the video link was refused (HTTP 403)", NOW, RULES)
         assert after.state == State.POLLING
         assert after.video_url is None
         assert after.next_attempt_at is not None
@@ -334,10 +445,130 @@ class TestDownloadOutcomes:
         assert after.next_attempt_at >= NOW
         assert after.error is not None and "HTTP 403" in after.error
 
-    def test_link_expired_never_polled_is_due_now(self) -> None:
+    def test_never_polled_is_due_now(self) -> None:
         before = task(state="downloading", video_url=URL)
-        after = policy.on_link_expired(before, "HTTP 403", NOW, RULES)
+        after = policy.on_link_refused(before, "the video link was refused (HTTP 403)", NOW, RULES)
         assert after.next_attempt_at == NOW
+
+    def test_fresh_links_refused_again_and_again_expire_it(self) -> None:
+        current = task(state="downloading", video_url=URL, provider_status="completed")
+        states = []
+        for n in range(RULES.link_refusals):
+            current = policy.on_link_refused(
+                current, f"the video link was refused (HTTP 40{n})", NOW, RULES
+            )
+            states.append(current.state)
+            if current.state == State.POLLING:
+                fresh = answer("completed", video_url=f"{URL}&fresh={n}")
+                current = policy.on_answer(current, fresh, NOW, RULES, testing.low_draw)
+                assert current.state == State.DOWNLOADING
+        assert states == ["polling"] * (RULES.link_refusals - 1) + ["expired"]
+        assert current.error is not None and current.error.startswith(policy.LINK_GONE_REASON)
+        assert "3 links in a row" in current.error and "(HTTP 402)" in current.error
+
+    def test_a_download_that_works_in_between_starts_the_count_again(self) -> None:
+        current = task(state="downloading", video_url=URL, provider_status="completed")
+        current = policy.on_link_refused(
+            current, "the video link was refused (HTTP 403)", NOW, RULES
+        )
+        current = policy.on_answer(
+            current, answer("completed", video_url=URL), NOW, RULES, testing.low_draw
+        )
+        current = policy.on_download_error(
+            current, "the video host answered HTTP 503", NOW, RULES, testing.low_draw
+        )
+        for _ in range(RULES.link_refusals - 1):
+            current = policy.on_link_refused(
+                current, "the video link was refused (HTTP 403)", NOW, RULES
+            )
+            current = policy.on_answer(
+                current, answer("completed", video_url=URL), NOW, RULES, testing.low_draw
+            )
+        assert current.state == State.DOWNLOADING
+
+
+NOT_A_VIDEO = "the video host answered 200 with a body of type text/html, not a video: ..."
+
+
+class TestNotAVideo:
+    """A 200 that is not a video is retried, then the link is asked for again; never a verdict."""
+
+    def test_retried_then_a_fresh_link_is_asked_for(self) -> None:
+        current = task(state="downloading", video_url=URL)
+        for n in range(1, RULES.not_a_video_tries):
+            current = policy.on_not_a_video(current, NOT_A_VIDEO, NOW, RULES, testing.low_draw)
+            assert (current.state, current.video_url, current.attempts) == ("downloading", URL, n)
+            assert current.next_attempt_at is not None
+            assert current.next_attempt_at >= NOW + dt.timedelta(
+                seconds=RULES.download_retry_seconds
+            )
+        current = policy.on_not_a_video(current, NOT_A_VIDEO, NOW, RULES, testing.low_draw)
+        assert (current.state, current.video_url) == ("polling", None)
+        assert current.error is not None and "3 times in a row" in current.error
+        fresh = policy.on_answer(
+            current, answer("completed", video_url=URL), NOW, RULES, testing.low_draw
+        )
+        assert fresh.state == State.DOWNLOADING and fresh.error is None
+
+    def test_never_terminal(self) -> None:
+        current = task(state="downloading", video_url=URL, provider_status="completed")
+        for _ in range(50):
+            current = policy.on_not_a_video(current, NOT_A_VIDEO, NOW, RULES, testing.low_draw)
+            if current.state == State.POLLING:
+                current = policy.on_answer(
+                    current, answer("completed", video_url=URL), NOW, RULES, testing.low_draw
+                )
+            assert not current.is_terminal
+
+
+class TestWaitingOnSetting:
+    """A video our own settings refuse waits, downloading, on a slow schedule; never a verdict."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_waits_from_the_longest_interval_doubling_to_the_cap(self, mode: str) -> None:
+        high = RULES.cadence(mode).high
+        current = task(mode, state="downloading", video_url=URL)
+        waits = []
+        for _ in range(8):
+            current = policy.on_waiting_on_setting(
+                current,
+                "video is 3 GB, more than SEEDANCE_MAX_VIDEO_BYTES",
+                NOW,
+                RULES,
+                testing.high_draw,
+            )
+            assert current.state == State.DOWNLOADING and current.video_url == URL
+            assert current.error is not None
+            assert current.error.startswith(f"{policy.WAITING_ON_SETTING}: video is 3 GB")
+            assert current.next_attempt_at is not None
+            waits.append(seconds(current.next_attempt_at - NOW))
+        assert waits[0] == high
+        assert waits == sorted(waits) and waits[-1] == policy.SETTING_RETRY_CAP_SECONDS
+        assert waits[1] == 2 * high
+
+
+class TestVerdictDeferred:
+    """A verdict that could not be checked against the archive waits; the task stays active."""
+
+    @pytest.mark.parametrize("state", ["polling", "downloading", "pending"])
+    def test_the_task_stays_active_with_the_reason(self, state: str) -> None:
+        before = task(state=state, video_url=URL)
+        verdict = before.replace(
+            state="expired", polls=9, attempts=3, error="the provider no longer has this task"
+        )
+        after = policy.on_verdict_deferred(
+            before, verdict, "the archive could not be checked", NOW, RULES, testing.low_draw
+        )
+        assert after.state == ("downloading" if state == "downloading" else "polling")
+        assert after.polls == 9 and after.attempts == 3
+        assert after.error is not None
+        assert after.error.startswith("the provider no longer has this task; not given up yet")
+        assert "the archive could not be checked" in after.error
+        assert after.next_attempt_at is not None and after.next_attempt_at > NOW
+
+
+class TestDownloadOutcomes:
+    """Download failures and a successful archive."""
 
     def test_download_error_keeps_downloading_with_backoff(self) -> None:
         before = task(state="downloading", video_url=URL, attempts=2)
@@ -364,12 +595,6 @@ class TestDownloadOutcomes:
         assert after.archive_sha256 == "ab" * 32
         assert after.archived_at == NOW
         assert (after.attempts, after.error) == (0, None)
-
-    def test_refused_video_is_rejected_with_the_reason(self) -> None:
-        before = task(state="downloading", video_url=URL)
-        after = policy.on_refused(before, "video is too large", NOW)
-        assert after.state == State.REJECTED
-        assert after.error == "video is too large"
 
 
 class TestTaskId:

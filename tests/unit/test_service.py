@@ -7,11 +7,22 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import structlog.testing
-from seedance_archiver import config, errors, models, policy, provider, ratelimit, service, testing
+from seedance_archiver import (
+    config,
+    errors,
+    models,
+    policy,
+    provider,
+    ratelimit,
+    service,
+    testing,
+    web,
+)
 from seedance_archiver.models import State
 
 EPOCH = testing.EPOCH
@@ -19,7 +30,7 @@ answer = testing.answer
 
 TASK_ID = "video_abc123def456"
 URL = "https://cdn.example.com/videos/video_abc123def456.mp4?sig=1"
-VIDEO = bytes(range(256)) * 1000  # 256 KB: several chunks
+VIDEO = testing.mp4(bytes(range(256)) * 1000)  # 256 KB: several chunks
 RULES = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
 OWNER = "unit-test-daemon"
 
@@ -259,13 +270,90 @@ class TestArchiving:
             errors.UnsafeVideoUrl("unsafe video_url: scheme 'ftp' is not allowed"),
         ],
     )
-    async def test_refused_video_is_rejected(self, rig: Rig, refusal: Exception) -> None:
+    async def test_a_video_our_settings_refuse_waits_on_them(
+        self, rig: Rig, refusal: Exception
+    ) -> None:
         rig.store.add(TASK_ID)
         rig.provider.script(TASK_ID, completed())
         rig.provider.videos[URL] = refusal
         await rig.cycle()
-        assert rig.row().state == State.REJECTED
-        assert rig.row().error == str(refusal)
+        row = rig.row()
+        assert (row.state, row.video_url) == (State.DOWNLOADING, URL)
+        assert row.error is not None and row.error.startswith(f"waiting on a setting: {refusal}")
+        assert row.next_attempt_at == EPOCH + seconds(RULES.cadence("standard").high)
+        for _ in range(3):  # tried again on the slow schedule, never given up
+            assert row.next_attempt_at is not None
+            rig.clock.now = row.next_attempt_at
+            await rig.cycle()
+            row = rig.row()
+            assert row.state == State.DOWNLOADING
+        assert len(rig.provider.downloads) == 4
+        rig.provider.videos[URL] = VIDEO  # the setting changed (a restart)
+        assert row.next_attempt_at is not None
+        rig.clock.now = row.next_attempt_at
+        await rig.cycle()
+        assert rig.row().state == State.ARCHIVED
+
+    async def test_a_video_too_large_now_but_archived_whole_before_is_archived(
+        self, rig: Rig
+    ) -> None:
+        rig.archive.objects[TASK_ID] = VIDEO
+        rig.archive.untagged.add(TASK_ID)  # its hash was never recorded: found only read back
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = errors.VideoTooLarge("too large", length=len(VIDEO))
+        await rig.cycle()
+        row = rig.row()
+        assert row.state == State.ARCHIVED
+        assert row.archive_sha256 == hashlib.sha256(VIDEO).hexdigest()
+        assert rig.archive.finds == [(TASK_ID, False), (TASK_ID, True)]
+
+    async def test_a_shorter_object_is_not_taken_for_it(self, rig: Rig) -> None:
+        rig.archive.objects[TASK_ID] = VIDEO[:1000]
+        rig.archive.untagged.add(TASK_ID)
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = errors.VideoTooLarge("too large", length=len(VIDEO))
+        await rig.cycle()
+        assert rig.row().state == State.DOWNLOADING
+
+    @pytest.mark.parametrize(
+        ("content_type", "body"),
+        [
+            ("video/mp4", b""),
+            ("text/html; charset=utf-8", b"<html>link expired</html>"),
+            ("application/json", b'{"error": "expired"}'),
+            ("application/problem+xml", b"<Error><Code>AccessDenied</Code></Error>"),
+            ("application/octet-stream", b"\x00" * 64),
+        ],
+        ids=["empty", "html", "json", "xml", "no container"],
+    )
+    async def test_a_200_that_is_not_a_video_is_retried_then_the_link_asked_for(
+        self, rig: Rig, content_type: str, body: bytes
+    ) -> None:
+        fresh = "https://cdn.example.com/videos/fresh.mp4?sig=2"
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed(url=URL), completed(url=fresh))
+        rig.provider.videos[URL] = body
+        rig.provider.content_type = content_type
+        await rig.cycle()
+        for _ in range(RULES.not_a_video_tries - 1):
+            row = rig.row()
+            assert row.state == State.DOWNLOADING and TASK_ID not in rig.archive.objects
+            assert row.error is not None and row.error.startswith(errors.NotAVideo.PREFIX)
+            assert row.next_attempt_at is not None
+            rig.clock.now = row.next_attempt_at
+            await rig.cycle()
+        row = rig.row()
+        assert (row.state, row.video_url) == (State.POLLING, None)
+        assert rig.provider.downloads == [URL] * RULES.not_a_video_tries
+        rig.provider.videos[fresh] = VIDEO
+        rig.provider.content_type = "video/mp4"
+        assert row.next_attempt_at is not None
+        rig.clock.now = row.next_attempt_at
+        await rig.cycle()
+        assert rig.row().state == State.ARCHIVED
+        assert rig.archive.objects[TASK_ID] == VIDEO
 
 
 class TestDriftedAnswers:
@@ -326,16 +414,8 @@ class TestTerminal:
             assert await rig.at(3600) == 0
         assert rig.provider.fetches == [TASK_ID]
 
-    async def test_row_past_its_deadline_expires_without_a_poll(self, rig: Rig) -> None:
-        rig.store.rows[TASK_ID] = past_deadline()
-        await rig.cycle()
-        assert rig.row().state == State.EXPIRED
-        assert rig.row().error is not None and "deadline" in rig.row().error
-        assert rig.provider.fetches == []
-
-    async def test_expired_tasks_are_counted_once_each_way_they_expire(self, rig: Rig) -> None:
-        """Past the deadline and gone from the provider (404 once seen) both count; failed does not."""
-        rig.store.rows[TASK_ID] = past_deadline()
+    async def test_expired_tasks_are_counted_once_each(self, rig: Rig) -> None:
+        """Gone from the provider (its own 404s, once seen) counts; failed does not."""
         rig.store.add("video_gone")
         rig.provider.script("video_gone", answer("video_gone", "processing"), errors.TaskNotFound())
         rig.store.add("video_failed")
@@ -344,15 +424,15 @@ class TestTerminal:
         def expired() -> float | None:
             return rig.svc.metrics.registry.get_sample_value("seedance_tasks_expired_total")
 
-        assert expired() == 0
         await rig.cycle()
-        assert expired() == 1
-        await rig.at(3600)
+        assert expired() == 0
+        for _ in range(RULES.not_found_polls):
+            await rig.at(3600)
         assert rig.row("video_gone").state == State.EXPIRED
         assert rig.row("video_failed").state == State.FAILED
-        assert expired() == 2
+        assert expired() == 1
         await rig.at(3600)
-        assert expired() == 2
+        assert expired() == 1
 
     async def test_invalid_task_id_is_rejected_without_a_poll(self, rig: Rig) -> None:
         rig.store.add("../etc/passwd")
@@ -368,6 +448,233 @@ class TestTerminal:
             await rig.at(600)
         assert rig.row().state == State.REJECTED
         assert len(rig.provider.fetches) == RULES.not_found_polls
+
+
+def seen(task_id: str = TASK_ID, **fields: object) -> models.Task:
+    """A row the provider has answered for, due now."""
+    values: dict[str, object] = {
+        "state": State.POLLING.value,
+        "provider_status": "processing",
+        "provider_created_at": EPOCH - seconds(600),
+        "expires_at": EPOCH + dt.timedelta(days=1) - seconds(600),
+        "next_attempt_at": EPOCH,
+        "inserted_at": EPOCH - seconds(600),
+    } | fields
+    return models.Task(task_id=task_id, **values)  # type: ignore[arg-type]
+
+
+async def until_verdict(rig: Rig, task_id: str = TASK_ID, cycles: int = 20) -> models.Task:
+    """Run cycles at each of the row's due times until it is terminal (or ``cycles`` ran out)."""
+    for _ in range(cycles):
+        row = rig.row(task_id)
+        if row.is_terminal:
+            break
+        assert row.next_attempt_at is not None
+        rig.clock.now = max(rig.clock.now, row.next_attempt_at)
+        await rig.cycle()
+    return rig.row(task_id)
+
+
+class TestTheProvidersWord:
+    """A task ends only on the provider's word, and only after a look in the archive."""
+
+    async def test_past_its_deadline_a_served_video_is_archived(self, rig: Rig) -> None:
+        rig.store.rows[TASK_ID] = seen(expires_at=EPOCH - seconds(20))
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = VIDEO
+        await rig.cycle()
+        assert rig.row().state == State.ARCHIVED
+        assert rig.provider.fetches == [TASK_ID]
+
+    async def test_past_its_deadline_a_queued_flex_task_is_polled_on(self, rig: Rig) -> None:
+        rig.store.rows[TASK_ID] = seen(mode="flex", expires_at=EPOCH - seconds(3600))
+        rig.provider.script(TASK_ID, answer(TASK_ID, "queued"))
+        for _ in range(3):
+            await rig.at(120)
+        assert rig.row().state == State.POLLING
+        assert len(rig.provider.fetches) == 3
+
+    async def test_a_download_under_way_is_not_cut_by_the_deadline(self) -> None:
+        slow = SlowVideoProvider()
+        rig = make_rig(fake_provider=slow)
+        rig.store.rows[TASK_ID] = seen(
+            state="downloading", video_url=URL, expires_at=EPOCH - seconds(1)
+        )
+        await rig.svc.tick()
+        await asyncio.wait_for(slow.streaming.wait(), 5)
+        slow.release.set()
+        await rig.settle()
+        await rig.svc.flush()
+        assert rig.row().state == State.ARCHIVED
+
+    async def test_one_404_never_ends_a_seen_task(self, rig: Rig) -> None:
+        rig.store.rows[TASK_ID] = seen()
+        rig.provider.script(TASK_ID, errors.TaskNotFound(), answer(TASK_ID, "processing"))
+        await rig.cycle()
+        assert rig.row().state == State.POLLING
+        await until_verdict(rig, cycles=3)
+        assert rig.row().state == State.POLLING and rig.row().error is None
+
+    @pytest.mark.parametrize(
+        ("row", "verdict"),
+        [(seen(), State.EXPIRED), (models.Task(TASK_ID, next_attempt_at=EPOCH), State.REJECTED)],
+        ids=["seen", "never seen"],
+    )
+    async def test_its_own_404s_end_it_after_a_look_in_the_archive(
+        self, rig: Rig, row: models.Task, verdict: State
+    ) -> None:
+        rig.store.rows[TASK_ID] = row
+        ended = await until_verdict(rig)
+        assert ended.state == verdict
+        assert len(rig.provider.fetches) == RULES.not_found_polls
+        assert rig.archive.finds == [(TASK_ID, True)]
+
+    @pytest.mark.parametrize("untagged", [False, True], ids=["tagged", "untagged"])
+    async def test_a_video_found_in_the_archive_is_archived_not_expired(
+        self, rig: Rig, untagged: bool
+    ) -> None:
+        rig.store.rows[TASK_ID] = seen(state="downloading", video_url=URL)
+        rig.archive.objects[TASK_ID] = VIDEO
+        if untagged:
+            rig.archive.untagged.add(TASK_ID)
+        rig.provider.videos[URL] = errors.LinkExpired("the video link was refused (HTTP 404)")
+        # The normal path finds a tagged object at once; an untagged one only when all else failed.
+        ended = await until_verdict(rig)
+        assert ended.state == State.ARCHIVED
+        assert ended.archive_sha256 == hashlib.sha256(VIDEO).hexdigest()
+        assert rig.archive.puts == []
+
+    async def test_retry_of_an_archived_row_never_makes_it_expired(self, rig: Rig) -> None:
+        rig.store.rows[TASK_ID] = seen(state="archived", archive_uri=f"mem://{TASK_ID}.mp4")
+        rig.archive.objects[TASK_ID] = VIDEO
+        rig.archive.untagged.add(TASK_ID)
+        assert rig.store.retry(TASK_ID, EPOCH, force=True).value == "retried"
+        ended = await until_verdict(rig)  # the provider deleted it: its own 404s
+        assert ended.state == State.ARCHIVED
+        assert len(rig.provider.fetches) == RULES.not_found_polls
+
+    @pytest.mark.parametrize("status", ["failed", "cancelled"])
+    async def test_even_failed_and_cancelled_look_first(self, rig: Rig, status: str) -> None:
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, status))
+        await rig.cycle()
+        assert rig.row().state == status
+        assert rig.archive.finds == [(TASK_ID, True)]
+
+    async def test_no_verdict_while_the_archive_cannot_be_looked_at(self, rig: Rig) -> None:
+        rig.store.rows[TASK_ID] = seen()
+        rig.archive.find_fails = errors.ArchiveError("S3 unreachable: EndpointConnectionError")
+        ended = await until_verdict(rig, cycles=8)
+        assert ended.state == State.POLLING
+        assert ended.error is not None and "the archive could not be checked" in ended.error
+        rig.archive.find_fails = None
+        assert (await until_verdict(rig)).state == State.EXPIRED
+
+    async def test_an_impossible_id_is_rejected_without_a_look(self, rig: Rig) -> None:
+        rig.store.add("../etc/passwd")
+        await rig.cycle()
+        assert rig.row("../etc/passwd").state == State.REJECTED
+        assert rig.archive.finds == []
+
+    async def test_a_task_unfinished_for_a_week_is_given_up(self, rig: Rig) -> None:
+        created = EPOCH - policy.GIVE_UP_AFTER
+        rig.store.rows[TASK_ID] = seen(provider_created_at=created)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "queued", created=created))
+        await rig.cycle()
+        row = rig.row()
+        assert row.state == State.EXPIRED
+        assert row.error is not None and row.error.startswith(policy.GIVE_UP_REASON)
+        assert rig.archive.finds == [(TASK_ID, True)]
+
+
+class TestOutage:
+    """When most tasks the provider should still have answer its 404, no 404 counts."""
+
+    async def test_a_404_storm_ends_no_task_before_its_deadline(self, rig: Rig) -> None:
+        ids = [f"video_storm_{i}" for i in range(10)]
+        for task_id in ids:
+            rig.store.rows[task_id] = seen(task_id)
+        for _ in range(10):
+            await rig.at(600)
+        assert {rig.row(task_id).state for task_id in ids} == {State.POLLING}
+        assert all(policy.STORM_REASON in (rig.row(t).error or "") for t in ids)
+        assert rig.svc.provider_trouble() is not None
+        assert rig.svc.metrics.registry.get_sample_value("seedance_provider_outage") == 1
+
+    async def test_past_its_deadline_a_404_is_evidence_even_then(self, rig: Rig) -> None:
+        ids = [f"video_storm_{i}" for i in range(10)]
+        for task_id in ids:
+            rig.store.rows[task_id] = seen(task_id)
+        rig.store.rows["video_done_for"] = seen("video_done_for", expires_at=EPOCH - seconds(5))
+        for _ in range(10):
+            await rig.at(600)
+        assert rig.row("video_done_for").state == State.EXPIRED
+        assert {rig.row(task_id).state for task_id in ids} == {State.POLLING}
+
+    async def test_a_batch_of_unknown_ids_is_no_storm(self, rig: Rig) -> None:
+        for i in range(10):
+            rig.store.add(f"video_typo_{i}")
+        for _ in range(5):
+            await rig.at(600)
+        assert {rig.row(f"video_typo_{i}").state for i in range(10)} == {State.REJECTED}
+        assert rig.svc.provider_trouble() is None
+
+    async def test_a_provider_outage_is_said_and_ends(self, rig: Rig) -> None:
+        ids = [f"video_{i}" for i in range(6)]
+        for task_id in ids:
+            rig.store.rows[task_id] = seen(task_id)
+            rig.provider.script(task_id, errors.ProviderUnavailable(provider.NOT_OWN_404))
+        with structlog.testing.capture_logs() as logs:
+            await rig.cycle()
+            assert rig.svc.provider_trouble() is not None
+            assert rig.svc.metrics.registry.get_sample_value("seedance_provider_outage") == 1
+            for task_id in ids:
+                rig.provider.script(task_id, answer(task_id, "processing"))
+            await until_verdict(rig, ids[-1], cycles=1)
+            assert rig.svc.provider_trouble() is None
+            assert rig.svc.metrics.registry.get_sample_value("seedance_provider_outage") == 0
+        events = [e["event"] for e in logs if e["event"].startswith("provider_outage")]
+        assert events == ["provider_outage", "provider_outage_over"]
+        assert {rig.row(task_id).state for task_id in ids} == {State.POLLING}
+
+
+class TestDownloadRoom:
+    """A daemon claims no more downloads than it can start soon; others take the rest."""
+
+    async def test_downloads_beyond_the_room_are_left_for_others(self) -> None:
+        slow = SlowVideoProvider()
+        rig = make_rig(fake_provider=slow)
+        for i in range(20):
+            rig.store.rows[f"video_{i:02}"] = seen(
+                f"video_{i:02}", state="downloading", video_url=f"{URL}&n={i}"
+            )
+        assert await rig.svc.tick() == rig.svc.max_downloads + rig.svc.download_queue
+        await rig.svc.flush()
+        held = [t for t in rig.store.rows.values() if t.lease_owner == OWNER]
+        assert len(held) == rig.svc.max_downloads + rig.svc.download_queue
+        assert await rig.svc.tick() == 0  # full: nothing more is claimed
+        await rig.svc.stop(0)
+
+    async def test_a_poll_that_finds_a_video_with_no_room_hands_it_back(self) -> None:
+        slow = SlowVideoProvider()
+        rig = make_rig(fake_provider=slow)
+        rig.svc.download_queue = 0
+        for i in range(rig.svc.max_downloads):
+            rig.store.rows[f"video_{i:02}"] = seen(
+                f"video_{i:02}", state="downloading", video_url=f"{URL}&n={i}"
+            )
+        rig.store.add(TASK_ID)
+        slow.script(TASK_ID, completed())
+        await rig.svc.tick()
+        for _ in range(100):
+            if TASK_ID not in rig.svc._running:
+                break
+            await asyncio.sleep(0)
+        await rig.svc.flush()
+        row = rig.row()
+        assert (row.state, row.video_url, row.lease_owner) == (State.DOWNLOADING, URL, None)
+        assert row.next_attempt_at == EPOCH
+        await rig.svc.stop(0)
 
 
 class TestProviderTrouble:
@@ -654,16 +961,18 @@ class TestStop:
 
 
 class FlakyStore(testing.FakeStore):
-    """A store whose next ``failures`` saves fail as a lost database connection would."""
+    """A store whose next ``failures`` saves fail as a lost database connection would (or with
+    ``error``)."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, error: errors.StoreError | None = None) -> None:
         super().__init__()
         self.failures = failures
+        self.error = error or errors.StoreError("the database is unreachable")
 
     def save(self, tasks: Sequence[models.Task], owner: str) -> int:
         if self.failures > 0:
             self.failures -= 1
-            raise errors.StoreError("the database is unreachable")
+            raise self.error
         return super().save(tasks, owner)
 
 
@@ -692,6 +1001,49 @@ class TestWriteBack:
         assert rig.row().state == State.PENDING
         await rig.cycle()
         assert rig.row().state == State.POLLING
+        assert rig.provider.fetches == [TASK_ID]
+
+
+GRANT_MISSING = errors.PermissionMissing(
+    "the database role may not write to webhook_outbox (permission denied): grant ..."
+)
+
+
+class TestWritesRefused:
+    """A database that refuses write-backs for a missing grant is said to, plainly; nothing is
+    lost, and all is written once the grant is back."""
+
+    async def test_said_in_the_log_the_metric_and_readyz_then_recovered(self) -> None:
+        rig = make_rig(fake_store=FlakyStore(failures=2, error=GRANT_MISSING))
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "failed", error="no"))
+        await rig.svc.tick()
+        await rig.settle()
+        server = web.WebServer(rig.svc, rig.store, "127.0.0.1", 0)
+
+        def refused() -> float | None:
+            return rig.svc.metrics.registry.get_sample_value("seedance_database_writes_refused")
+
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                rig.svc.wake()  # skip the back-off from the database
+                assert await rig.svc.tick() == 0
+        assert [e["log_level"] for e in logs if e["event"] == "database_writes_refused"] == [
+            "error",
+            "error",
+        ]
+        assert not any(e["event"] == "database_unavailable" for e in logs)
+        assert rig.svc.writes_refused is not None and "webhook_outbox" in rig.svc.writes_refused
+        assert refused() == 1
+        ready = await server.readyz(None)  # type: ignore[arg-type]
+        body = json.loads(ready.text or "")
+        assert ready.status == 503 and "webhook_outbox" in body["checks"]["database"]
+        assert rig.row().state == State.PENDING  # not saved, and not lost
+        rig.svc.wake()
+        await rig.cycle()
+        assert rig.row().state == State.FAILED
+        assert rig.svc.writes_refused is None and refused() == 0
+        assert (await server.readyz(None)).status == 200  # type: ignore[arg-type]
         assert rig.provider.fetches == [TASK_ID]
 
 

@@ -145,5 +145,8 @@ class Ark:
     def parse(self, task_id: str, body: bytes) -> models.Answer:
         return parse_answer(task_id, body)
 
+    def is_own_not_found(self, body: bytes) -> bool:
+        return provider.json_error(body)
+
 
 DIALECT = Ark()

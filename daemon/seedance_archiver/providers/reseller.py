@@ -57,5 +57,8 @@ class Reseller:
     def parse(self, task_id: str, body: bytes) -> models.Answer:
         return parse_answer(task_id, body)
 
+    def is_own_not_found(self, body: bytes) -> bool:
+        return provider.json_error(body)
+
 
 DIALECT = Reseller()
