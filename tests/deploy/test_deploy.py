@@ -33,7 +33,7 @@ import yaml
 from alembic import command
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from seedance_archiver import cli, config, schema, simulator, store, utils, web
+from seedance_archiver import cli, config, errors, schema, simulator, store, utils, web
 
 from tests.acceptance import conftest as acceptance
 from tests.conftest import free_port, need_tool, wait_for
@@ -878,6 +878,46 @@ class TestPostgresRoles:
                     assert stored is not None and stored.polls == 1 and stored.lease_owner is None
             finally:
                 sql_store.close()
+
+    @pytest.mark.parametrize("temporary", [True, False], ids=["copy", "statement per row"])
+    def test_a_grant_missing_on_the_outbox_is_said_plainly(
+        self, roles_url: str, archiver_login_url: str, temporary: bool
+    ) -> None:
+        """An upgrade that left the daemon's role without its grants on webhook_outbox: a terminal
+        write is refused for what it is, a missing grant named with its table, not "no
+        TEMPORARY" and not a row refused for its content; nothing is written, and with the
+        grants back the same outcomes are."""
+        dbname = urllib.parse.urlsplit(roles_url).path.lstrip("/")
+        with psycopg.connect(roles_url, autocommit=True) as conn:
+            conn.execute("REVOKE ALL ON TABLE webhook_outbox FROM seedance_archiver")
+            conn.execute("REVOKE ALL ON SEQUENCE webhook_outbox_id_seq FROM seedance_archiver")
+            if not temporary:
+                conn.execute(f'REVOKE TEMPORARY ON DATABASE "{dbname}" FROM PUBLIC')  # type: ignore[arg-type]
+        ids = [f"video_grant_{i}" for i in range(3)]
+        sql_store = store.SqlStore.from_url(archiver_login_url)
+        try:
+            for task_id in ids:
+                assert sql_store.add(task_id)
+            soon = utils.utcnow() + dt.timedelta(minutes=1)
+            claimed = sql_store.claim_due("t-owner", soon, 60, 10)
+            ended = [t.replace(state="failed", error="no", polls=1) for t in claimed]
+            with pytest.raises(errors.PermissionMissing) as caught:
+                sql_store.save(ended, "t-owner")
+            message = str(caught.value)
+            assert message.startswith("the database role may not write to webhook_outbox")
+            assert "INSERT" in message and "deploy/postgres-roles.sql" in message
+            assert sql_store.rows_refused == 0  # not taken for rows with bad content
+            assert sql_store._copy_writes is temporary
+            assert {sql_store.get(t).state for t in ids} == {"pending"}  # type: ignore[union-attr]
+            # A move that is not into a final state fires no trigger: it is written.
+            polled = [t.replace(state="polling", polls=1) for t in claimed]
+            assert sql_store.save(polled, "t-owner") == 3
+            _apply_roles(roles_url)
+            again = sql_store.claim_due("t-owner", soon, 60, 10)
+            assert sql_store.save([t.replace(state="failed") for t in again], "t-owner") == 3
+            assert {sql_store.get(t).state for t in ids} == {"failed"}  # type: ignore[union-attr]
+        finally:
+            sql_store.close()
 
     def test_the_daemon_works_as_a_member_of_its_role(self, archiver_login_url: str) -> None:
         """Every statement the daemon and its operator commands send passes with these grants."""
