@@ -215,7 +215,8 @@ class Simulator:
         return task
 
     def add_fault(self, task_id: str, **fault: Any) -> None:
-        """Queue a fault for ``task_id`` (or ``"*"``), used once (or ``times=N``).
+        """Queue a fault for ``task_id`` (or ``"*"``), used once (or ``times=N``, or every time
+        until the Unix time ``until=T``: an outage of a given length).
 
         ``on="poll"|"download"``, plus: ``status=CODE`` [``retry_after=..``], ``body=TEXT``,
         ``delay=SECONDS`` (alone: a slow answer), ``drop=True`` (close the connection unanswered),
@@ -232,8 +233,12 @@ class Simulator:
         with self._lock:
             for key in (task_id, "*"):
                 queue = self.faults.get(key)
+                while queue and "until" in queue[0] and time.time() >= queue[0]["until"]:
+                    queue.popleft()  # its time is over
                 if queue and queue[0]["on"] == on:
                     fault = queue[0]
+                    if "until" in fault:
+                        return fault  # lasts until then, however often it is met
                     if fault.get("times", 1) <= 1:
                         queue.popleft()
                     else:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from seedance_archiver import config
@@ -92,3 +93,20 @@ def start_daemon(tmp_path: pathlib.Path) -> Iterator[object]:
     yield start
     for daemon in started:
         daemon.kill()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print what each test that counts archived videos reported (``record_property``): the
+    acceptance suite's archived/total per situation, for a person reading the run."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            properties = dict(getattr(report, "user_properties", ()) or ())
+            if getattr(report, "when", None) == "call" and "archived" in properties:
+                extra = "".join(f", {k} {v}" for k, v in properties.items() if k != "archived")
+                name = report.nodeid.split("::", 1)[1]
+                lines.append(f"archived {properties['archived']:>6}  {name}{extra}")
+    if lines:
+        terminalreporter.write_sep("-", "videos archived of those the provider had")
+        for line in sorted(lines, key=lambda text: text.split("  ", 1)[1]):
+            terminalreporter.write_line(line)
