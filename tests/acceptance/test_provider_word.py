@@ -1,9 +1,9 @@
 """A video is given up only on the provider's word: the installed CLI, fed by SQL, against a provider
 stand-in over HTTP that misbehaves the way real ones do.
 
-Each situation counts the videos archived out of those the provider had, and reports it
-(``archived`` in the test's user properties, printed at the end of the run by the acceptance
-``conftest.py``): drifted side fields and bodies that are not videos on both providers, an HTML-404
+Each situation counts the videos archived (with the provider's own bytes) out of those the provider
+had, and reports it (``archived`` in the test's user properties, printed at the end of the run by
+the acceptance ``conftest.py``): drifted side fields and bodies that are not videos on both providers, an HTML-404
 outage, tasks the provider still serves past their nominal deadline, Ark flex tasks queued past a
 day, a size limit raised after the fact, and gzip bombs for answers (with the daemon's peak memory).
 
@@ -101,7 +101,16 @@ class Situation:
         return rows
 
     def report(self, rows: dict[str, dict[str, Any]], ids: list[str]) -> None:
-        archived = sum(rows.get(i, {}).get("state") == "archived" for i in ids)
+        """Record how many of ``ids`` are archived with the provider's own bytes (a row that says
+        archived over an error page has lost its video all the same)."""
+        archived = 0
+        for task_id in ids:
+            row = rows.get(task_id, {})
+            size = self.sim.tasks[task_id].size
+            if row.get("state") == "archived" and row.get(
+                "archive_sha256"
+            ) == simulator.video_sha256(task_id, size):
+                archived += 1
         self._record("archived", f"{archived}/{len(ids)}")
 
     def assert_archived_intact(self, rows: dict[str, dict[str, Any]], ids: list[str]) -> None:
