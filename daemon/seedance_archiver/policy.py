@@ -153,9 +153,8 @@ def before_deadline(task: models.Task, wait: float, floor: float, now: dt.dateti
         return wait
     left = (task.expires_at - now).total_seconds()
     if left <= 0:
-        return (
-            wait  # past it the task goes on as long as the provider serves it, backing off as usual
-        )
+        # Past it, the task goes on as long as the provider serves it, backing off as usual.
+        return wait
     return max(floor, min(wait, left / 2))
 
 
@@ -371,7 +370,7 @@ def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
     return None
 
 
-def before_deadline_passed(task: models.Task, now: dt.datetime) -> bool:
+def deadline_ahead(task: models.Task, now: dt.datetime) -> bool:
     """Whether the task's deadline (``expires_at``) is still ahead, or unknown."""
     return task.expires_at is None or now < task.expires_at
 
@@ -465,9 +464,15 @@ def on_poll_error(
     rules: Rules,
     draw: Draw,
     at_least_seconds: float = 0.0,
+    *,
+    give_up: bool = True,
 ) -> models.Task:
-    """The task after a poll that failed in a way worth retrying (5xx, timeout, an outage, 429)."""
-    ended = given_up(task, now, rules, f"an error ({reason})")
+    """The task after a poll that failed in a way worth retrying (5xx, timeout, an outage, 429).
+
+    Past ``rules.give_up_after`` the task ends ``expired`` (:func:`given_up`), unless ``give_up``
+    is False: our own bug is no reason to end a task.
+    """
+    ended = given_up(task, now, rules, f"an error ({reason})") if give_up else None
     if ended is not None:
         return ended
     attempts = task.attempts + 1

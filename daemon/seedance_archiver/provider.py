@@ -243,47 +243,43 @@ class Lenient:
     def _ignore(self, name: str, why: str) -> None:
         self.ignored.append((name, why))
 
-    def object(self, payload: dict[str, Any], key: str, name: str | None = None) -> dict[str, Any]:
+    def object(self, payload: dict[str, Any], key: str) -> dict[str, Any]:
         """An object field; {} if absent, null or not an object."""
         value = payload.get(key)
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self._ignore(name or key, f"not an object ({type(value).__name__})")
+            self._ignore(key, f"not an object ({type(value).__name__})")
             return {}
         return value
 
-    def number(self, payload: dict[str, Any], key: str, name: str | None = None) -> float | None:
+    def number(self, payload: dict[str, Any], key: str) -> float | None:
         """A finite number, also written as a string (``"5.04"``); None otherwise."""
         value = payload.get(key)
         if value is None:
             return None
         number = _as_number(value)
         if number is None:
-            self._ignore(name or key, f"not a finite number ({_short(value)})")
+            self._ignore(key, f"not a finite number ({_short(value)})")
         return number
 
-    def time(
-        self, payload: dict[str, Any], key: str, name: str | None = None
-    ) -> dt.datetime | None:
+    def time(self, payload: dict[str, Any], key: str) -> dt.datetime | None:
         """A time as Unix seconds, milliseconds (from 10^12 on) or ISO 8601 text, aware UTC."""
         value = payload.get(key)
         if value is None:
             return None
         when = _as_time(value)
         if when is None:
-            self._ignore(name or key, f"not a time ({_short(value)})")
+            self._ignore(key, f"not a time ({_short(value)})")
         return when
 
-    def text(
-        self, payload: dict[str, Any], key: str, limit: int, name: str | None = None
-    ) -> str | None:
+    def text(self, payload: dict[str, Any], key: str, limit: int) -> str | None:
         """A string made :func:`storable` within ``limit``; None otherwise."""
         value = payload.get(key)
         if value is None:
             return None
         if not isinstance(value, str):
-            self._ignore(name or key, f"not a string ({type(value).__name__})")
+            self._ignore(key, f"not a string ({type(value).__name__})")
             return None
         return storable(value, limit)
 
@@ -306,7 +302,11 @@ class Lenient:
                 if code is not None:
                     line = f"{line} ({code})"
                 return storable(line, ERROR_MAX_CHARS)
-        return storable(json.dumps(value, ensure_ascii=False), ERROR_MAX_CHARS)
+        try:
+            shown = json.dumps(value, ensure_ascii=False)
+        except (RecursionError, ValueError):
+            shown = f"an error of type {type(value).__name__} nested too deep to show"
+        return storable(shown, ERROR_MAX_CHARS)
 
 
 def _as_number(value: object) -> float | None:

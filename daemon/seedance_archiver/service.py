@@ -76,7 +76,7 @@ class Service:
     KEY_CHECK_IDLE_SECONDS = 300.0
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
     MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
-    MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then (or the row's deadline), retried
+    MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then, and is retried
     STARVING_SHARE = 0.25  # while claims come back full, this share goes to starving rows first
     IGNORED_FIELD_LOG_SECONDS = 600.0  # an answer field ignored is logged this often at most
 
@@ -513,7 +513,9 @@ class Service:
             # A bug must not stop the daemon or spin on one row: back off and say so.
             task_log.exception("task_work_crashed")
             reason = f"internal error: {type(exc).__name__}"
-            outcome = policy.on_poll_error(row, reason, self.clock(), self.rules, self.draw)
+            outcome = policy.on_poll_error(
+                row, reason, self.clock(), self.rules, self.draw, give_up=False
+            )
         finally:
             self._running.pop(row.task_id, None)
             self._downloading.discard(row.task_id)
@@ -705,8 +707,9 @@ class Service:
     ) -> models.Task | None:
         """The task after a failed poll (any error but a rejected key)."""
         if isinstance(exc, errors.TaskNotFound):
-            if policy.before_deadline_passed(row, now) and self.health.storm(now.timestamp()):
-                # A task past its deadline answering 404 is what the provider promised: evidence.
+            if policy.deadline_ahead(row, now) and self.health.storm(now.timestamp()):
+                # Most tasks the provider should still have answer 404: an outage, not evidence.
+                # (Past its deadline, a 404 is what the provider promised: evidence even then.)
                 self.stats.poll_errors += 1
                 return policy.on_poll_error(row, policy.STORM_REASON, now, self.rules, self.draw)
             return policy.on_not_found(row, now, self.rules, self.draw)

@@ -874,6 +874,13 @@ class TestProviderTrouble:
         assert rig.row().error is None
         assert len(rig.provider.fetches) == 2
 
+    async def test_our_own_crash_never_gives_a_week_old_task_up(self, rig: Rig) -> None:
+        rig.store.rows[TASK_ID] = seen(provider_created_at=EPOCH - policy.GIVE_UP_AFTER * 2)
+        rig.provider.script(TASK_ID, RuntimeError("bug in a client"))
+        await rig.cycle()
+        assert rig.row().state == State.POLLING
+        assert (rig.row().error or "").startswith("internal error")
+
 
 class TestClaimOrder:
     """When only a few rows can be claimed, unknown deadlines, then the nearest, go first."""
