@@ -3,9 +3,10 @@ stand-in over HTTP that misbehaves the way real ones do.
 
 Each situation counts the videos archived (with the provider's own bytes) out of those the provider
 had, and reports it (``archived`` in the test's user properties, printed at the end of the run by
-the acceptance ``conftest.py``): drifted side fields and bodies that are not videos on both providers, an HTML-404
-outage, tasks the provider still serves past their nominal deadline, Ark flex tasks queued past a
-day, a size limit raised after the fact, and gzip bombs for answers (with the daemon's peak memory).
+the acceptance ``conftest.py``): drifted side fields and bodies that are not videos on both
+providers, an HTML-404 outage, tasks the provider still serves past their nominal deadline, Ark flex
+tasks queued past a day, a size limit raised after the fact, and gzip bombs for answers (with the
+daemon's peak memory).
 
 Only the simulator is imported from the package: the daemon is a separate process, judged by its
 table, its archive and its ``/proc`` entry.
