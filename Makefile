@@ -12,7 +12,7 @@ LOWEST     := .venv-lowest
 # Installs Docker from Debian's packages, starts a private engine and prints its DOCKER_HOST.
 STANDIN    ?= ../shared/tools/standin-image.sh
 
-.PHONY: demo test lint format unit integration acceptance deploy-check image-check lock \
+.PHONY: demo try test lint format unit integration acceptance deploy-check image-check lock \
 	lowest prometheus-check prometheus-tools clean
 
 $(STAMP): pyproject.toml uv.lock
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml uv.lock
 ## demo: the whole pipeline on SQLite + ./archive against the built-in simulator
 demo: $(STAMP)
 	$(BIN)/seedance-archiver demo
+	@echo "The command is $(BIN)/seedance-archiver (or run \`. $(BIN)/activate\` first):" \
+		"try \`$(BIN)/seedance-archiver list\`, or \`make try\` for a trial you feed yourself."
+
+## try: the simulator and the daemon together on SQLite + ./archive, until Ctrl-C; you insert ids
+try: $(STAMP)
+	$(BIN)/seedance-archiver try
 
 ## test: lint, type-check and the whole test suite (unit, integration, acceptance, deploy), but the
 ## tests that need their own tools (pytest addopts): prometheus-check and image-check run those

@@ -512,16 +512,20 @@ def link(archive_uri: str, expires_seconds: int, client: S3Client | None = None)
         return urllib.parse.unquote(parts.path)
     if parts.scheme != "s3":
         raise errors.ArchiveError(f"no link for an archive of scheme {parts.scheme!r}")
+    signer = client or s3_client()
     try:
         return str(
-            (client or s3_client()).generate_presigned_url(
+            signer.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": parts.netloc, "Key": parts.path[1:]},
                 ExpiresIn=expires_seconds,
             )
         )
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise errors.ArchiveError(f"cannot sign a link: {exc}") from exc
+    except botocore.exceptions.BotoCoreError as exc:
+        reason = unreachable(exc, signer.meta.endpoint_url)
+        raise errors.ArchiveError(f"cannot sign a link: {reason}") from exc
+    except botocore.exceptions.ClientError as exc:
+        raise errors.ArchiveError(f"cannot sign a link: {_s3_reason(exc)}") from exc
 
 
 def s3_client(**kwargs: Any) -> S3Client:
@@ -536,6 +540,9 @@ def s3_client(**kwargs: Any) -> S3Client:
             # every request: some S3-compatible stores reject botocore's defaults.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
+            # SigV4 everywhere, presigned links too: R2 and other S3-compatible stores refuse
+            # SigV2, which botocore otherwise signs links with for a custom endpoint.
+            signature_version="s3v4",
         ),
         **kwargs,
     )
@@ -580,6 +587,9 @@ class S3Archive:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
+    def _unreachable(self, exc: botocore.exceptions.BotoCoreError) -> str:
+        return unreachable(exc, self.client.meta.endpoint_url)
+
     # --- calls -------------------------------------------------------------------------------------
 
     async def _run(self, method: Callable[..., Any], **kwargs: Any) -> Any:
@@ -592,7 +602,7 @@ class S3Archive:
         except botocore.exceptions.ClientError as exc:
             raise errors.ArchiveError(f"S3 refused the upload: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
-            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+            raise errors.ArchiveError(self._unreachable(exc)) from exc
 
     async def _optional(
         self, call: str, method: Callable[..., Any], **kwargs: Any
@@ -626,7 +636,7 @@ class S3Archive:
             if reason is None:
                 raise errors.ArchiveError(f"S3 refused the upload: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
-            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+            raise errors.ArchiveError(self._unreachable(exc)) from exc
         body = kwargs.get("Body")
         if isinstance(body, _PartBody):
             body.seek(0)  # the refused attempt may have read some of it
@@ -672,7 +682,7 @@ class S3Archive:
                 return None
             raise errors.ArchiveError(f"S3 HEAD failed: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
-            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+            raise errors.ArchiveError(self._unreachable(exc)) from exc
         sha = head.get("Metadata", {}).get("sha256")
         if not sha:
             tags = await self._optional(
@@ -709,7 +719,7 @@ class S3Archive:
         except botocore.exceptions.ClientError as exc:
             raise errors.ArchiveError(f"S3 GET failed: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
-            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+            raise errors.ArchiveError(self._unreachable(exc)) from exc
         return found
 
     async def put(
@@ -884,7 +894,7 @@ class S3Archive:
                 else:
                     log.warning("storage_call_failed", call=HEAD_BUCKET, error=_s3_reason(exc))
             except botocore.exceptions.BotoCoreError as exc:
-                raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+                raise errors.ArchiveError(self._unreachable(exc)) from exc
         await self._probe()
 
     async def _probe(self) -> None:
@@ -904,7 +914,7 @@ class S3Archive:
                 return
             raise errors.ArchiveError(f"S3 check failed: {_s3_reason(exc)}") from exc
         except botocore.exceptions.BotoCoreError as exc:
-            raise errors.ArchiveError(f"S3 unreachable: {type(exc).__name__}") from exc
+            raise errors.ArchiveError(self._unreachable(exc)) from exc
 
     def _task_of(self, key: str) -> str | None:
         head = f"{self.prefix}/" if self.prefix else ""
@@ -960,6 +970,35 @@ def _raise_failed(uploads: list[asyncio.Task[dict[str, Any]]]) -> None:
     for upload in uploads:
         if upload.done() and not upload.cancelled() and upload.exception() is not None:
             raise upload.exception()  # type: ignore[misc]
+
+
+def unreachable(exc: botocore.exceptions.BotoCoreError, endpoint: str | None) -> str:
+    """Why S3 could not be asked, naming the cause and the endpoint: no credentials, an endpoint
+    that cannot be reached, a timeout (never a secret: credentials are not in an endpoint URL)."""
+    where = _without_query(endpoint) if endpoint else "the default AWS endpoint"
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
+        return (
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+            "AWS_PROFILE), or run with an instance role"
+        )
+    if isinstance(
+        exc, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError
+    ):
+        return f"S3 endpoint {where} timed out"
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return f"cannot reach the S3 endpoint {where} (set AWS_ENDPOINT_URL_S3 for another)"
+    return f"S3 unreachable at {where}: {type(exc).__name__}"
+
+
+def _without_query(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return (
+        urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+        if (parts.username or parts.password or parts.query)
+        else url
+    )
 
 
 def _s3_reason(exc: botocore.exceptions.ClientError) -> str:

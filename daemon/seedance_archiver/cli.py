@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TextIO
 
+import seedance_archiver
 from seedance_archiver import config, errors, logs, models, policy, store, utils, views
 
 # The daemon's own modules (and what they bring: APScheduler, httpx, aiohttp, boto3, Alembic) are
@@ -19,15 +23,51 @@ PROG = "seedance-archiver"
 CHECK_MAX_TICK_AGE_SECONDS = 60.0
 DEFAULT_LINK_SECONDS = 3600
 MAX_LINK_SECONDS = 7 * 86400  # S3's own limit for a presigned URL
+LIST_LIMIT = 50  # rows `list` shows unless --limit or --all
+WATCH_SECONDS = 2.0  # how often `list --watch` and `status ID --follow` look again
+
+# What each command reads, said in its --help.
+READS_DATABASE = (
+    "Reads SEEDANCE_DATABASE_URL (or SEEDANCE_DATABASE_URL_FILE, or the systemd credential "
+    "seedance-database-url); nothing else, so a bad daemon setting never blocks it."
+)
+READS_ALL = "Reads every SEEDANCE_* setting (see `seedance-archiver config` and the README)."
+READS_STATUS = (
+    READS_DATABASE.removesuffix("; nothing else, so a bad daemon setting never blocks it.")
+    + "; also the cadences and expected times (SEEDANCE_POLL_*, SEEDANCE_EXPECTED_SECONDS_*) to "
+    "say why a task waits, their defaults where one is invalid."
+)
+READS_CHECK = (
+    "Reads SEEDANCE_DATABASE_URL (or its _FILE, or the credential) and SEEDANCE_ARCHIVE_URL (with "
+    "boto3's AWS_* for S3), and validates every other SEEDANCE_* setting as `run` would."
+)
+READS_TRY = (
+    "Reads SEEDANCE_DATABASE_URL and SEEDANCE_ARCHIVE_URL (defaults: ./seedance-archiver.db and "
+    "./archive) and SEEDANCE_PROVIDER; the provider, its key, the URL rules and the cadences are "
+    "the trial's own."
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Archive every finished Seedance video to S3 before the provider deletes it.",
+        epilog="Settings come from SEEDANCE_* variables: `seedance-archiver config` shows them.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {seedance_archiver.__version__}"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="an unknown SEEDANCE_* variable (a misspelt setting) is an error, not a warning",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the daemon (until SIGTERM)")
+
+    def verb(name: str, help_text: str, reads: str, **kwargs: object) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=reads, **kwargs)  # type: ignore[arg-type]
+
+    run = verb("run", "run the daemon (until SIGTERM)", READS_ALL)
     run.add_argument(
         "--processes",
         type=int,
@@ -36,9 +76,17 @@ def _parser() -> argparse.ArgumentParser:
         help="run N daemon processes under a supervisor that restarts a dead one (PostgreSQL only; "
         "process i serves HTTP on SEEDANCE_HTTP_PORT + i)",
     )
-    sub.add_parser("migrate", help="create or upgrade the table video_tasks (alembic upgrade head)")
-    add = sub.add_parser("add", help="track a task id")
-    add.add_argument("task_id")
+    verb(
+        "migrate",
+        "create or upgrade the table video_tasks (alembic upgrade head)",
+        READS_DATABASE,
+    )
+    add = verb(
+        "add",
+        "track task ids (given, or one per line on standard input)",
+        READS_DATABASE,
+    )
+    add.add_argument("task_ids", nargs="*", metavar="ID", help="task ids; none or - reads stdin")
     add.add_argument("--mode", default="standard", choices=[m.value for m in models.Mode])
     # The output options of status and list.
     output = argparse.ArgumentParser(add_help=False)
@@ -48,40 +96,116 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print video_url with its query string (a signed link: anyone who has it can download)",
     )
-    status = sub.add_parser("status", help="a summary, or one task's details", parents=[output])
+    status = verb("status", "a summary, or one task's details", READS_STATUS, parents=[output])
     status.add_argument("task_id", nargs="?")
-    listing = sub.add_parser("list", help="list tracked tasks", parents=[output])
+    status.add_argument(
+        "--follow",
+        action="store_true",
+        help="with ID: print the task again whenever it changes, until it has ended",
+    )
+    listing = verb("list", "list tracked tasks, newest first", READS_STATUS, parents=[output])
     listing.add_argument("--state", choices=[s.value for s in models.State])
-    listing.add_argument("--limit", type=int, default=None)
-    retry = sub.add_parser("retry", help="put a task back to polling now, keeping its history")
+    shown = listing.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--limit", type=int, default=LIST_LIMIT, metavar="N", help="show at most N rows"
+    )
+    shown.add_argument("--all", action="store_true", help="show every row")
+    listing.add_argument(
+        "--watch",
+        action="store_true",
+        help=f"show the list again every {WATCH_SECONDS:.0f} s while it changes, until every "
+        "row listed has ended",
+    )
+    retry = verb("retry", "put a task back to polling now, keeping its history", READS_DATABASE)
     retry.add_argument("task_id")
     retry.add_argument(
         "--force", action="store_true", help="also retry an archived task (copies it again)"
     )
-    sub.add_parser(
-        "check", help="exit 0 if the database answers and a daemon ticks with an accepted key"
+    verb(
+        "check",
+        "exit 0 if the settings are valid, the database and the archive answer, and a daemon "
+        "ticks with an accepted key",
+        READS_CHECK,
     )
-    sub.add_parser("demo", help="the whole pipeline on SQLite + ./archive against the simulator")
-    url = sub.add_parser(
-        "url", help="print a presigned GET URL of an archived video (a path for a folder archive)"
+    verb(
+        "demo",
+        "the whole pipeline on SQLite + ./archive against the simulator, checked, then exit",
+        READS_DATABASE.split(";")[0] + " and SEEDANCE_ARCHIVE_URL; the rest is the demo's own.",
+    )
+    trial = verb(
+        "try",
+        "a trial on this machine: the simulator and the daemon together, until Ctrl-C; insert "
+        "task ids with SQL (or `add`) and watch them archived",
+        READS_TRY,
+    )
+    trial.add_argument(
+        "--simulator-port", type=int, default=0, metavar="PORT", help="0 picks a free port"
+    )
+    url = verb(
+        "url",
+        "print a presigned GET URL of an archived video (a path for a folder archive)",
+        READS_DATABASE.split(";")[0] + "; for S3, boto3's AWS_* settings.",
     )
     url.add_argument("task_id")
     url.add_argument(
         "--expires", type=int, default=DEFAULT_LINK_SECONDS, help="seconds the link is valid"
     )
-    hooks = sub.add_parser("webhooks", help="list webhook deliveries (newest first)")
+    hooks = verb("webhooks", "list webhook deliveries (newest first)", READS_DATABASE)
     hooks.add_argument("--failed", action="store_true", help="only those given up on")
     hooks.add_argument("--limit", type=int, default=100)
     hooks.add_argument("--json", action="store_true", help="print JSON for scripts")
     hooks_sub = hooks.add_subparsers(dest="webhooks_action", metavar="ACTION")
-    redeliver = hooks_sub.add_parser("redeliver", help="send one event again (same webhook-id)")
+    redeliver = hooks_sub.add_parser(
+        "redeliver", help="send one event again (same webhook-id)", epilog=READS_DATABASE
+    )
     redeliver.add_argument("event_id", type=int)
+    discard = hooks_sub.add_parser(
+        "discard",
+        help="give up on the undelivered events written before a time (a backlog that piled up "
+        "while webhooks were off)",
+        epilog=READS_DATABASE,
+    )
+    discard.add_argument(
+        "--before",
+        required=True,
+        type=_when,
+        metavar="TIME",
+        help="ISO 8601, e.g. 2026-12-06T12:00:00Z (UTC when no offset is given), or 'now'",
+    )
+    settings = verb(
+        "config",
+        "print the settings in effect, secrets masked, and where each came from",
+        READS_ALL,
+    )
+    settings.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
+
+
+def _when(text: str) -> dt.datetime:
+    if text.strip().lower() == "now":
+        return utils.utcnow()
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
+
+
+# The commands that need only the database (a bad daemon setting must not block them).
+DATABASE_ONLY = frozenset({"migrate", "add", "status", "list", "retry", "url", "webhooks"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if not _known_settings(args.strict):
+            return 2
+        if args.command in DATABASE_ONLY:
+            database = config.load_database()
+            logs.configure(database.log_format)
+            return _dispatch_database(args, database)
+        if args.command == "check":
+            return _check(args)
         settings = config.load()
         logs.configure(settings.log_format)
         return _dispatch(args, settings)
@@ -95,6 +219,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _known_settings(strict: bool) -> bool:
+    """Say which SEEDANCE_* variables name no setting (a misspelling is otherwise silently the
+    default); False when that stops the command (--strict)."""
+    unknown = config.unknown_settings()
+    for name, nearest in unknown:
+        hint = f" (did you mean {nearest}?)" if nearest else ""
+        kind = "error" if strict else "warning"
+        print(f"{PROG}: {kind}: {name} is not a setting{hint}", file=sys.stderr)
+    return not (strict and unknown)
+
+
+def _say(text: str) -> None:
+    """A line for the person at the terminal, on stderr: stdout stays what scripts read."""
+    print(f"{PROG}: {text}", file=sys.stderr)
+
+
 def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     command = args.command
     if command == "run":
@@ -104,6 +244,7 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         if settings.webhook_url is not None:
             webhooks.check_url(settings.webhook_url, settings.allow_private_webhook_hosts)
             webhooks.Signer(settings.resolve_webhook_secrets())
+        _say(_uses(settings.resolve_database_url(), settings.archive_url))
         if args.processes != 1:
             _check_processes(args.processes, settings)
             return supervisor.run(
@@ -113,38 +254,45 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
             )
         scheduler.tune_gc()
         return asyncio.run(scheduler.run(settings))
-    if command == "migrate":
-        from seedance_archiver import schema
-
-        schema.upgrade(settings.resolve_database_url())
-        print(f"{PROG}: video_tasks is at the latest schema")
-        return 0
     if command == "demo":
         from seedance_archiver import demo
 
         return demo.run()
-    sql_store = store.SqlStore.from_url(settings.resolve_database_url())
+    if command == "try":
+        from seedance_archiver import trial
+
+        return trial.run(simulator_port=args.simulator_port)
+    if command == "config":
+        return _config(settings, args.json)
+    raise AssertionError(command)
+
+
+def _uses(database_url: str, archive_url: str | None = None) -> str:
+    """What a command works on, named (redacted) so that a misspelt setting shows."""
+    text = f"database {config.database_where(database_url)}"
+    if archive_url is not None:
+        text += f", archive {config.archive_where(archive_url)}"
+    return text
+
+
+def _dispatch_database(args: argparse.Namespace, database: config.DatabaseSettings) -> int:
+    command = args.command
+    url = database.resolve_database_url()
+    _say(_uses(url))
+    if command == "migrate":
+        from seedance_archiver import schema
+
+        schema.upgrade(url)
+        print(f"{PROG}: video_tasks is at the latest schema in {config.database_where(url)}")
+        return 0
+    sql_store = store.SqlStore.from_url(url, database.database_statement_timeout_seconds)
     try:
         if command == "add":
-            problem = policy.task_id_problem(args.task_id)
-            if problem is not None:
-                print(f"{PROG}: {problem}", file=sys.stderr)
-                return 2
-            added = sql_store.add(args.task_id, args.mode)
-            print(f"{PROG}: {'added' if added else 'already tracked'}: {args.task_id}")
-            return 0
+            return _add(sql_store, args.task_ids, args.mode, sys.stdin)
         if command == "status":
-            return _status(sql_store, args, policy.Rules.from_settings(settings))
-        if command == "check":
-            return _check(sql_store)
+            return _status(sql_store, args, _rules())
         if command == "list":
-            tasks = sql_store.list(state=args.state, limit=args.limit)
-            print(
-                views.to_json([views.task_dict(t, args.show_secrets) for t in tasks])
-                if args.json
-                else views.table(tasks, args.show_secrets)
-            )
-            return 0
+            return _list(sql_store, args, _rules())
         if command == "url":
             return _url(sql_store, args)
         if command == "webhooks":
@@ -161,6 +309,16 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     raise AssertionError(command)
 
 
+def _rules() -> policy.Rules:
+    """The rules a daemon with these settings follows, to say why a task waits; the defaults,
+    with a warning, where a setting is invalid (``list`` and ``status`` still work)."""
+    try:
+        return policy.Rules.from_settings(config.load())
+    except errors.ConfigError as exc:
+        _say(f"warning: {exc}; the waits shown are the defaults'")
+        return policy.Rules.from_settings(config.Settings.model_construct())
+
+
 def _check_processes(processes: int, settings: config.Settings) -> None:
     if processes < 1:
         raise errors.ConfigError("invalid option --processes: expected 1 or more")
@@ -171,18 +329,31 @@ def _check_processes(processes: int, settings: config.Settings) -> None:
         )
 
 
+def _add(sql_store: store.Store, task_ids: list[str], mode: str, stdin: TextIO) -> int:
+    """Track ``task_ids``, or the ids on standard input (one per line; blank lines and lines
+    starting with # are skipped). Exit 2 if any id was refused; the others are added."""
+    if not task_ids or task_ids == ["-"]:
+        task_ids = [line.strip() for line in stdin if line.strip() and not line.startswith("#")]
+    refused = 0
+    for task_id in task_ids:
+        problem = policy.task_id_problem(task_id)
+        if problem is not None:
+            print(f"{PROG}: not added: {task_id[:80]!r}: {problem}", file=sys.stderr)
+            refused += 1
+            continue
+        added = sql_store.add(task_id, mode)
+        print(f"{PROG}: {'added' if added else 'already tracked'}: {task_id}")
+    if not task_ids:
+        print(f"{PROG}: no task ids given")
+    return 2 if refused else 0
+
+
 def _status(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
     if args.task_id:
-        task = sql_store.get(args.task_id)
-        if task is None:
-            print(f"{PROG}: no such task: {args.task_id}", file=sys.stderr)
-            return 1
-        print(
-            views.to_json(views.task_dict(task, args.show_secrets))
-            if args.json
-            else views.detail(task, args.show_secrets)
-        )
-        return 0
+        return _status_of(sql_store, args, rules)
+    if args.follow:
+        print(f"{PROG}: --follow needs a task id", file=sys.stderr)
+        return 2
     now = utils.utcnow()
     summary = sql_store.summary(now)
     daemons = sql_store.daemons()
@@ -194,6 +365,84 @@ def _status(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rule
     else:
         print(views.summary(summary, daemons, now, generation, backlog))
     return 0
+
+
+def _status_of(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
+    def show() -> models.Task | None:
+        task = sql_store.get(args.task_id)
+        if task is None:
+            return None
+        now = utils.utcnow()
+        if args.json:
+            data = views.task_dict(task, args.show_secrets)
+            if not task.is_terminal:
+                data["why"] = policy.why_waiting(task, now, rules)
+            print(views.to_json(data))
+        else:
+            print(views.detail(task, args.show_secrets, now=now, rules=rules))
+        return task
+
+    def changed(before: models.Task | None, after: models.Task | None) -> bool:
+        return after is None or before is None or after.updated_at != before.updated_at
+
+    task = show()
+    if task is None:
+        print(f"{PROG}: no such task: {args.task_id}", file=sys.stderr)
+        return 1
+    if args.follow:
+        _follow(lambda: sql_store.get(args.task_id), task, changed, show)
+    return 0
+
+
+def _follow(
+    read: Callable[[], models.Task | None],
+    first: models.Task,
+    changed: Callable[[models.Task | None, models.Task | None], bool],
+    show: Callable[[], object],
+) -> None:
+    """Show the task again whenever it changes, until it has ended (or is gone)."""
+    last: models.Task | None = first
+    while last is not None and not last.is_terminal:
+        time.sleep(WATCH_SECONDS)
+        now = read()
+        if changed(last, now):
+            print()
+            show()
+        last = now
+
+
+def _list(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
+    limit = None if args.all else args.limit
+    if limit is not None and limit < 1:
+        print(f"{PROG}: --limit must be 1 or more (or --all)", file=sys.stderr)
+        return 2
+
+    def render(tasks: list[models.Task]) -> str:
+        if args.json:
+            return views.to_json([views.task_dict(t, args.show_secrets) for t in tasks])
+        text = views.table(tasks, args.show_secrets, rules=rules)
+        if not tasks and args.state:
+            text = f"{views.NO_TASKS} (state {args.state})"
+        if limit is not None and len(tasks) == limit:
+            text += f"\n(the newest {limit}; --limit N or --all for more)"
+        return text
+
+    tasks = sql_store.list(state=args.state, limit=limit)
+    print(render(tasks))
+    if args.watch:
+        shown = _fingerprint(tasks)
+        while not all(t.is_terminal for t in tasks):
+            time.sleep(WATCH_SECONDS)
+            tasks = sql_store.list(state=args.state, limit=limit)
+            if _fingerprint(tasks) != shown:
+                shown = _fingerprint(tasks)
+                print()
+                print(render(tasks))
+    return 0
+
+
+def _fingerprint(tasks: Iterable[models.Task]) -> list[tuple[str, str, int, object]]:
+    return [(t.task_id, t.state, t.polls, t.next_attempt_at) for t in tasks]
 
 
 def _url(sql_store: store.Store, args: argparse.Namespace) -> int:
@@ -218,22 +467,70 @@ def _webhooks(sql_store: store.Store, args: argparse.Namespace) -> int:
             return 1
         print(f"{PROG}: webhook event {args.event_id} will be sent again now")
         return 0
+    if args.webhooks_action == "discard":
+        discarded = sql_store.discard_webhooks(args.before, utils.utcnow())
+        print(
+            f"{PROG}: {discarded} undelivered webhook event(s) written before "
+            f"{args.before.isoformat()} discarded (each can still be sent with "
+            f"`{PROG} webhooks redeliver ID`)"
+        )
+        return 0
     events = sql_store.webhooks(failed=args.failed, limit=args.limit)
     if args.json:
         print(views.to_json([views.webhook_dict(e) for e in events]))
+    elif not events:
+        print(f"{views.NO_EVENTS}{' (given up on)' if args.failed else ''}")
     else:
         print(views.webhook_table(events))
     return 0
 
 
-def _check(sql_store: store.Store) -> int:
-    """Exit 0 when the database answers, the schema is there, and a daemon ticks with a good key."""
+def _config(settings: config.Settings, as_json: bool) -> int:
+    entries = config.effective(settings)
+    if as_json:
+        print(views.to_json({e.variable: {"value": e.value, "source": e.source} for e in entries}))
+        return 0
+    width = max(len(e.variable) for e in entries)
+    value_width = min(60, max(len(e.value) for e in entries))
+    for e in entries:
+        print(f"{e.variable.ljust(width)}  {e.value.ljust(value_width)}  {e.source}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Exit 0 when the settings are valid, the database answers with the schema current, the
+    archive can be written, and a daemon ticks with an accepted key. One line per check."""
+    try:
+        settings = config.load()
+    except errors.ConfigError as exc:
+        print(f"settings: {exc}")
+        return 1
+    logs.configure(settings.log_format)
+    url = settings.resolve_database_url()
+    _say(_uses(url, settings.archive_url))
+    print("settings: ok")
+    sql_store = store.SqlStore.from_url(url, settings.database_statement_timeout_seconds)
+    try:
+        return _check_all(sql_store, settings)
+    finally:
+        sql_store.close()
+
+
+def _check_all(sql_store: store.Store, settings: config.Settings) -> int:
     try:
         sql_store.check_schema()
     except errors.StoreError as exc:
         print(f"database: {exc}")
         return 1
     print("database: ok")
+    from seedance_archiver import archive
+
+    try:
+        asyncio.run(archive.from_url(settings.archive_url).check())
+    except errors.ArchiveError as exc:
+        print(f"archive: {exc}")
+        return 1
+    print("archive: ok")
     now = utils.utcnow()
     alive = [
         d

@@ -7,12 +7,15 @@ the variable and never repeats the value (it may be a secret).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import ipaddress
 import os
 import pathlib
 import re
 import urllib.parse
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 import pydantic_settings
@@ -57,21 +60,56 @@ def _split_schemes(value: object) -> object:
     return value
 
 
-class Settings(pydantic_settings.BaseSettings):
-    """Every setting of the daemon. Build it with :func:`load` to get readable errors."""
+class DatabaseSettings(pydantic_settings.BaseSettings):
+    """What the commands that only read or write rows need (``list``, ``status``, ``add``,
+    ``retry``, ``webhooks``, ``url``): where the database is, and how to log. A bad setting that
+    only the daemon uses never blocks them. Build it with :func:`load_database`."""
 
     model_config = pydantic_settings.SettingsConfigDict(
         env_prefix=ENV_PREFIX, frozen=True, extra="ignore", hide_input_in_errors=True
     )
+
+    # Use resolve_database_url(): the URL may come from a file or a systemd credential instead.
+    database_url: str = DEFAULT_DATABASE_URL
+    database_url_file: pathlib.Path | None = None
+    log_format: Literal["json", "console"] | None = None
+    # The longest a database statement may take (server side), and the deadline after which the
+    # daemon cuts a connection that does not answer at all (a hung server or proxy).
+    database_statement_timeout_seconds: float = pydantic.Field(default=15.0, gt=0, le=3600)
+
+    @pydantic.field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        return _check_database_url(value)
+
+    def resolve_database_url(self) -> str:
+        """The database URL: SEEDANCE_DATABASE_URL if set, else SEEDANCE_DATABASE_URL_FILE, else the
+        systemd credential seedance-database-url, else the default SQLite file.
+
+        A file keeps the password out of the environment (which /proc and ``systemctl show`` expose).
+        Its content is checked like the variable; an error names the source, never the content.
+        """
+        if "database_url" in self.model_fields_set:
+            return self.database_url
+        if self.database_url_file is not None:
+            return _read_database_url(self.database_url_file, f"{ENV_PREFIX}DATABASE_URL_FILE")
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL).exists():
+            return _read_database_url(
+                pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL,
+                f"credential {DATABASE_URL_CREDENTIAL}",
+            )
+        return self.database_url
+
+
+class Settings(DatabaseSettings):
+    """Every setting of the daemon. Build it with :func:`load` to get readable errors."""
 
     api_key: pydantic.SecretStr | None = None
     api_key_file: pathlib.Path | None = None
     provider: Literal["reseller", "ark"] = "reseller"
     # Defaults to the provider's own (DEFAULT_API_BASE_URLS); see _default_base_url.
     api_base_url: str = DEFAULT_API_BASE_URL
-    # Use resolve_database_url(): the URL may come from a file or a systemd credential instead.
-    database_url: str = DEFAULT_DATABASE_URL
-    database_url_file: pathlib.Path | None = None
     archive_url: str = "file://./archive"
     poll_draft: CadenceSetting = models.Cadence(10, 20)
     poll_standard: CadenceSetting = models.Cadence(30, 60)
@@ -98,7 +136,6 @@ class Settings(pydantic_settings.BaseSettings):
     max_video_bytes: int = pydantic.Field(default=2 * 1024**3, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = pydantic.Field(default=9710, ge=0, le=65535)
-    log_format: Literal["json", "console"] | None = None
     request_timeout_seconds: float = pydantic.Field(default=30.0, gt=0)
     shutdown_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
     # How long a claimed row stays ours without renewal. A dead replica's rows wait this long before
@@ -109,9 +146,6 @@ class Settings(pydantic_settings.BaseSettings):
     give_up_after_days: float = pydantic.Field(default=7.0, gt=0, le=3650)
     # Delete finished rows this many days after they finished; 0 keeps them forever.
     prune_after_days: float = pydantic.Field(default=0.0, ge=0)
-    # The longest a database statement may take (server side), and the deadline after which the
-    # daemon cuts a connection that does not answer at all (a hung server or proxy).
-    database_statement_timeout_seconds: float = pydantic.Field(default=15.0, gt=0, le=3600)
     # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.
     max_download_seconds: float = pydantic.Field(default=3600.0, gt=0)
     # Webhooks to the feeding application (off while no URL is set).
@@ -156,11 +190,6 @@ class Settings(pydantic_settings.BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("expected an http(s) URL such as " + DEFAULT_API_BASE_URL)
         return value.rstrip("/")
-
-    @pydantic.field_validator("database_url")
-    @classmethod
-    def _check_database_url(cls, value: str) -> str:
-        return _check_database_url(value)
 
     @pydantic.field_validator("archive_url")
     @classmethod
@@ -236,25 +265,6 @@ class Settings(pydantic_settings.BaseSettings):
             f"or the systemd credential {API_KEY_CREDENTIAL})"
         )
 
-    def resolve_database_url(self) -> str:
-        """The database URL: SEEDANCE_DATABASE_URL if set, else SEEDANCE_DATABASE_URL_FILE, else the
-        systemd credential seedance-database-url, else the default SQLite file.
-
-        A file keeps the password out of the environment (which /proc and ``systemctl show`` expose).
-        Its content is checked like the variable; an error names the source, never the content.
-        """
-        if "database_url" in self.model_fields_set:
-            return self.database_url
-        if self.database_url_file is not None:
-            return _read_database_url(self.database_url_file, f"{ENV_PREFIX}DATABASE_URL_FILE")
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and (pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL).exists():
-            return _read_database_url(
-                pathlib.Path(cred_dir) / DATABASE_URL_CREDENTIAL,
-                f"credential {DATABASE_URL_CREDENTIAL}",
-            )
-        return self.database_url
-
     def resolve_webhook_secrets(self) -> list[str]:
         """The webhook secrets from SEEDANCE_WEBHOOK_SECRET, its _FILE, or the systemd credential.
 
@@ -280,14 +290,11 @@ class Settings(pydantic_settings.BaseSettings):
 
     def public_summary(self) -> dict[str, Any]:
         """The settings worth logging at start, with every secret left out or masked."""
-        db = sqlalchemy.engine.make_url(self.resolve_database_url()).render_as_string(
-            hide_password=True
-        )
         return {
             "provider": self.provider,
             "api_base_url": self.api_base_url,
-            "database_url": db,
-            "archive_url": self.archive_url,
+            "database_url": database_where(self.resolve_database_url()),
+            "archive_url": archive_where(self.archive_url),
             "poll": {mode: str(c) for mode, c in self.cadences().items()},
             "expected_seconds": {res: str(r) for res, r in self.generation_times().items()},
             "max_requests_per_second": self.max_requests_per_second,
@@ -366,8 +373,20 @@ def _read_key_file(path: pathlib.Path, name: str) -> str:
 
 def load(**overrides: Any) -> Settings:
     """Read the settings from the environment, raising ConfigError with one readable line."""
+    return _load(Settings, overrides)
+
+
+def load_database(**overrides: Any) -> DatabaseSettings:
+    """Only the database's settings, for the commands that need no more (see DatabaseSettings)."""
+    return _load(DatabaseSettings, overrides)
+
+
+_S = TypeVar("_S", bound=DatabaseSettings)
+
+
+def _load(kind: type[_S], overrides: dict[str, Any]) -> _S:
     try:
-        return Settings(**overrides)
+        return kind(**overrides)
     except pydantic.ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
@@ -383,3 +402,119 @@ def load(**overrides: Any) -> Settings:
         match = re.search(r'field "([a-z_]+)"', str(exc))
         field = match.group(1).upper() if match else "?"
         raise errors.ConfigError(f"invalid setting {ENV_PREFIX}{field}: cannot be parsed") from None
+
+
+# --- saying what a command uses, and what was meant --------------------------------------------
+
+
+def database_where(url: str) -> str:
+    """The database ``url`` for a person: the password hidden, and a SQLite file's absolute path
+    beside a relative one (``sqlite:///x.db`` is ./x.db, not /x.db)."""
+    parsed = sqlalchemy.engine.make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    database = parsed.database
+    if parsed.get_backend_name() == "sqlite" and database and database != ":memory:":
+        absolute = pathlib.Path(database).absolute()
+        if str(absolute) != database:
+            shown = f"{shown} ({absolute})"
+    return shown
+
+
+def archive_where(url: str) -> str:
+    """The archive ``url`` for a person: a folder's absolute path beside a relative one."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "file":
+        folder = parts.netloc + parts.path
+        absolute = pathlib.Path(folder).absolute()
+        if str(absolute) != folder:
+            return f"{url} ({absolute})"
+    return url
+
+
+def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """Every ``SEEDANCE_*`` variable that names no setting, with the nearest known name (or None):
+    a misspelt setting is otherwise silently the default."""
+    environ = os.environ if environ is None else environ
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        found.append((name, close[0] if close else None))
+    return found
+
+
+# Settings whose value is a secret: shown masked, never in clear.
+SECRET_SETTINGS = frozenset({"api_key", "webhook_secret"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Effective:
+    """One setting as the daemon would use it: its variable, value (secrets masked) and source."""
+
+    variable: str
+    value: str
+    source: str  # environment, file (which), systemd credential, default
+
+
+def effective(settings: Settings, environ: Mapping[str, str] | None = None) -> list[Effective]:
+    """Every setting, its value as used (secrets masked, passwords hidden) and where it came from:
+    the environment, a file, a systemd credential, or the default."""
+    environ = os.environ if environ is None else environ
+    present = {name.upper() for name in environ}
+    out = []
+    for name in Settings.model_fields:
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        source = "environment" if variable in present else "default"
+        value: object = getattr(settings, name)
+        if name in ("api_key", "webhook_secret", "database_url"):
+            value, source = _resolved(settings, name, source)
+        elif name == "api_base_url" and source == "default":
+            source = f"default (for SEEDANCE_PROVIDER={settings.provider})"
+        out.append(Effective(variable, _shown(name, value), source))
+    return out
+
+
+def _resolved(settings: Settings, name: str, source: str) -> tuple[object, str]:
+    """A setting that may come from its variable, a ``_FILE``, or a systemd credential."""
+    file_name = f"{name}_file"
+    credential = {
+        "api_key": API_KEY_CREDENTIAL,
+        "webhook_secret": WEBHOOK_SECRET_CREDENTIAL,
+        "database_url": DATABASE_URL_CREDENTIAL,
+    }[name]
+    if source == "environment":
+        return getattr(settings, name), source
+    path = getattr(settings, file_name)
+    if path is not None:
+        kind = f"file {ENV_PREFIX}{file_name.upper()}"
+    elif (cred := _credential(credential)) is not None:
+        path, kind = cred, f"systemd credential {credential}"
+    else:
+        return getattr(settings, name), source
+    if name == "database_url":
+        try:
+            return settings.resolve_database_url(), kind
+        except errors.ConfigError:
+            return "(unreadable)", kind
+    return "(set)", kind
+
+
+def _shown(name: str, value: object) -> str:
+    if value is None:
+        return "(not set)"
+    if name in SECRET_SETTINGS:
+        return "*****"
+    if name == "database_url":
+        return database_where(str(value))
+    if name == "webhook_url":
+        return _without_credentials(str(value)) or ""
+    if name == "archive_url":
+        return archive_where(str(value))
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

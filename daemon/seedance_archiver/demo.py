@@ -72,7 +72,11 @@ def run(out: Callable[[str], None] = print) -> int:
         out(
             f"demo: simulator on {server.url}; database {settings.public_summary()['database_url']}"
         )
-        out(f"demo: archive {settings.archive_url}")
+        out(f"demo: archive {config.archive_where(settings.archive_url)}")
+        out(
+            "demo: some tasks meet faults on purpose (a 503 and a 429 from the provider, a video "
+            "cut off mid-download): the warnings they log are injected and expected"
+        )
         schema.upgrade(settings.resolve_database_url())
         sql_store = store.SqlStore.from_url(settings.resolve_database_url())
         stamp = time.strftime("%m%d%H%M%S")

@@ -351,6 +351,41 @@ def budget_order(tasks: Sequence[models.Task], now: dt.datetime, rules: Rules) -
     return sorted(tasks, key=key)
 
 
+def why_waiting(task: models.Task, now: dt.datetime, rules: Rules) -> str | None:
+    """Why an active task is next worked on when ``next_attempt_at`` says, in a person's words:
+    waiting on a setting, a back-off after failures, the skip for its model's expected time, or
+    its mode's cadence. None for a finished task."""
+    if task.is_terminal:
+        return None
+    error = task.error or ""
+    if error.startswith(WAITING_ON_SETTING):
+        return error
+    due = task.next_attempt_at
+    if task.state == models.State.PENDING and task.polls == 0:
+        return "new: polled at the next tick" if due is None or due <= now else "new"
+    if task.attempts > 0 and error:
+        failures = "failure" if task.attempts == 1 else "failures"
+        return f"back-off after {task.attempts} {failures} in a row: {error}"
+    if task.state == models.State.DOWNLOADING:
+        return "downloading" if due is None or due <= now else "download due"
+    skip = skip_seconds(task, rules)
+    created = task.provider_created_at
+    cadence = rules.cadence(task.mode)
+    if (
+        skip is not None
+        and created is not None
+        and due is not None
+        and task.last_polled_at is not None
+        and due > task.last_polled_at + dt.timedelta(seconds=cadence.high)
+    ):
+        res = resolution(task) or "?"
+        return (
+            f"the skip: not polled before created + {skip:.0f}s, the shortest time a {res} video "
+            f"takes (SEEDANCE_EXPECTED_SECONDS_{res.upper()}, or learned)"
+        )
+    return f"the {task.mode} cadence: every {cadence} s"
+
+
 def polling_load(due_soon: int, window_seconds: float, limit_per_second: float) -> float:
     """Needed request rate over the limit: the rows due within ``window_seconds`` (overdue ones
     included) spread over that window, divided by the limit. Above 1 the limit cannot keep up."""

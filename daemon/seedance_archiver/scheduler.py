@@ -232,6 +232,7 @@ class Daemon:
         # row is never written back after it is gone.
         self._beat_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._beaten = False  # a heartbeat row was written (close removes it, if so)
 
     async def run(self) -> int:
         try:
@@ -279,7 +280,7 @@ class Daemon:
 
     async def _schedule(self) -> None:
         svc, _ = self._parts()
-        self._ticker = _Ticker(_guarded("tick", svc.tick))
+        self._ticker = _Ticker(_guarded("tick", self._tick))
         self._every("tick", self._ticker.run, self.tick_seconds, now=True)
         self._every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
         self._every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
@@ -361,16 +362,24 @@ class Daemon:
                 await asyncio.wait([self._beat_task])
                 if not self._beat_task.cancelled():
                     self._beat_task.exception()  # its job logged it, or was cancelled: seen here
-            try:
-                await self.svc.db(self.store.forget_daemon, self.svc.owner)
-            except errors.StoreError as exc:
-                log.warning("heartbeat_not_removed", error=str(exc))
+            if self._beaten:  # a start that failed before its first beat has no row to remove
+                try:
+                    await self.svc.db(self.store.forget_daemon, self.svc.owner)
+                except errors.StoreError as exc:
+                    log.warning("heartbeat_not_removed", error=str(exc))
             self.store.close()
             self.svc.db_executor.shutdown(wait=False)
         if self._lock is not None:
             self._lock.release()
 
     # --- the jobs that live here ----------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        svc, _ = self._parts()
+        await svc.tick()
+        if not self._beaten and svc.last_tick_at is not None:
+            # The first tick done: say so at once, not at the next heartbeat (`check` asks).
+            await self._heartbeat()
 
     async def _heartbeat(self) -> None:
         if self._closing:
@@ -390,6 +399,7 @@ class Daemon:
             api_key_ok=not svc.auth_blocked,
         )
         await svc.db(task_store.beat, beat)
+        self._beaten = True
 
     async def _deliver_forever(self) -> None:
         assert self.deliverer is not None

@@ -6,6 +6,9 @@ import importlib.resources
 
 import alembic.command
 import alembic.config
+import sqlalchemy.exc
+
+from seedance_archiver import errors, store
 
 
 def alembic_config(url: str) -> alembic.config.Config:
@@ -19,7 +22,12 @@ def alembic_config(url: str) -> alembic.config.Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    alembic.command.upgrade(alembic_config(url), revision)
+    """Migrate the database at ``url`` to ``revision``; StoreError with one line (never the
+    statement or its parameters) when the database cannot be reached or refuses."""
+    try:
+        alembic.command.upgrade(alembic_config(url), revision)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise errors.StoreError(f"database error: {store.first_line(exc)}") from exc
 
 
 def downgrade(url: str, revision: str) -> None:

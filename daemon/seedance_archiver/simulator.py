@@ -97,6 +97,10 @@ def video_sha256(task_id: str, size: int) -> str:
 
 
 THROTTLE_PIECE_BYTES = 64 * 1024
+# Ids never created on first sight: the daemon's key check asks about one it knows cannot exist.
+NEVER_AUTO = "seedance-archiver-"
+# What ``python -m seedance_archiver.simulator`` creates on first sight, unless --no-auto.
+TRIAL_AUTO = '{"queued_seconds": 3, "ready_seconds": 15}'
 
 
 @functools.lru_cache(maxsize=4)
@@ -248,7 +252,7 @@ class Simulator:
 
     def _task(self, task_id: str) -> SimTask | None:
         task = self.tasks.get(task_id)
-        if task is None and self.auto is not None:
+        if task is None and self.auto is not None and not task_id.startswith(NEVER_AUTO):
             task = self.add_task(task_id, **self.auto)
         if task is not None and time.time() - task.created >= self.retention_seconds:
             return None
@@ -577,14 +581,21 @@ class SimulatorThread:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve the Seedance provider simulator.")
+    parser = argparse.ArgumentParser(
+        description="Serve the Seedance provider simulator (for a trial: `seedance-archiver try` "
+        "starts it with the daemon).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--api-key", default="sim-key")
+    parser.add_argument("--api-key", default="sim-key", help="the Bearer key it accepts")
     parser.add_argument(
         "--auto",
-        default=None,
-        help="JSON SimTask fields for unknown ids, e.g. '{\"ready_seconds\": 5}'; off by default",
+        default=TRIAL_AUTO,
+        help="JSON SimTask fields for ids it does not know: each is created on first sight",
+    )
+    parser.add_argument(
+        "--no-auto", action="store_true", help="answer 404 for ids it does not know"
     )
     parser.add_argument("--no-poll-times", action="store_true", help="do not record poll times")
     parser.add_argument(
@@ -597,12 +608,37 @@ def main(argv: list[str] | None = None) -> None:
     simulator = Simulator(
         args.api_key,
         dialect=args.dialect,
-        auto=json.loads(args.auto) if args.auto else None,
+        auto=None if args.no_auto else json.loads(args.auto),
         record_poll_times=not args.no_poll_times,
         rate_limit=args.rate_limit,
     )
     simulator.base_url = f"http://{args.host}:{args.port}"
+    print(banner(simulator), flush=True)
     web.run_app(simulator.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+def banner(sim: Simulator) -> str:
+    """What the simulator says when it starts: where it is, its key, and the daemon's settings for
+    a trial against it (the URL rules loosened for loopback, short cadences, no skip)."""
+    auto = (
+        "ids it does not know answer 404"
+        if sim.auto is None
+        else "every task id it is asked about is created on first sight"
+    )
+    return "\n".join(
+        [
+            f"simulator: the {sim.dialect} API at {sim.base_url}, API key {sim.api_key}; {auto}",
+            "For a daemon against it (`seedance-archiver try` sets all this itself):",
+            f"  export SEEDANCE_PROVIDER={sim.dialect}",
+            f"  export SEEDANCE_API_BASE_URL={sim.base_url}",
+            f"  export SEEDANCE_API_KEY={sim.api_key}",
+            "  export SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES=http,https",
+            "  export SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true",
+            "  export SEEDANCE_POLL_DRAFT=2-4 SEEDANCE_POLL_STANDARD=3-6 SEEDANCE_POLL_FLEX=5-10",
+            "  export SEEDANCE_EXPECTED_SECONDS_480P=off SEEDANCE_EXPECTED_SECONDS_720P=off "
+            "SEEDANCE_EXPECTED_SECONDS_1080P=off",
+        ]
+    )
 
 
 if __name__ == "__main__":

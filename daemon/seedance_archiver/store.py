@@ -112,6 +112,12 @@ class Store(Protocol):
 
     def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool: ...
 
+    def discard_webhooks(self, before: dt.datetime, now: dt.datetime) -> int:
+        """Give up on the undelivered events written before ``before`` (a backlog that piled up
+        while webhooks were off), except those being sent right now; the number discarded. They
+        stay listed, and ``redeliver`` still sends one."""
+        ...
+
     # --- what is there
 
     def summary(self, now: dt.datetime) -> Summary: ...
@@ -298,7 +304,7 @@ def make_engine(
             dbapi_conn.execute("SELECT 1")
         except psycopg.Error as exc:
             WATCHDOG.release(id(dbapi_conn))
-            raise sqlalchemy.exc.DisconnectionError(_first_line(exc)) from exc
+            raise sqlalchemy.exc.DisconnectionError(first_line(exc)) from exc
 
     def _unguard(dbapi_conn: Any, *_args: Any) -> None:
         WATCHDOG.release(id(dbapi_conn))
@@ -378,6 +384,10 @@ def _insert(dialect: str, table: sa.Table) -> Any:
     return sqlalchemy.dialects.sqlite.insert(table)
 
 
+# What a discarded webhook event says of itself (``webhooks discard``).
+DISCARDED = "discarded by an operator (seedance-archiver webhooks discard)"
+
+
 class RetryOutcome(enum.StrEnum):
     """What ``retry`` did."""
 
@@ -415,7 +425,7 @@ def _permission_missing(exc: BaseException) -> errors.PermissionMissing:
     The trigger on ``video_tasks`` writes every move into a terminal state to ``webhook_outbox``
     (migration 0006); a role upgraded without its grant there cannot save any such outcome.
     """
-    found = _DENIED_ON.search(_first_line(exc))
+    found = _DENIED_ON.search(first_line(exc))
     what = found.group(1) if found else "a table the write-back needs"
     return errors.PermissionMissing(
         f"the database role may not write to {what} (permission denied): outcomes are kept in "
@@ -686,13 +696,13 @@ class SqlStore:
         except errors.StoreError:
             raise  # could not even connect
         except _DOWN_ERRORS as exc:
-            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+            raise errors.StoreError(f"database error: {first_line(exc)}") from exc
         except sqlalchemy.exc.ProgrammingError as exc:
             if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
                 raise _permission_missing(exc.orig) from exc
-            raise _RowRefused(_first_line(exc)) from exc
+            raise _RowRefused(first_line(exc)) from exc
         except (sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
-            raise _RowRefused(_first_line(exc)) from exc
+            raise _RowRefused(first_line(exc)) from exc
 
     def _save_copy(self, tasks: Sequence[models.Task], owner: str) -> int:
         """PostgreSQL: COPY the batch into a temporary table, then one UPDATE ... FROM it.
@@ -707,7 +717,7 @@ class SqlStore:
                     try:
                         cur.execute(_COPY_TABLE)
                     except psycopg.errors.InsufficientPrivilege as exc:
-                        raise _NoTemporary(_first_line(exc)) from exc
+                        raise _NoTemporary(first_line(exc)) from exc
                     with cur.copy(_COPY_IN) as copy:
                         for task in tasks:
                             row = [getattr(task, name) for name in _COPY_COLUMNS]
@@ -724,9 +734,9 @@ class SqlStore:
         except psycopg.errors.InsufficientPrivilege as exc:
             raise _permission_missing(exc) from exc
         except (psycopg.OperationalError, *_DOWN_ERRORS) as exc:
-            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+            raise errors.StoreError(f"database error: {first_line(exc)}") from exc
         except (psycopg.Error, sqlalchemy.exc.SQLAlchemyError, UnicodeError, ValueError) as exc:
-            raise _RowRefused(_first_line(exc)) from exc
+            raise _RowRefused(first_line(exc)) from exc
 
     def renew(
         self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
@@ -1010,7 +1020,12 @@ class SqlStore:
         stmt = sa.select(
             sa.func.count().filter(pending),
             sa.func.min(ob.c.created_at).filter(pending),
-            sa.func.count().filter(~pending, ob.c.state != models.Delivery.DELIVERED.value),
+            # Given up on: failed or disabled, but not discarded on purpose by an operator.
+            sa.func.count().filter(
+                ~pending,
+                ob.c.state != models.Delivery.DELIVERED.value,
+                sa.func.coalesce(ob.c.last_error, "") != DISCARDED,
+            ),
         )
         with self._begin() as conn:
             count, oldest, given_up = conn.execute(stmt).one()
@@ -1047,6 +1062,27 @@ class SqlStore:
         )
         with self._begin() as conn:
             return int(conn.execute(stmt).rowcount) == 1
+
+    def discard_webhooks(self, before: dt.datetime, now: dt.datetime) -> int:
+        free = sa.or_(
+            ob.c.lease_expires_at.is_(None), ob.c.lease_expires_at < self._lease_clock(now)
+        )
+        stmt = (
+            sa.update(ob)
+            .where(
+                ob.c.state == models.Delivery.PENDING.value,
+                ob.c.created_at < before,
+                free,
+            )
+            .values(
+                state=models.Delivery.DISABLED.value,
+                last_error=DISCARDED,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        with self._begin() as conn:
+            return int(conn.execute(stmt).rowcount)
 
     # --- daemon heartbeats ------------------------------------------------------------------------
 
@@ -1094,9 +1130,9 @@ class SqlStore:
         except sqlalchemy.exc.IntegrityError as exc:
             if self.get(task_id) is not None:
                 return False
-            raise errors.StoreError(f"the database refused the row: {_first_line(exc)}") from exc
+            raise errors.StoreError(f"the database refused the row: {first_line(exc)}") from exc
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+            raise errors.StoreError(f"database error: {first_line(exc)}") from exc
         return True
 
     def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool:
@@ -1143,7 +1179,8 @@ class SqlStore:
         return _task(row) if row is not None else None
 
     def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
-        stmt = sa.select(t).order_by(t.c.inserted_at, t.c.task_id)
+        """Rows, newest first (as ``webhooks`` lists events), optionally of one state."""
+        stmt = sa.select(t).order_by(t.c.inserted_at.desc(), t.c.task_id.desc())
         if state is not None:
             stmt = stmt.where(t.c.state == state)
         if limit is not None:
@@ -1208,19 +1245,20 @@ class _Transaction:
         try:
             return self._cm.__enter__()
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise errors.StoreError(f"database unreachable: {_first_line(exc)}") from exc
+            raise errors.StoreError(f"database unreachable: {first_line(exc)}") from exc
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
             self._cm.__exit__(*exc_info)
         except sqlalchemy.exc.SQLAlchemyError as exc:
-            raise errors.StoreError(f"database error: {_first_line(exc)}") from exc
+            raise errors.StoreError(f"database error: {first_line(exc)}") from exc
         failure = exc_info[1]
         if self._translate and isinstance(failure, sqlalchemy.exc.SQLAlchemyError):
-            raise errors.StoreError(f"database error: {_first_line(failure)}") from failure
+            raise errors.StoreError(f"database error: {first_line(failure)}") from failure
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of a database error, for logs and messages."""
     # SQLAlchemy messages carry the statement and parameters after the first line; keep them out.
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
@@ -1286,7 +1324,7 @@ class Listener:
                             pinged = time.monotonic()
             except psycopg.Error as exc:
                 self.connected.clear()
-                log.warning("listen_disconnected", error=_first_line(exc), retry_in_s=delay)
+                log.warning("listen_disconnected", error=first_line(exc), retry_in_s=delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.RECONNECT_MAX_SECONDS)
         self.connected.clear()

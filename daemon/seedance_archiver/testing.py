@@ -335,6 +335,7 @@ class FakeStore:
             1
             for e in self.outbox.values()
             if e.state in (models.Delivery.FAILED, models.Delivery.DISABLED)
+            and e.last_error != store.DISCARDED
         )
         oldest = min((e.created_at for e in pending), default=None)
         return store.WebhookBacklog(len(pending), oldest, given_up)
@@ -362,6 +363,24 @@ class FakeStore:
             lease_expires_at=None,
         )
         return True
+
+    def discard_webhooks(self, before: dt.datetime, now: dt.datetime) -> int:
+        doomed = [
+            e
+            for e in self.outbox.values()
+            if e.state == models.Delivery.PENDING
+            and e.created_at < before
+            and (e.lease_expires_at is None or e.lease_expires_at < now)
+        ]
+        for event in doomed:
+            self.outbox[event.id] = dataclasses.replace(
+                event,
+                state=models.Delivery.DISABLED.value,
+                last_error=store.DISCARDED,
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        return len(doomed)
 
     def renew(
         self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
@@ -434,7 +453,9 @@ class FakeStore:
 
     # Last: below it, ``list`` in an annotation would mean this method.
     def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
-        rows = sorted(self.rows.values(), key=lambda t: (t.inserted_at or EPOCH, t.task_id))
+        rows = sorted(
+            self.rows.values(), key=lambda t: (t.inserted_at or EPOCH, t.task_id), reverse=True
+        )
         rows = [t for t in rows if state is None or t.state == state]
         return rows if limit is None else rows[:limit]
 

@@ -10,7 +10,9 @@ from typing import Any
 
 from seedance_archiver import models, policy, store, utils
 
-TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "where / why")
+TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "next poll", "where / why")
+NO_TASKS = "no tasks match"
+NO_EVENTS = "no webhook events match"
 
 
 def task_dict(task: models.Task, show_secrets: bool = False) -> dict[str, Any]:
@@ -36,8 +38,19 @@ def _cell(value: object, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def table(tasks: Sequence[models.Task], show_secrets: bool = False) -> str:
-    """A readable table of ``tasks``, one line each (URLs in errors redacted unless ``show_secrets``)."""
+def table(
+    tasks: Sequence[models.Task],
+    show_secrets: bool = False,
+    *,
+    now: dt.datetime | None = None,
+    rules: policy.Rules | None = None,
+) -> str:
+    """A readable table of ``tasks``, one line each: where an archived video is, why a finished task
+    ended, and for an active one when it is worked on next and why then (URLs in errors redacted
+    unless ``show_secrets``). :data:`NO_TASKS` when there is none."""
+    if not tasks:
+        return NO_TASKS
+    now = now or utils.utcnow()
     rows = [
         (
             _cell(t.task_id, 48),
@@ -45,30 +58,72 @@ def table(tasks: Sequence[models.Task], show_secrets: bool = False) -> str:
             t.state,
             str(t.polls),
             "" if t.archive_bytes is None else str(t.archive_bytes),
-            _cell(
-                t.archive_uri
-                if t.state == models.State.ARCHIVED
-                else (t.error if show_secrets or t.error is None else utils.redact_text(t.error)),
-                200,
-            ),
+            next_poll(t, now),
+            _cell(_where_or_why(t, now, rules, show_secrets), 200),
         )
         for t in tasks
     ]
     return _render(TABLE_COLUMNS, rows)
 
 
+def next_poll(task: models.Task, now: dt.datetime) -> str:
+    """When an active task is worked on next, from ``now``: ``now``, ``in 42s``, ``5m late``."""
+    due = task.next_attempt_at
+    if task.is_terminal or due is None:
+        return ""
+    seconds = (due - now).total_seconds()
+    if -1 < seconds <= 0:
+        return "now"
+    return f"in {_duration(seconds)}" if seconds > 0 else f"{_duration(-seconds)} late"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 100:
+        return f"{seconds:.0f}s"
+    if seconds < 6000:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _where_or_why(
+    task: models.Task, now: dt.datetime, rules: policy.Rules | None, show_secrets: bool
+) -> str | None:
+    if task.state == models.State.ARCHIVED:
+        return task.archive_uri
+    text = task.error
+    if not task.is_terminal and rules is not None:
+        text = policy.why_waiting(task, now, rules)
+    if text is None or show_secrets:
+        return text
+    return utils.redact_text(text)
+
+
 def _render(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Fixed-width columns under a header and a rule."""
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
 
 
-def detail(task: models.Task, show_secrets: bool = False) -> str:
-    """Every field of one task, one per line (see :func:`task_dict` for ``show_secrets``)."""
+def detail(
+    task: models.Task,
+    show_secrets: bool = False,
+    *,
+    now: dt.datetime | None = None,
+    rules: policy.Rules | None = None,
+) -> str:
+    """Every field of one task, one per line (see :func:`task_dict` for ``show_secrets``); for an
+    active task also when it is worked on next, and why then."""
     data = task_dict(task, show_secrets)
+    if not task.is_terminal:
+        now = now or utils.utcnow()
+        data["next_poll"] = next_poll(task, now)
+        if rules is not None:
+            data["why"] = _where_or_why(task, now, rules, show_secrets)
     width = max(len(k) for k in data)
     return "\n".join(f"{k.ljust(width)}  {'' if v is None else v}" for k, v in data.items())
 
@@ -87,7 +142,9 @@ def webhook_dict(event: models.OutboxEvent) -> dict[str, Any]:
 
 
 def webhook_table(events: Sequence[models.OutboxEvent]) -> str:
-    """The outbox, one event a line."""
+    """The outbox, one event a line; :data:`NO_EVENTS` when there is none."""
+    if not events:
+        return NO_EVENTS
     rows = [
         (
             str(e.id),
@@ -207,7 +264,7 @@ def generation_table(generation: Sequence[policy.ModelTimes]) -> str:
         )
         for g in generation
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(GENERATION_COLUMNS)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(GENERATION_COLUMNS)]
     lines = ["generation times (created to completed, as seen):"]
     lines.append("  ".join(c.ljust(w) for c, w in zip(GENERATION_COLUMNS, widths, strict=True)))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
