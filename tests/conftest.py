@@ -8,19 +8,44 @@ with CI=true they fail instead, because CI must run them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pathlib
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
-from seedance_archiver import schema, simulator, store, testing, utils
+import structlog
+from seedance_archiver import logs, schema, simulator, store, testing, utils
 
 PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(autouse=True)
+def _logging_per_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Logging is global: ``cli.main`` configures it (to the stderr of the moment, pytest's capture
+    in a test). Each test configures it without the logger cache (a logger cached in one test
+    would keep that test's stream and processors for every later one) and leaves structlog's
+    defaults and the root logger's handlers as it found them."""
+    real = logs.configure
+
+    def configure(
+        log_format: str | None = None, level: int = logging.INFO, stream: Any = None, **_: Any
+    ) -> None:
+        real(log_format, level, stream, cache=False)
+
+    monkeypatch.setattr(logs, "configure", configure)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def free_port() -> int:

@@ -58,9 +58,17 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def configure(
-    log_format: str | None = None, level: int = logging.INFO, stream: TextIO | None = None
+    log_format: str | None = None,
+    level: int = logging.INFO,
+    stream: TextIO | None = None,
+    *,
+    cache: bool = True,
 ) -> None:
-    """Configure structlog (and stdlib logging, for libraries) once, at start, to ``stream`` (stderr)."""
+    """Configure structlog (and stdlib logging, for libraries) once, at start, to ``stream`` (stderr).
+
+    ``cache`` keeps each logger as first used (structlog's cache_logger_on_first_use): the
+    daemon's choice, for speed; tests that configure and reset logging turn it off.
+    """
     if stream is None:
         stream = sys.stderr
     if log_format is None:
@@ -81,7 +89,7 @@ def configure(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))

@@ -101,6 +101,7 @@ class TestOperatorCommands:
         result = cli(env, "run", check=False)
         assert result.returncode == 1
         assert "seedance-archiver migrate" in result.stderr
+        assert "heartbeat_not_removed" not in result.stderr  # no noise before the reason
 
 
 SIGNATURE = "fake-signature-0123456789abcdef"
@@ -157,6 +158,7 @@ class TestDemo:
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "demo OK: 5 of 5 completed videos archived" in result.stdout
+        assert "the warnings they log are injected and expected" in result.stdout
         archived = sorted(p.name for p in (tmp_path / "archive").glob("*.mp4"))
         assert len(archived) == 5
         assert (tmp_path / "seedance-archiver.db").exists()

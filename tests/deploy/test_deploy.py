@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import psycopg
 import pytest
+import seedance_archiver
 import sqlalchemy as sa
 import yaml
 from alembic import command
@@ -756,6 +757,17 @@ class TestPostgresRoles:
             ("video_feeder_2", "draft", "pending"),
         ]
         assert channels and set(channels) == {"video_tasks"}
+
+    def test_the_feeder_role_may_track(self, roles_url: str) -> None:
+        """seedance_archiver.track needs only the feeder's grants, the second call too."""
+        with _as(roles_url, "seedance_feeder") as feeder:
+            assert seedance_archiver.track(feeder, "video_tracked", mode="draft") is True
+            assert seedance_archiver.track(feeder, "video_tracked") is False
+            assert seedance_archiver.track(feeder, "cgt-tracked", provider="ark") is True
+            rows = feeder.execute(
+                "SELECT task_id, mode, provider FROM video_tasks ORDER BY task_id"
+            ).fetchall()
+        assert rows == [("cgt-tracked", "standard", "ark"), ("video_tracked", "draft", None)]
 
     @pytest.mark.parametrize(
         "statement",

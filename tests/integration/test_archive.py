@@ -8,9 +8,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+import boto3
 import botocore.exceptions
 import pytest
 from seedance_archiver import archive, errors, simulator
+
+from tests.conftest import free_port
 
 MIB = 1024 * 1024
 SMALL = 100 * 1024
@@ -378,3 +381,45 @@ class TestFileErrors:
         with pytest.raises(errors.ArchiveError, match="File name too long") as caught:
             await calls[call]()
         assert isinstance(caught.value.__cause__, OSError)
+
+
+class TestS3SaysWhy:
+    """S3 that cannot be asked: the cause and the endpoint named, never a bare exception name."""
+
+    @pytest.fixture
+    def no_aws(self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> str:
+        """No credentials anywhere boto3 looks (and no instance metadata to ask): the endpoint a
+        closed loopback port, so nothing leaves the machine."""
+        for name in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+        ):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        endpoint = f"http://127.0.0.1:{free_port()}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        # boto3's default session keeps the credentials it found first: a new one looks again.
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+        return endpoint
+
+    async def test_no_credentials(self, no_aws: str) -> None:
+        with pytest.raises(errors.ArchiveError) as caught:
+            await archive.S3Archive("videos", "v").check()
+        assert str(caught.value).startswith("no AWS credentials found: set AWS_ACCESS_KEY_ID")
+
+    async def test_an_endpoint_that_cannot_be_reached(
+        self, no_aws: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-access-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
+        with pytest.raises(errors.ArchiveError) as caught:
+            await archive.S3Archive("videos", "v").check()
+        assert str(caught.value) == (
+            f"cannot reach the S3 endpoint {no_aws} (set AWS_ENDPOINT_URL_S3 for another)"
+        )
+        assert "test-secret-key" not in str(caught.value)

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import pathlib
 import sqlite3
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -103,7 +104,11 @@ class TestUrlCommand:
         capsys.readouterr()
         assert cli.main(["url", task_id, "--expires", "60"]) == 0
         link = capsys.readouterr().out.strip()
-        assert "Expires=" in link or "X-Amz-Expires=60" in link
+        # SigV4, which R2 and the other S3-compatible stores require (not SigV2's Signature=).
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)
+        assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"]
+        assert query["X-Amz-Expires"] == ["60"]
+        assert "Signature" not in query and "AWSAccessKeyId" not in query
         with urllib.request.urlopen(link, timeout=10) as response:  # loopback: moto
             data = response.read()
         assert data == b"".join(simulator.video_chunks(task_id, SMALL))

@@ -347,3 +347,31 @@ class TestDiscardingTheBacklog:
         assert summary["webhooks"]["given_up"] == 0
         assert summary["webhooks"]["backlog"] == len(events) - 2
         assert table.run("webhooks", "redeliver", "1").code == 0
+
+
+class TestCheck:
+    """check validates the settings and writes to the archive, as /readyz does."""
+
+    def test_an_archive_that_cannot_be_written_fails_the_check(
+        self, table: Table, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_ARCHIVE_URL", "file:///dev/null/archive")
+        ran = table.run("check")
+        assert ran.code == 1
+        assert ran.out.splitlines()[:3] == ["settings: ok", "database: ok", ran.out.splitlines()[2]]
+        assert ran.out.splitlines()[2].startswith("archive: archive folder")
+        assert "daemon:" not in ran.out
+
+
+class TestHelp:
+    """Each verb's --help says which settings it reads."""
+
+    def test_every_verb_names_what_it_reads(self, capsys: pytest.CaptureFixture[str]) -> None:
+        verbs = cli._parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        for name, sub in verbs.items():
+            text = sub.format_help()
+            assert "Reads" in text and "SEEDANCE_" in text, name
+        with pytest.raises(SystemExit) as caught:
+            cli.main(["--version"])
+        assert caught.value.code == 0
+        assert capsys.readouterr().out.startswith("seedance-archiver 0.")

@@ -12,7 +12,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from seedance_archiver import config, scheduler, simulator, store
+import structlog.testing
+from seedance_archiver import config, errors, scheduler, simulator, store
 
 from tests.conftest import SIM_KEY
 
@@ -134,6 +135,39 @@ class TestLifecycle:
             assert after.daemons() == []
         finally:
             after.close()
+
+
+class TestHeartbeat:
+    """A daemon says it ticks as soon as it does, not at its next heartbeat."""
+
+    async def test_the_first_tick_is_beaten_at_once(
+        self,
+        sim: simulator.SimulatorThread,
+        sqlite_url: str,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(scheduler, "HEARTBEAT_SECONDS", 3600.0)  # no beat but the first ones
+        rows = store.SqlStore.from_url(sqlite_url)
+        try:
+            async with running_daemon(_settings(sim, sqlite_url, tmp_path)):
+                await wait_until(
+                    lambda: any(d.last_tick_at is not None for d in rows.daemons()),
+                    30,
+                    "a heartbeat that says the daemon ticked",
+                )
+        finally:
+            rows.close()
+
+    async def test_a_failed_start_leaves_no_heartbeat_warning(
+        self, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
+    ) -> None:
+        """No table: the start fails with its reason, and no `heartbeat_not_removed` before it."""
+        settings = _settings(sim, f"sqlite:///{tmp_path}/no-table.db", tmp_path)
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises(errors.StoreError, match="migrate"):
+                await scheduler.run(settings, stop=asyncio.Event(), handle_signals=False)
+        assert [e for e in logs if e["event"] == "heartbeat_not_removed"] == []
 
 
 class TestPickup:

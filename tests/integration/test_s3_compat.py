@@ -538,7 +538,7 @@ class TestCheckWithoutHeadBucket:
             store = proxied(gone, s3_bucket, m)
             await store.check()
         # The proxy stopped: nothing listens on its port any more.
-        with pytest.raises(errors.ArchiveError, match="unreachable"):
+        with pytest.raises(errors.ArchiveError, match="cannot reach the S3 endpoint http://127"):
             await store.check()
 
     async def test_like_aws_without_list_bucket(
