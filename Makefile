@@ -12,7 +12,7 @@ LOWEST     := .venv-lowest
 # Installs Docker from Debian's packages, starts a private engine and prints its DOCKER_HOST.
 STANDIN    ?= ../shared/tools/standin-image.sh
 
-.PHONY: demo try test lint format unit integration acceptance deploy-check image-check lock \
+.PHONY: demo try docs test lint format unit integration acceptance deploy-check image-check lock \
 	lowest prometheus-check prometheus-tools clean
 
 $(STAMP): pyproject.toml uv.lock
@@ -60,6 +60,11 @@ integration: $(STAMP)
 
 acceptance: $(STAMP)
 	$(BIN)/pytest tests/acceptance
+
+## docs: the documentation site from docs/pages/ into .site/, with MkDocs' warnings as errors
+## (a broken link or anchor fails it); tests/integration/test_docs_code.py checks the code blocks
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -f docs/mkdocs.yml
 
 ## deploy-check: the systemd unit, Dockerfile, compose file and PostgreSQL roles (tests/deploy)
 deploy-check: $(STAMP)
@@ -112,4 +117,4 @@ prometheus-tools:
 	fi
 
 clean:
-	rm -rf $(VENV) $(LOWEST) $(LOWEST).txt .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(LOWEST) $(LOWEST).txt .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info .site

@@ -31,7 +31,9 @@ READS_DATABASE = (
     "Reads SEEDANCE_DATABASE_URL (or SEEDANCE_DATABASE_URL_FILE, or the systemd credential "
     "seedance-database-url); nothing else, so a bad daemon setting never blocks it."
 )
-READS_ALL = "Reads every SEEDANCE_* setting (see `seedance-archiver config` and the README)."
+READS_ALL = (
+    "Reads every SEEDANCE_* setting (see `seedance-archiver config` and docs/pages/settings.md)."
+)
 READS_STATUS = (
     READS_DATABASE.removesuffix("; nothing else, so a bad daemon setting never blocks it.")
     + "; also the cadences and expected times (SEEDANCE_POLL_*, SEEDANCE_EXPECTED_SECONDS_*) to "

@@ -233,6 +233,7 @@ class Daemon:
         self._beat_task: asyncio.Task[None] | None = None
         self._closing = False
         self._beaten = False  # a heartbeat row was written (close removes it, if so)
+        self._beaten_a_tick = False  # one that says the daemon has ticked
 
     async def run(self) -> int:
         try:
@@ -377,7 +378,7 @@ class Daemon:
     async def _tick(self) -> None:
         svc, _ = self._parts()
         await svc.tick()
-        if not self._beaten and svc.last_tick_at is not None:
+        if not self._beaten_a_tick and svc.last_tick_at is not None:
             # The first tick done: say so at once, not at the next heartbeat (`check` asks).
             await self._heartbeat()
 
@@ -400,6 +401,7 @@ class Daemon:
         )
         await svc.db(task_store.beat, beat)
         self._beaten = True
+        self._beaten_a_tick = beat.last_tick_at is not None
 
     async def _deliver_forever(self) -> None:
         assert self.deliverer is not None

@@ -581,6 +581,21 @@ class SimulatorThread:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    simulator = Simulator(
+        args.api_key,
+        dialect=args.dialect,
+        auto=None if args.no_auto else json.loads(args.auto),
+        record_poll_times=not args.no_poll_times,
+        rate_limit=args.rate_limit,
+    )
+    simulator.base_url = f"http://{args.host}:{args.port}"
+    print(banner(simulator), flush=True)
+    web.run_app(simulator.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+def parser() -> argparse.ArgumentParser:
+    """``python -m seedance_archiver.simulator``'s options."""
     parser = argparse.ArgumentParser(
         description="Serve the Seedance provider simulator (for a trial: `seedance-archiver try` "
         "starts it with the daemon).",
@@ -604,17 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rate-limit", type=float, default=None, help="answer 429 to polls beyond this many per s"
     )
-    args = parser.parse_args(argv)
-    simulator = Simulator(
-        args.api_key,
-        dialect=args.dialect,
-        auto=None if args.no_auto else json.loads(args.auto),
-        record_poll_times=not args.no_poll_times,
-        rate_limit=args.rate_limit,
-    )
-    simulator.base_url = f"http://{args.host}:{args.port}"
-    print(banner(simulator), flush=True)
-    web.run_app(simulator.app(), host=args.host, port=args.port, access_log=None, print=None)
+    return parser
 
 
 def banner(sim: Simulator) -> str:

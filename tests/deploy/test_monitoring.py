@@ -2,7 +2,8 @@
 
 - Every metric the rules, their promtool tests and the dashboard name is one the daemon exports, as
   read from a real ``Metrics()`` registry: neither file can drift from the code.
-- Every alert has a summary, a description and a runbook entry that exists as a README heading, and
+- Every alert has a summary, a description and a runbook entry that exists as a heading of
+  docs/pages/runbook.md, and
   promtool tests it fired and not fired.
 - promtool checks the rules, runs their tests and parses every dashboard query; a real Prometheus
   (Debian's) scrapes a real ``seedance-archiver run`` and fires two of the shipped alerts.
@@ -39,10 +40,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/alerts.yaml"
 RULE_TESTS = ROOT / "deploy/prometheus/alerts.test.yaml"
 DASHBOARD = ROOT / "deploy/grafana/seedance-archiver.json"
-README = ROOT / "README.md"
-# Where the README is read on the web: runbook links point at its headings.
-README_URL = "https://github.com/seedance-archiver/seedance-archiver"
-# The scrape job the README tells operators to define, and absent() and up select.
+RUNBOOK = ROOT / "docs/pages/runbook.md"
+OPERATIONS = ROOT / "docs/pages/operations.md"
+# Where the runbook is read on the web: runbook links point at its headings.
+RUNBOOK_URL = (
+    "https://github.com/seedance-archiver/seedance-archiver/blob/main/docs/pages/runbook.md"
+)
+# The scrape job the operations page tells operators to define, and absent() and up select.
 JOB = "seedance-archiver"
 # Series Prometheus writes itself for every target; everything else must come from the daemon.
 PROMETHEUS_SERIES = {"up"}
@@ -210,8 +214,8 @@ class TestMetricNames:
 # --- the alert rules ------------------------------------------------------------------------------
 
 
-def readme_anchors(text: str) -> set[str]:
-    """The anchors GitHub gives the README's headings (fenced code skipped, repeats numbered)."""
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings (fenced code skipped, repeats numbered)."""
     anchors: set[str] = set()
     seen: collections.Counter[str] = collections.Counter()
     fenced = False
@@ -228,7 +232,7 @@ def readme_anchors(text: str) -> set[str]:
 
 
 class TestAlertRules:
-    """Each alert says what it means, links a README runbook that exists, and is unit-tested."""
+    """Each alert says what it means, links a runbook entry that exists, and is unit-tested."""
 
     def test_the_required_alerts_exist(self) -> None:
         """Issue 15's list, by the metric each alert watches (webhook metrics do not exist yet)."""
@@ -252,15 +256,15 @@ class TestAlertRules:
             assert set(annotations) == {"summary", "description", "runbook_url"}, rule["alert"]
             assert annotations["summary"] and annotations["description"], rule["alert"]
 
-    def test_every_runbook_url_is_a_readme_heading(self) -> None:
+    def test_every_runbook_url_is_a_runbook_heading(self) -> None:
         """Each alert links its own entry; the dashboard's links point at headings too."""
-        anchors = readme_anchors(README.read_text())
+        anchors = heading_anchors(RUNBOOK.read_text())
         urls = [rule["annotations"]["runbook_url"] for rule in _rules()]
-        urls += [link["url"] for link in _dashboard().get("links", []) if README_URL in link["url"]]
+        urls += [link["url"] for link in _dashboard().get("links", []) if "runbook" in link["url"]]
         for url in urls:
             base, _, anchor = url.partition("#")
-            assert base == README_URL, url
-            assert anchor in anchors, f"{url}: no README heading has the anchor {anchor!r}"
+            assert base == RUNBOOK_URL, url
+            assert anchor in anchors, f"{url}: no runbook heading has the anchor {anchor!r}"
         runbooks = [rule["annotations"]["runbook_url"] for rule in _rules()]
         assert len(set(runbooks)) == len(runbooks), "two alerts share a runbook entry"
 
@@ -275,10 +279,10 @@ class TestAlertRules:
             assert any(not c["exp_alerts"] for c in mine), f"{rule['alert']} is never seen quiet"
 
     def test_the_job_name_the_rules_select_is_the_documented_one(self) -> None:
-        """absent() and up need the scrape job's name; the README tells operators which."""
+        """absent() and up need the scrape job's name; the operations page tells which."""
         selected = {j for rule in _rules() for j in re.findall(r'job="([^"]+)"', rule["expr"])}
         assert selected == {JOB}
-        assert f"job_name: {JOB}" in README.read_text()
+        assert f"job_name: {JOB}" in OPERATIONS.read_text()
 
 
 # --- the dashboard --------------------------------------------------------------------------------
