@@ -32,7 +32,8 @@ demo: $(STAMP)
 	@echo "The command is $(BIN)/seedance-archiver (or run \`. $(BIN)/activate\` first):" \
 		"try \`$(BIN)/seedance-archiver list\`, or \`make try\` for a trial you feed yourself."
 
-## try: the simulator and the daemon together on SQLite + ./archive, until Ctrl-C; you insert ids
+## try: the simulator and the daemon together on ./seedance-archiver-try.db and ./archive-try,
+## until Ctrl-C; you insert ids
 try: $(STAMP)
 	$(BIN)/seedance-archiver try
 

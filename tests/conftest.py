@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import random
 import socket
 import time
 import uuid
@@ -48,17 +49,24 @@ def _logging_per_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     root.setLevel(level)
 
 
+# Below Linux's ephemeral range (32768-60999 by default): no port the kernel hands out, for a
+# client connection or a bind to port 0, ever lands here, so a port found free stays free until
+# the process it is meant for binds it, seconds later.
+FIXED_PORTS = range(20_000, 32_000)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on now, outside the ephemeral range (FIXED_PORTS)."""
+    return free_ports(1)
 
 
 def free_ports(count: int) -> int:
     """The first of ``count`` consecutive loopback ports nothing listens on right now: for
-    ``run --processes N``, whose process ``i`` serves ``SEEDANCE_HTTP_PORT + i``."""
+    ``run --processes N``, whose process ``i`` serves ``SEEDANCE_HTTP_PORT + i``. Picked outside
+    the ephemeral range: another test's connections cannot take one before that process starts."""
+    chooser = random.Random()
     for _ in range(100):
-        first = free_port()
+        first = chooser.randrange(FIXED_PORTS.start, FIXED_PORTS.stop - count)
         with contextlib.ExitStack() as held:
             try:
                 for port in range(first, first + count):

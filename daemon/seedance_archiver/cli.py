@@ -44,9 +44,9 @@ READS_CHECK = (
     "boto3's AWS_* for S3), and validates every other SEEDANCE_* setting as `run` would."
 )
 READS_TRY = (
-    "Reads SEEDANCE_DATABASE_URL and SEEDANCE_ARCHIVE_URL (defaults: ./seedance-archiver.db and "
-    "./archive) and SEEDANCE_PROVIDER; the provider, its key, the URL rules and the cadences are "
-    "the trial's own."
+    "Reads SEEDANCE_PROVIDER (which API the simulator plays) and SEEDANCE_HTTP_PORT; the database "
+    "(./seedance-archiver-try.db), the archive (./archive-try), the key, the URL rules and the "
+    "cadences are the trial's own, whatever the other settings say."
 )
 
 
@@ -136,8 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     trial = verb(
         "try",
-        "a trial on this machine: the simulator and the daemon together, until Ctrl-C; insert "
-        "task ids with SQL (or `add`) and watch them archived",
+        "a trial on this machine: the simulator and the daemon together on files of their own, "
+        "until Ctrl-C; insert task ids with SQL (or `add`) and watch them archived",
         READS_TRY,
     )
     trial.add_argument(

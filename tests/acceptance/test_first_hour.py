@@ -70,8 +70,9 @@ def rows(db: pathlib.Path) -> dict[str, dict[str, object]]:
 
 
 class TestTry:
-    """`seedance-archiver try`: the simulator and the daemon together; ids inserted with SQL are
-    archived, and Ctrl-C stops both cleanly."""
+    """`seedance-archiver try`: the simulator and the daemon together, on files of their own
+    (never the table the settings name); ids inserted with SQL are archived, and Ctrl-C stops
+    both cleanly."""
 
     def test_a_trial_run(
         self, tmp_path: pathlib.Path, spawned: list[subprocess.Popen[str]]
@@ -79,7 +80,12 @@ class TestTry:
         child = subprocess.Popen(
             [str(CLI), "try"],
             cwd=tmp_path,
-            env=clean_env(SEEDANCE_LOG_FORMAT="json"),
+            # A real table named by the settings: the trial must leave it alone.
+            env=clean_env(
+                SEEDANCE_LOG_FORMAT="json",
+                SEEDANCE_DATABASE_URL=f"sqlite:///{tmp_path}/production.db",
+                SEEDANCE_ARCHIVE_URL=f"file://{tmp_path}/production-archive",
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -88,10 +94,10 @@ class TestTry:
         assert child.stdout is not None
         out = Lines(child.stdout)
         out.until(r"^seedance-archiver try: a trial on this machine")
-        feed = out.until(r'^  (sqlite3 seedance-archiver\.db "INSERT INTO video_tasks .*")$')
+        feed = out.until(r'^  (sqlite3 seedance-archiver-try\.db "INSERT INTO video_tasks .*")$')
         out.until(r"Ctrl-C stops")
         assert "API key sim-key" in "\n".join(out.seen)
-        db = tmp_path / "seedance-archiver.db"
+        db = tmp_path / "seedance-archiver-try.db"
         ids = ["video_try_1", "video_try_2"]
         with sqlite3.connect(db) as conn:  # as the printed line says, the same SQL
             for task_id in ids:
@@ -105,8 +111,10 @@ class TestTry:
         )
         child.send_signal(signal.SIGINT)
         assert child.wait(timeout=30) == 0
+        assert not (tmp_path / "production.db").exists()
+        assert not (tmp_path / "production-archive").exists()
         for task_id in ids:
-            size = pathlib.Path(tmp_path / "archive" / f"{task_id}.mp4").stat().st_size
+            size = pathlib.Path(tmp_path / "archive-try" / f"{task_id}.mp4").stat().st_size
             assert rows(db)[task_id]["archive_sha256"] == simulator.video_sha256(task_id, size)
 
 
