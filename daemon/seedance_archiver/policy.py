@@ -383,6 +383,12 @@ def why_waiting(task: models.Task, now: dt.datetime, rules: Rules) -> str | None
             f"the skip: not polled before created + {skip:.0f}s, the shortest time a {res} video "
             f"takes (SEEDANCE_EXPECTED_SECONDS_{res.upper()}, or learned)"
         )
+    if due is not None and task.last_polled_at is not None:
+        gap = (due - task.last_polled_at).total_seconds()
+        if not cadence.low - 1 <= gap <= cadence.high + 1:
+            # A daemon with other cadences than these settings (a trial, another replica's):
+            # say what the row says, not what these settings would.
+            return f"the {task.mode} cadence: {gap:.0f} s after the last poll"
     return f"the {task.mode} cadence: every {cadence} s"
 
 

@@ -44,6 +44,13 @@ class TestWhyWaiting:
         row = task(mode="draft", last_polled_at=NOW, next_attempt_at=NOW + seconds(15))
         assert policy.why_waiting(row, NOW, RULES) == "the draft cadence: every 10-20 s"
 
+    def test_a_daemon_of_other_cadences_is_described_by_the_row(self) -> None:
+        """`list` reads its own settings; the daemon may poll on others (a trial, 3-6 s)."""
+        row = task(last_polled_at=NOW, next_attempt_at=NOW + seconds(4))
+        assert policy.why_waiting(row, NOW, RULES) == (
+            "the standard cadence: 4 s after the last poll"
+        )
+
     def test_a_back_off(self) -> None:
         row = task(attempts=3, error="the provider answered HTTP 502 (attempt 3; next try in 120s)")
         why = policy.why_waiting(row, NOW, RULES)
