@@ -77,8 +77,9 @@ class TestTry:
     def test_a_trial_run(
         self, tmp_path: pathlib.Path, spawned: list[subprocess.Popen[str]]
     ) -> None:
+        port = free_port()
         child = subprocess.Popen(
-            [str(CLI), "try"],
+            [str(CLI), "try", "--simulator-port", str(port)],
             cwd=tmp_path,
             # A real table named by the settings: the trial must leave it alone.
             env=clean_env(
@@ -96,7 +97,7 @@ class TestTry:
         out.until(r"^seedance-archiver try: a trial on this machine")
         feed = out.until(r'^  (sqlite3 seedance-archiver-try\.db "INSERT INTO video_tasks .*")$')
         out.until(r"Ctrl-C stops")
-        assert "API key sim-key" in "\n".join(out.seen)
+        assert f"at http://127.0.0.1:{port}, API key sim-key" in "\n".join(out.seen)
         db = tmp_path / "seedance-archiver-try.db"
         ids = ["video_try_1", "video_try_2"]
         with sqlite3.connect(db) as conn:  # as the printed line says, the same SQL
