@@ -158,8 +158,21 @@ def iso(when: float) -> str:
 class TestDriftedAnswers:
     """Side fields drifted from their documented types: every video is archived all the same."""
 
+    @staticmethod
+    def archive(s: Situation, created: float, drift: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Serve each task with its drifted fields, feed them, and return the rows once archived."""
+        for task_id, overrides in drift.items():
+            s.sim.add_task(
+                task_id, created=created, ready_seconds=1, size=SIZE, overrides=overrides
+            )
+            s.feeder.insert(task_id)
+        s.start()
+        rows = s.settle(list(drift))
+        s.assert_archived_intact(rows, list(drift))
+        s.stop()
+        return rows
+
     def test_reseller(self, situation: Callable[..., Situation]) -> None:
-        s = situation(dialect="reseller")
         created = float(int(time.time()) - 30)
         drift = {
             "video_drift_duration_text": {"actualDuration": "5.04"},
@@ -167,22 +180,13 @@ class TestDriftedAnswers:
             "video_drift_created_text": {"created": str(int(created))},
             "video_drift_created_iso": {"created": iso(created)},
         }
-        for task_id, overrides in drift.items():
-            s.sim.add_task(
-                task_id, created=created, ready_seconds=1, size=SIZE, overrides=overrides
-            )
-            s.feeder.insert(task_id)
-        s.start()
-        rows = s.settle(list(drift))
-        s.assert_archived_intact(rows, list(drift))
+        rows = self.archive(situation(dialect="reseller"), created, drift)
         assert rows["video_drift_duration_text"]["actual_duration"] == 5.04
         assert {rows[t]["provider_created_at"][:19] for t in drift} == {
             iso(created)[:19].replace("T", " ")
         }
-        s.stop()
 
     def test_ark(self, situation: Callable[..., Situation]) -> None:
-        s = situation(dialect="ark")
         created = float(int(time.time()) - 30)
         drift = {
             "cgt-drift-updated-ms": {"updated_at": int(time.time() * 1000)},
@@ -190,16 +194,8 @@ class TestDriftedAnswers:
             "cgt-drift-duration-text": {"duration": "5"},
             "cgt-drift-created-iso": {"created_at": iso(created)},
         }
-        for task_id, overrides in drift.items():
-            s.sim.add_task(
-                task_id, created=created, ready_seconds=1, size=SIZE, overrides=overrides
-            )
-            s.feeder.insert(task_id)
-        s.start()
-        rows = s.settle(list(drift))
-        s.assert_archived_intact(rows, list(drift))
+        rows = self.archive(situation(dialect="ark"), created, drift)
         assert rows["cgt-drift-duration-text"]["actual_duration"] == 5.0
-        s.stop()
 
 
 # --- 4. a 200 that is not a video -----------------------------------------------------------------
