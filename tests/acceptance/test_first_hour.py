@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import pytest
@@ -53,10 +53,25 @@ class Lines:
         raise AssertionError(f"no line matching {pattern!r} in: {self.seen}")
 
 
+Spawn = Callable[..., tuple["subprocess.Popen[str]", Lines]]
+
+
 @pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen[str]]]:
+def spawn() -> Iterator[Spawn]:
+    """Start a child whose standard output is read line by line; every one is killed after."""
     children: list[subprocess.Popen[str]] = []
-    yield children
+
+    def start(
+        argv: list[str], env: dict[str, str], cwd: pathlib.Path | None = None
+    ) -> tuple[subprocess.Popen[str], Lines]:
+        child = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        children.append(child)
+        assert child.stdout is not None
+        return child, Lines(child.stdout)
+
+    yield start
     for child in children:
         if child.poll() is None:
             child.kill()
@@ -74,26 +89,18 @@ class TestTry:
     (never the table the settings name); ids inserted with SQL are archived, and Ctrl-C stops
     both cleanly."""
 
-    def test_a_trial_run(
-        self, tmp_path: pathlib.Path, spawned: list[subprocess.Popen[str]]
-    ) -> None:
+    def test_a_trial_run(self, tmp_path: pathlib.Path, spawn: Spawn) -> None:
         port = free_port()
-        child = subprocess.Popen(
+        child, out = spawn(
             [str(CLI), "try", "--simulator-port", str(port)],
-            cwd=tmp_path,
             # A real table named by the settings: the trial must leave it alone.
-            env=clean_env(
+            clean_env(
                 SEEDANCE_LOG_FORMAT="json",
                 SEEDANCE_DATABASE_URL=f"sqlite:///{tmp_path}/production.db",
                 SEEDANCE_ARCHIVE_URL=f"file://{tmp_path}/production-archive",
             ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+            cwd=tmp_path,
         )
-        spawned.append(child)
-        assert child.stdout is not None
-        out = Lines(child.stdout)
         out.until(r"^seedance-archiver try: a trial on this machine")
         feed = out.until(r'^  (sqlite3 seedance-archiver-try\.db "INSERT INTO video_tasks .*")$')
         out.until(r"Ctrl-C stops")
@@ -148,18 +155,11 @@ class TestSimulator:
     """`python -m seedance_archiver.simulator` says where it is, its key and the daemon's
     settings for it, and creates the ids it is asked about."""
 
-    def test_it_says_how_to_use_it(self, spawned: list[subprocess.Popen[str]]) -> None:
+    def test_it_says_how_to_use_it(self, spawn: Spawn) -> None:
         port = free_port()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "seedance_archiver.simulator", "--port", str(port)],
-            env=clean_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+        _, out = spawn(
+            [sys.executable, "-m", "seedance_archiver.simulator", "--port", str(port)], clean_env()
         )
-        spawned.append(child)
-        assert child.stdout is not None
-        out = Lines(child.stdout)
         out.until(rf"the reseller API at http://127\.0\.0\.1:{port}, API key sim-key")
         out.until(rf"export SEEDANCE_API_BASE_URL=http://127\.0\.0\.1:{port}$")
         out.until(r"export SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true")
@@ -197,7 +197,7 @@ class TestFollowing:
         "argv", [("list", "--watch"), ("status", "video_followed", "--follow")], ids=" ".join
     )
     def test_until_it_has_ended(
-        self, tmp_path: pathlib.Path, spawned: list[subprocess.Popen[str]], argv: tuple[str, ...]
+        self, tmp_path: pathlib.Path, spawn: Spawn, argv: tuple[str, ...]
     ) -> None:
         env = clean_env(SEEDANCE_DATABASE_URL=f"sqlite:///{tmp_path}/t.db")
         cli(env, "migrate")
@@ -207,18 +207,14 @@ class TestFollowing:
                 "INSERT INTO video_tasks (task_id, state, polls) VALUES ('video_followed', "
                 "'polling', 1)"
             )
-        child = subprocess.Popen(
-            [str(CLI), *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        spawned.append(child)
-        assert child.stdout is not None
-        Lines(child.stdout).until("polling")
+        child, out = spawn([str(CLI), *argv], env)
+        out.until("polling")
         with sqlite3.connect(db) as conn:
             conn.execute(
                 "UPDATE video_tasks SET state = 'archived', archive_uri = 'file:///a/v.mp4', "
                 "updated_at = '2999-01-01 00:00:00.000000' WHERE task_id = 'video_followed'"
             )
-        Lines(child.stdout).until("archived")
+        out.until("archived")
         assert child.wait(timeout=30) == 0
 
 
