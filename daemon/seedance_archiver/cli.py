@@ -241,6 +241,8 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     command = args.command
     if command == "run":
         settings.resolve_api_key()  # fail before anything starts
+        if settings.callbacks:
+            settings.resolve_callback_token()
         from seedance_archiver import scheduler, supervisor, webhooks
 
         if settings.webhook_url is not None:

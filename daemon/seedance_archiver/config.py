@@ -39,6 +39,10 @@ DATABASE_URL_CREDENTIAL = "seedance-database-url"
 DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
 # Name of the systemd credential (LoadCredential=seedance-webhook-secret:...) holding the secrets.
 WEBHOOK_SECRET_CREDENTIAL = "seedance-webhook-secret"
+# Name of the systemd credential (LoadCredential=seedance-callback-token:...) holding the token.
+CALLBACK_TOKEN_CREDENTIAL = "seedance-callback-token"
+# A callback token is part of a URL path: unreserved characters only, and long enough not to guess.
+CALLBACK_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{32,256}")
 # NoDecode: the value is "min-max" text, not JSON (pydantic-settings JSON-decodes complex types).
 CadenceSetting = Annotated[
     models.Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(models.Cadence.parse)
@@ -157,8 +161,14 @@ class Settings(DatabaseSettings):
     webhook_timeout_seconds: float = pydantic.Field(default=10.0, gt=0, le=300)
     webhook_concurrency: int = pydantic.Field(default=8, ge=1, le=256)
 
-    # Serve POST /callbacks/{provider} on the HTTP port: a provider's callback makes its row due now.
+    # Serve POST /callbacks/{provider}/{token} on the HTTP port: a provider's callback makes its
+    # row due sooner (never sooner than its mode's shortest interval after its last poll).
     callbacks: bool = False
+    # The secret path segment of the callback URL (use resolve_callback_token()).
+    callback_token: pydantic.SecretStr | None = None
+    callback_token_file: pathlib.Path | None = None
+    # Connections the HTTP port holds at once (callbacks, /metrics, /readyz); beyond it, 503.
+    http_max_connections: int = pydantic.Field(default=100, ge=1, le=10_000)
 
     @pydantic.model_validator(mode="before")
     @classmethod
@@ -287,6 +297,34 @@ class Settings(DatabaseSettings):
         if not secrets:
             raise errors.ConfigError(f"invalid setting {ENV_PREFIX}WEBHOOK_SECRET: it is empty")
         return secrets
+
+    def resolve_callback_token(self) -> str:
+        """The callback token from SEEDANCE_CALLBACK_TOKEN, its _FILE, or the systemd credential.
+
+        It is the last path segment of the URL a provider POSTs to (``/callbacks/ark/<token>``):
+        32 to 256 unreserved characters (``openssl rand -hex 32`` makes one).
+        """
+        name = f"{ENV_PREFIX}CALLBACK_TOKEN"
+        if self.callback_token is not None:
+            text = self.callback_token.get_secret_value().strip()
+        elif self.callback_token_file is not None:
+            text = _read_secret_file(self.callback_token_file, f"{name}_FILE")
+            name = f"{name}_FILE"
+        elif (cred := _credential(CALLBACK_TOKEN_CREDENTIAL)) is not None:
+            text = _read_secret_file(cred, f"credential {CALLBACK_TOKEN_CREDENTIAL}")
+            name = f"credential {CALLBACK_TOKEN_CREDENTIAL}"
+        else:
+            raise errors.ConfigError(
+                f"missing setting {name} (or {name}_FILE, or the systemd credential "
+                f"{CALLBACK_TOKEN_CREDENTIAL}): {ENV_PREFIX}CALLBACKS is true, and a callback URL "
+                "without a secret lets anyone who reaches the port steer polling"
+            )
+        if not CALLBACK_TOKEN_PATTERN.fullmatch(text):
+            raise errors.ConfigError(
+                f"invalid setting {name}: expected 32 to 256 of the characters A-Z a-z 0-9 . _ ~ - "
+                "(it is part of the callback URL's path; `openssl rand -hex 32` makes one)"
+            )
+        return text
 
     def public_summary(self) -> dict[str, Any]:
         """The settings worth logging at start, with every secret left out or masked."""
@@ -447,7 +485,7 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 
 # Settings whose value is a secret: shown masked, never in clear.
-SECRET_SETTINGS = frozenset({"api_key", "webhook_secret"})
+SECRET_SETTINGS = frozenset({"api_key", "webhook_secret", "callback_token"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,7 +507,7 @@ def effective(settings: Settings, environ: Mapping[str, str] | None = None) -> l
         variable = f"{ENV_PREFIX}{name.upper()}"
         source = "environment" if variable in present else "default"
         value: object = getattr(settings, name)
-        if name in ("api_key", "webhook_secret", "database_url"):
+        if name in ("api_key", "webhook_secret", "callback_token", "database_url"):
             value, source = _resolved(settings, name, source)
         elif name == "api_base_url" and source == "default":
             source = f"default (for SEEDANCE_PROVIDER={settings.provider})"
@@ -483,6 +521,7 @@ def _resolved(settings: Settings, name: str, source: str) -> tuple[object, str]:
     credential = {
         "api_key": API_KEY_CREDENTIAL,
         "webhook_secret": WEBHOOK_SECRET_CREDENTIAL,
+        "callback_token": CALLBACK_TOKEN_CREDENTIAL,
         "database_url": DATABASE_URL_CREDENTIAL,
     }[name]
     if source == "environment":

@@ -57,9 +57,16 @@ class Metrics:
         )
         self.callbacks = prom.Counter(
             "seedance_callbacks",
-            "Provider callbacks received: 'hastened' made a row due now; 'ignored' were malformed, "
-            "unknown, finished, leased or due already.",
+            "Provider callbacks received: 'hastened' made a row due sooner; 'ignored' were "
+            "malformed, unknown, finished, leased, due already or polled too recently; 'refused' "
+            "had no or a wrong token (answered 404); 'busy' found the queue full (answered 503).",
             ["outcome"],
+            registry=r,
+        )
+        self.http_connections_refused = prom.Counter(
+            "seedance_http_connections_refused",
+            "Connections to the HTTP port answered 503 and closed at once: "
+            "SEEDANCE_HTTP_MAX_CONNECTIONS were open already.",
             registry=r,
         )
         self.tasks_at_risk = prom.Gauge(

@@ -12,6 +12,7 @@ import enum
 import json
 import math
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -329,6 +330,22 @@ _TASK_INDEX = {name: index for index, name in enumerate(TASK_FIELDS)}
 # ix_video_tasks_due serves; claim_key turns it into a sort key for Task snapshots.
 CLAIM_ORDER: tuple[tuple[str, bool], ...] = (("expires_at", True), ("next_attempt_at", False))
 _NEVER = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def hastened_poll_at(
+    mode: str,
+    last_polled_at: dt.datetime | None,
+    now: dt.datetime,
+    cadences: Mapping[str, Cadence],
+) -> dt.datetime:
+    """When a provider's callback may make a row due: now, but never sooner than its mode's
+    shortest interval after its last poll (a flood of callbacks polls no faster than the cadence).
+    A mode the cadences do not name gets the longest of their shortest intervals."""
+    if last_polled_at is None:
+        return now
+    cadence = cadences.get(mode)
+    low = cadence.low if cadence is not None else max(c.low for c in cadences.values())
+    return max(now, last_polled_at + dt.timedelta(seconds=low))
 
 
 def claim_key(task: Task) -> tuple[tuple[bool, dt.datetime], ...]:

@@ -24,6 +24,7 @@ import structlog
 import seedance_archiver
 from seedance_archiver import (
     archive,
+    callbacks,
     config,
     errors,
     metrics,
@@ -317,11 +318,23 @@ class Daemon:
     async def _serve(self) -> None:
         if self.settings.http_port:
             svc, task_store = self._parts()
-            callback = None
+            endpoint = None
             if self.settings.callbacks:
-                callback = providers.CALLBACKS[self.settings.provider]
+                hastener = callbacks.Hastener(
+                    task_store, svc.provider.name, self.settings.cadences(), svc.clock, svc.metrics
+                )
+                endpoint = web.Callbacks(
+                    providers.CALLBACKS[self.settings.provider],
+                    self.settings.resolve_callback_token(),
+                    hastener,
+                )
             self._server = web.WebServer(
-                svc, task_store, self.settings.http_host, self.settings.http_port, callback
+                svc,
+                task_store,
+                self.settings.http_host,
+                self.settings.http_port,
+                endpoint,
+                max_connections=self.settings.http_max_connections,
             )
             await self._server.start()
 

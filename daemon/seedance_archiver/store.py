@@ -130,7 +130,17 @@ class Store(Protocol):
 
     def add(self, task_id: str, mode: str = ...) -> bool: ...
 
-    def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool: ...
+    def hasten(
+        self,
+        task_ids: Iterable[str],
+        now: dt.datetime,
+        provider_name: str,
+        cadences: Mapping[str, models.Cadence],
+    ) -> int:
+        """Make active, free rows of ``provider_name`` (or unstamped) due at
+        :func:`models.hastened_poll_at` where that is sooner than their due time: providers'
+        callbacks say they changed. The number of rows moved."""
+        ...
 
     def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
         """Make every row of ``provider_name`` waiting on a setting due now (a daemon starts: the
@@ -1135,27 +1145,45 @@ class SqlStore:
             raise errors.StoreError(f"database error: {first_line(exc)}") from exc
         return True
 
-    def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool:
-        """Make an active row of ``provider_name`` (or unstamped) due now: a provider's callback
-        says it changed. False if there is no such row, or it is due already or leased.
+    def hasten(
+        self,
+        task_ids: Iterable[str],
+        now: dt.datetime,
+        provider_name: str,
+        cadences: Mapping[str, models.Cadence],
+    ) -> int:
+        """See :meth:`Store.hasten`. Only ``next_attempt_at`` moves: the poll that follows decides.
+        A row a daemon holds is left alone (its work is under way).
 
-        Only ``next_attempt_at`` moves: the poll that follows decides, since callbacks are not
-        signed. A row a daemon holds is left alone (its work is under way).
+        One transaction: read the rows' modes and last polls, then move each whose due time is
+        still what was read (another daemon may have polled it in between).
         """
+        ids = sorted(set(task_ids))
+        if not ids:
+            return 0
         free = sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now))
-        stmt = (
+        read = sa.select(t.c.task_id, t.c.mode, t.c.last_polled_at, t.c.next_attempt_at).where(
+            t.c.task_id.in_(ids), sa.text(models.ACTIVE_SQL), _ours(provider_name), free
+        )
+        move = (
             sa.update(t)
             .where(
-                t.c.task_id == task_id,
-                sa.text(models.ACTIVE_SQL),
-                _ours(provider_name),
-                t.c.next_attempt_at > now,
+                t.c.task_id == sa.bindparam("b_id"),
+                t.c.next_attempt_at == sa.bindparam("b_was"),
                 free,
             )
-            .values(next_attempt_at=now)
+            .values(next_attempt_at=sa.bindparam("b_at"))
         )
         with self._begin() as conn:
-            return int(conn.execute(stmt).rowcount) == 1
+            moves = []
+            for row in conn.execute(read):
+                at = models.hastened_poll_at(row.mode, row.last_polled_at, now, cadences)
+                if row.next_attempt_at is not None and row.next_attempt_at > at:
+                    moves.append({"b_id": row.task_id, "b_was": row.next_attempt_at, "b_at": at})
+            moved = 0
+            for params in moves:  # few rows: one UPDATE each keeps the count exact
+                moved += int(conn.execute(move, params).rowcount)
+        return moved
 
     def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
         free = sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < self._lease_clock(now))

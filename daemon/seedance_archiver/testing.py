@@ -83,19 +83,29 @@ class FakeStore:
     def get(self, task_id: str) -> models.Task | None:
         return self.rows.get(task_id)
 
-    def hasten(self, task_id: str, now: dt.datetime, provider_name: str) -> bool:
-        task = self.rows.get(task_id)
-        if (
-            task is None
-            or task.is_terminal
-            or task.provider not in (None, provider_name)
-            or task.next_attempt_at is None
-            or task.next_attempt_at <= now
-            or (task.lease_expires_at is not None and task.lease_expires_at >= now)
-        ):
-            return False
-        self.rows[task_id] = task.replace(next_attempt_at=now)
-        return True
+    def hasten(
+        self,
+        task_ids: Iterable[str],
+        now: dt.datetime,
+        provider_name: str,
+        cadences: Mapping[str, models.Cadence],
+    ) -> int:
+        moved = 0
+        for task_id in set(task_ids):
+            task = self.rows.get(task_id)
+            if (
+                task is None
+                or task.is_terminal
+                or task.provider not in (None, provider_name)
+                or task.next_attempt_at is None
+                or (task.lease_expires_at is not None and task.lease_expires_at >= now)
+            ):
+                continue
+            at = models.hastened_poll_at(task.mode, task.last_polled_at, now, cadences)
+            if task.next_attempt_at > at:
+                self.rows[task_id] = task.replace(next_attempt_at=at)
+                moved += 1
+        return moved
 
     def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
         woken = 0

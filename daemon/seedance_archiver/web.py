@@ -5,15 +5,22 @@
 - ``/readyz``: the database answers, the archive storage answers, the provider accepts the API
   key and is not in an outage (``outage.py``); 503 with the failing checks otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py``).
-- ``POST /callbacks/{provider}`` (only with SEEDANCE_CALLBACKS=true, for a provider that sends
-  callbacks): the task the body names becomes due now. Callbacks are not signed, so that is all one
-  can do; the poll that follows is the truth. Every callback is answered 204, a malformed or unknown
-  one too (a provider that gets errors retries), and counted.
+- ``POST /callbacks/{provider}/{token}`` (only with SEEDANCE_CALLBACKS=true, for a provider that
+  sends callbacks): the task the body names becomes due sooner (``callbacks.py``). A wrong or
+  missing token is answered 404, as any unknown path, counted, and logged at most once a minute.
+  Every other callback is answered 204, a malformed or unknown one too (a provider that gets errors
+  retries), and counted; 503 with ``Retry-After`` when the queue of callbacks is full.
+
+At most SEEDANCE_HTTP_MAX_CONNECTIONS connections are open at once: one more is answered 503 and
+closed, so no flood of connections can use up the process's file descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import hmac
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,16 +28,65 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from seedance_archiver import errors, metrics, policy, service, store, utils
+from seedance_archiver import callbacks, errors, metrics, policy, service, store, utils
 
 log = structlog.get_logger(__name__)
 
 HEALTHY_TICK_AGE_SECONDS = 30.0
 CHECK_TIMEOUT_SECONDS = 5.0
 CALLBACK_MAX_BYTES = 64 * 1024  # a task's state is a few hundred bytes; more is not a callback
+REFUSED_LOG_SECONDS = 60.0  # refused callbacks are logged at most this often (and always counted)
+MAX_CONNECTIONS = 100
+# An idle keep-alive connection is closed after this long: idle ones must not hold the cap.
+KEEPALIVE_SECONDS = 15.0
+OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n"
+)
 
 # Reads the task id out of a provider's callback body; None when it is not one.
 CallbackReader = Callable[[bytes], str | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Callbacks:
+    """What ``POST /callbacks/{provider}/{token}`` needs: the provider's body reader, the secret
+    path segment, and the hastener that writes what callbacks ask for."""
+
+    read: CallbackReader
+    token: str
+    hastener: callbacks.Hastener
+
+    def accepts(self, given: str) -> bool:
+        """``given`` is the token, compared in constant time (lengths too: digests compared)."""
+        digest = hashlib.sha256
+        return hmac.compare_digest(
+            digest(given.encode()).digest(), digest(self.token.encode()).digest()
+        )
+
+
+class _Refuse(asyncio.Protocol):
+    """A connection beyond the cap: answered 503 and closed before any request is read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(OVER_CAPACITY)
+        transport.close()
+
+
+class _Capped:
+    """aiohttp's protocol factory, with at most ``limit`` connections open at once."""
+
+    def __init__(self, server: web.Server, limit: int, refused: Callable[[], None]) -> None:
+        self.server = server
+        self.limit = limit
+        self.refused = refused
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.server.connections) >= self.limit:
+            self.refused()
+            return _Refuse()
+        return self.server()
 
 
 class WebServer:
@@ -42,37 +98,62 @@ class WebServer:
         task_store: store.Store,
         host: str,
         port: int,
-        callback: CallbackReader | None = None,
+        callbacks: Callbacks | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.svc = svc
         self.store = task_store
         self.host = host
         self.port = port
-        self.callback = callback
+        self.callbacks = callbacks
+        self.max_connections = max_connections
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._hastening: asyncio.Task[None] | None = None
+        self._refused_unlogged = 0
+        self._refused_logged_at: float | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=CALLBACK_MAX_BYTES)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
-        if self.callback is not None:
-            app.router.add_post(f"/callbacks/{self.svc.provider.name}", self.on_callback)
+        if self.callbacks is not None:
+            path = f"/callbacks/{self.svc.provider.name}"
+            app.router.add_post(path, self.on_callback)  # no token: refused, and counted
+            app.router.add_post(path + "/{token:.*}", self.on_callback)
         return app
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, keepalive_timeout=KEEPALIVE_SECONDS
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        if server is not None and self.port == 0:
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        assert self._runner.server is not None
+        factory = _Capped(self._runner.server, self.max_connections, self._over_capacity)
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(factory, self.host, self.port, reuse_address=True)
+        if self.port == 0:
+            self.port = self._listener.sockets[0].getsockname()[1]
+        if self.callbacks is not None:
+            self._hastening = loop.create_task(self.callbacks.hastener.run())
         log.info("http_listening", host=self.host, port=self.port)
 
     async def stop(self) -> None:
+        if self._hastening is not None:
+            self._hastening.cancel()
+            await asyncio.gather(self._hastening, return_exceptions=True)
+            assert self.callbacks is not None
+            self.callbacks.hastener.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._listener is not None:
+            await self._listener.wait_closed()
+
+    def _over_capacity(self) -> None:
+        self.svc.metrics.http_connections_refused.inc()
 
     async def healthz(self, request: web.Request) -> web.Response:
         last = self.svc.last_tick_at
@@ -114,28 +195,43 @@ class WebServer:
         )
 
     async def on_callback(self, request: web.Request) -> web.Response:
-        """Make the row a callback names due now; 204 whatever the body (see the module doc)."""
-        assert self.callback is not None
-        outcome = "ignored"
+        """Queue the task a callback names for a sooner poll (see the module doc)."""
+        assert self.callbacks is not None
+        if not self.callbacks.accepts(request.match_info.get("token", "")):
+            self._refused(request)
+            raise web.HTTPNotFound()
         try:
-            task_id = self.callback(await request.read())
-            if task_id is not None and policy.task_id_problem(task_id) is not None:
-                task_id = None  # no row can hold it; and it is not logged, whatever it is
-            if task_id is not None:
-                hastened = await self.svc.db(
-                    self.store.hasten, task_id, self.svc.clock(), self.svc.provider.name
-                )
-                outcome = "hastened" if hastened else "ignored"
-                log.info("callback_received", task_id=task_id, hastened=hastened)
-            else:
-                log.info("callback_ignored", reason="not a task's state")
+            task_id = self.callbacks.read(await request.read())
         except web.HTTPRequestEntityTooLarge:
-            log.info("callback_ignored", reason="body too large")
-        except errors.StoreError as exc:
-            # The row's own cadence still finds it; the provider need not retry.
-            log.warning("callback_not_applied", error=str(exc))
-        self.svc.metrics.callbacks.labels(outcome=outcome).inc()
+            task_id = None
+        if task_id is not None and policy.task_id_problem(task_id) is not None:
+            task_id = None  # no row can hold it; and it is not logged, whatever it is
+        if task_id is None:
+            self.svc.metrics.callbacks.labels(outcome="ignored").inc()
+            return web.Response(status=204)
+        if self.callbacks.hastener.offer(task_id) is callbacks.Offer.BUSY:
+            return web.Response(
+                status=503, headers={"Retry-After": str(callbacks.RETRY_AFTER_SECONDS)}
+            )
         return web.Response(status=204)
+
+    def _refused(self, request: web.Request) -> None:
+        """Count a callback without the token; log it at most once per REFUSED_LOG_SECONDS."""
+        self.svc.metrics.callbacks.labels(outcome="refused").inc()
+        self._refused_unlogged += 1
+        now = time.monotonic()
+        last = self._refused_logged_at
+        if last is not None and now - last < REFUSED_LOG_SECONDS:
+            return
+        log.warning(
+            "callbacks_refused",
+            reason="no or a wrong token in the callback URL",
+            refused=self._refused_unlogged,
+            last_peer=request.remote,
+            logged_at_most_every_s=REFUSED_LOG_SECONDS,
+        )
+        self._refused_unlogged = 0
+        self._refused_logged_at = now
 
     @staticmethod
     async def _check(awaitable: Any) -> str:

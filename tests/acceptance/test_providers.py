@@ -7,6 +7,7 @@ import datetime as dt
 import pathlib
 import re
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -118,8 +119,13 @@ def _post(url: str, data: bytes) -> int:
         return int(response.status)
 
 
+CALLBACK_TOKEN = "acceptance-callback-token-0123456789"
+LOW = 10  # seconds: the standard mode's shortest interval in TestArkCallbacks
+
+
 class TestArkCallbacks:
-    """A callback makes its row due now; the poll that follows is the truth."""
+    """A callback makes its row due as soon as its cadence allows; the poll that follows is the
+    truth."""
 
     TASK_ID = "cgt-20261202-callback"
 
@@ -133,14 +139,16 @@ class TestArkCallbacks:
                 **base_env(sim.url, f"sqlite:///{db}", f"file://{tmp_path}/archive"),
                 "SEEDANCE_PROVIDER": "ark",
                 "SEEDANCE_CALLBACKS": "true",
+                "SEEDANCE_CALLBACK_TOKEN": CALLBACK_TOKEN,
                 "SEEDANCE_HTTP_PORT": str(port),
-                "SEEDANCE_POLL_STANDARD": "30-60",
+                "SEEDANCE_POLL_STANDARD": f"{LOW}-600",
             }
             feeder = SqliteFeeder(db)
             cli(env, "migrate")
             daemon = start_daemon(env)
             wait_for(lambda: "http_listening" in daemon.log(), timeout=30, what="the HTTP port")
-            # Ready 3 s after creation: well after the intake poll, long before a 30 s cadence.
+            # Ready 3 s after creation: well after the intake poll, well before its shortest
+            # interval has passed.
             sim.simulator.add_task(self.TASK_ID, queued_seconds=0.3, ready_seconds=3.0)
             feeder.insert(self.TASK_ID)
             wait_for(
@@ -148,33 +156,53 @@ class TestArkCallbacks:
                 timeout=30,
                 what="the intake poll",
             )
-            scheduled = feeder.rows()[self.TASK_ID]["next_attempt_at"]
+            intake = feeder.rows()[self.TASK_ID]
+            scheduled = intake["next_attempt_at"]
             wait_for(
                 lambda: sim.simulator.tasks[self.TASK_ID].status(time.time()) == "completed",
                 timeout=30,
                 what="the task to finish at the provider",
             )
-            callback_url = f"http://127.0.0.1:{port}/callbacks/ark"
+            callback_url = f"http://127.0.0.1:{port}/callbacks/ark/{CALLBACK_TOKEN}"
             # Malformed and unknown callbacks are answered 2xx, ignored and counted.
             assert _post(callback_url, b"not json") == 204
             assert _post(callback_url, b'{"id": "cgt-unknown", "status": "succeeded"}') == 204
-            assert _metric(port, "seedance_callbacks_total", "ignored") == 2.0
+            wait_for(
+                lambda: _metric(port, "seedance_callbacks_total", "ignored") == 2.0,
+                timeout=20,
+                what="the malformed and the unknown callback counted",
+            )
 
             started = time.monotonic()
             assert sim.simulator.send_callback(self.TASK_ID, callback_url) == 204
+            # Due sooner, but no sooner than the mode's shortest interval after the intake poll.
+            hastened = wait_for(
+                lambda: (
+                    (due := feeder.rows()[self.TASK_ID]["next_attempt_at"]) != scheduled and due
+                ),
+                timeout=20,
+                what="the row made due sooner",
+            )
+            assert _utc(str(hastened)) == _utc(intake["last_polled_at"]) + dt.timedelta(seconds=LOW)
+            assert _utc(str(hastened)) < _utc(scheduled)
             wait_for(
                 lambda: feeder.rows()[self.TASK_ID]["state"] == "archived",
-                timeout=20,
+                timeout=LOW + 20,
                 what="the archive after the callback",
             )
             delay = time.monotonic() - started
             assert _metric(port, "seedance_callbacks_total", "hastened") == 1.0
+            # Without the token: 404, as for any unknown path, and nothing moves.
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                _post(f"http://127.0.0.1:{port}/callbacks/ark", b'{"id": "cgt-unknown"}')
+            assert refused.value.code == 404
+            assert _metric(port, "seedance_callbacks_total", "refused") == 1.0
             assert daemon.terminate() == 0, daemon.log()[-3000:]
 
         row = feeder.rows()[self.TASK_ID]
-        # One poll after the callback, and the archive came before the poll the cadence had set.
+        # One poll after the callback, at the time it set.
         assert row["polls"] == 2
-        assert _utc(row["archived_at"]) < _utc(scheduled)
+        assert _utc(row["last_polled_at"]) >= _utc(str(hastened))
         print(f"callback-to-archive delay: {delay:.3f} s")
 
 

@@ -359,28 +359,6 @@ class TestProviderColumn:
         later = now + dt.timedelta(minutes=10)
         assert sql_store.claim_due("daemon-r", later, LEASE_S, 10, provider_name="reseller") == []
 
-    def test_hasten_makes_a_waiting_row_due_now(
-        self, engine: sa.Engine, sql_store: store.SqlStore
-    ) -> None:
-        now = utils.utcnow()
-        later = now + dt.timedelta(minutes=1)
-        insert(engine, "cgt-wait", state="polling", next_attempt_at=later, provider="ark")
-        insert(engine, "cgt-done", state="archived", next_attempt_at=later)
-        insert(engine, "video_r", state="polling", next_attempt_at=later, provider="reseller")
-        insert(
-            engine,
-            "cgt-leased",
-            state="polling",
-            next_attempt_at=later,
-            lease_owner="someone",
-            lease_expires_at=later,
-        )
-        assert sql_store.hasten("cgt-wait", now, "ark") is True
-        for task_id in ("cgt-done", "video_r", "cgt-leased", "cgt-unknown"):
-            assert sql_store.hasten(task_id, now, "ark") is False, task_id
-        assert sql_store.hasten("cgt-wait", now, "ark") is False  # due already
-        assert ids(sql_store.claim_due("d", now, LEASE_S, 10, provider_name="ark")) == {"cgt-wait"}
-
 
 class TestLeases:
     """save, renew and release act only on the leases their owner holds."""

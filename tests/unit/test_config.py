@@ -523,3 +523,59 @@ class TestProvider:
         monkeypatch.setenv("SEEDANCE_PROVIDER", "ark")
         monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
         assert config.load().callbacks is True
+
+
+class TestCallbackToken:
+    """With callbacks on, the daemon does not start without a token fit for a URL path."""
+
+    TOKEN = "callback-token-for-tests-0123456789abcdef"
+
+    @pytest.fixture(autouse=True)
+    def ark_with_callbacks(self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+        monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+        monkeypatch.setenv("SEEDANCE_PROVIDER", "ark")
+        monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
+        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+        monkeypatch.setenv("SEEDANCE_DATABASE_URL", f"sqlite:///{tmp_path}/tasks.db")
+
+    def test_from_the_variable_file_or_credential(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    ) -> None:
+        (tmp_path / "seedance-callback-token").write_text(self.TOKEN + "\n", encoding="utf-8")
+        monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+        assert config.load().resolve_callback_token() == self.TOKEN
+        (tmp_path / "token").write_text("f" * 32, encoding="utf-8")
+        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN_FILE", str(tmp_path / "token"))
+        assert config.load().resolve_callback_token() == "f" * 32
+        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", "v" * 32)
+        assert config.load().resolve_callback_token() == "v" * 32
+
+    def test_run_stops_without_one(
+        self, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert cli.main(["run"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        assert "missing setting SEEDANCE_CALLBACK_TOKEN" in err
+        assert not (tmp_path / "tasks.db").exists()
+
+    @pytest.mark.parametrize(
+        "token", ["short-token", "a" * 31, "has/a/slash" * 4, "with spaces " * 4, "é" * 40]
+    )
+    def test_run_stops_on_a_bad_one_and_never_shows_it(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], token: str
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", token)
+        assert cli.main(["run"]) == 2
+        captured = capsys.readouterr()
+        assert len(captured.err.splitlines()) == 1
+        assert "invalid setting SEEDANCE_CALLBACK_TOKEN" in captured.err
+        assert token.strip() not in captured.err + captured.out
+
+    def test_config_masks_it(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", self.TOKEN)
+        assert cli.main(["config"]) == 0
+        out = capsys.readouterr().out
+        assert "SEEDANCE_CALLBACK_TOKEN" in out and self.TOKEN not in out
