@@ -524,7 +524,7 @@ def _check_all(sql_store: store.Store, settings: config.Settings) -> int:
     try:
         sql_store.check_schema()
     except errors.StoreError as exc:
-        print(f"database: {exc}")
+        print(f"database: {views.printable(str(exc))}")
         return 1
     print("database: ok")
     from seedance_archiver import archive
@@ -532,7 +532,7 @@ def _check_all(sql_store: store.Store, settings: config.Settings) -> int:
     try:
         asyncio.run(archive.from_url(settings.archive_url).check())
     except errors.ArchiveError as exc:
-        print(f"archive: {exc}")
+        print(f"archive: {views.printable(str(exc))}")
         return 1
     print("archive: ok")
     now = utils.utcnow()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,11 +31,35 @@ def task_dict(task: models.Task, show_secrets: bool = False) -> dict[str, Any]:
 
 
 def to_json(value: Any) -> str:
+    # ensure_ascii (the default) writes every control and format character as \uXXXX: JSON output
+    # is as safe on a terminal as the tables.
     return json.dumps(value, indent=2, sort_keys=True, default=str)
 
 
+# Unicode categories a terminal must never receive raw from a provider's answer or a feeder's row:
+# controls (Cc: C0, DEL, C1, so ESC sequences that clear the screen or move the cursor, and CR that
+# rewrites a line), format characters (Cf: the bidi overrides such as U+202E that reorder what is
+# shown, zero-width characters that hide text), line and paragraph separators (Zl, Zp) and lone
+# surrogates (Cs, which cannot even be encoded). Every other character, é and 日本 included, is kept.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: each character of :data:`_UNSAFE_CATEGORIES` written
+    as a visible escape (``\\x1b``, ``\\r``, ``\\u202e``), so no answer can move the cursor,
+    rewrite the screen or reverse a line."""
+    if text.isprintable():  # no Cc, Cf, Zl, Zp or Cs (nor anything else unusual): the common case
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in _UNSAFE_CATEGORIES
+        else ch
+        for ch in text
+    )
+
+
 def _cell(value: object, width: int = 60) -> str:
-    text = "" if value is None else str(value).replace("\n", " ")
+    text = "" if value is None else printable(str(value))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -125,7 +150,9 @@ def detail(
         if rules is not None:
             data["why"] = _where_or_why(task, now, rules, show_secrets)
     width = max(len(k) for k in data)
-    return "\n".join(f"{k.ljust(width)}  {'' if v is None else v}" for k, v in data.items())
+    return "\n".join(
+        f"{k.ljust(width)}  {'' if v is None else printable(str(v))}" for k, v in data.items()
+    )
 
 
 WEBHOOK_COLUMNS = ("id", "event", "task_id", "state", "attempts", "last", "next / delivered")
@@ -148,9 +175,9 @@ def webhook_table(events: Sequence[models.OutboxEvent]) -> str:
     rows = [
         (
             str(e.id),
-            e.event,
+            _cell(e.event),
             _cell(e.task_id, 48),
-            e.state,
+            _cell(e.state),
             str(e.attempts),
             _cell(e.last_error or ("" if e.last_status is None else str(e.last_status)), 40),
             _iso(e.delivered_at if e.state == models.Delivery.DELIVERED else e.next_attempt_at)
@@ -216,7 +243,7 @@ def summary(
     oldest = summary.oldest_pending
     if oldest is not None and oldest.inserted_at is not None:
         age = (now - oldest.inserted_at).total_seconds()
-        lines.append(f"oldest pending: {oldest.task_id} (inserted {age:.0f}s ago)")
+        lines.append(f"oldest pending: {printable(oldest.task_id)} (inserted {age:.0f}s ago)")
     else:
         lines.append("oldest pending: none")
     if not daemons:
@@ -228,7 +255,7 @@ def summary(
             else f"{(now - d.last_tick_at).total_seconds():.0f}s ago"
         )
         key = "" if d.api_key_ok else ", API KEY REJECTED"
-        lines.append(f"last tick: {age_text} by {d.owner}{key}")
+        lines.append(f"last tick: {age_text} by {printable(d.owner)}{key}")
     if generation:
         lines.append("")
         lines.append(generation_table(generation))
@@ -253,7 +280,7 @@ def generation_table(generation: Sequence[policy.ModelTimes]) -> str:
 
     rows = [
         (
-            g.model,
+            printable(g.model),
             str(g.samples),
             secs(g.p5),
             secs(g.p50),

@@ -301,6 +301,36 @@ class TestListing:
         assert detail["why"].startswith("back-off after 2 failures")
 
 
+class TestTerminalSafety:
+    """What a provider answered or a feeder inserted reaches the terminal as visible escapes."""
+
+    ERROR = "moderation\x1b[2J\rfake: archived\u202eexe.4pm"
+
+    def test_status_list_and_webhooks_escape_controls(self, table: Table) -> None:
+        task_id = "video_\x1b[31mred"
+        table.sql("INSERT INTO video_tasks (task_id) VALUES (?)", task_id)
+        table.sql(
+            "UPDATE video_tasks SET state = 'failed', error = ?, model = ? WHERE task_id = ?",
+            self.ERROR,
+            "café 日本",
+            task_id,
+        )
+        shown = [
+            table.run("list").out,
+            table.run("list", "--state", "failed").out,
+            table.run("status", task_id).out,
+            table.run("webhooks").out,
+        ]
+        for out in shown:
+            assert not any(ch in out for ch in ("\x1b", "\r", "\u202e")), repr(out)
+            assert "video_\\x1b[31mred" in out, out
+        for out in shown[:3]:
+            assert "moderation\\x1b[2J\\rfake: archived\\u202eexe.4pm" in out, out
+        assert "café 日本" in shown[2]  # ordinary non-ASCII is kept as it is
+        data = json.loads(table.run("status", task_id, "--json").out)
+        assert data["error"] == self.ERROR  # scripts get the exact text, JSON-escaped
+
+
 class TestFeedingFromTheCommandLine:
     """add takes ids as arguments or one per line on standard input."""
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
-from seedance_archiver import config, models, policy, testing, views
+from seedance_archiver import config, models, policy, store, testing, views
 
 NOW = testing.EPOCH
 RULES = policy.Rules.from_settings(config.Settings.model_construct())
@@ -113,3 +114,54 @@ class TestTable:
         text = views.detail(row, now=NOW, rules=RULES)
         assert "next_poll" in text and "in 40s" in text
         assert "the standard cadence: every 30-60 s" in text
+
+
+# What a hostile or broken answer may carry: clear the screen, return to the line's start, reverse
+# the rest of the line (RIGHT-TO-LEFT OVERRIDE), a C1 CSI, DEL, a zero-width space, a line separator.
+HOSTILE = "bad\x1b[2J\rok\u202egnp.exe \x9b31m\x7f\u200b\u2028end"
+RAW = ("\x1b", "\r", "\u202e", "\x9b", "\x7f", "\u200b", "\u2028")
+SHOWN = ("\\x1b[2J", "\\r", "\\u202e", "\\x9b31m", "\\x7f", "\\u200b", "\\u2028")
+
+
+def assert_escaped(text: str) -> None:
+    assert not any(ch in text for ch in RAW), repr(text)
+    for escape in SHOWN:
+        assert escape in text, (escape, text)
+
+
+class TestTerminalSafety:
+    """Nothing a provider or feeder wrote can move the cursor or rewrite the screen."""
+
+    def test_controls_and_format_characters_become_visible_escapes(self) -> None:
+        assert_escaped(views.printable(HOSTILE))
+        assert views.printable("a\tb\nc\x00") == "a\\tb\\nc\\x00"
+
+    def test_ordinary_text_and_non_ascii_are_kept(self) -> None:
+        text = "café 日本語 ü — ok (HTTP 502) \u00a0"
+        assert views.printable(text) == text
+
+    def test_the_list_escapes_errors_and_task_ids(self) -> None:
+        rows = [
+            task(task_id="video_\x1b]0;owned\x07", state="failed", error=HOSTILE),
+            task(task_id="video_ok", state="archived", archive_uri="s3://b/\rvideo_ok.mp4"),
+        ]
+        text = views.table(rows, now=NOW, rules=RULES)
+        assert_escaped(text)
+        assert "video_\\x1b]0;owned\\x07" in text and "s3://b/\\rvideo_ok.mp4" in text
+
+    def test_a_tasks_detail_escapes_every_field(self) -> None:
+        row = task(error=HOSTILE, provider_status="\x1b[31mprocessing", model="m\u202e")
+        text = views.detail(row, now=NOW, rules=None) + views.detail(row, now=NOW, rules=RULES)
+        assert_escaped(text)
+        assert "\\x1b[31mprocessing" in text and "m\\u202e" in text
+
+    def test_the_summary_and_the_webhook_list_escape_what_they_show(self) -> None:
+        oldest = task(task_id="video_\x1b[2J", state="pending", inserted_at=NOW)
+        summary = views.summary(store.Summary({"pending": 1}, 0, oldest), [], NOW)
+        assert "video_\\x1b[2J" in summary and "\x1b" not in summary
+        times = [policy.ModelTimes("seedance\u202e", 0, None, None, None, None, False)]
+        assert "seedance\\u202e" in views.generation_table(times)
+        event = models.OutboxEvent(1, "msg_1", "video_\r\x1b[2J", "task.failed", "{}", NOW)
+        event = dataclasses.replace(event, last_error=HOSTILE)
+        listed = views.webhook_table([event])
+        assert "video_\\r\\x1b[2J" in listed and "\x1b" not in listed and "\r" not in listed
