@@ -1,8 +1,9 @@
 """structlog set-up: JSON lines when not on a TTY, readable console output on one.
 
 A last processor redacts every URL it finds, of any scheme and at any depth (nested dicts, lists,
-tuples, exception objects and the rendered traceback): a signed link loses its query string and a DSN
-its password, even if someone logs it by mistake. Library log lines through stdlib logging get the
+tuples, exception objects and the rendered traceback): a signed link loses its query string and any
+signature in its path (``utils.redact_url``'s table of shapes), and a DSN its password, even if
+someone logs it by mistake. Library log lines through stdlib logging get the
 same treatment.
 """
 

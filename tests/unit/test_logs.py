@@ -34,11 +34,95 @@ class TestRedaction:
         assert utils.redact_url("https://h/p/q.mp4") == "https://h/p/q.mp4"
 
 
+HMAC = "0123456789abcdef0123456789abcdef"  # an MD5 / HMAC's hex digest: the secret in each link
+B64 = "Zm9vYmFyYmF6cXV4cXV1eDEyMzQ1Njc4OTAtXw"  # a base64url signature
+
+
+class TestSignaturesInThePath:
+    """Signing tokens some CDNs put in a link's path (not its query) are redacted too."""
+
+    @pytest.mark.parametrize(
+        ("url", "redacted"),
+        [
+            (  # Akamai Token Auth 2.0 as a path segment (its acl holds a slash)
+                f"https://a.akamaihd.net/hdnts=exp=1700000000~acl=/*~hmac={HMAC}/v/a.mp4",
+                "https://a.akamaihd.net/<redacted>/<redacted>/v/a.mp4",
+            ),
+            (
+                f"https://a.akamaihd.net/__hdnea__=st=1~exp=2~hmac={HMAC}/v/a.mp4",
+                "https://a.akamaihd.net/<redacted>/v/a.mp4",
+            ),
+            (  # bunny.net token authentication, path form
+                f"https://x.b-cdn.net/bcdn_token={B64}&expires=1700000000&token_path=%2F/v.mp4",
+                "https://x.b-cdn.net/<redacted>/v.mp4",
+            ),
+            (f"https://cdn.example/token={B64}/v.mp4", "https://cdn.example/<redacted>/v.mp4"),
+            (
+                f"https://cdn.example/v/X-Amz-Signature={HMAC}/a.mp4",
+                "https://cdn.example/v/<redacted>/a.mp4",
+            ),
+            (
+                f"https://cdn.example/v/token%3D{B64}/a.mp4",  # percent-encoded "="
+                "https://cdn.example/v/<redacted>/a.mp4",
+            ),
+            (  # a key segment, then its value
+                f"https://cdn.example/sig/{B64}/v.mp4",
+                "https://cdn.example/sig/<redacted>/v.mp4",
+            ),
+            (
+                f"https://cdn.example/Signature/{HMAC}/expires/1700000000/v.mp4",
+                "https://cdn.example/Signature/<redacted>/expires/1700000000/v.mp4",
+            ),
+            (  # a JWT as a segment
+                f"https://cdn.example/eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.{B64}/v.mp4",
+                "https://cdn.example/<redacted>/v.mp4",
+            ),
+            (  # URL auth type B (Volcengine, Alibaba Cloud, Tencent Cloud CDN)
+                f"https://v.cdn.example/1700000000/{HMAC}/tos/video.mp4",
+                "https://v.cdn.example/1700000000/<redacted>/tos/video.mp4",
+            ),
+            (
+                f"https://v.cdn.example/202612011200/{HMAC}/tos/video.mp4",
+                "https://v.cdn.example/202612011200/<redacted>/tos/video.mp4",
+            ),
+            (  # URL auth type C
+                f"https://v.cdn.example/{HMAC}/6553f100/tos/video.mp4",
+                "https://v.cdn.example/<redacted>/6553f100/tos/video.mp4",
+            ),
+            (  # path and query both signed
+                f"https://cdn.example/token={B64}/v.mp4?Expires=1&Signature={B64}",
+                "https://cdn.example/<redacted>/v.mp4?<redacted>",
+            ),
+        ],
+    )
+    def test_known_shapes_are_redacted(self, url: str, redacted: str) -> None:
+        assert utils.redact_url(url) == redacted
+        text = logs.redact_text(f"download of {url} failed: HTTP 403")
+        assert text == f"download of {redacted} failed: HTTP 403"
+        assert HMAC not in text and B64 not in text
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://api.example/v1/result/video_abc123def456",
+            f"https://api.example/v1/result/video_{HMAC}",  # a long task id is not a signature
+            f"https://api.example/v1/result/{HMAC}",  # nor a bare hex id without a time beside it
+            "https://ark.example/api/v3/contents/generations/tasks/cgt-20250331175019-4k8zt",
+            "s3://bucket/prefix/video_abc.mp4",
+            "https://cdn.example/expires/1700000000/v.mp4",  # a time is not a secret
+            "https://cdn.example/tokens/list",
+            "file:///var/lib/seedance/archive/video_a.mp4",
+        ],
+    )
+    def test_ordinary_paths_are_kept(self, url: str) -> None:
+        assert utils.redact_url(url) == url
+
+
 PASSWORD = "hunter2-not-a-real-password"
 SIGNATURE = "fake-signature-0123456789abcdef"
 DSN = f"postgresql://archiver:{PASSWORD}@db.internal:5432/videos"
 SIGNED = f"https://cdn.example/v/abc.mp4?X-Amz-Signature={SIGNATURE}&X-Amz-Expires=3600"
-# One URL of each scheme, each with a secret in its userinfo or its query string.
+# One URL of each scheme, each with a secret in its userinfo, its query string or its path.
 SECRET_URLS = [
     DSN,
     SIGNED,
@@ -47,6 +131,8 @@ SECRET_URLS = [
     f"s3://bucket/key.mp4?X-Amz-Signature={SIGNATURE}",
     f"amqp://guest:{PASSWORD}@mq.internal/vhost",
     f"http://user:{PASSWORD}@host:8080/x.mp4?sig={SIGNATURE}",
+    f"https://a.akamaihd.net/hdnts=exp=1700000000~acl=%2F*~hmac={SIGNATURE}/v/abc.mp4",
+    f"https://cdn.example/token/{SIGNATURE}/v/abc.mp4",
 ]
 SECRETS = (PASSWORD, SIGNATURE)
 
