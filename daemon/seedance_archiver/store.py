@@ -918,6 +918,13 @@ class SqlStore:
 
         Once per task: the outbox's unique index on (task_id) for this event makes a second insert,
         by us or by a replica at the same moment, a no-op.
+
+        Never for a row archived meanwhile: the rows stay locked from the select to the insert's
+        commit, so a move into ``archived`` (and its own event) comes wholly before or wholly
+        after. On PostgreSQL the select is ``FOR UPDATE SKIP LOCKED``: a row being archived right
+        now is skipped (and looked at again next time, if it is still at risk), and a row selected
+        here can be archived only once its warning is committed. On SQLite the transaction takes
+        the write lock before the select (``BEGIN IMMEDIATE``), so no writer comes in between.
         """
         active = [s.value for s in models.ACTIVE_STATES]
         warned = sa.select(ob.c.task_id).where(
@@ -928,8 +935,12 @@ class SqlStore:
             .where(t.c.state.in_(active), t.c.expires_at < now + AT_RISK, ~warned.exists())
             .order_by(t.c.expires_at)
             .limit(limit)
+            .with_for_update(of=t, skip_locked=True)
         )
         with self._begin() as conn:
+            if self.dialect == "sqlite":
+                # pysqlite opens a transaction only at the first write, after the select.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
             tasks = [_task(row) for row in conn.execute(stmt)]
             if not tasks:
                 return 0

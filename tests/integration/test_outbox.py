@@ -162,6 +162,36 @@ class TestAtRisk:
         [event] = sql_store.webhooks()
         assert (event.task_id, event.event) == ("video_near", "task.at_risk")
 
+    def test_finished_rows_are_never_warned(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        soon = now + dt.timedelta(minutes=30)
+        for state in TERMINAL:
+            finish(any_store, f"video_{state}", state, expires_at=soon)
+        finish(any_store, "video_polling", "polling", expires_at=soon)
+        assert any_store.add_at_risk_events(now) == 1
+        warned = [e.task_id for e in any_store.webhooks() if e.event == "task.at_risk"]
+        assert warned == ["video_polling"]
+
+    def test_a_row_archived_while_warnings_are_written_gets_none(self, pg_url: str) -> None:
+        """The archive's transaction is open (the row locked, archived but not committed) while
+        add_at_risk_events runs on another connection: after the commit, no task.at_risk."""
+        sql_store = store.SqlStore.from_url(pg_url)
+        archiver = store.make_engine(pg_url)
+        try:
+            now = utils.utcnow()
+            finish(sql_store, "video_a", "polling", expires_at=now + dt.timedelta(minutes=30))
+            with archiver.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE video_tasks SET state = 'archived' WHERE task_id = 'video_a'")
+                )
+                sql_store.add_at_risk_events(now)  # while the archive is not yet committed
+            assert sql_store.add_at_risk_events(now) == 0  # and after it
+            events = [e.event for e in sql_store.webhooks()]
+            assert events == ["task.archived"]
+        finally:
+            archiver.dispose()
+            sql_store.close()
+
 
 class TestDeliveryClaims:
     """Claiming, recording and redelivering outbox events."""
