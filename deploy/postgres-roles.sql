@@ -84,6 +84,8 @@ GRANT SELECT ON TABLE alembic_version TO seedance_archiver;
 -- The outbox: written by the trigger (INSERT), claimed and recorded (UPDATE), pruned (DELETE).
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE webhook_outbox TO seedance_archiver;
 GRANT USAGE ON SEQUENCE webhook_outbox_id_seq TO seedance_archiver;
+-- Webhook URLs a 410 Gone paused: written on the 410 (INSERT), deleted by `webhooks resume`.
+GRANT SELECT, INSERT, DELETE ON TABLE webhook_endpoints TO seedance_archiver;
 
 -- No statement of the daemon's role runs away: the daemon sets its own statement_timeout on every
 -- connection (SEEDANCE_DATABASE_STATEMENT_TIMEOUT_SECONDS); this is the backstop for anything else

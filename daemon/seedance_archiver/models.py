@@ -383,7 +383,9 @@ class Delivery(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"  # every attempt of the retry schedule failed
-    DISABLED = "disabled"  # the receiver answered 410 Gone: never sent again unless redelivered
+    # Never sent again unless redelivered: discarded by an operator (`webhooks discard`), or, before
+    # a 410 Gone paused the whole endpoint instead (issue 26), refused with 410 Gone.
+    DISABLED = "disabled"
 
 
 # The row's public fields an event carries: no signed link (video_url), no lease.
@@ -457,6 +459,30 @@ class WebhookOutbox(Base):
 
 
 webhook_outbox: sa.Table = WebhookOutbox.__table__  # type: ignore[assignment]
+
+
+class WebhookEndpoint(Base):
+    """A webhook URL no event is delivered to: its receiver answered 410 Gone, which Standard
+    Webhooks readers take to mean "switch this endpoint off". One row per paused URL (migration
+    0008); ``seedance-archiver webhooks resume`` deletes it, and the events held meanwhile go."""
+
+    __tablename__ = "webhook_endpoints"
+
+    url: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    paused_at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime)
+    reason: orm.Mapped[str] = orm.mapped_column(sa.Text)
+
+
+webhook_endpoints: sa.Table = WebhookEndpoint.__table__  # type: ignore[assignment]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PausedEndpoint:
+    """A snapshot of one ``webhook_endpoints`` row."""
+
+    url: str
+    paused_at: dt.datetime
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

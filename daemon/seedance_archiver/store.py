@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 t = models.video_tasks
 hb = models.heartbeats
 ob = models.webhook_outbox
+we = models.webhook_endpoints
 
 LISTEN_CHANNEL = "video_tasks"
 # Every move into a terminal state is announced here (migration 0006), for feeding applications.
@@ -97,8 +98,26 @@ class Store(Protocol):
     def add_at_risk_events(self, now: dt.datetime, limit: int = ...) -> int: ...
 
     def claim_webhooks(
-        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
-    ) -> list[models.OutboxEvent]: ...
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        url: str | None = None,
+    ) -> list[models.OutboxEvent]:
+        """Lease up to ``limit`` due undelivered events to ``owner``; none while ``url`` (the
+        endpoint they are for) is paused."""
+        ...
+
+    def pause_webhook_endpoint(self, url: str, reason: str, now: dt.datetime) -> bool:
+        """Deliver nothing more to ``url`` until it is resumed; False if it was paused already."""
+        ...
+
+    def resume_webhook_endpoints(self, url: str | None = None) -> list[str]:
+        """Deliver to ``url`` again (every paused URL when None): the URLs resumed."""
+        ...
+
+    def paused_webhook_endpoints(self) -> list[models.PausedEndpoint]: ...
 
     def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool: ...
 
@@ -463,7 +482,8 @@ class WebhookBacklog:
 
     pending: int
     oldest_pending_at: dt.datetime | None  # when the oldest undelivered event was written
-    given_up: int  # failed (the schedule ran out) or disabled (410 Gone)
+    given_up: int  # failed (the schedule ran out), or disabled (410 Gone, before issue 26)
+    paused_endpoints: int = 0  # webhook URLs paused by a 410 Gone, until an operator resumes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -884,7 +904,8 @@ class SqlStore:
 
         With ``keep_undelivered`` (webhooks are on), a row waits while any of its events is not
         delivered (pending, or given up on and so still to redeliver): no event is deleted unsent.
-        An event a receiver refused with 410 Gone is done with.
+        An event disabled (discarded by an operator, or refused with 410 Gone before 410 paused
+        the endpoint instead) is done with.
         """
         terminal = [s.value for s in models.TERMINAL_STATES]
         unsent = sa.select(ob.c.id).where(
@@ -960,17 +981,26 @@ class SqlStore:
             return len(conn.execute(insert, rows).all())
 
     def claim_webhooks(
-        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        url: str | None = None,
     ) -> list[models.OutboxEvent]:
-        """Lease up to ``limit`` due undelivered events to ``owner``, oldest due first.
+        """Lease up to ``limit`` due undelivered events to ``owner``, oldest due first; none while
+        ``url`` is paused (checked in the same statement, so a pause another replica committed
+        holds from its next claim on).
 
         SKIP LOCKED on PostgreSQL, and the lease after it, so replicas never send one event at once.
         """
         if limit <= 0:
             return []
+        paused = sa.select(we.c.url).where(we.c.url == url).exists()
         due = (
             sa.select(ob.c.id)
             .where(
+                sa.true() if url is None else ~paused,
                 ob.c.state == models.Delivery.PENDING.value,
                 ob.c.next_attempt_at <= now,
                 sa.or_(
@@ -1036,6 +1066,28 @@ class SqlStore:
         with self._begin() as conn:
             return int(conn.execute(stmt).rowcount)
 
+    def pause_webhook_endpoint(self, url: str, reason: str, now: dt.datetime) -> bool:
+        stmt = (
+            _insert(self.dialect, we)
+            .values(url=url, paused_at=now, reason=reason)
+            .on_conflict_do_nothing()
+            .returning(we.c.url)
+        )
+        with self._begin() as conn:
+            return conn.execute(stmt).first() is not None
+
+    def resume_webhook_endpoints(self, url: str | None = None) -> list[str]:
+        stmt = sa.delete(we).returning(we.c.url)
+        if url is not None:
+            stmt = stmt.where(we.c.url == url)
+        with self._begin() as conn:
+            return sorted(conn.scalars(stmt))
+
+    def paused_webhook_endpoints(self) -> list[models.PausedEndpoint]:
+        with self._begin() as conn:
+            rows = conn.execute(sa.select(we).order_by(we.c.paused_at, we.c.url)).all()
+        return [models.PausedEndpoint(**row._mapping) for row in rows]
+
     def webhook_backlog(self) -> WebhookBacklog:
         pending = ob.c.state == models.Delivery.PENDING.value
         stmt = sa.select(
@@ -1050,10 +1102,11 @@ class SqlStore:
         )
         with self._begin() as conn:
             count, oldest, given_up = conn.execute(stmt).one()
+            paused = conn.execute(sa.select(sa.func.count()).select_from(we)).scalar_one()
         oldest_at = models.UTCDateTime().process_result_value(oldest, self.engine.dialect)
         if isinstance(oldest, str):  # SQLite's aggregate loses the column's type
             oldest_at = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.UTC)
-        return WebhookBacklog(int(count), oldest_at, int(given_up))
+        return WebhookBacklog(int(count), oldest_at, int(given_up), int(paused))
 
     def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
         """The outbox, newest first; with ``failed``, only the events given up on."""
@@ -1134,7 +1187,7 @@ class SqlStore:
         """Raise StoreError with the fix if ``video_tasks`` has not been created yet."""
         with self._begin() as conn:
             inspector = sa.inspect(conn)
-            for table in (t.name, hb.name, ob.name):
+            for table in (t.name, hb.name, ob.name, we.name):
                 if not inspector.has_table(table):
                     raise errors.StoreError(
                         f"the table {table} does not exist: run `seedance-archiver migrate` first"

@@ -69,6 +69,7 @@ class FakeStore:
         self.released: list[str] = []
         self.beats: dict[str, store.DaemonBeat] = {}
         self.outbox: dict[int, models.OutboxEvent] = {}
+        self.paused: dict[str, models.PausedEndpoint] = {}
         self.closed = False
 
     def add(self, task_id: str, mode: str = models.Mode.STANDARD.value) -> bool:
@@ -290,8 +291,15 @@ class FakeStore:
         return len(doomed)
 
     def claim_webhooks(
-        self, owner: str, now: dt.datetime, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        url: str | None = None,
     ) -> list[models.OutboxEvent]:
+        if url in self.paused:
+            return []
         due = sorted(
             (
                 e
@@ -348,7 +356,22 @@ class FakeStore:
             and e.last_error != store.DISCARDED
         )
         oldest = min((e.created_at for e in pending), default=None)
-        return store.WebhookBacklog(len(pending), oldest, given_up)
+        return store.WebhookBacklog(len(pending), oldest, given_up, len(self.paused))
+
+    def pause_webhook_endpoint(self, url: str, reason: str, now: dt.datetime) -> bool:
+        if url in self.paused:
+            return False
+        self.paused[url] = models.PausedEndpoint(url, now, reason)
+        return True
+
+    def resume_webhook_endpoints(self, url: str | None = None) -> list[str]:
+        resumed = sorted(self.paused if url is None else {url} & self.paused.keys())
+        for each in resumed:
+            del self.paused[each]
+        return resumed
+
+    def paused_webhook_endpoints(self) -> list[models.PausedEndpoint]:
+        return sorted(self.paused.values(), key=lambda p: (p.paused_at, p.url))
 
     def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
         gave_up = (models.Delivery.FAILED, models.Delivery.DISABLED)

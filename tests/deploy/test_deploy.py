@@ -961,6 +961,10 @@ class TestPostgresRoles:
             assert sql_store.redeliver_webhook(event.id, now)
             assert sql_store.webhook_backlog().pending == 1
             assert sql_store.release_webhooks("t-owner") == 0
+            assert sql_store.pause_webhook_endpoint("https://hooks.example/x", "410", now)
+            assert sql_store.claim_webhooks("t-owner", now, 60, 10, "https://hooks.example/x") == []
+            assert len(sql_store.paused_webhook_endpoints()) == 1
+            assert sql_store.resume_webhook_endpoints() == ["https://hooks.example/x"]
             [task] = sql_store.claim_due("t-owner", utils.utcnow(), 60, 10)
             sql_store.save([task.replace(state="failed", updated_at=now)], "t-owner")
             assert sql_store.prune(later) == 1

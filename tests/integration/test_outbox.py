@@ -237,6 +237,41 @@ class TestDeliveryClaims:
         assert again.webhook_id == event.webhook_id
 
 
+class TestPausedEndpoints:
+    """A URL paused by a 410 Gone gets no event claimed for it until it is resumed."""
+
+    URL = "https://hooks.example/a"
+    OTHER = "https://hooks.example/b"
+
+    def test_pause_holds_claims_for_that_url_only(self, any_store: store.Store) -> None:
+        finish(any_store, "video_a", "failed")
+        now = utils.utcnow()
+        assert any_store.pause_webhook_endpoint(self.URL, "the receiver answered 410 Gone", now)
+        assert not any_store.pause_webhook_endpoint(self.URL, "again", now)  # paused already
+        [paused] = any_store.paused_webhook_endpoints()
+        assert (paused.url, paused.reason) == (self.URL, "the receiver answered 410 Gone")
+        assert abs((paused.paused_at - now).total_seconds()) < 1
+        assert any_store.claim_webhooks(OWNER, now, 60, 10, self.URL) == []
+        assert any_store.webhook_backlog().paused_endpoints == 1
+        [other] = any_store.claim_webhooks(OWNER, now, 60, 10, self.OTHER)
+        assert any_store.release_webhooks(OWNER) == 1
+
+        assert any_store.resume_webhook_endpoints(self.OTHER) == []
+        assert any_store.resume_webhook_endpoints(self.URL) == [self.URL]
+        assert any_store.paused_webhook_endpoints() == []
+        assert any_store.webhook_backlog().paused_endpoints == 0
+        [again] = any_store.claim_webhooks(OWNER, now, 60, 10, self.URL)
+        assert again.webhook_id == other.webhook_id
+
+    def test_resume_without_a_url_resumes_every_one(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        assert any_store.resume_webhook_endpoints() == []
+        any_store.pause_webhook_endpoint(self.OTHER, "gone", now)
+        any_store.pause_webhook_endpoint(self.URL, "gone", now)
+        assert any_store.resume_webhook_endpoints() == [self.URL, self.OTHER]
+        assert any_store.paused_webhook_endpoints() == []
+
+
 class TestTerminalNotify:
     """NOTIFY video_tasks_done, in the transaction that writes the terminal state."""
 
