@@ -174,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TIME",
         help="ISO 8601, e.g. 2026-12-06T12:00:00Z (UTC when no offset is given), or 'now'",
     )
+    resume = hooks_sub.add_parser(
+        "resume",
+        help="deliver again to a webhook URL paused by a 410 Gone (every paused URL when none is "
+        "given); the events held meanwhile are sent at once",
+        epilog=READS_DATABASE,
+    )
+    resume.add_argument("url", nargs="?", metavar="URL", help="as `webhooks` lists it")
     settings = verb(
         "config",
         "print the settings in effect, secrets masked, and where each came from",
@@ -479,13 +486,42 @@ def _webhooks(sql_store: store.Store, args: argparse.Namespace) -> int:
             f"`{PROG} webhooks redeliver ID`)"
         )
         return 0
+    if args.webhooks_action == "resume":
+        return _resume_webhooks(sql_store, args.url)
     events = sql_store.webhooks(failed=args.failed, limit=args.limit)
     if args.json:
         print(views.to_json([views.webhook_dict(e) for e in events]))
-    elif not events:
+        return 0
+    paused = sql_store.paused_webhook_endpoints()
+    if paused:
+        print(views.paused_endpoints(paused))
+        print()
+    if not events:
         print(f"{views.NO_EVENTS}{' (given up on)' if args.failed else ''}")
     else:
         print(views.webhook_table(events))
+    return 0
+
+
+def _resume_webhooks(sql_store: store.Store, url: str | None) -> int:
+    """Resume ``url`` (as stored, or as listed: redacted), or every paused URL when None."""
+    if url is not None:
+        named = [
+            p.url
+            for p in sql_store.paused_webhook_endpoints()
+            if url in (p.url, utils.redact_url(p.url))
+        ]
+        if not named:
+            print(f"{PROG}: not paused: {views.printable(url)}", file=sys.stderr)
+            return 1
+        resumed = [u for each in named for u in sql_store.resume_webhook_endpoints(each)]
+    else:
+        resumed = sql_store.resume_webhook_endpoints()
+    if not resumed:
+        print(f"{PROG}: no webhook URL is paused")
+    for each in resumed:
+        shown = views.printable(utils.redact_url(each))
+        print(f"{PROG}: webhook deliveries to {shown} resumed; the events held are sent now")
     return 0
 
 

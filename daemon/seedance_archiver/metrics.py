@@ -158,7 +158,7 @@ class Metrics:
         self.webhook_deliveries = prom.Counter(
             "seedance_webhook_deliveries",
             "Webhook attempts by outcome: delivered (2xx), retry (will be tried again), failed (the "
-            "retry schedule ran out), disabled (410 Gone).",
+            "retry schedule ran out), paused (410 Gone: the endpoint is paused).",
             ["outcome"],
             registry=r,
         )
@@ -175,6 +175,12 @@ class Metrics:
         self.webhook_given_up = prom.Gauge(
             "seedance_webhook_given_up",
             "Webhook events given up on (failed or disabled) and not redelivered.",
+            registry=r,
+        )
+        self.webhook_endpoints_paused = prom.Gauge(
+            "seedance_webhook_endpoints_paused",
+            "Webhook URLs paused because their receiver answered 410 Gone: nothing is delivered to "
+            "them until `seedance-archiver webhooks resume`.",
             registry=r,
         )
 

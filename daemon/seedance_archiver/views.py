@@ -188,6 +188,17 @@ def webhook_table(events: Sequence[models.OutboxEvent]) -> str:
     return _render(WEBHOOK_COLUMNS, rows)
 
 
+def paused_endpoints(paused: Sequence[models.PausedEndpoint]) -> str:
+    """One line per paused webhook URL (redacted), and how to resume it."""
+    lines = [
+        f"PAUSED since {_iso(p.paused_at)}: {printable(utils.redact_url(p.url))} "
+        f"({printable(p.reason)}); nothing is delivered to it until "
+        "`seedance-archiver webhooks resume`"
+        for p in paused
+    ]
+    return "\n".join(lines)
+
+
 def summary_dict(
     summary: store.Summary,
     daemons: Sequence[store.DaemonBeat],
@@ -204,6 +215,7 @@ def summary_dict(
             "backlog": backlog.pending,
             "oldest_undelivered_at": _iso(backlog.oldest_pending_at),
             "given_up": backlog.given_up,
+            "paused_endpoints": backlog.paused_endpoints,
         },
         "counts": summary.counts,
         "total": sum(summary.counts.values()),
@@ -266,6 +278,11 @@ def summary(
             f"webhooks: {backlog.pending} undelivered{since}; {backlog.given_up} given up"
             + (" (seedance-archiver webhooks --failed)" if backlog.given_up else "")
         )
+        if backlog.paused_endpoints:
+            lines.append(
+                f"webhooks PAUSED: {backlog.paused_endpoints} URL(s) answered 410 Gone; nothing "
+                "is delivered to them until `seedance-archiver webhooks resume`"
+            )
     return "\n".join(lines)
 
 

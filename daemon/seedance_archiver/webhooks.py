@@ -7,8 +7,10 @@ Delivery is at least once: an event whose lease runs out (a killed daemon) is se
 same ``webhook-id``, so receivers deduplicate on it.
 
 The retry schedule is the specification's, with jitter; a 429 or 503 with ``Retry-After`` waits at
-least that long; 410 Gone stops that event (``disabled``) and is logged as an error; only 2xx counts
-as delivered. A receiver that hangs costs one of ``concurrency`` connections for ``timeout_seconds``.
+least that long; only 2xx counts as delivered. A 410 Gone switches the endpoint off, as Standard
+Webhooks readers expect: the URL is paused (``webhook_endpoints``), nothing more is sent to it, and
+its events stay pending until an operator runs ``seedance-archiver webhooks resume``. A receiver
+that hangs costs one of ``concurrency`` connections for ``timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ AT_RISK_SECONDS = 60.0
 ERROR_CHARS = 300
 MAX_ANSWER_BYTES = 64 * 1024
 USER_AGENT = f"seedance-archiver/{seedance_archiver.__version__}"
+GONE = 410
+# What a paused endpoint's row and its held events say.
+PAUSED_REASON = "the receiver answered 410 Gone"
+PAUSED_ERROR = "HTTP 410 Gone: the endpoint is paused until `seedance-archiver webhooks resume`"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +105,13 @@ def outcome(
     schedule: Sequence[float] = RETRY_SCHEDULE_SECONDS,
     draw: Callable[[float, float], float] = random.uniform,
 ) -> models.OutboxEvent:
-    """The event after one attempt that got ``answer``: delivered, retried, failed or disabled."""
+    """The event after one attempt that got ``answer``: delivered, retried or failed; after a 410
+    Gone it waits, due, for its endpoint to be resumed (the attempt does not count against the
+    retry schedule: the endpoint refused it, not the event)."""
+    if answer.status == GONE:
+        return dataclasses.replace(
+            event, last_status=GONE, last_error=PAUSED_ERROR, next_attempt_at=now
+        )
     attempts = event.attempts + 1
     error = answer.error if answer.status is None else f"HTTP {answer.status}"
     tried = dataclasses.replace(
@@ -109,8 +121,6 @@ def outcome(
         return dataclasses.replace(
             tried, state=models.Delivery.DELIVERED.value, delivered_at=now, last_error=None
         )
-    if answer.status == 410:
-        return dataclasses.replace(tried, state=models.Delivery.DISABLED.value)
     retry_at = next_attempt_at(attempts, now, answer, schedule, draw)
     if retry_at is None:
         return dataclasses.replace(tried, state=models.Delivery.FAILED.value)
@@ -265,6 +275,7 @@ class Deliverer:
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="webhooks-db"
         )
+        self._gone = False  # a 410 Gone came in the batch under way: send nothing more of it
 
     async def _db(self, call: Callable[..., R], *args: Any) -> R:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
@@ -275,10 +286,16 @@ class Deliverer:
         while True:
             limit = self.concurrency * BATCH_ROUNDS
             batch = await self._db(
-                self.store.claim_webhooks, self.owner, self.clock(), self.lease_seconds, limit
+                self.store.claim_webhooks,
+                self.owner,
+                self.clock(),
+                self.lease_seconds,
+                limit,
+                self.url,
             )
             if not batch:
                 return tried
+            self._gone = False
             slots = asyncio.Semaphore(self.concurrency)
             done = await asyncio.gather(*(self._deliver(event, slots) for event in batch))
             try:
@@ -287,7 +304,7 @@ class Deliverer:
                 # Left leased: sent again when the leases run out (at least once).
                 log.warning("webhook_outcomes_not_saved", events=len(done), error=str(exc))
             tried += len(batch)
-            if len(batch) < limit:
+            if len(batch) < limit or self._gone:
                 return tried
 
     async def _deliver(
@@ -295,9 +312,14 @@ class Deliverer:
     ) -> models.OutboxEvent:
         payload = body(event)
         async with slots:
+            if self._gone:
+                return event  # unchanged: recorded as it was, its lease released
             headers = self.signer.headers(event.webhook_id, self.clock(), payload)
             answer = await self.sender.post(self.url, headers, payload)
         after = outcome(event, answer, self.clock(), self.schedule, self.draw)
+        if answer.status == GONE:
+            self._gone = True
+            await self._pause(event)
         fields = {
             "webhook_id": event.webhook_id,
             "webhook_event": event.event,
@@ -308,9 +330,8 @@ class Deliverer:
         if after.state == models.Delivery.DELIVERED:
             label = "delivered"
             log.info("webhook_delivered", **fields)
-        elif after.state == models.Delivery.DISABLED:
-            label = "disabled"
-            log.error("webhook_gone", **fields, action="not sent again; `webhooks redeliver ID`")
+        elif answer.status == GONE:
+            label = "paused"
         elif after.state == models.Delivery.FAILED:
             label = "failed"
             log.error("webhook_given_up", **fields, error=after.last_error)
@@ -327,6 +348,26 @@ class Deliverer:
             self.meters.webhook_deliveries.labels(outcome=label).inc()
         return after
 
+    async def _pause(self, event: models.OutboxEvent) -> None:
+        """Switch our endpoint off for every replica: no claim returns an event for it until an
+        operator resumes it. Events of this batch not yet sent go back untouched."""
+        try:
+            paused = await self._db(
+                self.store.pause_webhook_endpoint, self.url, PAUSED_REASON, self.clock()
+            )
+        except errors.StoreError as exc:
+            # Not written: the next claim sends again, and the next 410 pauses.
+            log.warning("webhook_pause_not_saved", error=str(exc))
+            return
+        if paused:
+            log.error(
+                "webhook_endpoint_paused",
+                url=utils.redact_url(self.url),
+                webhook_id=event.webhook_id,
+                reason=PAUSED_REASON,
+                action="no event is sent to it until `seedance-archiver webhooks resume`",
+            )
+
     async def warn_at_risk(self) -> int:
         """Write task.at_risk for tasks whose deadline is near (once per task, by the store)."""
         written = await self._db(self.store.add_at_risk_events, self.clock())
@@ -339,6 +380,7 @@ class Deliverer:
         if self.meters is not None:
             self.meters.webhook_backlog.set(backlog.pending)
             self.meters.webhook_given_up.set(backlog.given_up)
+            self.meters.webhook_endpoints_paused.set(backlog.paused_endpoints)
             oldest = backlog.oldest_pending_at
             age = (self.clock() - oldest).total_seconds() if oldest is not None else 0.0
             self.meters.webhook_oldest_age.set(max(0.0, age))

@@ -116,6 +116,8 @@ EVERY_VERB: list[tuple[tuple[str, ...], int, str, int, str]] = [
     (("webhooks", "--json"), 0, "[]", 0, '"event": "task.archived"'),
     (("webhooks", "redeliver", "1"), 1, "no such webhook event", 0, "sent again now"),
     (("webhooks", "discard", "--before", "now"), 0, "0 undelivered", 0, "5 undelivered"),
+    (("webhooks", "resume"), 0, "no webhook URL is paused", 0, "no webhook URL is paused"),
+    (("webhooks", "resume", "https://hooks.example/x"), 1, "not paused", 1, "not paused"),
     (("config",), 0, "SEEDANCE_DATABASE_URL", 0, "SEEDANCE_DATABASE_URL"),
     (("config", "--json"), 0, '"SEEDANCE_POLL_DRAFT"', 0, '"SEEDANCE_POLL_DRAFT"'),
     (("check",), 1, "daemon: no daemon has ticked", 1, "daemon: no daemon has ticked"),
@@ -377,6 +379,34 @@ class TestDiscardingTheBacklog:
         assert summary["webhooks"]["given_up"] == 0
         assert summary["webhooks"]["backlog"] == len(events) - 2
         assert table.run("webhooks", "redeliver", "1").code == 0
+
+
+class TestPausedWebhooks:
+    """webhooks lists the URLs a 410 Gone paused (their secrets redacted); resume takes the URL
+    as stored or as listed."""
+
+    URL = "https://hooks.example/in?token=s3cr3t-hook-token"
+
+    def test_listed_redacted_resumed_by_the_listed_form(self, table: Table) -> None:
+        fill(table)
+        table.sql(
+            "INSERT INTO webhook_endpoints (url, paused_at, reason) VALUES (?, ?, ?)",
+            self.URL,
+            "2026-12-01 10:00:00.000000",
+            "the receiver answered 410 Gone",
+        )
+        listed = table.run("webhooks").out
+        assert "PAUSED since 2026-12-01T10:00:00+00:00: https://hooks.example/in?<redacted>" in (
+            listed
+        )
+        assert "s3cr3t" not in listed and "task.rejected" in listed
+        status = table.run("status")
+        assert "webhooks PAUSED: 1 URL(s)" in status.out
+        assert json.loads(table.run("status", "--json").out)["webhooks"]["paused_endpoints"] == 1
+        ran = table.run("webhooks", "resume", "https://hooks.example/in?<redacted>")
+        assert ran.code == 0 and "resumed" in ran.out and "s3cr3t" not in ran.out
+        assert "PAUSED" not in table.run("webhooks").out
+        assert table.run("webhooks", "resume", self.URL).code == 1  # not paused any more
 
 
 class TestCheck:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -14,7 +15,7 @@ from typing import Any
 import aiohttp.web
 import pytest
 import standardwebhooks
-from seedance_archiver import models, store, utils, webhooks
+from seedance_archiver import cli, models, store, utils, webhooks
 
 SECRET = "whsec_" + base64.b64encode(b"r" * 32).decode()
 OWNER = "test-owner"
@@ -76,14 +77,27 @@ class Receiver:
             await self._runner.cleanup()
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+@contextlib.asynccontextmanager
+async def started() -> AsyncIterator[Receiver]:
     r = Receiver()
     await r.start()
     try:
         yield r
     finally:
         await r.stop()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with started() as r:
+        yield r
+
+
+@pytest.fixture
+async def other_receiver() -> AsyncIterator[Receiver]:
+    """A second receiver on its own URL."""
+    async with started() as r:
+        yield r
 
 
 @pytest.fixture
@@ -102,12 +116,21 @@ def finish(s: store.SqlStore, task_id: str, state: str) -> None:
 
 
 def deliverer_for(
-    sql_store: store.SqlStore, receiver: Receiver, schedule: tuple[float, ...]
+    sql_store: store.SqlStore,
+    receiver: Receiver,
+    schedule: tuple[float, ...],
+    concurrency: int = webhooks.CONCURRENCY,
 ) -> webhooks.Deliverer:
     sender = webhooks.HttpSender(timeout_seconds=TIMEOUT_S, allow_private_hosts=True)
     signer = webhooks.Signer([SECRET])
     return webhooks.Deliverer(
-        sql_store, receiver.url, signer, sender, owner=OWNER, schedule=schedule
+        sql_store,
+        receiver.url,
+        signer,
+        sender,
+        owner=OWNER,
+        schedule=schedule,
+        concurrency=concurrency,
     )
 
 
@@ -120,12 +143,12 @@ async def until(what: str, condition: Callable[[], bool], step: Callable[[], Any
 
 
 class TestDelivery:
-    """500, 429 with Retry-After, a hang and 410, each answered as the specification says."""
+    """500, 429 with Retry-After and a hang, each answered as the specification says."""
 
-    async def test_failures_retry_under_one_id_and_410_stops(
+    async def test_failures_retry_under_one_id(
         self, receiver: Receiver, sql_store: store.SqlStore
     ) -> None:
-        receiver.scripts = {"video_a": ["500", "429", "hang", "200"], "video_b": ["410"]}
+        receiver.scripts = {"video_a": ["500", "429", "hang", "200"], "video_b": ["404"] * 9}
         finish(sql_store, "video_a", "archived")
         finish(sql_store, "video_b", "failed")
         deliverer = deliverer_for(sql_store, receiver, FAST_SCHEDULE)
@@ -139,14 +162,14 @@ class TestDelivery:
             await deliverer.aclose()
         events = {e.task_id: e for e in sql_store.webhooks()}
         assert (events["video_a"].state, events["video_a"].attempts) == ("delivered", 4)
-        assert (events["video_b"].state, events["video_b"].last_status) == ("disabled", 410)
+        assert (events["video_b"].state, events["video_b"].last_status) == ("failed", 404)
         assert receiver.bad_signatures == 0
         a = [r for r in receiver.received if r.task_id == "video_a"]
         assert [r.webhook_id for r in a] == [events["video_a"].webhook_id] * 4
         assert [r.event for r in a] == ["task.archived"] * 4
         assert a[2].at - a[1].at >= 1.0  # Retry-After: 1 waited out (a floor, not a window)
         b = [r for r in receiver.received if r.task_id == "video_b"]
-        assert [r.event for r in b] == ["task.failed"]  # never sent again after 410
+        assert len(b) == len(FAST_SCHEDULE)  # every attempt of the schedule, then given up
 
     async def test_a_hanging_receiver_costs_one_timeout(
         self, receiver: Receiver, sql_store: store.SqlStore
@@ -163,6 +186,85 @@ class TestDelivery:
         assert event.last_error == "no answer within the timeout"
         assert event.next_attempt_at is not None
         assert event.next_attempt_at > utils.utcnow() + dt.timedelta(minutes=50)
+
+
+class TestGone:
+    """A 410 Gone switches the endpoint off (Standard Webhooks): every event to it is held until
+    `seedance-archiver webhooks resume`, then sent; another URL is not affected."""
+
+    async def test_410_pauses_the_url_and_resume_sends_what_was_held(
+        self,
+        receiver: Receiver,
+        other_receiver: Receiver,
+        sql_store: store.SqlStore,
+        db_url: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        receiver.scripts = {"video_a": ["410"]}
+        for task_id in ("video_a", "video_b", "video_c"):
+            finish(sql_store, task_id, "failed")
+        # One at a time: the 410 comes before the others are sent (concurrent ones in flight
+        # are delivered, as they would be).
+        deliverer = deliverer_for(sql_store, receiver, FAST_SCHEDULE, concurrency=1)
+        try:
+            await deliverer.deliver_due()
+            assert [r.task_id for r in receiver.received] == ["video_a"]
+            # Nothing more to that URL, old events or new, however often the deliverer looks.
+            finish(sql_store, "video_d", "archived")
+            for _ in range(5):
+                assert await deliverer.deliver_due() == 0
+            assert [r.task_id for r in receiver.received] == ["video_a"]
+            events = sql_store.webhooks()
+            assert {e.state for e in events} == {"pending"}  # held, not disabled
+            [paused] = sql_store.paused_webhook_endpoints()
+            assert paused.url == receiver.url and "410" in paused.reason
+
+            # Another URL is not paused: its claims still return events.
+            other = deliverer_for(sql_store, other_receiver, FAST_SCHEDULE)
+            claimed = sql_store.claim_webhooks("other", utils.utcnow(), 60, 10, other.url)
+            assert len(claimed) == 4
+            sql_store.release_webhooks("other")
+            await other.aclose()
+
+            monkeypatch.setenv("SEEDANCE_DATABASE_URL", db_url)
+            capsys.readouterr()
+            assert cli.main(["webhooks"]) == 0
+            assert "PAUSED since" in capsys.readouterr().out
+            assert cli.main(["webhooks", "resume", receiver.url]) == 0
+            assert "resumed" in capsys.readouterr().out
+            assert sql_store.paused_webhook_endpoints() == []
+
+            await until(
+                "the held events delivered",
+                lambda: {e.state for e in sql_store.webhooks()} == {"delivered"},
+                deliverer.deliver_due,
+            )
+        finally:
+            await deliverer.aclose()
+        got = sorted((r.task_id, r.webhook_id) for r in receiver.received)
+        ids = {e.task_id: e.webhook_id for e in events}
+        assert got == sorted([("video_a", ids["video_a"]), *ids.items()])  # video_a twice
+        assert receiver.bad_signatures == 0
+
+    async def test_another_url_keeps_receiving(
+        self, receiver: Receiver, other_receiver: Receiver, sql_store: store.SqlStore
+    ) -> None:
+        receiver.scripts = {"video_a": ["410"]}
+        finish(sql_store, "video_a", "failed")
+        gone = deliverer_for(sql_store, receiver, FAST_SCHEDULE)
+        other = deliverer_for(sql_store, other_receiver, FAST_SCHEDULE)
+        try:
+            await gone.deliver_due()
+            finish(sql_store, "video_b", "archived")
+            assert await other.deliver_due() == 2
+            assert await gone.deliver_due() == 0
+        finally:
+            await gone.aclose()
+            await other.aclose()
+        assert sorted(r.task_id for r in other_receiver.received) == ["video_a", "video_b"]
+        assert [r.task_id for r in receiver.received] == ["video_a"]
+        assert [p.url for p in sql_store.paused_webhook_endpoints()] == [receiver.url]
 
 
 def test_the_envelope_is_the_rows_public_fields() -> None:

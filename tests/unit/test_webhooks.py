@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import standardwebhooks
 import structlog
-from seedance_archiver import cli, config, errors, models, testing, webhooks
+from seedance_archiver import cli, config, errors, metrics, models, testing, webhooks
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 OLD_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
@@ -66,7 +66,7 @@ class TestSchedule:
 
 
 class TestOutcome:
-    """Only 2xx is delivered; 410 disables; anything else is retried."""
+    """Only 2xx is delivered; 410 holds the event for its endpoint; anything else is retried."""
 
     @pytest.mark.parametrize("status", [200, 201, 204])
     def test_2xx_is_delivered(self, status: int) -> None:
@@ -80,9 +80,13 @@ class TestOutcome:
         assert after.state == "pending" and after.next_attempt_at == NOW + dt.timedelta(seconds=4.5)
         assert after.last_error == ("refused" if status is None else f"HTTP {status}")
 
-    def test_410_disables_the_event(self) -> None:
-        after = webhooks.outcome(event(), webhooks.Answer(410), NOW)
-        assert (after.state, after.last_status) == ("disabled", 410)
+    def test_410_leaves_the_event_pending_and_due(self) -> None:
+        """The endpoint is switched off, not the event: it waits, due, and the attempt does not
+        count against the retry schedule."""
+        after = webhooks.outcome(event(attempts=2), webhooks.Answer(410), NOW)
+        assert (after.state, after.last_status, after.attempts) == ("pending", 410, 2)
+        assert after.next_attempt_at == NOW
+        assert "webhooks resume" in (after.last_error or "")
 
 
 class TestSigning:
@@ -153,6 +157,51 @@ class TestDeliverer:
         assert len({h["webhook-id"] for h in sender.sent}) == 1
         backlog = await deliverer.refresh_gauges()
         assert backlog.pending == 0
+
+
+class TestGone:
+    """A 410 Gone pauses the endpoint: nothing more is sent to it until it is resumed."""
+
+    URL = "https://hooks.example.com/x"
+
+    async def test_410_pauses_the_url_and_holds_every_event(self) -> None:
+        clock = testing.MovableClock()
+        fake = testing.FakeStore(clock=clock)
+        for task_id in ("video_a", "video_b", "video_c"):
+            fake.add(task_id)
+        fake.save([t.replace(state="failed") for t in fake.claim_due("o", clock(), 60, 9)], "o")
+        sender = ScriptedSender(webhooks.Answer(410), webhooks.Answer(204), webhooks.Answer(204))
+        meters = metrics.Metrics()
+        deliverer = webhooks.Deliverer(
+            fake,
+            self.URL,
+            webhooks.Signer([SECRET]),
+            sender,
+            owner="o",
+            meters=meters,
+            concurrency=1,
+            clock=clock,
+            executor=testing.InlineExecutor(),
+        )
+        await deliverer.deliver_due()
+        assert len(sender.sent) == 1  # the rest of the batch was not sent after the 410
+        assert [p.url for p in fake.paused_webhook_endpoints()] == [self.URL]
+        assert {e.state for e in fake.webhooks()} == {"pending"}
+        assert {e.lease_owner for e in fake.webhooks()} == {None}  # given back
+        clock.advance(3600)
+        assert await deliverer.deliver_due() == 0
+        assert len(sender.sent) == 1
+        await deliverer.refresh_gauges()
+        sample = meters.registry.get_sample_value
+        assert sample("seedance_webhook_endpoints_paused") == 1
+        assert sample("seedance_webhook_deliveries_total", {"outcome": "paused"}) == 1
+
+        assert fake.resume_webhook_endpoints() == [self.URL]
+        sender.answers = [webhooks.Answer(204)] * 3
+        assert await deliverer.deliver_due() == 3
+        assert {e.state for e in fake.webhooks()} == {"delivered"}
+        await deliverer.refresh_gauges()
+        assert sample("seedance_webhook_endpoints_paused") == 0
 
 
 class TestSecretSettings:
