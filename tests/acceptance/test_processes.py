@@ -3,11 +3,15 @@ restarts a dead one and stops them all cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
+import time
 
 import psycopg
 import pytest
@@ -92,6 +96,123 @@ class TestProcesses:
         result = cli(env, "run", "--processes", "2", check=False)
         assert result.returncode == 2
         assert "--processes" in result.stderr and "PostgreSQL" in result.stderr
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: the datagrams the unit's main process sends."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.address = str(path)
+
+    def drain(self) -> list[str]:
+        """Every datagram already received, without waiting."""
+        self.sock.setblocking(False)
+        received = []
+        try:
+            while True:
+                received.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            return received
+
+    def until(self, line: str, timeout: float) -> list[str]:
+        """The datagrams received up to and including the first that holds ``line``."""
+        deadline = time.monotonic() + timeout
+        received: list[str] = []
+        while not received or line not in received[-1].splitlines():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {line}: {received}")
+            self.sock.settimeout(left)
+            try:
+                received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+        return received
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _events(log_path: pathlib.Path, event: str) -> list[dict[str, object]]:
+    """The JSON log lines of ``event`` so far (the supervisor's and its children's share a file)."""
+    found = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            found.append(record)
+    return found
+
+
+@pytest.mark.postgres
+class TestProcessesUnderSystemd:
+    """Under Type=notify the supervisor speaks for its children to systemd."""
+
+    WATCHDOG_SECONDS = 4
+
+    def test_ready_once_every_child_is_and_watchdog_only_while_every_child_ticks(
+        self, tmp_path: pathlib.Path, pg_url: str, sim: simulator.SimulatorThread
+    ) -> None:
+        port = free_ports(2)
+        env = base_env(sim.url, pg_url, (tmp_path / "archive").as_uri())
+        env["SEEDANCE_HTTP_PORT"] = str(port)
+        notify = NotifySocket(tmp_path / "notify")
+        env["NOTIFY_SOCKET"] = notify.address
+        env["WATCHDOG_USEC"] = str(self.WATCHDOG_SECONDS * 1_000_000)
+        log_path = tmp_path / "supervisor.log"
+        with log_path.open("wb") as log:
+            parent = subprocess.Popen(
+                [str(CLI), "run", "--processes", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            # READY=1 comes once both children are ready: each already serves its port.
+            before_ready = notify.until("READY=1", timeout=60)
+            for i in range(2):
+                assert _healthz(port + i) in (200, 503)
+            assert not any("READY=1" in m.splitlines() for m in before_ready[:-1]), before_ready
+            ready = {int(str(e["pid"])) for e in _events(log_path, "daemon_process_ready")}
+            assert len(ready) == 2 and parent.pid not in ready
+
+            # WATCHDOG=1 keeps coming while both tick.
+            for _ in range(3):
+                notify.until("WATCHDOG=1", timeout=60)
+
+            # One child stops (SIGSTOP): once its silence outlasts WatchdogSec, every ping due is
+            # withheld. (A child may have been named before, while it started.)
+            victim = min(ready)
+
+            def withheld() -> int:
+                return sum(
+                    victim in e["pids"]  # type: ignore[operator]
+                    for e in _events(log_path, "watchdog_withheld")
+                )
+
+            before = withheld()
+            os.kill(victim, signal.SIGSTOP)
+            wait_for(lambda: withheld() > before, timeout=60, what="a ping withheld")
+            notify.drain()
+            wait_for(lambda: withheld() >= before + 3, timeout=60, what="two more pings withheld")
+            since = notify.drain()
+            assert not any("WATCHDOG=1" in m.splitlines() for m in since), since
+
+            # Going on again, it pings again, and so does the supervisor.
+            os.kill(victim, signal.SIGCONT)
+            notify.until("WATCHDOG=1", timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                for pid in {int(str(e["pid"])) for e in _events(log_path, "daemon_process_ready")}:
+                    os.kill(pid, signal.SIGCONT)
+            parent.send_signal(signal.SIGTERM)
+            code = parent.wait(timeout=60)
+        stopping = notify.drain()
+        notify.close()
+        log_text = log_path.read_text(errors="replace")
+        assert code == 0, log_text[-3000:]
+        assert any("STOPPING=1" in m.splitlines() for m in stopping), stopping
 
 
 def _daemon_pids_any(pg_url: str) -> set[int]:
