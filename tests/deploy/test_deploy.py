@@ -35,7 +35,19 @@ import yaml
 from alembic import command
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from seedance_archiver import cli, config, errors, schema, simulator, store, utils, web
+from seedance_archiver import (
+    archive,
+    cli,
+    config,
+    errors,
+    provider,
+    schema,
+    service,
+    simulator,
+    store,
+    utils,
+    web,
+)
 
 from tests.acceptance import conftest as acceptance
 from tests.conftest import free_port, need_tool, wait_for
@@ -181,6 +193,45 @@ def _static_keys_drop_in() -> str:
     return str(block)
 
 
+# Descriptors no setting sizes: stdio, epoll, the event loop's pipes, log files, SQLite's files;
+# and DNS lookups, a socket per thread of asyncio's default executor (32 threads at most).
+OWN_DESCRIPTORS = 16
+RESOLVER_THREADS = 32
+# SEEDANCE_HTTP_MAX_CONNECTIONS's default, until the setting exists; then its maximum counts.
+HTTP_MAX_CONNECTIONS = 100
+
+
+def _maximum(setting: str) -> int:
+    """A setting's largest accepted value (its le= bound)."""
+    bounds = [m.le for m in config.Settings.model_fields[setting].metadata if hasattr(m, "le")]
+    assert bounds, f"SEEDANCE_{setting.upper()} has no maximum: no descriptor limit covers it"
+    return int(bounds[0])
+
+
+def _descriptors_at_maxima() -> dict[str, int]:
+    """What one daemon process may hold open, by use, with every setting at its maximum."""
+    http = HTTP_MAX_CONNECTIONS
+    if "http_max_connections" in config.Settings.model_fields:
+        http = _maximum("http_max_connections")
+    engine = store.make_engine("postgresql://archiver@127.0.0.1/videos")  # connects to nothing
+    try:
+        pool = engine.pool.size() + engine.pool._max_overflow  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+    # A download holds a socket and a file; as many more wait in its queue (download_queue).
+    downloads = service.Service.MAX_DOWNLOADS * 2
+    return {
+        "provider API connections": provider.HttpProvider.MAX_CONNECTIONS,
+        "downloads and their queue": downloads * 2,
+        "S3 connections": archive.MAX_POOL_CONNECTIONS,
+        "webhook deliveries": _maximum("webhook_concurrency"),
+        "HTTP port and its listener": http + 1,
+        "PostgreSQL pool and LISTEN": pool + 1,
+        "DNS lookups": RESOLVER_THREADS,
+        "its own": OWN_DESCRIPTORS,
+    }
+
+
 class TestSystemdUnit:
     """deploy/seedance-archiver.service: valid, hardened, and wired to the daemon's contract."""
 
@@ -294,6 +345,16 @@ class TestSystemdUnit:
         }
         assert _one("MemoryDenyWriteExecute") == "yes"
         assert set(_one("RestrictAddressFamilies").split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
+
+    def test_the_descriptor_limit_covers_a_daemon_at_every_maximum(self) -> None:
+        """LimitNOFILE is at least twice what one daemon process may hold open with every setting
+        at its maximum; the unit's arithmetic is today's, and the documentation says the figure."""
+        needed = _descriptors_at_maxima()
+        limit = int(_one("LimitNOFILE"))
+        assert limit >= 2 * sum(needed.values()), (limit, needed)
+        assert f"= {sum(needed.values())}. {limit} " in UNIT.read_text(), needed
+        for doc in (PRODUCTION_DOC, ROOT / "README.md"):
+            assert f"LimitNOFILE={limit}" in doc.read_text(), doc
 
     def test_instance_role_endpoints_are_reachable_and_the_rest_of_link_local_is_not(self) -> None:
         """EC2's IMDS (IPv4 and IPv6), ECS's and EKS Pod Identity's credential addresses are
