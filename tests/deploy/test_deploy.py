@@ -9,9 +9,12 @@ fails instead, like the PostgreSQL tests.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import datetime as dt
+import http.server
 import importlib.metadata
+import importlib.util
 import ipaddress
 import json
 import os
@@ -19,8 +22,10 @@ import pathlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import tomllib
 import urllib.parse
 import uuid
@@ -57,6 +62,7 @@ DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "seedance-archiver.service"
 TEMPLATE = DEPLOY / "seedance-archiver@.service"
 DOCKERFILE = DEPLOY / "Dockerfile"
+HEALTHCHECK_SCRIPT = DEPLOY / "healthcheck.py"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = DEPLOY / "compose.yaml"
 PRODUCTION_DOC = ROOT / "docs/pages/production.md"
@@ -67,6 +73,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPT = "seedance-archiver"
 INSTALL_DIR = pathlib.PurePosixPath("/opt/seedance-archiver")
 INSTALL_BIN = INSTALL_DIR / "bin"
+IMAGE_HEALTHCHECK = INSTALL_DIR / "healthcheck.py"
 # The exposure `systemd-analyze security` gave the unit before the instance-role addresses were
 # allowed (and docs/pages/production.md quotes): no change may raise it.
 MAX_EXPOSURE = 1.1
@@ -650,30 +657,122 @@ class TestDockerfile:
         assert f"VERSION={PYPROJECT['project']['version']}" in args
         assert 'org.opencontainers.image.version="${VERSION}"' in _last("LABEL").args
 
-    def test_healthcheck_is_exec_form_against_the_daemons_endpoint(self) -> None:
-        """HEALTHCHECK is exec form and asks /healthz on the default port, or runs `check`."""
-        argv = _healthcheck_argv()
-        if argv[0] == SCRIPT:
-            assert _parses_as_verb(argv[1:]) == "check"
-            return
+    def test_healthcheck_runs_the_script_the_image_holds(self) -> None:
+        """HEALTHCHECK is exec form: the image's Python running deploy/healthcheck.py, which the
+        build stage copies into the virtualenv that the final stage takes whole."""
+        assert _healthcheck_argv() == ["python", str(IMAGE_HEALTHCHECK)]
+        assert IMAGE_HEALTHCHECK.parent == INSTALL_DIR
+        copies = [i.args.split() for i in DOCKER if i.keyword == "COPY" and i.stage < FINAL_STAGE]
+        assert [HEALTHCHECK_SCRIPT.relative_to(ROOT).as_posix(), str(IMAGE_HEALTHCHECK)] in copies
+        # It asks the daemon's own route, with the settings' own defaults.
         app = web.WebServer(None, None, "127.0.0.1", 0).app()  # type: ignore[arg-type]
         routes = {route.resource.canonical for route in app.router.routes() if route.resource}
-        assert "/healthz" in routes and "/healthz" in argv[-1]
-        assert str(config.Settings.model_fields["http_port"].default) in argv[-1]
+        assert "/healthz" in routes and '"/healthz"' in HEALTHCHECK_SCRIPT.read_text()
+        script = _healthcheck_module()
+        fields = config.Settings.model_fields
+        assert script.DEFAULT_PORT == str(fields["http_port"].default)
+        assert script.DEFAULT_HOST == fields["http_host"].default
 
-    def test_healthcheck_passes_against_a_running_daemon_only(
+
+def _healthcheck_module() -> Any:
+    spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_healthcheck(settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The HEALTHCHECK's command as the image runs it, here: this Python, deploy/healthcheck.py."""
+    local = {"python": sys.executable, str(IMAGE_HEALTHCHECK): str(HEALTHCHECK_SCRIPT)}
+    argv = [local.get(arg, arg) for arg in _healthcheck_argv()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")} | settings
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
+@contextlib.contextmanager
+def _healthz_server(host: str, status: int = 200) -> Iterator[int]:
+    """A stand-in daemon on ``host``: /healthz answers ``status``. Its port (the kernel's pick)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class TestHealthcheck:
+    """The image's HEALTHCHECK follows SEEDANCE_HTTP_HOST and SEEDANCE_HTTP_PORT."""
+
+    @pytest.mark.parametrize(
+        ("listen", "host_setting"),
+        [
+            ("127.0.0.1", None),
+            ("127.0.0.2", "127.0.0.2"),
+            ("127.0.0.1", "0.0.0.0"),
+            ("::1", "::"),
+            ("::1", "::1"),
+        ],
+        ids=["default host", "a given address", "every IPv4 address", "every IPv6 address", "IPv6"],
+    )
+    def test_it_asks_where_the_daemon_listens(self, listen: str, host_setting: str | None) -> None:
+        """The daemon's address, or loopback where it listens on every address."""
+        with _healthz_server(listen) as port:
+            settings = {"SEEDANCE_HTTP_PORT": str(port)}
+            if host_setting is not None:
+                settings["SEEDANCE_HTTP_HOST"] = host_setting
+            result = _run_healthcheck(settings)
+        assert result.returncode == 0, result
+        assert result.stdout.startswith("healthy: ") and "answered 200" in result.stdout, result
+
+    def test_an_answer_other_than_200_is_unhealthy(self) -> None:
+        with _healthz_server("127.0.0.1", status=503) as port:
+            result = _run_healthcheck({"SEEDANCE_HTTP_PORT": str(port)})
+        assert result.returncode == 1, result
+        assert result.stdout.startswith("unhealthy: ") and "answered 503" in result.stdout, result
+
+    def test_nothing_listening_is_unhealthy_and_says_where_it_asked(self) -> None:
+        port = free_port()
+        result = _run_healthcheck({"SEEDANCE_HTTP_PORT": str(port)})
+        assert result.returncode == 1, result
+        assert f"http://127.0.0.1:{port}/healthz does not answer" in result.stdout, result
+
+    def test_port_0_says_the_port_is_off(self) -> None:
+        """With SEEDANCE_HTTP_PORT=0 there is nothing to ask: it fails saying so, no traceback."""
+        result = _run_healthcheck({"SEEDANCE_HTTP_PORT": "0", "SEEDANCE_HTTP_HOST": "0.0.0.0"})
+        assert result.returncode == 1, result
+        assert result.stdout.startswith("unhealthy: SEEDANCE_HTTP_PORT=0 turns"), result
+        assert "off" in result.stdout and "--no-healthcheck" in result.stdout, result
+        assert result.stderr == "", result
+
+    def test_it_passes_against_a_running_daemon_only(
         self, tmp_path: pathlib.Path, sqlite_url: str, sim: simulator.SimulatorThread
     ) -> None:
-        """The image's health command fails with no daemon and passes once `run` ticks."""
-        argv = _healthcheck_argv()
-        argv[0] = {"python": sys.executable, SCRIPT: str(acceptance.CLI)}[argv[0]]
+        """The image's health command fails with no daemon and passes once `run` serves, on the
+        address and port the daemon was given."""
         port = free_port()
         env = acceptance.base_env(sim.url, sqlite_url, (tmp_path / "archive").as_uri())
-        env["SEEDANCE_HTTP_PORT"] = str(port)
+        settings = {"SEEDANCE_HTTP_HOST": "127.0.0.2", "SEEDANCE_HTTP_PORT": str(port)}
+        env.update(settings)
 
         def healthy() -> bool:
-            result = subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
-            return result.returncode == 0
+            return _run_healthcheck(settings).returncode == 0
 
         assert not healthy()
         with (tmp_path / "daemon.log").open("wb") as log:

@@ -53,6 +53,7 @@ BUILD_TIMEOUT_SECONDS = 900
 SHUTDOWN_GRACE_SECONDS = 5
 STOP_TIMEOUT_SECONDS = 20
 HEALTH_INTERVAL = "1s"
+HTTP_HOST = "127.0.0.2"  # loopback, as every container here shares the host's network
 FIRST_VIDEO_BYTES = 3 * 1024 * 1024 + 17
 # Throttled to 256 KiB/s, the slow video takes 32 s: a stop is sure to find it downloading.
 SLOW_VIDEO_BYTES = 8 * 1024 * 1024
@@ -272,6 +273,8 @@ class Stack:
             del settings[key]  # both come as files, as compose gives them
         settings["SEEDANCE_API_KEY_FILE"] = str(SECRETS / "seedance_api_key")
         settings["SEEDANCE_HTTP_PORT"] = str(free_port())
+        # Not the default 127.0.0.1: the HEALTHCHECK must ask where the daemon listens.
+        settings["SEEDANCE_HTTP_HOST"] = HTTP_HOST
         settings["SEEDANCE_SHUTDOWN_GRACE_SECONDS"] = str(SHUTDOWN_GRACE_SECONDS)
         argv = ["run", "--detach", *self._run_args(name)]
         argv += ["--volume", f"{self.archive_dir}:{ARCHIVE_MOUNT}"]
@@ -412,7 +415,8 @@ class TestImage:
         assert (stack.archive_dir / f"{task_id}.mp4").stat().st_uid == IMAGE_UID
 
     def test_healthcheck_turns_healthy(self, stack: Stack, first_daemon: str) -> None:
-        """The image's HEALTHCHECK (run by the engine, at a 1 s interval here) reports healthy."""
+        """The image's HEALTHCHECK (run by the engine, at a 1 s interval here) reports healthy,
+        asking the daemon where it listens (SEEDANCE_HTTP_HOST=127.0.0.2)."""
 
         def healthy() -> bool:
             stack.running(first_daemon)
@@ -421,6 +425,19 @@ class TestImage:
         wait_for(healthy, timeout=60, interval=0.5, what="the container to turn healthy")
         checks = _inspect(first_daemon, ".State.Health.Log")
         assert checks and checks[-1]["ExitCode"] == 0, checks
+        assert f"http://{HTTP_HOST}:" in checks[-1]["Output"], checks
+
+    def test_healthcheck_says_when_the_port_is_off(self, image: Build) -> None:
+        """The HEALTHCHECK's own command, in the image, with SEEDANCE_HTTP_PORT=0: it fails and
+        says the port is off (no traceback)."""
+        test = _inspect(image.tag, ".Config.Healthcheck.Test")
+        assert test[0] == "CMD", test
+        argv = ["run", "--rm", "--network", "host", *_lockdown_flags()]
+        argv += ["--env", "SEEDANCE_HTTP_PORT=0", "--entrypoint", test[1], image.tag, *test[2:]]
+        result = docker(*argv, check=False)
+        assert result.returncode == 1, result
+        assert result.stdout.startswith("unhealthy: SEEDANCE_HTTP_PORT=0 turns"), result
+        assert "Traceback" not in result.stderr, result
 
     def test_docker_stop_during_a_download_is_graceful_and_loses_nothing(
         self, stack: Stack, first_daemon: str
