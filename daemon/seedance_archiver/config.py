@@ -168,7 +168,7 @@ class Settings(DatabaseSettings):
     callback_token: pydantic.SecretStr | None = None
     callback_token_file: pathlib.Path | None = None
     # Connections the HTTP port holds at once (callbacks, /metrics, /readyz); beyond it, 503.
-    http_max_connections: int = pydantic.Field(default=100, ge=1, le=10_000)
+    http_max_connections: int = pydantic.Field(default=100, ge=1, le=1000)
 
     @pydantic.model_validator(mode="before")
     @classmethod
