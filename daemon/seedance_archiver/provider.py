@@ -27,7 +27,7 @@ import aiohttp
 import aiohttp.abc
 import httpx
 
-from seedance_archiver import errors, models, utils, wire
+from seedance_archiver import addresses, errors, models, utils, wire
 
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
@@ -377,48 +377,8 @@ class UrlRules:
     allow_private_hosts: bool = False
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the IPv4 address is the last 32 bits
-_NAT64_LOCAL = ipaddress.ip_network(
-    "64:ff9b:1::/48"
-)  # RFC 8215: a site's own translator, never public
-_IPV4_COMPATIBLE = ipaddress.ip_network(
-    "::/96"
-)  # deprecated ::a.b.c.d; ``::`` and ``::1`` live here too
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """The IPv4 addresses an IPv6 address carries (mapped, NAT64, 6to4, Teredo, compatible), if any.
-
-    A router or translator on the path delivers such an address to the IPv4 one inside, so it is
-    the inner address that must be public.
-    """
-    if ip.ipv4_mapped is not None:
-        return [ip.ipv4_mapped]
-    if ip.sixtofour is not None:
-        return [ip.sixtofour]
-    if ip.teredo is not None:
-        server, client = ip.teredo
-        return [server, client]
-    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
-        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
-    return []
-
-
-def _is_public(address: str) -> bool:
-    """Whether ``address`` (with any IPv4 address it carries) is a public unicast address."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.is_multicast or not ip.is_global:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip in _NAT64_LOCAL:
-            return False
-        return all(_is_public(str(inner)) for inner in _embedded_ipv4(ip))
-    return True
-
-
-def is_public_address(address: str) -> bool:
-    """Whether an IP address is public unicast: the rule for video links, also for webhook hosts."""
-    return _is_public(address)
+# The public-address rule lives in addresses.py; this name stays for callers that knew it here.
+is_public_address = addresses.is_public_address
 
 
 PRIVATE_HOST_MESSAGE = (
@@ -452,7 +412,7 @@ async def check_video_url(url: str, rules: UrlRules) -> None:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return  # a name: PublicResolver checks what it resolves to, at connect time
-    if not _is_public(host):
+    if not addresses.is_public_address(host):
         raise errors.UnsafeVideoUrl(PRIVATE_HOST_MESSAGE)
 
 
@@ -476,7 +436,9 @@ class PublicResolver(aiohttp.abc.AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[aiohttp.abc.ResolveResult]:
         answers = await self._inner.resolve(host, port, family)
-        if not answers or not all(_is_public(answer["host"]) for answer in answers):
+        if not answers or not all(
+            addresses.is_public_address(answer["host"]) for answer in answers
+        ):
             raise _PrivateAnswer(PRIVATE_HOST_MESSAGE)
         return answers
 

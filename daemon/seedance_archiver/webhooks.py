@@ -32,7 +32,7 @@ import standardwebhooks
 import structlog
 
 import seedance_archiver
-from seedance_archiver import errors, metrics, models, provider, store, utils
+from seedance_archiver import addresses, errors, metrics, models, provider, store, utils
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R")
@@ -176,7 +176,7 @@ def check_url(url: str, allow_private_hosts: bool) -> None:
         ipaddress.ip_address(parts.hostname)
     except ValueError:
         return
-    if not provider.is_public_address(parts.hostname):
+    if not addresses.is_public_address(parts.hostname):
         raise errors.ConfigError(
             "invalid setting SEEDANCE_WEBHOOK_URL: a loopback, private or link-local address "
             "(set SEEDANCE_ALLOW_PRIVATE_WEBHOOK_HOSTS=true to allow)"
