@@ -194,3 +194,37 @@ class TestPreCommit:
         makefile = (ROOT / "Makefile").read_text()
         lint = makefile[makefile.index("\nlint:") :].strip().split("\n\n")[0].splitlines()[1:]
         assert entries == [line.strip().replace("$(BIN)", ".venv/bin") for line in lint]
+
+
+class TestPythons:
+    """The Pythons users have are the ones CI tests, and the classifiers name exactly those."""
+
+    def _pythons(self) -> list[str]:
+        (listed,) = re.findall(r"^PYTHONS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
+        return listed.split()
+
+    def test_ci_runs_the_other_pythons(self) -> None:
+        steps = re.findall(r"^make (\S+)", (ROOT / ".ci" / "run").read_text(), re.M)
+        assert steps.index("pythons") > steps.index("test")
+        assert {"3.12", "3.13"} <= {version.rsplit(".", 1)[0] for version in self._pythons()}
+
+    def test_the_classifiers_name_the_pythons_ci_tests(self) -> None:
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        lowest = project["requires-python"].removeprefix(">=")
+        # make test runs on .venv's Python, the lowest allowed; make pythons on the others.
+        assert f"{sys.version_info.major}.{sys.version_info.minor}" == lowest
+        tested = {lowest} | {version.rsplit(".", 1)[0] for version in self._pythons()}
+        prefix = "Programming Language :: Python :: "
+        named = {c.removeprefix(prefix) for c in project["classifiers"] if c.startswith(prefix)}
+        assert named == tested
+
+    def test_a_missing_python_is_named(self, tmp_path: pathlib.Path) -> None:
+        """On a machine without one of the Pythons, make pythons says which and how to get it."""
+        result = subprocess.run(
+            ["make", "-s", "-o", ".venv/.installed", "pythons", f"PYENV_ROOT={tmp_path}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        first = self._pythons()[0]
+        assert result.returncode != 0
+        assert f"CPython {first} is missing" in result.stderr
+        assert f"pyenv install {first}" in result.stderr
