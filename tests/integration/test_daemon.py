@@ -153,7 +153,7 @@ class TestHeartbeat:
             async with running_daemon(_settings(sim, sqlite_url, tmp_path)):
                 await wait_until(
                     lambda: any(d.last_tick_at is not None for d in rows.daemons()),
-                    30,
+                    90,  # a start on a machine busy with six test workers and more
                     "a heartbeat that says the daemon ticked",
                 )
         finally:

@@ -66,6 +66,8 @@ class TestEndpoints:
         settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", port)
         async with running_daemon(settings), httpx.AsyncClient(base_url=base) as client:
             await wait_until(lambda: _answers(port), 10, "the HTTP server")
+            # The port opens before the first tick completes; /healthz says "stalled" until then.
+            await wait_until(lambda: _healthy(port), 20, "the first tick")
             health = await client.get("/healthz")
             assert health.status_code == 200 and health.json()["status"] == "ok"
             ready = await client.get("/readyz")
@@ -141,6 +143,13 @@ class TestEndpoints:
         assert ready.status_code == 503
         checks = ready.json()["checks"]
         assert checks["database"] == "ok" and checks["storage"] != "ok"
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _answers(port: int) -> bool:
