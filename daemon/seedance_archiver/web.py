@@ -98,14 +98,14 @@ class WebServer:
         task_store: store.Store,
         host: str,
         port: int,
-        callbacks: Callbacks | None = None,
+        endpoint: Callbacks | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.svc = svc
         self.store = task_store
         self.host = host
         self.port = port
-        self.callbacks = callbacks
+        self.callbacks = endpoint
         self.max_connections = max_connections
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
