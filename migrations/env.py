@@ -1,4 +1,9 @@
-"""Alembic environment: the URL comes from the caller, ``-x url=``, or SEEDANCE_DATABASE_URL."""
+"""Alembic environment: the URL comes from the caller, ``-x url=``, or SEEDANCE_DATABASE_URL.
+
+Each revision runs in its own transaction, on a connection of its own (``store.make_migrate_engine``:
+a lock timeout, but neither the daemon's statement timeout nor its watchdog), once no other
+migrate runs on the database; ``schema`` says why.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +19,22 @@ url = (
     or os.environ.get("SEEDANCE_DATABASE_URL")
     or "sqlite:///seedance-archiver.db"
 )
+OPTIONS = {"target_metadata": models.Base.metadata, "transaction_per_migration": True}
 
 
 def run_migrations() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(connection=connection, target_metadata=models.Base.metadata)
+        context.configure(connection=connection, **OPTIONS)
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = store.make_engine(url)
+    lock_timeout = config.attributes.get("lock_timeout_seconds", store.MIGRATE_LOCK_TIMEOUT_SECONDS)
+    engine = store.make_migrate_engine(url, lock_timeout)
     try:
         with engine.connect() as conn:
-            context.configure(connection=conn, target_metadata=models.Base.metadata)
+            store.lock_migrations(conn)
+            context.configure(connection=conn, **OPTIONS)
             with context.begin_transaction():
                 context.run_migrations()
     finally:
@@ -34,7 +42,7 @@ def run_migrations() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=str(store.engine_url(url)), target_metadata=models.Base.metadata)
+    context.configure(url=str(store.engine_url(url)), **OPTIONS)
     with context.begin_transaction():
         context.run_migrations()
 else:

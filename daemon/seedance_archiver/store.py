@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import psycopg
@@ -341,6 +341,100 @@ def make_engine(
     for name in ("checkin", "invalidate", "soft_invalidate", "close", "detach"):
         sa.event.listen(engine, name, _unguard)
     return engine
+
+
+# `migrate` waits this long for a table lock, then gives it up (and retries): a DDL statement that
+# waits for a lock queues every feeder's INSERT behind it for as long as it waits.
+MIGRATE_LOCK_TIMEOUT_SECONDS = 2.0
+# Any key will do, as long as it is ours: one migrate at a time per database.
+MIGRATE_ADVISORY_LOCK = 0x5EEDA2C1
+# The tables the migrations lock; what a migrate that timed out on a lock names as its blockers.
+MIGRATED_TABLES = ("video_tasks", "webhook_outbox", "archiver_heartbeats", "alembic_version")
+
+
+def make_migrate_engine(
+    url: str, lock_timeout_seconds: float = MIGRATE_LOCK_TIMEOUT_SECONDS
+) -> sa.Engine:
+    """An engine for ``migrate``: the daemon's, less the limits that would cut a long migration.
+
+    On PostgreSQL an index build on a large table may run for minutes, on one connection, by design:
+    no statement timeout and no :class:`Watchdog`, but a ``lock_timeout``, so that no statement
+    waits long for a lock while the feeders' inserts queue behind it. Connections are not pooled:
+    the session-level settings and the advisory lock (:func:`lock_migrations`) end with them.
+    SQLite's engine is the daemon's (its busy timeout bounds every lock wait already).
+    """
+    parsed = engine_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return make_engine(url)
+    engine = sa.create_engine(
+        parsed,
+        poolclass=sa.pool.NullPool,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS, **PG_KEEPALIVES},
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Explicitly off: a role's own statement_timeout (postgres-roles.sql gives the daemon's
+        # role 30 s) must not cut an index build half-way either.
+        dbapi_conn.execute("SET statement_timeout = 0")
+        dbapi_conn.execute(f"SET lock_timeout = {round(lock_timeout_seconds * 1000)}")
+        if not dbapi_conn.autocommit:
+            dbapi_conn.commit()
+
+    return engine
+
+
+def lock_migrations(conn: sa.Connection) -> None:
+    """Wait, without a lock timeout, until no other ``migrate`` runs on this database.
+
+    Two daemons started together (the template unit) both migrate; without this one would see the
+    other's index build, unfinished and so still INVALID, and drop it. The advisory lock blocks no
+    feeder. It lasts as long as the connection; the transaction is committed so that Alembic runs
+    its own, one per revision.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    with no_lock_timeout(conn):
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_ADVISORY_LOCK})
+    conn.commit()
+
+
+@contextlib.contextmanager
+def no_lock_timeout(conn: sa.Connection) -> Iterator[None]:
+    """Lift the PostgreSQL session's ``lock_timeout`` for the statements inside (waits that queue
+    no feeder behind them), then put it back. After an error the connection is not used again."""
+    saved = conn.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar_one()
+    conn.execute(sa.text("SET lock_timeout = 0"))
+    yield
+    conn.execute(sa.text("SELECT set_config('lock_timeout', :value, false)"), {"value": saved})
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether a database error is PostgreSQL's ``lock_timeout`` giving up (SQLSTATE 55P03)."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"
+
+
+def lock_holders(conn: sa.Connection) -> list[dict[str, Any]]:
+    """The other sessions holding locks on the migrated tables, oldest transaction first: what a
+    migrate that gave up waiting for a lock was waiting on (pid, table, lock mode, state, client,
+    seconds in its transaction)."""
+    if conn.dialect.name != "postgresql":
+        return []
+    rows = conn.execute(
+        sa.text(
+            "SELECT l.pid, c.relname AS table, l.mode, a.state, a.application_name,"
+            " a.client_addr::text AS client,"
+            " round(extract(epoch FROM now() - a.xact_start)::numeric, 1)::float AS xact_seconds"
+            " FROM pg_locks l"
+            " JOIN pg_class c ON c.oid = l.relation"
+            " JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.granted AND l.pid <> pg_backend_pid()"
+            " AND l.relation = ANY(ARRAY(SELECT to_regclass(t) FROM unnest(CAST(:tables AS text[])) AS t))"
+            " ORDER BY a.xact_start NULLS LAST, l.pid"
+        ),
+        {"tables": list(MIGRATED_TABLES)},
+    )
+    return [dict(row._mapping) for row in rows]
 
 
 _TASK_COLUMNS = [t.c[name] for name in models.TASK_FIELDS]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import pathlib
+from typing import Any
+
 import alembic.autogenerate
+import alembic.command
 import alembic.migration
+import alembic.script
+import psycopg
 import pytest
 import sqlalchemy as sa
-from seedance_archiver import models, schema, store
+import structlog
+from seedance_archiver import errors, models, schema, store
+
+from tests.conftest import wait_for
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -95,3 +106,176 @@ class TestMigrations:
                 or "(expires_at, next_attempt_at)" in text
             )
             assert "WHERE state IN ('downloading', 'pending', 'polling')" in text
+
+
+# --- migrating beside the feeders (PostgreSQL) ---------------------------------------------------
+
+PROBE_REVISION = """
+from alembic import op
+
+revision = "9999"
+down_revision = "{head}"
+
+
+def upgrade() -> None:
+    for _ in range(3):  # each statement short, the connection held for longer than the watchdog allows
+        op.execute("SELECT pg_sleep(0.5)")
+    op.execute(
+        "CREATE TABLE migrate_probe AS SELECT current_setting('statement_timeout') AS statement, "
+        "current_setting('lock_timeout') AS lock"
+    )
+"""
+
+
+class _QuickWatchdog(store.Watchdog):
+    """The daemon's watchdog, cutting at 1 s instead of the statement timeout + 2 s."""
+
+    def guard(self, key: int, fd: int, seconds: float) -> None:
+        super().guard(key, fd, 1.0)
+
+
+def _pg(url: str, autocommit: bool = False) -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(url, autocommit=autocommit, connect_timeout=5)
+
+
+def _version(url: str) -> str | None:
+    with _pg(url) as conn:
+        if conn.execute("SELECT to_regclass('alembic_version')").fetchone() == (None,):
+            return None
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    return None if row is None else str(row[0])
+
+
+def _head() -> str:
+    head = alembic.script.ScriptDirectory.from_config(schema.alembic_config("")).get_current_head()
+    assert head is not None
+    return head
+
+
+def _indexes(url: str) -> dict[str, tuple[int, bool, str]]:
+    """Every index of the daemon's tables: name -> (oid, valid, definition)."""
+    with _pg(url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, i.indexrelid::int, i.indisvalid, pg_get_indexdef(i.indexrelid)"
+            " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE i.indrelid IN ('video_tasks'::regclass, 'webhook_outbox'::regclass)"
+        ).fetchall()
+    return {name: (oid, valid, definition) for name, oid, valid, definition in rows}
+
+
+@pytest.mark.postgres
+class TestMigratingBesideFeeders:
+    """migrate on PostgreSQL holds no lock for long, is not cut by the daemon's limits, and may be
+    cut itself and run again."""
+
+    def test_a_lock_held_elsewhere_is_waited_for_in_short_tries_that_let_inserts_through(
+        self, empty_pg_url: str
+    ) -> None:
+        url = empty_pg_url
+        schema.upgrade(url, "0004")  # 0005 adds a column: an ACCESS EXCLUSIVE lock
+        with (
+            # Outermost: on a failure the connections close (and free the migrate) before the
+            # pool waits for it.
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+            _pg(url) as holder,
+            _pg(url, autocommit=True) as feeder,
+            structlog.testing.capture_logs() as logs,
+        ):
+            holder.execute("SELECT count(*) FROM video_tasks")  # ACCESS SHARE until it ends
+            holder_pid = holder.info.backend_pid
+            migrating = pool.submit(schema.upgrade, url)
+            wait_for(
+                lambda: (
+                    migrating.done()
+                    or feeder.execute(
+                        "SELECT 1 FROM pg_locks WHERE NOT granted"
+                        " AND relation = 'video_tasks'::regclass AND mode = 'AccessExclusiveLock'"
+                    ).fetchone()
+                ),
+                what="migrate waiting for its lock on video_tasks",
+            )
+            # A lock request that waits queues every insert behind it; given up, it lets them by.
+            feeder.execute("SET statement_timeout = '10s'")  # the deadline, not a measurement
+            feeder.execute("INSERT INTO video_tasks (task_id) VALUES ('fed-while-migrating')")
+            wait_for(
+                lambda: any(e["event"] == "migrate_lock_wait" for e in logs),
+                what="migrate saying what it waits on",
+            )
+            assert holder.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+            holder.rollback()
+            migrating.result(timeout=60)
+        assert _version(url) == _head()
+        wait = next(e for e in logs if e["event"] == "migrate_lock_wait")
+        assert wait["at_revision"] == "0004"
+        assert {"pid": holder_pid, "table": "video_tasks", "mode": "AccessShareLock"}.items() <= (
+            next(h for h in wait["holders"] if h["pid"] == holder_pid).items()
+        )
+
+    def test_a_long_revision_runs_without_the_daemons_timeouts_and_watchdog(
+        self, empty_pg_url: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(store, "WATCHDOG", _QuickWatchdog())
+        versions = tmp_path / "versions"
+        versions.mkdir()
+        (versions / "9999_probe.py").write_text(PROBE_REVISION.format(head=_head()))
+        cfg = schema.alembic_config(empty_pg_url)
+        shipped = pathlib.Path(cfg.get_main_option("script_location") or "") / "versions"
+        cfg.set_main_option("path_separator", "os")
+        cfg.set_main_option("version_locations", os.pathsep.join([str(shipped), str(versions)]))
+        alembic.command.upgrade(cfg, "head")
+        with _pg(empty_pg_url) as conn:
+            settings = conn.execute("SELECT statement, lock FROM migrate_probe").fetchone()
+        assert settings == ("0", f"{store.MIGRATE_LOCK_TIMEOUT_SECONDS:g}s")
+
+    def test_a_second_migrate_changes_nothing(self, empty_pg_url: str) -> None:
+        schema.upgrade(empty_pg_url)
+        before = _indexes(empty_pg_url)
+        schema.upgrade(empty_pg_url)
+        assert _indexes(empty_pg_url) == before
+        assert _version(empty_pg_url) == _head()
+
+    def test_a_migrate_waits_for_another_without_a_lock_timeout(self, empty_pg_url: str) -> None:
+        """Two daemons started together both migrate; the second never sees the first's index
+        half-built (it would take it for a cut build and drop it)."""
+        with (
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+            _pg(empty_pg_url, autocommit=True) as other,
+        ):
+            other.execute("SELECT pg_advisory_lock(%s)", [store.MIGRATE_ADVISORY_LOCK])
+            migrating = pool.submit(schema.upgrade, empty_pg_url)
+            waited_past_lock_timeout = (
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                f" AND now() - waitstart > interval '{store.MIGRATE_LOCK_TIMEOUT_SECONDS + 1}s'"
+            )
+            wait_for(
+                lambda: migrating.done() or other.execute(waited_past_lock_timeout).fetchone(),
+                what="a migrate waiting for the other one past its lock timeout",
+            )
+            assert not migrating.done(), migrating.exception()
+            assert _version(empty_pg_url) is None
+            other.execute("SELECT pg_advisory_unlock(%s)", [store.MIGRATE_ADVISORY_LOCK])
+            migrating.result(timeout=60)
+        assert _version(empty_pg_url) == _head()
+
+
+class TestOneTransactionPerRevision:
+    """A revision that fails leaves the ones before it applied."""
+
+    def test_a_failed_revision_keeps_the_earlier_ones(self, empty_url: str) -> None:
+        engine = store.make_engine(empty_url)
+        try:
+            with engine.begin() as conn:
+                # What 0002 creates, there already: 0002 fails.
+                conn.execute(sa.text("CREATE TABLE archiver_heartbeats (owner TEXT PRIMARY KEY)"))
+        finally:
+            engine.dispose()
+        with pytest.raises(errors.StoreError, match="archiver_heartbeats"):
+            schema.upgrade(empty_url)
+        assert _columns(empty_url) == set(models.TASK_FIELDS) - {"provider"}
+        engine = store.make_engine(empty_url)
+        try:
+            with engine.connect() as conn:
+                version = alembic.migration.MigrationContext.configure(conn).get_current_revision()
+        finally:
+            engine.dispose()
+        assert version == "0001"
