@@ -2,7 +2,7 @@
 
 Each revision runs in its own transaction, on a connection of its own (``store.make_migrate_engine``:
 a lock timeout, but neither the daemon's statement timeout nor its watchdog), once no other
-migrate runs on the database; ``schema`` says why.
+migrate runs on the database; ``schema`` says why and how a revision builds an index.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ Without it, ``SqlStore.generation_times`` (every 5 min per daemon, and every ``s
 sequential scan of the whole table: 300-600 ms with 1,000,000 finished rows (bench/README.md).
 With it, the scan covers only the rows completed in the window. completed_at is written once per
 task, so the index costs one non-HOT update per task; the frequent poll updates stay HOT-eligible.
+Built CONCURRENTLY on PostgreSQL (``schema.build_index``): feeders insert on during the build.
 
 Revision ID: 0007
 Revises: 0004 (issue 12; 0005 and 0006 come from parallel work, the merge re-chains)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from seedance_archiver import schema
 
 revision = "0007"
 down_revision = "0006"
@@ -24,7 +26,7 @@ COMPLETED = "completed_at IS NOT NULL"
 
 
 def upgrade() -> None:
-    op.create_index(
+    schema.build_index(
         "ix_video_tasks_completed",
         "video_tasks",
         ["completed_at"],

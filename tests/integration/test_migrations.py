@@ -163,6 +163,10 @@ def _indexes(url: str) -> dict[str, tuple[int, bool, str]]:
     return {name: (oid, valid, definition) for name, oid, valid, definition in rows}
 
 
+def _definitions(url: str) -> dict[str, str]:
+    return {name: definition for name, (_, valid, definition) in _indexes(url).items() if valid}
+
+
 @pytest.mark.postgres
 class TestMigratingBesideFeeders:
     """migrate on PostgreSQL holds no lock for long, is not cut by the daemon's limits, and may be
@@ -226,6 +230,83 @@ class TestMigratingBesideFeeders:
         with _pg(empty_pg_url) as conn:
             settings = conn.execute("SELECT statement, lock FROM migrate_probe").fetchone()
         assert settings == ("0", f"{store.MIGRATE_LOCK_TIMEOUT_SECONDS:g}s")
+
+    def test_an_index_build_cut_half_way_is_dropped_and_built_again(
+        self, empty_pg_url: str
+    ) -> None:
+        url = empty_pg_url
+        schema.upgrade(url, "0006")
+        with (
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+            _pg(url) as writer,
+            _pg(url, autocommit=True) as admin,
+        ):
+            # A write not yet committed: a concurrent build waits for it before it starts.
+            writer.execute("INSERT INTO video_tasks (task_id) VALUES ('in-flight')")
+            migrating = pool.submit(schema.upgrade, url)
+            pid = wait_for(
+                lambda: (
+                    migrating.done()
+                    or admin.execute(
+                        "SELECT pid FROM pg_stat_progress_create_index"
+                        " WHERE index_relid = to_regclass('ix_video_tasks_completed')"
+                    ).fetchone()
+                ),
+                what="the concurrent build of ix_video_tasks_completed",
+            )
+            assert not migrating.done(), migrating.exception()
+            admin.execute("SELECT pg_terminate_backend(%s)", pid)  # type: ignore[arg-type]
+            with pytest.raises(errors.StoreError):
+                migrating.result(timeout=60)
+            writer.commit()
+        assert _version(url) == "0006"
+        assert _indexes(url)["ix_video_tasks_completed"][1] is False  # what a cut build leaves
+        with structlog.testing.capture_logs() as logs:
+            schema.upgrade(url)
+        assert _version(url) == _head()
+        assert {
+            "event": "migrate_invalid_index_dropped",
+            "index": "ix_video_tasks_completed",
+        }.items() <= (
+            next(e for e in logs if e["event"] == "migrate_invalid_index_dropped").items()
+        )
+        assert all(valid for _, valid, _ in _indexes(url).values())
+
+    @pytest.mark.parametrize(
+        ("at", "done_by_hand"),
+        [
+            # 0007 cut after its index was built, before its revision was recorded.
+            (
+                "0006",
+                "CREATE INDEX ix_video_tasks_completed ON video_tasks (completed_at)"
+                " WHERE completed_at IS NOT NULL",
+            ),
+            # 0003 cut after the new claim index was built, before the old one was dropped...
+            (
+                "0002",
+                "CREATE INDEX ix_video_tasks_due_0003 ON video_tasks"
+                " (expires_at NULLS FIRST, next_attempt_at)"
+                " WHERE state IN ('downloading', 'pending', 'polling')",
+            ),
+            # ... or after it replaced the old one.
+            (
+                "0002",
+                "DROP INDEX ix_video_tasks_due; CREATE INDEX ix_video_tasks_due ON video_tasks"
+                " (expires_at NULLS FIRST, next_attempt_at)"
+                " WHERE state IN ('downloading', 'pending', 'polling')",
+            ),
+        ],
+    )
+    def test_a_revision_cut_after_its_index_was_built_runs_again(
+        self, empty_pg_url: str, pg_url: str, at: str, done_by_hand: str
+    ) -> None:
+        schema.upgrade(empty_pg_url, at)
+        with _pg(empty_pg_url, autocommit=True) as conn:
+            for statement in done_by_hand.split("; "):
+                conn.execute(statement)  # type: ignore[arg-type]
+        schema.upgrade(empty_pg_url)
+        assert _version(empty_pg_url) == _head()
+        assert _definitions(empty_pg_url) == _definitions(pg_url)  # pg_url: migrated in one go
 
     def test_a_second_migrate_changes_nothing(self, empty_pg_url: str) -> None:
         schema.upgrade(empty_pg_url)
