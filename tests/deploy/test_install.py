@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from collections.abc import Iterator
 
 import pytest
@@ -108,6 +109,25 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
         "--python", sys.executable, "--out-dir", out, source)  # fmt: skip
     (built,) = out.glob("seedance_archiver-*.whl")
     return built
+
+
+class TestWheel:
+    """The wheel holds every module of the source tree, so a new subpackage cannot drop out of it."""
+
+    def test_the_wheel_holds_every_module(self, wheel: pathlib.Path) -> None:
+        package = ROOT / "daemon" / "seedance_archiver"
+        sources = {
+            f"seedance_archiver/{path.relative_to(package).as_posix()}"
+            for path in package.rglob("*.py")
+        } | {
+            f"seedance_archiver/migrations/{path.relative_to(ROOT / 'migrations').as_posix()}"
+            for path in (ROOT / "migrations").rglob("*.py")
+        }
+        with zipfile.ZipFile(wheel) as built:
+            held = {name for name in built.namelist() if name.endswith(".py")}
+        assert "seedance_archiver/store.py" in sources
+        assert sources - held == set(), "not in the wheel: name its package in pyproject.toml"
+        assert held - sources == set(), "in the wheel, but not in the source tree"
 
 
 @pytest.fixture(scope="module")
