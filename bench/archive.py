@@ -10,12 +10,12 @@ name the server. Every measurement of the daemon runs in a fresh child Python pr
 is its own:
 
 - **daemon -> S3**: ``provider.HttpProvider(...).fetch(id)`` for the link, then
-  ``async with http.open_video(url) as video: await archive.S3Archive(bucket, "bench").put(id,
+  ``async with http.open_video(url) as video: await s3.S3Archive(bucket, "bench").put(id,
   video.chunks, video.length)`` (8 MiB multipart parts, ``PARTS_IN_FLIGHT`` of them uploading at once).
 - **warm-up** (not measured): one more daemon upload to S3 before the measured ones of each run:
   moto's first upload after a pause runs ~20% slower than the next, whoever sends it (done on any
   server, so every measured upload follows another).
-- **daemon -> folder**: the same into ``archive.FileArchive(tmpdir)`` (write, fsync, rename).
+- **daemon -> folder**: the same into ``folder.FileArchive(tmpdir)`` (write, fsync, rename).
 
 The child reads its RSS after its imports (the baseline: ``VmRSS`` from ``/proc/self/status``) and
 ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux: the peak) after the transfer, and checks
@@ -101,14 +101,15 @@ def _vm_rss_kib() -> int:
 
 async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
     from seedance_archiver import archive, provider
+    from seedance_archiver.archive import folder, s3
 
     baseline_kib = _vm_rss_kib()
     baseline_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     store: archive.Archive
     if args.child == "s3":
-        store = archive.S3Archive(args.bucket, PREFIX)
+        store = s3.S3Archive(args.bucket, PREFIX)
     else:
-        store = archive.FileArchive(pathlib.Path(args.folder))
+        store = folder.FileArchive(pathlib.Path(args.folder))
     http = provider.HttpProvider(
         args.sim_url,
         common.API_KEY,
@@ -131,7 +132,7 @@ async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
     finally:
         await http.aclose()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    refused = store.refused if isinstance(store, archive.S3Archive) else {}
+    refused = store.refused if isinstance(store, s3.S3Archive) else {}
     return {
         "wall": wall,
         "size": stored.size,

@@ -21,7 +21,7 @@ import pydantic
 import pydantic_settings
 import sqlalchemy.engine
 
-from seedance_archiver import errors, models
+from seedance_archiver import archive, errors, models
 
 ENV_PREFIX = "SEEDANCE_"
 DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
@@ -204,12 +204,7 @@ class Settings(DatabaseSettings):
     @pydantic.field_validator("archive_url")
     @classmethod
     def _check_archive_url(cls, value: str) -> str:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme == "s3" and parts.netloc:
-            return value
-        if parts.scheme == "file" and (parts.netloc or parts.path):
-            return value
-        raise ValueError("expected s3://bucket/prefix or file:///directory")
+        return archive.check_url(value)
 
     @pydantic.field_validator("allowed_video_url_schemes")
     @classmethod

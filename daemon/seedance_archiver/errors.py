@@ -18,6 +18,10 @@ class ConfigError(ArchiverError):
     """A setting is missing or invalid."""
 
 
+class MissingDependencyError(ConfigError):
+    """A setting needs a library that this install lacks."""
+
+
 # --- provider -----------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
-# Database calls run in their own small pool, apart from archive I/O (archive.py has its own), so
+# Database calls run in their own small pool, apart from archive I/O (archive/ has its own), so
 # slow storage never starves a claim or a write-back. Each call holds a thread for at most the
 # statement timeout (the store's watchdog cuts a silent connection).
 DB_THREADS = 4

@@ -652,6 +652,9 @@ class FakeArchive:
         self.discarded.extend([task_id] * found)
         return found
 
+    def link(self, uri: str, expires_seconds: int) -> str:
+        return f"{uri}?expires={expires_seconds}"
+
 
 # mypy holds each fake to the whole of the Protocol it stands in for.
 _FAKES: tuple[type[store.Store], type[provider.Provider], type[archive.Archive]] = (

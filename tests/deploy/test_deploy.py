@@ -41,7 +41,6 @@ from alembic import command
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from seedance_archiver import (
-    archive,
     cli,
     config,
     errors,
@@ -53,6 +52,7 @@ from seedance_archiver import (
     utils,
     web,
 )
+from seedance_archiver.archive import s3
 
 from tests.acceptance import conftest as acceptance
 from tests.conftest import free_port, need_tool, wait_for
@@ -230,7 +230,7 @@ def _descriptors_at_maxima() -> dict[str, int]:
     return {
         "provider API connections": provider.HttpProvider.MAX_CONNECTIONS,
         "downloads and their queue": downloads * 2,
-        "S3 connections": archive.MAX_POOL_CONNECTIONS,
+        "S3 connections": s3.MAX_POOL_CONNECTIONS,
         "webhook deliveries": _maximum("webhook_concurrency"),
         "HTTP port and its listener": http + 1,
         "PostgreSQL pool and LISTEN": pool + 1,

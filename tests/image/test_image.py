@@ -32,7 +32,8 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from seedance_archiver import archive, simulator
+from seedance_archiver import simulator
+from seedance_archiver.archive import folder
 
 from tests.acceptance import conftest as acceptance
 from tests.conftest import IN_CI, PG_ADMIN_DSN, SIM_KEY, free_port, wait_for
@@ -485,7 +486,7 @@ class TestImage:
         row = stack.row(task_id)
         assert row is not None and row["state"] == "downloading", row
         assert row["lease_owner"] is None, "the lease was not given back"
-        assert not list((stack.archive_dir / archive.INCOMING_DIR).glob("*.part"))
+        assert not list((stack.archive_dir / folder.INCOMING_DIR).glob("*.part"))
 
         second = stack.start_daemon()
         stack.wait_archived(second, task_id, SLOW_VIDEO_BYTES)

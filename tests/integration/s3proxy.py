@@ -25,7 +25,7 @@ from tests.conftest import free_port
 # What the proxy calls a request carrying a checksum header (x-amz-checksum-*, as
 # CreateMultipartUpload and UploadPart with ChecksumAlgorithm send, and PutObjectTagging always).
 CHECKSUM = "ChecksumCRC32"
-# A request body may be a whole part (archive.PART_BYTES) and a bit.
+# A request body may be a whole part (archive/s3.py: PART_BYTES) and a bit.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Hop-by-hop headers, and those aiohttp computes itself: never copied across.
 _SKIP_HEADERS = frozenset(

@@ -12,6 +12,7 @@ import boto3
 import botocore.exceptions
 import pytest
 from seedance_archiver import archive, errors, simulator
+from seedance_archiver.archive import folder, s3
 
 from tests.conftest import free_port
 
@@ -83,26 +84,26 @@ class Backend:
             assert uploads.get("Uploads", []) == []
         else:
             assert not (self.root / f"{task_id}.mp4").exists()
-            incoming = self.root / archive.INCOMING_DIR
+            incoming = self.root / folder.INCOMING_DIR
             leftovers = list(incoming.iterdir()) if incoming.exists() else []
             assert leftovers == []
-            assert sorted(p.name for p in self.root.iterdir()) in ([], [archive.INCOMING_DIR])
+            assert sorted(p.name for p in self.root.iterdir()) in ([], [folder.INCOMING_DIR])
 
 
 @pytest.fixture(params=["file", "s3"])
 def backend(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Backend:
     if request.param == "file":
         root = tmp_path / "archive"
-        return Backend("file", archive.FileArchive(root), root)
+        return Backend("file", folder.FileArchive(root), root)
     bucket = request.getfixturevalue("s3_bucket")
     client = request.getfixturevalue("s3_client")
     # The default client: the s3 fixtures' AWS_* environment points boto3 at moto.
-    return Backend("s3", archive.S3Archive(bucket, PREFIX), bucket, client)
+    return Backend("s3", s3.S3Archive(bucket, PREFIX), bucket, client)
 
 
 @pytest.fixture
-def s3_archive(s3_bucket: str) -> archive.S3Archive:
-    return archive.S3Archive(s3_bucket, PREFIX)
+def s3_archive(s3_bucket: str) -> s3.S3Archive:
+    return s3.S3Archive(s3_bucket, PREFIX)
 
 
 class TestCommit:
@@ -126,7 +127,7 @@ class TestCommit:
         assert backend.read(task_id) == b"".join(simulator.video_chunks(task_id, SMALL))
 
     async def test_large_video_spans_several_parts(self, backend: Backend) -> None:
-        assert archive.PART_BYTES < LARGE
+        assert s3.PART_BYTES < LARGE
         task_id = new_id()
         stored = await backend.archive.put(task_id, video(task_id, LARGE), LARGE)
 
@@ -141,7 +142,7 @@ class TestCommit:
         if backend.kind == "s3":
             head = backend.s3.head_object(Bucket=backend.root, Key=f"{PREFIX}/{task_id}.mp4")
             # A multipart object's ETag is "<md5 of md5s>-<parts>".
-            parts = -(-LARGE // archive.PART_BYTES)
+            parts = -(-LARGE // s3.PART_BYTES)
             assert parts > 2 and head["ETag"].strip('"').endswith(f"-{parts}")
 
         found = await backend.archive.find(task_id)
@@ -193,7 +194,7 @@ class TestNothingPartial:
         task_id = new_id()
         calls: list[str] = []
         if backend.kind == "s3":
-            assert isinstance(backend.archive, archive.S3Archive)
+            assert isinstance(backend.archive, s3.S3Archive)
             events = backend.archive.client.meta.events
 
             def record(event_name: str, **_: Any) -> None:
@@ -213,7 +214,7 @@ class TestNothingPartial:
             # It really was a multipart upload with parts sent, and it was aborted.
             assert calls.count("CreateMultipartUpload") == 1
             # Every whole part of the 17 MiB received went out before the break.
-            assert calls.count("UploadPart") == 17 * MIB // archive.PART_BYTES
+            assert calls.count("UploadPart") == 17 * MIB // s3.PART_BYTES
             assert "AbortMultipartUpload" in calls
             assert "CompleteMultipartUpload" not in calls
 
@@ -229,7 +230,7 @@ class TestS3Specifics:
     """S3: checksums in metadata or tags, foreign objects, bucket checks, from_url."""
 
     async def test_small_object_carries_sha256_metadata(
-        self, s3_archive: archive.S3Archive, s3_client: Any, s3_bucket: str
+        self, s3_archive: s3.S3Archive, s3_client: Any, s3_bucket: str
     ) -> None:
         task_id = new_id()
         await s3_archive.put(task_id, video(task_id, SMALL), SMALL)
@@ -239,7 +240,7 @@ class TestS3Specifics:
         assert head["ContentType"] == "video/mp4"
 
     async def test_multipart_object_carries_sha256_tag(
-        self, s3_archive: archive.S3Archive, s3_client: Any, s3_bucket: str
+        self, s3_archive: s3.S3Archive, s3_client: Any, s3_bucket: str
     ) -> None:
         task_id = new_id()
         await s3_archive.put(task_id, video(task_id, LARGE), LARGE)
@@ -249,29 +250,29 @@ class TestS3Specifics:
         }
 
     async def test_foreign_object_is_not_taken_for_ours(
-        self, s3_archive: archive.S3Archive, s3_client: Any, s3_bucket: str
+        self, s3_archive: s3.S3Archive, s3_client: Any, s3_bucket: str
     ) -> None:
         task_id = new_id()
         s3_client.put_object(Bucket=s3_bucket, Key=s3_archive.key(task_id), Body=b"not ours")
         assert await s3_archive.find(task_id) is None
 
-    async def test_check_passes_for_a_real_bucket(self, s3_archive: archive.S3Archive) -> None:
+    async def test_check_passes_for_a_real_bucket(self, s3_archive: s3.S3Archive) -> None:
         await s3_archive.check()
 
     async def test_check_fails_for_a_missing_bucket(self, s3_endpoint: str) -> None:
-        missing = archive.S3Archive(f"missing-{uuid.uuid4().hex[:12]}", PREFIX)
+        missing = s3.S3Archive(f"missing-{uuid.uuid4().hex[:12]}", PREFIX)
         with pytest.raises(errors.ArchiveError):
             await missing.check()
 
     async def test_put_into_a_missing_bucket_is_an_archive_error(self, s3_endpoint: str) -> None:
-        missing = archive.S3Archive(f"missing-{uuid.uuid4().hex[:12]}", PREFIX)
+        missing = s3.S3Archive(f"missing-{uuid.uuid4().hex[:12]}", PREFIX)
         task_id = new_id()
         with pytest.raises(errors.ArchiveError):
             await missing.put(task_id, video(task_id, SMALL), SMALL)
 
     async def test_from_url(self, s3_bucket: str, s3_client: Any) -> None:
         store = archive.from_url(f"s3://{s3_bucket}/some/prefix")
-        assert isinstance(store, archive.S3Archive)
+        assert isinstance(store, s3.S3Archive)
         await store.check()
         task_id = new_id()
         stored = await store.put(task_id, video(task_id, SMALL), SMALL)
@@ -292,7 +293,7 @@ class TestFileSpecifics:
 
     async def test_from_url(self, tmp_path: pathlib.Path) -> None:
         store = archive.from_url("file://" + str(tmp_path))
-        assert isinstance(store, archive.FileArchive)
+        assert isinstance(store, folder.FileArchive)
         await store.check()
         task_id = new_id()
         stored = await store.put(task_id, video(task_id, SMALL), SMALL)
@@ -301,14 +302,14 @@ class TestFileSpecifics:
 
     async def test_check_creates_the_folder(self, tmp_path: pathlib.Path) -> None:
         root = tmp_path / "new" / "archive"
-        await archive.FileArchive(root).check()
+        await folder.FileArchive(root).check()
         assert root.is_dir()
 
     async def test_check_fails_where_no_folder_can_be(self, tmp_path: pathlib.Path) -> None:
         blocker = tmp_path / "a-file"
         blocker.write_bytes(b"")
         with pytest.raises(errors.ArchiveError):
-            await archive.FileArchive(blocker / "archive").check()
+            await folder.FileArchive(blocker / "archive").check()
 
     def test_unknown_scheme_is_a_config_error(self) -> None:
         with pytest.raises(errors.ConfigError):
@@ -325,7 +326,7 @@ class TestFileErrors:
     async def test_put_where_no_folder_can_be(self, tmp_path: pathlib.Path) -> None:
         blocker = tmp_path / "a-file"
         blocker.write_bytes(b"")
-        store = archive.FileArchive(blocker / "archive")
+        store = folder.FileArchive(blocker / "archive")
         task_id = new_id()
         with pytest.raises(errors.ArchiveError, match="archive folder write failed: Not a dir"):
             await store.put(task_id, video(task_id, SMALL), SMALL)
@@ -337,39 +338,39 @@ class TestFileErrors:
         root = tmp_path / "archive"
         task_id = new_id()
         pinned = uuid.UUID(int=1)
-        (root / archive.INCOMING_DIR).mkdir(parents=True)
-        temp = root / archive.INCOMING_DIR / f"{task_id}.{pinned.hex}.part"
+        (root / folder.INCOMING_DIR).mkdir(parents=True)
+        temp = root / folder.INCOMING_DIR / f"{task_id}.{pinned.hex}.part"
         temp.symlink_to("/dev/full")
-        monkeypatch.setattr(archive.uuid, "uuid4", lambda: pinned)
-        store = archive.FileArchive(root)
+        monkeypatch.setattr(folder.uuid, "uuid4", lambda: pinned)
+        store = folder.FileArchive(root)
 
         with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:
             await store.put(task_id, video(task_id, SMALL), SMALL)
 
         assert isinstance(caught.value.__cause__, OSError)
         assert not (root / f"{task_id}.mp4").exists()
-        assert list((root / archive.INCOMING_DIR).iterdir()) == []
+        assert list((root / folder.INCOMING_DIR).iterdir()) == []
 
     async def test_find_meets_an_io_error(self, tmp_path: pathlib.Path) -> None:
         """Reading /proc/self/mem from offset 0 fails with EIO: a disk going bad looks like this."""
         task_id = new_id()
         (tmp_path / f"{task_id}.mp4").symlink_to("/proc/self/mem")
         with pytest.raises(errors.ArchiveError, match="archive folder read failed: Input/output"):
-            await archive.FileArchive(tmp_path).find(task_id)
+            await folder.FileArchive(tmp_path).find(task_id)
 
     async def test_discard_meets_a_folder_named_like_a_temporary_file(
         self, tmp_path: pathlib.Path
     ) -> None:
         task_id = new_id()
-        (tmp_path / archive.INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.part").mkdir(parents=True)
+        (tmp_path / folder.INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.part").mkdir(parents=True)
         with pytest.raises(errors.ArchiveError, match="archive folder cleanup failed: Is a dir"):
-            await archive.FileArchive(tmp_path).discard_incomplete(task_id)
+            await folder.FileArchive(tmp_path).discard_incomplete(task_id)
 
     @pytest.mark.parametrize("call", ["find", "put", "check", "incomplete", "discard_incomplete"])
     async def test_every_call_on_an_impossible_path(
         self, call: str, tmp_path: pathlib.Path
     ) -> None:
-        store = archive.FileArchive(tmp_path / TOO_LONG_NAME)
+        store = folder.FileArchive(tmp_path / TOO_LONG_NAME)
         task_id = new_id()
         calls = {
             "find": lambda: store.find(task_id),
@@ -409,7 +410,7 @@ class TestS3SaysWhy:
 
     async def test_no_credentials(self, no_aws: str) -> None:
         with pytest.raises(errors.ArchiveError) as caught:
-            await archive.S3Archive("videos", "v").check()
+            await s3.S3Archive("videos", "v").check()
         assert str(caught.value).startswith("no AWS credentials found: set AWS_ACCESS_KEY_ID")
 
     async def test_an_endpoint_that_cannot_be_reached(
@@ -418,7 +419,7 @@ class TestS3SaysWhy:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-access-key")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret-key")
         with pytest.raises(errors.ArchiveError) as caught:
-            await archive.S3Archive("videos", "v").check()
+            await s3.S3Archive("videos", "v").check()
         assert str(caught.value) == (
             f"cannot reach the S3 endpoint {no_aws} (set AWS_ENDPOINT_URL_S3 for another)"
         )

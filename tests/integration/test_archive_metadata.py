@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import structlog
 from seedance_archiver import archive, cli, models, simulator
+from seedance_archiver.archive import folder, s3
 
 from tests.integration.test_archive import LARGE, SMALL, expected_sha, new_id, video
 
@@ -45,7 +46,7 @@ class TestMetadata:
         self, s3_bucket: str, s3_client: Any, size: int
     ) -> None:
         task_id = new_id()
-        store = archive.S3Archive(s3_bucket, "v")
+        store = s3.S3Archive(s3_bucket, "v")
         await store.put(task_id, video(task_id, size), size, archive.describe(task(task_id)))
         head = s3_client.head_object(Bucket=s3_bucket, Key=f"v/{task_id}.mp4")
         assert head["ContentType"] == "video/mp4"
@@ -58,20 +59,20 @@ class TestMetadata:
 
     async def test_folder_gets_a_sidecar(self, tmp_path: pathlib.Path) -> None:
         task_id = new_id()
-        store = archive.FileArchive(tmp_path)
+        store = folder.FileArchive(tmp_path)
         await store.put(task_id, video(task_id, SMALL), SMALL, archive.describe(task(task_id)))
         sidecar = json.loads((tmp_path / f"{task_id}.json").read_text())
         assert sidecar["task-id"] == task_id
         assert sidecar["sha256"] == expected_sha(task_id, SMALL)
         assert sidecar["bytes"] == str(SMALL)
-        assert list((tmp_path / archive.INCOMING_DIR).iterdir()) == []  # no temp file left
+        assert list((tmp_path / folder.INCOMING_DIR).iterdir()) == []  # no temp file left
 
     async def test_a_left_over_sidecar_temp_is_cleaned_up_with_the_task(
         self, tmp_path: pathlib.Path
     ) -> None:
-        store = archive.FileArchive(tmp_path)
-        (tmp_path / archive.INCOMING_DIR).mkdir()
-        (tmp_path / archive.INCOMING_DIR / "video_k.0123abcd-json.part").write_text("{")  # killed
+        store = folder.FileArchive(tmp_path)
+        (tmp_path / folder.INCOMING_DIR).mkdir()
+        (tmp_path / folder.INCOMING_DIR / "video_k.0123abcd-json.part").write_text("{")  # killed
         assert await store.incomplete() == {"video_k"}
         assert await store.discard_incomplete("video_k") == 1
 
@@ -91,8 +92,8 @@ class TestUrlCommand:
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         task_id = new_id()
-        s3 = archive.S3Archive(s3_bucket, "v")
-        stored = asyncio.run(s3.put(task_id, video(task_id, SMALL), SMALL))
+        store = s3.S3Archive(s3_bucket, "v")
+        stored = asyncio.run(store.put(task_id, video(task_id, SMALL), SMALL))
         db = tmp_path / "tasks.db"
         monkeypatch.setenv("SEEDANCE_DATABASE_URL", f"sqlite:///{db}")
         assert cli.main(["migrate"]) == 0

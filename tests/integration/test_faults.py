@@ -34,7 +34,6 @@ import pytest
 import sqlalchemy as sa
 import structlog.testing
 from seedance_archiver import (
-    archive,
     config,
     models,
     policy,
@@ -44,6 +43,7 @@ from seedance_archiver import (
     simulator,
     store,
 )
+from seedance_archiver.archive import folder, s3
 from seedance_archiver.providers import reseller
 
 from tests.conftest import SIM_KEY, free_port
@@ -272,7 +272,7 @@ def assert_archived_intact(running: Running, task_id: str, size: int) -> None:
 
 
 def leftovers(archive_dir: pathlib.Path) -> list[str]:
-    incoming = archive_dir / archive.INCOMING_DIR
+    incoming = archive_dir / folder.INCOMING_DIR
     return sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
 
 
@@ -926,10 +926,10 @@ class TestS3Faults:
         """S3 gone in the middle of part 2: no object appears; the open upload is cleared, then
         the video is archived whole."""
         tid = "video_multipart"
-        size = archive.PART_BYTES + 2 * MIB
+        size = s3.PART_BYTES + 2 * MIB
         sim.simulator.add_task(tid, created=time.time() - 60, ready_seconds=1, size=size)
         async with launch(archive_url=f"s3://{s3_bucket}/{S3_PREFIX}") as d:
-            s3_proxy.cut_after(archive.PART_BYTES + MIB)  # part 1 went through; part 2 breaks
+            s3_proxy.cut_after(s3.PART_BYTES + MIB)  # part 1 went through; part 2 breaks
             insert(d.rows, tid)
             await d.until(lambda: s3_proxy.cut_fired, "the cut", 30)
             await d.until(lambda: d.row(tid).attempts >= 1, "the failed upload", 40)
@@ -1241,7 +1241,7 @@ class TestHostileTaskIds:
         new = _tree(tmp_path) - before
         outside = {p for p in new if not p.startswith("archive")}
         assert outside <= {"tasks.db", "tasks.db-wal", "tasks.db-shm", "tasks.db.lock"}
-        assert _tree(d.archive_dir) <= {"video_fine.mp4", "video_fine.json", archive.INCOMING_DIR}
+        assert _tree(d.archive_dir) <= {"video_fine.mp4", "video_fine.json", folder.INCOMING_DIR}
         assert not (d.archive_dir / "../../etc/passwd.mp4").exists()
         assert d.rows.counts()["rejected"] == len(HOSTILE_IDS)  # and the table is still there
 

@@ -22,7 +22,8 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
-from seedance_archiver import archive, service, simulator, utils
+from seedance_archiver import service, simulator, utils
+from seedance_archiver.archive import s3
 
 from tests.acceptance.conftest import CLI, base_env
 from tests.conftest import free_port
@@ -186,7 +187,7 @@ class TestStalledStorage:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         uploads = [f"video_big_{n:02d}" for n in range(20)]
-        size = archive.PART_BYTES + MIB  # two parts: every upload holds archive threads
+        size = s3.PART_BYTES + MIB  # two parts: every upload holds archive threads
         for tid in uploads:
             sim.simulator.add_task(tid, ready_seconds=0.5, size=size)
         later = [f"video_meanwhile_{n}" for n in range(3)]
@@ -201,20 +202,20 @@ class TestStalledStorage:
             svc._download_slots = asyncio.Semaphore(len(uploads))
             svc.max_downloads = len(uploads)  # and claims that many downloads
 
-        with FaultProxy(port) as s3:
-            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
+        with FaultProxy(port) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
             async with launch(
                 archive_url=f"s3://{s3_bucket}/{S3_PREFIX}",
                 max_requests_per_second=200,
                 on_build=twenty_at_once,
             ) as d:
                 try:
-                    s3.stall(STALL_SECONDS)
+                    proxy.stall(STALL_SECONDS)
                     for tid in uploads:
                         insert(d.rows, tid)
                     await d.until(lambda: d.svc.in_flight == len(uploads), "twenty archives", 60)
                     # More archive calls hang on S3 than the default thread pool has threads.
-                    await d.until(lambda: s3.connections >= 12, "uploads to hang on S3", 60)
+                    await d.until(lambda: proxy.connections >= 12, "uploads to hang on S3", 60)
                     # While every upload hangs, new rows are claimed, polled and written back.
                     for tid in later:
                         insert(d.rows, tid)
@@ -223,7 +224,7 @@ class TestStalledStorage:
                         assert d.state(tid) == "polling"
                     assert all(d.state(t) != "archived" for t in uploads)
                 finally:
-                    s3.forward()
+                    proxy.forward()
                 for tid in uploads:
                     await d.until_state(tid, "archived", 180)
                 no_crashes(d)
@@ -529,7 +530,7 @@ class TestPlainStore:
 
         ids = [f"video_plain_{n:02d}" for n in range(25)]
         big = {ids[0], ids[1]}  # two multipart uploads among them
-        sizes = {tid: archive.PART_BYTES + MIB if tid in big else SMALL for tid in ids}
+        sizes = {tid: s3.PART_BYTES + MIB if tid in big else SMALL for tid in ids}
         for tid in ids:
             sim.simulator.add_task(tid, ready_seconds=0.5, size=sizes[tid])
         with s3proxy.S3Proxy(s3_endpoint) as store:

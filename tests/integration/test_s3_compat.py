@@ -28,13 +28,14 @@ import botocore.exceptions
 import pytest
 import structlog.testing
 from seedance_archiver import archive, errors, metrics, simulator
+from seedance_archiver.archive import s3
 
 from tests.conftest import free_port, wait_for
 from tests.integration import s3proxy
 
 MIB = 1024 * 1024
 SMALL = 100 * 1024
-LARGE = archive.PART_BYTES + MIB + 12_345  # two parts
+LARGE = s3.PART_BYTES + MIB + 12_345  # two parts
 PREFIX = "seedance"  # the prefix deploy/s3-policy.json names
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 POLICY = ROOT / "deploy" / "s3-policy.json"
@@ -44,13 +45,13 @@ REFUSALS_METRIC = "seedance_storage_optional_refusals_total"
 MOTO_START_SECONDS = 60.0
 
 OPTIONAL_CALLS = (
-    archive.LIST_UPLOADS,
-    archive.PUT_TAGS,
-    archive.GET_TAGS,
-    archive.HEAD_BUCKET,
-    archive.CHECKSUM,
+    s3.LIST_UPLOADS,
+    s3.PUT_TAGS,
+    s3.GET_TAGS,
+    s3.HEAD_BUCKET,
+    s3.CHECKSUM,
 )
-assert s3proxy.CHECKSUM == archive.CHECKSUM
+assert s3proxy.CHECKSUM == s3.CHECKSUM
 
 
 async def video(task_id: str, size: int) -> AsyncIterator[bytes]:
@@ -79,9 +80,7 @@ def open_uploads(admin: Any, bucket: str, key: str) -> list[str]:
     return [u["UploadId"] for u in answer.get("Uploads", []) if u["Key"] == key]
 
 
-async def archive_one(
-    store: archive.S3Archive, admin: Any, bucket: str, size: int
-) -> archive.Stored:
+async def archive_one(store: s3.S3Archive, admin: Any, bucket: str, size: int) -> archive.Stored:
     """Archive one video as the service does (find, discard leftovers, put); check what S3 holds."""
     task_id = new_id()
     assert await store.find(task_id) is None
@@ -121,16 +120,16 @@ class AuthMoto:
             aws_secret_access_key=secret,
         )
 
-    def archive(self, user: str, m: metrics.Metrics) -> archive.S3Archive:
+    def archive(self, user: str, m: metrics.Metrics) -> s3.S3Archive:
         """The daemon's S3 archive, signing as ``user``."""
         key_id, secret = self.keys[user]
-        client = archive.s3_client(
+        client = s3.s3_client(
             endpoint_url=self.url,
             region_name="us-east-1",
             aws_access_key_id=key_id,
             aws_secret_access_key=secret,
         )
-        return archive.S3Archive(self.bucket, PREFIX, client, meters=m)
+        return s3.S3Archive(self.bucket, PREFIX, client, meters=m)
 
 
 def _policy(path: pathlib.Path, bucket: str) -> str:
@@ -271,7 +270,7 @@ class TestShippedPolicy:
         head = admin.head_object(Bucket=auth_moto.bucket, Key=store.key(task_of(large)))
         assert head["ETag"].strip('"').endswith("-2")
         # The checksum headers need no permission; the other optional calls were refused.
-        expected = {archive.LIST_UPLOADS, archive.PUT_TAGS, archive.GET_TAGS, archive.HEAD_BUCKET}
+        expected = {s3.LIST_UPLOADS, s3.PUT_TAGS, s3.GET_TAGS, s3.HEAD_BUCKET}
         assert set(store.refused) == expected
         for call in expected:
             assert refusals_counted(m, call) == 1
@@ -293,7 +292,7 @@ class TestShippedPolicy:
         assert open_uploads(admin, auth_moto.bucket, stale_key) == []
         # moto checks HeadBucket against an "s3:HeadBucket" action that IAM does not have (AWS
         # checks s3:ListBucket), so only that one may still be refused here.
-        assert set(store.refused) <= {archive.HEAD_BUCKET}
+        assert set(store.refused) <= {s3.HEAD_BUCKET}
 
 
 # --- a proxy that refuses optional calls ---------------------------------------------------------
@@ -305,8 +304,8 @@ def proxy(s3_endpoint: str) -> Iterator[s3proxy.S3Proxy]:
         yield running
 
 
-def proxied(proxy: s3proxy.S3Proxy, bucket: str, m: metrics.Metrics) -> archive.S3Archive:
-    return archive.S3Archive(bucket, PREFIX, archive.s3_client(endpoint_url=proxy.url), meters=m)
+def proxied(proxy: s3proxy.S3Proxy, bucket: str, m: metrics.Metrics) -> s3.S3Archive:
+    return s3.S3Archive(bucket, PREFIX, s3.s3_client(endpoint_url=proxy.url), meters=m)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,21 +320,21 @@ class Refusal:
     def remembered(self) -> set[str]:
         # botocore always sends a checksum with PutObjectTagging: a store refusing checksum
         # headers refuses tags too.
-        extra = {archive.PUT_TAGS} if archive.CHECKSUM in self.calls else set()
+        extra = {s3.PUT_TAGS} if s3.CHECKSUM in self.calls else set()
         return set(self.calls) | extra
 
 
 REFUSALS = {
     **{f"{call}-501": Refusal((call,)) for call in OPTIONAL_CALLS},
     "all-501": Refusal(OPTIONAL_CALLS),
-    "ListMultipartUploads-403-AccessDenied": Refusal((archive.LIST_UPLOADS,), 403, "AccessDenied"),
-    "ListMultipartUploads-405": Refusal((archive.LIST_UPLOADS,), 405, "MethodNotAllowed"),
-    "ChecksumCRC32-400-InvalidRequest": Refusal((archive.CHECKSUM,), 400, "InvalidRequest"),
-    "ChecksumCRC32-400-InvalidArgument": Refusal((archive.CHECKSUM,), 400, "InvalidArgument"),
-    "PutObjectTagging-400-InvalidRequest": Refusal((archive.PUT_TAGS,), 400, "InvalidRequest"),
-    "GetObjectTagging-403-AccessDenied": Refusal((archive.GET_TAGS,), 403, "AccessDenied"),
-    "HeadBucket-403": Refusal((archive.HEAD_BUCKET,), 403, "AccessDenied"),
-    "HeadBucket-405": Refusal((archive.HEAD_BUCKET,), 405, "MethodNotAllowed"),
+    "ListMultipartUploads-403-AccessDenied": Refusal((s3.LIST_UPLOADS,), 403, "AccessDenied"),
+    "ListMultipartUploads-405": Refusal((s3.LIST_UPLOADS,), 405, "MethodNotAllowed"),
+    "ChecksumCRC32-400-InvalidRequest": Refusal((s3.CHECKSUM,), 400, "InvalidRequest"),
+    "ChecksumCRC32-400-InvalidArgument": Refusal((s3.CHECKSUM,), 400, "InvalidArgument"),
+    "PutObjectTagging-400-InvalidRequest": Refusal((s3.PUT_TAGS,), 400, "InvalidRequest"),
+    "GetObjectTagging-403-AccessDenied": Refusal((s3.GET_TAGS,), 403, "AccessDenied"),
+    "HeadBucket-403": Refusal((s3.HEAD_BUCKET,), 403, "AccessDenied"),
+    "HeadBucket-405": Refusal((s3.HEAD_BUCKET,), 405, "MethodNotAllowed"),
 }
 
 
@@ -353,8 +352,8 @@ class TestRefusedOptionalCalls:
         stale_task = new_id()  # an upload a killed daemon left behind
         stale_key = store.key(stale_task)
         s3_client.create_multipart_upload(Bucket=s3_bucket, Key=stale_key)
-        listing = archive.LIST_UPLOADS not in refusal.remembered
-        tags = not {archive.PUT_TAGS, archive.GET_TAGS} & refusal.remembered
+        listing = s3.LIST_UPLOADS not in refusal.remembered
+        tags = not {s3.PUT_TAGS, s3.GET_TAGS} & refusal.remembered
 
         seen: list[dict[str, int]] = []
         with structlog.testing.capture_logs() as logs:
@@ -382,15 +381,15 @@ class TestRefusedOptionalCalls:
             assert refusals_counted(m, call) == 1
             assert seen[0].get(call, 0) >= 1, f"{call} was never asked"
             assert seen[1].get(call, 0) == seen[0][call], f"{call} was asked again"
-        for call in set(OPTIONAL_CALLS) - refusal.remembered - {archive.CHECKSUM}:
+        for call in set(OPTIONAL_CALLS) - refusal.remembered - {s3.CHECKSUM}:
             assert refusals_counted(m, call) == 0
-        assert proxy.refused[archive.LIST_UPLOADS] <= 1  # once refused, never asked again
+        assert proxy.refused[s3.LIST_UPLOADS] <= 1  # once refused, never asked again
 
     async def test_a_refused_checksum_is_retried_without_it(
         self, proxy: s3proxy.S3Proxy, s3_bucket: str, s3_client: Any
     ) -> None:
         """The refused CreateMultipartUpload goes again, plain; no part carries a checksum."""
-        proxy.refuse(archive.CHECKSUM, 400, "InvalidRequest")
+        proxy.refuse(s3.CHECKSUM, 400, "InvalidRequest")
         store = proxied(proxy, s3_bucket, metrics.Metrics())
 
         await archive_one(store, s3_client, s3_bucket, LARGE)
@@ -399,8 +398,8 @@ class TestRefusedOptionalCalls:
         assert counts["CreateMultipartUpload"] == 2  # with the checksum, refused; then without
         assert counts["UploadPart"] == 2  # each part once, plain
         # The checksummed requests: the first CreateMultipartUpload and the PutObjectTagging.
-        assert counts[archive.CHECKSUM] == 2
-        assert store.refused[archive.CHECKSUM].startswith("CreateMultipartUpload: InvalidRequest")
+        assert counts[s3.CHECKSUM] == 2
+        assert store.refused[s3.CHECKSUM].startswith("CreateMultipartUpload: InvalidRequest")
 
     async def test_a_part_refused_for_its_checksum_goes_again_whole(
         self, proxy: s3proxy.S3Proxy, s3_bucket: str, s3_client: Any
@@ -420,13 +419,13 @@ class TestRefusedOptionalCalls:
                 response_checksum_validation="when_required",
             ),
         )
-        store = archive.S3Archive(s3_bucket, PREFIX, client, meters=metrics.Metrics())
+        store = s3.S3Archive(s3_bucket, PREFIX, client, meters=metrics.Metrics())
 
         await archive_one(store, s3_client, s3_bucket, LARGE)  # checks every byte S3 holds
 
         assert proxy.refused["UploadPart"] >= 1
         assert proxy.count("UploadPart") == 2 + proxy.refused["UploadPart"]
-        assert store.refused[archive.CHECKSUM].startswith("UploadPart: InvalidRequest")
+        assert store.refused[s3.CHECKSUM].startswith("UploadPart: InvalidRequest")
 
     async def test_a_refused_put_is_not_taken_for_a_refused_checksum(
         self, proxy: s3proxy.S3Proxy, s3_bucket: str
@@ -450,7 +449,7 @@ class TestTransientFailures:
         store = proxied(proxy, s3_bucket, metrics.Metrics())
         stale_task = new_id()
         s3_client.create_multipart_upload(Bucket=s3_bucket, Key=store.key(stale_task))
-        proxy.refuse(archive.LIST_UPLOADS, 503, "SlowDown")
+        proxy.refuse(s3.LIST_UPLOADS, 503, "SlowDown")
 
         with structlog.testing.capture_logs() as logs:
             assert await store.incomplete() == set()
@@ -458,12 +457,12 @@ class TestTransientFailures:
         assert store.refused == {}
         assert not [e for e in logs if e["event"] == "storage_feature_refused"]
         failed = [e for e in logs if e["event"] == "storage_call_failed"]
-        assert [e["call"] for e in failed] == [archive.LIST_UPLOADS] * 2
-        asked = proxy.count(archive.LIST_UPLOADS)
+        assert [e["call"] for e in failed] == [s3.LIST_UPLOADS] * 2
+        asked = proxy.count(s3.LIST_UPLOADS)
 
-        proxy.allow(archive.LIST_UPLOADS)
+        proxy.allow(s3.LIST_UPLOADS)
         assert await store.discard_incomplete(stale_task) == 1
-        assert proxy.count(archive.LIST_UPLOADS) == asked + 1
+        assert proxy.count(s3.LIST_UPLOADS) == asked + 1
         assert open_uploads(s3_client, s3_bucket, store.key(stale_task)) == []
 
     async def test_a_500_on_reading_tags(
@@ -471,9 +470,9 @@ class TestTransientFailures:
     ) -> None:
         store = proxied(proxy, s3_bucket, metrics.Metrics())
         large = await archive_one(store, s3_client, s3_bucket, LARGE)
-        proxy.refuse(archive.GET_TAGS, 500, "InternalError")
+        proxy.refuse(s3.GET_TAGS, 500, "InternalError")
         assert await store.find(task_of(large)) is None
-        proxy.allow(archive.GET_TAGS)
+        proxy.allow(s3.GET_TAGS)
         assert await store.find(task_of(large)) == large
         assert store.refused == {}
 
@@ -482,27 +481,27 @@ class TestTransientFailures:
     ) -> None:
         """On the critical path a transient failure fails the attempt, and the checksum stays."""
         store = proxied(proxy, s3_bucket, metrics.Metrics())
-        proxy.refuse(archive.CHECKSUM, 503, "SlowDown")
+        proxy.refuse(s3.CHECKSUM, 503, "SlowDown")
         task_id = new_id()
         with pytest.raises(errors.ArchiveError, match="SlowDown"):
             await store.put(task_id, video(task_id, LARGE), LARGE)
         assert store.refused == {}
         assert open_uploads(s3_client, s3_bucket, store.key(task_id)) == []
 
-        proxy.allow(archive.CHECKSUM)
-        before = proxy.count(archive.CHECKSUM)
+        proxy.allow(s3.CHECKSUM)
+        before = proxy.count(s3.CHECKSUM)
         await archive_one(store, s3_client, s3_bucket, LARGE)
-        assert proxy.count(archive.CHECKSUM) > before  # the parts carried their CRC32 again
+        assert proxy.count(s3.CHECKSUM) > before  # the parts carried their CRC32 again
 
     async def test_a_503_on_head_bucket(self, proxy: s3proxy.S3Proxy, s3_bucket: str) -> None:
         store = proxied(proxy, s3_bucket, metrics.Metrics())
-        proxy.refuse(archive.HEAD_BUCKET, 503, "ServiceUnavailable")
+        proxy.refuse(s3.HEAD_BUCKET, 503, "ServiceUnavailable")
         await store.check()  # the bucket answered a GetObject instead
         assert proxy.count("GetObject") == 1
-        proxy.allow(archive.HEAD_BUCKET)
-        asked = proxy.count(archive.HEAD_BUCKET)
+        proxy.allow(s3.HEAD_BUCKET)
+        asked = proxy.count(s3.HEAD_BUCKET)
         await store.check()
-        assert proxy.count(archive.HEAD_BUCKET) == asked + 1
+        assert proxy.count(s3.HEAD_BUCKET) == asked + 1
         assert store.refused == {}
 
 
@@ -510,11 +509,11 @@ class TestCheckWithoutHeadBucket:
     """check() without HeadBucket still fails for a missing bucket, bad credentials or no server."""
 
     async def test_a_missing_bucket(self, proxy: s3proxy.S3Proxy) -> None:
-        proxy.refuse(archive.HEAD_BUCKET, 403, "AccessDenied")
+        proxy.refuse(s3.HEAD_BUCKET, 403, "AccessDenied")
         store = proxied(proxy, f"missing-{uuid.uuid4().hex[:12]}", metrics.Metrics())
         with pytest.raises(errors.ArchiveError, match="NoSuchBucket"):
             await store.check()
-        assert archive.HEAD_BUCKET in store.refused
+        assert s3.HEAD_BUCKET in store.refused
 
     async def test_a_missing_bucket_with_head_bucket(self, proxy: s3proxy.S3Proxy) -> None:
         store = proxied(proxy, f"missing-{uuid.uuid4().hex[:12]}", metrics.Metrics())
@@ -525,7 +524,7 @@ class TestCheckWithoutHeadBucket:
     async def test_credentials_the_store_does_not_know(
         self, proxy: s3proxy.S3Proxy, s3_bucket: str
     ) -> None:
-        proxy.refuse(archive.HEAD_BUCKET, 403, "AccessDenied")
+        proxy.refuse(s3.HEAD_BUCKET, 403, "AccessDenied")
         proxy.refuse("GetObject", 403, "InvalidAccessKeyId")
         store = proxied(proxy, s3_bucket, metrics.Metrics())
         with pytest.raises(errors.ArchiveError, match="InvalidAccessKeyId"):
@@ -534,7 +533,7 @@ class TestCheckWithoutHeadBucket:
     async def test_no_server(self, s3_endpoint: str, s3_bucket: str) -> None:
         m = metrics.Metrics()
         with s3proxy.S3Proxy(s3_endpoint) as gone:
-            gone.refuse(archive.HEAD_BUCKET)
+            gone.refuse(s3.HEAD_BUCKET)
             store = proxied(gone, s3_bucket, m)
             await store.check()
         # The proxy stopped: nothing listens on its port any more.
@@ -546,7 +545,7 @@ class TestCheckWithoutHeadBucket:
     ) -> None:
         """AWS answers 403 for a missing object without s3:ListBucket: not archived, not an error."""
         proxy.hide_missing = True
-        proxy.refuse(archive.HEAD_BUCKET, 403, "AccessDenied")
+        proxy.refuse(s3.HEAD_BUCKET, 403, "AccessDenied")
         store = proxied(proxy, s3_bucket, metrics.Metrics())
         with structlog.testing.capture_logs() as logs:
             await store.check()
@@ -574,9 +573,9 @@ class TestDefaults:
 
         with Recording(max_workers=2) as executor:
             store = archive.from_url(f"s3://{s3_bucket}/{PREFIX}", meters=m, executor=executor)
-            assert isinstance(store, archive.S3Archive)
-            proxy.refuse(archive.LIST_UPLOADS)
+            assert isinstance(store, s3.S3Archive)
+            proxy.refuse(s3.LIST_UPLOADS)
             assert await store.discard_incomplete(new_id()) == 0
-        assert refusals_counted(m, archive.LIST_UPLOADS) == 1
+        assert refusals_counted(m, s3.LIST_UPLOADS) == 1
         assert names == ["list_multipart_uploads"]
-        assert proxy.count(archive.LIST_UPLOADS) == 1  # the default client found the endpoint
+        assert proxy.count(s3.LIST_UPLOADS) == 1  # the default client found the endpoint

@@ -1,16 +1,20 @@
-"""seedance_archiver.archive without a server: which S3 answers are refusals, and where blocking I/O runs."""
+"""seedance_archiver.archive without a server: which S3 answers are refusals, where blocking I/O runs,
+and which store a URL loads."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 from typing import Any
 
 import botocore.exceptions
 import pytest
 from seedance_archiver import archive, errors, metrics
+from seedance_archiver.archive import folder, s3
 
 
 def client_error(status: int, code: str, message: str = "") -> botocore.exceptions.ClientError:
@@ -39,7 +43,7 @@ class TestRefusal:
         ],
     )
     def test_refusals(self, status: int, code: str, reason: str) -> None:
-        assert archive.refusal(client_error(status, code, "not here")) == reason
+        assert s3.refusal(client_error(status, code, "not here")) == reason
 
     @pytest.mark.parametrize(
         ("status", "code"),
@@ -56,7 +60,7 @@ class TestRefusal:
         ],
     )
     def test_failures_that_may_pass(self, status: int, code: str) -> None:
-        assert archive.refusal(client_error(status, code)) is None
+        assert s3.refusal(client_error(status, code)) is None
 
 
 class Recording(concurrent.futures.ThreadPoolExecutor):
@@ -109,7 +113,7 @@ class TestExecutor:
 
     async def test_file_archive_uses_the_given_executor(self, tmp_path: pathlib.Path) -> None:
         with Recording() as executor:
-            store = archive.FileArchive(tmp_path, executor=executor)
+            store = folder.FileArchive(tmp_path, executor=executor)
             await store.check()
             assert await store.find("video_x") is None
             assert await store.incomplete() == set()
@@ -118,7 +122,7 @@ class TestExecutor:
 
     async def test_s3_archive_uses_the_given_executor(self) -> None:
         with Recording() as executor:
-            store = archive.S3Archive("bucket", "videos", FakeS3(), executor=executor)  # type: ignore[arg-type]
+            store = s3.S3Archive("bucket", "videos", FakeS3(), executor=executor)  # type: ignore[arg-type]
             await store.check()
             assert await store.find("video_x") is None
         assert executor.calls == ["head_bucket", "head_object"]
@@ -129,7 +133,7 @@ class TestCheckFallback:
 
     async def test_refused_head_bucket(self) -> None:
         m = metrics.Metrics()
-        store = archive.S3Archive(
+        store = s3.S3Archive(
             "bucket",
             "videos",
             FakeS3(client_error(501, "501")),
@@ -137,14 +141,14 @@ class TestCheckFallback:
         )
         await store.check()
         await store.check()
-        assert set(store.refused) == {archive.HEAD_BUCKET}
+        assert set(store.refused) == {s3.HEAD_BUCKET}
         sample = m.registry.get_sample_value(
-            "seedance_storage_optional_refusals_total", {"call": archive.HEAD_BUCKET}
+            "seedance_storage_optional_refusals_total", {"call": s3.HEAD_BUCKET}
         )
         assert sample == 1
 
     async def test_missing_bucket(self) -> None:
-        store = archive.S3Archive("bucket", "videos", FakeS3(client_error(404, "404")))  # type: ignore[arg-type]
+        store = s3.S3Archive("bucket", "videos", FakeS3(client_error(404, "404")))  # type: ignore[arg-type]
         with pytest.raises(errors.ArchiveError, match="not found"):
             await store.check()
 
@@ -152,19 +156,19 @@ class TestCheckFallback:
 @pytest.mark.parametrize(
     ("size", "expected"),
     [
-        (None, archive.PART_BYTES),
-        (0, archive.PART_BYTES),
-        (archive.PART_BYTES * archive.MAX_PARTS, archive.PART_BYTES),
-        (archive.PART_BYTES * archive.MAX_PARTS + 1, archive.PART_BYTES + 1),
-        (100 * 1024**3, -(-100 * 1024**3 // archive.MAX_PARTS)),
+        (None, s3.PART_BYTES),
+        (0, s3.PART_BYTES),
+        (s3.PART_BYTES * s3.MAX_PARTS, s3.PART_BYTES),
+        (s3.PART_BYTES * s3.MAX_PARTS + 1, s3.PART_BYTES + 1),
+        (100 * 1024**3, -(-100 * 1024**3 // s3.MAX_PARTS)),
     ],
 )
 def test_parts_are_the_minimum_unless_a_video_would_need_too_many(
     size: int | None, expected: int
 ) -> None:
-    part = archive.part_size(size)
+    part = s3.part_size(size)
     assert part == expected
-    assert size is None or -(-size // part) <= archive.MAX_PARTS
+    assert size is None or -(-size // part) <= s3.MAX_PARTS
 
 
 class TestPartBody:
@@ -173,7 +177,7 @@ class TestPartBody:
 
     def test_reads_the_first_bytes_of_the_buffer_in_pieces(self) -> None:
         buffer = bytearray(b"0123456789" + b"\0" * 6)  # a part buffer filled to 10 of 16
-        body = archive._PartBody(buffer, 10)
+        body = s3._PartBody(buffer, 10)
         assert len(body) == 10
         assert [body.read(4), body.read(4), body.read(4), body.read(4)] == [
             b"0123",
@@ -184,7 +188,7 @@ class TestPartBody:
         assert body.tell() == 10
 
     def test_seeks_as_a_file_does(self) -> None:
-        body = archive._PartBody(bytearray(b"abcdefgh"), 8)
+        body = s3._PartBody(bytearray(b"abcdefgh"), 8)
         assert body.seek(3) == 3
         assert body.read() == b"defgh"
         assert body.seek(-2, os.SEEK_END) == 6
@@ -197,6 +201,70 @@ class TestPartBody:
 
     def test_a_read_copies_so_a_reused_buffer_cannot_change_it(self) -> None:
         buffer = bytearray(b"abcd")
-        piece = archive._PartBody(buffer, 4).read(2)
+        piece = s3._PartBody(buffer, 4).read(2)
         buffer[:2] = b"zz"
         assert piece == b"ab"
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a fresh interpreter: what a module imports shows only there."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+class TestRegistry:
+    """A URL's scheme picks its store; only the store a URL names is imported."""
+
+    @pytest.mark.parametrize(
+        "url", ["s3://bucket", "s3://bucket/some/prefix", "file:///srv/videos", "file://./archive"]
+    )
+    def test_urls_of_a_store_pass(self, url: str) -> None:
+        assert archive.check_url(url) == url
+
+    @pytest.mark.parametrize("url", ["s3:///prefix", "file://", "ftp://host/dir", "/srv/videos"])
+    def test_other_urls_name_what_would_do(self, url: str) -> None:
+        with pytest.raises(ValueError, match=r"s3://bucket/prefix or file:///directory"):
+            archive.check_url(url)
+
+    def test_each_scheme_names_a_store_of_the_archive(self) -> None:
+        for name, scheme in archive.SCHEMES.items():
+            store = scheme.load()
+            assert hasattr(store, "link") and hasattr(store, "from_url"), name
+
+    def test_a_folder_link_is_its_path(self, tmp_path: pathlib.Path) -> None:
+        path = tmp_path / "a b" / "video_a.mp4"
+        assert archive.link(path.as_uri(), 60) == str(path)
+
+    def test_an_unknown_scheme_has_no_link(self) -> None:
+        with pytest.raises(errors.ArchiveError, match="no link for an archive of scheme 'mem'"):
+            archive.link("mem://video_a.mp4", 60)
+
+    def test_the_seam_and_a_folder_load_no_boto3(self, tmp_path: pathlib.Path) -> None:
+        """The daemon, config's check of an s3:// URL and a file:// archive load no boto3."""
+        code = (
+            "import sys\n"
+            "from seedance_archiver import archive, cli, config, scheduler\n"
+            "config.Settings(archive_url='s3://bucket/prefix')\n"
+            f"archive.from_url({tmp_path.as_uri()!r})\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore')))\n"
+        )
+        result = _python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]"
+
+    def test_without_boto3_an_s3_url_names_what_to_install(self) -> None:
+        code = (
+            "import sys\n"
+            "sys.modules['boto3'] = None  # an install that trimmed boto3\n"
+            "from seedance_archiver import archive, errors\n"
+            "try:\n"
+            "    archive.from_url('s3://bucket/prefix')\n"
+            "except errors.MissingDependencyError as exc:\n"
+            "    print(isinstance(exc, errors.ConfigError), exc)\n"
+        )
+        result = _python(code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == (
+            "True an s3:// archive needs boto3, which is not installed: pip install boto3"
+        )

@@ -12,14 +12,15 @@ import sys
 
 import pytest
 from seedance_archiver import archive, provider, store, testing
+from seedance_archiver.archive import folder, s3
 from seedance_archiver.providers import ark, reseller
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "daemon" / "seedance_archiver"
-# Top-level modules by name, the providers/ subpackage's as ``providers.ark`` (its __init__ as
-# ``providers``): the rules hold for them alike.
+# Top-level modules by name, a subpackage's as ``providers.ark`` (its __init__ as ``providers``):
+# the rules hold for them alike.
 MODULES = {
     ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): p
-    for p in [*PACKAGE.glob("*.py"), *PACKAGE.glob("providers/*.py")]
+    for p in [*PACKAGE.glob("*.py"), *PACKAGE.glob("*/*.py")]
 }
 
 # Each I/O library belongs to the one module that is the seam for it (STYLE.md, "Layout").
@@ -29,8 +30,8 @@ OWNERS = {
     "httpx": {"provider", "providers", "wire"},
     # The daemon no longer uses it (wire.py is its transport); only the benchmarks compare with it.
     "httpx_aiohttp": set(),
-    "boto3": {"archive"},
-    "botocore": {"archive"},
+    "boto3": {"archive.s3"},
+    "botocore": {"archive.s3"},
     "psycopg": {"store"},
     "apscheduler": {"scheduler"},
     "alembic": {"schema"},
@@ -116,8 +117,8 @@ def _members(protocol: type) -> set[str]:
         (store.Store, store.SqlStore, testing.FakeStore),
         (provider.Provider, provider.HttpProvider, testing.FakeProvider),
         (provider.Dialect, reseller.Reseller, ark.Ark),
-        (archive.Archive, archive.S3Archive, testing.FakeArchive),
-        (archive.Archive, archive.FileArchive, testing.FakeArchive),
+        (archive.Archive, s3.S3Archive, testing.FakeArchive),
+        (archive.Archive, folder.FileArchive, testing.FakeArchive),
     ],
 )
 def test_real_and_fake_take_the_same_parameters_as_the_protocol(

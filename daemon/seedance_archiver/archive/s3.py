@@ -1,45 +1,36 @@
-"""Archive storage: stream a video in, verify it, and commit it under ``{prefix}/{task_id}.mp4``.
-
-Two backends: ``file://`` (write a temporary file, fsync, atomic rename) and ``s3://`` (one PUT below a
-part's size, else a multipart upload that is completed only when every byte arrived, aborted otherwise).
-Either way a partial object never appears under the final key. Only this module imports boto3.
-
-Every blocking call runs in a bounded executor of its own (not asyncio's default one), so slow storage
-never starves the database calls, which have theirs. Every library error (botocore, OSError) becomes
-:class:`errors.ArchiveError` here.
+"""The S3 store (``s3://``): ``s3://{bucket}/{prefix}/{task_id}.mp4``, one PUT below a part's size,
+else a multipart upload completed only when every byte arrived and aborted otherwise, so a partial
+object never appears under the final key. The one module that imports boto3.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import dataclasses
 import datetime as dt
 import functools
-import hashlib
-import json
 import os
-import pathlib
-import threading
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any
 
-import boto3
-import botocore.config
-import botocore.exceptions
 import structlog
 
-from seedance_archiver import errors, metrics, models
+from seedance_archiver import archive, errors, metrics
+
+try:
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+except ImportError as exc:  # boto3 is a core dependency: only an install that trimmed it
+    raise errors.MissingDependencyError(
+        "an s3:// archive needs boto3, which is not installed: pip install boto3"
+    ) from exc
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = structlog.get_logger(__name__)
-
-_T = TypeVar("_T")
 
 # The aws CLI's part size. A transfer holds PARTS_IN_FLIGHT + 1 part buffers, reused: 8 MiB parts
 # peaked at 133 MiB for 1 GiB and uploaded to radosgw 25% faster than S3's minimum of 5 MiB, which
@@ -57,111 +48,6 @@ def part_size(expected_size: int | None) -> int:
 
 
 PARTS_IN_FLIGHT = 2  # parts uploading at once while the download goes on (bench/README.md)
-HASH_READ_BYTES = 1024 * 1024
-INCOMING_DIR = ".incoming"
-# Threads for archive I/O when the caller passes no executor. At most service.MAX_DOWNLOADS (4)
-# videos stream at once, each holding up to PARTS_IN_FLIGHT (2) part uploads plus the call that
-# feeds them (create, complete, a file write): 4 x 3 = 12; four more leave room for find(),
-# housekeeping and /readyz's check() while every download is busy.
-ARCHIVE_IO_THREADS = 16
-
-_default_executor: concurrent.futures.ThreadPoolExecutor | None = None
-_default_executor_lock = threading.Lock()
-
-
-def default_executor() -> concurrent.futures.Executor:
-    """The shared archive I/O pool (ARCHIVE_IO_THREADS threads), created on first use."""
-    global _default_executor
-    with _default_executor_lock:
-        if _default_executor is None:
-            _default_executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=ARCHIVE_IO_THREADS, thread_name_prefix="archive-io"
-            )
-        return _default_executor
-
-
-@dataclasses.dataclass(frozen=True)
-class Stored:
-    """A committed video: where it is, its size and its SHA-256 (hex)."""
-
-    uri: str
-    size: int
-    sha256: str
-
-
-class Archive(Protocol):
-    """What the service needs from archive storage."""
-
-    async def find(self, task_id: str, *, read_back: bool = False) -> Stored | None:
-        """The committed video of ``task_id``, if one is already stored (archived before a crash).
-
-        An object whose SHA-256 was never recorded (a store that refused the tag) counts only with
-        ``read_back``: it is then read back whole to hash it. Every object under a task's key is
-        complete (a single PUT and a completed multipart upload are atomic), so this is how a task
-        is looked for before it is given up.
-        """
-        ...
-
-    async def put(
-        self,
-        task_id: str,
-        chunks: AsyncIterator[bytes],
-        expected_size: int | None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> Stored:
-        """Stream ``chunks`` in and commit them, or raise and leave nothing under the final key.
-
-        ``metadata`` (ASCII-safe: see :func:`describe`) describes the video: S3 user metadata on the
-        object, or a ``{task_id}.json`` sidecar beside a folder's video.
-        """
-        ...
-
-    async def check(self) -> None:
-        """Raise ArchiveError unless the storage is reachable and writable."""
-        ...
-
-    async def incomplete(self) -> set[str]:
-        """Task ids with an unfinished upload (temp file, open multipart upload) under our prefix."""
-        ...
-
-    async def discard_incomplete(
-        self, task_id: str, started_before: dt.datetime | None = None
-    ) -> int:
-        """Remove ``task_id``'s unfinished uploads (only those begun before ``started_before``)."""
-        ...
-
-
-def from_url(
-    url: str,
-    *,
-    meters: metrics.Metrics | None = None,
-    executor: concurrent.futures.Executor | None = None,
-) -> Archive:
-    """The backend for SEEDANCE_ARCHIVE_URL (``s3://bucket/prefix`` or ``file:///dir``)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "s3":
-        return S3Archive(parts.netloc, parts.path.strip("/"), meters=meters, executor=executor)
-    if parts.scheme == "file":
-        return FileArchive(pathlib.Path(parts.netloc + parts.path), executor=executor)
-    raise errors.ConfigError("invalid setting SEEDANCE_ARCHIVE_URL: expected s3:// or file://")
-
-
-class _Counter:
-    """SHA-256 and byte count, computed while the bytes stream past."""
-
-    def __init__(self) -> None:
-        self.hash = hashlib.sha256()
-        self.size = 0
-
-    def add(self, chunk: bytes) -> None:
-        self.hash.update(chunk)
-        self.size += len(chunk)
-
-    def verify(self, expected: int | None) -> None:
-        if expected is not None and self.size != expected:
-            raise errors.DownloadError(
-                f"truncated download: got {self.size} bytes, Content-Length said {expected}"
-            )
 
 
 class _PartBody:
@@ -195,220 +81,6 @@ class _PartBody:
     def tell(self) -> int:
         return self._position
 
-
-async def _run(
-    executor: concurrent.futures.Executor, fn: Callable[..., _T], /, *args: Any, **kwargs: Any
-) -> _T:
-    """``fn(*args, **kwargs)`` in the archive executor, awaited."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
-
-
-# --- file:// -----------------------------------------------------------------------------------
-
-
-class FileArchive:
-    """Videos in a local folder: ``{root}/{task_id}.mp4``.
-
-    Any OSError (a full disk, an I/O error, a path that cannot be a folder) is an ArchiveError that
-    names the cause, so the task is retried and the failure counts as "storage".
-    """
-
-    def __init__(
-        self, root: pathlib.Path, *, executor: concurrent.futures.Executor | None = None
-    ) -> None:
-        self.root = root
-        self._executor = executor or default_executor()
-
-    def _final(self, task_id: str) -> pathlib.Path:
-        return self.root / f"{task_id}.mp4"
-
-    async def _io(self, failure: str, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
-        """Run a blocking file operation; an OSError becomes ``ArchiveError("{failure}: ...")``."""
-        try:
-            return await _run(self._executor, fn, *args, **kwargs)
-        except OSError as exc:
-            raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
-
-    @staticmethod
-    async def _wait(failure: str, work: concurrent.futures.Future[None]) -> None:
-        """Await a file operation already submitted; an OSError becomes an ArchiveError."""
-        try:
-            await asyncio.wrap_future(work)
-        except OSError as exc:
-            raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
-
-    async def find(self, task_id: str, *, read_back: bool = False) -> Stored | None:
-        # A file is hashed as it is read: its hash is always known.
-        return await self._io("archive folder read failed", self._find, task_id)
-
-    def _find(self, task_id: str) -> Stored | None:
-        path = self._final(task_id)
-        if not path.is_file():
-            return None
-        digest = hashlib.sha256()
-        size = 0
-        with path.open("rb") as fh:
-            while chunk := fh.read(HASH_READ_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
-        return Stored(path.resolve().as_uri(), size, digest.hexdigest())
-
-    async def put(
-        self,
-        task_id: str,
-        chunks: AsyncIterator[bytes],
-        expected_size: int | None,
-        metadata: Mapping[str, str] | None = None,
-    ) -> Stored:
-        failure = "archive folder write failed"
-        incoming = self.root / INCOMING_DIR
-        await self._io(failure, incoming.mkdir, parents=True, exist_ok=True)
-        temp = incoming / f"{task_id}.{uuid.uuid4().hex}.part"
-        counter = _Counter()
-        try:
-            fh: BinaryIO = await self._io(failure, _open_binary, temp)
-            # A chunk is hashed in one worker thread and written in another, side by side, while
-            # the next chunk downloads (all three release the GIL); one chunk in flight keeps
-            # memory at two chunks. bench/README.md: 0.37x of `curl -o && sync` with hash, write
-            # and download one after another; 0.58x with hash and write in one thread.
-            writing: list[concurrent.futures.Future[Any]] = []
-            try:
-                async for chunk in chunks:
-                    for work in writing:
-                        await self._wait(failure, work)
-                    writing = [
-                        self._executor.submit(counter.add, chunk),
-                        self._executor.submit(_write, fh, chunk),
-                    ]
-                for work in writing:
-                    await self._wait(failure, work)
-                counter.verify(expected_size)
-                await self._io(failure, _flush_and_sync, fh)
-            except BaseException:
-                # Never close the file under a write still running in its thread.
-                if writing:
-                    await asyncio.wait([asyncio.wrap_future(work) for work in writing])
-                # Closing flushes what is buffered: on a full disk that fails again, and must not
-                # hide the first error (or a broken download) behind a second one.
-                with contextlib.suppress(OSError):
-                    await _run(self._executor, fh.close)
-                raise
-            await self._io(failure, fh.close)
-            final = self._final(task_id)
-            await self._io(failure, os.replace, temp, final)
-            await self._io(failure, _sync_dir, self.root)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-        stored = Stored(final.resolve().as_uri(), counter.size, counter.hash.hexdigest())
-        if metadata is not None:
-            # After the video's commit: a sidecar never describes a video that is not there.
-            sidecar = dict(metadata) | {"sha256": stored.sha256, "bytes": str(stored.size)}
-            await self._io(failure, self._write_sidecar, task_id, sidecar)
-        return stored
-
-    def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
-        """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
-        # Named like the video's temp file ({task_id}.{random}.part), so the same clean-up finds
-        # one a kill left behind.
-        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}-json.part"
-        try:
-            with temp.open("w", encoding="utf-8") as fh:
-                json.dump(sidecar, fh, indent=2, sort_keys=True)
-                _flush_and_sync(fh)
-            os.replace(temp, self.root / f"{task_id}.json")
-            _sync_dir(self.root)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temp.unlink()
-            raise
-
-    def _temp_files(self) -> list[pathlib.Path]:
-        incoming = self.root / INCOMING_DIR
-        return list(incoming.glob("*.part")) if incoming.is_dir() else []
-
-    async def incomplete(self) -> set[str]:
-        files = await self._io("archive folder listing failed", self._temp_files)
-        return {path.name.rsplit(".", 2)[0] for path in files}
-
-    async def discard_incomplete(
-        self, task_id: str, started_before: dt.datetime | None = None
-    ) -> int:
-        return await self._io(
-            "archive folder cleanup failed", self._discard, task_id, started_before
-        )
-
-    def _discard(self, task_id: str, started_before: dt.datetime | None) -> int:
-        removed = 0
-        for path in self._temp_files():
-            if path.name.rsplit(".", 2)[0] != task_id:
-                continue
-            try:
-                if started_before is not None:
-                    modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
-                    if modified >= started_before:
-                        continue
-                path.unlink()
-                removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
-
-    async def check(self) -> None:
-        await self._io("archive folder not writable", self._check)
-
-    def _check(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        probe = self.root / INCOMING_DIR
-        probe.mkdir(exist_ok=True)
-        if not os.access(probe, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-
-
-# While a video streams to a file, its bytes are handed to the disk every this many bytes
-# (posix_fadvise DONTNEED starts their writeback and frees their page cache), so the fsync at the end
-# waits for the last few MiB, not for the whole video, and archiving evicts no one's cache.
-WRITEBACK_BYTES = 8 * 1024 * 1024
-
-
-_FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync does it all
-
-
-def _write(fh: BinaryIO, chunk: bytes) -> None:
-    fh.write(chunk)
-    end = fh.tell()
-    if _FADVISE is not None and end // WRITEBACK_BYTES != (end - len(chunk)) // WRITEBACK_BYTES:
-        # A WRITEBACK_BYTES stretch was just completed: hand it to the disk.
-        fh.flush()
-        start = (end // WRITEBACK_BYTES - 1) * WRITEBACK_BYTES
-        _FADVISE(fh.fileno(), start, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
-
-
-def _open_binary(path: pathlib.Path) -> BinaryIO:
-    return path.open("wb")
-
-
-def _flush_and_sync(fh: Any) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def _sync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _os_reason(exc: OSError) -> str:
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{reason} ({exc.filename})" if exc.filename else reason
-
-
-# --- s3:// -------------------------------------------------------------------------------------
 
 # The optional S3 calls, by the name they carry in logs and in the storage_refusals metric. The
 # critical path (HeadObject, GetObject, PutObject and the four multipart calls) needs none of them.
@@ -484,48 +156,8 @@ def _status(exc: botocore.exceptions.ClientError) -> int | None:
     return int(status) if status is not None else None
 
 
-# Connections per client: more than ARCHIVE_IO_THREADS, so no archive thread waits for a connection.
+# Connections per client: more than archive.ARCHIVE_IO_THREADS, so no archive thread waits for a connection.
 MAX_POOL_CONNECTIONS = 20
-
-
-def describe(task: models.Task) -> dict[str, str]:
-    """What an archived video says about itself: S3 user metadata / the folder's sidecar.
-
-    Values are ASCII (S3 user metadata must be): anything else is percent-encoded.
-    """
-    values = {
-        "task-id": task.task_id,
-        "model": task.model,
-        "actual-duration": None if task.actual_duration is None else f"{task.actual_duration:g}",
-        "provider-created": None
-        if task.provider_created_at is None
-        else task.provider_created_at.isoformat(),
-    }
-    return {k: urllib.parse.quote(v, safe=" :/+-.,_") for k, v in values.items() if v is not None}
-
-
-def link(archive_uri: str, expires_seconds: int, client: S3Client | None = None) -> str:
-    """A presigned GET URL for an ``s3://`` archive (valid ``expires_seconds``), or a folder
-    archive's local path: what the feeding application shows without credentials of its own."""
-    parts = urllib.parse.urlsplit(archive_uri)
-    if parts.scheme == "file":
-        return urllib.parse.unquote(parts.path)
-    if parts.scheme != "s3":
-        raise errors.ArchiveError(f"no link for an archive of scheme {parts.scheme!r}")
-    signer = client or s3_client()
-    try:
-        return str(
-            signer.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": parts.netloc, "Key": parts.path[1:]},
-                ExpiresIn=expires_seconds,
-            )
-        )
-    except botocore.exceptions.BotoCoreError as exc:
-        reason = unreachable(exc, signer.meta.endpoint_url)
-        raise errors.ArchiveError(f"cannot sign a link: {reason}") from exc
-    except botocore.exceptions.ClientError as exc:
-        raise errors.ArchiveError(f"cannot sign a link: {_s3_reason(exc)}") from exc
 
 
 def s3_client(**kwargs: Any) -> S3Client:
@@ -575,10 +207,22 @@ class S3Archive:
         self.prefix = prefix.strip("/")
         self.client: S3Client = client or s3_client()
         self.metrics = meters or metrics.Metrics()
-        self._executor = executor or default_executor()
+        self._executor = executor or archive.default_executor()
         #: The optional calls this store refused, with the reason: never sent again.
         self.refused: dict[str, str] = {}
         self._head_403_seen = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        meters: metrics.Metrics | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> S3Archive:
+        """The bucket and prefix of ``s3://bucket/prefix``, with the default client."""
+        parts = urllib.parse.urlsplit(url)
+        return cls(parts.netloc, parts.path.strip("/"), meters=meters, executor=executor)
 
     def key(self, task_id: str) -> str:
         name = f"{task_id}.mp4"
@@ -590,10 +234,26 @@ class S3Archive:
     def _unreachable(self, exc: botocore.exceptions.BotoCoreError) -> str:
         return unreachable(exc, self.client.meta.endpoint_url)
 
+    def link(self, uri: str, expires_seconds: int) -> str:
+        """A presigned GET URL (SigV4) of the object ``uri``, signed with this store's client."""
+        parts = urllib.parse.urlsplit(uri)
+        try:
+            return str(
+                self.client.generate_presigned_url(
+                    "get_object",
+                    Params={"Bucket": parts.netloc, "Key": parts.path[1:]},
+                    ExpiresIn=expires_seconds,
+                )
+            )
+        except botocore.exceptions.BotoCoreError as exc:
+            raise errors.ArchiveError(f"cannot sign a link: {self._unreachable(exc)}") from exc
+        except botocore.exceptions.ClientError as exc:
+            raise errors.ArchiveError(f"cannot sign a link: {_s3_reason(exc)}") from exc
+
     # --- calls -------------------------------------------------------------------------------------
 
     async def _run(self, method: Callable[..., Any], **kwargs: Any) -> Any:
-        return await _run(self._executor, method, **kwargs)
+        return await archive.run(self._executor, method, **kwargs)
 
     async def _call(self, method: Callable[..., Any], **kwargs: Any) -> Any:
         """A call on the critical path: any failure is an ArchiveError."""
@@ -659,7 +319,7 @@ class S3Archive:
 
     # --- the archive ---------------------------------------------------------------------------------
 
-    async def find(self, task_id: str, *, read_back: bool = False) -> Stored | None:
+    async def find(self, task_id: str, *, read_back: bool = False) -> archive.Stored | None:
         key = self.key(task_id)
         try:
             head = await self._run(self.client.head_object, Bucket=self.bucket, Key=key)
@@ -693,12 +353,12 @@ class S3Archive:
                     (t["Value"] for t in tags.get("TagSet", []) if t["Key"] == "sha256"), None
                 )
         if sha:
-            return Stored(self._uri(key), int(head["ContentLength"]), sha)
+            return archive.Stored(self._uri(key), int(head["ContentLength"]), sha)
         if not read_back:
             return None
         size, sha = await self._read_back(key)
         log.info("object_read_back", key=key, bytes=size, why="its SHA-256 was not recorded")
-        return Stored(self._uri(key), size, sha)
+        return archive.Stored(self._uri(key), size, sha)
 
     async def _read_back(self, key: str) -> tuple[int, str]:
         """The size and SHA-256 of the object at ``key``, read whole (GetObject), in constant
@@ -706,9 +366,9 @@ class S3Archive:
 
         def read() -> tuple[int, str]:
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
-            counter = _Counter()
+            counter = archive.Counter()
             try:
-                for chunk in body.iter_chunks(HASH_READ_BYTES):
+                for chunk in body.iter_chunks(archive.HASH_READ_BYTES):
                     counter.add(chunk)
             finally:
                 body.close()
@@ -728,10 +388,10 @@ class S3Archive:
         chunks: AsyncIterator[bytes],
         expected_size: int | None,
         metadata: Mapping[str, str] | None = None,
-    ) -> Stored:
+    ) -> archive.Stored:
         key = self.key(task_id)
         described = dict(metadata or {})
-        counter = _Counter()
+        counter = archive.Counter()
         part_bytes = part_size(expected_size)
         # Each part is filled in a buffer of its own, reused once S3 has it: at most
         # PARTS_IN_FLIGHT uploading and one filling, so the transfer's memory is fixed.
@@ -825,7 +485,7 @@ class S3Archive:
             if upload_id is not None:
                 await self._abort(key, upload_id)
             raise
-        return Stored(self._uri(key), counter.size, sha)
+        return archive.Stored(self._uri(key), counter.size, sha)
 
     async def _upload_part(
         self,
