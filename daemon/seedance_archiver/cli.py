@@ -11,18 +11,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
 
 import seedance_archiver
-from seedance_archiver import config, errors, logs, models, policy, store, utils, views
+from seedance_archiver import archive, config, errors, logs, models, policy, store, utils, views
 
-# The daemon's own modules (and what they bring: APScheduler, httpx, aiohttp, boto3, Alembic) are
-# imported by the commands that use them: `add`, `list`, `status` and `check` start in half the time
-# (`python -X importtime`: 3.8 s for everything on a loaded 2-core machine, boto3 alone 0.55 s),
-# and scripts and tests call them often.
+# The daemon's own modules (and what they bring: APScheduler, httpx, aiohttp, Alembic) are imported
+# by the commands that use them, and boto3 by an s3:// archive alone (archive.from_url): `add`,
+# `list`, `status` and `check` start in half the time (`python -X importtime`: 3.8 s for everything
+# on a loaded 2-core machine, boto3 alone 0.55 s), and scripts and tests call them often.
 
 PROG = "seedance-archiver"
 # `check` passes only if some daemon's heartbeat (every 10 s) is at most this old.
 CHECK_MAX_TICK_AGE_SECONDS = 60.0
-DEFAULT_LINK_SECONDS = 3600
-MAX_LINK_SECONDS = 7 * 86400  # S3's own limit for a presigned URL
 LIST_LIMIT = 50  # rows `list` shows unless --limit or --all
 WATCH_SECONDS = 2.0  # how often `list --watch` and `status ID --follow` look again
 
@@ -150,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     url.add_argument("task_id")
     url.add_argument(
-        "--expires", type=int, default=DEFAULT_LINK_SECONDS, help="seconds the link is valid"
+        "--expires", type=int, default=archive.LINK_SECONDS, help="seconds the link is valid"
     )
     hooks = verb("webhooks", "list webhook deliveries (newest first)", READS_DATABASE)
     hooks.add_argument("--failed", action="store_true", help="only those given up on")
@@ -457,16 +455,14 @@ def _fingerprint(tasks: Iterable[models.Task]) -> list[tuple[str, str, int, obje
 
 
 def _url(sql_store: store.Store, args: argparse.Namespace) -> int:
-    if not 1 <= args.expires <= MAX_LINK_SECONDS:
-        print(f"{PROG}: --expires must be 1..{MAX_LINK_SECONDS} seconds", file=sys.stderr)
+    if not 1 <= args.expires <= archive.MAX_LINK_SECONDS:
+        print(f"{PROG}: --expires must be 1..{archive.MAX_LINK_SECONDS} seconds", file=sys.stderr)
         return 2
     task = sql_store.get(args.task_id)
     if task is None or task.state != models.State.ARCHIVED or not task.archive_uri:
         why = "no such task" if task is None else f"not archived ({task.state})"
         print(f"{PROG}: no link: {args.task_id}: {why}", file=sys.stderr)
         return 1
-    from seedance_archiver import archive
-
     print(archive.link(task.archive_uri, args.expires))
     return 0
 
@@ -563,8 +559,6 @@ def _check_all(sql_store: store.Store, settings: config.Settings) -> int:
         print(f"database: {views.printable(str(exc))}")
         return 1
     print("database: ok")
-    from seedance_archiver import archive
-
     try:
         asyncio.run(archive.from_url(settings.archive_url).check())
     except errors.ArchiveError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 
 import botocore.exceptions
 import pytest
-from seedance_archiver import archive, errors, metrics
+from seedance_archiver import archive, errors, metrics, service
 from seedance_archiver.archive import folder, s3
 
 
@@ -110,6 +110,12 @@ class TestExecutor:
         assert (
             pool.submit(lambda: threading.current_thread().name).result().startswith("archive-io")
         )
+
+    def test_the_default_pool_holds_every_download_and_room_beside(self) -> None:
+        """Each download holds up to PARTS_IN_FLIGHT part uploads and the call feeding them."""
+        downloads = service.Service.MAX_DOWNLOADS * (s3.PARTS_IN_FLIGHT + 1)
+        assert archive.ARCHIVE_IO_THREADS > downloads
+        assert s3.MAX_POOL_CONNECTIONS > archive.ARCHIVE_IO_THREADS
 
     async def test_file_archive_uses_the_given_executor(self, tmp_path: pathlib.Path) -> None:
         with Recording() as executor:

@@ -38,8 +38,12 @@ HASH_READ_BYTES = 1024 * 1024
 # Threads for archive I/O when the caller passes no executor. At most service.MAX_DOWNLOADS (4)
 # videos stream at once, each holding up to s3.PARTS_IN_FLIGHT (2) part uploads plus the call that
 # feeds them (create, complete, a file write): 4 x 3 = 12; four more leave room for find(),
-# housekeeping and /readyz's check() while every download is busy.
+# housekeeping and /readyz's check() while every download is busy (tests/unit/test_archive_unit.py).
 ARCHIVE_IO_THREADS = 16
+# How long a link (Archive.link) works unless asked otherwise, and the longest a store signs one for
+# (S3's own limit for a presigned URL).
+LINK_SECONDS = 3600
+MAX_LINK_SECONDS = 7 * 86400
 
 _default_executor: concurrent.futures.ThreadPoolExecutor | None = None
 _default_executor_lock = threading.Lock()

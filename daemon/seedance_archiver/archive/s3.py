@@ -156,8 +156,8 @@ def _status(exc: botocore.exceptions.ClientError) -> int | None:
     return int(status) if status is not None else None
 
 
-# Connections per client: more than archive.ARCHIVE_IO_THREADS, so no archive thread waits for a connection.
-MAX_POOL_CONNECTIONS = 20
+# Connections per client: more than the archive's threads, so no archive thread waits for a connection.
+MAX_POOL_CONNECTIONS = archive.ARCHIVE_IO_THREADS + 4
 
 
 def s3_client(**kwargs: Any) -> S3Client:
