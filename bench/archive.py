@@ -100,7 +100,7 @@ def _vm_rss_kib() -> int:
 
 
 async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
-    from seedance_archiver import archive, provider
+    from seedance_archiver import archive, netguard, provider
     from seedance_archiver.archive import folder, s3
 
     baseline_kib = _vm_rss_kib()
@@ -113,7 +113,7 @@ async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
     http = provider.HttpProvider(
         args.sim_url,
         common.API_KEY,
-        url_rules=provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True),
+        url_rules=netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True),
         max_video_bytes=max(args.size, 2 * 1024**3),
     )
     try:

@@ -13,12 +13,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import email.utils
-import ipaddress
 import json
 import math
 import re
-import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -27,19 +24,15 @@ import aiohttp
 import aiohttp.abc
 import httpx
 
-from seedance_archiver import addresses, errors, models, utils, wire
+from seedance_archiver import errors, models, netguard, utils, wire
 
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
-RETRY_AFTER_MAX_SECONDS = 3600.0
 # Caps on the provider's free-text fields: a name or a reason, never a 200 KB blob in every row.
 MODEL_MAX_CHARS = 200
 ERROR_MAX_CHARS = 2000
 # Signed links run long, but a longer one is garbage; a cut link would be useless, so it is refused.
 VIDEO_URL_MAX_CHARS = 8192
-# DNS limits (RFC 1035): a whole name, and each dot-separated label.
-HOST_MAX_CHARS = 253
-HOST_LABEL_MAX_CHARS = 63
 
 
 def _short(value: object) -> str:
@@ -69,63 +62,6 @@ def storable(text: str, limit: int) -> str:
     if len(text) > limit:
         text = text[:limit] + truncation_marker(len(text))
     return _UNSTORABLE.sub("\ufffd", text)
-
-
-def _printable(text: str, limit: int = 120) -> str:
-    """``text`` for one line of a message: escapes for what is not printable, cut at ``limit``."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit * 2])
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# C0 and C1 control characters and surrogates: never in a link anyone can follow.
-_URL_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-_HOST_LABEL = re.compile("[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?", re.IGNORECASE)
-
-
-def _parse_url(url: str) -> httpx.URL:
-    """``url`` as httpx will request it; ValueError, with the reason, if no request could use it.
-
-    httpx refuses some links only when a request is built (an invalid IDNA label, ``xn--a``) and takes
-    others no resolver will (``a..b``, ``exa mple.com``, a 64-character label): both are caught here.
-    """
-    bad = _URL_UNSAFE.search(url)
-    if bad is not None:
-        raise ValueError(f"control character {bad.group()!r} at position {bad.start()}")
-    try:
-        parsed = httpx.URL(url)
-        host = parsed.host  # decodes xn-- labels: an invalid one raises here, not in httpx.URL()
-        port = parsed.port
-    except httpx.InvalidURL as exc:
-        raise ValueError(_printable(str(exc))) from None
-    except UnicodeError as exc:  # idna.IDNAError among them
-        raise ValueError(f"invalid IDNA host: {_printable(str(exc))}") from None
-    except ValueError as exc:
-        raise ValueError(_printable(str(exc))) from None
-    if not parsed.scheme or not host:
-        raise ValueError("not an absolute URL with a host")
-    if port is not None and not 0 < port < 65536:
-        raise ValueError(f"port {port} is out of range")
-    _check_host(parsed.raw_host.decode("ascii", "replace"))
-    return parsed
-
-
-def _check_host(host: str) -> None:
-    """ValueError unless ``host`` (IDNA-encoded, as httpx sends it) is an IP address or a DNS name."""
-    if ":" in host:
-        return  # an IPv6 literal: httpx has checked it
-    with contextlib.suppress(ValueError):
-        ipaddress.IPv4Address(host)
-        return
-    name = host.removesuffix(".")
-    if len(name) > HOST_MAX_CHARS:
-        raise ValueError(f"host name longer than {HOST_MAX_CHARS} characters")
-    for label in name.split("."):
-        if not label:
-            raise ValueError("empty label in the host name")
-        if len(label) > HOST_LABEL_MAX_CHARS:
-            raise ValueError(f"host name label longer than {HOST_LABEL_MAX_CHARS} characters")
-        if not _HOST_LABEL.fullmatch(label):
-            raise ValueError(f"invalid host name label '{_printable(label, 70)}'")
 
 
 def json_object(body: bytes) -> dict[str, Any]:
@@ -161,7 +97,9 @@ def _body_kind(response: httpx.Response, body: bytes) -> str:
     """What a body was, for a log line: its type and size, never its text."""
     media = response.headers.get("Content-Type") or "no Content-Type"
     return (
-        f"{_printable(media, 60)}, {len(body)} bytes" if body else f"{_printable(media, 60)}, empty"
+        f"{netguard.printable(media, 60)}, {len(body)} bytes"
+        if body
+        else f"{netguard.printable(media, 60)}, empty"
     )
 
 
@@ -200,7 +138,7 @@ def link(payload: dict[str, Any], key: str) -> str | None:
             f"more than {VIDEO_URL_MAX_CHARS}"
         )
     try:
-        _parse_url(url)
+        netguard.parse_url(url)
     except ValueError as exc:
         raise errors.MalformedAnswer(
             f"malformed answer: {key} is not a valid URL ({exc})"
@@ -344,118 +282,6 @@ def _as_time(value: object) -> dt.datetime | None:
     if not 0 < seconds < LATEST_SECONDS:
         return None
     return dt.datetime.fromtimestamp(seconds, dt.UTC)
-
-
-def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent/bad."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=dt.UTC)
-        seconds = (when - now).total_seconds()
-    if not math.isfinite(seconds):
-        return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX_SECONDS)
-
-
-# --- video links ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class UrlRules:
-    """Which video links we may follow (SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES, ..._PRIVATE_VIDEO_HOSTS)."""
-
-    schemes: frozenset[str] = frozenset({"https"})
-    allow_private_hosts: bool = False
-
-
-# The public-address rule lives in addresses.py; this name stays for callers that knew it here.
-is_public_address = addresses.is_public_address
-
-
-PRIVATE_HOST_MESSAGE = (
-    "unsafe video_url: its host resolves to a loopback, private or link-local address "
-    "(set SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true to allow)"
-)
-
-
-async def check_video_url(url: str, rules: UrlRules) -> None:
-    """Raise UnsafeVideoUrl unless ``url`` has an allowed scheme and, by default, a public host.
-
-    The host checked is the one httpx will connect to (IDNA-encoded, as httpx parses the link): another
-    parser's idea of the host could differ (``ß.de`` resolves as ``ss.de`` but is sent as ``xn--zca.de``).
-    An IP literal is checked here; a name is not looked up here but by :class:`PublicResolver` when the
-    download connects, so the address checked is the address connected to (no DNS rebinding).
-    """
-    try:
-        parts = _parse_url(url)
-    except ValueError as exc:
-        raise errors.UnsafeVideoUrl(f"unsafe video_url: it cannot be parsed ({exc})") from None
-    host = parts.host
-    if parts.scheme not in rules.schemes:
-        raise errors.UnsafeVideoUrl(
-            f"unsafe video_url: scheme {parts.scheme!r} is not in SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"
-        )
-    if not host:
-        raise errors.UnsafeVideoUrl("unsafe video_url: no host")
-    if rules.allow_private_hosts:
-        return
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return  # a name: PublicResolver checks what it resolves to, at connect time
-    if not addresses.is_public_address(host):
-        raise errors.UnsafeVideoUrl(PRIVATE_HOST_MESSAGE)
-
-
-class _PrivateAnswer(OSError):
-    """A DNS answer held an address a video download must not connect to."""
-
-
-class PublicResolver(aiohttp.abc.AbstractResolver):
-    """Resolves with ``inner`` and refuses any answer holding a non-public address.
-
-    The download's connector asks this resolver for every connection (first hop and redirects alike)
-    and connects only to what it returns, so the address checked is the one connected to: a DNS
-    server that answers publicly once and privately the next time gains nothing. An answer mixing
-    public and private addresses is refused whole (the connector would fall back to the next one).
-    """
-
-    def __init__(self, inner: aiohttp.abc.AbstractResolver) -> None:
-        self._inner = inner
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        answers = await self._inner.resolve(host, port, family)
-        if not answers or not all(
-            addresses.is_public_address(answer["host"]) for answer in answers
-        ):
-            raise _PrivateAnswer(PRIVATE_HOST_MESSAGE)
-        return answers
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-def _private_answer(exc: BaseException) -> bool:
-    """Whether ``exc`` was caused, somewhere down its chain, by a refused DNS answer."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, _PrivateAnswer):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
 
 
 @dataclasses.dataclass
@@ -609,7 +435,7 @@ class HttpProvider:
         api_key: str,
         *,
         timeout_seconds: float = 30.0,
-        url_rules: UrlRules | None = None,
+        url_rules: netguard.UrlRules | None = None,
         max_video_bytes: int = 2 * 1024**3,
         transport: httpx.AsyncBaseTransport | None = None,
         resolver: Callable[[], aiohttp.abc.AbstractResolver] | None = None,
@@ -623,7 +449,7 @@ class HttpProvider:
         self._dialect = dialect
         self.name = dialect.name
         self._base = base_url.rstrip("/")
-        self._url_rules = url_rules or UrlRules()
+        self._url_rules = url_rules or netguard.UrlRules()
         self._max_video_bytes = max_video_bytes
         limits = httpx.Limits(
             max_connections=self.MAX_CONNECTIONS, max_keepalive_connections=self.MAX_CONNECTIONS
@@ -657,7 +483,7 @@ class HttpProvider:
             # Called on first use, inside the running loop (aiohttp's resolvers need one).
             inner = make_resolver()
             connector = aiohttp.TCPConnector(
-                resolver=inner if allow_private else PublicResolver(inner),
+                resolver=inner if allow_private else netguard.PublicResolver(inner),
                 limit=self.MAX_CONNECTIONS,
                 ssl=ssl_context,
             )
@@ -672,7 +498,7 @@ class HttpProvider:
             timeout=timeout,
             limits=limits,
             follow_redirects=False,
-            event_hooks={"response": [_check_redirect]},
+            event_hooks={"response": [netguard.check_redirect]},
         )
 
     async def aclose(self) -> None:
@@ -724,7 +550,9 @@ class HttpProvider:
                 f"{NOT_OWN_404}: {_body_kind(response, body)}", status_code=code
             )
         if code == 429:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), utils.utcnow())
+            retry_after = utils.parse_retry_after(
+                response.headers.get("Retry-After"), utils.utcnow()
+            )
             raise errors.RateLimited("the provider rate-limited us (HTTP 429)", retry_after)
         raise errors.ProviderUnavailable(f"the provider answered HTTP {code}", status_code=code)
 
@@ -760,18 +588,18 @@ class HttpProvider:
         for hop in range(MAX_REDIRECTS + 1):
             which = "the video_url" if hop == 0 else "the video host's redirect"
             if hop > 0:
-                _check_scheme(
+                netguard.check_scheme(
                     url, self._url_rules
                 )  # a redirect to file:// is unsafe, not malformed
             try:
-                _parse_url(url)
+                netguard.parse_url(url)
             except ValueError as exc:
                 raise errors.DownloadError(f"{which} is not a valid URL ({exc})") from None
-            await check_video_url(url, self._url_rules)
+            await netguard.check_video_url(url, self._url_rules)
             response = await self._send(url)
             try:
                 if response.has_redirect_location:
-                    url = _redirect_target(url, response.headers["location"])
+                    url = netguard.redirect_target(url, response.headers["location"])
                     continue
                 yield await self._video(response)
                 return
@@ -785,14 +613,14 @@ class HttpProvider:
             request = self._files.build_request("GET", url)
             return await self._files.send(request, stream=True)
         except httpx.HTTPError as exc:
-            if _private_answer(exc):
-                raise errors.UnsafeVideoUrl(PRIVATE_HOST_MESSAGE) from exc
+            if netguard.private_answer(exc):
+                raise errors.UnsafeVideoUrl(netguard.PRIVATE_HOST_MESSAGE) from exc
             raise errors.DownloadError(
                 f"cannot reach the video host: {type(exc).__name__}"
             ) from exc
         except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (IDNA) is a ValueError
             raise errors.DownloadError(
-                f"cannot request the video link ({_printable(str(exc))})"
+                f"cannot request the video link ({netguard.printable(str(exc))})"
             ) from exc
 
     async def _video(self, response: httpx.Response) -> Video:
@@ -887,44 +715,8 @@ def check_video(content_type: str | None, head: bytes) -> None:
         why = "a body that starts like no video container (no ftyp box, no WebM header)"
     else:
         return
-    shown = _printable(content_type, 80) if content_type is not None else "none"
+    shown = netguard.printable(content_type, 80) if content_type is not None else "none"
     raise errors.NotAVideo(
         f"{errors.NotAVideo.PREFIX} with {why}, not a video: Content-Type {shown}, "
         f"first bytes {head[:VIDEO_HEAD_BYTES]!r}"
     )
-
-
-def _check_scheme(url: str, rules: UrlRules) -> None:
-    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-    if scheme not in rules.schemes:
-        raise errors.UnsafeVideoUrl(
-            f"unsafe video_url: scheme {scheme!r} is not in SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"
-        )
-
-
-def _redirect_target(url: str, location: str) -> str:
-    """Where a redirect from ``url`` leads; DownloadError if no request could use it.
-
-    A target of another scheme (``file:``, ``ftp:``) is returned as it is, for the scheme rule to
-    refuse as unsafe.
-    """
-    try:
-        target = urllib.parse.urljoin(url, location)
-        if target.split(":", 1)[0].lower() not in ("http", "https"):
-            return target
-        _parse_url(target)
-    except ValueError as exc:
-        raise errors.DownloadError(
-            f"the video host's redirect is not a valid URL ({exc})"
-        ) from None
-    return target
-
-
-async def _check_redirect(response: httpx.Response) -> None:
-    """Check a redirect's Location by our rules before httpx does.
-
-    httpx parses the Location inside ``send`` even when it follows no redirect, and raises its own
-    errors there (RemoteProtocolError, a bare IDNAError); this hook runs first, for one clear reason.
-    """
-    if response.has_redirect_location:
-        _redirect_target(str(response.request.url), response.headers["location"])

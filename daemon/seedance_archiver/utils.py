@@ -1,8 +1,10 @@
-"""Small helpers shared by every layer: the one clock, and URL redaction."""
+"""Small helpers shared by every layer: the one clock, URL redaction, and Retry-After."""
 
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
+import math
 import re
 import urllib.parse
 
@@ -110,3 +112,27 @@ def redact_text(text: str) -> str:
     if "://" not in text:
         return text
     return _URL.sub(lambda m: redact_url(m.group(0)), text)
+
+
+# The longest wait a Retry-After header is taken at its word for (the provider's, a webhook receiver's).
+RETRY_AFTER_MAX_SECONDS = 3600.0
+
+
+def parse_retry_after(value: str | None, now: dt.datetime) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP date; None if absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - now).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX_SECONDS)

@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime as dt
-import ipaddress
 import json
 import math
 import random
@@ -32,7 +31,7 @@ import standardwebhooks
 import structlog
 
 import seedance_archiver
-from seedance_archiver import addresses, errors, metrics, models, provider, store, utils
+from seedance_archiver import errors, metrics, models, netguard, store, utils
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R")
@@ -163,20 +162,14 @@ def check_url(url: str, allow_private_hosts: bool) -> None:
     """Raise ConfigError unless ``url`` is http(s) with a host that may receive our webhooks.
 
     An IP literal is checked here; a name is checked where it resolves, on every connection
-    (provider.PublicResolver), as for video links.
+    (netguard.PublicResolver), as for video links.
     """
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise errors.ConfigError(
             "invalid setting SEEDANCE_WEBHOOK_URL: expected an http(s) URL with a host"
         )
-    if allow_private_hosts:
-        return
-    try:
-        ipaddress.ip_address(parts.hostname)
-    except ValueError:
-        return
-    if not addresses.is_public_address(parts.hostname):
+    if not allow_private_hosts and netguard.is_private_literal(parts.hostname):
         raise errors.ConfigError(
             "invalid setting SEEDANCE_WEBHOOK_URL: a loopback, private or link-local address "
             "(set SEEDANCE_ALLOW_PRIVATE_WEBHOOK_HOSTS=true to allow)"
@@ -210,7 +203,7 @@ class HttpSender:
         # Built on first use, inside the running loop (aiohttp's resolver needs one).
         if self._session is None:
             inner = aiohttp.ThreadedResolver()
-            resolver = inner if self._allow_private else provider.PublicResolver(inner)
+            resolver = inner if self._allow_private else netguard.PublicResolver(inner)
             connector = aiohttp.TCPConnector(resolver=resolver, limit=self._concurrency)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self._session
@@ -224,7 +217,7 @@ class HttpSender:
                 # The answer's body means nothing to us: read a little (a connection whose answer
                 # was read whole is reused), never an unbounded amount.
                 await response.content.read(MAX_ANSWER_BYTES)
-                retry_after = provider.parse_retry_after(
+                retry_after = utils.parse_retry_after(
                     response.headers.get("Retry-After"), utils.utcnow()
                 )
                 return Answer(response.status, retry_after)

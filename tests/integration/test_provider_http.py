@@ -18,12 +18,12 @@ import aiohttp.abc
 import httpx
 import pytest
 from aiohttp import web
-from seedance_archiver import errors, models, provider, simulator, wire
+from seedance_archiver import errors, models, netguard, provider, simulator, wire
 from seedance_archiver.providers import ark, reseller
 
 from tests.conftest import SIM_KEY, free_port, serving
 
-LOCAL_HTTP = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
+LOCAL_HTTP = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
 
 
 @pytest.fixture
@@ -547,7 +547,7 @@ class TestUrlRules:
         self, sim: simulator.SimulatorThread, host: str
     ) -> None:
         add_completed(sim, "video_abc")
-        rules = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
+        rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
         http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules)
         try:
             url = (await video_url(http, "video_abc")).replace("127.0.0.1", host, 1)
@@ -627,20 +627,20 @@ class TestRedirects:
             hits.append("x")
             return web.Response(body=SECRET_VIDEO)
 
-        real_check = provider.check_video_url
+        real_check = netguard.check_video_url
 
         async with LocalServer({"/hop": hop, "/x": inner}) as base:
             first = f"{base}/hop"
 
             # Without network there is no public first hop to use, so treat the first URL as one
             # (as if it resolved publicly); every later hop gets the real check.
-            async def check(url: str, rules: provider.UrlRules) -> None:
+            async def check(url: str, rules: netguard.UrlRules) -> None:
                 if url == first:
                     return
                 await real_check(url, rules)
 
-            monkeypatch.setattr(provider, "check_video_url", check)
-            rules = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
+            monkeypatch.setattr(netguard, "check_video_url", check)
+            rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
             http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules)
             try:
                 with pytest.raises(errors.UnsafeVideoUrl, match="loopback"):
@@ -681,7 +681,7 @@ class ScriptedResolver(aiohttp.abc.AbstractResolver):
 class TestDnsRebinding:
     """The address checked is the address the download connects to, on every hop."""
 
-    RULES = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
+    RULES = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
 
     @staticmethod
     def _counting_server() -> tuple[LocalServer, list[str]]:
@@ -696,7 +696,7 @@ class TestDnsRebinding:
     async def test_the_resolver_refuses_the_second_answer_of_a_rebinding_server(self) -> None:
         """Answered public first and loopback second, the connector gets only the public answer."""
         dns = ScriptedResolver(["8.8.8.8"], ["127.0.0.1"])
-        resolver = provider.PublicResolver(dns)
+        resolver = netguard.PublicResolver(dns)
         first = await resolver.resolve("rebind.test", 80)
         assert [a["host"] for a in first] == ["8.8.8.8"]
         with pytest.raises(OSError, match="SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS"):
@@ -757,15 +757,15 @@ class TestDnsRebinding:
             return web.Response(body=SECRET_VIDEO)
 
         dns = ScriptedResolver(["127.0.0.1"])
-        real_check = provider.check_video_url
+        real_check = netguard.check_video_url
         async with LocalServer({"/hop": hop, "/x": inner}) as base:
             first = f"{base}/hop"
 
-            async def check(url: str, rules: provider.UrlRules) -> None:
+            async def check(url: str, rules: netguard.UrlRules) -> None:
                 if url != first:  # the first hop stands in for a public host
                     await real_check(url, rules)
 
-            monkeypatch.setattr(provider, "check_video_url", check)
+            monkeypatch.setattr(netguard, "check_video_url", check)
             http = provider.HttpProvider(
                 sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns
             )
@@ -783,7 +783,7 @@ class TestDnsRebinding:
         """SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS=true lets a name resolve to loopback."""
         dns = ScriptedResolver(["127.0.0.1"])
         server, hits = self._counting_server()
-        rules = provider.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
+        rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
         http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules, resolver=lambda: dns)
         try:
             async with server as base:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from seedance_archiver import addresses, errors, provider
+from seedance_archiver import errors, netguard
 
 NOT_PUBLIC = [
     # plain IPv4
@@ -148,11 +148,11 @@ class TestIsPublic:
 
     @pytest.mark.parametrize(("address", "why"), NOT_PUBLIC, ids=[a for a, _ in NOT_PUBLIC])
     def test_refused(self, address: str, why: str) -> None:
-        assert not addresses.is_public_address(address), why
+        assert not netguard.is_public_address(address), why
 
     @pytest.mark.parametrize(("address", "why"), PUBLIC, ids=[a for a, _ in PUBLIC])
     def test_allowed(self, address: str, why: str) -> None:
-        assert addresses.is_public_address(address), why
+        assert netguard.is_public_address(address), why
 
 
 class TestRegistryRows:
@@ -161,16 +161,16 @@ class TestRegistryRows:
     def test_every_row_has_a_pinned_decision(self) -> None:
         # Compared as networks: str() of an IPv4-mapped block differs by Python (3.13 writes
         # ::ffff:0.0.0.0/96).
-        rows = [entry.network for entry in (*addresses.IPV4_SPECIAL, *addresses.IPV6_SPECIAL)]
+        rows = [entry.network for entry in (*netguard.IPV4_SPECIAL, *netguard.IPV6_SPECIAL)]
         assert len(set(rows)) == len(rows)
         assert set(rows) == {ipaddress.ip_network(row) for row in ROWS}
 
     @pytest.mark.parametrize(("row", "address", "public"), [(r, *d) for r, d in ROWS.items()])
     def test_row_decides(self, row: str, address: str, public: bool) -> None:
-        entry = addresses.entry_for(ipaddress.ip_address(address))
+        entry = netguard.entry_for(ipaddress.ip_address(address))
         assert entry is not None
         assert entry.network == ipaddress.ip_network(row)
-        assert addresses.is_public_address(address) is public
+        assert netguard.is_public_address(address) is public
 
 
 class TestSameOnEveryPython:
@@ -185,10 +185,10 @@ class TestSameOnEveryPython:
                 if hasattr(cls, name):
                     monkeypatch.setattr(cls, name, property(refuse))
         for address, public in EVERY_DECISION:
-            assert addresses.is_public_address(address) is public, address
+            assert netguard.is_public_address(address) is public, address
 
     def test_provider_and_webhooks_use_the_same_rule(self) -> None:
-        assert provider.is_public_address is addresses.is_public_address
+        assert netguard.is_public_address is netguard.is_public_address
 
 
 class TestCheckVideoUrlLiterals:
@@ -198,6 +198,6 @@ class TestCheckVideoUrlLiterals:
         "host", ["[64:ff9b::a9fe:a9fe]", "[2002:a9fe:a9fe::]", "[::ffff:7f00:1]", "[::a9fe:a9fe]"]
     )
     async def test_refused(self, host: str) -> None:
-        rules = provider.UrlRules(schemes=frozenset({"https"}), allow_private_hosts=False)
+        rules = netguard.UrlRules(schemes=frozenset({"https"}), allow_private_hosts=False)
         with pytest.raises(errors.UnsafeVideoUrl, match="loopback, private or link-local"):
-            await provider.check_video_url(f"https://{host}/latest/meta-data", rules)
+            await netguard.check_video_url(f"https://{host}/latest/meta-data", rules)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import errors, models, provider, testing
+from seedance_archiver import errors, models, netguard, provider, testing, utils
 from seedance_archiver.providers import reseller
 
 from tests.unit import jsonfuzz
@@ -338,7 +338,7 @@ class TestVideoUrl:
     )
     async def test_the_download_refuses_them_too(self, url: str) -> None:
         # Rows stored before these checks: a typed error before any lookup or connection.
-        rules = provider.UrlRules(allow_private_hosts=True)  # no DNS lookup either
+        rules = netguard.UrlRules(allow_private_hosts=True)  # no DNS lookup either
         http = provider.HttpProvider("http://127.0.0.1:9", "key", url_rules=rules)
         try:
             with pytest.raises(errors.DownloadError, match="not a valid URL"):
@@ -414,32 +414,32 @@ class TestRetryAfter:
         ("value", "expected"), [("5", 5.0), ("1.5", 1.5), ("0", 0.0), (" 30 ", 30.0)]
     )
     def test_seconds(self, value: str, expected: float) -> None:
-        assert provider.parse_retry_after(value, NOW) == expected
+        assert utils.parse_retry_after(value, NOW) == expected
 
     def test_http_date_in_the_future(self) -> None:
         value = http_date(NOW + dt.timedelta(seconds=120))
-        assert provider.parse_retry_after(value, NOW) == 120.0
+        assert utils.parse_retry_after(value, NOW) == 120.0
 
     def test_http_date_in_the_past_means_now(self) -> None:
         value = http_date(NOW - dt.timedelta(hours=1))
-        assert provider.parse_retry_after(value, NOW) == 0.0
+        assert utils.parse_retry_after(value, NOW) == 0.0
 
     @pytest.mark.parametrize("value", ["soon", "abc def", "Mon, 99 Foo 2026", "nan", "inf", ""])
     def test_garbage_is_none(self, value: str) -> None:
-        assert provider.parse_retry_after(value, NOW) is None
+        assert utils.parse_retry_after(value, NOW) is None
 
     def test_absent_is_none(self) -> None:
-        assert provider.parse_retry_after(None, NOW) is None
+        assert utils.parse_retry_after(None, NOW) is None
 
     def test_huge_seconds_are_capped(self) -> None:
-        got = provider.parse_retry_after("999999999", NOW)
-        assert got == provider.RETRY_AFTER_MAX_SECONDS
+        got = utils.parse_retry_after("999999999", NOW)
+        assert got == utils.RETRY_AFTER_MAX_SECONDS
 
     def test_far_future_date_is_capped(self) -> None:
         value = http_date(NOW + dt.timedelta(days=30))
-        assert provider.parse_retry_after(value, NOW) == provider.RETRY_AFTER_MAX_SECONDS
+        assert utils.parse_retry_after(value, NOW) == utils.RETRY_AFTER_MAX_SECONDS
 
     @given(st.text(max_size=40))
     def test_any_header_is_none_or_in_range(self, value: str) -> None:
-        got = provider.parse_retry_after(value, NOW)
-        assert got is None or 0.0 <= got <= provider.RETRY_AFTER_MAX_SECONDS
+        got = utils.parse_retry_after(value, NOW)
+        assert got is None or 0.0 <= got <= utils.RETRY_AFTER_MAX_SECONDS

@@ -26,8 +26,9 @@ MODULES = {
 # Each I/O library belongs to the one module that is the seam for it (STYLE.md, "Layout").
 OWNERS = {
     # providers/__init__ names httpx's transport type only (from_settings' transport), at type-check
-    # time; wire is the polls' own transport, under provider.
-    "httpx": {"provider", "providers", "wire"},
+    # time; wire is the polls' own transport, under provider; netguard parses a link as httpx will
+    # request it, so the host it checks is the host connected to.
+    "httpx": {"provider", "providers", "wire", "netguard"},
     # The daemon no longer uses it (wire.py is its transport); only the benchmarks compare with it.
     "httpx_aiohttp": set(),
     "boto3": {"archive.s3"},

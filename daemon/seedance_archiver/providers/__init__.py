@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from seedance_archiver import provider
+from seedance_archiver import netguard, provider
 from seedance_archiver.providers import ark, reseller
 
 if TYPE_CHECKING:  # types only: httpx stays provider.py's import
@@ -38,7 +38,7 @@ def from_settings(
         settings.api_base_url,
         api_key,
         timeout_seconds=settings.request_timeout_seconds,
-        url_rules=provider.UrlRules(
+        url_rules=netguard.UrlRules(
             schemes=settings.allowed_video_url_schemes,
             allow_private_hosts=settings.allow_private_video_hosts,
         ),
