@@ -9,8 +9,8 @@ of ``--s3-access-key``/``--s3-secret-key`` or else ``AWS_ACCESS_KEY_ID``/``AWS_S
 name the server. Every measurement of the daemon runs in a fresh child Python process so its peak RSS
 is its own:
 
-- **daemon -> S3**: ``provider.HttpProvider(...).fetch(id)`` for the link, then
-  ``async with http.open_video(url) as video: await s3.S3Archive(bucket, "bench").put(id,
+- **daemon -> S3**: ``http.HttpProvider(...).fetch(id)`` for the link, then
+  ``async with http.open_video(task) as video: await s3.S3Archive(bucket, "bench").put(id,
   video.chunks, video.length)`` (8 MiB multipart parts, ``PARTS_IN_FLIGHT`` of them uploading at once).
 - **warm-up** (not measured): one more daemon upload to S3 before the measured ones of each run:
   moto's first upload after a pause runs ~20% slower than the next, whoever sends it (done on any
@@ -100,8 +100,10 @@ def _vm_rss_kib() -> int:
 
 
 async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
-    from seedance_archiver import archive, netguard, provider
+    from seedance_archiver import archive, models, netguard
     from seedance_archiver.archive import folder, s3
+    from seedance_archiver.providers import http as providers_http
+    from seedance_archiver.providers import reseller
 
     baseline_kib = _vm_rss_kib()
     baseline_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -110,11 +112,12 @@ async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
         store = s3.S3Archive(args.bucket, PREFIX)
     else:
         store = folder.FileArchive(pathlib.Path(args.folder))
-    http = provider.HttpProvider(
+    http = providers_http.HttpProvider(
         args.sim_url,
         common.API_KEY,
         url_rules=netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True),
         max_video_bytes=max(args.size, 2 * 1024**3),
+        dialect=reseller.DIALECT,
     )
     try:
         answer = await http.fetch(args.task_id)
@@ -126,7 +129,9 @@ async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
         if answer.video_url is None:
             raise RuntimeError(f"the simulator gave no video_url: {answer}")
         started = time.perf_counter()
-        async with http.open_video(answer.video_url) as video:
+        async with http.open_video(
+            models.Task(task_id=args.task_id, video_url=answer.video_url)
+        ) as video:
             stored = await store.put(args.task_id, video.chunks, video.length)
         wall = time.perf_counter() - started
     finally:

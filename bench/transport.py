@@ -5,7 +5,7 @@ Each client makes ``--requests`` GETs of ``{simulator}/v1/result/video_{i}`` wit
 process, so only the client's CPU is counted: ``time.process_time()`` of this process over the run.
 Clients: httpx with its default transport, httpx over ``httpx_aiohttp.AiohttpTransport``, httpcore's
 connection pool alone (httpx's default transport without httpx), a bare ``aiohttp.ClientSession`` (the
-floor), and the daemon's own ``provider.HttpProvider.fetch``, on its transport (``wire.ApiTransport``)
+floor), and the daemon's own ``providers.http.HttpProvider.fetch``, on its transport (``wire.ApiTransport``)
 and on httpx-aiohttp's.
 
 Every client gets a connection pool as large as the concurrency (httpx's default keeps only 20 idle
@@ -29,7 +29,8 @@ import aiohttp
 import httpcore
 import httpx
 import httpx_aiohttp
-from seedance_archiver import provider
+from seedance_archiver.providers import http as providers_http
+from seedance_archiver.providers import reseller
 
 from bench import common
 
@@ -106,7 +107,7 @@ async def aiohttp_bare(base: str, concurrency: int) -> AsyncIterator[Fetch]:
 
 @contextlib.asynccontextmanager
 async def daemon_provider(base: str, concurrency: int) -> AsyncIterator[Fetch]:
-    client = provider.HttpProvider(base, common.API_KEY)
+    client = providers_http.HttpProvider(base, common.API_KEY, dialect=reseller.DIALECT)
     try:
 
         async def fetch(i: int) -> None:
@@ -119,7 +120,9 @@ async def daemon_provider(base: str, concurrency: int) -> AsyncIterator[Fetch]:
 
 @contextlib.asynccontextmanager
 async def daemon_provider_aiohttp(base: str, concurrency: int) -> AsyncIterator[Fetch]:
-    client = provider.HttpProvider(base, common.API_KEY, transport=httpx_aiohttp.AiohttpTransport())
+    client = providers_http.HttpProvider(
+        base, common.API_KEY, transport=httpx_aiohttp.AiohttpTransport(), dialect=reseller.DIALECT
+    )
     try:
 
         async def fetch(i: int) -> None:

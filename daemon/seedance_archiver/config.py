@@ -15,23 +15,24 @@ import pathlib
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import pydantic
 import pydantic_settings
 import sqlalchemy.engine
 
-from seedance_archiver import archive, errors, models
+from seedance_archiver import archive, errors, models, providers
 
 ENV_PREFIX = "SEEDANCE_"
-DEFAULT_API_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
-# SEEDANCE_PROVIDER names the API spoken (providers/); each has its own default base URL. Ark's is
-# Volcengine's; BytePlus ModelArk users set https://ark.ap-southeast.bytepluses.com.
-CALLBACK_PROVIDERS = ("ark",)  # those that POST a task's state to us (providers.CALLBACKS)
-DEFAULT_API_BASE_URLS = {
-    "reseller": DEFAULT_API_BASE_URL,
-    "ark": "https://ark.cn-beijing.volces.com",
-}
+# SEEDANCE_PROVIDER names the API spoken, one of the registry's (providers/); each has its own
+# default base URL.
+if TYPE_CHECKING:
+    ProviderName = str
+else:
+    ProviderName = Literal[providers.NAMES]
+DEFAULT_API_BASE_URLS = {spec.name: spec.default_base_url for spec in providers.SPECS}
+DEFAULT_API_BASE_URL = DEFAULT_API_BASE_URLS[providers.DEFAULT]
+CALLBACK_PROVIDERS = tuple(providers.CALLBACKS)  # those that POST a task's state to us
 # Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
 API_KEY_CREDENTIAL = "seedance-api-key"
 # Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
@@ -111,7 +112,7 @@ class Settings(DatabaseSettings):
 
     api_key: pydantic.SecretStr | None = None
     api_key_file: pathlib.Path | None = None
-    provider: Literal["reseller", "ark"] = "reseller"
+    provider: ProviderName = providers.DEFAULT
     # Defaults to the provider's own (DEFAULT_API_BASE_URLS); see _default_base_url.
     api_base_url: str = DEFAULT_API_BASE_URL
     archive_url: str = "file://./archive"
@@ -175,7 +176,7 @@ class Settings(DatabaseSettings):
     def _default_base_url(cls, data: Any) -> Any:
         """An unset (or empty) SEEDANCE_API_BASE_URL is the chosen provider's own."""
         if isinstance(data, dict) and not data.get("api_base_url"):
-            chosen = str(data.get("provider") or "reseller")
+            chosen = str(data.get("provider") or providers.DEFAULT)
             default = DEFAULT_API_BASE_URLS.get(chosen, DEFAULT_API_BASE_URL)
             data = {**data, "api_base_url": default}
         return data
@@ -185,7 +186,7 @@ class Settings(DatabaseSettings):
         if self.callbacks and self.provider not in CALLBACK_PROVIDERS:
             raise ValueError(
                 f"{ENV_PREFIX}CALLBACKS: only {', '.join(CALLBACK_PROVIDERS)} sends callbacks "
-                f"(set {ENV_PREFIX}PROVIDER=ark or {ENV_PREFIX}CALLBACKS=false)"
+                f"(set {ENV_PREFIX}PROVIDER={CALLBACK_PROVIDERS[0]} or {ENV_PREFIX}CALLBACKS=false)"
             )
         if self.callbacks and self.http_port == 0:
             raise ValueError(

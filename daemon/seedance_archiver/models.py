@@ -81,7 +81,7 @@ class Answer:
     # expiry); None leaves it to created + SEEDANCE_RETENTION_SECONDS.
     expires_at: dt.datetime | None = None
     # Side fields that could not be read, as (field, why): counted and logged, never a reason
-    # not to archive (provider.Lenient).
+    # not to archive (providers.fields.Lenient).
     ignored: tuple[tuple[str, str], ...] = ()
 
 

@@ -850,11 +850,10 @@ class Service:
         """Stream the video into the archive, as a whole within MAX_DOWNLOAD_SECONDS: a trickling
         host (or store) cannot hold a download slot for hours. The task's deadline never cuts a
         download: the provider may well serve the video past it."""
-        assert row.video_url is not None
         limit = self.max_download_seconds
         try:
             async with asyncio.timeout(limit):
-                async with self.provider.open_video(row.video_url) as video:
+                async with self.provider.open_video(row) as video:
                     return await self.archive.put(
                         row.task_id, video.chunks, video.length, archive.describe(row)
                     )

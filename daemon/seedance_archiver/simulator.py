@@ -211,9 +211,9 @@ class Simulator:
 
     # --- control (in-process or over /_sim) --------------------------------------------------------
 
-    def add_task(self, task_id: str, **fields: Any) -> SimTask:
-        fields.setdefault("created", time.time())
-        task = SimTask(id=task_id, **fields)
+    def add_task(self, task_id: str, **task_fields: Any) -> SimTask:
+        task_fields.setdefault("created", time.time())
+        task = SimTask(id=task_id, **task_fields)
         with self._lock:
             self.tasks[task_id] = task
         return task

@@ -540,7 +540,8 @@ class FakeProvider:
         return self.key_ok
 
     @contextlib.asynccontextmanager
-    async def open_video(self, url: str) -> AsyncIterator[provider.Video]:
+    async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:
+        url = task.video_url or ""
         self.downloads.append(url)
         body = self.videos.get(url)
         if body is None:

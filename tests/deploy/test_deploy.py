@@ -44,7 +44,6 @@ from seedance_archiver import (
     cli,
     config,
     errors,
-    provider,
     schema,
     service,
     simulator,
@@ -53,6 +52,7 @@ from seedance_archiver import (
     web,
 )
 from seedance_archiver.archive import s3
+from seedance_archiver.providers import http as providers_http
 
 from tests.acceptance import conftest as acceptance
 from tests.conftest import free_port, need_tool, wait_for
@@ -228,7 +228,7 @@ def _descriptors_at_maxima() -> dict[str, int]:
     # A download holds a socket and a file; as many more wait in its queue (download_queue).
     downloads = service.Service.MAX_DOWNLOADS * 2
     return {
-        "provider API connections": provider.HttpProvider.MAX_CONNECTIONS,
+        "provider API connections": providers_http.HttpProvider.MAX_CONNECTIONS,
         "downloads and their queue": downloads * 2,
         "S3 connections": s3.MAX_POOL_CONNECTIONS,
         "webhook deliveries": _maximum("webhook_concurrency"),

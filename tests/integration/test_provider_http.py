@@ -1,4 +1,4 @@
-"""seedance_archiver.provider.HttpProvider against the provider simulator over real HTTP on loopback."""
+"""seedance_archiver.providers_http.HttpProvider against the provider simulator over real HTTP on loopback."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from seedance_archiver import errors, models, netguard, provider, simulator, wire
 from seedance_archiver.providers import ark, reseller
+from seedance_archiver.providers import http as providers_http
 
 from tests.conftest import SIM_KEY, free_port, serving
 
@@ -27,8 +28,8 @@ LOCAL_HTTP = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=
 
 
 @pytest.fixture
-async def client(sim: simulator.SimulatorThread) -> AsyncIterator[provider.HttpProvider]:
-    http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+async def client(sim: simulator.SimulatorThread) -> AsyncIterator[providers_http.HttpProvider]:
+    http = new_client(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
     try:
         yield http
     finally:
@@ -42,15 +43,26 @@ def add_completed(sim: simulator.SimulatorThread, task_id: str, **fields: Any) -
     )
 
 
-async def video_url(http: provider.HttpProvider, task_id: str) -> str:
+async def video_url(http: providers_http.HttpProvider, task_id: str) -> str:
     answer = await http.fetch(task_id)
     assert answer.status is models.Status.COMPLETED
     assert answer.video_url is not None
     return answer.video_url
 
 
-async def download(http: provider.HttpProvider, url: str) -> tuple[int | None, bytes]:
-    async with http.open_video(url) as video:
+def new_client(base_url: str, api_key: str, **options: Any) -> providers_http.HttpProvider:
+    """The client on the reseller's dialect, unless ``dialect=`` names another."""
+    options.setdefault("dialect", reseller.DIALECT)
+    return providers_http.HttpProvider(base_url, api_key, **options)
+
+
+def linked(url: str) -> models.Task:
+    """A task whose answer gave the video link ``url``."""
+    return models.Task(task_id="video_linked", video_url=url)
+
+
+async def download(http: providers_http.HttpProvider, url: str) -> tuple[int | None, bytes]:
+    async with http.open_video(linked(url)) as video:
         data = bytearray()
         async for chunk in video.chunks:
             data += chunk
@@ -96,7 +108,7 @@ class TestFetchStatuses:
     """fetch turns the provider's JSON into a typed Answer at every step of a task's life."""
 
     async def test_queued_then_processing_then_completed(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         created = time.time()
         task = sim.simulator.add_task(
@@ -126,7 +138,7 @@ class TestFetchStatuses:
         assert sim.simulator.stats.polls["video_abc"] == 3
 
     async def test_failed_carries_the_error(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_bad", outcome="failed", error="content policy violation")
         answer = await client.fetch("video_bad")
@@ -135,7 +147,7 @@ class TestFetchStatuses:
         assert answer.video_url is None
 
     async def test_cancelled(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_c", outcome="cancelled")
         answer = await client.fetch("video_c")
@@ -154,7 +166,7 @@ class TestFetchErrors:
             return web.json_response({"id": "video_abc", "status": "queued"})
 
         async with LocalServer({"/api/v1/result/{id}": result}) as base:
-            http = provider.HttpProvider(f"{base}/api/", SIM_KEY, url_rules=LOCAL_HTTP)
+            http = new_client(f"{base}/api/", SIM_KEY, url_rules=LOCAL_HTTP)
             try:
                 answer = await http.fetch("video_abc")
             finally:
@@ -164,7 +176,7 @@ class TestFetchErrors:
 
     async def test_wrong_key_is_auth_rejected(self, sim: simulator.SimulatorThread) -> None:
         add_completed(sim, "video_abc")
-        http = provider.HttpProvider(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
+        http = new_client(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
         try:
             with pytest.raises(errors.AuthRejected):
                 await http.fetch("video_abc")
@@ -173,14 +185,14 @@ class TestFetchErrors:
         assert sim.simulator.stats.unauthorized == 1
 
     async def test_403_is_auth_rejected(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault("video_abc", on="poll", status=403)
         with pytest.raises(errors.AuthRejected, match="403"):
             await client.fetch("video_abc")
 
-    async def test_unknown_id_is_task_not_found(self, client: provider.HttpProvider) -> None:
+    async def test_unknown_id_is_task_not_found(self, client: providers_http.HttpProvider) -> None:
         with pytest.raises(errors.TaskNotFound):
             await client.fetch("video_never_created")
 
@@ -196,7 +208,7 @@ class TestFetchErrors:
     async def test_a_404_that_is_not_the_providers_own_is_an_outage(
         self,
         sim: simulator.SimulatorThread,
-        client: provider.HttpProvider,
+        client: providers_http.HttpProvider,
         body: str,
         content_type: str,
     ) -> None:
@@ -207,13 +219,13 @@ class TestFetchErrors:
         with pytest.raises(errors.ProviderUnavailable) as caught:
             await client.fetch("video_abc")
         assert caught.value.status_code == 404
-        assert str(caught.value).startswith(provider.NOT_OWN_404)
+        assert str(caught.value).startswith(providers_http.NOT_OWN_404)
         assert content_type in str(caught.value) and (
             not body or body[:12] not in str(caught.value)
         )
 
     async def test_server_error_is_provider_unavailable(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault("video_abc", on="poll", status=500)
@@ -223,7 +235,7 @@ class TestFetchErrors:
         assert (await client.fetch("video_abc")).status is models.Status.COMPLETED
 
     async def test_429_with_retry_after_seconds(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault("video_abc", on="poll", status=429, retry_after=7)
@@ -232,7 +244,7 @@ class TestFetchErrors:
         assert caught.value.retry_after == 7.0
 
     async def test_429_with_retry_after_http_date(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         when = email.utils.formatdate(time.time() + 30, usegmt=True)
@@ -244,7 +256,7 @@ class TestFetchErrors:
         assert 25.0 <= caught.value.retry_after <= 31.0
 
     async def test_429_without_retry_after(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault("video_abc", on="poll", status=429)
@@ -253,7 +265,7 @@ class TestFetchErrors:
         assert caught.value.retry_after is None
 
     async def test_body_that_is_not_json_is_malformed(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault("video_abc", on="poll", body="not json")
@@ -261,7 +273,7 @@ class TestFetchErrors:
             await client.fetch("video_abc")
 
     async def test_answer_about_another_task_is_malformed(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault(
@@ -273,7 +285,7 @@ class TestFetchErrors:
     async def test_slow_answer_times_out(self, sim: simulator.SimulatorThread) -> None:
         add_completed(sim, "video_abc")
         sim.simulator.add_fault("video_abc", on="poll", delay=1.5)
-        http = provider.HttpProvider(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
+        http = new_client(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
         try:
             started = time.monotonic()
             with pytest.raises(errors.ProviderUnavailable, match="timed out"):
@@ -283,7 +295,7 @@ class TestFetchErrors:
             await http.aclose()
 
     async def test_connection_refused_is_provider_unavailable(self) -> None:
-        http = provider.HttpProvider(f"http://127.0.0.1:{free_port()}", SIM_KEY)
+        http = new_client(f"http://127.0.0.1:{free_port()}", SIM_KEY)
         try:
             with pytest.raises(errors.ProviderUnavailable, match="cannot reach"):
                 await http.fetch("video_abc")
@@ -291,7 +303,7 @@ class TestFetchErrors:
             await http.aclose()
 
     async def test_task_id_is_percent_encoded_in_the_path(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         # Were the id pasted raw, /v1/result/a/../b?x#y would become /v1/result/b.
         add_completed(sim, "b")
@@ -302,7 +314,7 @@ class TestFetchErrors:
         assert sim.simulator.stats.polls["b"] == 0
 
     async def test_task_id_with_spaces_and_unicode(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         task_id = "样片 1%2F+x"
         add_completed(sim, task_id)
@@ -315,7 +327,7 @@ class TestOpenVideo:
     """open_video streams the whole video, and refuses what it must."""
 
     async def test_streams_the_whole_video(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         size = 3 * 1024 * 1024 + 4321
         add_completed(sim, "video_abc", size=size)
@@ -332,7 +344,7 @@ class TestOpenVideo:
             return web.Response(body=MP4, content_type="video/mp4")
 
         async with LocalServer({"/v.mp4": handler}) as base:
-            http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+            http = new_client(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
             try:
                 assert await download(http, f"{base}/v.mp4") == (len(MP4), MP4)
             finally:
@@ -376,7 +388,7 @@ class TestOpenVideo:
     async def test_a_200_that_is_not_a_video_is_refused(
         self,
         sim: simulator.SimulatorThread,
-        client: provider.HttpProvider,
+        client: providers_http.HttpProvider,
         fault: dict[str, str],
         why: str,
     ) -> None:
@@ -417,7 +429,7 @@ class TestOpenVideo:
             return response
 
         async with LocalServer({"/v": handler}) as base:
-            http = provider.HttpProvider(base, SIM_KEY, url_rules=LOCAL_HTTP)
+            http = new_client(base, SIM_KEY, url_rules=LOCAL_HTTP)
             try:
                 assert await download(http, f"{base}/v") == (len(body), body)
             finally:
@@ -429,7 +441,7 @@ class TestOpenVideo:
             sim_state.add_task(
                 "video_abc", queued_seconds=1, ready_seconds=2, created=time.time() - 60
             )
-            http = provider.HttpProvider(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
+            http = new_client(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
             try:
                 url = await video_url(http, "video_abc")
                 with pytest.raises(errors.LinkExpired):
@@ -439,7 +451,7 @@ class TestOpenVideo:
         assert sim_state.stats.downloads_started["video_abc"] == 0
 
     async def test_tampered_signature_is_link_expired(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         url = await video_url(client, "video_abc")
@@ -453,7 +465,7 @@ class TestOpenVideo:
         assert (await download(client, url))[1] == expected_video("video_abc", 256 * 1024)
 
     async def test_server_error_is_download_error(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         url = await video_url(client, "video_abc")
@@ -463,7 +475,7 @@ class TestOpenVideo:
         assert not isinstance(caught.value, errors.LinkExpired)
 
     async def test_short_body_is_a_download_error(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         size = 1024 * 1024 + 10
         add_completed(sim, "video_abc", size=size)
@@ -471,14 +483,14 @@ class TestOpenVideo:
         sim.simulator.add_fault("video_abc", on="download", claim_length=size + 5000)
         received = 0
         with pytest.raises(errors.DownloadError):
-            async with client.open_video(url) as video:
+            async with client.open_video(linked(url)) as video:
                 assert video.length == size + 5000
                 async for chunk in video.chunks:
                     received += len(chunk)
         assert received <= size
 
     async def test_cut_connection_is_a_download_error(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         size = 2 * 1024 * 1024
         add_completed(sim, "video_abc", size=size)
@@ -491,14 +503,12 @@ class TestOpenVideo:
         self, sim: simulator.SimulatorThread
     ) -> None:
         add_completed(sim, "video_abc", size=256 * 1024)
-        http = provider.HttpProvider(
-            sim.url, SIM_KEY, url_rules=LOCAL_HTTP, max_video_bytes=100 * 1024
-        )
+        http = new_client(sim.url, SIM_KEY, url_rules=LOCAL_HTTP, max_video_bytes=100 * 1024)
         entered = False
         try:
             url = await video_url(http, "video_abc")
             with pytest.raises(errors.VideoTooLarge, match="SEEDANCE_MAX_VIDEO_BYTES"):
-                async with http.open_video(url):
+                async with http.open_video(linked(url)):
                     entered = True
         finally:
             await http.aclose()
@@ -518,9 +528,7 @@ class TestOpenVideo:
             return response
 
         async with LocalServer({"/v.mp4": handler}) as base:
-            http = provider.HttpProvider(
-                sim.url, SIM_KEY, url_rules=LOCAL_HTTP, max_video_bytes=100 * 1024
-            )
+            http = new_client(sim.url, SIM_KEY, url_rules=LOCAL_HTTP, max_video_bytes=100 * 1024)
             try:
                 with pytest.raises(errors.VideoTooLarge):
                     await download(http, f"{base}/v.mp4")
@@ -533,7 +541,7 @@ class TestUrlRules:
 
     async def test_default_rules_refuse_http(self, sim: simulator.SimulatorThread) -> None:
         add_completed(sim, "video_abc")
-        http = provider.HttpProvider(sim.url, SIM_KEY)
+        http = new_client(sim.url, SIM_KEY)
         try:
             url = await video_url(http, "video_abc")
             with pytest.raises(errors.UnsafeVideoUrl, match="SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES"):
@@ -548,7 +556,7 @@ class TestUrlRules:
     ) -> None:
         add_completed(sim, "video_abc")
         rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
-        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules)
+        http = new_client(sim.url, SIM_KEY, url_rules=rules)
         try:
             url = (await video_url(http, "video_abc")).replace("127.0.0.1", host, 1)
             with pytest.raises(errors.UnsafeVideoUrl, match="SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS"):
@@ -562,7 +570,7 @@ class TestRedirects:
     """Redirects are followed only to links that pass the same rules, and only so far."""
 
     async def test_redirect_to_the_video_is_followed(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         add_completed(sim, "video_abc")
         target = await video_url(client, "video_abc")
@@ -576,7 +584,7 @@ class TestRedirects:
         assert data == expected_video("video_abc", 256 * 1024)
 
     async def test_relative_redirect_is_resolved(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         async def hop(request: web.Request) -> web.Response:
             raise web.HTTPFound("/files/v.mp4")
@@ -587,7 +595,7 @@ class TestRedirects:
         async with LocalServer({"/a/hop": hop, "/files/v.mp4": file}) as base:
             assert await download(client, f"{base}/a/hop") == (len(MP4) + 8, MP4 + b"relative")
 
-    async def test_too_many_redirects(self, client: provider.HttpProvider) -> None:
+    async def test_too_many_redirects(self, client: providers_http.HttpProvider) -> None:
         hits: collections.Counter[int] = collections.Counter()
 
         async def loop(request: web.Request) -> web.Response:
@@ -598,14 +606,14 @@ class TestRedirects:
         async with LocalServer({"/loop/{n}": loop}) as base:
             with pytest.raises(errors.DownloadError, match="redirects"):
                 await download(client, f"{base}/loop/0")
-        assert sum(hits.values()) == provider.MAX_REDIRECTS + 1
+        assert sum(hits.values()) == providers_http.MAX_REDIRECTS + 1
 
     async def test_redirects_up_to_the_limit_are_followed(
-        self, client: provider.HttpProvider
+        self, client: providers_http.HttpProvider
     ) -> None:
         async def loop(request: web.Request) -> web.Response:
             n = int(request.match_info["n"])
-            if n == provider.MAX_REDIRECTS:
+            if n == providers_http.MAX_REDIRECTS:
                 return web.Response(body=MP4 + b"arrived", content_type="video/mp4")
             raise web.HTTPFound(f"/loop/{n + 1}")
 
@@ -641,7 +649,7 @@ class TestRedirects:
 
             monkeypatch.setattr(netguard, "check_video_url", check)
             rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
-            http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules)
+            http = new_client(sim.url, SIM_KEY, url_rules=rules)
             try:
                 with pytest.raises(errors.UnsafeVideoUrl, match="loopback"):
                     await download(http, first)
@@ -713,7 +721,7 @@ class TestDnsRebinding:
         monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", public_getaddrinfo)
         dns = ScriptedResolver(["127.0.0.1"])
         server, hits = self._counting_server()
-        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
+        http = new_client(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
         try:
             async with server as base:
                 url = base.replace("127.0.0.1", "rebind.test") + "/x"
@@ -732,7 +740,7 @@ class TestDnsRebinding:
         """The connector would fall back from the public address to the loopback one: no connection."""
         dns = ScriptedResolver(["8.8.8.8", "127.0.0.1"])
         server, hits = self._counting_server()
-        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
+        http = new_client(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
         try:
             async with server as base:
                 url = base.replace("127.0.0.1", "rebind.test") + "/x"
@@ -766,9 +774,7 @@ class TestDnsRebinding:
                     await real_check(url, rules)
 
             monkeypatch.setattr(netguard, "check_video_url", check)
-            http = provider.HttpProvider(
-                sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns
-            )
+            http = new_client(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)
             try:
                 with pytest.raises(errors.UnsafeVideoUrl):
                     await download(http, first)
@@ -784,7 +790,7 @@ class TestDnsRebinding:
         dns = ScriptedResolver(["127.0.0.1"])
         server, hits = self._counting_server()
         rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
-        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=rules, resolver=lambda: dns)
+        http = new_client(sim.url, SIM_KEY, url_rules=rules, resolver=lambda: dns)
         try:
             async with server as base:
                 url = base.replace("127.0.0.1", "rebind.test") + "/x"
@@ -810,7 +816,9 @@ class TestInvalidRedirects:
         ],
         ids=["bad punycode", "unclosed ipv6", "empty label", "space", "long label", "port", "idna"],
     )
-    async def test_invalid_location(self, client: provider.HttpProvider, location: str) -> None:
+    async def test_invalid_location(
+        self, client: providers_http.HttpProvider, location: str
+    ) -> None:
         async def hop(request: web.Request) -> web.Response:
             return web.Response(status=302, headers={"Location": location})
 
@@ -824,14 +832,14 @@ class TestCheckKey:
     """check_key: one free poll of an id that cannot exist; True, False or None, never an error."""
 
     async def test_the_right_key_is_accepted(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         assert await client.check_key() is True
         assert sim.simulator.stats.polls[reseller.KEY_CHECK_TASK_ID] == 1
         assert reseller.KEY_CHECK_TASK_ID not in sim.simulator.tasks
 
     async def test_a_wrong_key_is_rejected(self, sim: simulator.SimulatorThread) -> None:
-        http = provider.HttpProvider(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
+        http = new_client(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
         try:
             assert await http.check_key() is False
         finally:
@@ -839,7 +847,7 @@ class TestCheckKey:
         assert sim.simulator.stats.unauthorized == 1
 
     async def test_403_is_rejected(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=403)
         assert await client.check_key() is False
@@ -852,7 +860,7 @@ class TestCheckKey:
     async def test_a_404_that_is_not_the_providers_own_cannot_tell(
         self,
         sim: simulator.SimulatorThread,
-        client: provider.HttpProvider,
+        client: providers_http.HttpProvider,
         body: str,
         content_type: str,
     ) -> None:
@@ -864,7 +872,7 @@ class TestCheckKey:
 
     @pytest.mark.parametrize("status", [500, 503, 429, 400])
     async def test_other_answers_cannot_tell(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider, status: int
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider, status: int
     ) -> None:
         sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=status)
         assert await client.check_key() is None
@@ -872,14 +880,14 @@ class TestCheckKey:
         assert await client.check_key() is True
 
     async def test_a_provider_that_makes_up_tasks_cannot_tell(
-        self, sim: simulator.SimulatorThread, client: provider.HttpProvider
+        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         sim.simulator.add_task(reseller.KEY_CHECK_TASK_ID)
         assert await client.check_key() is None
 
     async def test_a_stopped_provider_cannot_tell(self) -> None:
         server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY)).start()
-        http = provider.HttpProvider(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
+        http = new_client(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
         try:
             assert await http.check_key() is True
             server.stop()
@@ -889,7 +897,7 @@ class TestCheckKey:
 
     async def test_a_timeout_cannot_tell(self, sim: simulator.SimulatorThread) -> None:
         sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
-        http = provider.HttpProvider(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
+        http = new_client(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
         try:
             assert await http.check_key() is None
         finally:
@@ -905,7 +913,7 @@ class TestCheckKey:
             return web.json_response({"error": "task not found"}, status=404)
 
         async with LocalServer({"/api/v1/result/{id}": result}) as base:
-            http = provider.HttpProvider(f"{base}/api", SIM_KEY, url_rules=LOCAL_HTTP)
+            http = new_client(f"{base}/api", SIM_KEY, url_rules=LOCAL_HTTP)
             try:
                 assert await http.check_key() is True
             finally:
@@ -934,17 +942,15 @@ class TestArkDialect:
     @pytest.fixture
     async def ark_client(
         self, ark_sim: simulator.SimulatorThread
-    ) -> AsyncIterator[provider.HttpProvider]:
-        http = provider.HttpProvider(
-            ark_sim.url, SIM_KEY, url_rules=LOCAL_HTTP, dialect=ark.DIALECT
-        )
+    ) -> AsyncIterator[providers_http.HttpProvider]:
+        http = new_client(ark_sim.url, SIM_KEY, url_rules=LOCAL_HTTP, dialect=ark.DIALECT)
         try:
             yield http
         finally:
             await http.aclose()
 
     async def test_a_succeeded_task_and_its_24_h_link(
-        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+        self, ark_sim: simulator.SimulatorThread, ark_client: providers_http.HttpProvider
     ) -> None:
         add_completed(ark_sim, "cgt-1", size=1000, resolution="1080p")
         answer = await ark_client.fetch("cgt-1")
@@ -975,7 +981,7 @@ class TestArkDialect:
     async def test_every_status(
         self,
         ark_sim: simulator.SimulatorThread,
-        ark_client: provider.HttpProvider,
+        ark_client: providers_http.HttpProvider,
         age: float,
         outcome: str,
         status: models.Status,
@@ -987,12 +993,14 @@ class TestArkDialect:
         answer = await ark_client.fetch("cgt-2")
         assert (answer.status, answer.error) == (status, error)
 
-    async def test_an_unknown_task_is_not_found(self, ark_client: provider.HttpProvider) -> None:
+    async def test_an_unknown_task_is_not_found(
+        self, ark_client: providers_http.HttpProvider
+    ) -> None:
         with pytest.raises(errors.TaskNotFound):
             await ark_client.fetch("cgt-unknown")
 
     async def test_an_html_404_is_an_outage(
-        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+        self, ark_sim: simulator.SimulatorThread, ark_client: providers_http.HttpProvider
     ) -> None:
         ark_sim.simulator.add_fault(
             "*", on="poll", status=404, body="<html>Not Found</html>", content_type="text/html"
@@ -1005,7 +1013,7 @@ class TestArkDialect:
         assert await ark_client.check_key() is None
 
     async def test_drifted_side_fields_still_give_the_link(
-        self, ark_sim: simulator.SimulatorThread, ark_client: provider.HttpProvider
+        self, ark_sim: simulator.SimulatorThread, ark_client: providers_http.HttpProvider
     ) -> None:
         drift = {"updated_at": int(time.time() * 1000), "seed": "42", "duration": "5"}
         add_completed(ark_sim, "cgt-3", size=1000, overrides=drift)
@@ -1019,9 +1027,7 @@ class TestArkDialect:
 
     async def test_the_key_check(self, ark_sim: simulator.SimulatorThread) -> None:
         for key, verdict in ((SIM_KEY, True), ("wrong-key", False)):
-            http = provider.HttpProvider(
-                ark_sim.url, key, url_rules=LOCAL_HTTP, dialect=ark.DIALECT
-            )
+            http = new_client(ark_sim.url, key, url_rules=LOCAL_HTTP, dialect=ark.DIALECT)
             try:
                 assert await http.check_key() is verdict
             finally:
@@ -1128,7 +1134,7 @@ class TestApiTransport:
             return web.Response(body=bomb, headers={"Content-Encoding": "gzip"})
 
         async with LocalServer({"/v1/result/{id}": answer}) as base:
-            http = provider.HttpProvider(base, "k", url_rules=LOCAL_HTTP)
+            http = new_client(base, "k", url_rules=LOCAL_HTTP)
             try:
                 with pytest.raises(errors.ProviderUnavailable, match="once decoded"):
                     await http.fetch("video_bomb")
@@ -1196,7 +1202,7 @@ class TestApiTransport:
     async def test_it_is_the_default_poll_transport(self, sim: simulator.SimulatorThread) -> None:
         # Read off what the daemon sends: no test double in between.
         add_completed(sim, "video_abc")
-        http = provider.HttpProvider(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+        http = new_client(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
         try:
             assert isinstance(http._api, wire.ApiTransport)
             assert (await http.fetch("video_abc")).status is models.Status.COMPLETED

@@ -12,8 +12,9 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import errors, models, netguard, provider, testing, utils
-from seedance_archiver.providers import reseller
+from seedance_archiver import errors, models, netguard, testing, utils
+from seedance_archiver.providers import fields, reseller
+from seedance_archiver.providers import http as providers_http
 
 from tests.unit import jsonfuzz
 
@@ -240,11 +241,11 @@ class TestStorableStrings:
 
     def test_a_200_kb_model_is_capped(self) -> None:
         model = parse(body(model="m" * 200_000)).model
-        assert model == "m" * provider.MODEL_MAX_CHARS + "…[truncated, 200000 chars in all]"
+        assert model == "m" * fields.MODEL_MAX_CHARS + "…[truncated, 200000 chars in all]"
 
     def test_a_200_kb_error_is_capped(self) -> None:
         error = parse(body(status="failed", error="e" * 200_000)).error
-        assert error == "e" * provider.ERROR_MAX_CHARS + "…[truncated, 200000 chars in all]"
+        assert error == "e" * fields.ERROR_MAX_CHARS + "…[truncated, 200000 chars in all]"
 
     def test_emoji_and_cjk_pass_untouched(self) -> None:
         answer = parse(body(model="即梦 1.5 😀", error="内容违规 👩‍👩‍👧"))
@@ -339,10 +340,12 @@ class TestVideoUrl:
     async def test_the_download_refuses_them_too(self, url: str) -> None:
         # Rows stored before these checks: a typed error before any lookup or connection.
         rules = netguard.UrlRules(allow_private_hosts=True)  # no DNS lookup either
-        http = provider.HttpProvider("http://127.0.0.1:9", "key", url_rules=rules)
+        http = providers_http.HttpProvider(
+            "http://127.0.0.1:9", "key", url_rules=rules, dialect=reseller.DIALECT
+        )
         try:
             with pytest.raises(errors.DownloadError, match="not a valid URL"):
-                async with http.open_video(url):
+                async with http.open_video(models.Task(task_id="video_x", video_url=url)):
                     pass
         finally:
             await http.aclose()

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import errors, models, policy, provider
-from seedance_archiver.providers import ark
+from seedance_archiver import errors, models, policy
+from seedance_archiver.providers import ark, fields
 
 from tests.unit import jsonfuzz
 
@@ -150,7 +150,7 @@ class TestParseAnswer:
         answer = parse(body(model="m\ud800", status="failed", error=error))
         assert answer.model == "m\ufffd"
         assert answer.error is not None and "\x00" not in answer.error
-        assert len(answer.error) < provider.ERROR_MAX_CHARS + 100
+        assert len(answer.error) < fields.ERROR_MAX_CHARS + 100
 
 
 MALFORMED: list[tuple[str, bytes, str]] = [

@@ -24,6 +24,7 @@ from seedance_archiver import (
     web,
 )
 from seedance_archiver.models import State
+from seedance_archiver.providers import http as providers_http
 
 EPOCH = testing.EPOCH
 answer = testing.answer
@@ -623,7 +624,7 @@ class TestOutage:
         ids = [f"video_{i}" for i in range(6)]
         for task_id in ids:
             rig.store.rows[task_id] = seen(task_id)
-            rig.provider.script(task_id, errors.ProviderUnavailable(provider.NOT_OWN_404))
+            rig.provider.script(task_id, errors.ProviderUnavailable(providers_http.NOT_OWN_404))
         with structlog.testing.capture_logs() as logs:
             await rig.cycle()
             assert rig.svc.provider_trouble() is not None
@@ -924,7 +925,7 @@ class BlockingProvider(testing.FakeProvider):
         return answer(task_id, "processing")
 
     @contextlib.asynccontextmanager
-    async def open_video(self, url: str) -> AsyncIterator[provider.Video]:
+    async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:
         raise AssertionError("not expected")
         yield  # pragma: no cover
 
@@ -1124,8 +1125,8 @@ class SlowVideoProvider(testing.FakeProvider):
         self.release = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def open_video(self, url: str) -> AsyncIterator[provider.Video]:
-        self.downloads.append(url)
+    async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:
+        self.downloads.append(task.video_url or "")
 
         async def chunks() -> AsyncIterator[bytes]:
             yield VIDEO[:1000]

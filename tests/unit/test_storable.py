@@ -1,4 +1,4 @@
-"""provider.storable: text from the provider made safe for any database before it is stored."""
+"""fields.storable: text from the provider made safe for any database before it is stored."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from seedance_archiver import provider
+from seedance_archiver.providers import fields
 
 BIG = 200_000
 REPLACEMENT = "\ufffd"
@@ -29,14 +29,14 @@ CASES: list[tuple[str, str, int, str]] = [
     ("other controls kept", "tab\there\nnewline\x7f", 100, "tab\there\nnewline\x7f"),
     ("mixed", "模型\x00😀\ud83d", 100, f"模型{REPLACEMENT}😀{REPLACEMENT}"),
     ("exactly the limit", "abcde", 5, "abcde"),
-    ("one over the limit", "abcdef", 5, "abcde" + provider.truncation_marker(6)),
+    ("one over the limit", "abcdef", 5, "abcde" + fields.truncation_marker(6)),
     (
         "cut then cleaned",
         "ab\x00" + "x" * 10,
         3,
-        f"ab{REPLACEMENT}" + provider.truncation_marker(13),
+        f"ab{REPLACEMENT}" + fields.truncation_marker(13),
     ),
-    ("zero limit", "abc", 0, provider.truncation_marker(3)),
+    ("zero limit", "abc", 0, fields.truncation_marker(3)),
 ]
 
 
@@ -49,29 +49,29 @@ class TestStorable:
         ids=[case[0] for case in CASES],
     )
     def test_table(self, text: str, limit: int, expected: str) -> None:
-        got = provider.storable(text, limit)
+        got = fields.storable(text, limit)
         assert got == expected
         got.encode("utf-8")
 
     def test_a_200_kb_model_name_is_cut_to_the_model_cap(self) -> None:
-        got = provider.storable("m" * BIG, provider.MODEL_MAX_CHARS)
-        assert got == "m" * provider.MODEL_MAX_CHARS + f"…[truncated, {BIG} chars in all]"
+        got = fields.storable("m" * BIG, fields.MODEL_MAX_CHARS)
+        assert got == "m" * fields.MODEL_MAX_CHARS + f"…[truncated, {BIG} chars in all]"
 
     def test_a_200_kb_error_is_cut_to_the_error_cap(self) -> None:
         text = "模型\x00" * (BIG // 3)
-        got = provider.storable(text, provider.ERROR_MAX_CHARS)
+        got = fields.storable(text, fields.ERROR_MAX_CHARS)
         assert got.startswith(f"模型{REPLACEMENT}")
         assert got.endswith(f"…[truncated, {len(text)} chars in all]")
-        assert len(got) == provider.ERROR_MAX_CHARS + len(provider.truncation_marker(len(text)))
+        assert len(got) == fields.ERROR_MAX_CHARS + len(fields.truncation_marker(len(text)))
         assert "\x00" not in got
 
     def test_text_from_json_escapes(self) -> None:
         text = json.loads(b'"a\\u0000b\\ud800c\\udfffd\\ud83d\\ude00"')
-        assert provider.storable(text, 100) == f"a{REPLACEMENT}b{REPLACEMENT}c{REPLACEMENT}d😀"
+        assert fields.storable(text, 100) == f"a{REPLACEMENT}b{REPLACEMENT}c{REPLACEMENT}d😀"
 
     def test_negative_limit_is_refused(self) -> None:
         with pytest.raises(ValueError, match="negative"):
-            provider.storable("abc", -1)
+            fields.storable("abc", -1)
 
     @given(
         st.text(alphabet=ANY_CHARACTER),
@@ -80,14 +80,14 @@ class TestStorable:
     def test_any_json_string_is_storable(self, text: str, limit: int) -> None:
         # Any Python string survives a JSON round trip (lone surrogates as \\udXXX escapes).
         text = json.loads(json.dumps(text))
-        got = provider.storable(text, limit)
+        got = fields.storable(text, limit)
         got.encode("utf-8")
         assert "\x00" not in got
-        assert len(got) <= limit + len(provider.truncation_marker(len(text)))
+        assert len(got) <= limit + len(fields.truncation_marker(len(text)))
         if len(text) <= limit:
             assert len(got) == len(text)
 
     @given(st.text())
     def test_storable_text_passes_untouched(self, text: str) -> None:
         text = text.replace("\x00", "")
-        assert provider.storable(text, len(text)) == text
+        assert fields.storable(text, len(text)) == text

@@ -14,6 +14,7 @@ import pytest
 from seedance_archiver import archive, provider, store, testing
 from seedance_archiver.archive import folder, s3
 from seedance_archiver.providers import ark, reseller
+from seedance_archiver.providers import http as providers_http
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "daemon" / "seedance_archiver"
 # Top-level modules by name, a subpackage's as ``providers.ark`` (its __init__ as ``providers``):
@@ -25,10 +26,11 @@ MODULES = {
 
 # Each I/O library belongs to the one module that is the seam for it (STYLE.md, "Layout").
 OWNERS = {
-    # providers/__init__ names httpx's transport type only (from_settings' transport), at type-check
-    # time; wire is the polls' own transport, under provider; netguard parses a link as httpx will
-    # request it, so the host it checks is the host connected to.
-    "httpx": {"provider", "providers", "wire", "netguard"},
+    # providers/http is the client; providers/__init__ names httpx's transport type only
+    # (from_settings' transport), at type-check time; wire is the polls' own transport, under it;
+    # netguard parses a link as httpx will request it, so the host it checks is the host connected
+    # to. provider.py, the seam, has none: the service sees no HTTP library.
+    "httpx": {"providers", "providers.http", "wire", "netguard"},
     # The daemon no longer uses it (wire.py is its transport); only the benchmarks compare with it.
     "httpx_aiohttp": set(),
     "boto3": {"archive.s3"},
@@ -116,8 +118,8 @@ def _members(protocol: type) -> set[str]:
     ("protocol", "real", "fake"),
     [
         (store.Store, store.SqlStore, testing.FakeStore),
-        (provider.Provider, provider.HttpProvider, testing.FakeProvider),
-        (provider.Dialect, reseller.Reseller, ark.Ark),
+        (provider.Provider, providers_http.HttpProvider, testing.FakeProvider),
+        (providers_http.Dialect, reseller.Reseller, ark.Ark),
         (archive.Archive, s3.S3Archive, testing.FakeArchive),
         (archive.Archive, folder.FileArchive, testing.FakeArchive),
     ],

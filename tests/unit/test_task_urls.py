@@ -1,4 +1,4 @@
-"""provider.TaskUrls: each task's poll URL copied from the parsed base must be the URL httpx parses."""
+"""http.TaskUrls: each task's poll URL copied from the parsed base must be the URL httpx parses."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import urllib.parse
 
 import httpx
 import pytest
-from seedance_archiver import provider
 from seedance_archiver.providers import ark, reseller
+from seedance_archiver.providers import http as providers_http
 
 ALPHABET = "abcXYZ019-_.~/?#%+ &=:@!$'()*,;[]\\\"<>^`{|}\t\n\x00é样🎬"
 
 
-def parsed(base: str, dialect: provider.Dialect, task_id: str) -> httpx.URL:
+def parsed(base: str, dialect: providers_http.Dialect, task_id: str) -> httpx.URL:
     return httpx.URL(base + dialect.task_path(urllib.parse.quote(task_id, safe="")))
 
 
@@ -27,8 +27,8 @@ def parsed(base: str, dialect: provider.Dialect, task_id: str) -> httpx.URL:
         "HTTP://Ex.test",
     ],
 )
-def test_every_url_is_the_one_httpx_parses(base: str, dialect: provider.Dialect) -> None:
-    urls = provider.TaskUrls(base, dialect)
+def test_every_url_is_the_one_httpx_parses(base: str, dialect: providers_http.Dialect) -> None:
+    urls = providers_http.TaskUrls(base, dialect)
     assert urls.shortcut
     draw = random.Random(14)
     ids = ["video_0123abc", "", "%", "%2F", ".", "..", "a/../b", *dialect.key_check_task_id.split()]
@@ -42,7 +42,7 @@ def test_every_url_is_the_one_httpx_parses(base: str, dialect: provider.Dialect)
 
 @pytest.mark.parametrize("base", ["http://127.0.0.1:8000/?q=1", "http://127.0.0.1:8000/#f"])
 def test_a_base_with_a_query_or_fragment_is_parsed_whole_each_time(base: str) -> None:
-    urls = provider.TaskUrls(base, reseller.DIALECT)
+    urls = providers_http.TaskUrls(base, reseller.DIALECT)
     assert not urls.shortcut
     assert str(urls.of("video_1")) == str(parsed(base, reseller.DIALECT, "video_1"))
 
@@ -55,7 +55,7 @@ class QueryDialect(reseller.Reseller):
 
 
 def test_where_the_copy_and_the_parse_differ_every_url_is_parsed() -> None:
-    urls = provider.TaskUrls("http://127.0.0.1:8000", QueryDialect())
+    urls = providers_http.TaskUrls("http://127.0.0.1:8000", QueryDialect())
     assert not urls.shortcut
     made = urls.of("video_1")
     assert (made.path, made.query) == ("/v1/result", b"id=video_1")

@@ -3,9 +3,11 @@
 - ``reseller`` (the default): the reseller of the seed page, ``GET {base}/v1/result/{id}``.
 - ``ark``: ByteDance's own API, BytePlus ModelArk and Volcengine Ark.
 
-Each is a pure dialect (URL and parser) for the shared HTTP client in ``provider.py``;
-:func:`from_settings` picks one. Nothing above this package learns which one it talks to, beyond the
-name that rows are stamped with.
+Each module exports a :class:`provider.Spec` as ``PROVIDER``, built on the shared parts here
+(``http.py``: the client; ``fields.py``: the answer's readers). This registry is what config, the
+command line and :func:`from_settings` read: adding a provider is its module and one line in
+:data:`SPECS`. Nothing above this package learns which one it talks to, beyond the name that rows
+are stamped with.
 """
 
 from __future__ import annotations
@@ -16,27 +18,36 @@ from typing import TYPE_CHECKING
 from seedance_archiver import netguard, provider
 from seedance_archiver.providers import ark, reseller
 
-if TYPE_CHECKING:  # types only: httpx stays provider.py's import
+if TYPE_CHECKING:  # types only: httpx stays this package's import
     import httpx
 
     from seedance_archiver import config
 
-Provider = provider.Provider
-
-DIALECTS: dict[str, provider.Dialect] = {reseller.NAME: reseller.DIALECT, ark.NAME: ark.DIALECT}
+# The first is the default (SEEDANCE_PROVIDER unset).
+SPECS: tuple[provider.Spec, ...] = (reseller.PROVIDER, ark.PROVIDER)
+NAMES: tuple[str, ...] = tuple(spec.name for spec in SPECS)
+DEFAULT = NAMES[0]
 # Providers that can POST a task's state to us (SEEDANCE_CALLBACKS): the task id a body is about.
-CALLBACKS: dict[str, Callable[[bytes], str | None]] = {ark.NAME: ark.callback_task_id}
+CALLBACKS: dict[str, Callable[[bytes], str | None]] = {
+    spec.name: spec.callback_task_id for spec in SPECS if spec.callback_task_id is not None
+}
+
+
+def get(name: str) -> provider.Spec:
+    """The provider called ``name``; KeyError, naming the known ones, for any other."""
+    for spec in SPECS:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"unknown provider {name!r}; expected one of {', '.join(NAMES)}")
 
 
 def from_settings(
     settings: config.Settings, api_key: str, transport: httpx.AsyncBaseTransport | None = None
-) -> provider.HttpProvider:
+) -> provider.Provider:
     """The client for the provider SEEDANCE_PROVIDER names, as the settings describe it.
 
     ``transport`` replaces the API's (benchmarks compare transports)."""
-    return provider.HttpProvider(
-        settings.api_base_url,
-        api_key,
+    options = provider.Options(
         timeout_seconds=settings.request_timeout_seconds,
         url_rules=netguard.UrlRules(
             schemes=settings.allowed_video_url_schemes,
@@ -44,5 +55,5 @@ def from_settings(
         ),
         max_video_bytes=settings.max_video_bytes,
         transport=transport,
-        dialect=DIALECTS[settings.provider],
     )
+    return get(settings.provider).build(settings.api_base_url, api_key, options)

@@ -26,7 +26,7 @@ its signed link, whose query gives its start and lifetime (``X-Tos-Date`` + ``X-
 video lives 24 h. Ark keeps every task 7 days.
 
 Only ``id``, ``status`` and a finished task's ``content.video_url`` must follow the contract; the
-other fields are read where they make sense and otherwise ignored (:class:`provider.Lenient`). The
+other fields are read where they make sense and otherwise ignored (:class:`fields.Lenient`). The
 documented fields nothing here needs (``seed``, ``ratio``, ``usage``, ...) are not read at all.
 """
 
@@ -37,8 +37,11 @@ import json
 import urllib.parse
 
 from seedance_archiver import models, provider
+from seedance_archiver.providers import fields, http
 
 NAME = "ark"
+# Volcengine's; BytePlus ModelArk users set https://ark.ap-southeast.bytepluses.com.
+DEFAULT_BASE_URL = "https://ark.cn-beijing.volces.com"
 TASKS_PATH = "/api/v3/contents/generations/tasks/"
 # Ark issues ids like ``cgt-20250101…``; this one has no such prefix, so it can never be issued.
 KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
@@ -63,16 +66,16 @@ STATUSES = {
 def parse_answer(task_id: str, body: bytes) -> models.Answer:
     """Parse Ark's JSON for ``task_id``: strict where a video depends on it, lenient elsewhere,
     as the reseller's parser is."""
-    payload = provider.json_object(body)
-    answer_id = provider.answer_id(payload, task_id)
-    raw_status = provider.status_text(payload)
+    payload = fields.json_object(body)
+    answer_id = fields.answer_id(payload, task_id)
+    raw_status = fields.status_text(payload)
     status = STATUSES.get(raw_status)
     if status is None:
-        raise provider.unknown_status(raw_status)
-    read = provider.Lenient()
+        raise fields.unknown_status(raw_status)
+    read = fields.Lenient()
     video_url = None
     if status is models.Status.COMPLETED:
-        video_url = provider.link(read.object(payload, "content"), "video_url")
+        video_url = fields.link(read.object(payload, "content"), "video_url")
     created = read.time(payload, "created_at")
     error = read.reason(payload, "error")
     if raw_status == "expired":
@@ -93,7 +96,7 @@ def parse_answer(task_id: str, body: bytes) -> models.Answer:
         id=answer_id,
         status=status,
         created=created,
-        model=read.text(payload, "model", provider.MODEL_MAX_CHARS),
+        model=read.text(payload, "model", fields.MODEL_MAX_CHARS),
         video_url=video_url,
         actual_duration=read.number(payload, "duration"),
         error=error,
@@ -133,8 +136,8 @@ def callback_task_id(body: bytes) -> str | None:
     return task_id if isinstance(task_id, str) and task_id else None
 
 
-class Ark:
-    """Ark's dialect for :class:`provider.HttpProvider`."""
+class Ark(http.Dialect):
+    """Ark's dialect for :class:`http.HttpProvider`: its own path, the common contract otherwise."""
 
     name = NAME
     key_check_task_id = KEY_CHECK_TASK_ID
@@ -145,8 +148,11 @@ class Ark:
     def parse(self, task_id: str, body: bytes) -> models.Answer:
         return parse_answer(task_id, body)
 
-    def is_own_not_found(self, body: bytes) -> bool:
-        return provider.json_error(body)
-
 
 DIALECT = Ark()
+PROVIDER = provider.Spec(
+    name=NAME,
+    default_base_url=DEFAULT_BASE_URL,
+    build=http.factory(DIALECT),
+    callback_task_id=callback_task_id,
+)

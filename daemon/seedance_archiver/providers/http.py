@@ -1,0 +1,453 @@
+"""The HTTP client every provider API shares: one request in, one typed result or one typed error out.
+
+``fetch`` polls a task at the URL its :class:`Dialect` names and has the dialect read the answer;
+``open_video`` streams a finished video from its link; ``check_key`` asks, for free, whether the API
+key is accepted. What differs between the APIs is the dialect's (``providers/<name>.py``): the path
+and key of a poll, its answer, its 404, whether a download carries the key and which refusals of a
+link mean "poll again". Only ``providers/`` imports httpx, and its exceptions become ``errors.*``
+here; the network rules are :mod:`netguard`'s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+import aiohttp
+import aiohttp.abc
+import httpx
+
+from seedance_archiver import errors, models, netguard, provider, utils, wire
+from seedance_archiver.providers import fields
+
+CHUNK_BYTES = 1024 * 1024
+MAX_REDIRECTS = 5
+
+
+def _body_kind(response: httpx.Response, body: bytes) -> str:
+    """What a body was, for a log line: its type and size, never its text."""
+    media = response.headers.get("Content-Type") or "no Content-Type"
+    return (
+        f"{netguard.printable(media, 60)}, {len(body)} bytes"
+        if body
+        else f"{netguard.printable(media, 60)}, empty"
+    )
+
+
+NOT_OWN_404 = "the provider answered 404 without its own JSON error (an outage, not a verdict)"
+# What a video host's refusal of a signed link means by default: it ran out, poll for a fresh one.
+REFUSED_LINK_STATUSES = frozenset({403, 404, 410})
+
+
+class Dialect(Protocol):
+    """One provider's API as :class:`HttpProvider` speaks it: how a task is asked about, what its
+    answers and its 404 mean, how a video is fetched and what a refused link means.
+
+    Implementations are pure (``providers/reseller.py``, ``providers/ark.py``) and subclass this:
+    what they leave alone is the common contract (a GET with a Bearer key; a 404 with the
+    provider's JSON error is its word, so the key passed; an open signed link, refused with 403,
+    404 or 410 once it ran out).
+    """
+
+    name: str
+    # An id the provider can never issue: asked about by ``check_key``, a 404 means the key passed.
+    key_check_task_id: str
+    # The video host's statuses that mean the link was refused: LinkExpired, poll again for a fresh one.
+    refused_link_statuses: frozenset[int] = REFUSED_LINK_STATUSES
+    # Whether a download carries the API key (a link behind the provider's own authorisation) or
+    # not (a signed link carries its own). The key only ever goes to the API's own host.
+    video_needs_key: bool = False
+
+    def task_path(self, task_id: str) -> str:
+        """The task's path under the base URL, ``task_id`` already URL-quoted."""
+        ...
+
+    def authorization(self, api_key: str) -> str:
+        """The ``Authorization`` header of a poll."""
+        return f"Bearer {api_key}"
+
+    def parse(self, task_id: str, body: bytes) -> models.Answer:
+        """The 200 answer about ``task_id`` as our typed result, with the deadline its facts give
+        (``expires_at``); MalformedAnswer off the contract."""
+        ...
+
+    def is_own_not_found(self, body: bytes) -> bool:
+        """Whether a 404's body is the provider's own error (so evidence about the task, and a sign
+        that the key passed), not a gateway's page."""
+        return fields.json_error(body)
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why a poll got no answer.
+
+    httpx-aiohttp maps every aiohttp connection error, refused or dropped, to ConnectTimeout, so the
+    aiohttp error it wraps decides, and only a real timeout is called one.
+    """
+    if isinstance(exc, wire.AnswerTooLarge | httpx.DecodingError):
+        return f"answer refused: {exc}"
+    cause = exc.__cause__
+    if isinstance(cause, TimeoutError) or (
+        cause is None and isinstance(exc, (TimeoutError, httpx.TimeoutException))
+    ):
+        return "the provider timed out"
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        return f"cannot reach the provider: {cause.strerror or 'connection failed'}"
+    if isinstance(cause, aiohttp.ClientError):
+        return f"cannot reach the provider: connection lost ({type(cause).__name__})"
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return "the provider timed out"
+    return f"cannot reach the provider: {type(exc).__name__}"
+
+
+_NO_BODY = httpx.ByteStream(b"")  # a poll's: immutable, so one serves every request
+
+
+class TaskUrls:
+    """The URL each task is polled at: the base URL, the dialect's path, the id percent-encoded.
+
+    httpx parses and checks every URL it is handed, character by character: in the scale run that
+    was 35 us of CPU per poll, more than anything else of ours (bench/README.md, issue 14). A task's
+    URL differs from every other only in its path, and that path is already percent-encoded, so
+    :meth:`of` copies the base URL's parsed form (httpx's ``URL._uri_reference``) with the task's
+    path instead of parsing the whole again. That form is httpx's own, not its API: at start the
+    shortcut is checked against httpx's parse for a few awkward ids, and where any differs (another
+    httpx, a base URL with a query) every URL is parsed, as before.
+    """
+
+    PROBES = ("video_0123abc", "a/../b?x#y", "样片 1%2F+x", "seedance-archiver-key-check-0")
+
+    def __init__(self, base: str, dialect: Dialect) -> None:
+        self._base = base
+        self._dialect = dialect
+        self._parsed: Any = None  # the base URL as httpx parsed it, while the shortcut holds
+        self._prefix = ""
+        try:
+            parsed = httpx.URL(base)._uri_reference
+        except (AttributeError, httpx.InvalidURL):
+            return  # every URL parsed (an invalid base fails at the first poll, as before)
+        if parsed.query is None and parsed.fragment is None:
+            self._parsed, self._prefix = parsed, parsed.path
+            if not all(self._agrees(task_id) for task_id in self.PROBES):
+                self._parsed = None
+
+    @property
+    def shortcut(self) -> bool:
+        """Whether URLs are copied from the parsed base (else httpx parses each)."""
+        return self._parsed is not None
+
+    def of(self, task_id: str) -> httpx.URL:
+        path = self._path(task_id)
+        if self._parsed is None or task_id in (".", ".."):
+            # httpx resolves a "." or ".." segment away (no valid id is one: policy.task_id_problem)
+            return httpx.URL(self._base + path)
+        url = httpx.URL.__new__(httpx.URL)
+        url._uri_reference = self._parsed._replace(path=self._prefix + path)
+        return url
+
+    def _path(self, task_id: str) -> str:
+        return self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
+
+    def _agrees(self, task_id: str) -> bool:
+        try:
+            made = self.of(task_id)
+        except (TypeError, ValueError):  # another httpx's parse result has other fields
+            return False
+        return bool(
+            made._uri_reference == httpx.URL(self._base + self._path(task_id))._uri_reference
+        )
+
+
+class HttpProvider:
+    """The real provider client over httpx's API.
+
+    Polls are ``httpx.Request`` objects handed straight to our own aiohttp-backed transport
+    (:class:`wire.ApiTransport`), chosen by measurement (bench/README.md): httpx's default transport
+    costs 20x the CPU of a bare aiohttp client per poll, httpx's Client 1.2x more on top of any
+    transport (its cookie jar and URL merging run on every request; we need neither), and
+    httpx-aiohttp's transport, which streams every body, about 2x ours. Video downloads are few and
+    long, so they keep httpx's plain Client, on :class:`wire.StreamTransport`.
+    """
+
+    MAX_CONNECTIONS = 200
+    MAX_ANSWER_BYTES = 1024 * 1024  # a poll's answer is about 1 KB; a longer one is not an answer
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout_seconds: float = 30.0,
+        url_rules: netguard.UrlRules | None = None,
+        max_video_bytes: int = 2 * 1024**3,
+        transport: httpx.AsyncBaseTransport | None = None,
+        resolver: Callable[[], aiohttp.abc.AbstractResolver] | None = None,
+        dialect: Dialect,
+    ) -> None:
+        self._dialect = dialect
+        self.name = dialect.name
+        self._base = base_url.rstrip("/")
+        self._url_rules = url_rules or netguard.UrlRules()
+        self._max_video_bytes = max_video_bytes
+        limits = httpx.Limits(
+            max_connections=self.MAX_CONNECTIONS, max_keepalive_connections=self.MAX_CONNECTIONS
+        )
+        timeout = httpx.Timeout(timeout_seconds)
+        ssl_context = httpx.create_ssl_context()
+        # A transport given here bounds each exchange as a whole itself (ours: total_seconds).
+        self._api: httpx.AsyncBaseTransport = transport or wire.ApiTransport(
+            max_connections=self.MAX_CONNECTIONS,
+            max_body_bytes=self.MAX_ANSWER_BYTES,
+            total_seconds=timeout_seconds,
+            ssl_context=ssl_context,
+        )
+        self._task_urls = TaskUrls(self._base, dialect)
+        self._api_headers = httpx.Headers(
+            {
+                # What httpx would add to each request (its Headers rebuilt each time): set once.
+                "Host": httpx.URL(self._base).netloc.decode("ascii"),
+                "Authorization": dialect.authorization(api_key),
+                "Accept": "application/json",
+                # An answer is a few hundred bytes: nothing to gain from compression, and a
+                # compressed one could inflate far past MAX_ANSWER_BYTES (wire.decode_bounded).
+                "Accept-Encoding": "identity",
+            }
+        )
+        self._api_extensions = {"timeout": timeout.as_dict()}
+        # Where a download carries the key: the API's own host only, never a redirect elsewhere.
+        self._api_host = httpx.URL(self._base).host
+        self._video_auth = (
+            {"Authorization": dialect.authorization(api_key)} if dialect.video_needs_key else {}
+        )
+        make_resolver = resolver or aiohttp.ThreadedResolver
+        allow_private = self._url_rules.allow_private_hosts
+
+        def files_session() -> aiohttp.ClientSession:
+            # Called on first use, inside the running loop (aiohttp's resolvers need one).
+            inner = make_resolver()
+            connector = aiohttp.TCPConnector(
+                resolver=inner if allow_private else netguard.PublicResolver(inner),
+                limit=self.MAX_CONNECTIONS,
+                ssl=ssl_context,
+            )
+            # httpx reads the body as sent (aiter_raw), as httpx-aiohttp's transport did.
+            return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+        # Video hosts get no API key unless the dialect says a link needs it (see _send). The
+        # connector's resolver checks every address a download connects to (see PublicResolver).
+        self._files = httpx.AsyncClient(
+            transport=wire.StreamTransport(files_session, chunk_bytes=CHUNK_BYTES),
+            headers={"Accept-Encoding": "identity"},
+            timeout=timeout,
+            limits=limits,
+            follow_redirects=False,
+            event_hooks={"response": [netguard.check_redirect]},
+        )
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
+        await self._files.aclose()
+
+    async def _get_result(self, task_id: str) -> tuple[httpx.Response, bytes]:
+        """One GET of the task with our key: the response and its body, or ProviderUnavailable."""
+        # Given a stream, httpx takes the request as it stands: no body to encode and read, no
+        # headers to add and the whole set rebuilt (5 us per poll; ours are set once, Host too).
+        request = httpx.Request(
+            "GET",
+            self._task_urls.of(task_id),
+            headers=self._api_headers,
+            extensions=self._api_extensions,
+            stream=_NO_BODY,
+        )
+        try:
+            response = await self._api.handle_async_request(request)
+            try:
+                body = await response.aread()
+            finally:
+                await response.aclose()
+        except (TimeoutError, httpx.HTTPError) as exc:
+            raise errors.ProviderUnavailable(_unreachable(exc)) from exc
+        return response, body
+
+    async def fetch(self, task_id: str) -> models.Answer:
+        response, body = await self._get_result(task_id)
+        code = response.status_code
+        if code == 200:
+            try:
+                return self._dialect.parse(task_id, body)
+            except errors.MalformedAnswer as exc:
+                exc.status_code = code
+                raise
+        if code in (401, 403):
+            raise errors.AuthRejected(
+                f"the provider rejected the API key (HTTP {code})", status_code=code
+            )
+        if code == 404:
+            if self._dialect.is_own_not_found(body):
+                raise errors.TaskNotFound(
+                    "the provider does not know this task (HTTP 404)", status_code=code
+                )
+            # An HTML page or an empty body: a gateway, a misrouted deploy or a wrong base path
+            # answers so for every path. That is an outage, not the provider's word on a task.
+            raise errors.ProviderUnavailable(
+                f"{NOT_OWN_404}: {_body_kind(response, body)}", status_code=code
+            )
+        if code == 429:
+            retry_after = utils.parse_retry_after(
+                response.headers.get("Retry-After"), utils.utcnow()
+            )
+            raise errors.RateLimited("the provider rate-limited us (HTTP 429)", retry_after)
+        raise errors.ProviderUnavailable(f"the provider answered HTTP {code}", status_code=code)
+
+    async def check_key(self) -> bool | None:
+        """Whether the provider accepts our API key: True, False, or None when its answer cannot tell.
+
+        One poll of the dialect's ``key_check_task_id``, a task that cannot exist, so it costs
+        nothing; it goes with the same key, headers and timeout as :meth:`fetch` (the caller paces
+        it like a poll).
+        The provider's own 404 (its JSON error) means the key passed (the provider checks it
+        before looking the task up) and 401/403 that it was refused; anything else (5xx, 429, a
+        404 that is not the provider's, a timeout, no connection, a 200 from a provider that makes
+        up tasks) is None. It never raises ProviderError.
+        """
+        try:
+            response, body = await self._get_result(self._dialect.key_check_task_id)
+        except errors.ProviderUnavailable:
+            return None
+        code = response.status_code
+        if code == 404:
+            return True if self._dialect.is_own_not_found(body) else None
+        if code in (401, 403):
+            return False
+        return None
+
+    @contextlib.asynccontextmanager
+    async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:
+        """Stream the video at ``task.video_url``, following redirects only to links that pass the
+        same rules.
+
+        The whole download's deadline is the caller's (``service.Service._copy``), since it bounds
+        the upload to storage as well.
+        """
+        if task.video_url is None:
+            raise errors.DownloadError("the task has no video_url")
+        url = task.video_url
+        for hop in range(MAX_REDIRECTS + 1):
+            which = "the video_url" if hop == 0 else "the video host's redirect"
+            if hop > 0:
+                netguard.check_scheme(
+                    url, self._url_rules
+                )  # a redirect to file:// is unsafe, not malformed
+            try:
+                netguard.parse_url(url)
+            except ValueError as exc:
+                raise errors.DownloadError(f"{which} is not a valid URL ({exc})") from None
+            await netguard.check_video_url(url, self._url_rules)
+            response = await self._send(url)
+            try:
+                if response.has_redirect_location:
+                    url = netguard.redirect_target(url, response.headers["location"])
+                    continue
+                yield await self._video(response)
+                return
+            finally:
+                await response.aclose()
+        raise errors.DownloadError(f"more than {MAX_REDIRECTS} redirects from the video host")
+
+    async def _send(self, url: str) -> httpx.Response:
+        """GET ``url`` as a stream; DownloadError for anything httpx raises, a bad URL included."""
+        try:
+            request = self._files.build_request("GET", url)
+            if self._video_auth and request.url.host == self._api_host:
+                request.headers.update(self._video_auth)
+            return await self._files.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            if netguard.private_answer(exc):
+                raise errors.UnsafeVideoUrl(netguard.PRIVATE_HOST_MESSAGE) from exc
+            raise errors.DownloadError(
+                f"cannot reach the video host: {type(exc).__name__}"
+            ) from exc
+        except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (IDNA) is a ValueError
+            raise errors.DownloadError(
+                f"cannot request the video link ({netguard.printable(str(exc))})"
+            ) from exc
+
+    async def _video(self, response: httpx.Response) -> provider.Video:
+        """The answer as a Video, once its status, size and first bytes say it is one."""
+        code = response.status_code
+        if code in self._dialect.refused_link_statuses:
+            raise errors.LinkExpired(f"the video link was refused (HTTP {code})")
+        if code != 200:
+            raise errors.DownloadError(f"the video host answered HTTP {code}")
+        length: int | None = None
+        raw_length = response.headers.get("Content-Length")
+        if raw_length is not None:
+            try:
+                length = int(raw_length)
+            except ValueError:
+                raise errors.DownloadError(
+                    "the video host sent an invalid Content-Length"
+                ) from None
+            if length > self._max_video_bytes:
+                raise errors.VideoTooLarge(
+                    f"video is {length} bytes, more than SEEDANCE_MAX_VIDEO_BYTES "
+                    f"({self._max_video_bytes})",
+                    length=length,
+                )
+        pieces = response.aiter_raw()
+        head = b""
+        try:
+            # Pieces of up to CHUNK_BYTES as the transport reads them, not copied into equal ones.
+            async for piece in pieces:
+                head += piece
+                if len(head) >= provider.VIDEO_HEAD_BYTES:
+                    break
+        except httpx.HTTPError as exc:
+            raise _broke_off(len(head), exc) from exc
+        provider.check_video(response.headers.get("Content-Type"), head)
+        return provider.Video(length=length, chunks=self._chunks(head, pieces))
+
+    async def _chunks(self, head: bytes, pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The head already read, then the rest as it comes, within SEEDANCE_MAX_VIDEO_BYTES."""
+        received = 0
+        try:
+            if head:
+                received = len(head)
+                self._within_limit(received)
+                yield head
+            async for piece in pieces:
+                received += len(piece)
+                self._within_limit(received)
+                yield piece
+        except httpx.HTTPError as exc:
+            raise _broke_off(received, exc) from exc
+
+    def _within_limit(self, received: int) -> None:
+        if received > self._max_video_bytes:
+            raise errors.VideoTooLarge(
+                f"video is larger than SEEDANCE_MAX_VIDEO_BYTES ({self._max_video_bytes})"
+            )
+
+
+def _broke_off(received: int, exc: BaseException) -> errors.DownloadError:
+    return errors.DownloadError(
+        f"the download broke off after {received} bytes: {type(exc).__name__}"
+    )
+
+
+def factory(dialect: Dialect) -> Callable[[str, str, provider.Options], provider.Provider]:
+    """What a provider module's ``PROVIDER.build`` is when its API is ``dialect`` over this client."""
+
+    def build(base_url: str, api_key: str, options: provider.Options) -> provider.Provider:
+        return HttpProvider(
+            base_url,
+            api_key,
+            timeout_seconds=options.timeout_seconds,
+            url_rules=options.url_rules,
+            max_video_bytes=options.max_video_bytes,
+            transport=options.transport,
+            dialect=dialect,
+        )
+
+    return build
