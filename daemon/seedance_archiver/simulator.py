@@ -39,7 +39,7 @@ import struct
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -47,7 +47,6 @@ from aiohttp import web
 VIDEO_BLOCK_BYTES = 1024 * 1024
 DEFAULT_RETENTION_SECONDS = 86_400.0
 DEFAULT_LINK_TTL_SECONDS = 3600.0
-DIALECTS = ("reseller", "ark")
 ARK_TASKS_PATH = "/api/v3/contents/generations/tasks/"
 ARK_LINK_TTL_SECONDS = 86_400.0  # Ark's links carry X-Tos-Expires=86400
 # Our statuses as Ark names them (its own ``expired`` is an outcome of its own).
@@ -182,14 +181,13 @@ class Simulator:
         rate_limit: float | None = None,
     ) -> None:
         if dialect not in DIALECTS:
-            raise ValueError(f"unknown dialect {dialect!r}; expected one of {DIALECTS}")
+            raise ValueError(f"unknown dialect {dialect!r}; expected one of {tuple(DIALECTS)}")
         self.api_key = api_key
         self.dialect = dialect
+        self._dialect = DIALECTS[dialect]
         self.retention_seconds = retention_seconds
         if link_ttl_seconds is None:
-            link_ttl_seconds = (
-                ARK_LINK_TTL_SECONDS if dialect == "ark" else DEFAULT_LINK_TTL_SECONDS
-            )
+            link_ttl_seconds = self._dialect.link_ttl_seconds
         self.link_ttl_seconds = link_ttl_seconds
         # With ``auto``, an unknown id is created on first sight with these SimTask fields.
         self.auto = auto
@@ -267,18 +265,23 @@ class Simulator:
         if task is not None and task.stale_links > 0:
             task.stale_links -= 1
             now -= self.link_ttl_seconds + 5  # signed long enough ago to have expired
-        if self.dialect == "ark":
-            # TOS-style: the signing time and the lifetime, the end being their sum.
-            date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-            ttl = int(self.link_ttl_seconds)
-            signature = self.sign(task_id, int(now) + ttl)
-            return (
-                f"{self.base_url}/files/{task_id}.mp4?X-Tos-Algorithm=TOS4-HMAC-SHA256"
-                f"&X-Tos-Date={date}&X-Tos-Expires={ttl}&X-Tos-Signature={signature}"
-            )
+        return self._dialect.link(self, task_id, now)
+
+    def _signed_link(self, task_id: str, now: float) -> str:
+        """The reseller's link: its end and a signature in the query."""
         expires = int(now + self.link_ttl_seconds)
         signature = self.sign(task_id, expires)
         return f"{self.base_url}/files/{task_id}.mp4?expires={expires}&sig={signature}"
+
+    def _tos_link(self, task_id: str, now: float) -> str:
+        """Ark's TOS-style link: the signing time and the lifetime, the end being their sum."""
+        date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        ttl = int(self.link_ttl_seconds)
+        signature = self.sign(task_id, int(now) + ttl)
+        return (
+            f"{self.base_url}/files/{task_id}.mp4?X-Tos-Algorithm=TOS4-HMAC-SHA256"
+            f"&X-Tos-Date={date}&X-Tos-Expires={ttl}&X-Tos-Signature={signature}"
+        )
 
     @staticmethod
     def _link_expires(query: Any) -> tuple[int, str]:
@@ -339,10 +342,7 @@ class Simulator:
 
     def app(self) -> web.Application:
         app = web.Application()
-        if self.dialect == "ark":
-            app.router.add_get(ARK_TASKS_PATH + "{id}", self._ark_result)
-        else:
-            app.router.add_get("/v1/result/{id}", self._result)
+        app.router.add_get(self._dialect.task_route, self._poll)
         app.router.add_get("/files/{name}", self._file)
         app.router.add_post("/_sim/tasks", self._post_tasks)
         app.router.add_post("/_sim/faults", self._post_faults)
@@ -405,6 +405,9 @@ class Simulator:
         if task is None:
             return web.json_response(not_found, status=404)
         return task, now
+
+    async def _poll(self, request: web.Request) -> web.StreamResponse:
+        return await self._dialect.answer(self, request)
 
     async def _result(self, request: web.Request) -> web.StreamResponse:
         polled = await self._polled(
@@ -535,6 +538,35 @@ class Simulator:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """One provider API the simulator plays: where a poll goes, how a poll is answered, and how
+    its video links look and how long they live. Tasks, faults, keys and files are shared."""
+
+    name: str
+    task_route: str
+    answer: Callable[[Simulator, web.Request], Awaitable[web.StreamResponse]]
+    link: Callable[[Simulator, str, float], str]
+    link_ttl_seconds: float = DEFAULT_LINK_TTL_SECONDS
+
+
+# The APIs played, by the names of the daemon's own registry (providers.NAMES): a new one is one
+# more row here.
+DIALECTS: dict[str, Dialect] = {
+    dialect.name: dialect
+    for dialect in (
+        Dialect("reseller", "/v1/result/{id}", Simulator._result, Simulator._signed_link),
+        Dialect(
+            "ark",
+            ARK_TASKS_PATH + "{id}",
+            Simulator._ark_result,
+            Simulator._tos_link,
+            ARK_LINK_TTL_SECONDS,
+        ),
+    )
+}
+
+
 class SimulatorThread:
     """Serve a :class:`Simulator` on loopback from a background thread (for tests and ``demo``)."""
 
@@ -614,7 +646,7 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-poll-times", action="store_true", help="do not record poll times")
     parser.add_argument(
-        "--dialect", choices=DIALECTS, default="reseller", help="which provider API to play"
+        "--dialect", choices=tuple(DIALECTS), default="reseller", help="which provider API to play"
     )
     parser.add_argument(
         "--rate-limit", type=float, default=None, help="answer 429 to polls beyond this many per s"

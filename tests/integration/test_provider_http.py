@@ -1208,3 +1208,53 @@ class TestApiTransport:
             assert (await http.fetch("video_abc")).status is models.Status.COMPLETED
         finally:
             await http.aclose()
+
+
+class KeyedLinks(reseller.Reseller):
+    """A dialect whose video links need the API key, and whose host refuses a dead one with 404 only."""
+
+    video_needs_key = True
+    refused_link_statuses = frozenset({404})
+
+
+class TestDialectDecidesTheDownload:
+    """The dialect says whether a download carries the key and which refusals mean a dead link."""
+
+    async def test_the_key_goes_to_the_apis_own_host_only(self) -> None:
+        seen: list[str | None] = []
+
+        async def video(request: web.Request) -> web.StreamResponse:
+            seen.append(request.headers.get("Authorization"))
+            return web.Response(body=MP4, content_type="video/mp4")
+
+        async with LocalServer({"/v.mp4": video}) as base:
+            keyed = new_client(base, SIM_KEY, url_rules=LOCAL_HTTP, dialect=KeyedLinks())
+            plain = new_client(base, SIM_KEY, url_rules=LOCAL_HTTP)
+            elsewhere = new_client(
+                "http://localhost:9", SIM_KEY, url_rules=LOCAL_HTTP, dialect=KeyedLinks()
+            )
+            try:
+                for http in (keyed, plain, elsewhere):
+                    assert await download(http, f"{base}/v.mp4") == (len(MP4), MP4)
+            finally:
+                for http in (keyed, plain, elsewhere):
+                    await http.aclose()
+        assert seen == [f"Bearer {SIM_KEY}", None, None]
+
+    async def test_only_the_dialects_refusals_mean_a_dead_link(self) -> None:
+        async def gone(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=404)
+
+        async def forbidden(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=403)
+
+        async with LocalServer({"/gone.mp4": gone, "/forbidden.mp4": forbidden}) as base:
+            http = new_client(base, SIM_KEY, url_rules=LOCAL_HTTP, dialect=KeyedLinks())
+            try:
+                with pytest.raises(errors.LinkExpired):
+                    await download(http, f"{base}/gone.mp4")
+                with pytest.raises(errors.DownloadError) as refused:
+                    await download(http, f"{base}/forbidden.mp4")
+                assert not isinstance(refused.value, errors.LinkExpired)
+            finally:
+                await http.aclose()
