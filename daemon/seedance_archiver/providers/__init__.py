@@ -13,15 +13,13 @@ are stamped with.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from seedance_archiver import netguard, provider
 from seedance_archiver.providers import ark, reseller
 
-if TYPE_CHECKING:  # types only: httpx stays this package's import
+if TYPE_CHECKING:  # types only
     import httpx
-
-    from seedance_archiver import config
 
 # The first is the default (SEEDANCE_PROVIDER unset).
 SPECS: tuple[provider.Spec, ...] = (reseller.PROVIDER, ark.PROVIDER)
@@ -41,8 +39,20 @@ def get(name: str) -> provider.Spec:
     raise KeyError(f"unknown provider {name!r}; expected one of {', '.join(NAMES)}")
 
 
+class Settings(Protocol):
+    """The settings :func:`from_settings` reads (``config.Settings`` has them): named here, so that
+    config, which reads this registry, is not imported back."""
+
+    provider: str
+    api_base_url: str
+    request_timeout_seconds: float
+    allowed_video_url_schemes: frozenset[str]
+    allow_private_video_hosts: bool
+    max_video_bytes: int
+
+
 def from_settings(
-    settings: config.Settings, api_key: str, transport: httpx.AsyncBaseTransport | None = None
+    settings: Settings, api_key: str, transport: httpx.AsyncBaseTransport | None = None
 ) -> provider.Provider:
     """The client for the provider SEEDANCE_PROVIDER names, as the settings describe it.
 
