@@ -21,7 +21,10 @@ import pydantic
 import pydantic_settings
 import sqlalchemy.engine
 
-from seedance_archiver import archive, errors, models, providers
+from seedance_archiver import archive, errors, models, policy, providers
+
+# Named apart: in Settings, `provider` is the field SEEDANCE_PROVIDER sets.
+from seedance_archiver import provider as provider_seam
 
 ENV_PREFIX = "SEEDANCE_"
 # SEEDANCE_PROVIDER names the API spoken, one of the registry's (providers/); each has its own
@@ -127,8 +130,8 @@ class Settings(DatabaseSettings):
     expected_seconds_1080p: GenerationTimeSetting = models.SEED_GENERATION_TIMES["1080p"]
     # Once a model has this many observed generation times, its skip is their learn_quantile-th
     # percentile instead of the seed's shortest time; 0 never learns.
-    learn_min_samples: int = pydantic.Field(default=50, ge=0, le=100_000)
-    learn_quantile: float = pydantic.Field(default=5.0, ge=0, le=50)
+    learn_min_samples: int = pydantic.Field(default=policy.LEARN_MIN_SAMPLES, ge=0, le=100_000)
+    learn_quantile: float = pydantic.Field(default=policy.LEARN_QUANTILE, ge=0, le=50)
     # Tasks with a skip (known resolution) wait from the top of their cadence range after it.
     patient_polling: bool = True
     max_requests_per_second: float = pydantic.Field(default=20.0, gt=0)
@@ -138,17 +141,17 @@ class Settings(DatabaseSettings):
     allow_private_video_hosts: bool = False
     # Send the API key over plain http:// to a host that is not loopback (a private network only).
     allow_insecure_api_url: bool = False
-    max_video_bytes: int = pydantic.Field(default=2 * 1024**3, gt=0)
+    max_video_bytes: int = pydantic.Field(default=provider_seam.MAX_VIDEO_BYTES, gt=0)
     http_host: str = "127.0.0.1"
     http_port: int = pydantic.Field(default=9710, ge=0, le=65535)
-    request_timeout_seconds: float = pydantic.Field(default=30.0, gt=0)
+    request_timeout_seconds: float = pydantic.Field(default=provider_seam.TIMEOUT_SECONDS, gt=0)
     shutdown_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
     # How long a claimed row stays ours without renewal. A dead replica's rows wait this long before
     # another replica takes them, so it should exceed the longest cadence floor (flex: 60 s).
     lease_seconds: float = pydantic.Field(default=120.0, ge=1)
     # A task the provider keeps unfinished (queued, processing) this many days after its creation
     # ends expired: Ark keeps a task 7 days. The deadline alone never ends a task.
-    give_up_after_days: float = pydantic.Field(default=7.0, gt=0, le=3650)
+    give_up_after_days: float = pydantic.Field(default=policy.GIVE_UP_AFTER_DAYS, gt=0, le=3650)
     # Delete finished rows this many days after they finished; 0 keeps them forever.
     prune_after_days: float = pydantic.Field(default=0.0, ge=0)
     # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.

@@ -38,7 +38,8 @@ STORM_REASON = (
     "against this task"
 )
 # A task the provider keeps unfinished this long after its creation is given up on (expired).
-GIVE_UP_AFTER = dt.timedelta(days=7)
+GIVE_UP_AFTER_DAYS = 7.0
+GIVE_UP_AFTER = dt.timedelta(days=GIVE_UP_AFTER_DAYS)
 GIVE_UP_REASON = "the provider kept the task unfinished past SEEDANCE_GIVE_UP_AFTER_DAYS"
 # A video our own settings refuse (too large, a link our URL rules refuse) waits, downloading, and
 # is tried again from the mode's longest interval, doubling up to this, and at every start.

@@ -47,13 +47,19 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+# Any provider client's defaults, and so SEEDANCE_REQUEST_TIMEOUT_SECONDS's and
+# SEEDANCE_MAX_VIDEO_BYTES's (config reads them here): one exchange with the API, one video.
+TIMEOUT_SECONDS = 30.0
+MAX_VIDEO_BYTES = 2 * 1024**3
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """How the settings shape any provider's client (SEEDANCE_REQUEST_TIMEOUT_SECONDS, ...)."""
 
-    timeout_seconds: float = 30.0
+    timeout_seconds: float = TIMEOUT_SECONDS
     url_rules: netguard.UrlRules = dataclasses.field(default_factory=netguard.UrlRules)
-    max_video_bytes: int = 2 * 1024**3
+    max_video_bytes: int = MAX_VIDEO_BYTES
     # An httpx transport for the API in place of the client's own (benchmarks compare them); typed
     # loosely so that this module needs no HTTP library.
     transport: Any = None
