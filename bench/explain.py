@@ -156,7 +156,7 @@ def capture_claim(sql_store: store.SqlStore, at: dt.datetime) -> tuple[str, Any]
 
 
 def generation_times(sql_store: store.SqlStore, dsn: str, now: dt.datetime) -> None:
-    """Time the learn job's ``SqlStore.generation_times`` and EXPLAIN its statement (issue 12)."""
+    """Time the learn job's ``SqlStore.generation_times`` and EXPLAIN its statement (index 0007)."""
     captured: list[tuple[str, Any]] = []
 
     def listener(

@@ -1,4 +1,4 @@
-"""`seedance-archiver migrate` on a large video_tasks while a feeder inserts (issue 26, point 2).
+"""`seedance-archiver migrate` on a large video_tasks while a feeder inserts: how long inserts wait.
 
 Creates its own database, migrates it to the first revision (0001), fills ``--rows`` rows with one
 ``INSERT ... SELECT generate_series`` (every tenth row active, the others archived with a

@@ -1,4 +1,4 @@
-"""Polls per archived video (issue 12): plain cadence against the skip, seed numbers and learned.
+"""Polls per archived video: plain cadence against the skip, seed numbers and learned.
 
 A mix of tasks after the seed's page: 480p drafts (30 s-2 min), 720p (2-5 min) and 1080p (3-8 min)
 standard tasks, and flex tasks of both (the seed gives flex no time of its own, so they take the

@@ -254,7 +254,7 @@ async def floor_run(base: str, tasks: int, requests: int, concurrency: int) -> t
     collected before, so no full collection of the daemon's objects lands inside the floor.
     The requests go in FLOOR_ROUNDS rounds and the round of median CPU per request stands for
     all: a 10,000-task floor is a few seconds of requests, and single runs of it read 0.19 to 0.46
-    CPU-s per 1,000 on one machine in one hour (bench/README.md, issue 14).
+    CPU-s per 1,000 on one machine in one hour (bench/README.md).
     """
     gc.unfreeze()
     gc.set_threshold(*DEFAULT_GC_THRESHOLD)

@@ -1,11 +1,11 @@
 """Write-backs and claims at scale: the store's ``save`` and ``claim_due`` against other ways to write
-the same rows, on PostgreSQL with ``--tasks`` active rows (issue 14, point 3).
+the same rows, on PostgreSQL with ``--tasks`` active rows: what a tick's write-back costs at scale.
 
 Loads ``--tasks`` polling rows as ``bench.scale`` does, then for ``--rounds`` rounds claims ``--batch``
 due rows and writes them back with each strategy in turn (each strategy gets its own fresh claim):
 
 - executemany: SQLAlchemy's executemany of one UPDATE per row (psycopg 3 sends them in pipeline
-  mode, each a prepared statement): ``SqlStore.save`` before issue 14, and still its fallback;
+  mode, each a prepared statement): ``SqlStore.save`` before it used COPY, and still its fallback;
 - ``UPDATE ... FROM (VALUES ...)``: one statement for the whole batch, through the same engine;
 - ``COPY`` into a temporary table, then one ``UPDATE ... FROM`` it, in one transaction: written here
   by hand, and ``SqlStore.save`` itself, which now does this on PostgreSQL.

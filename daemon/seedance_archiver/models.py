@@ -363,7 +363,7 @@ DAEMON_FIELDS = tuple(
 )
 
 
-# --- what the feeding application is told (issue 11) ---------------------------------------------
+# --- what the feeding application is told: webhook events and their delivery ---------------------
 
 
 class Event(enum.StrEnum):
@@ -384,7 +384,7 @@ class Delivery(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"  # every attempt of the retry schedule failed
     # Never sent again unless redelivered: discarded by an operator (`webhooks discard`), or, before
-    # a 410 Gone paused the whole endpoint instead (issue 26), refused with 410 Gone.
+    # a 410 Gone paused the whole endpoint instead (migration 0008), refused with 410 Gone.
     DISABLED = "disabled"
 
 

@@ -2,7 +2,7 @@
 
 A poll is a small JSON answer, sent thousands of times a second at scale, so what each one costs on top
 of the HTTP client itself is the daemon's capacity. httpx's default transport (httpcore) costs 20x the
-CPU of a bare aiohttp client per poll. httpx-aiohttp's transport, the daemon's until issue 14, built an
+CPU of a bare aiohttp client per poll. httpx-aiohttp's transport, the daemon's before this module, built an
 ``aiohttp.ClientTimeout`` per request and handed back each body as a stream that httpx then read
 through three async generators and an exception-mapping context manager (bench/README.md).
 
@@ -89,8 +89,8 @@ def _read_response(
     """The response ``httpx.Response(status, headers=..., content=body)`` ends as, built directly.
 
     Given ``content``, httpx reads the body it was just handed through its decoders, chunkers and
-    three generators: 20 us of CPU per poll inside the scale run, 8% of the daemon's (bench/README.md,
-    issue 14). For a body without ``Content-Encoding`` that read is a copy of ``body``, so this sets
+    three generators: 20 us of CPU per poll inside the scale run, 8% of the daemon's (bench/scale.py,
+    bench/README.md). For a body without ``Content-Encoding`` that read is a copy of ``body``, so this sets
     the state it leaves behind: the content held, the stream consumed and closed. Those attributes
     are httpx's own, not its API; ``_READ_SHORTCUT`` checks at import that they still mean this.
     """

@@ -1,4 +1,4 @@
-"""Index completed rows by completed_at, for the learn job's recent generation times (issue 12).
+"""Index completed rows by completed_at, for the learn job's recent generation times.
 
 Without it, ``SqlStore.generation_times`` (every 5 min per daemon, and every ``status``) is a
 sequential scan of the whole table: 300-600 ms with 1,000,000 finished rows (bench/README.md).
@@ -7,7 +7,7 @@ task, so the index costs one non-HOT update per task; the frequent poll updates 
 Built CONCURRENTLY on PostgreSQL (``schema.build_index``): feeders insert on during the build.
 
 Revision ID: 0007
-Revises: 0004 (issue 12; 0005 and 0006 come from parallel work, the merge re-chains)
+Revises: 0006
 Create Date: 2026-12-02
 """
 

@@ -1,4 +1,4 @@
-"""Webhook endpoints paused by a 410 Gone, until an operator resumes them (issue 26).
+"""Webhook endpoints paused by a 410 Gone, until an operator resumes them.
 
 Standard Webhooks readers take 410 Gone to mean "switch this endpoint off": a receiver that
 answers it for one event would answer it for every other. The daemon writes the URL here and

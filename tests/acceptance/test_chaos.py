@@ -1,7 +1,7 @@
 """Chaos at the process level: SIGTERM in the middle of work, and kill -9 at random moments.
 
-Issue 4, points 11 and 12. SIGTERM must stop claiming, let in-flight downloads finish within the grace
-period (or abandon them cleanly), release every lease and exit 0; a second SIGTERM exits at once.
+SIGTERM must stop claiming, let in-flight downloads finish within the grace period (or abandon them
+cleanly), release every lease and exit 0; a second SIGTERM exits at once.
 kill -9 at any moment must lose nothing: a partial object never shows under a final key, leftovers of a
 killed process are removed, and another start archives every video intact.
 

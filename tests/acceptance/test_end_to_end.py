@@ -227,7 +227,7 @@ class TestSqliteAndFolder:
         _run_scenario(feeder, env, sim, start_daemon, read, dialect)
         names = sorted(p.name for p in archive_dir.iterdir() if p.is_file())
         done = [t[0] for t in dialect.tasks if t[2] == "completed"]
-        # Each video, and the JSON sidecar that describes it (issue 11).
+        # Each video, and the JSON sidecar that describes it to a reader of the archive alone.
         assert names == sorted([f"{t}.mp4" for t in done] + [f"{t}.json" for t in done])
         sidecar = json.loads((archive_dir / f"{done[0]}.json").read_text())
         assert sidecar["task-id"] == done[0] and len(sidecar["sha256"]) == 64

@@ -235,7 +235,7 @@ class TestAlertRules:
     """Each alert says what it means, links a runbook entry that exists, and is unit-tested."""
 
     def test_the_required_alerts_exist(self) -> None:
-        """Issue 15's list, by the metric each alert watches (webhook metrics do not exist yet)."""
+        """The alerts an operator needs to save videos in time, found by the metric each one watches."""
         watched = {name for rule in _rules() for name in metric_names(rule["expr"])}
         assert {
             "seedance_tasks_at_risk",

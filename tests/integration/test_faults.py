@@ -1,12 +1,12 @@
-"""Faults and bad input (issue 4): nothing lost, nothing corrupt, nothing let in.
+"""Faults and bad input: nothing lost, nothing corrupt, nothing let in.
 
 Every test makes something really misbehave while the real daemon runs in-process on loopback: the
 provider simulator answers with errors, garbage or nothing; moto's S3 or PostgreSQL sits behind a fault
 proxy that refuses, stalls or cuts; or the feeding application inserts hostile rows. The outcome is read
 from the rows, the archive, the simulator's counters and the daemon's log events.
 
-The PostgreSQL outage lasts ``PG_OUTAGE_SECONDS`` (10 s by default, to keep ``make test`` short); the
-issue's minute-long outage is the same test run with ``SEEDANCE_TEST_PG_OUTAGE_SECONDS=60``.
+The PostgreSQL outage lasts ``PG_OUTAGE_SECONDS`` (10 s by default, to keep ``make test`` short); a
+minute-long outage is the same test run with ``SEEDANCE_TEST_PG_OUTAGE_SECONDS=60``.
 """
 
 from __future__ import annotations

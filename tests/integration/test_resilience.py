@@ -1,4 +1,4 @@
-"""Issue 8: no video lost to a picky store, one bad answer or a stuck database.
+"""No video lost to a picky store, one bad answer or a stuck database.
 
 Each test injects its fault for real while the daemon runs in-process on loopback: the provider
 simulator sends poisoned or hostile answers, PostgreSQL or moto's S3 sits behind a fault proxy that
@@ -511,7 +511,7 @@ class TestHealth:
 
 
 class TestPlainStore:
-    """The issue's finding, replayed: PostgreSQL, 25 finished videos, a store answering 501 to
+    """How videos were once lost, replayed: PostgreSQL, 25 finished videos, a store answering 501 to
     every optional S3 call (listing uploads, tags, checksum headers, HeadBucket)."""
 
     @pytest.mark.postgres

@@ -880,7 +880,7 @@ def _pings(sql_store: store.SqlStore) -> bool:
 
 
 class TestFewerPolls:
-    """The store's side of issue 12: observed generation times, starving rows, the load count."""
+    """The store's side of fewer polls: observed generation times, starving rows, the load count."""
 
     def test_generation_times_per_model_latest_first_and_bounded(
         self, engine: sa.Engine, sql_store: store.SqlStore

@@ -1,4 +1,4 @@
-"""Fewer polls per video (issue 12): the skip, learning, the budget order, no starvation, cadence.
+"""Fewer polls per video: the skip, learning, the budget order, no starvation, cadence.
 
 All pure: policy functions of (task, answer, rules, now), with a moved clock where time passes.
 """

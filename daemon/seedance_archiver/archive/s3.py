@@ -34,7 +34,7 @@ log = structlog.get_logger(__name__)
 
 # The aws CLI's part size. A transfer holds PARTS_IN_FLIGHT + 1 part buffers, reused: 8 MiB parts
 # peaked at 133 MiB for 1 GiB and uploaded to radosgw 25% faster than S3's minimum of 5 MiB, which
-# costs radosgw more per byte (bench/README.md, issue 14).
+# costs radosgw more per byte (bench/archive.py, bench/README.md).
 PART_BYTES = 8 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's most parts per upload: 78 GiB at PART_BYTES
 

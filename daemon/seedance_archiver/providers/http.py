@@ -108,7 +108,7 @@ class TaskUrls:
     """The URL each task is polled at: the base URL, the dialect's path, the id percent-encoded.
 
     httpx parses and checks every URL it is handed, character by character: in the scale run that
-    was 35 us of CPU per poll, more than anything else of ours (bench/README.md, issue 14). A task's
+    was 35 us of CPU per poll, more than anything else of ours (bench/scale.py, bench/README.md). A task's
     URL differs from every other only in its path, and that path is already percent-encoded, so
     :meth:`of` copies the base URL's parsed form (httpx's ``URL._uri_reference``) with the task's
     path instead of parsing the whole again. That form is httpx's own, not its API: at start the
