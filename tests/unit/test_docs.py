@@ -1,9 +1,10 @@
-"""The README documents every setting and every command: the docs cannot drift from the code."""
+"""The docs name every setting, every command and every module: they cannot drift from the code."""
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import re
 
 from seedance_archiver import cli, config, policy
 
@@ -13,6 +14,8 @@ PAGES = ROOT / "docs" / "pages"
 SETTINGS = (PAGES / "settings.md").read_text(encoding="utf-8")
 COMMANDS = (PAGES / "commands.md").read_text(encoding="utf-8")
 FEEDING = (PAGES / "feeding.md").read_text(encoding="utf-8")
+DEVELOPMENT = (PAGES / "development.md").read_text(encoding="utf-8")
+PACKAGE = ROOT / "daemon" / "seedance_archiver"
 
 
 class TestReference:
@@ -64,3 +67,25 @@ class TestStates:
 
     def test_waiting_on_a_setting_is_named(self) -> None:
         assert f"`{policy.WAITING_ON_SETTING}`" in self.row("downloading")
+
+
+class TestModuleMap:
+    """Development's module map names every module of the package, and only those."""
+
+    MAP = DEVELOPMENT.split("## The module map", 1)[1].split("\n## ", 1)[0]
+
+    def mapped(self) -> list[str]:
+        return re.findall(r"^\| `([\w/]+\.py)` \|", self.MAP, flags=re.MULTILINE)
+
+    def test_every_module_is_on_the_map(self) -> None:
+        modules = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")}
+        assert modules - set(self.mapped()) == set(), "add a line to docs/pages/development.md"
+
+    def test_every_module_on_the_map_exists(self) -> None:
+        assert [name for name in self.mapped() if not (PACKAGE / name).is_file()] == []
+
+    def test_each_module_is_named_once(self) -> None:
+        assert len(self.mapped()) == len(set(self.mapped()))
+
+    def test_the_readme_leads_to_the_map(self) -> None:
+        assert "(docs/pages/development.md)" in README and "module map" in README
