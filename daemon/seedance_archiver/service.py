@@ -14,7 +14,6 @@ import datetime as dt
 import functools
 import math
 import random
-import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -89,7 +88,7 @@ class Service:
         limiter: ratelimit.RateLimiter,
         *,
         owner: str,
-        clock: Callable[[], dt.datetime] = utils.utcnow,
+        clock: utils.Clock = utils.CLOCK,
         draw: policy.Draw = random.uniform,
         max_downloads: int = MAX_DOWNLOADS,
         lease_seconds: float = LEASE_SECONDS,
@@ -131,7 +130,7 @@ class Service:
         self._key_check: asyncio.Future[bool | None] | None = None  # one check at a time
         self._lost: set[str] = set()  # rows whose lease another daemon took: drop their work
         self._store_failures = 0
-        self._store_retry_at = 0.0  # time.monotonic() before which the tick leaves the database be
+        self._store_retry_at = 0.0  # clock.monotonic() before which the tick leaves the database be
         self._stopping = False
         self._claims_full = False  # the last claim returned all it asked for: the budget is tight
         self._ignored_logged: dict[str, float] = {}  # answer field -> when it was last logged
@@ -179,7 +178,7 @@ class Service:
         return self.tick_failures < self.MAX_TICK_FAILURES
 
     async def _tick(self, now: dt.datetime) -> int:
-        if time.monotonic() < self._store_retry_at:
+        if self.clock.monotonic() < self._store_retry_at:
             return 0
         try:
             await self.flush()
@@ -307,7 +306,7 @@ class Service:
         grant; queued outcomes wait in memory."""
         self._store_failures += 1
         delay = min(self.STORE_RETRY_MAX_SECONDS, 2.0 ** (self._store_failures - 1))
-        self._store_retry_at = time.monotonic() + delay
+        self._store_retry_at = self.clock.monotonic() + delay
         if isinstance(exc, errors.PermissionMissing):
             # Not "the database is down": it answers, and refuses. Said as such, in /readyz too.
             self.writes_refused = str(exc)
@@ -673,7 +672,7 @@ class Service:
     ) -> None:
         """Count the side fields an answer had that could not be read; say so once per field per
         IGNORED_FIELD_LOG_SECONDS (a drifted provider would otherwise log on every poll)."""
-        moment = time.monotonic()
+        moment = self.clock.monotonic()
         for name, why in answer.ignored:
             self.metrics.answer_fields_ignored.labels(field=name).inc()
             last = self._ignored_logged.get(name)
@@ -778,7 +777,7 @@ class Service:
     ) -> models.Task:
         assert row.video_url is not None
         async with self._download_slots:
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 stored = await self.archive.find(row.task_id)
                 if stored is not None:
@@ -815,7 +814,7 @@ class Service:
         self.stats.archived_bytes += stored.size
         now = self.clock()
         self.metrics.archived_bytes.inc(stored.size)
-        self.metrics.archive_seconds.observe(time.monotonic() - started)
+        self.metrics.archive_seconds.observe(self.clock.monotonic() - started)
         if row.completed_at is not None:
             delay = (now - row.completed_at).total_seconds()
             self.metrics.completion_to_archive.observe(max(0.0, delay))
@@ -824,7 +823,7 @@ class Service:
             uri=stored.uri,
             bytes=stored.size,
             sha256=stored.sha256,
-            seconds=round(time.monotonic() - started, 3),
+            seconds=round(self.clock.monotonic() - started, 3),
         )
         return policy.on_archived(row, stored.uri, stored.size, stored.sha256, now)
 

@@ -20,13 +20,18 @@ EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
 
 class MovableClock:
-    """A clock that stands still until a test moves it."""
+    """A clock (:class:`utils.Clock`) that stands still until a test moves it; its monotonic
+    reading moves with it, counted in seconds from its start."""
 
     def __init__(self, start: dt.datetime = EPOCH) -> None:
         self.now = start
+        self._start = start
 
     def __call__(self) -> dt.datetime:
         return self.now
+
+    def monotonic(self) -> float:
+        return (self.now - self._start).total_seconds()
 
     def advance(self, seconds: float) -> dt.datetime:
         self.now += dt.timedelta(seconds=seconds)

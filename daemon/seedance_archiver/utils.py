@@ -6,7 +6,9 @@ import datetime as dt
 import email.utils
 import math
 import re
+import time
 import urllib.parse
+from typing import Protocol
 
 # Any scheme (RFC 3986: a letter, then letters, digits, "+", "-", "."): postgresql://, s3://, redis://...
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
@@ -15,6 +17,29 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
 def utcnow() -> dt.datetime:
     """The current time, timezone-aware UTC. All code reads time through here (or an injected clock)."""
     return dt.datetime.now(dt.UTC)
+
+
+class Clock(Protocol):
+    """The time as a service reads it: called, the wall time (UTC, for rows and deadlines);
+    :meth:`monotonic`, seconds that never jump (for waits and durations). One injected object
+    gives both, so a test that moves it moves every wait too."""
+
+    def __call__(self) -> dt.datetime: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    """The real :class:`Clock`: :func:`utcnow` and :func:`time.monotonic`."""
+
+    def __call__(self) -> dt.datetime:
+        return utcnow()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+CLOCK = SystemClock()
 
 
 REDACTED = "<redacted>"

@@ -309,8 +309,12 @@ class TestSkewedReplicas:
             sim.simulator.add_fault(tid, on="download", throttle=size / 3)
         skew = 90.0
 
+        class Ahead(utils.SystemClock):
+            def __call__(self) -> dt.datetime:
+                return utils.utcnow() + dt_seconds(skew)
+
         def run_ahead(svc: service.Service) -> None:
-            svc.clock = lambda: utils.utcnow() + dt_seconds(skew)
+            svc.clock = Ahead()
 
         on_time = Launcher(sim, pg_url, tmp_path, monkeypatch)
         ahead = Launcher(sim, pg_url, tmp_path, monkeypatch)

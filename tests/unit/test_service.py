@@ -1085,6 +1085,66 @@ class FailingStore(testing.FakeStore):
         raise errors.StoreError("database unreachable: connection refused")
 
 
+class DownStore(testing.FakeStore):
+    """A store whose claims fail as a lost connection would while ``down``; it counts them."""
+
+    down = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+
+    def claim_due(self, *args: object, **kwargs: object) -> list[models.Task]:
+        self.claims += 1
+        if self.down:
+            raise errors.StoreError("database unreachable: connection refused")
+        return super().claim_due(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_for_a_claim(rig: Rig, store: DownStore) -> float:
+    """Tick every half second of the moved clock until a claim is tried; the seconds it took."""
+    claims, waited = store.claims, 0.0
+    while store.claims == claims:
+        rig.clock.advance(0.5)
+        waited += 0.5
+        await rig.svc.tick()
+    return waited
+
+
+class TestDatabaseBackOff:
+    """While the database does not answer, ticks leave it be for a doubling wait, at most
+    STORE_RETRY_MAX_SECONDS; its answer, or a NOTIFY, ends the back-off."""
+
+    async def test_the_waits_double_up_to_the_cap(self) -> None:
+        down = DownStore()
+        rig = make_rig(fake_store=down)
+        await rig.svc.tick()
+        waits = [await wait_for_a_claim(rig, down) for _ in range(7)]
+        assert rig.svc.STORE_RETRY_MAX_SECONDS == 30
+        assert waits == [1, 2, 4, 8, 16, 30, 30]
+        assert rig.svc.healthy and rig.svc.tick_failures == 0
+
+    async def test_an_answer_or_a_wake_up_ends_it(self) -> None:
+        down = DownStore()
+        rig = make_rig(fake_store=down)
+        down.add(TASK_ID)
+        rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
+        await rig.svc.tick()
+        await wait_for_a_claim(rig, down)
+        await rig.svc.tick()
+        assert down.claims == 2  # backing off, for 2 s
+        down.down = False
+        rig.svc.wake()
+        with structlog.testing.capture_logs() as logs:
+            assert await rig.cycle() == 1
+        back = [e for e in logs if e["event"] == "database_available_again"]
+        assert [e["after_failures"] for e in back] == [2]
+        down.down = True
+        rig.clock.advance(60)
+        await rig.svc.tick()
+        assert await wait_for_a_claim(rig, down) == 1  # the count starts over
+
+
 class TestTickHealth:
     """A tick counts as alive only when it completes; crashed ticks in a row make it unhealthy."""
 
