@@ -288,7 +288,7 @@ class Daemon:
         self._every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
         self._every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
         self._every("learn", svc.learn, LEARN_SECONDS, now=True)
-        self._every("check_key", svc.check_key_if_due, KEY_CHECK_SECONDS, now=True)
+        self._every("check_key", svc.keygate.check_if_due, KEY_CHECK_SECONDS, now=True)
         self._every("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, now=True)
         if self.settings.prune_after_days > 0:
             self._every("prune", self._prune, PRUNE_SECONDS, now=True)
@@ -410,7 +410,7 @@ class Daemon:
             version=seedance_archiver.__version__,
             started_at=self._started_at,
             last_tick_at=svc.last_tick_at,
-            api_key_ok=not svc.auth_blocked,
+            api_key_ok=not svc.keygate.blocked,
         )
         await svc.db(task_store.beat, beat)
         self._beaten = True

@@ -22,6 +22,7 @@ import structlog
 from seedance_archiver import (
     archive,
     errors,
+    keygate,
     metrics,
     models,
     outage,
@@ -69,10 +70,6 @@ class Service:
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
     MAX_UNSTARTED_POLLS = 1000  # nor more claimed-but-unstarted polls than this, whatever the rate
     MAX_CONCURRENT_POLLS = 100  # requests on the wire at once (the client pool holds 200)
-    AUTH_PROBE_SECONDS = 180.0  # while the key is rejected, check it again this often
-    # While no poll has been answered for this long (no task active), check the key anyway, so a
-    # wrong key is reported before a task needs it.
-    KEY_CHECK_IDLE_SECONDS = 300.0
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
     MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
     MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then, and is retried
@@ -114,9 +111,7 @@ class Service:
         self.metrics.rate_limit.set(limiter.rate)
         self.last_tick_at: dt.datetime | None = None  # when a tick last completed
         self.tick_failures = 0  # crashed ticks in a row
-        self.last_answer_at: dt.datetime | None = None  # the provider last answered a poll
-        self.key_checked_at: dt.datetime | None = None
-        self.auth_blocked_until: dt.datetime | None = None  # when the rejected key is checked next
+        self.keygate = keygate.KeyGate(self)
         self.max_downloads = max_downloads
         # Downloads claimed beyond the free slots: at most this many wait for one.
         self.download_queue = max_downloads
@@ -127,7 +122,6 @@ class Service:
         self._to_release: set[str] = set()
         self._unstarted_polls = 0  # claimed rows whose poll has not gone out yet
         self._poll_slots = asyncio.Semaphore(self.MAX_CONCURRENT_POLLS)
-        self._key_check: asyncio.Future[bool | None] | None = None  # one check at a time
         self._lost: set[str] = set()  # rows whose lease another daemon took: drop their work
         self._store_failures = 0
         self._store_retry_at = 0.0  # clock.monotonic() before which the tick leaves the database be
@@ -231,7 +225,7 @@ class Service:
         """
         lease = self.lease.total_seconds()
         room = self._download_room()
-        if self.auth_blocked:
+        if self.keygate.blocked:
             # While the key is rejected, only rows already downloading are worked on: their link
             # needs no key.
             states = [models.State.DOWNLOADING.value]
@@ -386,47 +380,6 @@ class Service:
             )
         return len(held)
 
-    async def check_key(self) -> bool | None:
-        """Ask the provider whether it accepts the API key (one request that costs nothing).
-
-        Concurrent callers share one request. A rejection blocks polling, an acceptance lifts
-        the block; when the answer cannot tell, nothing changes.
-        """
-        if self._key_check is None:
-            self._key_check = asyncio.ensure_future(self._check_key())
-        check = self._key_check
-        try:
-            return await asyncio.shield(check)
-        finally:
-            if check.done():
-                self._key_check = None
-
-    async def _check_key(self) -> bool | None:
-        await self.limiter.acquire()
-        verdict = await self.provider.check_key()
-        now = self.clock()
-        self.key_checked_at = now
-        if verdict is False:
-            self._block_auth(now, "the provider rejected the API key (HTTP 401/403)")
-        elif verdict is True:
-            self._unblock_auth()
-        return verdict
-
-    async def check_key_if_due(self) -> bool | None:
-        """The key-check job: at start, while the key is rejected, and while no task is active."""
-        now = self.clock()
-        if self.auth_blocked_until is not None:
-            due = now >= self.auth_blocked_until
-        else:
-            latest = max(
-                (t for t in (self.last_answer_at, self.key_checked_at) if t is not None),
-                default=None,
-            )
-            due = latest is None or (now - latest).total_seconds() >= self.KEY_CHECK_IDLE_SECONDS
-        if not due:
-            return None
-        return await self.check_key()
-
     async def flush(self) -> None:
         """Write queued outcomes and releases; on a database error keep them for the next try."""
         if self._done:
@@ -480,10 +433,6 @@ class Service:
     @property
     def in_flight(self) -> int:
         return len(self._running)
-
-    @property
-    def auth_blocked(self) -> bool:
-        return self.auth_blocked_until is not None
 
     # --- one row ----------------------------------------------------------------------------------
 
@@ -605,7 +554,7 @@ class Service:
             self._unstarted_polls -= 1
         now = self.clock()
         try:
-            if self.auth_blocked:
+            if self.keygate.blocked:
                 return None  # the key broke while this poll waited for its turn
             if row.next_attempt_at is not None:
                 # Measured when the request really starts: time queued for a slot counts as late.
@@ -624,8 +573,7 @@ class Service:
             self._poll_slots.release()
         self._count_poll(row, None)
         self._observe(row, None, now)
-        self.last_answer_at = now
-        self._unblock_auth()
+        self.keygate.answered(now)
         task_log.debug("task_polled", status=answer.status.value)
         if answer.ignored:
             self._ignored_fields(answer, task_log)
@@ -747,30 +695,13 @@ class Service:
         the refusal this task's own, retried a few times and then ``rejected``. When the check
         cannot tell, polling pauses too: no task is given up on a guess.
         """
-        verdict = await self.check_key()
+        verdict = await self.keygate.check()
         if verdict is True:
             task_log.warning("task_refused_by_provider", error=str(exc))
             return policy.on_task_forbidden(row, str(exc), now, self.rules, self.draw)
-        if verdict is None and not self.auth_blocked:
-            self._block_auth(now, f"{exc} and the key check could not tell")
+        if verdict is None and not self.keygate.blocked:
+            self.keygate.block(now, f"{exc} and the key check could not tell")
         return None
-
-    def _block_auth(self, now: dt.datetime, reason: str) -> None:
-        self.auth_blocked_until = now + dt.timedelta(seconds=self.AUTH_PROBE_SECONDS)
-        self.metrics.api_key_rejected.set(1)
-        log.error(
-            "api_key_rejected",
-            error=reason,
-            action="polling paused (downloads go on); check SEEDANCE_API_KEY",
-            next_check_at=self.auth_blocked_until.isoformat(),
-        )
-
-    def _unblock_auth(self) -> None:
-        if self.auth_blocked_until is None:
-            return
-        log.warning("api_key_accepted_again")
-        self.auth_blocked_until = None
-        self.metrics.api_key_rejected.set(0)
 
     async def _archive(
         self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger

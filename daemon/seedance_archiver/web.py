@@ -173,7 +173,7 @@ class WebServer:
             self._check(self.svc.db(self.store.ping)),
             self._check(self.svc.archive.check()),
         )
-        api_key = "rejected by the provider" if self.svc.auth_blocked else "ok"
+        api_key = "rejected by the provider" if self.svc.keygate.blocked else "ok"
         provider = self.svc.provider_trouble() or "ok"
         if database == "ok" and self.svc.writes_refused is not None:
             database = self.svc.writes_refused

@@ -35,6 +35,7 @@ import sqlalchemy as sa
 import structlog.testing
 from seedance_archiver import (
     config,
+    keygate,
     models,
     policy,
     ratelimit,
@@ -447,7 +448,7 @@ class TestKeyRejected:
         code: int,
     ) -> None:
         """One key check per AUTH_PROBE_SECONDS, each logged loudly; rows untouched; then resume."""
-        monkeypatch.setattr(service.Service, "AUTH_PROBE_SECONDS", self.PROBE_SECONDS)
+        monkeypatch.setattr(keygate.KeyGate, "AUTH_PROBE_SECONDS", self.PROBE_SECONDS)
         for tid in self.IDS:
             sim.simulator.add_task(tid, ready_seconds=3600, size=SMALL)
         port = free_port()
@@ -467,14 +468,14 @@ class TestKeyRejected:
                 sim.simulator.api_key = "a-rotated-key"  # the daemon's key no longer works
             else:
                 sim.simulator.add_fault("*", status=403, times=FOREVER)
-            await d.until(lambda: d.svc.auth_blocked, "the block")
+            await d.until(lambda: d.svc.keygate.blocked, "the block")
             blocked_at = time.time()
             # Outcomes of polls answered just before the key broke are written by the next ticks.
             await d.until(lambda: time.time() >= blocked_at + 0.5, "pending writes")
             before = {tid: d.row(tid) for tid in self.IDS}
             polls, checks, since = task_polls(), sim.simulator.stats.polls[probe], time.time()
             await d.until(lambda: time.time() - since >= self.BLOCKED_SECONDS, "the blocked window")
-            assert d.svc.auth_blocked
+            assert d.svc.keygate.blocked
             assert task_polls() == polls  # no task was polled while the key is rejected
             key_checks = sim.simulator.stats.polls[probe] - checks
             after = {tid: d.row(tid) for tid in self.IDS}
@@ -489,7 +490,7 @@ class TestKeyRejected:
             else:
                 sim.simulator.faults["*"].clear()
             await d.until(
-                lambda: not d.svc.auth_blocked, "the block to lift", self.PROBE_SECONDS + 12
+                lambda: not d.svc.keygate.blocked, "the block to lift", self.PROBE_SECONDS + 12
             )
             for tid in self.IDS:
                 await d.until_state(tid, "archived")

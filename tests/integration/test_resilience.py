@@ -257,11 +257,11 @@ class TestRejectedKey:
                 "a failed download, saved",
             )
             sim.simulator.api_key = "a-rotated-key"
-            await d.until(lambda: d.svc.auth_blocked, "the block")
+            await d.until(lambda: d.svc.keygate.blocked, "the block")
             polls = sim.simulator.stats.polls[waiting]
             sim.simulator.faults[downloading].clear()  # the file host answers again
             await d.until_state(downloading, "archived")
-            assert d.svc.auth_blocked
+            assert d.svc.keygate.blocked
             assert sim.simulator.stats.polls[waiting] == polls  # polling stayed paused
             assert d.state(waiting) == "polling" and d.row(waiting).attempts == 0
             no_crashes(d)
@@ -281,7 +281,7 @@ class TestRejectedKey:
             row = await d.until_state(refused, "rejected")
             for tid in others:
                 await d.until_state(tid, "archived")
-            assert not d.svc.auth_blocked
+            assert not d.svc.keygate.blocked
             assert d.events("api_key_rejected") == []
         assert row.error is not None and "refuses this task" in row.error
         assert "HTTP 403" in row.error

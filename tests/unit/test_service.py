@@ -719,7 +719,7 @@ class TestProviderTrouble:
         before = {tid: rig.row(tid) for tid in (TASK_ID, other)}
         await rig.cycle()
 
-        assert rig.svc.auth_blocked
+        assert rig.svc.keygate.blocked
         assert rig.provider.key_checks == 1  # both 401s shared one check of the key
         assert len(rig.provider.fetches) == 2
         assert sorted(rig.store.released) == sorted([TASK_ID, other])
@@ -732,15 +732,15 @@ class TestProviderTrouble:
 
         # Blocked: nothing is polled, and the key is checked again only when its time comes.
         for _ in range(3):
-            await rig.at((rig.svc.AUTH_PROBE_SECONDS - 1) / 3)
-            assert await rig.svc.check_key_if_due() is None
+            await rig.at((rig.svc.keygate.AUTH_PROBE_SECONDS - 1) / 3)
+            assert await rig.svc.keygate.check_if_due() is None
         assert len(rig.provider.fetches) == 2 and rig.provider.key_checks == 1
 
         rig.provider.key_ok = True
         rig.clock.advance(1)
-        assert await rig.svc.check_key_if_due() is True  # the probe: no task needed
+        assert await rig.svc.keygate.check_if_due() is True  # the probe: no task needed
         assert rig.provider.key_checks == 2
-        assert not rig.svc.auth_blocked
+        assert not rig.svc.keygate.blocked
 
         await rig.cycle()
         assert len(rig.provider.fetches) == 4
@@ -754,8 +754,8 @@ class TestProviderTrouble:
         rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
         rig.provider.videos[URL] = VIDEO
         rig.provider.key_ok = False
-        assert await rig.svc.check_key_if_due() is False
-        assert rig.svc.auth_blocked
+        assert await rig.svc.keygate.check_if_due() is False
+        assert rig.svc.keygate.blocked
 
         await rig.cycle()
         assert rig.row().state == "archived"
@@ -770,12 +770,12 @@ class TestProviderTrouble:
         rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 403", status_code=403))
         rig.provider.script(other, answer(other, "processing"))
         await rig.cycle()
-        assert not rig.svc.auth_blocked
+        assert not rig.svc.keygate.blocked
         assert rig.row().state == "polling" and rig.row().attempts == 1
         assert rig.row(other).state == "polling"
         for _ in range(policy.FORBIDDEN_POLLS - 1):
             await rig.at(3600)
-        assert not rig.svc.auth_blocked
+        assert not rig.svc.keygate.blocked
         row = rig.row()
         assert row.state == "rejected"
         assert row.error is not None and "refuses this task" in row.error
@@ -787,28 +787,30 @@ class TestProviderTrouble:
         rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 401"))
         rig.provider.key_ok = None
         await rig.cycle()
-        assert rig.svc.auth_blocked
+        assert rig.svc.keygate.blocked
         assert (rig.row().state, rig.row().attempts) == ("pending", 0)
 
     async def test_the_key_is_checked_at_start_and_while_idle(self, rig: Rig) -> None:
         """A wrong key is found before any task needs it; an active daemon spends no checks."""
         rig.provider.key_ok = False
-        assert await rig.svc.check_key_if_due() is False  # at start: never checked
-        assert rig.svc.auth_blocked
+        assert await rig.svc.keygate.check_if_due() is False  # at start: never checked
+        assert rig.svc.keygate.blocked
         rig.provider.key_ok = True
-        rig.clock.advance(rig.svc.AUTH_PROBE_SECONDS)
-        assert await rig.svc.check_key_if_due() is True
-        assert not rig.svc.auth_blocked
+        rig.clock.advance(rig.svc.keygate.AUTH_PROBE_SECONDS)
+        assert await rig.svc.keygate.check_if_due() is True
+        assert not rig.svc.keygate.blocked
 
         rig.store.add(TASK_ID)
         rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
         for _ in range(10):  # polls answered every 60 s: no check needed
             await rig.at(60)
-            assert await rig.svc.check_key_if_due() is None
+            assert await rig.svc.keygate.check_if_due() is None
         checks = rig.provider.key_checks
         rig.store.rows[TASK_ID] = rig.row().replace(state="archived")
-        rig.clock.advance(rig.svc.KEY_CHECK_IDLE_SECONDS)  # idle: nothing answered for a while
-        assert await rig.svc.check_key_if_due() is True
+        rig.clock.advance(
+            rig.svc.keygate.KEY_CHECK_IDLE_SECONDS
+        )  # idle: nothing answered for a while
+        assert await rig.svc.keygate.check_if_due() is True
         assert rig.provider.key_checks == checks + 1
 
     async def test_a_failed_probe_keeps_the_block(self, rig: Rig) -> None:
@@ -816,12 +818,12 @@ class TestProviderTrouble:
         rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 403"))
         rig.provider.key_ok = False
         await rig.cycle()
-        rig.clock.advance(rig.svc.AUTH_PROBE_SECONDS)
-        assert await rig.svc.check_key_if_due() is False
+        rig.clock.advance(rig.svc.keygate.AUTH_PROBE_SECONDS)
+        assert await rig.svc.keygate.check_if_due() is False
         assert rig.provider.key_checks == 2
-        assert rig.svc.auth_blocked
-        await rig.at(rig.svc.AUTH_PROBE_SECONDS - 1)
-        assert await rig.svc.check_key_if_due() is None
+        assert rig.svc.keygate.blocked
+        await rig.at(rig.svc.keygate.AUTH_PROBE_SECONDS - 1)
+        assert await rig.svc.keygate.check_if_due() is None
         assert len(rig.provider.fetches) == 1 and rig.provider.key_checks == 2
         assert rig.row().state == State.PENDING
         assert rig.row().attempts == 0
