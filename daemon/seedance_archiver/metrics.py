@@ -6,12 +6,28 @@ prometheus_client's global one. ``web.py`` serves :meth:`Metrics.render` at ``/m
 
 from __future__ import annotations
 
+import dataclasses
+
 import prometheus_client as prom
 
 # Seconds from the provider saying "completed" to the video being archived.
 ARCHIVE_DELAY_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 86400)
 LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 TRANSFER_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of what this daemon did since it started (for the demo, benchmarks and metrics)."""
+
+    polls: int = 0
+    poll_errors: int = 0
+    malformed: int = 0
+    rate_limited: int = 0
+    archived: int = 0
+    archived_bytes: int = 0
+    download_failures: int = 0
+    ticks: int = 0
 
 
 class Metrics:

@@ -25,12 +25,12 @@ from seedance_archiver import (
     keygate,
     metrics,
     models,
-    outage,
     policy,
     provider,
     ratelimit,
     store,
     utils,
+    worker,
 )
 
 log = structlog.get_logger(__name__)
@@ -44,20 +44,6 @@ _P = ParamSpec("_P")
 DB_THREADS = 4
 
 
-@dataclasses.dataclass
-class Stats:
-    """Counters of what this daemon did since it started (for the demo, benchmarks and metrics)."""
-
-    polls: int = 0
-    poll_errors: int = 0
-    malformed: int = 0
-    rate_limited: int = 0
-    archived: int = 0
-    archived_bytes: int = 0
-    download_failures: int = 0
-    ticks: int = 0
-
-
 class Service:
     """Works due rows of ``video_tasks`` through the provider and into the archive."""
 
@@ -69,12 +55,10 @@ class Service:
     MAX_DOWNLOADS = 4
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
     MAX_UNSTARTED_POLLS = 1000  # nor more claimed-but-unstarted polls than this, whatever the rate
-    MAX_CONCURRENT_POLLS = 100  # requests on the wire at once (the client pool holds 200)
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
     MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
     MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then, and is retried
     STARVING_SHARE = 0.25  # while claims come back full, this share goes to starving rows first
-    IGNORED_FIELD_LOG_SECONDS = 600.0  # an answer field ignored is logged this often at most
 
     def __init__(
         self,
@@ -102,40 +86,26 @@ class Service:
         self.clock = clock
         self.draw = draw
         self.lease = dt.timedelta(seconds=lease_seconds)
-        self.max_download_seconds = max_download_seconds
         self.db_executor = db_executor or concurrent.futures.ThreadPoolExecutor(
             DB_THREADS, thread_name_prefix="db"
         )
-        self.stats = Stats()
+        self.stats = metrics.Stats()
         self.metrics = meters or metrics.Metrics()
         self.metrics.rate_limit.set(limiter.rate)
         self.last_tick_at: dt.datetime | None = None  # when a tick last completed
         self.tick_failures = 0  # crashed ticks in a row
         self.keygate = keygate.KeyGate(self)
-        self.max_downloads = max_downloads
-        # Downloads claimed beyond the free slots: at most this many wait for one.
-        self.download_queue = max_downloads
-        self._download_slots = asyncio.Semaphore(max_downloads)
-        self._downloading: set[str] = set()  # rows downloading, waiting for a slot, or about to
         self._running: dict[str, asyncio.Task[None]] = {}
         self._done: list[models.Task] = []
         self._to_release: set[str] = set()
-        self._unstarted_polls = 0  # claimed rows whose poll has not gone out yet
-        self._poll_slots = asyncio.Semaphore(self.MAX_CONCURRENT_POLLS)
         self._lost: set[str] = set()  # rows whose lease another daemon took: drop their work
         self._store_failures = 0
         self._store_retry_at = 0.0  # clock.monotonic() before which the tick leaves the database be
         self._stopping = False
         self._claims_full = False  # the last claim returned all it asked for: the budget is tight
-        self._ignored_logged: dict[str, float] = {}  # answer field -> when it was last logged
         # Why the database refuses our writes (a missing grant), while it does.
         self.writes_refused: str | None = None
-        # The provider's health over the longest a poll may wait (the longest cadence, or the
-        # backoff cap in an outage): every task is polled at least once in such a window.
-        self.health = outage.Health(
-            max(rules.backoff_cap_seconds, *(c.high for c in rules.cadences.values()))
-        )
-        self._trouble: str | None = None
+        self.worker = worker.Worker(self, max_downloads, max_download_seconds)
 
     # --- the scheduled jobs -------------------------------------------------------------------------
 
@@ -204,11 +174,11 @@ class Service:
             if row.task_id in self._running:
                 continue  # our own lease ran out and we re-claimed it: one worker is enough
             if row.state == models.State.DOWNLOADING and row.video_url:
-                if self._download_room() <= 0:
+                if self.worker.download_room() <= 0:
                     # More downloads than this daemon can start soon: another replica takes it.
                     self._to_release.add(row.task_id)
                     continue
-                self._downloading.add(row.task_id)
+                self.worker.downloading.add(row.task_id)
             self._lost.discard(row.task_id)
             self._running[row.task_id] = asyncio.create_task(
                 self._work(row), name=f"task:{row.task_id}"
@@ -224,7 +194,7 @@ class Service:
         overdue first, so no row waits behind ever-due rows closer to their deadline.
         """
         lease = self.lease.total_seconds()
-        room = self._download_room()
+        room = self.worker.download_room()
         if self.keygate.blocked:
             # While the key is rejected, only rows already downloading are worked on: their link
             # needs no key.
@@ -341,7 +311,7 @@ class Service:
 
     async def refresh_gauges(self) -> store.Summary:
         """Recount tasks by state and at risk for the gauges (a housekeeping job)."""
-        self.provider_trouble()  # an outage ends when its polls leave the window, polled or not
+        self.worker.provider_trouble()  # an outage ends when its polls leave the window, polled or not
         summary = await self.db(self.store.summary, self.clock())
         for state, count in summary.counts.items():
             self.metrics.tasks.labels(state=state).set(count)
@@ -436,10 +406,6 @@ class Service:
 
     # --- one row ----------------------------------------------------------------------------------
 
-    def _download_room(self) -> int:
-        """How many more downloads this daemon can start soon: its free slots plus a short queue."""
-        return self.max_downloads + self.download_queue - len(self._downloading)
-
     def _claim_limit(self) -> int:
         # Claim only what can start soon: a claimed row waiting long in a queue holds its lease idle
         # and its lateness grows unseen.
@@ -447,14 +413,16 @@ class Service:
             math.ceil(self.limiter.rate * self.CLAIM_AHEAD_SECONDS), self.MAX_UNSTARTED_POLLS
         )
         return min(
-            self.CLAIM_BATCH, self.MAX_IN_FLIGHT - len(self._running), ahead - self._unstarted_polls
+            self.CLAIM_BATCH,
+            self.MAX_IN_FLIGHT - len(self._running),
+            ahead - self.worker.unstarted_polls,
         )
 
     async def _work(self, row: models.Task) -> None:
         task_log = log.bind(task_id=row.task_id)
         outcome: models.Task | None = None
         try:
-            outcome = await self._handle(row, task_log)
+            outcome = await self.worker.handle(row, task_log)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -466,7 +434,7 @@ class Service:
             )
         finally:
             self._running.pop(row.task_id, None)
-            self._downloading.discard(row.task_id)
+            self.worker.downloading.discard(row.task_id)
             if row.task_id in self._lost:
                 # Another daemon holds the row now: write nothing back, release nothing.
                 self._lost.discard(row.task_id)
@@ -490,324 +458,5 @@ class Service:
                 reason=outcome.error,
             )
 
-    async def _handle(
-        self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
-    ) -> models.Task | None:
-        decided = policy.before_work(row, self.clock())
-        if decided is not None:
-            return decided  # an id that can never be valid: no key in the archive either
-        if row.state == models.State.DOWNLOADING and row.video_url:
-            outcome = await self._archive(row, task_log)
-        else:
-            polled = await self._poll(row, task_log)
-            if polled is None:
-                return None
-            if polled.state != models.State.DOWNLOADING:
-                outcome = polled
-            elif self._download_room() <= 0:
-                # No slot soon: written back due now, for whichever daemon has one first.
-                task_log.debug("download_handed_back", downloads=len(self._downloading))
-                return polled
-            else:
-                self._downloading.add(row.task_id)
-                outcome = await self._archive(polled, task_log)
-        if outcome.state in NEGATIVE_STATES:
-            return await self._looked_up(row, outcome, task_log)
-        return outcome
-
-    async def _looked_up(
-        self,
-        row: models.Task,
-        verdict: models.Task,
-        task_log: structlog.typing.FilteringBoundLogger,
-    ) -> models.Task:
-        """``verdict`` (failed, cancelled, expired, rejected), unless the video is in the archive
-        after all: then ``archived``. A task is never given up before the archive was looked at;
-        when the archive cannot say, the verdict waits and the task is tried again."""
-        now = self.clock()
-        try:
-            stored = await self.archive.find(row.task_id, read_back=True)
-        except errors.ArchiveError as exc:
-            task_log.warning("verdict_deferred", verdict=verdict.state, error=str(exc))
-            reason = f"the archive could not be checked ({exc})"
-            return policy.on_verdict_deferred(row, verdict, reason, now, self.rules, self.draw)
-        if stored is None:
-            return verdict
-        task_log.info(
-            "video_found_in_archive",
-            uri=stored.uri,
-            bytes=stored.size,
-            instead_of=verdict.state,
-            reason=verdict.error,
-        )
-        return policy.on_archived(verdict, stored.uri, stored.size, stored.sha256, now)
-
-    async def _poll(
-        self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
-    ) -> models.Task | None:
-        """Poll the provider once; None means: give the row back untouched (key rejected)."""
-        self._unstarted_polls += 1
-        try:
-            await self.limiter.acquire()
-            await self._poll_slots.acquire()
-        finally:
-            self._unstarted_polls -= 1
-        now = self.clock()
-        try:
-            if self.keygate.blocked:
-                return None  # the key broke while this poll waited for its turn
-            if row.next_attempt_at is not None:
-                # Measured when the request really starts: time queued for a slot counts as late.
-                lateness = (now - row.next_attempt_at).total_seconds()
-                self.metrics.poll_lateness.observe(max(0.0, lateness))
-            self.stats.polls += 1
-            answer = await self.provider.fetch(row.task_id)
-        except errors.AuthRejected as exc:
-            self._count_poll(row, exc)
-            return await self._auth_rejected(row, exc, now, task_log)
-        except errors.ProviderError as exc:
-            self._count_poll(row, exc)
-            self._observe(row, exc, now)
-            return self._poll_failed(row, exc, now, task_log)
-        finally:
-            self._poll_slots.release()
-        self._count_poll(row, None)
-        self._observe(row, None, now)
-        self.keygate.answered(now)
-        task_log.debug("task_polled", status=answer.status.value)
-        if answer.ignored:
-            self._ignored_fields(answer, task_log)
-        polled = policy.on_answer(row, answer, now, self.rules, self.draw)
-        if row.provider is None:
-            # The first answer: from now on only daemons of this provider claim the row.
-            polled = polled.replace(provider=self.provider.name)
-        return polled
-
-    def _observe(
-        self, row: models.Task, exc: errors.ProviderError | None, now: dt.datetime
-    ) -> None:
-        """Count a poll's outcome towards the provider's health (outage.py)."""
-        stamp = now.timestamp()
-        if exc is None or isinstance(exc, errors.MalformedAnswer | errors.TaskNotFound):
-            gone = isinstance(exc, errors.TaskNotFound)
-            known = policy.well_inside(row, now)
-            self.health.answered(stamp, row.task_id, gone=gone, known=known)
-        elif isinstance(exc, errors.ProviderUnavailable):
-            self.health.failed(stamp, row.task_id)
-        else:
-            return  # a 429 or a rejected key says nothing of the provider's health
-        self.provider_trouble(now)
-
-    def provider_trouble(self, now: dt.datetime | None = None) -> str | None:
-        """Why the provider looks out of order now (outage.py), or None; said once when it starts
-        and when it ends, and kept in the gauge ``seedance_provider_outage``."""
-        reason = self.health.outage((now or self.clock()).timestamp())
-        if (reason is None) != (self._trouble is None):
-            if reason is not None:
-                log.error(
-                    "provider_outage",
-                    reason=reason,
-                    effect="polls back off; no task is given up on a 404 while it lasts",
-                )
-            else:
-                log.warning("provider_outage_over")
-            self.metrics.provider_outage.set(0 if reason is None else 1)
-        self._trouble = reason
-        return reason
-
-    def _ignored_fields(
-        self, answer: models.Answer, task_log: structlog.typing.FilteringBoundLogger
-    ) -> None:
-        """Count the side fields an answer had that could not be read; say so once per field per
-        IGNORED_FIELD_LOG_SECONDS (a drifted provider would otherwise log on every poll)."""
-        moment = self.clock.monotonic()
-        for name, why in answer.ignored:
-            self.metrics.answer_fields_ignored.labels(field=name).inc()
-            last = self._ignored_logged.get(name)
-            if last is None or moment - last >= self.IGNORED_FIELD_LOG_SECONDS:
-                self._ignored_logged[name] = moment
-                task_log.warning(
-                    "answer_field_ignored",
-                    field=name,
-                    why=why,
-                    effect="read as absent; the task goes on (only id, status and a finished "
-                    "task's link must be right)",
-                )
-
-    def _count_poll(self, row: models.Task, exc: errors.ProviderError | None) -> None:
-        if exc is None:
-            self.metrics.count_poll(row.mode, "ok", "2xx")
-            return
-        code = exc.status_code
-        self.metrics.count_poll(
-            row.mode,
-            _POLL_OUTCOMES.get(type(exc), "error"),
-            "none" if code is None else f"{code // 100}xx",
-        )
-
-    def _poll_failed(
-        self,
-        row: models.Task,
-        exc: errors.ProviderError,
-        now: dt.datetime,
-        task_log: structlog.typing.FilteringBoundLogger,
-    ) -> models.Task | None:
-        """The task after a failed poll (any error but a rejected key)."""
-        if isinstance(exc, errors.TaskNotFound):
-            if policy.deadline_ahead(row, now) and self.health.storm(now.timestamp()):
-                # Most tasks the provider should still have answer 404: an outage, not evidence.
-                # (Past its deadline, a 404 is what the provider promised: evidence even then.)
-                self.stats.poll_errors += 1
-                return policy.on_poll_error(row, policy.STORM_REASON, now, self.rules, self.draw)
-            return policy.on_not_found(row, now, self.rules, self.draw)
-        if isinstance(exc, errors.MalformedAnswer):
-            self.stats.malformed += 1
-            self.metrics.malformed_answers.inc()
-            task_log.warning("malformed_answer", error=str(exc))
-            return policy.on_malformed(row, str(exc), now, self.rules, self.draw)
-        if isinstance(exc, errors.RateLimited):
-            self.stats.rate_limited += 1
-            wait = exc.retry_after
-            if wait is None:
-                wait = policy.backoff_seconds(
-                    row.attempts + 1, 1.0, self.rules.backoff_cap_seconds, self.draw
-                )
-            # Every request of this daemon waits, and the pace itself drops until it recovers.
-            self.limiter.pause(wait)
-            self.limiter.slow_down()
-            task_log.warning("provider_rate_limited", retry_after_s=exc.retry_after, pause_s=wait)
-            return policy.on_poll_error(row, str(exc), now, self.rules, self.draw, wait)
-        self.stats.poll_errors += 1
-        task_log.warning("poll_failed", error=str(exc), attempts=row.attempts + 1)
-        return policy.on_poll_error(row, str(exc), now, self.rules, self.draw)
-
-    async def _auth_rejected(
-        self,
-        row: models.Task,
-        exc: errors.AuthRejected,
-        now: dt.datetime,
-        task_log: structlog.typing.FilteringBoundLogger,
-    ) -> models.Task | None:
-        """A 401/403 for one task: is the key wrong, or is only this task refused?
-
-        One key check (a request for an id that cannot exist) tells them apart. A rejected key
-        pauses polling and gives the row back untouched (None); a key the provider accepts makes
-        the refusal this task's own, retried a few times and then ``rejected``. When the check
-        cannot tell, polling pauses too: no task is given up on a guess.
-        """
-        verdict = await self.keygate.check()
-        if verdict is True:
-            task_log.warning("task_refused_by_provider", error=str(exc))
-            return policy.on_task_forbidden(row, str(exc), now, self.rules, self.draw)
-        if verdict is None and not self.keygate.blocked:
-            self.keygate.block(now, f"{exc} and the key check could not tell")
-        return None
-
-    async def _archive(
-        self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
-    ) -> models.Task:
-        assert row.video_url is not None
-        async with self._download_slots:
-            started = self.clock.monotonic()
-            try:
-                stored = await self.archive.find(row.task_id)
-                if stored is not None:
-                    task_log.info("video_already_archived", uri=stored.uri, bytes=stored.size)
-                else:
-                    # We hold the lease: any unfinished upload of this task is a dead one's leftover.
-                    await self.archive.discard_incomplete(row.task_id)
-                    stored = await self._copy(row)
-            except errors.LinkExpired as exc:
-                self._download_failed("link_expired")
-                task_log.warning("video_link_expired", error=str(exc))
-                return policy.on_link_refused(row, str(exc), self.clock(), self.rules)
-            except errors.NotAVideo as exc:
-                self._download_failed("not_a_video")
-                task_log.warning("video_not_a_video", error=str(exc))
-                return policy.on_not_a_video(row, str(exc), self.clock(), self.rules, self.draw)
-            except errors.RefusedBySetting as exc:
-                self._download_failed(
-                    "too_large" if isinstance(exc, errors.VideoTooLarge) else "unsafe_url"
-                )
-                stored = await self._stored_whole(row, exc, task_log)
-                if stored is None:
-                    task_log.warning("video_waits_on_setting", error=str(exc))
-                    return policy.on_waiting_on_setting(
-                        row, str(exc), self.clock(), self.rules, self.draw
-                    )
-            except (errors.DownloadError, errors.ArchiveError) as exc:
-                self._download_failed(
-                    "storage" if isinstance(exc, errors.ArchiveError) else "download"
-                )
-                task_log.warning("video_download_failed", error=str(exc))
-                return policy.on_download_error(row, str(exc), self.clock(), self.rules, self.draw)
-        self.stats.archived += 1
-        self.stats.archived_bytes += stored.size
-        now = self.clock()
-        self.metrics.archived_bytes.inc(stored.size)
-        self.metrics.archive_seconds.observe(self.clock.monotonic() - started)
-        if row.completed_at is not None:
-            delay = (now - row.completed_at).total_seconds()
-            self.metrics.completion_to_archive.observe(max(0.0, delay))
-        task_log.info(
-            "video_archived",
-            uri=stored.uri,
-            bytes=stored.size,
-            sha256=stored.sha256,
-            seconds=round(self.clock.monotonic() - started, 3),
-        )
-        return policy.on_archived(row, stored.uri, stored.size, stored.sha256, now)
-
-    async def _stored_whole(
-        self,
-        row: models.Task,
-        refusal: errors.RefusedBySetting,
-        task_log: structlog.typing.FilteringBoundLogger,
-    ) -> archive.Stored | None:
-        """The video already in the archive at the size its link announces, if it is: a video
-        refused by a setting now may have been archived before the setting changed."""
-        length = refusal.length if isinstance(refusal, errors.VideoTooLarge) else None
-        if length is None:
-            return None
-        try:
-            stored = await self.archive.find(row.task_id, read_back=True)
-        except errors.ArchiveError as exc:
-            task_log.warning("archive_not_checked", error=str(exc))
-            return None
-        return stored if stored is not None and stored.size == length else None
-
-    async def _copy(self, row: models.Task) -> archive.Stored:
-        """Stream the video into the archive, as a whole within MAX_DOWNLOAD_SECONDS: a trickling
-        host (or store) cannot hold a download slot for hours. The task's deadline never cuts a
-        download: the provider may well serve the video past it."""
-        limit = self.max_download_seconds
-        try:
-            async with asyncio.timeout(limit):
-                async with self.provider.open_video(row) as video:
-                    return await self.archive.put(
-                        row.task_id, video.chunks, video.length, archive.describe(row)
-                    )
-        except TimeoutError:
-            raise errors.DownloadError(
-                f"the download did not finish within {limit:.0f}s "
-                "(SEEDANCE_MAX_DOWNLOAD_SECONDS); it will be retried"
-            ) from None
-
-    def _download_failed(self, reason: str) -> None:
-        self.stats.download_failures += 1
-        self.metrics.download_failures.labels(reason=reason).inc()
-
 
 POLL_STATES = (models.State.PENDING.value, models.State.POLLING.value)
-# The terminal states other than archived: each is given only after a look in the archive.
-NEGATIVE_STATES = frozenset(
-    {models.State.FAILED, models.State.CANCELLED, models.State.EXPIRED, models.State.REJECTED}
-)
-
-_POLL_OUTCOMES: dict[type[errors.ProviderError], str] = {
-    errors.AuthRejected: "auth_rejected",
-    errors.RateLimited: "rate_limited",
-    errors.TaskNotFound: "not_found",
-    errors.MalformedAnswer: "malformed",
-    errors.ProviderUnavailable: "unavailable",
-}

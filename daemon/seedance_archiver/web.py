@@ -174,7 +174,7 @@ class WebServer:
             self._check(self.svc.archive.check()),
         )
         api_key = "rejected by the provider" if self.svc.keygate.blocked else "ok"
-        provider = self.svc.provider_trouble() or "ok"
+        provider = self.svc.worker.provider_trouble() or "ok"
         if database == "ok" and self.svc.writes_refused is not None:
             database = self.svc.writes_refused
         checks = {

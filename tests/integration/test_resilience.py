@@ -199,8 +199,8 @@ class TestStalledStorage:
 
         def twenty_at_once(svc: service.Service) -> None:
             # Twenty uploads at once, as operators with fast links run it (the default is four).
-            svc._download_slots = asyncio.Semaphore(len(uploads))
-            svc.max_downloads = len(uploads)  # and claims that many downloads
+            svc.worker._download_slots = asyncio.Semaphore(len(uploads))
+            svc.worker.max_downloads = len(uploads)  # and claims that many downloads
 
         with FaultProxy(port) as proxy:
             monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)

@@ -599,7 +599,7 @@ class TestOutage:
             await rig.at(600)
         assert {rig.row(task_id).state for task_id in ids} == {State.POLLING}
         assert all(policy.STORM_REASON in (rig.row(t).error or "") for t in ids)
-        assert rig.svc.provider_trouble() is not None
+        assert rig.svc.worker.provider_trouble() is not None
         assert rig.svc.metrics.registry.get_sample_value("seedance_provider_outage") == 1
 
     async def test_past_its_deadline_a_404_is_evidence_even_then(self, rig: Rig) -> None:
@@ -618,7 +618,7 @@ class TestOutage:
         for _ in range(5):
             await rig.at(600)
         assert {rig.row(f"video_typo_{i}").state for i in range(10)} == {State.REJECTED}
-        assert rig.svc.provider_trouble() is None
+        assert rig.svc.worker.provider_trouble() is None
 
     async def test_a_provider_outage_is_said_and_ends(self, rig: Rig) -> None:
         ids = [f"video_{i}" for i in range(6)]
@@ -627,12 +627,12 @@ class TestOutage:
             rig.provider.script(task_id, errors.ProviderUnavailable(providers_http.NOT_OWN_404))
         with structlog.testing.capture_logs() as logs:
             await rig.cycle()
-            assert rig.svc.provider_trouble() is not None
+            assert rig.svc.worker.provider_trouble() is not None
             assert rig.svc.metrics.registry.get_sample_value("seedance_provider_outage") == 1
             for task_id in ids:
                 rig.provider.script(task_id, answer(task_id, "processing"))
             await until_verdict(rig, ids[-1], cycles=1)
-            assert rig.svc.provider_trouble() is None
+            assert rig.svc.worker.provider_trouble() is None
             assert rig.svc.metrics.registry.get_sample_value("seedance_provider_outage") == 0
         events = [e["event"] for e in logs if e["event"].startswith("provider_outage")]
         assert events == ["provider_outage", "provider_outage_over"]
@@ -649,18 +649,18 @@ class TestDownloadRoom:
             rig.store.rows[f"video_{i:02}"] = seen(
                 f"video_{i:02}", state="downloading", video_url=f"{URL}&n={i}"
             )
-        assert await rig.svc.tick() == rig.svc.max_downloads + rig.svc.download_queue
+        assert await rig.svc.tick() == rig.svc.worker.max_downloads + rig.svc.worker.download_queue
         await rig.svc.flush()
         held = [t for t in rig.store.rows.values() if t.lease_owner == OWNER]
-        assert len(held) == rig.svc.max_downloads + rig.svc.download_queue
+        assert len(held) == rig.svc.worker.max_downloads + rig.svc.worker.download_queue
         assert await rig.svc.tick() == 0  # full: nothing more is claimed
         await rig.svc.stop(0)
 
     async def test_a_poll_that_finds_a_video_with_no_room_hands_it_back(self) -> None:
         slow = SlowVideoProvider()
         rig = make_rig(fake_provider=slow)
-        rig.svc.download_queue = 0
-        for i in range(rig.svc.max_downloads):
+        rig.svc.worker.download_queue = 0
+        for i in range(rig.svc.worker.max_downloads):
             rig.store.rows[f"video_{i:02}"] = seen(
                 f"video_{i:02}", state="downloading", video_url=f"{URL}&n={i}"
             )
@@ -1239,7 +1239,9 @@ class TestDownloadDeadline:
     async def test_a_trickling_download_is_cut_and_retried(self) -> None:
         slow = SlowVideoProvider()
         rig = make_rig(fake_provider=slow)
-        rig.svc.max_download_seconds = 0.05  # a real (short) timer: the one thing not faked here
+        rig.svc.worker.max_download_seconds = (
+            0.05  # a real (short) timer: the one thing not faked here
+        )
         rig.store.add(TASK_ID)
         rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
         await rig.svc.tick()
