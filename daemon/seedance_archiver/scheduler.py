@@ -276,7 +276,7 @@ class Daemon:
         except errors.ArchiveError as exc:
             log.error("archive_unreachable", error=str(exc))
         try:
-            await svc.wake_waiting_on_settings()
+            await svc.maintenance.wake_waiting_on_settings()
         except errors.StoreError as exc:
             log.warning("waiting_on_settings_not_woken", error=str(exc))
 
@@ -285,9 +285,9 @@ class Daemon:
         self._ticker = _Ticker(_guarded("tick", self._tick))
         self._every("tick", self._ticker.run, self.tick_seconds, now=True)
         self._every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
-        self._every("housekeeping", svc.housekeeping, HOUSEKEEPING_SECONDS, now=True)
-        self._every("refresh_gauges", svc.refresh_gauges, GAUGES_SECONDS, now=True)
-        self._every("learn", svc.learn, LEARN_SECONDS, now=True)
+        self._every("housekeeping", svc.maintenance.housekeeping, HOUSEKEEPING_SECONDS, now=True)
+        self._every("refresh_gauges", svc.maintenance.refresh_gauges, GAUGES_SECONDS, now=True)
+        self._every("learn", svc.maintenance.learn, LEARN_SECONDS, now=True)
         self._every("check_key", svc.keygate.check_if_due, KEY_CHECK_SECONDS, now=True)
         self._every("heartbeat", self._heartbeat, HEARTBEAT_SECONDS, now=True)
         if self.settings.prune_after_days > 0:
@@ -424,13 +424,9 @@ class Daemon:
             await asyncio.sleep(WEBHOOK_POLL_SECONDS)
 
     async def _prune(self) -> None:
-        svc, task_store = self._parts()
-        cutoff = svc.clock() - dt.timedelta(days=self.settings.prune_after_days)
-        # With webhooks on, a row waits until its events are delivered: none is deleted unsent.
+        svc, _ = self._parts()
         keep = self.deliverer is not None
-        deleted = await svc.db(task_store.prune, cutoff, keep_undelivered=keep)
-        if deleted:
-            log.info("finished_rows_pruned", rows=deleted, finished_before=cutoff.isoformat())
+        await svc.maintenance.prune(self.settings.prune_after_days, keep_undelivered=keep)
 
     async def _watchdog(self) -> None:
         # Only vouch for the daemon while its ticks complete: a stuck or crashing tick gets us

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import datetime as dt
 import functools
 import math
@@ -23,6 +22,7 @@ from seedance_archiver import (
     archive,
     errors,
     keygate,
+    maintenance,
     metrics,
     models,
     policy,
@@ -106,6 +106,7 @@ class Service:
         # Why the database refuses our writes (a missing grant), while it does.
         self.writes_refused: str | None = None
         self.worker = worker.Worker(self, max_downloads, max_download_seconds)
+        self.maintenance = maintenance.Maintenance(self)
 
     # --- the scheduled jobs -------------------------------------------------------------------------
 
@@ -238,29 +239,6 @@ class Service:
         self._claims_full = len(rows) + len(rest) >= limit
         return rows + rest
 
-    async def learn(self) -> dict[str, policy.Learned]:
-        """Re-read the recent generation times per model from the table and learn each model's
-        skip from them (a periodic job: replicas and restarts share what every daemon saw)."""
-        now = self.clock()
-        since = now - self.rules.retention
-        times = await self.db(self.store.generation_times, since, policy.LEARN_WINDOW)
-        learned = policy.learn(times, self.rules)
-        if learned != self.rules.learned:
-            log.info(
-                "generation_times_learned",
-                skips={m: round(v.skip_seconds, 1) for m, v in sorted(learned.items())},
-            )
-        self.rules = dataclasses.replace(self.rules, learned=learned)
-        return learned
-
-    async def wake_waiting_on_settings(self) -> int:
-        """At start: rows waiting on one of our settings are due now, since it may have changed
-        (raise SEEDANCE_MAX_VIDEO_BYTES, restart, and they are archived with no row touched)."""
-        woken = await self.db(self.store.wake_waiting_on_settings, self.clock(), self.provider.name)
-        if woken:
-            log.info("waiting_on_settings_woken", rows=woken)
-        return woken
-
     def wake(self) -> None:
         """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""
         self._store_retry_at = 0.0
@@ -290,39 +268,6 @@ class Service:
             retry_in_s=delay,
             unsaved_outcomes=len(self._done),
         )
-
-    async def housekeeping(self) -> int:
-        """Remove unfinished uploads nobody is working on (a killed process left them behind).
-
-        An upload is abandoned when no daemon holds a live lease on its task: only the lease holder
-        uploads. Only uploads begun before this check are touched, so a new one is never cut off.
-        """
-        checked_at = self.clock()
-        candidates = await self.archive.incomplete()
-        if not candidates:
-            return 0
-        busy = await self.db(self.store.leased, candidates, checked_at)
-        removed = 0
-        for task_id in sorted(candidates - busy - set(self._running)):
-            removed += await self.archive.discard_incomplete(task_id, started_before=checked_at)
-        if removed:
-            log.info("stale_uploads_removed", count=removed)
-        return removed
-
-    async def refresh_gauges(self) -> store.Summary:
-        """Recount tasks by state and at risk for the gauges (a housekeeping job)."""
-        self.worker.provider_trouble()  # an outage ends when its polls leave the window, polled or not
-        summary = await self.db(self.store.summary, self.clock())
-        for state, count in summary.counts.items():
-            self.metrics.tasks.labels(state=state).set(count)
-        self.metrics.tasks_at_risk.set(summary.at_risk)
-        self.metrics.tasks_waiting_on_setting.set(summary.waiting_on_setting)
-        self.metrics.polling_load.set(
-            policy.polling_load(
-                summary.due_soon, store.LOAD_WINDOW.total_seconds(), self.limiter.max_rate
-            )
-        )
-        return summary
 
     async def renew_leases(self) -> int:
         """Keep the leases of rows still being worked on (long downloads) from running out.
@@ -403,6 +348,11 @@ class Service:
     @property
     def in_flight(self) -> int:
         return len(self._running)
+
+    @property
+    def working(self) -> set[str]:
+        """The task ids this daemon works on now (their uploads are not abandoned)."""
+        return set(self._running)
 
     # --- one row ----------------------------------------------------------------------------------
 

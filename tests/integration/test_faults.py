@@ -751,7 +751,7 @@ class TestBrokenDownloads:
                 "the row to wait on the setting",
             )
             row = d.row(tid)
-            await d.svc.refresh_gauges()
+            await d.svc.maintenance.refresh_gauges()
             waiting = d.svc.metrics.registry.get_sample_value("seedance_tasks_waiting_on_setting")
         assert row.state == "downloading" and row.video_url is not None
         assert row.error is not None and "SEEDANCE_MAX_VIDEO_BYTES" in row.error

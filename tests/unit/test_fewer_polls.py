@@ -459,7 +459,7 @@ class TestService:
                 provider_created_at=created,
                 completed_at=created + seconds(150 + i),
             )
-        learned = await rig.svc.learn()
+        learned = await rig.svc.maintenance.learn()
         assert learned[MODEL_720].skip_seconds == pytest.approx(152.95)
         assert policy.skip_seconds(answer(), rig.svc.rules) == pytest.approx(152.95)
 
@@ -481,7 +481,7 @@ class TestService:
         rig = self.rig()
         for i in range(120):
             rig.store.add(f"video_{i}")
-        await rig.svc.refresh_gauges()
+        await rig.svc.maintenance.refresh_gauges()
         ratio = rig.svc.metrics.polling_load.collect()[0].samples[0].value
         assert ratio == pytest.approx(120 / 60 / rig.svc.limiter.max_rate)
 

@@ -138,7 +138,7 @@ def test_real_and_fake_take_the_same_parameters_as_the_protocol(
 def test_the_store_protocol_covers_what_the_daemon_and_cli_call() -> None:
     """Every store method called from the scheduler, the web server, the CLI and the demo."""
     called: set[str] = set()
-    for name in ("scheduler", "web", "cli", "demo", "service"):
+    for name in ("scheduler", "web", "cli", "demo", "service", "maintenance"):
         for node in ast.walk(ast.parse(MODULES[name].read_text())):
             if (
                 isinstance(node, ast.Attribute)
