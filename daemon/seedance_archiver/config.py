@@ -110,6 +110,13 @@ class DatabaseSettings(pydantic_settings.BaseSettings):
         return self.database_url
 
 
+# The defaults of three settings below, declared once here: the service and the web server take
+# them too when they are built without settings (tests, benchmarks).
+LEASE_SECONDS = 120.0
+MAX_DOWNLOAD_SECONDS = 3600.0
+HTTP_MAX_CONNECTIONS = 100
+
+
 class Settings(DatabaseSettings):
     """Every setting of the daemon. Build it with :func:`load` to get readable errors."""
 
@@ -148,14 +155,14 @@ class Settings(DatabaseSettings):
     shutdown_grace_seconds: float = pydantic.Field(default=30.0, ge=0)
     # How long a claimed row stays ours without renewal. A dead replica's rows wait this long before
     # another replica takes them, so it should exceed the longest cadence floor (flex: 60 s).
-    lease_seconds: float = pydantic.Field(default=120.0, ge=1)
+    lease_seconds: float = pydantic.Field(default=LEASE_SECONDS, ge=1)
     # A task the provider keeps unfinished (queued, processing) this many days after its creation
     # ends expired: Ark keeps a task 7 days. The deadline alone never ends a task.
     give_up_after_days: float = pydantic.Field(default=policy.GIVE_UP_AFTER_DAYS, gt=0, le=3650)
     # Delete finished rows this many days after they finished; 0 keeps them forever.
     prune_after_days: float = pydantic.Field(default=0.0, ge=0)
     # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.
-    max_download_seconds: float = pydantic.Field(default=3600.0, gt=0)
+    max_download_seconds: float = pydantic.Field(default=MAX_DOWNLOAD_SECONDS, gt=0)
     # Webhooks to the feeding application (off while no URL is set).
     webhook_url: str | None = None
     # One or more whsec_ secrets, separated by spaces or commas: every one signs (rotation).
@@ -172,7 +179,7 @@ class Settings(DatabaseSettings):
     callback_token: pydantic.SecretStr | None = None
     callback_token_file: pathlib.Path | None = None
     # Connections the HTTP port holds at once (callbacks, /metrics, /readyz); beyond it, 503.
-    http_max_connections: int = pydantic.Field(default=100, ge=1, le=1000)
+    http_max_connections: int = pydantic.Field(default=HTTP_MAX_CONNECTIONS, ge=1, le=1000)
 
     @pydantic.model_validator(mode="before")
     @classmethod

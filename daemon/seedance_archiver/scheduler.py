@@ -168,7 +168,7 @@ def build_deliverer(
 # default: 700). A poll allocates a few hundred objects (httpx's and aiohttp's request and response,
 # the answer, the task's copy), so at the default the collector ran several times per tick, each time
 # walking every object younger than its last full pass: 22% of the daemon's CPU at 100,000 tasks
-# (bench/README.md, issue 14). Cycles are still collected, a little later.
+# (bench/README.md, the scale benchmark). Cycles are still collected, a little later.
 GC_YOUNGEST_THRESHOLD = 10_000
 
 

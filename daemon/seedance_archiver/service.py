@@ -20,6 +20,7 @@ import structlog
 
 from seedance_archiver import (
     archive,
+    config,
     errors,
     keygate,
     maintenance,
@@ -48,16 +49,12 @@ class Service:
     """Works due rows of ``video_tasks`` through the provider and into the archive."""
 
     CLAIM_BATCH = 1000
-    LEASE_SECONDS = (
-        120.0  # at least the longest cadence floor, so a dead replica's row is not re-polled early
-    )
     MAX_IN_FLIGHT = 5000
     MAX_DOWNLOADS = 4
     CLAIM_AHEAD_SECONDS = 2.0  # claim no more polls than the rate limit lets start in this long
     MAX_UNSTARTED_POLLS = 1000  # nor more claimed-but-unstarted polls than this, whatever the rate
     STORE_RETRY_MAX_SECONDS = 30.0  # while the database is down, try again at most this far apart
     MAX_TICK_FAILURES = 3  # crashed ticks in a row after which the daemon reports itself unhealthy
-    MAX_DOWNLOAD_SECONDS = 3600.0  # a whole download ends by then, and is retried
     STARVING_SHARE = 0.25  # while claims come back full, this share goes to starving rows first
 
     def __init__(
@@ -72,8 +69,8 @@ class Service:
         clock: utils.Clock = utils.CLOCK,
         draw: policy.Draw = random.uniform,
         max_downloads: int = MAX_DOWNLOADS,
-        lease_seconds: float = LEASE_SECONDS,
-        max_download_seconds: float = MAX_DOWNLOAD_SECONDS,
+        lease_seconds: float = config.LEASE_SECONDS,
+        max_download_seconds: float = config.MAX_DOWNLOAD_SECONDS,
         meters: metrics.Metrics | None = None,
         db_executor: concurrent.futures.Executor | None = None,
     ) -> None:

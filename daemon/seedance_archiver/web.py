@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from seedance_archiver import callbacks, errors, metrics, policy, service, store, utils
+from seedance_archiver import callbacks, config, errors, metrics, policy, service, store, utils
 
 log = structlog.get_logger(__name__)
 
@@ -36,7 +36,6 @@ HEALTHY_TICK_AGE_SECONDS = 30.0
 CHECK_TIMEOUT_SECONDS = 5.0
 CALLBACK_MAX_BYTES = 64 * 1024  # a task's state is a few hundred bytes; more is not a callback
 REFUSED_LOG_SECONDS = 60.0  # refused callbacks are logged at most this often (and always counted)
-MAX_CONNECTIONS = 100
 # An idle keep-alive connection is closed after this long: idle ones must not hold the cap.
 KEEPALIVE_SECONDS = 15.0
 OVER_CAPACITY = (
@@ -99,7 +98,7 @@ class WebServer:
         host: str,
         port: int,
         endpoint: Callbacks | None = None,
-        max_connections: int = MAX_CONNECTIONS,
+        max_connections: int = config.HTTP_MAX_CONNECTIONS,
     ) -> None:
         self.svc = svc
         self.store = task_store

@@ -80,7 +80,7 @@ async def serving(
     task_store: testing.FakeStore,
     *,
     queue_limit: int = callbacks.QUEUE_LIMIT,
-    max_connections: int = web.MAX_CONNECTIONS,
+    max_connections: int = config.HTTP_MAX_CONNECTIONS,
     with_callbacks: bool = True,
 ) -> AsyncIterator[tuple[str, service.Service]]:
     """The daemon's HTTP server for a service on ``task_store``, on a loopback port: its base URL.
