@@ -1,8 +1,9 @@
-"""One cycle of the daemon: claim due rows, poll them, decide, archive, write the outcomes back.
+"""One cycle of the daemon: claim due rows, work each (``worker.py``), write the outcomes back.
 
 The service holds no schedule of its own: ``scheduler.py`` calls :meth:`Service.tick` a few times a
-second and :meth:`Service.renew_leases` now and then. Each claimed row becomes one asyncio task; its
-outcome is queued and written back in a batch at the next tick.
+second, :meth:`Service.renew_leases` now and then, and the jobs of :attr:`Service.keygate`
+(``keygate.py``) and :attr:`Service.maintenance` (``maintenance.py``). Each claimed row becomes one
+asyncio task; its outcome is queued and written back in a batch at the next tick.
 """
 
 from __future__ import annotations
@@ -351,7 +352,7 @@ class Service:
         """The task ids this daemon works on now (their uploads are not abandoned)."""
         return set(self._running)
 
-    # --- one row ----------------------------------------------------------------------------------
+    # --- the rows in flight -------------------------------------------------------------------------
 
     def _claim_limit(self) -> int:
         # Claim only what can start soon: a claimed row waiting long in a queue holds its lease idle
