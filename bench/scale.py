@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(main_async(args))
     finally:
-        # Daemons before store.SqliteLock checked the backend left a `{database}.lock` file here.
+        # Daemons before db.SqliteLock checked the backend left a `{database}.lock` file here.
         pathlib.Path(f"{common.database_name('bench_scale')}.lock").unlink(missing_ok=True)
 
 

@@ -1,6 +1,6 @@
 """Alembic environment: the URL comes from the caller, ``-x url=``, or SEEDANCE_DATABASE_URL.
 
-Each revision runs in its own transaction, on a connection of its own (``store.make_migrate_engine``:
+Each revision runs in its own transaction, on a connection of its own (``db.make_migrate_engine``:
 a lock timeout, but neither the daemon's statement timeout nor its watchdog), once no other
 migrate runs on the database; ``schema`` says why and how a revision builds an index.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from seedance_archiver import models, store
+from seedance_archiver import db, models
 
 config = context.config
 url = (
@@ -29,11 +29,11 @@ def run_migrations() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    lock_timeout = config.attributes.get("lock_timeout_seconds", store.MIGRATE_LOCK_TIMEOUT_SECONDS)
-    engine = store.make_migrate_engine(url, lock_timeout)
+    lock_timeout = config.attributes.get("lock_timeout_seconds", db.MIGRATE_LOCK_TIMEOUT_SECONDS)
+    engine = db.make_migrate_engine(url, lock_timeout)
     try:
         with engine.connect() as conn:
-            store.lock_migrations(conn)
+            db.lock_migrations(conn)
             context.configure(connection=conn, **OPTIONS)
             with context.begin_transaction():
                 context.run_migrations()
@@ -42,7 +42,7 @@ def run_migrations() -> None:
 
 
 if context.is_offline_mode():
-    context.configure(url=str(store.engine_url(url)), **OPTIONS)
+    context.configure(url=str(db.engine_url(url)), **OPTIONS)
     with context.begin_transaction():
         context.run_migrations()
 else:

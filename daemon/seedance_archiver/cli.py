@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
 
 import seedance_archiver
-from seedance_archiver import archive, config, errors, logs, models, policy, store, utils, views
+from seedance_archiver import archive, config, db, errors, logs, models, policy, store, utils, views
 
 # The daemon's own modules (and what they bring: APScheduler, httpx, aiohttp, Alembic) are imported
 # by the commands that use them, and boto3 by an s3:// archive alone (archive.from_url): `add`,
@@ -331,7 +331,7 @@ def _rules() -> policy.Rules:
 def _check_processes(processes: int, settings: config.Settings) -> None:
     if processes < 1:
         raise errors.ConfigError("invalid option --processes: expected 1 or more")
-    if store.engine_url(settings.resolve_database_url()).get_backend_name() != "postgresql":
+    if db.engine_url(settings.resolve_database_url()).get_backend_name() != "postgresql":
         raise errors.ConfigError(
             "invalid option --processes: several processes need PostgreSQL "
             "(SQLite allows one daemon per database file)"

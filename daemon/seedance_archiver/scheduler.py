@@ -26,7 +26,9 @@ from seedance_archiver import (
     archive,
     callbacks,
     config,
+    db,
     errors,
+    listener,
     metrics,
     policy,
     providers,
@@ -218,12 +220,12 @@ class Daemon:
         self.settings = settings
         self.stop_requested = stop or asyncio.Event()
         self.tick_seconds = tick_seconds
-        self._lock: store.SqliteLock | None = None
+        self._lock: db.SqliteLock | None = None
         self.svc: service.Service | None = None
         self.store: store.Store | None = None
         self._scheduler = apscheduler.schedulers.asyncio.AsyncIOScheduler(timezone=dt.UTC)
         self._ticker: _Ticker | None = None
-        self._listener: store.Listener | None = None
+        self._listener: listener.Listener | None = None
         self._server: web.WebServer | None = None
         self.deliverer: webhooks.Deliverer | None = None
         self._delivery: asyncio.Task[None] | None = None
@@ -260,7 +262,7 @@ class Daemon:
 
     async def _open(self) -> None:
         """Take the SQLite file's lock (one daemon per file), then build the service."""
-        self._lock = store.SqliteLock(self.settings.resolve_database_url())
+        self._lock = db.SqliteLock(self.settings.resolve_database_url())
         self._lock.acquire()
         # Looked up at call time: tests and benchmarks wrap build_service.
         self.svc, self.store = build_service(self.settings, self.settings.resolve_api_key())

@@ -1,7 +1,7 @@
 """Schema migrations: ``seedance-archiver migrate`` is ``alembic upgrade head`` with our scripts.
 
 Migrating must not stall the feeders, whose inserts go on meanwhile, however large ``video_tasks``
-is. So ``migrate`` runs on its own connection (:func:`store.make_migrate_engine`): no statement
+is. So ``migrate`` runs on its own connection (:func:`db.make_migrate_engine`): no statement
 timeout and no watchdog, but a ``lock_timeout``; a revision that gives up waiting for a lock is
 retried a few times, later (:func:`upgrade`). Each revision is its own transaction, so what was
 applied stays applied, and the revision that failed runs again from its start on the next attempt.
@@ -29,11 +29,10 @@ import alembic.command
 import alembic.config
 import alembic.migration
 import sqlalchemy as sa
-import sqlalchemy.exc
 import structlog
 from alembic import op
 
-from seedance_archiver import errors, store
+from seedance_archiver import db, errors
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +55,7 @@ def upgrade(
     url: str,
     revision: str = "head",
     *,
-    lock_timeout_seconds: float = store.MIGRATE_LOCK_TIMEOUT_SECONDS,
+    lock_timeout_seconds: float = db.MIGRATE_LOCK_TIMEOUT_SECONDS,
     retry_pauses_seconds: Sequence[float] = LOCK_RETRY_PAUSES_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
@@ -68,15 +67,15 @@ def upgrade(
     pauses = list(retry_pauses_seconds)
     for attempt in range(1, len(pauses) + 2):
         try:
-            alembic.command.upgrade(cfg, revision)
+            with db.translated():
+                alembic.command.upgrade(cfg, revision)
             return
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            if not store.is_lock_timeout(exc):
-                raise errors.StoreError(f"database error: {store.first_line(exc)}") from exc
+        except db.LockTimeout as exc:
             if attempt > len(pauses):
+                detail = db.first_line(exc.__cause__ or exc)
                 raise errors.StoreError(
                     f"gave up after {attempt} attempts waiting for a lock (the sessions holding "
-                    f"it are in the migrate_lock_wait log lines): {store.first_line(exc)}"
+                    f"it are in the migrate_lock_wait log lines): {detail}"
                 ) from exc
             pause = pauses[attempt - 1]
             _log_lock_wait(url, lock_timeout_seconds, attempt, pause)
@@ -85,13 +84,13 @@ def upgrade(
 
 def _log_lock_wait(url: str, lock_timeout_seconds: float, attempt: int, pause: float) -> None:
     """Say which revision waited and on whom, as far as the database still tells."""
-    engine = store.make_migrate_engine(url, lock_timeout_seconds)
+    engine = db.make_migrate_engine(url, lock_timeout_seconds)
     try:
-        with engine.connect() as conn:
+        with db.translated(), engine.connect() as conn:
             at = alembic.migration.MigrationContext.configure(conn).get_current_revision()
-            holders = store.lock_holders(conn)
-    except sqlalchemy.exc.SQLAlchemyError as exc:
-        at, holders = None, [{"error": store.first_line(exc)}]
+            holders = db.lock_holders(conn)
+    except errors.StoreError as exc:
+        at, holders = None, [{"error": db.first_line(exc.__cause__ or exc)}]
     finally:
         engine.dispose()
     log.warning(
@@ -174,7 +173,7 @@ def drop_index(name: str) -> None:
 @contextlib.contextmanager
 def _no_lock_timeout() -> Iterator[None]:
     if _postgresql_online():
-        with store.no_lock_timeout(op.get_bind()):
+        with db.no_lock_timeout(op.get_bind()):
             yield
     else:
         yield

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from seedance_archiver import archive, errors, models, provider, store
+from seedance_archiver import archive, errors, listener, models, provider, store
 
 EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -190,7 +190,7 @@ class FakeStore:
     def check_schema(self) -> None:
         self.ping()
 
-    def listener(self, on_notify: Callable[[], None]) -> store.Listener | None:
+    def listener(self, on_notify: Callable[[], None]) -> listener.Listener | None:
         return None
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ from packaging.utils import canonicalize_name
 from seedance_archiver import (
     cli,
     config,
+    db,
     errors,
     schema,
     service,
@@ -220,7 +221,7 @@ def _descriptors_at_maxima() -> dict[str, int]:
     http = HTTP_MAX_CONNECTIONS
     if "http_max_connections" in config.Settings.model_fields:
         http = _maximum("http_max_connections")
-    engine = store.make_engine("postgresql://archiver@127.0.0.1/videos")  # connects to nothing
+    engine = db.make_engine("postgresql://archiver@127.0.0.1/videos")  # connects to nothing
     try:
         pool = engine.pool.size() + engine.pool._max_overflow  # type: ignore[attr-defined]
     finally:
@@ -847,7 +848,7 @@ class TestCompose:
         replicas = archiver["deploy"]["replicas"]
         assert replicas >= 2
         url = _database_url(compose, archiver)
-        assert store.engine_url(url).get_backend_name() == "postgresql"
+        assert db.engine_url(url).get_backend_name() == "postgresql"
         (published,) = archiver["ports"]
         host, ports, container = published.rsplit(":", 2)
         first, last = (int(p) for p in ports.split("-"))
@@ -1226,7 +1227,7 @@ class TestPostgresRoles:
             [str(acceptance.CLI), "migrate"], env=env, capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, result.stderr
-        engine = store.make_engine(archiver_login_url)
+        engine = db.make_engine(archiver_login_url)
         try:
             with engine.connect() as conn:
                 cfg = schema.alembic_config(archiver_login_url)

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import structlog.testing
-from seedance_archiver import config, errors, scheduler, simulator, store
+from seedance_archiver import config, db, errors, scheduler, simulator, store
 
 from tests.conftest import SIM_KEY
 
@@ -68,7 +68,7 @@ class TestLifecycle:
         assert await asyncio.wait_for(daemon.run(), timeout=30) == 0
         assert daemon.svc is None and daemon._server is None  # nothing was built or served
         # ... and the SQLite lock was not left behind: another daemon may start.
-        lock = store.SqliteLock(sqlite_url)
+        lock = db.SqliteLock(sqlite_url)
         lock.acquire()
         lock.release()
 
@@ -271,10 +271,10 @@ class TestSqliteLockScope:
     """The one-daemon-per-file lock applies to SQLite only."""
 
     def test_no_lock_file_for_postgresql_urls(self, tmp_path: pathlib.Path) -> None:
-        lock = store.SqliteLock("postgresql://postgres@127.0.0.1/some_db")
+        lock = db.SqliteLock("postgresql://postgres@127.0.0.1/some_db")
         assert lock.path is None
         lock.acquire()
         lock.release()
 
     def test_lock_file_sits_beside_the_database(self, tmp_path: pathlib.Path) -> None:
-        assert store.SqliteLock(f"sqlite:///{tmp_path}/x.db").path == f"{tmp_path}/x.db.lock"
+        assert db.SqliteLock(f"sqlite:///{tmp_path}/x.db").path == f"{tmp_path}/x.db.lock"

@@ -9,14 +9,14 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-from seedance_archiver import store, track
+from seedance_archiver import db, track
 
 Rows = Callable[[], dict[str, tuple[str, str | None]]]
 
 
 def _rows_of(url: str) -> Rows:
     def rows() -> dict[str, tuple[str, str | None]]:
-        engine = store.make_engine(url)
+        engine = db.make_engine(url)
         try:
             with engine.connect() as conn:
                 found = conn.execute(sa.text("SELECT task_id, mode, provider FROM video_tasks"))
@@ -40,7 +40,7 @@ def connection(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Rows]]:
     elif kind == "psycopg":
         conn = psycopg.connect(url)
     else:
-        engine = store.make_engine(url)
+        engine = db.make_engine(url)
         conn = engine.connect()
     try:
         yield conn, _rows_of(url)

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 import structlog
-from seedance_archiver import errors, models, schema, store
+from seedance_archiver import db, errors, models, schema
 
 from tests.conftest import wait_for
 
@@ -28,7 +28,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
 
 
 def _columns(url: str) -> set[str]:
-    engine = store.make_engine(url)
+    engine = db.make_engine(url)
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table("video_tasks"):
@@ -60,7 +60,7 @@ class TestMigrations:
 
     def test_models_agree_with_migrated_schema(self, empty_url: str) -> None:
         schema.upgrade(empty_url)
-        engine = store.make_engine(empty_url)
+        engine = db.make_engine(empty_url)
         try:
             with engine.connect() as conn:
                 context = alembic.migration.MigrationContext.configure(
@@ -78,7 +78,7 @@ class TestMigrations:
 
     def test_claim_index_is_in_claim_order(self, empty_url: str) -> None:
         schema.upgrade(empty_url)
-        engine = store.make_engine(empty_url)
+        engine = db.make_engine(empty_url)
         try:
             with engine.connect() as conn:
                 if engine.dialect.name == "postgresql":
@@ -127,7 +127,7 @@ def upgrade() -> None:
 """
 
 
-class _QuickWatchdog(store.Watchdog):
+class _QuickWatchdog(db.Watchdog):
     """The daemon's watchdog, cutting at 1 s instead of the statement timeout + 2 s."""
 
     def guard(self, key: int, fd: int, seconds: float) -> None:
@@ -218,7 +218,7 @@ class TestMigratingBesideFeeders:
     def test_a_long_revision_runs_without_the_daemons_timeouts_and_watchdog(
         self, empty_pg_url: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(store, "WATCHDOG", _QuickWatchdog())
+        monkeypatch.setattr(db, "WATCHDOG", _QuickWatchdog())
         versions = tmp_path / "versions"
         versions.mkdir()
         (versions / "9999_probe.py").write_text(PROBE_REVISION.format(head=_head()))
@@ -229,7 +229,7 @@ class TestMigratingBesideFeeders:
         alembic.command.upgrade(cfg, "head")
         with _pg(empty_pg_url) as conn:
             settings = conn.execute("SELECT statement, lock FROM migrate_probe").fetchone()
-        assert settings == ("0", f"{store.MIGRATE_LOCK_TIMEOUT_SECONDS:g}s")
+        assert settings == ("0", f"{db.MIGRATE_LOCK_TIMEOUT_SECONDS:g}s")
 
     def test_an_index_build_cut_half_way_is_dropped_and_built_again(
         self, empty_pg_url: str
@@ -322,11 +322,11 @@ class TestMigratingBesideFeeders:
             concurrent.futures.ThreadPoolExecutor(1) as pool,
             _pg(empty_pg_url, autocommit=True) as other,
         ):
-            other.execute("SELECT pg_advisory_lock(%s)", [store.MIGRATE_ADVISORY_LOCK])
+            other.execute("SELECT pg_advisory_lock(%s)", [db.MIGRATE_ADVISORY_LOCK])
             migrating = pool.submit(schema.upgrade, empty_pg_url)
             waited_past_lock_timeout = (
                 "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                f" AND now() - waitstart > interval '{store.MIGRATE_LOCK_TIMEOUT_SECONDS + 1}s'"
+                f" AND now() - waitstart > interval '{db.MIGRATE_LOCK_TIMEOUT_SECONDS + 1}s'"
             )
             wait_for(
                 lambda: migrating.done() or other.execute(waited_past_lock_timeout).fetchone(),
@@ -334,7 +334,7 @@ class TestMigratingBesideFeeders:
             )
             assert not migrating.done(), migrating.exception()
             assert _version(empty_pg_url) is None
-            other.execute("SELECT pg_advisory_unlock(%s)", [store.MIGRATE_ADVISORY_LOCK])
+            other.execute("SELECT pg_advisory_unlock(%s)", [db.MIGRATE_ADVISORY_LOCK])
             migrating.result(timeout=60)
         assert _version(empty_pg_url) == _head()
 
@@ -343,7 +343,7 @@ class TestOneTransactionPerRevision:
     """A revision that fails leaves the ones before it applied."""
 
     def test_a_failed_revision_keeps_the_earlier_ones(self, empty_url: str) -> None:
-        engine = store.make_engine(empty_url)
+        engine = db.make_engine(empty_url)
         try:
             with engine.begin() as conn:
                 # What 0002 creates, there already: 0002 fails.
@@ -353,7 +353,7 @@ class TestOneTransactionPerRevision:
         with pytest.raises(errors.StoreError, match="archiver_heartbeats"):
             schema.upgrade(empty_url)
         assert _columns(empty_url) == set(models.TASK_FIELDS) - {"provider"}
-        engine = store.make_engine(empty_url)
+        engine = db.make_engine(empty_url)
         try:
             with engine.connect() as conn:
                 version = alembic.migration.MigrationContext.configure(conn).get_current_revision()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import sqlalchemy as sa
-from seedance_archiver import models, store, utils
+from seedance_archiver import db, listener, models, store, utils
 
 TERMINAL = ("archived", "failed", "cancelled", "expired", "rejected")
 OWNER = "test-owner"
@@ -90,7 +90,7 @@ class TestOutboxTrigger:
         assert len({e.webhook_id for e in events}) == 2
 
     def test_a_rolled_back_state_leaves_no_event(self, db_url: str) -> None:
-        engine = store.make_engine(db_url)
+        engine = db.make_engine(db_url)
         try:
             with engine.begin() as conn:
                 conn.execute(sa.text("INSERT INTO video_tasks (task_id) VALUES ('video_a')"))
@@ -176,7 +176,7 @@ class TestAtRisk:
         """The archive's transaction is open (the row locked, archived but not committed) while
         add_at_risk_events runs on another connection: after the commit, no task.at_risk."""
         sql_store = store.SqlStore.from_url(pg_url)
-        archiver = store.make_engine(pg_url)
+        archiver = db.make_engine(pg_url)
         try:
             now = utils.utcnow()
             finish(sql_store, "video_a", "polling", expires_at=now + dt.timedelta(minutes=30))
@@ -276,14 +276,14 @@ class TestTerminalNotify:
     """NOTIFY video_tasks_done, in the transaction that writes the terminal state."""
 
     def test_listen_receives_each_terminal_state(self, pg_url: str) -> None:
-        dsn = store.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)
+        dsn = db.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)
         s = store.SqlStore.from_url(pg_url)
         try:
-            with psycopg.connect(dsn, autocommit=True) as listener:
-                listener.execute(f"LISTEN {store.DONE_CHANNEL}")
+            with psycopg.connect(dsn, autocommit=True) as listening:
+                listening.execute(f"LISTEN {listener.DONE_CHANNEL}")
                 for state in TERMINAL:
                     finish(s, f"video_{state}", state, error="x" * 100_000, archive_sha256="ab")
-                received = list(listener.notifies(timeout=5.0, stop_after=len(TERMINAL)))
+                received = list(listening.notifies(timeout=5.0, stop_after=len(TERMINAL)))
         finally:
             s.close()
         payloads = [json.loads(n.payload) for n in received]

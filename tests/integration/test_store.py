@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
 import structlog.testing
-from seedance_archiver import errors, models, store, utils
+from seedance_archiver import db, errors, listener, models, store, utils
 
 from tests.conftest import wait_for
 
@@ -48,7 +48,7 @@ TERMINAL = ("archived", "failed", "cancelled", "expired", "rejected")
 @pytest.fixture
 def engine(db_url: str) -> Iterator[sa.Engine]:
     """An engine on the test database, for writing rows the way a feeder does (plain SQL)."""
-    eng = store.make_engine(db_url)
+    eng = db.make_engine(db_url)
     try:
         yield eng
     finally:
@@ -640,13 +640,13 @@ class TestPostgresNotify:
     """On PostgreSQL an INSERT wakes the daemon through LISTEN/NOTIFY."""
 
     def test_insert_sends_a_notification(self, pg_url: str) -> None:
-        dsn = store.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)
-        with psycopg.connect(dsn, autocommit=True) as listener:
-            listener.execute(f"LISTEN {store.LISTEN_CHANNEL}")
+        dsn = db.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn, autocommit=True) as listening:
+            listening.execute(f"LISTEN {listener.LISTEN_CHANNEL}")
             with psycopg.connect(dsn, autocommit=True) as feeder:
                 feeder.execute("INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
-            received = list(listener.notifies(timeout=5.0, stop_after=1))
-        assert [n.channel for n in received] == [store.LISTEN_CHANNEL]
+            received = list(listening.notifies(timeout=5.0, stop_after=1))
+        assert [n.channel for n in received] == [listener.LISTEN_CHANNEL]
 
     def test_listener_calls_back_on_insert(self, pg_url: str) -> None:
         calls: list[int] = []
@@ -656,15 +656,15 @@ class TestPostgresNotify:
             calls.append(1)
             woke.set()
 
-        listener = store.Listener(pg_url, on_notify)
-        listener.start()
+        waker = listener.Listener(pg_url, on_notify)
+        waker.start()
         try:
-            assert listener.connected.wait(5.0)
+            assert waker.connected.wait(5.0)
             # It wakes once on connecting (rows inserted while it was away); wait that out first.
             wait_for(lambda: len(calls) >= 1, timeout=5.0, what="the wake-up on connect")
             woke.clear()
             before = len(calls)
-            engine = store.make_engine(pg_url)
+            engine = db.make_engine(pg_url)
             try:
                 feed(engine, "INSERT INTO video_tasks (task_id) VALUES ('video_abc')")
             finally:
@@ -672,7 +672,7 @@ class TestPostgresNotify:
             assert woke.wait(5.0), "no callback within 5 s of the insert"
             assert len(calls) > before
         finally:
-            listener.stop()
+            waker.stop()
 
 
 class TestPostgresConcurrentClaims:
@@ -683,7 +683,7 @@ class TestPostgresConcurrentClaims:
     ROUNDS = 5
 
     def test_concurrent_claims_are_disjoint(self, pg_url: str) -> None:
-        engine = store.make_engine(pg_url)
+        engine = db.make_engine(pg_url)
         stores = [store.SqlStore.from_url(pg_url), store.SqlStore.from_url(pg_url)]
         all_ids = {f"video_{i:04d}" for i in range(self.ROWS)}
         try:
@@ -748,8 +748,8 @@ class TestSqliteLock:
     """One daemon per SQLite file."""
 
     def test_second_acquire_is_refused_until_release(self, sqlite_url: str) -> None:
-        first = store.SqliteLock(sqlite_url)
-        second = store.SqliteLock(sqlite_url)
+        first = db.SqliteLock(sqlite_url)
+        second = db.SqliteLock(sqlite_url)
         first.acquire()
         try:
             with pytest.raises(errors.AlreadyRunning, match="another seedance-archiver"):
@@ -759,7 +759,7 @@ class TestSqliteLock:
         second.acquire()
         try:
             with pytest.raises(errors.AlreadyRunning):
-                store.SqliteLock(sqlite_url).acquire()
+                db.SqliteLock(sqlite_url).acquire()
         finally:
             second.release()
 
@@ -847,7 +847,7 @@ class TestHungDatabase:
             )
             try:
                 hung.ping()  # a pooled connection, established
-                cuts = store.WATCHDOG.cuts
+                cuts = db.WATCHDOG.cuts
                 proxy.stall(3600)  # holds every byte; closes nothing
                 outcome: list[BaseException | None] = []
 
@@ -862,7 +862,7 @@ class TestHungDatabase:
                 worker.start()
                 wait_for(lambda: outcome, 60, what="the hung call to fail")
                 assert isinstance(outcome[0], errors.StoreError), outcome
-                assert store.WATCHDOG.cuts > cuts
+                assert db.WATCHDOG.cuts > cuts
                 proxy.forward()
                 wait_for(lambda: _pings(hung), 60, what="the store to reconnect")
                 assert hung.counts()["pending"] == 0

@@ -35,7 +35,7 @@ OWNERS = {
     "httpx_aiohttp": set(),
     "boto3": {"archive.s3"},
     "botocore": {"archive.s3"},
-    "psycopg": {"store"},
+    "psycopg": {"db", "store", "listener"},
     "apscheduler": {"scheduler"},
     "alembic": {"schema"},
     "prometheus_client": {"metrics"},
