@@ -52,7 +52,7 @@ class Hastener:
 
     def __init__(
         self,
-        task_store: store.Store,
+        task_store: store.CallbackStore,
         provider_name: str,
         cadences: Mapping[str, models.Cadence],
         clock: Callable[[], dt.datetime],

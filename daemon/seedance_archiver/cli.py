@@ -11,7 +11,19 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TextIO
 
 import seedance_archiver
-from seedance_archiver import archive, config, db, errors, logs, models, policy, store, utils, views
+from seedance_archiver import (
+    archive,
+    config,
+    db,
+    errors,
+    logs,
+    models,
+    outbox,
+    policy,
+    store,
+    utils,
+    views,
+)
 
 # The daemon's own modules (and what they bring: APScheduler, httpx, aiohttp, Alembic) are imported
 # by the commands that use them, and boto3 by an s3:// archive alone (archive.from_url): `add`,
@@ -338,7 +350,7 @@ def _check_processes(processes: int, settings: config.Settings) -> None:
         )
 
 
-def _add(sql_store: store.Store, task_ids: list[str], mode: str, stdin: TextIO) -> int:
+def _add(sql_store: store.OperatorStore, task_ids: list[str], mode: str, stdin: TextIO) -> int:
     """Track ``task_ids``, or the ids on standard input (one per line; blank lines and lines
     starting with # are skipped). Exit 2 if any id was refused; the others are added."""
     if not task_ids or task_ids == ["-"]:
@@ -357,7 +369,7 @@ def _add(sql_store: store.Store, task_ids: list[str], mode: str, stdin: TextIO) 
     return 2 if refused else 0
 
 
-def _status(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
+def _status(sql_store: store.OperatorStore, args: argparse.Namespace, rules: policy.Rules) -> int:
     if args.task_id:
         return _status_of(sql_store, args, rules)
     if args.follow:
@@ -376,7 +388,9 @@ def _status(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rule
     return 0
 
 
-def _status_of(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
+def _status_of(
+    sql_store: store.OperatorStore, args: argparse.Namespace, rules: policy.Rules
+) -> int:
     def show() -> models.Task | None:
         task = sql_store.get(args.task_id)
         if task is None:
@@ -420,7 +434,7 @@ def _follow(
         last = now
 
 
-def _list(sql_store: store.Store, args: argparse.Namespace, rules: policy.Rules) -> int:
+def _list(sql_store: store.OperatorStore, args: argparse.Namespace, rules: policy.Rules) -> int:
     limit = None if args.all else args.limit
     if limit is not None and limit < 1:
         print(f"{PROG}: --limit must be 1 or more (or --all)", file=sys.stderr)
@@ -454,7 +468,7 @@ def _fingerprint(tasks: Iterable[models.Task]) -> list[tuple[str, str, int, obje
     return [(t.task_id, t.state, t.polls, t.next_attempt_at) for t in tasks]
 
 
-def _url(sql_store: store.Store, args: argparse.Namespace) -> int:
+def _url(sql_store: store.OperatorStore, args: argparse.Namespace) -> int:
     if not 1 <= args.expires <= archive.MAX_LINK_SECONDS:
         print(f"{PROG}: --expires must be 1..{archive.MAX_LINK_SECONDS} seconds", file=sys.stderr)
         return 2
@@ -467,7 +481,7 @@ def _url(sql_store: store.Store, args: argparse.Namespace) -> int:
     return 0
 
 
-def _webhooks(sql_store: store.Store, args: argparse.Namespace) -> int:
+def _webhooks(sql_store: outbox.OutboxAdmin, args: argparse.Namespace) -> int:
     if args.webhooks_action == "redeliver":
         if not sql_store.redeliver_webhook(args.event_id, utils.utcnow()):
             print(f"{PROG}: no such webhook event: {args.event_id}", file=sys.stderr)
@@ -499,7 +513,7 @@ def _webhooks(sql_store: store.Store, args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_webhooks(sql_store: store.Store, url: str | None) -> int:
+def _resume_webhooks(sql_store: outbox.OutboxAdmin, url: str | None) -> int:
     """Resume ``url`` (as stored, or as listed: redacted), or every paused URL when None."""
     if url is not None:
         named = [
@@ -552,7 +566,7 @@ def _check(args: argparse.Namespace) -> int:
         sql_store.close()
 
 
-def _check_all(sql_store: store.Store, settings: config.Settings) -> int:
+def _check_all(sql_store: store.OperatorStore, settings: config.Settings) -> int:
     try:
         sql_store.check_schema()
     except errors.StoreError as exc:

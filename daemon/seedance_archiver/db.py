@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import sqlalchemy as sa
@@ -383,6 +383,12 @@ class _Transaction:
         failure = exc_info[1]
         if isinstance(failure, _caught(self._rows)):
             raise translate(failure, rows=self._rows) from failure
+
+
+class Reachable(Protocol):
+    """What the web server's readiness check asks: does the database answer."""
+
+    def ping(self) -> None: ...
 
 
 class Database:

@@ -110,7 +110,7 @@ def run(out: Callable[[str], None] = print) -> int:
 
 
 async def _run_until_finished(
-    settings: config.Settings, sql_store: store.Store, ids: list[str]
+    settings: config.Settings, sql_store: store.OperatorStore, ids: list[str]
 ) -> bool:
     stop = asyncio.Event()
     done = asyncio.Event()

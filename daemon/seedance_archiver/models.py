@@ -1,7 +1,8 @@
 """The table ``video_tasks`` (the feeding contract of DESIGN.md), its states, and a row snapshot.
 
-The ORM mapping describes the table for Alembic and for readers; ``store.py`` runs Core statements on it
-and hands the rest of the daemon immutable :class:`Task` snapshots, which the pure policy transforms.
+The ORM mapping describes the table for Alembic and for readers; ``store.py`` and ``outbox.py`` run
+Core statements on it and hand the rest of the daemon immutable :class:`Task` snapshots, which the
+pure policy transforms.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ TERMINAL_STATES = frozenset(State) - ACTIVE_STATES
 # How the error of a downloading row whose video our own settings refuse begins (policy writes it;
 # the store counts such rows and makes them due when a daemon starts).
 WAITING_ON_SETTING = "waiting on a setting"
+# A row not archived whose deadline is nearer than this is at risk: counted (``status``, the
+# gauges) and announced once (``task.at_risk``), by the store and the outbox alike.
+AT_RISK = dt.timedelta(hours=1)
 
 
 # --- what the provider said, and how often to ask (values the pure policy reads) ----------

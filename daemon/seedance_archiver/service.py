@@ -60,7 +60,7 @@ class Service:
 
     def __init__(
         self,
-        task_store: store.Store,
+        task_store: store.TaskStore,
         client: provider.Provider,
         storage: archive.Archive,
         rules: policy.Rules,

@@ -1,5 +1,7 @@
-"""Every SQL statement of the daemon: claim due rows, write outcomes, leases, feeding, notifications.
+"""The task rows: claim due rows, write outcomes back, leases; the operator's verbs; heartbeats.
 
+Each consumer names the small Protocol of what it uses (:class:`TaskStore` for the service, ...);
+:class:`SqlStore` offers them all, with the outbox (``outbox.py``), over one ``db.Database``.
 The store is synchronous SQLAlchemy Core: the command line calls it directly and the daemon calls it
 through ``asyncio.to_thread``. One claim statement serves both databases: on PostgreSQL its sub-select
 is ``FOR UPDATE SKIP LOCKED`` so replicas never claim the same row; SQLite ignores that clause and is
@@ -11,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -19,162 +20,12 @@ import psycopg
 import sqlalchemy as sa
 import structlog
 
-from seedance_archiver import db, errors, listener, models
+from seedance_archiver import db, errors, listener, models, outbox
 
 log = structlog.get_logger(__name__)
 t = models.video_tasks
 hb = models.heartbeats
 ob = models.webhook_outbox
-we = models.webhook_endpoints
-
-
-class Store(Protocol):
-    """Everything the daemon, its web server and the command line ask of the database.
-
-    :class:`SqlStore` is the real one; ``testing.FakeStore`` keeps the same semantics on a dict.
-    """
-
-    # --- the daemon's work on rows
-
-    def claim_due(
-        self,
-        owner: str,
-        now: dt.datetime,
-        lease_seconds: float,
-        limit: int,
-        states: Iterable[str] | None = None,
-        provider_name: str | None = None,
-    ) -> list[models.Task]: ...
-
-    def claim_overdue(
-        self,
-        owner: str,
-        now: dt.datetime,
-        lease_seconds: float,
-        limit: int,
-        due_before: Mapping[str, dt.datetime],
-        provider_name: str | None = None,
-    ) -> list[models.Task]:
-        """Lease up to ``limit`` rows to poll whose ``next_attempt_at`` is before their mode's
-        ``due_before`` time, longest overdue first (what keeps a tight budget from starving rows)."""
-        ...
-
-    def save(self, tasks: Sequence[models.Task], owner: str) -> int: ...
-
-    def renew(
-        self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
-    ) -> set[str]: ...
-
-    def release(self, owner: str, task_ids: Iterable[str]) -> int: ...
-
-    def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
-
-    def prune(
-        self, finished_before: dt.datetime, batch: int = ..., *, keep_undelivered: bool = ...
-    ) -> int: ...
-
-    def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
-        """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
-        completed at or after ``since`` (what the daemons saw, shared through the table)."""
-        ...
-
-    # --- the feeding application's webhooks (the outbox)
-
-    def add_at_risk_events(self, now: dt.datetime, limit: int = ...) -> int: ...
-
-    def claim_webhooks(
-        self,
-        owner: str,
-        now: dt.datetime,
-        lease_seconds: float,
-        limit: int,
-        url: str | None = None,
-    ) -> list[models.OutboxEvent]:
-        """Lease up to ``limit`` due undelivered events to ``owner``; none while ``url`` (the
-        endpoint they are for) is paused."""
-        ...
-
-    def pause_webhook_endpoint(self, url: str, reason: str, now: dt.datetime) -> bool:
-        """Deliver nothing more to ``url`` until it is resumed; False if it was paused already."""
-        ...
-
-    def resume_webhook_endpoints(self, url: str | None = None) -> list[str]:
-        """Deliver to ``url`` again (every paused URL when None): the URLs resumed."""
-        ...
-
-    def paused_webhook_endpoints(self) -> list[models.PausedEndpoint]: ...
-
-    def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool: ...
-
-    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int: ...
-
-    def release_webhooks(self, owner: str) -> int: ...
-
-    def webhook_backlog(self) -> WebhookBacklog: ...
-
-    def webhooks(self, failed: bool = ..., limit: int | None = ...) -> list[models.OutboxEvent]: ...
-
-    def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool: ...
-
-    def discard_webhooks(self, before: dt.datetime, now: dt.datetime) -> int:
-        """Give up on the undelivered events written before ``before`` (a backlog that piled up
-        while webhooks were off), except those being sent right now; the number discarded. They
-        stay listed, and ``redeliver`` still sends one."""
-        ...
-
-    # --- what is there
-
-    def summary(self, now: dt.datetime) -> Summary: ...
-
-    def counts(self) -> dict[str, int]: ...
-
-    def get(self, task_id: str) -> models.Task | None: ...
-
-    # --- the operator's and feeder's side
-
-    def add(self, task_id: str, mode: str = ...) -> bool: ...
-
-    def hasten(
-        self,
-        task_ids: Iterable[str],
-        now: dt.datetime,
-        provider_name: str,
-        cadences: Mapping[str, models.Cadence],
-    ) -> int:
-        """Make active, free rows of ``provider_name`` (or unstamped) due at
-        :func:`models.hastened_poll_at` where that is sooner than their due time: providers'
-        callbacks say they changed. The number of rows moved."""
-        ...
-
-    def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
-        """Make every row of ``provider_name`` waiting on a setting due now (a daemon starts: the
-        setting may have changed); the number of rows."""
-        ...
-
-    def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> RetryOutcome: ...
-
-    # --- daemons' heartbeats
-
-    def beat(self, beat: DaemonBeat) -> None: ...
-
-    def forget_daemon(self, owner: str) -> None: ...
-
-    def daemons(self) -> list[DaemonBeat]: ...
-
-    # --- the connection
-
-    def ping(self) -> None: ...
-
-    def check_schema(self) -> None: ...
-
-    def listener(self, on_notify: Callable[[], None]) -> listener.Listener | None:
-        """A listener that calls ``on_notify`` when rows are inserted, where the database has one."""
-        ...
-
-    def close(self) -> None: ...
-
-    # Last: below it, ``list`` in an annotation would mean this method.
-    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]: ...
 
 
 _TASK_COLUMNS = [t.c[name] for name in models.TASK_FIELDS]
@@ -210,7 +61,6 @@ def _typed(name: str) -> sa.BindParameter[Any]:
     return sa.bindparam(f"v_{name}", type_=t.c[name].type)
 
 
-AT_RISK = dt.timedelta(hours=1)
 # Rows due within this long (overdue ones included) make the polling load (Summary.due_soon).
 LOAD_WINDOW = dt.timedelta(seconds=60)
 
@@ -235,15 +85,6 @@ _COPY_UPDATE = (
 )
 
 
-def new_webhook_id() -> str:
-    """A webhook-id like the trigger's: ``msg_`` and 32 hex digits, the same on every attempt."""
-    return "msg_" + uuid.uuid4().hex
-
-
-# What a discarded webhook event says of itself (``webhooks discard``).
-DISCARDED = "discarded by an operator (seedance-archiver webhooks discard)"
-
-
 class RetryOutcome(enum.StrEnum):
     """What ``retry`` did."""
 
@@ -262,20 +103,10 @@ class Summary:
     """The table at a glance: what operators, ``status`` and the gauges need."""
 
     counts: dict[str, int]
-    at_risk: int  # not archived yet, deadline less than AT_RISK away
+    at_risk: int  # not archived yet, deadline less than models.AT_RISK away
     oldest_pending: models.Task | None
     due_soon: int = 0  # rows to poll (pending, polling) due within LOAD_WINDOW, overdue included
     waiting_on_setting: int = 0  # rows downloading whose video one of our settings refuses
-
-
-@dataclasses.dataclass(frozen=True)
-class WebhookBacklog:
-    """The outbox at a glance: what is still to deliver, since when, and what was given up on."""
-
-    pending: int
-    oldest_pending_at: dt.datetime | None  # when the oldest undelivered event was written
-    given_up: int  # failed (the schedule ran out), or disabled (410 Gone, before issue 26)
-    paused_endpoints: int = 0  # webhook URLs paused by a 410 Gone, until an operator resumes them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,8 +122,135 @@ class DaemonBeat:
     api_key_ok: bool
 
 
-class SqlStore:
-    """The real store, on SQLite or PostgreSQL."""
+class TaskStore(Protocol):
+    """What the service asks of the task rows: claim due rows, write outcomes back, hold leases."""
+
+    def claim_due(
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        states: Iterable[str] | None = None,
+        provider_name: str | None = None,
+    ) -> list[models.Task]: ...
+
+    def claim_overdue(
+        self,
+        owner: str,
+        now: dt.datetime,
+        lease_seconds: float,
+        limit: int,
+        due_before: Mapping[str, dt.datetime],
+        provider_name: str | None = None,
+    ) -> list[models.Task]:
+        """Lease up to ``limit`` rows to poll whose ``next_attempt_at`` is before their mode's
+        ``due_before`` time, longest overdue first (what keeps a tight budget from starving rows)."""
+        ...
+
+    def save(self, tasks: Sequence[models.Task], owner: str) -> int: ...
+
+    def renew(
+        self, owner: str, task_ids: Iterable[str], now: dt.datetime, lease_seconds: float
+    ) -> set[str]: ...
+
+    def release(self, owner: str, task_ids: Iterable[str]) -> int: ...
+
+    def leased(self, task_ids: Iterable[str], now: dt.datetime) -> set[str]: ...
+
+    def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
+        """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
+        completed at or after ``since`` (what the daemons saw, shared through the table)."""
+        ...
+
+    def summary(self, now: dt.datetime) -> Summary: ...
+
+    def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
+        """Make every row of ``provider_name`` waiting on a setting due now (a daemon starts: the
+        setting may have changed); the number of rows."""
+        ...
+
+
+class CallbackStore(Protocol):
+    """What the providers' callbacks ask: make the rows they name due sooner."""
+
+    def hasten(
+        self,
+        task_ids: Iterable[str],
+        now: dt.datetime,
+        provider_name: str,
+        cadences: Mapping[str, models.Cadence],
+    ) -> int:
+        """Make active, free rows of ``provider_name`` (or unstamped) due at
+        :func:`models.hastened_poll_at` where that is sooner than their due time: providers'
+        callbacks say they changed. The number of rows moved."""
+        ...
+
+
+class DaemonStore(Protocol):
+    """What the scheduler itself asks: the schema, LISTEN, heartbeats, pruning, closing."""
+
+    def check_schema(self) -> None: ...
+
+    def listener(self, on_notify: Callable[[], None]) -> listener.Listener | None:
+        """A listener that calls ``on_notify`` when rows are inserted, where the database has one."""
+        ...
+
+    def beat(self, beat: DaemonBeat) -> None: ...
+
+    def forget_daemon(self, owner: str) -> None: ...
+
+    def prune(
+        self, finished_before: dt.datetime, batch: int = ..., *, keep_undelivered: bool = ...
+    ) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class OperatorStore(outbox.OutboxAdmin, Protocol):
+    """What the command line and the demo ask: the rows, the daemons' heartbeats, the outbox."""
+
+    def add(self, task_id: str, mode: str = ...) -> bool: ...
+
+    def get(self, task_id: str) -> models.Task | None: ...
+
+    def counts(self) -> dict[str, int]: ...
+
+    def summary(self, now: dt.datetime) -> Summary: ...
+
+    def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
+        """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
+        completed at or after ``since`` (what the daemons saw, shared through the table)."""
+        ...
+
+    def retry(self, task_id: str, now: dt.datetime, *, force: bool = False) -> RetryOutcome: ...
+
+    def daemons(self) -> list[DaemonBeat]: ...
+
+    def check_schema(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    # Last: below it, ``list`` in an annotation would mean this method.
+    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]: ...
+
+
+class Store(
+    TaskStore,
+    CallbackStore,
+    DaemonStore,
+    OperatorStore,
+    outbox.OutboxStore,
+    db.Reachable,
+    Protocol,
+):
+    """All of them: what :class:`SqlStore` and ``testing.FakeStore`` offer, for the scheduler that
+    hands the parts to their consumers, and for the tests that run one behaviour on both."""
+
+
+class Tasks:
+    """The real task store, on SQLite or PostgreSQL: :class:`TaskStore`, :class:`CallbackStore`,
+    the rows' side of :class:`OperatorStore`, and the daemons' heartbeats."""
 
     def __init__(self, database: db.Database) -> None:
         self.db = database
@@ -309,35 +267,8 @@ class SqlStore:
             .values(lease_owner=None, lease_expires_at=None)
         )
         # claim_due's statement per (states, provider), built once: building and cache-keying it
-        # anew took 40% of a 55-row claim's CPU (5.3 -> 3.1 ms; bench/README.md, issue 14).
+        # anew took 40% of a 55-row claim's CPU (5.3 -> 3.1 ms; bench/README.md).
         self._claim_stmts: dict[tuple[tuple[str, ...] | None, str | None], sa.Update] = {}
-
-    @classmethod
-    def from_url(
-        cls, url: str, statement_timeout_seconds: float = db.STATEMENT_TIMEOUT_SECONDS
-    ) -> SqlStore:
-        return cls(db.Database.from_url(url, statement_timeout_seconds))
-
-    @property
-    def engine(self) -> sa.Engine:
-        """The engine under it (tests and benchmarks write rows through it)."""
-        return self.db.engine
-
-    def close(self) -> None:
-        self.db.close()
-
-    def ping(self) -> None:
-        self.db.ping()
-
-    def check_schema(self) -> None:
-        self.db.check_schema()
-
-    def listener(self, on_notify: Callable[[], None]) -> listener.Listener | None:
-        """PostgreSQL's LISTEN on new rows; None on SQLite, where the table poll alone finds them."""
-        if self.dialect != "postgresql":
-            return None
-        url = self.db.engine.url.render_as_string(hide_password=False)
-        return listener.Listener(url, on_notify, self.db.statement_timeout_seconds)
 
     # --- the daemon's side ----------------------------------------------------------------------
 
@@ -595,7 +526,7 @@ class SqlStore:
     def summary(self, now: dt.datetime) -> Summary:
         active = [s.value for s in models.ACTIVE_STATES]
         at_risk_stmt = sa.select(sa.func.count()).where(
-            t.c.state.in_(active), t.c.expires_at < now + AT_RISK
+            t.c.state.in_(active), t.c.expires_at < now + models.AT_RISK
         )
         oldest_stmt = (
             sa.select(t)
@@ -693,234 +624,7 @@ class SqlStore:
             if len(doomed) < batch:
                 return total
 
-    # --- the feeding application's webhooks (the outbox) ----------------------------------------
-
-    def add_at_risk_events(self, now: dt.datetime, limit: int = 1000) -> int:
-        """Write ``task.at_risk`` for rows not archived whose deadline is under AT_RISK away.
-
-        Once per task: the outbox's unique index on (task_id) for this event makes a second insert,
-        by us or by a replica at the same moment, a no-op.
-
-        Never for a row archived meanwhile: the rows stay locked from the select to the insert's
-        commit, so a move into ``archived`` (and its own event) comes wholly before or wholly
-        after. On PostgreSQL the select is ``FOR UPDATE SKIP LOCKED``: a row being archived right
-        now is skipped (and looked at again next time, if it is still at risk), and a row selected
-        here can be archived only once its warning is committed. On SQLite the transaction takes
-        the write lock before the select (``BEGIN IMMEDIATE``), so no writer comes in between.
-        """
-        active = [s.value for s in models.ACTIVE_STATES]
-        warned = sa.select(ob.c.task_id).where(
-            ob.c.task_id == t.c.task_id, ob.c.event == models.Event.AT_RISK.value
-        )
-        stmt = (
-            sa.select(t)
-            .where(t.c.state.in_(active), t.c.expires_at < now + AT_RISK, ~warned.exists())
-            .order_by(t.c.expires_at)
-            .limit(limit)
-            .with_for_update(of=t, skip_locked=True)
-        )
-        with self.db.begin() as conn:
-            if self.dialect == "sqlite":
-                # pysqlite opens a transaction only at the first write, after the select.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            tasks = [_task(row) for row in conn.execute(stmt)]
-            if not tasks:
-                return 0
-            insert = self.db.insert(ob).on_conflict_do_nothing().returning(ob.c.id)
-            rows = [
-                {
-                    "webhook_id": new_webhook_id(),
-                    "task_id": task.task_id,
-                    "event": models.Event.AT_RISK.value,
-                    "payload": models.event_payload(task),
-                    "created_at": now,
-                    "next_attempt_at": now,
-                }
-                for task in tasks
-            ]
-            # RETURNING counts what was written (rowcount is -1 for an executemany on psycopg).
-            return len(conn.execute(insert, rows).all())
-
-    def claim_webhooks(
-        self,
-        owner: str,
-        now: dt.datetime,
-        lease_seconds: float,
-        limit: int,
-        url: str | None = None,
-    ) -> list[models.OutboxEvent]:
-        """Lease up to ``limit`` due undelivered events to ``owner``, oldest due first; none while
-        ``url`` is paused (checked in the same statement, so a pause another replica committed
-        holds from its next claim on).
-
-        SKIP LOCKED on PostgreSQL, and the lease after it, so replicas never send one event at once.
-        """
-        if limit <= 0:
-            return []
-        paused = sa.select(we.c.url).where(we.c.url == url).exists()
-        due = (
-            sa.select(ob.c.id)
-            .where(
-                sa.true() if url is None else ~paused,
-                ob.c.state == models.Delivery.PENDING.value,
-                ob.c.next_attempt_at <= now,
-                sa.or_(
-                    ob.c.lease_expires_at.is_(None),
-                    ob.c.lease_expires_at < self.db.lease_clock(now),
-                ),
-            )
-            .order_by(ob.c.next_attempt_at, ob.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        stmt = (
-            sa.update(ob)
-            .where(ob.c.id.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_expires_at=self.db.lease_until(now, lease_seconds))
-            .returning(*ob.c)
-        )
-        with self.db.begin() as conn:
-            claimed = [models.OutboxEvent(**row._mapping) for row in conn.execute(stmt)]
-        return sorted(claimed, key=lambda e: e.id)
-
-    def record_webhook(self, event: models.OutboxEvent, owner: str) -> bool:
-        """Write the outcome of one attempt and release the lease; False if it was not written."""
-        return self.record_webhooks([event], owner) == 1
-
-    def record_webhooks(self, events: Sequence[models.OutboxEvent], owner: str) -> int:
-        """Write the outcomes of a batch of attempts in one transaction (one commit, not one per
-        event) and release their leases; return how many were written.
-
-        A delivery is recorded even if ``owner``'s lease ran out meanwhile (the receiver has it:
-        recording it spares a duplicate); any other outcome only while ``owner`` holds the lease.
-        """
-        written = 0
-        with self.db.begin() as conn:
-            for event in events:
-                mine = ob.c.lease_owner == owner
-                if event.state == models.Delivery.DELIVERED.value:
-                    mine = sa.or_(mine, ob.c.state == models.Delivery.PENDING.value)
-                stmt = (
-                    sa.update(ob)
-                    .where(ob.c.id == event.id, mine)
-                    .values(
-                        state=event.state,
-                        attempts=event.attempts,
-                        next_attempt_at=event.next_attempt_at,
-                        last_status=event.last_status,
-                        last_error=event.last_error,
-                        delivered_at=event.delivered_at,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
-                )
-                written += int(conn.execute(stmt).rowcount)
-        return written
-
-    def release_webhooks(self, owner: str) -> int:
-        """Give back every undelivered event ``owner`` holds (a clean stop), so the next claim
-        sends it at once instead of after the lease."""
-        stmt = (
-            sa.update(ob)
-            .where(ob.c.lease_owner == owner, ob.c.state == models.Delivery.PENDING.value)
-            .values(lease_owner=None, lease_expires_at=None)
-        )
-        with self.db.begin() as conn:
-            return int(conn.execute(stmt).rowcount)
-
-    def pause_webhook_endpoint(self, url: str, reason: str, now: dt.datetime) -> bool:
-        stmt = (
-            self.db.insert(we)
-            .values(url=url, paused_at=now, reason=reason)
-            .on_conflict_do_nothing()
-            .returning(we.c.url)
-        )
-        with self.db.begin() as conn:
-            return conn.execute(stmt).first() is not None
-
-    def resume_webhook_endpoints(self, url: str | None = None) -> list[str]:
-        stmt = sa.delete(we).returning(we.c.url)
-        if url is not None:
-            stmt = stmt.where(we.c.url == url)
-        with self.db.begin() as conn:
-            return sorted(conn.scalars(stmt))
-
-    def paused_webhook_endpoints(self) -> list[models.PausedEndpoint]:
-        with self.db.begin() as conn:
-            rows = conn.execute(sa.select(we).order_by(we.c.paused_at, we.c.url)).all()
-        return [models.PausedEndpoint(**row._mapping) for row in rows]
-
-    def webhook_backlog(self) -> WebhookBacklog:
-        pending = ob.c.state == models.Delivery.PENDING.value
-        stmt = sa.select(
-            sa.func.count().filter(pending),
-            sa.func.min(ob.c.created_at).filter(pending),
-            # Given up on: failed or disabled, but not discarded on purpose by an operator.
-            sa.func.count().filter(
-                ~pending,
-                ob.c.state != models.Delivery.DELIVERED.value,
-                sa.func.coalesce(ob.c.last_error, "") != DISCARDED,
-            ),
-        )
-        with self.db.begin() as conn:
-            count, oldest, given_up = conn.execute(stmt).one()
-            paused = conn.execute(sa.select(sa.func.count()).select_from(we)).scalar_one()
-        oldest_at = models.UTCDateTime().process_result_value(oldest, self.db.engine.dialect)
-        if isinstance(oldest, str):  # SQLite's aggregate loses the column's type
-            oldest_at = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.UTC)
-        return WebhookBacklog(int(count), oldest_at, int(given_up), int(paused))
-
-    def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
-        """The outbox, newest first; with ``failed``, only the events given up on."""
-        stmt = sa.select(ob).order_by(ob.c.id.desc())
-        if failed:
-            stmt = stmt.where(
-                ob.c.state.in_([models.Delivery.FAILED.value, models.Delivery.DISABLED.value])
-            )
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        with self.db.begin() as conn:
-            return [models.OutboxEvent(**row._mapping) for row in conn.execute(stmt)]
-
-    def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool:
-        """Send event ``event_id`` again now, under the same webhook-id; False if there is none."""
-        stmt = (
-            sa.update(ob)
-            .where(ob.c.id == event_id)
-            .values(
-                state=models.Delivery.PENDING.value,
-                next_attempt_at=now,
-                attempts=0,
-                delivered_at=None,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
-        with self.db.begin() as conn:
-            return int(conn.execute(stmt).rowcount) == 1
-
-    def discard_webhooks(self, before: dt.datetime, now: dt.datetime) -> int:
-        free = sa.or_(
-            ob.c.lease_expires_at.is_(None), ob.c.lease_expires_at < self.db.lease_clock(now)
-        )
-        stmt = (
-            sa.update(ob)
-            .where(
-                ob.c.state == models.Delivery.PENDING.value,
-                ob.c.created_at < before,
-                free,
-            )
-            .values(
-                state=models.Delivery.DISABLED.value,
-                last_error=DISCARDED,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
-        with self.db.begin() as conn:
-            return int(conn.execute(stmt).rowcount)
-
-    # --- daemon heartbeats ------------------------------------------------------------------------
+    # --- daemons' heartbeats --------------------------------------------------------------------
 
     def beat(self, beat: DaemonBeat) -> None:
         """Record that daemon ``beat.owner`` is alive (insert or update its heartbeat row)."""
@@ -1071,3 +775,39 @@ class SqlStore:
         with self.db.begin() as conn:
             found = {state: int(n) for state, n in conn.execute(stmt)}
         return {s.value: found.get(s.value, 0) for s in models.State}
+
+
+class SqlStore(Tasks, outbox.Outbox):
+    """Tasks, heartbeats and the outbox over one engine: the one object that the command line and
+    the scheduler build from a URL. Its consumers name the Protocol of what they use."""
+
+    def __init__(self, database: db.Database) -> None:
+        Tasks.__init__(self, database)
+        outbox.Outbox.__init__(self, database)
+
+    @classmethod
+    def from_url(
+        cls, url: str, statement_timeout_seconds: float = db.STATEMENT_TIMEOUT_SECONDS
+    ) -> SqlStore:
+        return cls(db.Database.from_url(url, statement_timeout_seconds))
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The engine under every part (tests and benchmarks write rows through it)."""
+        return self.db.engine
+
+    def close(self) -> None:
+        self.db.close()
+
+    def ping(self) -> None:
+        self.db.ping()
+
+    def check_schema(self) -> None:
+        self.db.check_schema()
+
+    def listener(self, on_notify: Callable[[], None]) -> listener.Listener | None:
+        """PostgreSQL's LISTEN on new rows; None on SQLite, where the table poll alone finds them."""
+        if self.dialect != "postgresql":
+            return None
+        url = self.db.engine.url.render_as_string(hide_password=False)
+        return listener.Listener(url, on_notify, self.db.statement_timeout_seconds)

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from seedance_archiver import archive, errors, listener, models, provider, store
+from seedance_archiver import archive, errors, listener, models, outbox, provider, store
 
 EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -60,7 +60,8 @@ class InlineExecutor(concurrent.futures.Executor):
 
 
 class FakeStore:
-    """The whole :class:`store.Store` on a dict: due rows, leases, claim order, heartbeats.
+    """Every store Protocol (:class:`store.Store`: tasks, heartbeats, the outbox) on a dict: due
+    rows, leases, claim order, heartbeats, events.
 
     ``clock`` stamps rows the fake inserts (``add``), as the database's default does.
     """
@@ -270,7 +271,7 @@ class FakeStore:
         event_id = max(self.outbox, default=0) + 1
         self.outbox[event_id] = models.OutboxEvent(
             id=event_id,
-            webhook_id=store.new_webhook_id(),
+            webhook_id=outbox.new_webhook_id(),
             task_id=task.task_id,
             event=event.value,
             payload=models.event_payload(task),
@@ -286,7 +287,7 @@ class FakeStore:
                 for t in self.rows.values()
                 if not t.is_terminal
                 and t.expires_at is not None
-                and t.expires_at < now + store.AT_RISK
+                and t.expires_at < now + models.AT_RISK
                 and t.task_id not in warned
             ),
             key=lambda t: t.expires_at or EPOCH,
@@ -352,16 +353,16 @@ class FakeStore:
             )
         return len(mine)
 
-    def webhook_backlog(self) -> store.WebhookBacklog:
+    def webhook_backlog(self) -> outbox.WebhookBacklog:
         pending = [e for e in self.outbox.values() if e.state == models.Delivery.PENDING]
         given_up = sum(
             1
             for e in self.outbox.values()
             if e.state in (models.Delivery.FAILED, models.Delivery.DISABLED)
-            and e.last_error != store.DISCARDED
+            and e.last_error != outbox.DISCARDED
         )
         oldest = min((e.created_at for e in pending), default=None)
-        return store.WebhookBacklog(len(pending), oldest, given_up, len(self.paused))
+        return outbox.WebhookBacklog(len(pending), oldest, given_up, len(self.paused))
 
     def pause_webhook_endpoint(self, url: str, reason: str, now: dt.datetime) -> bool:
         if url in self.paused:
@@ -414,7 +415,7 @@ class FakeStore:
             self.outbox[event.id] = dataclasses.replace(
                 event,
                 state=models.Delivery.DISABLED.value,
-                last_error=store.DISCARDED,
+                last_error=outbox.DISCARDED,
                 lease_owner=None,
                 lease_expires_at=None,
             )
@@ -447,7 +448,9 @@ class FakeStore:
         at_risk = sum(
             1
             for t in self.rows.values()
-            if not t.is_terminal and t.expires_at is not None and t.expires_at < now + store.AT_RISK
+            if not t.is_terminal
+            and t.expires_at is not None
+            and t.expires_at < now + models.AT_RISK
         )
         pending = sorted(
             (t for t in self.rows.values() if t.state == models.State.PENDING.value),

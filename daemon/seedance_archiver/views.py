@@ -9,7 +9,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from seedance_archiver import models, policy, store, utils
+from seedance_archiver import models, outbox, policy, store, utils
 
 TABLE_COLUMNS = ("task_id", "mode", "state", "polls", "archive_bytes", "next poll", "where / why")
 NO_TASKS = "no tasks match"
@@ -204,7 +204,7 @@ def summary_dict(
     daemons: Sequence[store.DaemonBeat],
     now: dt.datetime,
     generation: Sequence[policy.ModelTimes] = (),
-    backlog: store.WebhookBacklog | None = None,
+    backlog: outbox.WebhookBacklog | None = None,
 ) -> dict[str, Any]:
     oldest = summary.oldest_pending
     return {
@@ -243,7 +243,7 @@ def summary(
     daemons: Sequence[store.DaemonBeat],
     now: dt.datetime,
     generation: Sequence[policy.ModelTimes] = (),
-    backlog: store.WebhookBacklog | None = None,
+    backlog: outbox.WebhookBacklog | None = None,
 ) -> str:
     """The operator's overview: counts by state, what is at risk, whether daemons tick, per model
     the observed generation times with the skip in use, and the webhook backlog."""

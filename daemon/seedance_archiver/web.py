@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from seedance_archiver import callbacks, config, errors, metrics, policy, service, store, utils
+from seedance_archiver import callbacks, config, db, errors, metrics, policy, service, store, utils
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +94,7 @@ class WebServer:
     def __init__(
         self,
         svc: service.Service,
-        task_store: store.Store,
+        task_store: db.Reachable,
         host: str,
         port: int,
         endpoint: Callbacks | None = None,

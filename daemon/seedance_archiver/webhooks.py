@@ -1,7 +1,7 @@
 """Webhooks to the feeding application: signed by Standard Webhooks, delivered from the outbox.
 
 The only module that sends webhooks. Events are written by the database (the trigger of migration
-0006, and ``task.at_risk`` by the store) in the transaction that changed the row; this module
+0006, and ``task.at_risk`` by the outbox) in the transaction that changed the row; this module
 claims due events (a lease, SKIP LOCKED on PostgreSQL), posts each one, and records the outcome.
 Delivery is at least once: an event whose lease runs out (a killed daemon) is sent again, under the
 same ``webhook-id``, so receivers deduplicate on it.
@@ -31,7 +31,7 @@ import standardwebhooks
 import structlog
 
 import seedance_archiver
-from seedance_archiver import errors, metrics, models, netguard, store, utils
+from seedance_archiver import errors, metrics, models, netguard, outbox, utils
 
 log = structlog.get_logger(__name__)
 R = TypeVar("R")
@@ -240,7 +240,7 @@ class Deliverer:
 
     def __init__(
         self,
-        task_store: store.Store,
+        task_store: outbox.OutboxStore,
         url: str,
         signer: Signer,
         sender: Sender,
@@ -362,13 +362,13 @@ class Deliverer:
             )
 
     async def warn_at_risk(self) -> int:
-        """Write task.at_risk for tasks whose deadline is near (once per task, by the store)."""
+        """Write task.at_risk for tasks whose deadline is near (once per task, by the outbox)."""
         written = await self._db(self.store.add_at_risk_events, self.clock())
         if written:
             log.info("at_risk_events_written", tasks=written)
         return written
 
-    async def refresh_gauges(self) -> store.WebhookBacklog:
+    async def refresh_gauges(self) -> outbox.WebhookBacklog:
         backlog = await self._db(self.store.webhook_backlog)
         if self.meters is not None:
             self.meters.webhook_backlog.set(backlog.pending)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import sqlalchemy as sa
-from seedance_archiver import db, listener, models, store, utils
+from seedance_archiver import db, listener, models, outbox, store, utils
 
 TERMINAL = ("archived", "failed", "cancelled", "expired", "rejected")
 OWNER = "test-owner"
@@ -230,7 +230,7 @@ class TestDeliveryClaims:
         gone = store.dataclasses.replace(event, state="disabled", attempts=1, last_status=410)
         assert sql_store.record_webhook(gone, "one")
         assert [e.id for e in sql_store.webhooks(failed=True)] == [event.id]
-        assert sql_store.webhook_backlog() == store.WebhookBacklog(0, None, 1)
+        assert sql_store.webhook_backlog() == outbox.WebhookBacklog(0, None, 1)
         assert sql_store.redeliver_webhook(event.id, now)
         assert not sql_store.redeliver_webhook(event.id + 1000, now)
         [again] = sql_store.claim_webhooks("two", now, 60, 10)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from seedance_archiver import archive, provider, store, testing
+from seedance_archiver import archive, db, outbox, provider, store, testing
 from seedance_archiver.archive import folder, s3
 from seedance_archiver.providers import ark, reseller
 from seedance_archiver.providers import http as providers_http
@@ -35,12 +35,18 @@ OWNERS = {
     "httpx_aiohttp": set(),
     "boto3": {"archive.s3"},
     "botocore": {"archive.s3"},
-    "psycopg": {"db", "store", "listener"},
+    "psycopg": {"db", "store", "listener"},  # db translates its errors; see SQL_MODULES
     "apscheduler": {"scheduler"},
     "alembic": {"schema"},
     "prometheus_client": {"metrics"},
     "standardwebhooks": {"webhooks"},
 }
+# Only these speak SQL (STYLE.md): the engine and its errors, the task rows, the outbox, LISTEN.
+SQL_MODULES = {"db", "store", "outbox", "listener"}
+# Others that import SQLAlchemy and send no statement of the daemon's: the table mapping, Alembic's
+# migrations and their helpers, the database URL's validation, and the feeders' one INSERT (on the
+# application's own connection, which the daemon never sees).
+SQL_DESCRIBERS = {"models", "schema", "config", "feeding"}
 # Libraries that do I/O, or read the environment, or bring either: the pure layer may not load them.
 IO_LIBRARIES = (*OWNERS, "aiohttp", "pydantic_settings", "structlog")
 
@@ -59,6 +65,13 @@ def _imports(path: pathlib.Path) -> set[str]:
 def test_each_library_is_imported_by_its_seam_only(library: str) -> None:
     importers = {name for name, path in MODULES.items() if library in _imports(path)}
     assert importers <= OWNERS[library], f"{library} imported outside its seam: {importers}"
+
+
+def test_only_the_store_modules_speak_sql() -> None:
+    importers = {
+        name for name, path in MODULES.items() if {"sqlalchemy", "psycopg"} & _imports(path)
+    }
+    assert importers == SQL_MODULES | SQL_DESCRIBERS
 
 
 def test_the_policy_loads_no_io_library() -> None:
@@ -107,9 +120,12 @@ def test_the_shadowing_check_finds_one() -> None:
 
 
 def _members(protocol: type) -> set[str]:
+    """The methods a Protocol asks for, those of the Protocols it extends included."""
     return {
         name
-        for name, value in vars(protocol).items()
+        for cls in protocol.__mro__
+        if cls.__module__.startswith("seedance_archiver")
+        for name, value in vars(cls).items()
         if not name.startswith("_") and callable(value)
     }
 
@@ -117,6 +133,13 @@ def _members(protocol: type) -> set[str]:
 @pytest.mark.parametrize(
     ("protocol", "real", "fake"),
     [
+        (store.TaskStore, store.Tasks, testing.FakeStore),
+        (store.CallbackStore, store.Tasks, testing.FakeStore),
+        (store.DaemonStore, store.SqlStore, testing.FakeStore),
+        (store.OperatorStore, store.SqlStore, testing.FakeStore),
+        (outbox.OutboxStore, outbox.Outbox, testing.FakeStore),
+        (outbox.OutboxAdmin, outbox.Outbox, testing.FakeStore),
+        (db.Reachable, db.Database, testing.FakeStore),
         (store.Store, store.SqlStore, testing.FakeStore),
         (provider.Provider, providers_http.HttpProvider, testing.FakeProvider),
         (providers_http.Dialect, reseller.Reseller, ark.Ark),
@@ -135,20 +158,34 @@ def test_real_and_fake_take_the_same_parameters_as_the_protocol(
             assert got == wanted, f"{implementation.__name__}.{name}{got} vs {wanted}"
 
 
-def test_the_store_protocol_covers_what_the_daemon_and_cli_call() -> None:
-    """Every store method called from the scheduler, the web server, the CLI and the demo."""
+# Each consumer of the store and the Protocol its type hints name (the scheduler hands them out).
+CONSUMERS: dict[str, type] = {
+    "service": store.TaskStore,
+    "maintenance": store.TaskStore,
+    "callbacks": store.CallbackStore,
+    "webhooks": outbox.OutboxStore,
+    "web": db.Reachable,
+    "scheduler": store.DaemonStore,
+    "cli": store.OperatorStore,
+    "demo": store.OperatorStore,
+}
+
+
+@pytest.mark.parametrize(("consumer", "protocol"), sorted(CONSUMERS.items()))
+def test_each_consumer_calls_only_its_protocol(consumer: str, protocol: type) -> None:
+    """Every store method a module calls is in the small Protocol it names."""
     called: set[str] = set()
-    for name in ("scheduler", "web", "cli", "demo", "service", "maintenance"):
-        for node in ast.walk(ast.parse(MODULES[name].read_text())):
-            if (
-                isinstance(node, ast.Attribute)
-                and isinstance(node.value, ast.Name | ast.Attribute)
-                and ast.unparse(node.value).split(".")[-1] in {"store", "task_store", "sql_store"}
-            ):
-                called.add(node.attr)
+    for node in ast.walk(ast.parse(MODULES[consumer].read_text())):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name | ast.Attribute)
+            and ast.unparse(node.value).split(".")[-1] in {"store", "task_store", "sql_store"}
+        ):
+            called.add(node.attr)
     called -= {name for name in vars(store) if not name.startswith("_")}  # the module's own names
     called -= {"from_url"}  # SqlStore's constructor
-    assert called and called <= _members(store.Store), called - _members(store.Store)
+    assert called <= _members(protocol), called - _members(protocol)
+    assert called or consumer == "scheduler", "found no call: is the store named otherwise?"
 
 
 def test_modules_are_imported_not_names() -> None:
