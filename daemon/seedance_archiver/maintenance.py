@@ -28,7 +28,7 @@ class Parts(Protocol):
     """What the jobs read from the service that holds them, each time they run (``learn`` writes
     the rules back there, where the tick and the worker read them)."""
 
-    store: store.Store
+    store: store.TaskStore
     provider: provider.Provider
     archive: archive.Archive
     rules: policy.Rules

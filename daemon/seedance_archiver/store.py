@@ -165,6 +165,10 @@ class TaskStore(Protocol):
 
     def summary(self, now: dt.datetime) -> Summary: ...
 
+    def prune(
+        self, finished_before: dt.datetime, batch: int = ..., *, keep_undelivered: bool = ...
+    ) -> int: ...
+
     def wake_waiting_on_settings(self, now: dt.datetime, provider_name: str) -> int:
         """Make every row of ``provider_name`` waiting on a setting due now (a daemon starts: the
         setting may have changed); the number of rows."""
@@ -188,7 +192,7 @@ class CallbackStore(Protocol):
 
 
 class DaemonStore(Protocol):
-    """What the scheduler itself asks: the schema, LISTEN, heartbeats, pruning, closing."""
+    """What the scheduler itself asks: the schema, LISTEN, heartbeats, closing."""
 
     def check_schema(self) -> None: ...
 
@@ -199,10 +203,6 @@ class DaemonStore(Protocol):
     def beat(self, beat: DaemonBeat) -> None: ...
 
     def forget_daemon(self, owner: str) -> None: ...
-
-    def prune(
-        self, finished_before: dt.datetime, batch: int = ..., *, keep_undelivered: bool = ...
-    ) -> int: ...
 
     def close(self) -> None: ...
 

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from seedance_archiver import callbacks, config, db, errors, metrics, policy, service, store, utils
+from seedance_archiver import callbacks, config, db, errors, metrics, policy, service, utils
 
 log = structlog.get_logger(__name__)
 
