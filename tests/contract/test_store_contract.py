@@ -1,0 +1,358 @@
+"""The store's behaviour, once, over every store: the fake, SQLite and PostgreSQL (``any_store``).
+
+Leases on PostgreSQL follow the database's clock, not the ``now`` a call passes, so no test here
+moves time past a live lease: a lease that has run out is one taken for 0 seconds, and one still
+live is one taken for a minute.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from seedance_archiver import errors, models, store, utils
+
+A, B = "daemon-a", "daemon-b"
+SETUP = "contract-setup"
+LEASE_S = 60.0
+# How far a lease's end may be from the one asked for: PostgreSQL's clock and ours share a host.
+CLOCKS_AGREE = dt.timedelta(seconds=30)
+CADENCES = {mode.value: models.Cadence(30, 60) for mode in models.Mode}
+
+
+def ids(tasks: list[models.Task]) -> list[str]:
+    return [task.task_id for task in tasks]
+
+
+def row(any_store: store.Store, task_id: str) -> models.Task:
+    task = any_store.get(task_id)
+    assert task is not None, task_id
+    return task
+
+
+def shaped(any_store: store.Store, task_id: str, **changes: Any) -> models.Task:
+    """A new row of ``task_id`` as a daemon left it: added, claimed, saved with ``changes``."""
+    assert any_store.add(task_id)
+    claimed = {task.task_id: task for task in any_store.claim_due(SETUP, utils.utcnow(), 60, 1000)}
+    assert any_store.save([claimed.pop(task_id).replace(**changes)], SETUP) == 1
+    any_store.release(SETUP, claimed)
+    return row(any_store, task_id)
+
+
+def on_fake_only_xfail(request: pytest.FixtureRequest, reason: str) -> None:
+    """A known difference of the fake store from SqlStore (reported, not yet fixed in the fake)."""
+    if request.node.callspec.params["any_store"] == "fake":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+class TestAdd:
+    """add tracks a task once: a new row is pending, free and due at once."""
+
+    def test_a_new_row_is_pending_free_and_claimable(self, any_store: store.Store) -> None:
+        assert any_store.add("video_new", models.Mode.DRAFT.value)
+        task = row(any_store, "video_new")
+        assert (task.mode, task.state, task.polls, task.attempts) == ("draft", "pending", 0, 0)
+        assert task.lease_owner is None and task.lease_expires_at is None
+        assert ids(any_store.claim_due(A, utils.utcnow(), LEASE_S, 10)) == ["video_new"]
+
+    def test_add_is_idempotent_and_keeps_the_first_mode(self, any_store: store.Store) -> None:
+        assert any_store.add("video_twice", models.Mode.FLEX.value)
+        assert not any_store.add("video_twice", models.Mode.DRAFT.value)
+        assert [t.mode for t in any_store.list()] == ["flex"]
+
+    def test_an_unknown_mode_is_refused(
+        self, any_store: store.Store, request: pytest.FixtureRequest
+    ) -> None:
+        on_fake_only_xfail(request, "FakeStore.add stores any mode; the table's CHECK refuses it")
+        with pytest.raises(errors.StoreError):
+            any_store.add("video_bad", "turbo")
+        assert any_store.get("video_bad") is None
+
+    def test_an_unknown_task_is_none(self, any_store: store.Store) -> None:
+        assert any_store.get("video_nobody") is None
+
+
+class TestList:
+    """list and counts show every row, newest first, by state."""
+
+    def test_newest_first_and_by_state(self, any_store: store.Store) -> None:
+        for task_id in ("video_1", "video_2", "video_3"):
+            assert any_store.add(task_id)
+        shaped(any_store, "video_4", state=models.State.FAILED.value)
+        assert ids(any_store.list()) == ["video_4", "video_3", "video_2", "video_1"]
+        assert ids(any_store.list(limit=2)) == ["video_4", "video_3"]
+        assert ids(any_store.list(state="pending")) == ["video_3", "video_2", "video_1"]
+        assert ids(any_store.list(state="failed")) == ["video_4"]
+
+    def test_counts_name_every_state(self, any_store: store.Store) -> None:
+        any_store.add("video_1")
+        shaped(any_store, "video_2", state=models.State.ARCHIVED.value)
+        expected = {state.value: 0 for state in models.State} | {"pending": 1, "archived": 1}
+        assert any_store.counts() == expected
+
+
+class TestClaim:
+    """claim_due leases due, active, free rows to one owner, in the claim order."""
+
+    def test_a_due_row_is_claimed_once_and_leased(self, any_store: store.Store) -> None:
+        any_store.add("video_due")
+        now = utils.utcnow()
+        [claimed] = any_store.claim_due(A, now, LEASE_S, 10)
+        assert claimed.task_id == "video_due" and claimed.lease_owner == A
+        assert claimed.lease_expires_at is not None
+        assert abs(claimed.lease_expires_at - (now + dt.timedelta(seconds=LEASE_S))) < CLOCKS_AGREE
+        assert row(any_store, "video_due").lease_owner == A
+        assert any_store.leased(["video_due", "video_nobody"], now) == {"video_due"}
+        assert any_store.claim_due(A, now, LEASE_S, 10) == []
+        assert any_store.claim_due(B, now, LEASE_S, 10) == []
+
+    def test_a_live_lease_keeps_other_owners_out(self, any_store: store.Store) -> None:
+        any_store.add("video_held")
+        now = utils.utcnow()
+        assert ids(any_store.claim_due(A, now, LEASE_S, 10)) == ["video_held"]
+        later = now + dt.timedelta(seconds=LEASE_S / 2)
+        assert any_store.claim_due(B, later, LEASE_S, 10) == []
+        assert row(any_store, "video_held").lease_owner == A
+
+    def test_a_lease_that_ran_out_is_taken_over(self, any_store: store.Store) -> None:
+        any_store.add("video_lost")
+        now = utils.utcnow()
+        assert ids(any_store.claim_due(A, now, 0, 10)) == ["video_lost"]
+        later = now + dt.timedelta(seconds=1)
+        assert any_store.leased(["video_lost"], later) == set()
+        [taken] = any_store.claim_due(B, later, LEASE_S, 10)
+        assert taken.lease_owner == B
+        # The first owner's late outcome is not written over the second's work.
+        assert any_store.save([taken.replace(state="failed")], A) == 0
+        assert row(any_store, "video_lost").state == "pending"
+
+    def test_rows_not_yet_due_wait(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        shaped(
+            any_store, "video_later", state="polling", next_attempt_at=now + dt.timedelta(hours=1)
+        )
+        assert any_store.claim_due(A, now, LEASE_S, 10) == []
+        later = now + dt.timedelta(hours=2)
+        assert ids(any_store.claim_due(A, later, LEASE_S, 10)) == ["video_later"]
+
+    def test_finished_rows_are_never_claimed(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        for state in models.TERMINAL_STATES:
+            shaped(any_store, f"video_{state}", state=state.value, next_attempt_at=now)
+        assert any_store.claim_due(A, now, LEASE_S, 100) == []
+
+    def test_unpolled_first_then_nearest_deadline_then_longest_overdue(
+        self, any_store: store.Store
+    ) -> None:
+        now = utils.utcnow()
+
+        def ago(minutes: int) -> dt.datetime:
+            return now - dt.timedelta(minutes=minutes)
+
+        hour = dt.timedelta(hours=1)
+        shaped(
+            any_store,
+            "video_far",
+            state="polling",
+            expires_at=now + 2 * hour,
+            next_attempt_at=ago(50),
+        )
+        shaped(
+            any_store,
+            "video_near_b",
+            state="polling",
+            expires_at=now + hour,
+            next_attempt_at=ago(1),
+        )
+        shaped(
+            any_store,
+            "video_near_a",
+            state="polling",
+            expires_at=now + hour,
+            next_attempt_at=ago(9),
+        )
+        shaped(any_store, "video_fresh", next_attempt_at=ago(5))
+        shaped(any_store, "video_old", next_attempt_at=ago(30))
+        assert any_store.claim_due(A, now, LEASE_S, 0) == []
+        assert ids(any_store.claim_due(A, now, LEASE_S, 2)) == ["video_old", "video_fresh"]
+        assert ids(any_store.claim_due(A, now, LEASE_S, 10)) == [
+            "video_near_a",
+            "video_near_b",
+            "video_far",
+        ]
+
+    def test_states_narrow_the_claim(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        shaped(any_store, "video_polling", state="polling", next_attempt_at=now)
+        shaped(any_store, "video_downloading", state="downloading", next_attempt_at=now)
+        claimed = any_store.claim_due(A, now, LEASE_S, 10, states=["downloading"])
+        assert ids(claimed) == ["video_downloading"]
+
+    def test_a_row_another_provider_answered_for_is_not_claimed(
+        self, any_store: store.Store
+    ) -> None:
+        any_store.add("video_unstamped")
+        now = utils.utcnow()
+        shaped(any_store, "video_ark", state="polling", next_attempt_at=now, provider="ark")
+        shaped(any_store, "video_ours", state="polling", next_attempt_at=now, provider="reseller")
+        claimed = any_store.claim_due(A, now, LEASE_S, 10, provider_name="reseller")
+        assert sorted(ids(claimed)) == ["video_ours", "video_unstamped"]
+
+
+class TestSave:
+    """save writes the daemon's outcome and frees the row, only for the lease's owner."""
+
+    def test_the_owner_writes_and_frees(self, any_store: store.Store) -> None:
+        any_store.add("video_work")
+        now = utils.utcnow()
+        [task] = any_store.claim_due(A, now, LEASE_S, 10)
+        later = now + dt.timedelta(minutes=5)
+        outcome = task.replace(
+            state="polling", polls=1, last_polled_at=now, next_attempt_at=later, model="m1"
+        )
+        assert any_store.save([outcome], A) == 1
+        saved = row(any_store, "video_work")
+        assert (saved.state, saved.polls, saved.model) == ("polling", 1, "m1")
+        assert saved.last_polled_at == now and saved.next_attempt_at == later
+        assert saved.lease_owner is None and saved.lease_expires_at is None
+
+    def test_the_wrong_owner_writes_nothing(self, any_store: store.Store) -> None:
+        any_store.add("video_mine")
+        [task] = any_store.claim_due(A, utils.utcnow(), LEASE_S, 10)
+        assert any_store.save([task.replace(state="failed", polls=9)], B) == 0
+        kept = row(any_store, "video_mine")
+        assert (kept.state, kept.polls, kept.lease_owner) == ("pending", 0, A)
+
+    def test_a_row_nobody_holds_is_not_written(self, any_store: store.Store) -> None:
+        any_store.add("video_free")
+        assert any_store.save([row(any_store, "video_free").replace(state="failed")], A) == 0
+        assert row(any_store, "video_free").state == "pending"
+
+    def test_only_the_daemons_columns_are_written(
+        self, any_store: store.Store, request: pytest.FixtureRequest
+    ) -> None:
+        on_fake_only_xfail(
+            request, "FakeStore.save writes the whole row; SqlStore only models.DAEMON_FIELDS"
+        )
+        any_store.add("video_fed", models.Mode.FLEX.value)
+        [task] = any_store.claim_due(A, utils.utcnow(), LEASE_S, 10)
+        moved = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+        assert any_store.save([task.replace(mode="draft", inserted_at=moved, polls=1)], A) == 1
+        saved = row(any_store, "video_fed")
+        assert saved.polls == 1
+        assert (saved.mode, saved.inserted_at) == ("flex", task.inserted_at)
+
+
+class TestRenewAndRelease:
+    """renew extends the owner's own leases; release gives rows back at once."""
+
+    def test_renew_extends_only_the_owners_leases(self, any_store: store.Store) -> None:
+        any_store.add("video_b")
+        [b_task] = any_store.claim_due(B, utils.utcnow(), LEASE_S, 10)
+        any_store.add("video_a")
+        assert ids(any_store.claim_due(A, utils.utcnow(), 0, 10)) == ["video_a"]
+        now = utils.utcnow()
+
+        assert any_store.renew(A, ["video_a", "video_b", "video_nobody"], now, 600) == {"video_a"}
+        renewed = row(any_store, "video_a").lease_expires_at
+        assert renewed is not None
+        assert abs(renewed - (now + dt.timedelta(seconds=600))) < CLOCKS_AGREE
+        assert row(any_store, "video_b").lease_expires_at == b_task.lease_expires_at
+        # The renewed lease, which had run out, now keeps B out.
+        assert any_store.claim_due(B, now + dt.timedelta(seconds=1), LEASE_S, 10) == []
+
+    def test_a_lease_taken_over_is_not_renewed(self, any_store: store.Store) -> None:
+        any_store.add("video_gone")
+        now = utils.utcnow()
+        any_store.claim_due(A, now, 0, 10)
+        assert ids(any_store.claim_due(B, now + dt.timedelta(seconds=1), LEASE_S, 10)) == [
+            "video_gone"
+        ]
+        assert any_store.renew(A, ["video_gone"], now, LEASE_S) == set()
+        assert row(any_store, "video_gone").lease_owner == B
+
+    def test_release_frees_for_anyone_at_once(self, any_store: store.Store) -> None:
+        any_store.add("video_back")
+        now = utils.utcnow()
+        [task] = any_store.claim_due(A, now, LEASE_S, 10)
+        assert any_store.release(A, ["video_back", "video_nobody"]) == 1
+        assert any_store.leased(["video_back"], now) == set()
+        freed = row(any_store, "video_back")
+        assert freed.lease_owner is None and freed.lease_expires_at is None
+        assert freed.replace(lease_owner=A, lease_expires_at=task.lease_expires_at) == task
+        assert ids(any_store.claim_due(B, now, LEASE_S, 10)) == ["video_back"]
+
+    def test_release_by_another_owner_frees_nothing(self, any_store: store.Store) -> None:
+        any_store.add("video_kept")
+        now = utils.utcnow()
+        any_store.claim_due(A, now, LEASE_S, 10)
+        assert any_store.release(B, ["video_kept"]) == 0
+        assert any_store.claim_due(B, now, LEASE_S, 10) == []
+
+
+class TestRetry:
+    """retry puts a finished row back to polling now, never one a daemon holds."""
+
+    def test_a_failed_row_polls_again_keeping_its_history(self, any_store: store.Store) -> None:
+        failed = shaped(
+            any_store, "video_failed", state="failed", polls=7, attempts=3, error="link refused"
+        )
+        now = utils.utcnow()
+        assert any_store.retry("video_failed", now) is store.RetryOutcome.RETRIED
+        again = row(any_store, "video_failed")
+        assert (again.state, again.attempts, again.next_attempt_at) == ("polling", 0, now)
+        assert (again.polls, again.error) == (failed.polls, failed.error)
+        assert ids(any_store.claim_due(A, now, LEASE_S, 10)) == ["video_failed"]
+
+    def test_an_archived_row_only_when_forced(self, any_store: store.Store) -> None:
+        shaped(any_store, "video_safe", state="archived")
+        now = utils.utcnow()
+        assert any_store.retry("video_safe", now) is store.RetryOutcome.ARCHIVED
+        assert row(any_store, "video_safe").state == "archived"
+        assert any_store.retry("video_safe", now, force=True) is store.RetryOutcome.RETRIED
+        assert row(any_store, "video_safe").state == "polling"
+
+    def test_a_held_row_is_left_alone_even_forced(self, any_store: store.Store) -> None:
+        any_store.add("video_busy")
+        now = utils.utcnow()
+        any_store.claim_due(A, now, LEASE_S, 10)
+        assert any_store.retry("video_busy", now, force=True) is store.RetryOutcome.LEASED
+        assert row(any_store, "video_busy").lease_owner == A
+
+    def test_an_unknown_task(self, any_store: store.Store) -> None:
+        outcome = any_store.retry("video_nobody", utils.utcnow())
+        assert outcome is store.RetryOutcome.NO_SUCH_TASK
+
+
+class TestHasten:
+    """hasten makes free rows of this provider due sooner, never sooner than their cadence."""
+
+    def test_free_rows_move_held_and_foreign_ones_do_not(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        later = now + dt.timedelta(hours=1)
+        shaped(any_store, "video_held", state="polling", next_attempt_at=later)
+        assert ids(any_store.claim_due(B, later, LEASE_S, 10)) == ["video_held"]
+        shaped(any_store, "video_waiting", state="polling", next_attempt_at=later)
+        shaped(any_store, "video_ark", state="polling", next_attempt_at=later, provider="ark")
+        shaped(any_store, "video_done", state="archived", next_attempt_at=later)
+        every = ["video_waiting", "video_ark", "video_held", "video_done", "video_nobody"]
+        assert any_store.hasten(every, now, "reseller", CADENCES) == 1
+        assert row(any_store, "video_waiting").next_attempt_at == now
+        for task_id in ("video_ark", "video_held", "video_done"):
+            assert row(any_store, task_id).next_attempt_at == later
+
+    def test_no_sooner_than_the_cadence_after_the_last_poll(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        polled = now - dt.timedelta(seconds=10)
+        shaped(
+            any_store,
+            "video_polled",
+            state="polling",
+            last_polled_at=polled,
+            next_attempt_at=now + dt.timedelta(hours=1),
+        )
+        assert any_store.hasten(["video_polled"], now, "reseller", CADENCES) == 1
+        assert row(any_store, "video_polled").next_attempt_at == polled + dt.timedelta(seconds=30)
+        # Already as soon as the cadence allows: nothing moves.
+        assert any_store.hasten(["video_polled"], now, "reseller", CADENCES) == 0
