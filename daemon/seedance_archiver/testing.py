@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from seedance_archiver import archive, errors, listener, models, outbox, provider, store
+from seedance_archiver import archive, errors, listener, models, outbox, provider, store, utils
 
 EPOCH = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
@@ -611,8 +611,9 @@ class FakeArchive:
     puts: list[str] = dataclasses.field(default_factory=list)
     metadata: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
     fail_next: Exception | None = None
-    # Task ids with an unfinished upload left behind (as a killed process would leave them).
-    unfinished: list[str] = dataclasses.field(default_factory=list)
+    # Unfinished uploads left behind (as a killed process would leave them): the task id and when
+    # each began (leave_unfinished).
+    unfinished: list[tuple[str, dt.datetime]] = dataclasses.field(default_factory=list)
     discarded: list[str] = dataclasses.field(default_factory=list)
     # Objects stored without their SHA-256 recorded (a store that refused the tag): found only when
     # read back.
@@ -650,16 +651,27 @@ class FakeArchive:
     async def check(self) -> None:
         pass
 
+    def leave_unfinished(self, task_id: str, started_at: dt.datetime | None = None) -> None:
+        """An upload of ``task_id`` left unfinished, begun at ``started_at``: by default now, by the
+        wall clock, as a folder's file time and S3's ``Initiated`` are (a test on a moved clock
+        passes its own time)."""
+        self.unfinished.append((task_id, started_at or utils.utcnow()))
+
     async def incomplete(self) -> set[str]:
-        return set(self.unfinished)
+        return {task_id for task_id, _ in self.unfinished}
 
     async def discard_incomplete(
         self, task_id: str, started_before: dt.datetime | None = None
     ) -> int:
-        found = self.unfinished.count(task_id)
-        self.unfinished = [t for t in self.unfinished if t != task_id]
-        self.discarded.extend([task_id] * found)
-        return found
+        # As the real stores: an upload begun at or after ``started_before`` may be a live one.
+        doomed = [
+            upload
+            for upload in self.unfinished
+            if upload[0] == task_id and (started_before is None or upload[1] < started_before)
+        ]
+        self.unfinished = [upload for upload in self.unfinished if upload not in doomed]
+        self.discarded.extend(task_id for _ in doomed)
+        return len(doomed)
 
     def link(self, uri: str, expires_seconds: int) -> str:
         return f"{uri}?expires={expires_seconds}"
