@@ -549,7 +549,10 @@ class FakeProvider:
 
     @contextlib.asynccontextmanager
     async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:
-        url = task.video_url or ""
+        if task.video_url is None:
+            # As the real client: no link to refuse, so not LinkExpired (which means poll again).
+            raise errors.DownloadError("the task has no video_url")
+        url = task.video_url
         self.downloads.append(url)
         body = self.videos.get(url)
         if body is None:
