@@ -1,0 +1,213 @@
+"""The provider's behaviour, once, over every provider: each of ``providers.NAMES`` against the
+simulator in its dialect over loopback HTTP, and the scripted fake given the same situations.
+
+A situation ("a task completed", "a wrong key") is set up by each side in its own way: the simulator
+is told how the task plays out, the fake is scripted with the answer the real one gives. The tests
+then ask only through the :class:`provider.Provider` seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import pytest
+from seedance_archiver import errors, models, netguard, provider, providers, simulator, testing
+
+from tests.conftest import SIM_KEY, serving
+
+SIZE = 300_000  # not a whole number of the simulator's blocks nor of the fake's chunks
+LOCAL_HTTP = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
+NEVER = 1e9  # seconds: a phase the test does not wait out
+REASON = "content policy violation"
+
+
+class Side(Protocol):
+    """One provider and the ways to put a task of it in a given situation."""
+
+    provider: provider.Provider
+
+    def completed(self, task_id: str, *, stale_links: int = 0) -> None:
+        """Finished, its video ``video(task_id)``; the first ``stale_links`` links already refused."""
+
+    def queued(self, task_id: str) -> None: ...
+
+    def processing(self, task_id: str) -> None: ...
+
+    def ended(self, task_id: str, outcome: str) -> None:
+        """Ended ``failed`` (for :data:`REASON`) or ``cancelled``."""
+
+    def with_wrong_key(self) -> provider.Provider:
+        """The same provider asked with a key it does not accept."""
+
+
+def video(task_id: str) -> bytes:
+    return b"".join(simulator.video_chunks(task_id, SIZE))
+
+
+class Simulated:
+    """A provider's own client against the simulator in its dialect."""
+
+    def __init__(self, name: str, server: simulator.SimulatorThread) -> None:
+        self.name = name
+        self.server = server
+        self.provider = self._client(SIM_KEY)
+        self._clients = [self.provider]
+
+    def _client(self, key: str) -> provider.Provider:
+        options = provider.Options(url_rules=LOCAL_HTTP)
+        return providers.get(self.name).build(self.server.url, key, options)
+
+    def completed(self, task_id: str, *, stale_links: int = 0) -> None:
+        self.server.simulator.add_task(
+            task_id, queued_seconds=0, ready_seconds=0, size=SIZE, stale_links=stale_links
+        )
+
+    def queued(self, task_id: str) -> None:
+        self.server.simulator.add_task(task_id, queued_seconds=NEVER, ready_seconds=NEVER)
+
+    def processing(self, task_id: str) -> None:
+        self.server.simulator.add_task(task_id, queued_seconds=0, ready_seconds=NEVER)
+
+    def ended(self, task_id: str, outcome: str) -> None:
+        self.server.simulator.add_task(
+            task_id, outcome=outcome, queued_seconds=0, ready_seconds=0, error=REASON
+        )
+
+    def with_wrong_key(self) -> provider.Provider:
+        client = self._client("not-" + SIM_KEY)
+        self._clients.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.aclose()
+
+
+class Scripted:
+    """The fake provider, scripted with what the real one answers in each situation."""
+
+    def __init__(self) -> None:
+        self.provider: testing.FakeProvider = testing.FakeProvider()
+
+    def completed(self, task_id: str, *, stale_links: int = 0) -> None:
+        links = [f"https://videos.example/{task_id}.mp4?sig={n}" for n in range(stale_links + 1)]
+        self.provider.videos[links[-1]] = video(task_id)
+        self.provider.script(
+            task_id, *(testing.answer(task_id, "completed", video_url=link) for link in links)
+        )
+
+    def queued(self, task_id: str) -> None:
+        self.provider.script(task_id, testing.answer(task_id, "queued"))
+
+    def processing(self, task_id: str) -> None:
+        self.provider.script(task_id, testing.answer(task_id, "processing"))
+
+    def ended(self, task_id: str, outcome: str) -> None:
+        error = REASON if outcome == "failed" else None
+        self.provider.script(task_id, testing.answer(task_id, outcome, error=error))
+
+    def with_wrong_key(self) -> provider.Provider:
+        wrong = testing.FakeProvider(self.provider.name)
+        wrong.key_ok = False
+        for task_id in self.provider.scripts:
+            refused = errors.AuthRejected(
+                "the provider rejected the API key (HTTP 401)", status_code=401
+            )
+            wrong.script(task_id, refused)
+        return wrong
+
+
+@pytest.fixture(params=[*providers.NAMES, "fake"])
+async def any_provider(request: pytest.FixtureRequest) -> AsyncIterator[Side]:
+    """The same provider behaviour on every provider's client (against the simulator in its
+    dialect) and on the fake."""
+    if request.param == "fake":
+        yield Scripted()
+        return
+    with serving(request.param) as server:
+        side = Simulated(request.param, server)
+        try:
+            yield side
+        finally:
+            await side.aclose()
+
+
+async def download(source: provider.Provider, task: models.Task) -> tuple[int | None, bytes]:
+    async with source.open_video(task) as opened:
+        data = bytearray()
+        async for chunk in opened.chunks:
+            data += chunk
+    return opened.length, bytes(data)
+
+
+def linked(answer: models.Answer) -> models.Task:
+    """The row of a task after the answer: what open_video is given."""
+    return models.Task(task_id=answer.id, video_url=answer.video_url)
+
+
+class TestAnswers:
+    """fetch maps the provider's states onto ours."""
+
+    async def test_a_completed_task_links_its_video(self, any_provider: Side) -> None:
+        any_provider.completed("video_done")
+        answer = await any_provider.provider.fetch("video_done")
+        assert (answer.id, answer.status, answer.error) == ("video_done", "completed", None)
+        assert answer.video_url is not None
+        assert await download(any_provider.provider, linked(answer)) == (SIZE, video("video_done"))
+
+    @pytest.mark.parametrize("status", ["queued", "processing"])
+    async def test_a_task_under_way_has_no_link_yet(self, any_provider: Side, status: str) -> None:
+        getattr(any_provider, status)("video_waiting")
+        answer = await any_provider.provider.fetch("video_waiting")
+        assert (answer.id, answer.status, answer.video_url) == ("video_waiting", status, None)
+
+    async def test_a_failed_task_says_why(self, any_provider: Side) -> None:
+        any_provider.ended("video_refused", "failed")
+        answer = await any_provider.provider.fetch("video_refused")
+        assert (answer.status, answer.video_url) == ("failed", None)
+        assert answer.error is not None and REASON in answer.error
+
+    async def test_a_cancelled_task(self, any_provider: Side) -> None:
+        any_provider.ended("video_cancelled", "cancelled")
+        answer = await any_provider.provider.fetch("video_cancelled")
+        assert (answer.status, answer.video_url) == ("cancelled", None)
+
+    async def test_an_unknown_task_is_the_providers_own_not_found(self, any_provider: Side) -> None:
+        with pytest.raises(errors.TaskNotFound):
+            await any_provider.provider.fetch("video_nobody_made")
+
+
+class TestKey:
+    """A key the provider refuses is told apart from a task it does not know."""
+
+    async def test_the_right_key_passes_its_check(self, any_provider: Side) -> None:
+        assert await any_provider.provider.check_key() is True
+
+    async def test_a_wrong_key_is_rejected(self, any_provider: Side) -> None:
+        any_provider.completed("video_done")
+        wrong = any_provider.with_wrong_key()
+        with pytest.raises(errors.AuthRejected):
+            await wrong.fetch("video_done")
+        assert await wrong.check_key() is False
+
+
+class TestVideo:
+    """open_video streams a link; a refused link means: poll again for a fresh one."""
+
+    async def test_a_refused_link_expired_and_the_next_answer_works(
+        self, any_provider: Side
+    ) -> None:
+        any_provider.completed("video_stale", stale_links=1)
+        stale = await any_provider.provider.fetch("video_stale")
+        with pytest.raises(errors.LinkExpired):
+            await download(any_provider.provider, linked(stale))
+        fresh = await any_provider.provider.fetch("video_stale")
+        assert fresh.video_url != stale.video_url
+        assert await download(any_provider.provider, linked(fresh)) == (SIZE, video("video_stale"))
+
+    async def test_a_task_without_a_link_is_no_download(self, any_provider: Side) -> None:
+        with pytest.raises(errors.DownloadError) as caught:
+            await download(any_provider.provider, models.Task(task_id="video_unlinked"))
+        # Not LinkExpired: no host refused a link; there was none to ask.
+        assert not isinstance(caught.value, errors.LinkExpired)
