@@ -25,7 +25,7 @@ REASON = "content policy violation"
 class Side(Protocol):
     """One provider and the ways to put a task of it in a given situation."""
 
-    provider: provider.Provider
+    client: provider.Provider
 
     def completed(self, task_id: str, *, stale_links: int = 0) -> None:
         """Finished, its video ``video(task_id)``; the first ``stale_links`` links already refused."""
@@ -51,8 +51,8 @@ class Simulated:
     def __init__(self, name: str, server: simulator.SimulatorThread) -> None:
         self.name = name
         self.server = server
-        self.provider = self._client(SIM_KEY)
-        self._clients = [self.provider]
+        self.client = self._client(SIM_KEY)
+        self._clients = [self.client]
 
     def _client(self, key: str) -> provider.Provider:
         options = provider.Options(url_rules=LOCAL_HTTP)
@@ -88,29 +88,30 @@ class Scripted:
     """The fake provider, scripted with what the real one answers in each situation."""
 
     def __init__(self) -> None:
-        self.provider: testing.FakeProvider = testing.FakeProvider()
+        self.fake = testing.FakeProvider()
+        self.client: provider.Provider = self.fake
 
     def completed(self, task_id: str, *, stale_links: int = 0) -> None:
         links = [f"https://videos.example/{task_id}.mp4?sig={n}" for n in range(stale_links + 1)]
-        self.provider.videos[links[-1]] = video(task_id)
-        self.provider.script(
+        self.fake.videos[links[-1]] = video(task_id)
+        self.fake.script(
             task_id, *(testing.answer(task_id, "completed", video_url=link) for link in links)
         )
 
     def queued(self, task_id: str) -> None:
-        self.provider.script(task_id, testing.answer(task_id, "queued"))
+        self.fake.script(task_id, testing.answer(task_id, "queued"))
 
     def processing(self, task_id: str) -> None:
-        self.provider.script(task_id, testing.answer(task_id, "processing"))
+        self.fake.script(task_id, testing.answer(task_id, "processing"))
 
     def ended(self, task_id: str, outcome: str) -> None:
         error = REASON if outcome == "failed" else None
-        self.provider.script(task_id, testing.answer(task_id, outcome, error=error))
+        self.fake.script(task_id, testing.answer(task_id, outcome, error=error))
 
     def with_wrong_key(self) -> provider.Provider:
-        wrong = testing.FakeProvider(self.provider.name)
+        wrong = testing.FakeProvider(self.fake.name)
         wrong.key_ok = False
-        for task_id in self.provider.scripts:
+        for task_id in self.fake.scripts:
             refused = errors.AuthRejected(
                 "the provider rejected the API key (HTTP 401)", status_code=401
             )
@@ -151,38 +152,38 @@ class TestAnswers:
 
     async def test_a_completed_task_links_its_video(self, any_provider: Side) -> None:
         any_provider.completed("video_done")
-        answer = await any_provider.provider.fetch("video_done")
+        answer = await any_provider.client.fetch("video_done")
         assert (answer.id, answer.status, answer.error) == ("video_done", "completed", None)
         assert answer.video_url is not None
-        assert await download(any_provider.provider, linked(answer)) == (SIZE, video("video_done"))
+        assert await download(any_provider.client, linked(answer)) == (SIZE, video("video_done"))
 
     @pytest.mark.parametrize("status", ["queued", "processing"])
     async def test_a_task_under_way_has_no_link_yet(self, any_provider: Side, status: str) -> None:
         getattr(any_provider, status)("video_waiting")
-        answer = await any_provider.provider.fetch("video_waiting")
+        answer = await any_provider.client.fetch("video_waiting")
         assert (answer.id, answer.status, answer.video_url) == ("video_waiting", status, None)
 
     async def test_a_failed_task_says_why(self, any_provider: Side) -> None:
         any_provider.ended("video_refused", "failed")
-        answer = await any_provider.provider.fetch("video_refused")
+        answer = await any_provider.client.fetch("video_refused")
         assert (answer.status, answer.video_url) == ("failed", None)
         assert answer.error is not None and REASON in answer.error
 
     async def test_a_cancelled_task(self, any_provider: Side) -> None:
         any_provider.ended("video_cancelled", "cancelled")
-        answer = await any_provider.provider.fetch("video_cancelled")
+        answer = await any_provider.client.fetch("video_cancelled")
         assert (answer.status, answer.video_url) == ("cancelled", None)
 
     async def test_an_unknown_task_is_the_providers_own_not_found(self, any_provider: Side) -> None:
         with pytest.raises(errors.TaskNotFound):
-            await any_provider.provider.fetch("video_nobody_made")
+            await any_provider.client.fetch("video_nobody_made")
 
 
 class TestKey:
     """A key the provider refuses is told apart from a task it does not know."""
 
     async def test_the_right_key_passes_its_check(self, any_provider: Side) -> None:
-        assert await any_provider.provider.check_key() is True
+        assert await any_provider.client.check_key() is True
 
     async def test_a_wrong_key_is_rejected(self, any_provider: Side) -> None:
         any_provider.completed("video_done")
@@ -199,15 +200,15 @@ class TestVideo:
         self, any_provider: Side
     ) -> None:
         any_provider.completed("video_stale", stale_links=1)
-        stale = await any_provider.provider.fetch("video_stale")
+        stale = await any_provider.client.fetch("video_stale")
         with pytest.raises(errors.LinkExpired):
-            await download(any_provider.provider, linked(stale))
-        fresh = await any_provider.provider.fetch("video_stale")
+            await download(any_provider.client, linked(stale))
+        fresh = await any_provider.client.fetch("video_stale")
         assert fresh.video_url != stale.video_url
-        assert await download(any_provider.provider, linked(fresh)) == (SIZE, video("video_stale"))
+        assert await download(any_provider.client, linked(fresh)) == (SIZE, video("video_stale"))
 
     async def test_a_task_without_a_link_is_no_download(self, any_provider: Side) -> None:
         with pytest.raises(errors.DownloadError) as caught:
-            await download(any_provider.provider, models.Task(task_id="video_unlinked"))
+            await download(any_provider.client, models.Task(task_id="video_unlinked"))
         # Not LinkExpired: no host refused a link; there was none to ask.
         assert not isinstance(caught.value, errors.LinkExpired)
