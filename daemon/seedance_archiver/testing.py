@@ -81,6 +81,8 @@ class FakeStore:
     def add(self, task_id: str, mode: str = models.Mode.STANDARD.value) -> bool:
         if task_id in self.rows:
             return False
+        if mode not in {m.value for m in models.Mode}:  # the table's CHECK
+            raise errors.StoreError(f"the database refused the row: mode {mode!r} is not a mode")
         now = self.clock()
         self.rows[task_id] = models.Task(
             task_id=task_id, mode=mode, inserted_at=now, updated_at=now, next_attempt_at=now
@@ -260,7 +262,11 @@ class FakeStore:
             current = self.rows.get(task.task_id)
             if current is None or current.lease_owner != owner:
                 continue
-            self.rows[task.task_id] = task.replace(lease_owner=None, lease_expires_at=None)
+            # Only the daemon's columns, as SqlStore writes them: the feeder's stay as they are.
+            written_fields = {name: getattr(task, name) for name in models.DAEMON_FIELDS}
+            self.rows[task.task_id] = current.replace(**written_fields).replace(
+                lease_owner=None, lease_expires_at=None
+            )
             self.saved.append(task)
             written += 1
             if task.is_terminal and current.state != task.state:  # what the trigger does

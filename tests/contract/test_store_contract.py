@@ -40,12 +40,6 @@ def shaped(any_store: store.Store, task_id: str, **changes: Any) -> models.Task:
     return row(any_store, task_id)
 
 
-def on_fake_only_xfail(request: pytest.FixtureRequest, reason: str) -> None:
-    """A known difference of the fake store from SqlStore (reported, not yet fixed in the fake)."""
-    if request.node.callspec.params["any_store"] == "fake":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 class TestAdd:
     """add tracks a task once: a new row is pending, free and due at once."""
 
@@ -61,10 +55,7 @@ class TestAdd:
         assert not any_store.add("video_twice", models.Mode.DRAFT.value)
         assert [t.mode for t in any_store.list()] == ["flex"]
 
-    def test_an_unknown_mode_is_refused(
-        self, any_store: store.Store, request: pytest.FixtureRequest
-    ) -> None:
-        on_fake_only_xfail(request, "FakeStore.add stores any mode; the table's CHECK refuses it")
+    def test_an_unknown_mode_is_refused(self, any_store: store.Store) -> None:
         with pytest.raises(errors.StoreError):
             any_store.add("video_bad", "turbo")
         assert any_store.get("video_bad") is None
@@ -229,12 +220,7 @@ class TestSave:
         assert any_store.save([row(any_store, "video_free").replace(state="failed")], A) == 0
         assert row(any_store, "video_free").state == "pending"
 
-    def test_only_the_daemons_columns_are_written(
-        self, any_store: store.Store, request: pytest.FixtureRequest
-    ) -> None:
-        on_fake_only_xfail(
-            request, "FakeStore.save writes the whole row; SqlStore only models.DAEMON_FIELDS"
-        )
+    def test_only_the_daemons_columns_are_written(self, any_store: store.Store) -> None:
         any_store.add("video_fed", models.Mode.FLEX.value)
         [task] = any_store.claim_due(A, utils.utcnow(), LEASE_S, 10)
         moved = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
