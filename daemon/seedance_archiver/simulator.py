@@ -231,6 +231,11 @@ class Simulator:
         with self._lock:
             self.faults[task_id].append(fault)
 
+    def end_faults(self, task_id: str) -> None:
+        """Drop every fault queued for ``task_id`` (or ``"*"``): an outage ends when told."""
+        with self._lock:
+            self.faults.pop(task_id, None)
+
     def _take_fault(self, task_id: str, on: str) -> dict[str, Any] | None:
         with self._lock:
             for key in (task_id, "*"):

@@ -68,7 +68,8 @@ def _started(daemon: Daemon) -> None:
         assert code is None, f"the daemon exited {code} at start: {daemon.log()[-2000:]}"
         return _logged(daemon, "daemon_started")
 
-    wait_for(started, timeout=30, what="the daemon to start")
+    # A start on a machine busy with six test workers (and more) has taken over 30 s.
+    wait_for(started, timeout=90, what="the daemon to start")
 
 
 def _eventually(condition: Callable[[], bool], timeout: float) -> bool:
