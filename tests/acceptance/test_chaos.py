@@ -25,8 +25,8 @@ import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.acceptance.test_end_to_end import PostgresFeeder, SqliteFeeder
 from tests.conftest import wait_for
+from tests.helpers import PostgresFeeder, SqliteFeeder
 
 KiB = 1024
 MiB = 1024 * KiB

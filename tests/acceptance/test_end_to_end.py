@@ -12,17 +12,16 @@ import hashlib
 import json
 import pathlib
 import signal
-import sqlite3
 import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import Daemon, base_env, cli
 from tests.conftest import SIM_KEY, serving, wait_for
+from tests.helpers import PostgresFeeder, SqliteFeeder
 
 DIALECTS = ["reseller", "ark"]
 
@@ -93,56 +92,6 @@ def _plan(sim: simulator.Simulator, dialect: Dialect) -> None:
     # A transient provider error and a broken download on the way: both must be retried.
     sim.add_fault(dialect.id("video_e2e_std_ok"), on="poll", status=503)
     sim.add_fault(dialect.id("video_e2e_std_big"), on="download", truncate_at=3 * MiB)
-
-
-class SqliteFeeder:
-    """A feeding application on SQLite: plain SQL through the standard library."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.path = path
-
-    def insert(self, task_id: str, mode: str | None = None) -> None:
-        with sqlite3.connect(self.path, timeout=10) as conn:
-            if mode is None:
-                conn.execute("INSERT INTO video_tasks (task_id) VALUES (?)", (task_id,))
-            else:
-                conn.execute(
-                    "INSERT INTO video_tasks (task_id, mode) VALUES (?, ?)", (task_id, mode)
-                )
-
-    def rows(self) -> dict[str, dict[str, Any]]:
-        with sqlite3.connect(self.path, timeout=10) as conn:
-            conn.row_factory = sqlite3.Row
-            return {r["task_id"]: dict(r) for r in conn.execute("SELECT * FROM video_tasks")}
-
-
-class PostgresFeeder:
-    """A feeding application on PostgreSQL: plain SQL through psycopg."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def insert(self, task_id: str, mode: str | None = None) -> None:
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            if mode is None:
-                conn.execute("INSERT INTO video_tasks (task_id) VALUES (%s)", (task_id,))
-            else:
-                conn.execute(
-                    "INSERT INTO video_tasks (task_id, mode) VALUES (%s, %s)", (task_id, mode)
-                )
-
-    def insert_for(self, task_id: str, provider: str) -> None:
-        """Insert a row routed to ``provider``'s daemon (when daemons of two share the table)."""
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO video_tasks (task_id, provider) VALUES (%s, %s)", (task_id, provider)
-            )
-
-    def rows(self) -> dict[str, dict[str, Any]]:
-        with psycopg.connect(self.url, autocommit=True) as conn, conn.cursor() as cur:
-            cur.execute("SELECT * FROM video_tasks")
-            names = [d.name for d in cur.description or []]
-            return {r[0]: dict(zip(names, r, strict=True)) for r in cur.fetchall()}
 
 
 def _all_finished(feeder: SqliteFeeder | PostgresFeeder, ids: list[str]) -> bool:

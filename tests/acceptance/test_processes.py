@@ -18,8 +18,8 @@ import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import CLI, base_env, cli
-from tests.acceptance.test_end_to_end import PostgresFeeder
 from tests.conftest import free_ports, wait_for
+from tests.helpers import PostgresFeeder
 
 
 def _daemon_pids(pg_url: str) -> set[int]:

@@ -14,8 +14,8 @@ import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.acceptance.test_end_to_end import PostgresFeeder
 from tests.conftest import wait_for
+from tests.helpers import PostgresFeeder
 
 MODES = ("draft", "standard", "flex")
 CADENCE_LOW = {"draft": 0.3, "standard": 0.5, "flex": 0.8}  # base_env's SEEDANCE_POLL_* minimums

@@ -14,9 +14,9 @@ import pytest
 from seedance_archiver import simulator
 
 from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.acceptance.test_end_to_end import PostgresFeeder
 from tests.acceptance.webhook_receiver import SECRET, Receiver
 from tests.conftest import wait_for
+from tests.helpers import PostgresFeeder
 
 LEASE_SECONDS = 2
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import uuid
-from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import boto3
@@ -15,36 +14,11 @@ from seedance_archiver import archive, errors, simulator
 from seedance_archiver.archive import folder, s3
 
 from tests.conftest import free_port
+from tests.helpers import MIB, expected_sha, new_id, stream, video
 
-MIB = 1024 * 1024
 SMALL = 100 * 1024
 LARGE = 20 * MIB + 12_345  # several parts: two of 8 MiB (PART_BYTES) and a bit
 PREFIX = "videos/2026"
-
-
-async def stream(
-    chunks: Iterable[bytes], fail_with: BaseException | None = None
-) -> AsyncIterator[bytes]:
-    """The chunks as an async stream (as a download delivers them), optionally breaking at the end."""
-    for chunk in chunks:
-        yield chunk
-    if fail_with is not None:
-        raise fail_with
-
-
-def video(task_id: str, size: int) -> AsyncIterator[bytes]:
-    return stream(simulator.video_chunks(task_id, size))
-
-
-def expected_sha(task_id: str, size: int) -> str:
-    digest = hashlib.sha256()
-    for chunk in simulator.video_chunks(task_id, size):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def new_id() -> str:
-    return f"video_{uuid.uuid4().hex[:10]}"
 
 
 class Backend:

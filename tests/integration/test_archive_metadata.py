@@ -17,7 +17,10 @@ import structlog
 from seedance_archiver import archive, cli, models, simulator
 from seedance_archiver.archive import folder, s3
 
-from tests.integration.test_archive import LARGE, SMALL, expected_sha, new_id, video
+from tests.helpers import MIB, expected_sha, new_id, video
+
+SMALL = 100 * 1024
+LARGE = 20 * MIB + 12_345  # several parts: two of 8 MiB (PART_BYTES) and a bit
 
 CREATED = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import pathlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
@@ -16,30 +14,7 @@ import structlog.testing
 from seedance_archiver import config, db, errors, scheduler, simulator, store
 
 from tests.conftest import SIM_KEY
-
-
-async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    """Yield to the loop until ``condition`` holds; fail after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def running_daemon(
-    settings: config.Settings, tick_seconds: float = scheduler.TICK_SECONDS
-) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(
-        scheduler.run(settings, stop=stop, handle_signals=False, tick_seconds=tick_seconds)
-    )
-    try:
-        yield
-    finally:
-        stop.set()
-        assert await asyncio.wait_for(task, timeout=30) == 0
+from tests.helpers import running_daemon, wait_until
 
 
 def _settings(

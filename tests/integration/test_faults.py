@@ -11,12 +11,8 @@ minute-long outage is the same test run with ``SEEDANCE_TEST_PG_OUTAGE_SECONDS=6
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import datetime as dt
 import email.utils
-import hashlib
 import itertools
 import json
 import math
@@ -25,22 +21,16 @@ import pathlib
 import random
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import botocore.exceptions
-import httpx
 import pytest
 import sqlalchemy as sa
-import structlog.testing
 from seedance_archiver import (
-    config,
     keygate,
     models,
     policy,
-    ratelimit,
     scheduler,
-    service,
     simulator,
     store,
 )
@@ -48,192 +38,35 @@ from seedance_archiver.archive import folder, s3
 from seedance_archiver.providers import reseller
 
 from tests.conftest import SIM_KEY, free_port
+from tests.helpers import (
+    CADENCE_HIGH,
+    CADENCE_LOW,
+    DOWNLOAD_RETRY_SECONDS,
+    FOREVER,
+    MIB,
+    S3_PREFIX,
+    Launcher,
+    assert_archived_intact,
+    insert,
+    readyz,
+    s3_key,
+    s3_sha256,
+    s3_uploads,
+    via_proxy,
+)
 from tests.integration.faultproxy import FaultProxy
-from tests.integration.test_daemon import wait_until
 
-TICK_SECONDS = 0.1
-CADENCE = "0.3-0.6"
-CADENCE_LOW, CADENCE_HIGH = 0.3, 0.6
 # A due row waits for the next tick, and a busy two-core machine adds a little more.
 LATE = 0.35
 # A request already on its way when the daemon learns something (a 429) may still arrive this late.
 IN_FLIGHT = 0.15
-DOWNLOAD_RETRY_SECONDS = 0.3  # the daemon's 5 s floor, shortened so download retries fit a test
 SMALL = 64 * 1024
-MIB = 1024 * 1024
-FOREVER = 10_000  # a fault repeated until the test clears it
 PG_OUTAGE_SECONDS = float(os.environ.get("SEEDANCE_TEST_PG_OUTAGE_SECONDS", "10"))
 
 t = models.video_tasks
 
 
-# --- the daemon in-process ------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Running:
-    """A daemon running in this event loop, and what a test needs to look at it."""
-
-    svc: service.Service
-    rows: store.SqlStore  # the feeding application's own connection (never through a proxy)
-    sim: simulator.Simulator
-    logs: list[dict[str, Any]]
-    archive_dir: pathlib.Path
-    task: asyncio.Task[int]
-
-    def row(self, task_id: str) -> models.Task:
-        row = self.rows.get(task_id)
-        assert row is not None, f"no row for {task_id!r}"
-        return row
-
-    def state(self, task_id: str) -> str:
-        return self.row(task_id).state
-
-    def events(self, name: str, task_id: str | None = None) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in list(self.logs)
-            if e.get("event") == name and (task_id is None or e.get("task_id") == task_id)
-        ]
-
-    def polls(self, task_id: str) -> list[float]:
-        """When the simulator received each poll of ``task_id`` (Unix seconds)."""
-        return list(self.sim.stats.poll_times.get(task_id, []))
-
-    def all_polls(self) -> list[float]:
-        return sorted(x for times in list(self.sim.stats.poll_times.values()) for x in times)
-
-    async def until(self, condition: Callable[[], object], what: str, seconds: float = 20) -> None:
-        await wait_until(lambda: bool(condition()), seconds, what)
-
-    async def until_state(self, task_id: str, state: str, seconds: float = 20) -> models.Task:
-        def reached() -> bool:
-            row = self.rows.get(task_id)
-            return row is not None and row.state == state
-
-        try:
-            await wait_until(reached, seconds, f"{task_id} to be {state}")
-        except AssertionError:
-            row = self.rows.get(task_id)
-            raise AssertionError(
-                f"{task_id} did not become {state} in {seconds}s: "
-                f"{row and (row.state, row.attempts, row.error)}"
-            ) from None
-        return self.row(task_id)
-
-
-class Launcher:
-    """Starts the daemon with fast cadences against the simulator; hands back a :class:`Running`."""
-
-    def __init__(
-        self,
-        sim: simulator.SimulatorThread,
-        db_url: str,
-        tmp_path: pathlib.Path,
-        monkeypatch: pytest.MonkeyPatch,
-        rows_url: str | None = None,
-    ) -> None:
-        self.sim = sim
-        self.db_url = db_url
-        self.rows_url = rows_url or db_url
-        self.archive_dir = tmp_path / "archive"
-        self.monkeypatch = monkeypatch
-
-    @contextlib.asynccontextmanager
-    async def __call__(
-        self,
-        *,
-        download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS,
-        recovery_seconds: float | None = None,
-        on_build: Callable[[service.Service], None] | None = None,
-        **overrides: Any,
-    ) -> AsyncIterator[Running]:
-        """Run ``scheduler.run`` with these settings (``overrides`` win) until the block ends.
-
-        Two knobs that are not settings are shortened on the built service: the download retry floor
-        (5 s in the daemon) and, when given, the limiter's recovery time after a 429 (60 s).
-        """
-        values: dict[str, Any] = {
-            "api_base_url": self.sim.url,
-            "api_key": SIM_KEY,
-            "database_url": self.db_url,
-            "archive_url": f"file://{self.archive_dir}",
-            "allowed_video_url_schemes": "http",
-            "allow_private_video_hosts": True,
-            "http_port": 0,
-            "poll_draft": CADENCE,
-            "poll_standard": CADENCE,
-            "poll_flex": CADENCE,
-            "max_requests_per_second": 50,
-            "request_timeout_seconds": 5,
-            "shutdown_grace_seconds": 2,
-            **config.SKIP_OFF,
-        }
-        values.update(overrides)
-        settings = config.load(**values)
-        built: list[service.Service] = []
-        build = scheduler.build_service
-
-        def capture(
-            settings: config.Settings, api_key: str
-        ) -> tuple[service.Service, store.SqlStore]:
-            svc, sql_store = build(settings, api_key)
-            svc.rules = dataclasses.replace(
-                svc.rules, download_retry_seconds=download_retry_seconds
-            )
-            if recovery_seconds is not None:
-                svc.limiter = ratelimit.RateLimiter(
-                    settings.max_requests_per_second,
-                    burst=scheduler.RATE_BURST,
-                    recovery_seconds=recovery_seconds,
-                )
-            if on_build is not None:
-                on_build(svc)
-            built.append(svc)
-            return svc, sql_store
-
-        self.monkeypatch.setattr(scheduler, "build_service", capture)
-        rows = store.SqlStore.from_url(self.rows_url)
-        stop = asyncio.Event()
-        with structlog.testing.capture_logs() as logs:
-            task = asyncio.create_task(
-                scheduler.run(settings, stop=stop, handle_signals=False, tick_seconds=TICK_SECONDS)
-            )
-            try:
-                await wait_until(
-                    lambda: task.done() or (built and built[0].stats.ticks >= 1),
-                    20,
-                    "the daemon to start",
-                )
-                if task.done():
-                    task.result()  # raises what stopped it
-                yield Running(built[0], rows, self.sim.simulator, logs, self.archive_dir, task)
-            finally:
-                stop.set()
-                try:
-                    assert await asyncio.wait_for(task, timeout=30) == 0
-                finally:
-                    rows.close()
-
-
-@pytest.fixture
-def launch(
-    sim: simulator.SimulatorThread,
-    sqlite_url: str,
-    tmp_path: pathlib.Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Launcher:
-    """The daemon on a fresh SQLite database and a local archive folder."""
-    return Launcher(sim, sqlite_url, tmp_path, monkeypatch)
-
-
 # --- rows, as a feeding application writes them ---------------------------------------------------
-
-
-def insert(rows: store.SqlStore, task_id: str, **columns: Any) -> None:
-    """Insert a row as a feeder would: the id, optionally more columns."""
-    with rows.engine.begin() as conn:
-        conn.execute(sa.insert(t).values(task_id=task_id, **columns))
 
 
 def feed(url: str, *rows: dict[str, Any]) -> None:
@@ -260,28 +93,9 @@ def no_op() -> dict[str, Any]:
     return {"delay": 0}
 
 
-def assert_archived_intact(running: Running, task_id: str, size: int) -> None:
-    """Archived once, with the simulator's exact bytes under the final name."""
-    row = running.row(task_id)
-    assert row.state == "archived", (row.state, row.error)
-    assert row.error is None
-    assert row.archive_bytes == size
-    assert row.archive_sha256 == simulator.video_sha256(task_id, size)
-    path = running.archive_dir / f"{task_id}.mp4"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == row.archive_sha256
-    assert row.archive_uri == path.resolve().as_uri()
-
-
 def leftovers(archive_dir: pathlib.Path) -> list[str]:
     incoming = archive_dir / folder.INCOMING_DIR
     return sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
-
-
-async def readyz(port: int) -> tuple[int, Any]:
-    """The daemon's /readyz answer: status code and JSON body."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(f"http://127.0.0.1:{port}/readyz")
-    return response.status_code, response.json()
 
 
 # --- 1. 5xx, dropped connections, timeouts, slow answers ------------------------------------------
@@ -813,7 +627,6 @@ class TestBrokenDownloads:
 
 # --- 8. S3 errors ---------------------------------------------------------------------------------
 
-S3_PREFIX = "videos"
 SERVICE_UNAVAILABLE = (
     b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
     b"<Message>Please reduce your request rate.</Message></Error>"
@@ -829,29 +642,12 @@ def s3_proxy(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
         yield proxy
 
 
-def s3_key(task_id: str) -> str:
-    return f"{S3_PREFIX}/{task_id}.mp4"
-
-
 def s3_missing(client: Any, bucket: str, task_id: str) -> bool:
     try:
         client.head_object(Bucket=bucket, Key=s3_key(task_id))
     except botocore.exceptions.ClientError as exc:
         return exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
     return False
-
-
-def s3_uploads(client: Any, bucket: str, prefix: str = "") -> list[str]:
-    return [
-        u["Key"]
-        for u in client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
-    ]
-
-
-def s3_sha256(client: Any, bucket: str, task_id: str) -> str:
-    """The SHA-256 of the object's bytes as they are in S3."""
-    body = client.get_object(Bucket=bucket, Key=s3_key(task_id))["Body"].read()
-    return hashlib.sha256(body).hexdigest()
 
 
 class TestS3Faults:
@@ -1054,11 +850,6 @@ class TestDeadlineOrder:
 # --- 10. database unreachable, leases -------------------------------------------------------------
 
 
-def _via_proxy(pg_url: str, proxy: FaultProxy) -> str:
-    """The same database, reached through the fault proxy."""
-    return f"postgresql://postgres@127.0.0.1:{proxy.port}{urllib.parse.urlsplit(pg_url).path}"
-
-
 class TestDatabaseUnreachable:
     """The daemon outlives its database: it waits, reconnects, keeps its leases, loses nothing."""
 
@@ -1078,7 +869,7 @@ class TestDatabaseUnreachable:
         sim.simulator.add_fault(inflight, on="download", throttle=size / 3)
         sim.simulator.add_task(during, ready_seconds=4, size=size)
         with FaultProxy(5432) as proxy:
-            launch = Launcher(sim, _via_proxy(pg_url, proxy), tmp_path, monkeypatch, pg_url)
+            launch = Launcher(sim, via_proxy(pg_url, proxy), tmp_path, monkeypatch, pg_url)
             async with launch() as d:
                 insert(d.rows, inflight)
                 insert(d.rows, during)
@@ -1133,7 +924,7 @@ class TestDatabaseUnreachable:
         sim.simulator.add_task(tid, ready_seconds=0.5, size=size)
         sim.simulator.add_fault(tid, on="download", throttle=size / 4)  # 4 s, twice the lease
         with FaultProxy(5432) as proxy:
-            launch = Launcher(sim, _via_proxy(pg_url, proxy), tmp_path, monkeypatch, pg_url)
+            launch = Launcher(sim, via_proxy(pg_url, proxy), tmp_path, monkeypatch, pg_url)
             async with launch(lease_seconds=2) as d:
                 insert(d.rows, tid)
                 await d.until(

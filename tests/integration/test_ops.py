@@ -19,7 +19,7 @@ from seedance_archiver import config, metrics, models, simulator, store, utils
 
 from tests.acceptance.conftest import CLI, base_env
 from tests.conftest import SIM_KEY, free_port
-from tests.integration.test_daemon import running_daemon, wait_until
+from tests.helpers import running_daemon, wait_until
 
 
 def _settings(

@@ -27,23 +27,23 @@ from seedance_archiver.archive import s3
 
 from tests.acceptance.conftest import CLI, base_env
 from tests.conftest import free_port
-from tests.integration.faultproxy import FaultProxy
-from tests.integration.test_faults import (
+from tests.helpers import (
     FOREVER,
     MIB,
+    OPTIONAL_CALLS,
     S3_PREFIX,
-    SMALL,
     Launcher,
     Running,
-    _via_proxy,
     assert_archived_intact,
     insert,
     readyz,
     s3_sha256,
     s3_uploads,
+    via_proxy,
 )
-from tests.integration.test_faults import launch as launch  # the fixture: the daemon on SQLite
+from tests.integration.faultproxy import FaultProxy
 
+SMALL = 64 * 1024
 STALL_SECONDS = 120.0  # a stall outlasting every test step; the proxy is told to resume earlier
 
 
@@ -141,7 +141,7 @@ class TestStalledDatabase:
             sim.simulator.add_task(tid, ready_seconds=3600, size=SMALL)
         port = free_port()
         with FaultProxy(5432) as proxy:
-            launch = Launcher(sim, _via_proxy(pg_url, proxy), tmp_path, monkeypatch, pg_url)
+            launch = Launcher(sim, via_proxy(pg_url, proxy), tmp_path, monkeypatch, pg_url)
             async with launch(http_port=port, database_statement_timeout_seconds=1) as d:
                 for tid in ids:
                     insert(d.rows, tid)
@@ -530,7 +530,6 @@ class TestPlainStore:
         s3_bucket: str,
     ) -> None:
         from tests.integration import s3proxy
-        from tests.integration.test_s3_compat import OPTIONAL_CALLS
 
         ids = [f"video_plain_{n:02d}" for n in range(25)]
         big = {ids[0], ids[1]}  # two multipart uploads among them

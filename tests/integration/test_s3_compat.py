@@ -31,6 +31,7 @@ from seedance_archiver import archive, errors, metrics, simulator
 from seedance_archiver.archive import s3
 
 from tests.conftest import free_port, wait_for
+from tests.helpers import OPTIONAL_CALLS
 from tests.integration import s3proxy
 
 MIB = 1024 * 1024
@@ -44,13 +45,6 @@ PLACEHOLDER_BUCKET = "my-video-bucket"
 REFUSALS_METRIC = "seedance_storage_optional_refusals_total"
 MOTO_START_SECONDS = 60.0
 
-OPTIONAL_CALLS = (
-    s3.LIST_UPLOADS,
-    s3.PUT_TAGS,
-    s3.GET_TAGS,
-    s3.HEAD_BUCKET,
-    s3.CHECKSUM,
-)
 assert s3proxy.CHECKSUM == s3.CHECKSUM
 
 

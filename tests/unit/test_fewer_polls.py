@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from seedance_archiver import config, models, policy, testing, views
 from seedance_archiver.models import State
 
-from tests.unit import test_service
+from tests import helpers
 
 NOW = testing.EPOCH
 MODES = [m.value for m in models.Mode]
@@ -433,8 +433,8 @@ class TestCadenceProperty:
 class TestService:
     """The service wires the policies: skip on real polls, a learn job, starving rows claimed."""
 
-    def rig(self, rules: policy.Rules = RULES) -> test_service.Rig:
-        rig = test_service.make_rig()
+    def rig(self, rules: policy.Rules = RULES) -> helpers.Rig:
+        rig = helpers.make_rig()
         rig.svc.rules = rules
         return rig
 

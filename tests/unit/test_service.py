@@ -13,105 +13,27 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 import structlog.testing
 from seedance_archiver import (
-    config,
     errors,
     models,
     policy,
     provider,
-    ratelimit,
-    service,
     testing,
     web,
 )
 from seedance_archiver.models import State
 from seedance_archiver.providers import http as providers_http
 
+from tests.helpers import OWNER, RULES, TASK_ID, Rig, make_rig
+
 EPOCH = testing.EPOCH
 answer = testing.answer
 
-TASK_ID = "video_abc123def456"
 URL = "https://cdn.example.com/videos/video_abc123def456.mp4?sig=1"
 VIDEO = testing.mp4(bytes(range(256)) * 1000)  # 256 KB: several chunks
-RULES = policy.Rules(cadences=config.Settings().cadences(), retention=dt.timedelta(days=1))
-OWNER = "unit-test-daemon"
 
 
 def seconds(n: float) -> dt.timedelta:
     return dt.timedelta(seconds=n)
-
-
-class LimiterClock:
-    """Monotonic seconds that follow the MovableClock, creeping 1 ms per read.
-
-    The creep keeps a limiter of a million requests per second from ever making a poll wait, while a
-    pause (a 429) still ends only when the test moves the MovableClock past it.
-    """
-
-    def __init__(self, clock: testing.MovableClock) -> None:
-        self.clock = clock
-        self.reads = 0
-
-    def __call__(self) -> float:
-        self.reads += 1
-        return (self.clock.now - EPOCH).total_seconds() + self.reads * 1e-3
-
-
-@dataclasses.dataclass
-class Rig:
-    """A service wired to fakes, with the fakes at hand for setting up and checking."""
-
-    svc: service.Service
-    store: testing.FakeStore
-    provider: testing.FakeProvider
-    archive: testing.FakeArchive
-    clock: testing.MovableClock
-
-    def row(self, task_id: str = TASK_ID) -> models.Task:
-        return self.store.rows[task_id]
-
-    async def settle(self, rounds: int = 200) -> None:
-        """Let the per-row asyncio tasks run to completion (no time passes)."""
-        for _ in range(rounds):
-            if not self.svc.in_flight:
-                return
-            await asyncio.sleep(0)
-        pytest.fail(f"{self.svc.in_flight} row(s) still in flight after {rounds} loop turns")
-
-    async def cycle(self) -> int:
-        """One tick, its work, and the write-back; returns the rows claimed."""
-        claimed = await self.svc.tick()
-        await self.settle()
-        await self.svc.flush()
-        return claimed
-
-    async def at(self, after_seconds: float) -> int:
-        """Move the clock by ``after_seconds`` and run a cycle."""
-        self.clock.advance(after_seconds)
-        return await self.cycle()
-
-
-def make_rig(
-    draw: policy.Draw = testing.low_draw,
-    fake_provider: testing.FakeProvider | None = None,
-    fake_store: testing.FakeStore | None = None,
-) -> Rig:
-    clock = testing.MovableClock()
-    store = fake_store or testing.FakeStore()
-    fake = fake_provider or testing.FakeProvider()
-    archive = testing.FakeArchive()
-    limiter = ratelimit.RateLimiter(1e6, burst=1000, clock=LimiterClock(clock))
-    svc = service.Service(
-        store,
-        fake,
-        archive,
-        RULES,
-        limiter,
-        owner=OWNER,
-        clock=clock,
-        draw=draw,
-        db_executor=testing.InlineExecutor(),
-    )
-    return Rig(svc, store, fake, archive, clock)
 
 
 @pytest.fixture
