@@ -212,3 +212,55 @@ def test_modules_are_imported_not_names() -> None:
                     except ModuleNotFoundError:
                         names.append(f"{name}.py: from {node.module} import {alias.name}")
     assert names == []
+
+
+TESTS = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _test_module_imports(source: str) -> list[str]:
+    """The imports in ``source`` that reach a test module (``tests.<dir>.test_*``), at any depth."""
+
+    def is_test_module(dotted: str) -> bool:
+        return dotted.split(".")[-1].startswith("test_")
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [
+                a.name for a in node.names if a.name.startswith("tests.") and is_test_module(a.name)
+            ]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            if node.level == 0 and not module.startswith("tests."):
+                continue
+            if is_test_module(module):
+                found.append(module)
+            found += [f"{module}.{a.name}" for a in node.names if a.name.startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared pieces live in tests/helpers.py or a conftest.py (STYLE.md, "Tests"): a test module
+    imported by another runs its tests' module code twice and ties two behaviours together."""
+    found = {
+        str(path.relative_to(TESTS)): imports
+        for path in sorted(TESTS.rglob("test_*.py"))
+        if (imports := _test_module_imports(path.read_text()))
+    }
+    assert found == {}
+
+
+def test_the_test_import_check_finds_each_form() -> None:
+    source = (
+        "from tests.integration.test_daemon import wait_until\n"
+        "import tests.acceptance.test_end_to_end\n"
+        "from tests.integration import test_faults\n"
+        "def f():\n    from .test_archive import video\n"
+        "from tests.helpers import wait_until\nfrom tests.integration import faultproxy\n"
+    )
+    assert _test_module_imports(source) == [
+        "tests.integration.test_daemon",
+        "tests.acceptance.test_end_to_end",
+        "tests.integration.test_faults",
+        ".test_archive",
+    ]
