@@ -161,7 +161,7 @@ class Settings(DatabaseSettings):
     give_up_after_days: float = pydantic.Field(default=policy.GIVE_UP_AFTER_DAYS, gt=0, le=3650)
     # Delete finished rows this many days after they finished; 0 keeps them forever.
     prune_after_days: float = pydantic.Field(default=0.0, ge=0)
-    # A whole video download ends by then (or by the task's deadline, if sooner), and is retried.
+    # A whole video download ends by then, and is retried; the task's deadline never cuts one.
     max_download_seconds: float = pydantic.Field(default=MAX_DOWNLOAD_SECONDS, gt=0)
     # Webhooks to the feeding application (off while no URL is set).
     webhook_url: str | None = None

@@ -1156,14 +1156,14 @@ class TestLeaseLost:
 
 
 class TestDownloadDeadline:
-    """A download ends by the earlier of MAX_DOWNLOAD_SECONDS and the row's deadline."""
+    """A download ends by SEEDANCE_MAX_DOWNLOAD_SECONDS (never by the row's deadline), and is
+    retried."""
 
     async def test_a_trickling_download_is_cut_and_retried(self) -> None:
         slow = SlowVideoProvider()
         rig = make_rig(fake_provider=slow)
-        rig.svc.worker.max_download_seconds = (
-            0.05  # a real (short) timer: the one thing not faked here
-        )
+        # A real (short) timer: the one thing not faked here.
+        rig.svc.worker.max_download_seconds = 0.05
         rig.store.add(TASK_ID)
         rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
         await rig.svc.tick()
