@@ -259,7 +259,7 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
     if command == "run":
         settings.resolve_api_key()  # fail before anything starts
         if settings.callbacks:
-            settings.resolve_callback_token()
+            settings.resolve_callback_secret()
         from seedance_archiver import scheduler, supervisor, webhooks
 
         if settings.webhook_url is not None:
@@ -376,7 +376,7 @@ def _status(sql_store: store.OperatorStore, args: argparse.Namespace, rules: pol
         print(f"{PROG}: --follow needs a task id", file=sys.stderr)
         return 2
     now = utils.utcnow()
-    summary = sql_store.summary(now)
+    summary = sql_store.summary(now, rules.at_risk)
     daemons = sql_store.daemons()
     times = sql_store.generation_times(now - rules.retention, policy.LEARN_WINDOW)
     generation = policy.model_times(times, rules)

@@ -36,6 +36,10 @@ else:
 DEFAULT_API_BASE_URLS = {spec.name: spec.default_base_url for spec in providers.SPECS}
 DEFAULT_API_BASE_URL = DEFAULT_API_BASE_URLS[providers.DEFAULT]
 CALLBACK_PROVIDERS = tuple(providers.CALLBACKS)  # those that POST a task's state to us
+# The secret settings the providers' callbacks declare (provider.Secret), by setting name.
+CALLBACK_SECRETS: dict[str, provider_seam.Secret] = {
+    rule.secret.name: rule.secret for rule in providers.CALLBACKS.values()
+}
 # Name of the systemd credential (LoadCredential=seedance-api-key:...) holding the API key.
 API_KEY_CREDENTIAL = "seedance-api-key"
 # Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
@@ -43,10 +47,6 @@ DATABASE_URL_CREDENTIAL = "seedance-database-url"
 DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
 # Name of the systemd credential (LoadCredential=seedance-webhook-secret:...) holding the secrets.
 WEBHOOK_SECRET_CREDENTIAL = "seedance-webhook-secret"
-# Name of the systemd credential (LoadCredential=seedance-callback-token:...) holding the token.
-CALLBACK_TOKEN_CREDENTIAL = "seedance-callback-token"
-# A callback token is part of a URL path: unreserved characters only, and long enough not to guess.
-CALLBACK_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{32,256}")
 # NoDecode: the value is "min-max" text, not JSON (pydantic-settings JSON-decodes complex types).
 CadenceSetting = Annotated[
     models.Cadence, pydantic_settings.NoDecode, pydantic.BeforeValidator(models.Cadence.parse)
@@ -110,6 +110,26 @@ class DatabaseSettings(pydantic_settings.BaseSettings):
         return self.database_url
 
 
+if TYPE_CHECKING:
+    _WithCallbackSecrets = DatabaseSettings
+else:
+    # Each provider's callback secret is a setting its module declares (provider.Secret): the
+    # secret and a file holding it, as fields of their own, so that the environment, the check for
+    # misspelt names and `config` see them like any other; read them with resolve_callback_secret().
+    _WithCallbackSecrets = pydantic.create_model(
+        "_WithCallbackSecrets",
+        __base__=DatabaseSettings,
+        **{
+            field: (kind, None)
+            for name in CALLBACK_SECRETS
+            for field, kind in (
+                (name, pydantic.SecretStr | None),
+                (f"{name}_file", pathlib.Path | None),
+            )
+        },
+    )
+
+
 # The defaults of three settings below, declared once here: the service and the web server take
 # them too when they are built without settings (tests, benchmarks).
 LEASE_SECONDS = 120.0
@@ -117,7 +137,7 @@ MAX_DOWNLOAD_SECONDS = 3600.0
 HTTP_MAX_CONNECTIONS = 100
 
 
-class Settings(DatabaseSettings):
+class Settings(_WithCallbackSecrets):
     """Every setting of the daemon. Build it with :func:`load` to get readable errors."""
 
     api_key: pydantic.SecretStr | None = None
@@ -172,12 +192,10 @@ class Settings(DatabaseSettings):
     webhook_timeout_seconds: float = pydantic.Field(default=10.0, gt=0, le=300)
     webhook_concurrency: int = pydantic.Field(default=8, ge=1, le=256)
 
-    # Serve POST /callbacks/{provider}/{token} on the HTTP port: a provider's callback makes its
-    # row due sooner (never sooner than its mode's shortest interval after its last poll).
+    # Serve POST /callbacks/{provider}[/{token}] on the HTTP port: a provider's callback makes its
+    # row due sooner (never sooner than its mode's shortest interval after its last poll). Each
+    # provider's secret (Ark: SEEDANCE_CALLBACK_TOKEN) is declared by its module: CALLBACK_SECRETS.
     callbacks: bool = False
-    # The secret path segment of the callback URL (use resolve_callback_token()).
-    callback_token: pydantic.SecretStr | None = None
-    callback_token_file: pathlib.Path | None = None
     # Connections the HTTP port holds at once (callbacks, /metrics, /readyz); beyond it, 503.
     http_max_connections: int = pydantic.Field(default=HTTP_MAX_CONNECTIONS, ge=1, le=1000)
 
@@ -195,8 +213,8 @@ class Settings(DatabaseSettings):
     def _check_callbacks(self) -> Settings:
         if self.callbacks and self.provider not in CALLBACK_PROVIDERS:
             raise ValueError(
-                f"{ENV_PREFIX}CALLBACKS: only {', '.join(CALLBACK_PROVIDERS)} sends callbacks "
-                f"(set {ENV_PREFIX}PROVIDER={CALLBACK_PROVIDERS[0]} or {ENV_PREFIX}CALLBACKS=false)"
+                f"{ENV_PREFIX}CALLBACKS: {self.provider} sends no callbacks; those that do: "
+                f"{', '.join(CALLBACK_PROVIDERS)} (or set {ENV_PREFIX}CALLBACKS=false)"
             )
         if self.callbacks and self.http_port == 0:
             raise ValueError(
@@ -304,33 +322,37 @@ class Settings(DatabaseSettings):
             raise errors.ConfigError(f"invalid setting {ENV_PREFIX}WEBHOOK_SECRET: it is empty")
         return secrets
 
-    def resolve_callback_token(self) -> str:
-        """The callback token from SEEDANCE_CALLBACK_TOKEN, its _FILE, or the systemd credential.
-
-        It is the last path segment of the URL a provider POSTs to (``/callbacks/ark/<token>``):
-        32 to 256 unreserved characters (``openssl rand -hex 32`` makes one).
+    def resolve_callback_secret(self) -> str:
+        """The secret the chosen provider's callbacks are checked with (its module's
+        :class:`provider.Secret`: Ark's SEEDANCE_CALLBACK_TOKEN, Replicate's signing secret), from
+        its variable, its _FILE, or its systemd credential; checked by the provider's own rule.
         """
-        name = f"{ENV_PREFIX}CALLBACK_TOKEN"
-        if self.callback_token is not None:
-            text = self.callback_token.get_secret_value().strip()
-        elif self.callback_token_file is not None:
-            text = _read_secret_file(self.callback_token_file, f"{name}_FILE")
+        rule = providers.CALLBACKS[self.provider]
+        secret = rule.secret
+        name = f"{ENV_PREFIX}{secret.name.upper()}"
+        value: pydantic.SecretStr | None = getattr(self, secret.name)
+        path: pathlib.Path | None = getattr(self, f"{secret.name}_file")
+        if value is not None:
+            text = value.get_secret_value().strip()
+        elif path is not None:
             name = f"{name}_FILE"
-        elif (cred := _credential(CALLBACK_TOKEN_CREDENTIAL)) is not None:
-            text = _read_secret_file(cred, f"credential {CALLBACK_TOKEN_CREDENTIAL}")
-            name = f"credential {CALLBACK_TOKEN_CREDENTIAL}"
+            text = _read_secret_file(path, name)
+        elif (cred := _credential(secret.credential)) is not None:
+            name = f"credential {secret.credential}"
+            text = _read_secret_file(cred, name)
         else:
             raise errors.ConfigError(
                 f"missing setting {name} (or {name}_FILE, or the systemd credential "
-                f"{CALLBACK_TOKEN_CREDENTIAL}): {ENV_PREFIX}CALLBACKS is true, and a callback URL "
-                "without a secret lets anyone who reaches the port steer polling"
+                f"{secret.credential}): {ENV_PREFIX}CALLBACKS is true, and {secret.what}"
             )
-        if not CALLBACK_TOKEN_PATTERN.fullmatch(text):
-            raise errors.ConfigError(
-                f"invalid setting {name}: expected 32 to 256 of the characters A-Z a-z 0-9 . _ ~ - "
-                "(it is part of the callback URL's path; `openssl rand -hex 32` makes one)"
-            )
+        problem = secret.problem(text)
+        if problem is not None:
+            raise errors.ConfigError(f"invalid setting {name}: {problem}")
         return text
+
+    def at_risk(self) -> models.AtRisk:
+        """When a row is at risk, by the window of the provider that serves it (the registry's)."""
+        return providers.AT_RISK
 
     def public_summary(self) -> dict[str, Any]:
         """The settings worth logging at start, with every secret left out or masked."""
@@ -491,7 +513,7 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 
 # Settings whose value is a secret: shown masked, never in clear.
-SECRET_SETTINGS = frozenset({"api_key", "webhook_secret", "callback_token"})
+SECRET_SETTINGS = frozenset({"api_key", "webhook_secret", *CALLBACK_SECRETS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -513,7 +535,7 @@ def effective(settings: Settings, environ: Mapping[str, str] | None = None) -> l
         variable = f"{ENV_PREFIX}{name.upper()}"
         source = "environment" if variable in present else "default"
         value: object = getattr(settings, name)
-        if name in ("api_key", "webhook_secret", "callback_token", "database_url"):
+        if name in ("api_key", "webhook_secret", "database_url", *CALLBACK_SECRETS):
             value, source = _resolved(settings, name, source)
         elif name == "api_base_url" and source == "default":
             source = f"default (for SEEDANCE_PROVIDER={settings.provider})"
@@ -527,8 +549,8 @@ def _resolved(settings: Settings, name: str, source: str) -> tuple[object, str]:
     credential = {
         "api_key": API_KEY_CREDENTIAL,
         "webhook_secret": WEBHOOK_SECRET_CREDENTIAL,
-        "callback_token": CALLBACK_TOKEN_CREDENTIAL,
         "database_url": DATABASE_URL_CREDENTIAL,
+        **{name: secret.credential for name, secret in CALLBACK_SECRETS.items()},
     }[name]
     if source == "environment":
         return getattr(settings, name), source

@@ -98,7 +98,9 @@ class Maintenance:
         """Recount tasks by state and at risk for the gauges (a housekeeping job)."""
         # An outage ends when its polls leave the window, polled or not.
         self.parts.worker.provider_trouble()
-        summary = await self.parts.db(self.parts.store.summary, self.parts.clock())
+        summary = await self.parts.db(
+            self.parts.store.summary, self.parts.clock(), self.parts.rules.at_risk
+        )
         for state, count in summary.counts.items():
             self.parts.metrics.tasks.labels(state=state).set(count)
         self.parts.metrics.tasks_at_risk.set(summary.at_risk)

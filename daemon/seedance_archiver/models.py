@@ -51,8 +51,46 @@ TERMINAL_STATES = frozenset(State) - ACTIVE_STATES
 # the store counts such rows and makes them due when a daemon starts).
 WAITING_ON_SETTING = "waiting on a setting"
 # A row not archived whose deadline is nearer than this is at risk: counted (``status``, the
-# gauges) and announced once (``task.at_risk``), by the store and the outbox alike.
+# gauges) and announced once (``task.at_risk``), by the store and the outbox alike. A provider
+# that keeps a video for less than four times this is at risk sooner (:func:`at_risk_within`).
 AT_RISK = dt.timedelta(hours=1)
+
+
+def at_risk_within(video_lifetime: dt.timedelta) -> dt.timedelta:
+    """How near its deadline a task is at risk, for a provider that keeps a finished video
+    ``video_lifetime``: a quarter of that, and never more than :data:`AT_RISK` (a day's window is
+    at risk in its last hour, an hour's window in its last 15 minutes)."""
+    return min(AT_RISK, video_lifetime / 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class AtRisk:
+    """When a row is at risk, by the provider it is stamped with: ``within`` of its deadline,
+    else :data:`AT_RISK` (an unstamped row, or a provider that keeps videos long enough)."""
+
+    within: Mapping[str, dt.timedelta] = dataclasses.field(default_factory=dict)
+
+    def span(self, provider_name: str | None) -> dt.timedelta:
+        return self.within.get(provider_name or "", AT_RISK)
+
+    def test(self, task: Task, now: dt.datetime) -> bool:
+        """Whether ``task`` (not archived yet, whoever asks) is at risk at ``now``."""
+        return task.expires_at is not None and task.expires_at < now + self.span(task.provider)
+
+    def where(self, stamped: Any, expires_at: Any, now: dt.datetime) -> Any:
+        """The same test as a SQL condition on the provider and deadline columns (no date
+        arithmetic in SQL: each span is added to ``now`` here)."""
+        special = [
+            sa.and_(stamped == name, expires_at < now + span) for name, span in self.within.items()
+        ]
+        others = expires_at < now + AT_RISK
+        if special:
+            others = sa.and_(sa.or_(stamped.is_(None), stamped.not_in(list(self.within))), others)
+        return sa.or_(*special, others)
+
+
+# Every row at risk in its last hour, whichever provider serves it.
+AT_RISK_HOUR = AtRisk()
 
 
 # --- what the provider said, and how often to ask (values the pure policy reads) ----------
@@ -87,6 +125,9 @@ class Answer:
     # Side fields that could not be read, as (field, why): counted and logged, never a reason
     # not to archive (providers.fields.Lenient).
     ignored: tuple[tuple[str, str], ...] = ()
+    # The provider's own word that the task's video is gone (Replicate's ``data_removed``), as the
+    # reason to record; the task ends ``expired`` unless the archive holds the video.
+    gone: str | None = None
 
 
 MAX_CADENCE_SECONDS = 86_400  # a wait longer than the provider's retention would miss every video

@@ -38,7 +38,9 @@ class WebhookBacklog:
 class OutboxStore(Protocol):
     """What the webhook deliverer asks of the outbox."""
 
-    def add_at_risk_events(self, now: dt.datetime, limit: int = ...) -> int: ...
+    def add_at_risk_events(
+        self, now: dt.datetime, limit: int = ..., at_risk: models.AtRisk = ...
+    ) -> int: ...
 
     def claim_webhooks(
         self,
@@ -102,8 +104,11 @@ class Outbox:
     def __init__(self, database: db.Database) -> None:
         self.db = database
 
-    def add_at_risk_events(self, now: dt.datetime, limit: int = 1000) -> int:
-        """Write ``task.at_risk`` for rows not archived whose deadline is under models.AT_RISK away.
+    def add_at_risk_events(
+        self, now: dt.datetime, limit: int = 1000, at_risk: models.AtRisk = models.AT_RISK_HOUR
+    ) -> int:
+        """Write ``task.at_risk`` for rows not archived whose deadline is as near as ``at_risk``
+        says (by the provider that serves the row: a quarter of its window, at most an hour).
 
         Once per task: the outbox's unique index on (task_id) for this event makes a second insert,
         by us or by a replica at the same moment, a no-op.
@@ -121,7 +126,11 @@ class Outbox:
         )
         stmt = (
             sa.select(t)
-            .where(t.c.state.in_(active), t.c.expires_at < now + models.AT_RISK, ~warned.exists())
+            .where(
+                t.c.state.in_(active),
+                at_risk.where(t.c.provider, t.c.expires_at, now),
+                ~warned.exists(),
+            )
             .order_by(t.c.expires_at)
             .limit(limit)
             .with_for_update(of=t, skip_locked=True)

@@ -100,6 +100,8 @@ class Rules:
     learn_min_samples: int = LEARN_MIN_SAMPLES
     learn_quantile: float = LEARN_QUANTILE
     patient: bool = False  # tasks with a skip wait near the top of their cadence range
+    # When a row is at risk, by its provider's window (the registry's: config.Settings.at_risk).
+    at_risk: models.AtRisk = models.AT_RISK_HOUR
 
     @classmethod
     def from_settings(cls, settings: config.Settings) -> Rules:
@@ -111,6 +113,7 @@ class Rules:
             learn_quantile=settings.learn_quantile,
             patient=settings.patient_polling,
             give_up_after=dt.timedelta(days=settings.give_up_after_days),
+            at_risk=settings.at_risk(),
         )
 
     def cadence(self, mode: str) -> models.Cadence:
@@ -401,12 +404,19 @@ def polling_load(due_soon: int, window_seconds: float, limit_per_second: float) 
     return due_soon / window_seconds / limit_per_second
 
 
-def before_work(task: models.Task, now: dt.datetime) -> models.Task | None:
-    """``rejected`` for an id that can never be a provider's (nobody is asked), else None.
+def before_work(
+    task: models.Task,
+    now: dt.datetime,
+    provider_rule: Callable[[str], str | None] | None = None,
+) -> models.Task | None:
+    """``rejected`` for an id that can never be a provider's (nobody is asked), else None: by the
+    rule every id keeps, then by ``provider_rule``, the provider's own (``Provider.task_id_problem``).
 
     The deadline is not looked at: it orders the work and raises alarms, it never ends a task.
     """
     problem = task_id_problem(task.task_id)
+    if problem is None and provider_rule is not None:
+        problem = provider_rule(task.task_id)
     if problem is not None:
         return _finish(task, models.State.REJECTED, problem, now)
     return None
@@ -474,6 +484,9 @@ def on_answer(
         if (task.error or "").startswith(LINK_REFUSED_PREFIX):
             # A fresh link after refused ones: the count of refusals goes on until one works.
             changes.update(error=task.error, attempts=task.attempts)
+    elif answer.gone is not None:
+        # The provider's word that the video is gone: expired (the worker looks in the archive).
+        changes.update(state=models.State.EXPIRED.value, error=answer.gone, next_attempt_at=now)
     elif status is models.Status.COMPLETED:
         changes.update(
             error="provider said completed but gave no video_url; polling again",

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+import datetime as dt
+import hashlib
+import hmac
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
 from seedance_archiver import errors, models, netguard
@@ -44,6 +48,11 @@ class Provider(Protocol):
         """Whether the provider accepts the API key: True, False, or None when it cannot tell."""
         ...
 
+    def task_id_problem(self, task_id: str) -> str | None:
+        """Why ``task_id`` can never be one of this provider's ids (the row is ``rejected``, nobody
+        is asked), or None. Only beyond the rule every id keeps (``policy.task_id_problem``)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -66,6 +75,59 @@ class Options:
 
 
 @dataclasses.dataclass(frozen=True)
+class Secret:
+    """A secret setting a provider's module declares: ``SEEDANCE_<NAME>``, ``SEEDANCE_<NAME>_FILE``
+    or the systemd credential ``credential`` (config reads it; the value is never shown)."""
+
+    # The setting's name in lower case, without SEEDANCE_ (``callback_token``).
+    name: str
+    credential: str
+    # Why a value cannot be the secret, without repeating it; None when it can.
+    problem: Callable[[str], str | None]
+    # Said when it is missing: what it is and where the operator finds it.
+    what: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Callbacks:
+    """How a provider's callbacks reach us (``POST /callbacks/<name>[/<token>]``, SEEDANCE_CALLBACKS)
+    and how one is told from anybody's POST. A callback only makes its task's row due sooner: the
+    poll that follows is the truth."""
+
+    secret: Secret
+    # Whether a POST is the provider's: the secret, the path segment after /callbacks/<name>/ ("" if
+    # none), the request's headers and body. Never raises.
+    authentic: Callable[[str, str, Mapping[str, str], bytes], bool]
+    # The task id a body is about; None when it is not one.
+    task_id: Callable[[bytes], str | None]
+
+
+# A secret path segment: unreserved characters only, and long enough not to guess.
+PATH_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{32,256}")
+
+
+def path_token_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a secret path segment (a callback URL's last part), or None."""
+    if PATH_TOKEN_PATTERN.fullmatch(value):
+        return None
+    return (
+        "expected 32 to 256 of the characters A-Z a-z 0-9 . _ ~ - (it is part of the callback "
+        "URL's path; `openssl rand -hex 32` makes one)"
+    )
+
+
+def path_token_matches(secret: str, token: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """For a provider whose callbacks are unsigned: the URL's last segment is the secret, compared
+    in constant time (their SHA-256 digests, so that the length is not told either)."""
+    digest = hashlib.sha256
+    return hmac.compare_digest(digest(token.encode()).digest(), digest(secret.encode()).digest())
+
+
+# What a provider keeps a finished video for, unless its module says otherwise: a day.
+VIDEO_LIFETIME = dt.timedelta(days=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     """One provider API, as its module (``providers/<name>.py``) exports it as ``PROVIDER``.
 
@@ -77,9 +139,12 @@ class Spec:
     default_base_url: str
     # The client: base URL, API key and options in, a whole Provider out.
     build: Callable[[str, str, Options], Provider]
-    # The task id a callback's body is about, None when it is not one; None for an API that sends
-    # no callbacks (SEEDANCE_CALLBACKS is refused for it).
-    callback_task_id: Callable[[bytes], str | None] | None = None
+    # How its callbacks are received; None for an API that sends none (SEEDANCE_CALLBACKS is
+    # refused for it).
+    callbacks: Callbacks | None = None
+    # How long it keeps a finished video: a task is at risk in the last quarter of it (at most
+    # the last hour; models.at_risk_within).
+    video_lifetime: dt.timedelta = VIDEO_LIFETIME
 
 
 # The first bytes of a video: enough for a container's signature and a readable log line.

@@ -163,6 +163,7 @@ def build_deliverer(
             (webhooks.BATCH_ROUNDS + 1) * settings.webhook_timeout_seconds,
         ),
         clock=svc.clock,
+        at_risk=svc.rules.at_risk,
     )
 
 
@@ -327,7 +328,7 @@ class Daemon:
                 )
                 endpoint = web.Callbacks(
                     providers.CALLBACKS[self.settings.provider],
-                    self.settings.resolve_callback_token(),
+                    self.settings.resolve_callback_secret(),
                     hastener,
                 )
             self._server = web.WebServer(

@@ -103,7 +103,7 @@ class Summary:
     """The table at a glance: what operators, ``status`` and the gauges need."""
 
     counts: dict[str, int]
-    at_risk: int  # not archived yet, deadline less than models.AT_RISK away
+    at_risk: int  # not archived yet, deadline nearer than models.AtRisk says
     oldest_pending: models.Task | None
     due_soon: int = 0  # rows to poll (pending, polling) due within LOAD_WINDOW, overdue included
     waiting_on_setting: int = 0  # rows downloading whose video one of our settings refuses
@@ -163,7 +163,7 @@ class TaskStore(Protocol):
         completed at or after ``since`` (what the daemons saw, shared through the table)."""
         ...
 
-    def summary(self, now: dt.datetime) -> Summary: ...
+    def summary(self, now: dt.datetime, at_risk: models.AtRisk = ...) -> Summary: ...
 
     def prune(
         self, finished_before: dt.datetime, batch: int = ..., *, keep_undelivered: bool = ...
@@ -216,7 +216,7 @@ class OperatorStore(outbox.OutboxAdmin, Protocol):
 
     def counts(self) -> dict[str, int]: ...
 
-    def summary(self, now: dt.datetime) -> Summary: ...
+    def summary(self, now: dt.datetime, at_risk: models.AtRisk = ...) -> Summary: ...
 
     def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
         """Per model, the seconds from creation to completion of its latest ``per_model`` tasks
@@ -523,10 +523,10 @@ class Tasks:
         with self.db.begin() as conn:
             return set(conn.scalars(stmt))
 
-    def summary(self, now: dt.datetime) -> Summary:
+    def summary(self, now: dt.datetime, at_risk: models.AtRisk = models.AT_RISK_HOUR) -> Summary:
         active = [s.value for s in models.ACTIVE_STATES]
         at_risk_stmt = sa.select(sa.func.count()).where(
-            t.c.state.in_(active), t.c.expires_at < now + models.AT_RISK
+            t.c.state.in_(active), at_risk.where(t.c.provider, t.c.expires_at, now)
         )
         oldest_stmt = (
             sa.select(t)
@@ -543,13 +543,13 @@ class Tasks:
             t.c.state == models.State.DOWNLOADING.value, _waiting_on_setting()
         )
         with self.db.begin() as conn:
-            at_risk = int(conn.execute(at_risk_stmt).scalar_one())
+            risky = int(conn.execute(at_risk_stmt).scalar_one())
             oldest = conn.execute(oldest_stmt).first()
             due_soon = int(conn.execute(due_stmt).scalar_one())
             waiting = int(conn.execute(waiting_stmt).scalar_one())
         return Summary(
             self.counts(),
-            at_risk,
+            risky,
             _task(oldest) if oldest is not None else None,
             due_soon,
             waiting,

@@ -285,16 +285,15 @@ class FakeStore:
             next_attempt_at=now,
         )
 
-    def add_at_risk_events(self, now: dt.datetime, limit: int = 1000) -> int:
+    def add_at_risk_events(
+        self, now: dt.datetime, limit: int = 1000, at_risk: models.AtRisk = models.AT_RISK_HOUR
+    ) -> int:
         warned = {e.task_id for e in self.outbox.values() if e.event == models.Event.AT_RISK}
         doomed = sorted(
             (
                 t
                 for t in self.rows.values()
-                if not t.is_terminal
-                and t.expires_at is not None
-                and t.expires_at < now + models.AT_RISK
-                and t.task_id not in warned
+                if not t.is_terminal and at_risk.test(t, now) and t.task_id not in warned
             ),
             key=lambda t: t.expires_at or EPOCH,
         )[:limit]
@@ -449,15 +448,11 @@ class FakeStore:
             and t.lease_expires_at >= now
         }
 
-    def summary(self, now: dt.datetime) -> store.Summary:
+    def summary(
+        self, now: dt.datetime, at_risk: models.AtRisk = models.AT_RISK_HOUR
+    ) -> store.Summary:
         counts = self.counts()
-        at_risk = sum(
-            1
-            for t in self.rows.values()
-            if not t.is_terminal
-            and t.expires_at is not None
-            and t.expires_at < now + models.AT_RISK
-        )
+        risky = sum(1 for t in self.rows.values() if not t.is_terminal and at_risk.test(t, now))
         pending = sorted(
             (t for t in self.rows.values() if t.state == models.State.PENDING.value),
             key=lambda t: t.inserted_at or EPOCH,
@@ -475,7 +470,7 @@ class FakeStore:
             if t.state == models.State.DOWNLOADING
             and (t.error or "").startswith(models.WAITING_ON_SETTING + ":")
         )
-        return store.Summary(counts, at_risk, pending[0] if pending else None, due_soon, waiting)
+        return store.Summary(counts, risky, pending[0] if pending else None, due_soon, waiting)
 
     def generation_times(self, since: dt.datetime, per_model: int) -> dict[str, list[float]]:
         done = sorted(
@@ -552,6 +547,9 @@ class FakeProvider:
     async def check_key(self) -> bool | None:
         self.key_checks += 1
         return self.key_ok
+
+    def task_id_problem(self, task_id: str) -> str | None:
+        return None
 
     @contextlib.asynccontextmanager
     async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:

@@ -251,7 +251,9 @@ def summary(
     lines = [f"{state.ljust(width)}  {n}" for state, n in summary.counts.items()]
     lines.append(f"{'total'.ljust(width)}  {sum(summary.counts.values())}")
     lines.append("")
-    lines.append(f"at risk (deadline within an hour, not archived): {summary.at_risk}")
+    lines.append(
+        f"at risk (not archived, in the last hour or quarter of its window): {summary.at_risk}"
+    )
     oldest = summary.oldest_pending
     if oldest is not None and oldest.inserted_at is not None:
         age = (now - oldest.inserted_at).total_seconds()

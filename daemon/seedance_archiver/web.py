@@ -5,9 +5,11 @@
 - ``/readyz``: the database answers, the archive storage answers, the provider accepts the API
   key and is not in an outage (``outage.py``); 503 with the failing checks otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py``).
-- ``POST /callbacks/{provider}/{token}`` (only with SEEDANCE_CALLBACKS=true, for a provider that
-  sends callbacks): the task the body names becomes due sooner (``callbacks.py``). A wrong or
-  missing token is answered 404, as any unknown path, counted, and logged at most once a minute.
+- ``POST /callbacks/{provider}[/{token}]`` (only with SEEDANCE_CALLBACKS=true, for a provider that
+  sends callbacks): the task the body names becomes due sooner (``callbacks.py``). A callback that
+  is not the provider's by its rule (Ark: a wrong or missing token in the path; Replicate: a
+  missing or bad signature) is answered 404, as any unknown path, counted, and logged at most once
+  a minute.
   Every other callback is answered 204, a malformed or unknown one too (a provider that gets errors
   retries), and counted; 503 with ``Retry-After`` when the queue of callbacks is full.
 
@@ -19,16 +21,24 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from seedance_archiver import callbacks, config, db, errors, metrics, policy, service, utils
+from seedance_archiver import (
+    callbacks,
+    config,
+    db,
+    errors,
+    metrics,
+    policy,
+    provider,
+    service,
+    utils,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -43,25 +53,20 @@ OVER_CAPACITY = (
     b"Connection: close\r\n\r\n"
 )
 
-# Reads the task id out of a provider's callback body; None when it is not one.
-CallbackReader = Callable[[bytes], str | None]
-
 
 @dataclasses.dataclass(frozen=True)
 class Callbacks:
-    """What ``POST /callbacks/{provider}/{token}`` needs: the provider's body reader, the secret
-    path segment, and the hastener that writes what callbacks ask for."""
+    """What ``POST /callbacks/{provider}[/{token}]`` needs: the provider's rule (how a callback is
+    told from anybody's POST, and what task it names), its secret, and the hastener that writes
+    what callbacks ask for."""
 
-    read: CallbackReader
-    token: str
+    rule: provider.Callbacks
+    secret: str
     hastener: callbacks.Hastener
 
-    def accepts(self, given: str) -> bool:
-        """``given`` is the token, compared in constant time (lengths too: digests compared)."""
-        digest = hashlib.sha256
-        return hmac.compare_digest(
-            digest(given.encode()).digest(), digest(self.token.encode()).digest()
-        )
+    def accepts(self, token: str, headers: Mapping[str, str], body: bytes) -> bool:
+        """Whether the POST is the provider's (its path token or its signature, as the rule says)."""
+        return self.rule.authentic(self.secret, token, headers, body)
 
 
 class _Refuse(asyncio.Protocol):
@@ -196,14 +201,18 @@ class WebServer:
     async def on_callback(self, request: web.Request) -> web.Response:
         """Queue the task a callback names for a sooner poll (see the module doc)."""
         assert self.callbacks is not None
-        if not self.callbacks.accepts(request.match_info.get("token", "")):
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = b""  # not a callback: a signed one fails its check, a token's is ignored
+        token = request.match_info.get("token", "")
+        if not self.callbacks.accepts(token, request.headers, body):
             self._refused(request)
             raise web.HTTPNotFound()
-        try:
-            task_id = self.callbacks.read(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            task_id = None
-        if task_id is not None and policy.task_id_problem(task_id) is not None:
+        task_id = self.callbacks.rule.task_id(body)
+        if task_id is not None and (
+            policy.task_id_problem(task_id) or self.svc.provider.task_id_problem(task_id)
+        ):
             task_id = None  # no row can hold it; and it is not logged, whatever it is
         if task_id is None:
             self.svc.metrics.callbacks.labels(outcome="ignored").inc()
@@ -224,7 +233,7 @@ class WebServer:
             return
         log.warning(
             "callbacks_refused",
-            reason="no or a wrong token in the callback URL",
+            reason="not the provider's: no or a wrong token in the URL, or no or a bad signature",
             refused=self._refused_unlogged,
             last_peer=request.remote,
             logged_at_most_every_s=REFUSED_LOG_SECONDS,

@@ -59,6 +59,7 @@ BATCH_ROUNDS = 4
 LEASE_SECONDS = 60.0
 POLL_SECONDS = 0.5
 AT_RISK_SECONDS = 60.0
+AT_RISK_BATCH = 1000  # task.at_risk events written at most per run
 ERROR_CHARS = 300
 MAX_ANSWER_BYTES = 64 * 1024
 USER_AGENT = f"seedance-archiver/{seedance_archiver.__version__}"
@@ -253,8 +254,10 @@ class Deliverer:
         clock: Callable[[], dt.datetime] = utils.utcnow,
         draw: Callable[[float, float], float] = random.uniform,
         executor: concurrent.futures.Executor | None = None,
+        at_risk: models.AtRisk = models.AT_RISK_HOUR,
     ) -> None:
         self.store = task_store
+        self.at_risk = at_risk
         self.url = url
         self.signer = signer
         self.sender = sender
@@ -363,7 +366,9 @@ class Deliverer:
 
     async def warn_at_risk(self) -> int:
         """Write task.at_risk for tasks whose deadline is near (once per task, by the outbox)."""
-        written = await self._db(self.store.add_at_risk_events, self.clock())
+        written = await self._db(
+            self.store.add_at_risk_events, self.clock(), AT_RISK_BATCH, self.at_risk
+        )
         if written:
             log.info("at_risk_events_written", tasks=written)
         return written

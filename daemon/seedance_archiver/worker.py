@@ -77,7 +77,7 @@ class Worker:
     async def handle(
         self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
     ) -> models.Task | None:
-        decided = policy.before_work(row, self.parts.clock())
+        decided = policy.before_work(row, self.parts.clock(), self.parts.provider.task_id_problem)
         if decided is not None:
             return decided  # an id that can never be valid: no key in the archive either
         if row.state == models.State.DOWNLOADING and row.video_url:

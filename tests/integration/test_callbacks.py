@@ -109,7 +109,7 @@ async def serving(
             queue_limit=queue_limit,
             batch_seconds=0.0,
         )
-        endpoint = web.Callbacks(ark.callback_task_id, TOKEN, hastener)
+        endpoint = web.Callbacks(ark.CALLBACKS, TOKEN, hastener)
     server = web.WebServer(
         svc, task_store, "127.0.0.1", 0, endpoint, max_connections=max_connections
     )

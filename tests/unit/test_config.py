@@ -509,7 +509,9 @@ class TestProvider:
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
-        with pytest.raises(errors.ConfigError, match="only ark sends callbacks"):
+        with pytest.raises(
+            errors.ConfigError, match="reseller sends no callbacks; those that do: ark"
+        ):
             config.load()
 
     def test_callbacks_need_the_http_port(self, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -543,12 +545,12 @@ class TestCallbackToken:
     ) -> None:
         (tmp_path / "seedance-callback-token").write_text(self.TOKEN + "\n", encoding="utf-8")
         monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-        assert config.load().resolve_callback_token() == self.TOKEN
+        assert config.load().resolve_callback_secret() == self.TOKEN
         (tmp_path / "token").write_text("f" * 32, encoding="utf-8")
         monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN_FILE", str(tmp_path / "token"))
-        assert config.load().resolve_callback_token() == "f" * 32
+        assert config.load().resolve_callback_secret() == "f" * 32
         monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", "v" * 32)
-        assert config.load().resolve_callback_token() == "v" * 32
+        assert config.load().resolve_callback_secret() == "v" * 32
 
     def test_run_stops_without_one(
         self, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]

@@ -12,10 +12,9 @@ are stamped with.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from seedance_archiver import netguard, provider
+from seedance_archiver import models, netguard, provider
 from seedance_archiver.providers import ark, reseller
 
 if TYPE_CHECKING:  # types only
@@ -25,10 +24,19 @@ if TYPE_CHECKING:  # types only
 SPECS: tuple[provider.Spec, ...] = (reseller.PROVIDER, ark.PROVIDER)
 NAMES: tuple[str, ...] = tuple(spec.name for spec in SPECS)
 DEFAULT = NAMES[0]
-# Providers that can POST a task's state to us (SEEDANCE_CALLBACKS): the task id a body is about.
-CALLBACKS: dict[str, Callable[[bytes], str | None]] = {
-    spec.name: spec.callback_task_id for spec in SPECS if spec.callback_task_id is not None
+# Providers that can POST a task's state to us (SEEDANCE_CALLBACKS): how their callbacks are told
+# from anybody's POST, and what task one is about.
+CALLBACKS: dict[str, provider.Callbacks] = {
+    spec.name: spec.callbacks for spec in SPECS if spec.callbacks is not None
 }
+# When a row is at risk, by the window of the provider it is stamped with.
+AT_RISK = models.AtRisk(
+    {
+        spec.name: models.at_risk_within(spec.video_lifetime)
+        for spec in SPECS
+        if models.at_risk_within(spec.video_lifetime) != models.AT_RISK
+    }
+)
 
 
 def get(name: str) -> provider.Spec:

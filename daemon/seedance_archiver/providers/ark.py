@@ -150,9 +150,21 @@ class Ark(http.Dialect):
 
 
 DIALECT = Ark()
+# Ark's callbacks are not signed: the URL it is given carries a secret of ours as its last segment.
+CALLBACKS = provider.Callbacks(
+    secret=provider.Secret(
+        name="callback_token",
+        credential="seedance-callback-token",
+        problem=provider.path_token_problem,
+        what="a callback URL without a secret lets anyone who reaches the port steer polling",
+    ),
+    authentic=provider.path_token_matches,
+    task_id=callback_task_id,
+)
 PROVIDER = provider.Spec(
     name=NAME,
     default_base_url=DEFAULT_BASE_URL,
     build=http.factory(DIALECT),
-    callback_task_id=callback_task_id,
+    callbacks=CALLBACKS,
+    video_lifetime=VIDEO_LIFETIME,
 )

@@ -11,6 +11,7 @@ here; the network rules are :mod:`netguard`'s.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -77,6 +78,14 @@ class Dialect(Protocol):
         """Whether a 404's body is the provider's own error (so evidence about the task, and a sign
         that the key passed), not a gateway's page."""
         return fields.json_error(body)
+
+    def retry_after(self, header: str | None, body: bytes, now: dt.datetime) -> float | None:
+        """Seconds a 429 asks us to wait: its ``Retry-After`` header, else None (the back-off)."""
+        return utils.parse_retry_after(header, now)
+
+    def task_id_problem(self, task_id: str) -> str | None:
+        """Why ``task_id`` can never be this provider's id; None (the common rule is enough)."""
+        return None
 
 
 def _unreachable(exc: BaseException) -> str:
@@ -294,11 +303,14 @@ class HttpProvider:
                 f"{NOT_OWN_404}: {_body_kind(response, body)}", status_code=code
             )
         if code == 429:
-            retry_after = utils.parse_retry_after(
-                response.headers.get("Retry-After"), utils.utcnow()
+            retry_after = self._dialect.retry_after(
+                response.headers.get("Retry-After"), body, utils.utcnow()
             )
             raise errors.RateLimited("the provider rate-limited us (HTTP 429)", retry_after)
         raise errors.ProviderUnavailable(f"the provider answered HTTP {code}", status_code=code)
+
+    def task_id_problem(self, task_id: str) -> str | None:
+        return self._dialect.task_id_problem(task_id)
 
     async def check_key(self) -> bool | None:
         """Whether the provider accepts our API key: True, False, or None when its answer cannot tell.
