@@ -14,6 +14,12 @@
   succeeded | failed | cancelled``, or ``expired`` (a SimTask outcome), an error object
   ``{code, message}``, ``content.video_url`` signed with ``X-Tos-Expires=86400`` (24 h), JSON error
   bodies for 401/404. :meth:`Simulator.send_callback` POSTs a task's state as Ark's callbacks do.
+- ``dialect="replicate"``: Replicate's predictions, ``GET /v1/predictions/{id}``: statuses
+  ``starting -> processing -> succeeded | failed | canceled`` (or ``aborted``), ``output`` a link,
+  ISO 8601 times, problem-details errors. A prediction is never deleted: ``retention`` after it
+  finished (an hour by default) its data is removed (``data_removed: true``, no output, its file
+  404). :meth:`Simulator.send_callback` POSTs the prediction signed by the Standard Webhooks scheme
+  with :attr:`Simulator.webhook_secret`.
 - ``rate_limit``: the provider's own limit on polls per second; beyond it a poll gets 429 with
   ``Retry-After: 1`` (counted in the stats), as the seed warns it does.
 
@@ -25,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import calendar
 import collections
 import dataclasses
+import datetime as dt
 import functools
 import gzip
 import hashlib
@@ -42,6 +50,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import standardwebhooks
 from aiohttp import web
 
 VIDEO_BLOCK_BYTES = 1024 * 1024
@@ -51,6 +60,20 @@ ARK_TASKS_PATH = "/api/v3/contents/generations/tasks/"
 ARK_LINK_TTL_SECONDS = 86_400.0  # Ark's links carry X-Tos-Expires=86400
 # Our statuses as Ark names them (its own ``expired`` is an outcome of its own).
 ARK_STATUSES = {"queued": "queued", "processing": "running", "completed": "succeeded"}
+REPLICATE_PATH = "/v1/predictions/"
+# Our statuses as Replicate names them (its own ``aborted`` is an outcome of its own).
+REPLICATE_STATUSES = {
+    "queued": "starting",
+    "processing": "processing",
+    "completed": "succeeded",
+    "cancelled": "canceled",
+}
+REPLICATE_RETENTION_SECONDS = 3600.0  # an API prediction's data, from when it finished
+
+
+def _iso(seconds: float) -> str:
+    """A Unix time as Replicate writes times: ISO 8601 in UTC, with microseconds."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @functools.lru_cache(maxsize=32)
@@ -123,7 +146,8 @@ class SimTask:
 
     id: str
     created: float
-    outcome: str = "completed"  # completed | failed | cancelled | expired (Ark only)
+    # completed | failed | cancelled | expired (Ark only) | aborted (Replicate only)
+    outcome: str = "completed"
     queued_seconds: float = 0.5
     ready_seconds: float = 2.0  # when it reaches its outcome, from creation
     size: int = 256 * 1024
@@ -173,19 +197,28 @@ class Simulator:
         self,
         api_key: str = "sim-key",
         *,
-        retention_seconds: float = DEFAULT_RETENTION_SECONDS,
+        retention_seconds: float | None = None,
         link_ttl_seconds: float | None = None,
         auto: dict[str, Any] | None = None,
         record_poll_times: bool = True,
         dialect: str = "reseller",
         rate_limit: float | None = None,
+        webhook_secret: str | None = None,
     ) -> None:
         if dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {dialect!r}; expected one of {tuple(DIALECTS)}")
         self.api_key = api_key
         self.dialect = dialect
         self._dialect = DIALECTS[dialect]
+        # Reseller and Ark delete a task this long after its creation; Replicate removes a
+        # prediction's data this long after it finished.
+        if retention_seconds is None:
+            retention_seconds = self._dialect.retention_seconds
         self.retention_seconds = retention_seconds
+        # What Replicate's webhooks are signed with (a fresh one unless given).
+        self.webhook_secret = webhook_secret or "whsec_" + base64.b64encode(
+            random.randbytes(24)
+        ).decode("ascii")
         if link_ttl_seconds is None:
             link_ttl_seconds = self._dialect.link_ttl_seconds
         self.link_ttl_seconds = link_ttl_seconds
@@ -257,9 +290,19 @@ class Simulator:
         task = self.tasks.get(task_id)
         if task is None and self.auto is not None and not task_id.startswith(NEVER_AUTO):
             task = self.add_task(task_id, **self.auto)
-        if task is not None and time.time() - task.created >= self.retention_seconds:
+        if (
+            task is not None
+            and self._dialect.deletes_tasks
+            and time.time() - task.created >= self.retention_seconds
+        ):
             return None
         return task
+
+    def data_removed(self, task: SimTask, now: float) -> bool:
+        """Whether Replicate has removed a finished prediction's data (never, in the others)."""
+        if self._dialect.deletes_tasks or task.status(now) != task.outcome:
+            return False
+        return now >= task.created + task.ready_seconds + self.retention_seconds
 
     def sign(self, task_id: str, expires: int) -> str:
         message = f"{task_id}:{expires}".encode()
@@ -330,16 +373,66 @@ class Simulator:
         body.update(task.overrides)
         return body
 
-    def send_callback(self, task_id: str, url: str, timeout: float = 10.0) -> int:
-        """POST ``task_id``'s state to ``url`` as Ark's callback does; the HTTP status answered.
+    def replicate_body(self, task: SimTask, now: float) -> dict[str, Any]:
+        """The prediction as Replicate's API (and its webhooks) shows it at ``now``."""
+        status = task.status(now)
+        status = REPLICATE_STATUSES.get(status, status)
+        finished = status in ("succeeded", "failed", "canceled", "aborted")
+        removed = self.data_removed(task, now)
+        body: dict[str, Any] = {
+            "id": task.id,
+            "model": task.model,
+            "version": "dp-" + hashlib.sha256(task.model.encode()).hexdigest()[:29],
+            "input": {} if removed else {"prompt": "a cat walking on a beach", "duration": 5},
+            "logs": "" if removed else "Generating video...",
+            "output": None,
+            "error": None,
+            "status": status,
+            "source": "api",
+            "data_removed": removed,
+            "created_at": _iso(task.created),
+            "started_at": _iso(task.created + task.queued_seconds)
+            if status != "starting"
+            else None,
+            "completed_at": _iso(task.created + task.ready_seconds) if finished else None,
+            "urls": {
+                "get": f"{self.base_url}{REPLICATE_PATH}{task.id}",
+                "cancel": f"{self.base_url}{REPLICATE_PATH}{task.id}/cancel",
+            },
+            "metrics": {"predict_time": task.ready_seconds - task.queued_seconds}
+            if finished
+            else {},
+        }
+        if status == "succeeded" and not removed:
+            body["output"] = self.video_url(task.id, now)
+        elif status == "failed":
+            body["error"] = task.error
+        body.update(task.overrides)
+        return body
+
+    def send_callback(
+        self, task_id: str, url: str, timeout: float = 10.0, *, secret: str | None = None
+    ) -> int:
+        """POST ``task_id``'s state to ``url`` as the provider's callback does; the HTTP status
+        answered. Replicate's is signed with ``secret`` (by default :attr:`webhook_secret`).
 
         Called from the test's thread (never the server's loop), with the standard library.
         """
         task = self.tasks[task_id]
-        data = json.dumps(self.ark_body(task, time.time())).encode()
-        request = urllib.request.Request(
-            url, data=data, method="POST", headers={"Content-Type": "application/json"}
-        )
+        data = json.dumps(self._dialect.body(self, task, time.time())).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._dialect.signs_callbacks:
+            message_id = f"msg_{random.randbytes(12).hex()}"
+            signed_at = dt.datetime.now(dt.UTC)
+            signer = standardwebhooks.Webhook(secret or self.webhook_secret)
+            headers.update(
+                {
+                    "webhook-id": message_id,
+                    "webhook-timestamp": str(int(signed_at.timestamp())),
+                    "webhook-signature": signer.sign(message_id, signed_at, data.decode()),
+                }
+            )
+        request = urllib.request.Request(url, data=data, method="POST", headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status)
 
@@ -461,6 +554,21 @@ class Simulator:
         task, now = polled
         return web.json_response(self.ark_body(task, now))
 
+    async def _replicate_result(self, request: web.Request) -> web.StreamResponse:
+        polled = await self._polled(
+            request,
+            {
+                "title": "Unauthenticated",
+                "detail": "You did not pass a valid authentication token",
+                "status": 401,
+            },
+            {"title": "Not found", "detail": "Not found.", "status": 404},
+        )
+        if isinstance(polled, web.StreamResponse):
+            return polled
+        task, now = polled
+        return web.json_response(self.replicate_body(task, now))
+
     def _take_token(self) -> bool:
         """Whether a poll fits the simulated provider's rate limit (always, without one)."""
         if self.rate_limit is None:
@@ -477,7 +585,7 @@ class Simulator:
         name = request.match_info["name"]
         task_id = name.removesuffix(".mp4")
         task = self._task(task_id)
-        if task is None:
+        if task is None or self.data_removed(task, time.time()):
             return web.Response(status=404, text="no such video")
         expires, signature = self._link_expires(request.query)
         valid = hmac.compare_digest(signature, self.sign(task_id, expires))
@@ -552,7 +660,15 @@ class Dialect:
     task_route: str
     answer: Callable[[Simulator, web.Request], Awaitable[web.StreamResponse]]
     link: Callable[[Simulator, str, float], str]
+    # A task's state as its callbacks carry it.
+    body: Callable[[Simulator, SimTask, float], dict[str, Any]]
     link_ttl_seconds: float = DEFAULT_LINK_TTL_SECONDS
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS
+    # Whether a task is deleted (404) ``retention`` after creation, or kept with its data removed
+    # ``retention`` after it finished (Replicate).
+    deletes_tasks: bool = True
+    # Whether its callbacks are signed (Standard Webhooks), or carry a secret in the URL instead.
+    signs_callbacks: bool = False
 
 
 # The APIs played, by the names of the daemon's own registry (providers.NAMES): a new one is one
@@ -560,13 +676,30 @@ class Dialect:
 DIALECTS: dict[str, Dialect] = {
     dialect.name: dialect
     for dialect in (
-        Dialect("reseller", "/v1/result/{id}", Simulator._result, Simulator._signed_link),
+        Dialect(
+            "reseller",
+            "/v1/result/{id}",
+            Simulator._result,
+            Simulator._signed_link,
+            lambda sim, task, now: sim._reseller_body(task, task.status(now), now),
+        ),
         Dialect(
             "ark",
             ARK_TASKS_PATH + "{id}",
             Simulator._ark_result,
             Simulator._tos_link,
+            Simulator.ark_body,
             ARK_LINK_TTL_SECONDS,
+        ),
+        Dialect(
+            "replicate",
+            REPLICATE_PATH + "{id}",
+            Simulator._replicate_result,
+            Simulator._signed_link,
+            Simulator.replicate_body,
+            retention_seconds=REPLICATE_RETENTION_SECONDS,
+            deletes_tasks=False,
+            signs_callbacks=True,
         ),
     )
 }

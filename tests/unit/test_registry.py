@@ -4,6 +4,7 @@ a seam that imports no provider of its own."""
 from __future__ import annotations
 
 import ast
+import datetime as dt
 import pathlib
 import subprocess
 import sys
@@ -19,7 +20,7 @@ class TestRegistry:
     """providers.NAMES, get() and CALLBACKS come from the modules' own specs."""
 
     def test_the_registry_lists_the_providers(self) -> None:
-        assert providers.NAMES == ("reseller", "ark")
+        assert providers.NAMES == ("reseller", "ark", "replicate")
         assert providers.DEFAULT == "reseller"
 
     def test_each_spec_is_its_modules_own(self) -> None:
@@ -29,12 +30,26 @@ class TestRegistry:
             assert (PACKAGE / "providers" / f"{name}.py").exists()
 
     def test_an_unknown_name_is_refused_naming_the_known_ones(self) -> None:
-        with pytest.raises(KeyError, match="reseller, ark"):
-            providers.get("replicate")
+        with pytest.raises(KeyError, match="reseller, ark, replicate"):
+            providers.get("runway")
 
     def test_callbacks_are_those_the_specs_read(self) -> None:
-        assert set(providers.CALLBACKS) == {"ark"}
+        assert set(providers.CALLBACKS) == {"ark", "replicate"}
         assert config.CALLBACK_PROVIDERS == tuple(providers.CALLBACKS)
+
+    def test_each_callback_secret_is_a_setting_of_its_own(self) -> None:
+        """A provider's callback secret is declared by its module and read like any setting."""
+        assert set(config.CALLBACK_SECRETS) == {"callback_token", "replicate_webhook_secret"}
+        for name in config.CALLBACK_SECRETS:
+            assert name in config.Settings.model_fields
+            assert f"{name}_file" in config.Settings.model_fields
+            assert name in config.SECRET_SETTINGS
+
+    def test_a_short_window_is_at_risk_sooner(self) -> None:
+        """At risk in the last quarter of the provider's window, at most the last hour."""
+        assert providers.AT_RISK.span("replicate") == dt.timedelta(minutes=15)
+        assert providers.AT_RISK.span("reseller") == providers.AT_RISK.span("ark")
+        assert providers.AT_RISK.span(None) == dt.timedelta(hours=1)
 
 
 class TestReaders:
@@ -49,7 +64,7 @@ class TestReaders:
 
     def test_settings_refuse_any_other(self) -> None:
         with pytest.raises(pydantic.ValidationError):
-            config.Settings(provider="replicate")
+            config.Settings(provider="runway")
 
     def test_the_default_is_the_registrys(self) -> None:
         assert config.Settings().provider == providers.DEFAULT
@@ -95,6 +110,7 @@ class TestNoCycle:
             "providers.http",
             "providers.reseller",
             "providers.ark",
+            "providers.replicate",
             "providers",
             "config",
         ],

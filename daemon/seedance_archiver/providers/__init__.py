@@ -2,6 +2,7 @@
 
 - ``reseller`` (the default): the reseller of the seed page, ``GET {base}/v1/result/{id}``.
 - ``ark``: ByteDance's own API, BytePlus ModelArk and Volcengine Ark.
+- ``replicate``: Seedance's models on Replicate, whose predictions keep their data an hour.
 
 Each module exports a :class:`provider.Spec` as ``PROVIDER``, built on the shared parts here
 (``http.py``: the client; ``fields.py``: the answer's readers). This registry is what config, the
@@ -15,13 +16,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from seedance_archiver import models, netguard, provider
-from seedance_archiver.providers import ark, reseller
+from seedance_archiver.providers import ark, replicate, reseller
 
 if TYPE_CHECKING:  # types only
     import httpx
 
 # The first is the default (SEEDANCE_PROVIDER unset).
-SPECS: tuple[provider.Spec, ...] = (reseller.PROVIDER, ark.PROVIDER)
+SPECS: tuple[provider.Spec, ...] = (reseller.PROVIDER, ark.PROVIDER, replicate.PROVIDER)
 NAMES: tuple[str, ...] = tuple(spec.name for spec in SPECS)
 DEFAULT = NAMES[0]
 # Providers that can POST a task's state to us (SEEDANCE_CALLBACKS): how their callbacks are told

@@ -33,7 +33,6 @@ documented fields nothing here needs (``seed``, ``ratio``, ``usage``, ...) are n
 from __future__ import annotations
 
 import datetime as dt
-import json
 import urllib.parse
 
 from seedance_archiver import models, provider
@@ -126,14 +125,7 @@ def callback_task_id(body: bytes) -> str | None:
     Ark POSTs the task's state, shaped like the query's answer, to the ``callback_url`` given at
     creation. Callbacks are not signed, so only the id is read: the poll it triggers is the truth.
     """
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(payload, dict):
-        return None
-    task_id = payload.get("id")
-    return task_id if isinstance(task_id, str) and task_id else None
+    return fields.callback_id(body)
 
 
 class Ark(http.Dialect):

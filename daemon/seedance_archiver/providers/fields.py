@@ -78,6 +78,17 @@ def json_error(body: bytes) -> bool:
     return isinstance(payload, dict) and payload.get("error") not in (None, "", {})
 
 
+def callback_id(body: bytes) -> str | None:
+    """The ``id`` of a callback's body (a JSON object shaped like the provider's answer), or None
+    when the body is not one: only the id is read, the poll it hastens is the truth."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    task_id = payload.get("id") if isinstance(payload, dict) else None
+    return task_id if isinstance(task_id, str) and task_id else None
+
+
 def answer_id(payload: dict[str, Any], task_id: str) -> str:
     """The answer's ``id``, which must be the asked-for one, or MalformedAnswer."""
     value = payload.get("id")
