@@ -155,7 +155,7 @@ class SimTask:
     duration: float = 5.0
     error: str = "content policy violation"
     error_code: str = "OutputVideoSensitiveContentDetected"  # Ark's error object only
-    resolution: str = "720p"  # Ark only
+    resolution: str = "720p"  # Ark's answer, Replicate's input
     # The first this many links the task is answered with are already expired (a real 403).
     stale_links: int = 0
     # Fields of every answer replaced (or added) as given: a provider whose answers drifted from
@@ -383,7 +383,13 @@ class Simulator:
             "id": task.id,
             "model": task.model,
             "version": "dp-" + hashlib.sha256(task.model.encode()).hexdigest()[:29],
-            "input": {} if removed else {"prompt": "a cat walking on a beach", "duration": 5},
+            "input": {}
+            if removed
+            else {
+                "prompt": "a cat walking on a beach",
+                "duration": 5,
+                "resolution": task.resolution,
+            },
             "logs": "" if removed else "Generating video...",
             "output": None,
             "error": None,

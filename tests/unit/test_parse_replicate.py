@@ -4,16 +4,21 @@ data is gone, its 429 and its signed webhooks (``providers/replicate.py``)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 from typing import Any
 
 import pytest
 import standardwebhooks
-from seedance_archiver import errors, models, policy, testing
+from seedance_archiver import config, errors, models, policy, testing
 from seedance_archiver.providers import replicate
 
 from tests.helpers import RULES
+
+RULES_WITH_SEED_TIMES = dataclasses.replace(
+    RULES, generation_times=config.Settings().generation_times()
+)
 
 ID = "gm3qorzdhgbfurvjtvhg6dckhu"  # 26 lowercase letters and digits, as Replicate's are
 LINK = "https://replicate.delivery/xezq/abc/tmp1a2b3c.mp4"
@@ -84,6 +89,13 @@ class TestOutput:
         completed = dt.datetime(2026, 12, 6, 11, 59, 30, 500_000, tzinfo=dt.UTC)
         assert answer.expires_at == completed + dt.timedelta(hours=1)
         assert answer.gone is None
+
+    def test_the_resolution_asked_for_is_read_for_the_skip(self) -> None:
+        """With it the fewer-polls policy knows how long such a video takes (and learns it)."""
+        answer = replicate.parse_answer(ID, prediction("processing", input={"resolution": "1080p"}))
+        assert answer.resolution == "1080p"
+        assert policy.skip_seconds(answer, RULES_WITH_SEED_TIMES) == 180.0
+        assert replicate.parse_answer(ID, prediction("processing", input="?")).resolution is None
 
     def test_from_a_list_the_video_is_taken(self) -> None:
         poster = "https://replicate.delivery/xezq/abc/poster.webp"
