@@ -31,8 +31,8 @@ NOT_FOUND_POLLS = 3
 NOT_FOUND_REASON = "the provider does not know this task id"
 GONE_REASON = "the provider no longer has this task"
 # While most polls of tasks the provider should still have get its 404, a 404 for a task before its
-# deadline is an outage, not evidence (outage.py); "should still have": this far before the deadline.
-WELL_INSIDE = dt.timedelta(hours=1)
+# deadline is an outage, not evidence (outage.py); "should still have": at least as far before the
+# deadline as the row is at risk (Rules.at_risk: an hour, or a quarter of a shorter window).
 STORM_REASON = (
     "the provider answers 404 for most of the tasks it should still have: an outage, not counted "
     "against this task"
@@ -427,12 +427,14 @@ def deadline_ahead(task: models.Task, now: dt.datetime) -> bool:
     return task.expires_at is None or now < task.expires_at
 
 
-def well_inside(task: models.Task, now: dt.datetime) -> bool:
-    """Whether the provider should surely still have the task: seen, and its deadline at least
-    WELL_INSIDE away (or unknown)."""
+def well_inside(task: models.Task, now: dt.datetime, rules: Rules) -> bool:
+    """Whether the provider should surely still have the task: seen, and its deadline at least as
+    far away as a row is at risk (or unknown)."""
     if task.provider_status is None:
         return False
-    return task.expires_at is None or now < task.expires_at - WELL_INSIDE
+    if task.expires_at is None:
+        return True
+    return now < task.expires_at - rules.at_risk.span(task.provider)
 
 
 def given_up(task: models.Task, now: dt.datetime, rules: Rules, said: str) -> models.Task | None:

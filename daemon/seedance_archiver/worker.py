@@ -176,7 +176,7 @@ class Worker:
         stamp = now.timestamp()
         if exc is None or isinstance(exc, errors.MalformedAnswer | errors.TaskNotFound):
             gone = isinstance(exc, errors.TaskNotFound)
-            known = policy.well_inside(row, now)
+            known = policy.well_inside(row, now, self.parts.rules)
             self.health.answered(stamp, row.task_id, gone=gone, known=known)
         elif isinstance(exc, errors.ProviderUnavailable):
             self.health.failed(stamp, row.task_id)

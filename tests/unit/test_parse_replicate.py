@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import standardwebhooks
-from seedance_archiver import config, errors, models, policy, testing
+from seedance_archiver import config, errors, models, policy, providers, testing
 from seedance_archiver.providers import replicate
 
 from tests.helpers import RULES
@@ -218,3 +218,22 @@ class TestWebhooks:
         assert problem is not None and "whsec_" in problem
         assert value == "" or value not in problem
         assert replicate.secret_problem(SECRET) is None
+
+
+class TestItsHour:
+    """An hour's window scales what an hour meant for a day's: at risk and "should still have"."""
+
+    RULES = dataclasses.replace(RULES, at_risk=providers.AT_RISK)
+
+    def row(self, left: dt.timedelta) -> models.Task:
+        return models.Task(
+            task_id=ID, provider="replicate", provider_status="completed", expires_at=NOW + left
+        )
+
+    def test_at_risk_in_its_last_quarter_hour(self) -> None:
+        assert not providers.AT_RISK.test(self.row(dt.timedelta(minutes=20)), NOW)
+        assert providers.AT_RISK.test(self.row(dt.timedelta(minutes=10)), NOW)
+
+    def test_its_404_is_an_outage_sign_until_its_last_quarter_hour(self) -> None:
+        assert policy.well_inside(self.row(dt.timedelta(minutes=20)), NOW, self.RULES)
+        assert not policy.well_inside(self.row(dt.timedelta(minutes=10)), NOW, self.RULES)
