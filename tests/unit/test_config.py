@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import os
 import pathlib
 
@@ -527,57 +529,107 @@ class TestProvider:
         assert config.load().callbacks is True
 
 
-class TestCallbackToken:
-    """With callbacks on, the daemon does not start without a token fit for a URL path."""
+@dataclasses.dataclass(frozen=True)
+class CallbackSecret:
+    """One provider's callback secret, as its module declares it, with values it takes and refuses."""
 
-    TOKEN = "callback-token-for-tests-0123456789abcdef"
+    provider: str
+    variable: str
+    credential: str
+    good: tuple[str, str, str]  # for the credential, the file and the variable
+    bad: tuple[str, ...]
 
-    @pytest.fixture(autouse=True)
-    def ark_with_callbacks(self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
-        monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
-        monkeypatch.setenv("SEEDANCE_PROVIDER", "ark")
-        monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
-        monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
-        monkeypatch.setenv("SEEDANCE_DATABASE_URL", f"sqlite:///{tmp_path}/tasks.db")
+
+def _whsec(fill: int) -> str:
+    """A Standard Webhooks signing secret for tests (whsec_ and base64 of 24 equal bytes)."""
+    return "whsec_" + base64.b64encode(bytes([fill]) * 24).decode()
+
+
+CALLBACK_SECRETS = [
+    CallbackSecret(
+        "ark",
+        "SEEDANCE_CALLBACK_TOKEN",
+        "seedance-callback-token",
+        ("callback-token-for-tests-0123456789abcdef", "f" * 32, "v" * 32),
+        ("short-token", "a" * 31, "has/a/slash" * 4, "with spaces " * 4, "é" * 40),
+    ),
+    CallbackSecret(
+        "replicate",
+        "SEEDANCE_REPLICATE_WEBHOOK_SECRET",
+        "seedance-replicate-webhook-secret",
+        (_whsec(1), _whsec(2), _whsec(3)),
+        ("r8_not-a-signing-secret", "whsec_not base64!", "whsec_%%%%"),
+    ),
+]
+
+
+@pytest.fixture(params=CALLBACK_SECRETS, ids=lambda secret: secret.provider)
+def callback_secret(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> CallbackSecret:
+    """A provider that sends callbacks, with them on."""
+    secret: CallbackSecret = request.param
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setenv("SEEDANCE_PROVIDER", secret.provider)
+    monkeypatch.setenv("SEEDANCE_CALLBACKS", "true")
+    monkeypatch.setenv("SEEDANCE_API_KEY", SECRET)
+    monkeypatch.setenv("SEEDANCE_DATABASE_URL", f"sqlite:///{tmp_path}/tasks.db")
+    return secret
+
+
+class TestCallbackSecret:
+    """With callbacks on, the daemon does not start without the secret its provider's callbacks are
+    checked with (Ark: a token fit for a URL path; Replicate: its webhook signing secret)."""
 
     def test_from_the_variable_file_or_credential(
-        self, monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+        self,
+        callback_secret: CallbackSecret,
+        monkeypatch: pytest.MonkeyPatch,
+        tmp_path: pathlib.Path,
     ) -> None:
-        (tmp_path / "seedance-callback-token").write_text(self.TOKEN + "\n", encoding="utf-8")
+        from_credential, from_file, from_variable = callback_secret.good
+        (tmp_path / callback_secret.credential).write_text(from_credential + "\n", "utf-8")
         monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-        assert config.load().resolve_callback_secret() == self.TOKEN
-        (tmp_path / "token").write_text("f" * 32, encoding="utf-8")
-        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN_FILE", str(tmp_path / "token"))
-        assert config.load().resolve_callback_secret() == "f" * 32
-        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", "v" * 32)
-        assert config.load().resolve_callback_secret() == "v" * 32
+        assert config.load().resolve_callback_secret() == from_credential
+        (tmp_path / "secret").write_text(from_file, encoding="utf-8")
+        monkeypatch.setenv(f"{callback_secret.variable}_FILE", str(tmp_path / "secret"))
+        assert config.load().resolve_callback_secret() == from_file
+        monkeypatch.setenv(callback_secret.variable, from_variable)
+        assert config.load().resolve_callback_secret() == from_variable
 
     def test_run_stops_without_one(
-        self, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+        self,
+        callback_secret: CallbackSecret,
+        tmp_path: pathlib.Path,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
         assert cli.main(["run"]) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1
-        assert "missing setting SEEDANCE_CALLBACK_TOKEN" in err
+        assert f"missing setting {callback_secret.variable}" in err
         assert not (tmp_path / "tasks.db").exists()
 
-    @pytest.mark.parametrize(
-        "token", ["short-token", "a" * 31, "has/a/slash" * 4, "with spaces " * 4, "é" * 40]
-    )
     def test_run_stops_on_a_bad_one_and_never_shows_it(
-        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], token: str
+        self,
+        callback_secret: CallbackSecret,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
-        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", token)
-        assert cli.main(["run"]) == 2
-        captured = capsys.readouterr()
-        assert len(captured.err.splitlines()) == 1
-        assert "invalid setting SEEDANCE_CALLBACK_TOKEN" in captured.err
-        assert token.strip() not in captured.err + captured.out
+        for value in callback_secret.bad:
+            monkeypatch.setenv(callback_secret.variable, value)
+            assert cli.main(["run"]) == 2
+            captured = capsys.readouterr()
+            assert len(captured.err.splitlines()) == 1
+            assert f"invalid setting {callback_secret.variable}" in captured.err
+            assert value.strip() not in captured.err + captured.out
 
     def test_config_masks_it(
-        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+        self,
+        callback_secret: CallbackSecret,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
     ) -> None:
-        monkeypatch.setenv("SEEDANCE_CALLBACK_TOKEN", self.TOKEN)
+        monkeypatch.setenv(callback_secret.variable, callback_secret.good[2])
         assert cli.main(["config"]) == 0
         out = capsys.readouterr().out
-        assert "SEEDANCE_CALLBACK_TOKEN" in out and self.TOKEN not in out
+        assert callback_secret.variable in out and callback_secret.good[2] not in out
