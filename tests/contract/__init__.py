@@ -7,6 +7,8 @@ implementation joins by adding one parameter to its seam's fixture; a fake that 
 real ones fails here, not in a unit test that trusted it.
 
 - ``test_store_contract.py``: ``any_store`` (tests/conftest.py): the fake store, SQLite, PostgreSQL.
+- ``test_outbox_contract.py``: the webhook outbox, on the same ``any_store`` (the fake store is an
+  outbox as ``SqlStore`` is).
 - ``test_archive_contract.py``: the fake archive, a folder, S3 (moto over loopback HTTP).
 - ``test_provider_contract.py``: every provider of ``providers.NAMES`` against the simulator in
   its dialect over loopback HTTP, and the scripted fake provider given the same situations.
