@@ -59,6 +59,14 @@ class InlineExecutor(concurrent.futures.Executor):
         return future
 
 
+def in_utc(value: dt.datetime) -> dt.datetime:
+    """A time as the database gives it back: the same instant, in UTC. A naive time is refused,
+    as the store's column type refuses it (it could be any zone's)."""
+    if value.tzinfo is None:
+        raise errors.StoreError("naive datetime given; use utils.utcnow()")
+    return value.astimezone(dt.UTC)
+
+
 class FakeStore:
     """Every store Protocol (:class:`store.Store`: tasks, heartbeats, the outbox) on a dict: due
     rows, leases, claim order, heartbeats, events.
@@ -209,6 +217,7 @@ class FakeStore:
         provider_name: str | None = None,
     ) -> list[models.Task]:
         wanted = None if states is None else set(states)
+        now = in_utc(now)
         lease_until = now + dt.timedelta(seconds=lease_seconds)
         due = [
             t
@@ -264,6 +273,12 @@ class FakeStore:
                 continue
             # Only the daemon's columns, as SqlStore writes them: the feeder's stay as they are.
             written_fields = {name: getattr(task, name) for name in models.DAEMON_FIELDS}
+            try:
+                for name, value in written_fields.items():
+                    if isinstance(value, dt.datetime):
+                        written_fields[name] = in_utc(value)
+            except errors.StoreError:
+                continue  # the one row is refused; the rest of the batch is written
             self.rows[task.task_id] = current.replace(**written_fields).replace(
                 lease_owner=None, lease_expires_at=None
             )
