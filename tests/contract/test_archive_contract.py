@@ -34,6 +34,14 @@ class Store:
     read_link: Callable[[str], bytes]
     leave_unfinished: Callable[[str], None]
 
+    async def put_whole(self, task_id: str, data: bytes) -> archive.Stored:
+        """Put ``data`` as ``task_id``'s video, and check that find and a link give all of it back."""
+        put = await self.archive.put(task_id, stream(data), len(data))
+        assert (put.size, put.sha256) == stored_as(data)
+        assert await self.archive.find(task_id) == put
+        assert self.read_link(self.archive.link(put.uri, archive.LINK_SECONDS)) == data
+        return put
+
 
 def _fake() -> Store:
     fake = testing.FakeArchive()
@@ -117,20 +125,18 @@ class TestPutAndFind:
         assert await any_archive.archive.find(new_id()) is None
         assert await any_archive.archive.find(new_id(), read_back=True) is None
 
-    async def test_a_second_put_replaces_the_first(self, any_archive: Store) -> None:
+    async def test_a_video_of_several_parts(self, any_archive: Store) -> None:
         task_id = new_id()
-        await any_archive.archive.put(task_id, stream(video("first", SMALL)), SMALL)
-        again = video("second", SMALL // 2)
-        put = await any_archive.archive.put(task_id, stream(again), len(again))
-        assert (put.size, put.sha256) == stored_as(again)
-        assert await any_archive.archive.find(task_id) == put
+        await any_archive.put_whole(task_id, video(task_id, PAST_ONE_PART))
+
+    async def test_a_second_put_replaces_the_first_whole(self, any_archive: Store) -> None:
+        task_id = new_id()
+        await any_archive.put_whole(task_id, video("first", SMALL))
+        await any_archive.put_whole(task_id, video("second", SMALL // 2))
 
     async def test_the_link_reads_back_the_bytes(self, any_archive: Store) -> None:
         task_id = new_id()
-        data = video(task_id, SMALL)
-        put = await any_archive.archive.put(task_id, stream(data), len(data))
-        link = any_archive.archive.link(put.uri, archive.LINK_SECONDS)
-        assert any_archive.read_link(link) == data
+        await any_archive.put_whole(task_id, video(task_id, SMALL))
 
     async def test_a_writable_store_passes_its_check(self, any_archive: Store) -> None:
         await any_archive.archive.check()
@@ -148,11 +154,23 @@ class TestNothingHalfWritten:
         assert await any_archive.archive.find(task_id, read_back=True) is None
         assert await any_archive.archive.incomplete() == set()
 
-    async def test_a_stream_shorter_than_announced_leaves_nothing(self, any_archive: Store) -> None:
+    @pytest.mark.parametrize("size", [SMALL, PAST_ONE_PART], ids=["small", "past-one-part"])
+    async def test_a_stream_shorter_than_announced_leaves_nothing(
+        self, any_archive: Store, size: int
+    ) -> None:
+        task_id = new_id()
+        said = f"truncated download: got {size} bytes, Content-Length said {size + 1}"
+        with pytest.raises(errors.DownloadError, match=said):
+            await any_archive.archive.put(task_id, stream(video(task_id, size)), size + 1)
+        assert await any_archive.archive.find(task_id, read_back=True) is None
+        assert await any_archive.archive.incomplete() == set()
+
+    async def test_a_stream_longer_than_announced_leaves_nothing(self, any_archive: Store) -> None:
         task_id = new_id()
         with pytest.raises(errors.DownloadError):
-            await any_archive.archive.put(task_id, stream(video(task_id, SMALL)), SMALL + 1)
+            await any_archive.archive.put(task_id, stream(video(task_id, SMALL + 1)), SMALL)
         assert await any_archive.archive.find(task_id, read_back=True) is None
+        assert await any_archive.archive.incomplete() == set()
 
     async def test_a_failed_put_keeps_the_earlier_video(self, any_archive: Store) -> None:
         task_id = new_id()

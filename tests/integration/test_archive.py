@@ -1,8 +1,12 @@
-"""The archive module against a real folder and moto's S3 server over HTTP: commit whole, or nothing."""
+"""Each archive store's own ways, against a real folder and moto's S3 server over HTTP: S3's parts,
+checksums and bucket checks, the folder's file system errors, each scheme's from_url.
+
+What every store does (commit whole or nothing, find, link, unfinished uploads) is written once in
+tests/contract/test_archive_contract.py, over the fake archive, a folder and S3.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 import uuid
 from typing import Any
@@ -21,183 +25,61 @@ LARGE = 20 * MIB + 12_345  # several parts: two of 8 MiB (PART_BYTES) and a bit
 PREFIX = "videos/2026"
 
 
-class Backend:
-    """One archive backend with a way to look at what it really stored."""
-
-    def __init__(self, kind: str, store: archive.Archive, root: Any, s3: Any = None) -> None:
-        self.kind = kind
-        self.archive = store
-        self.root = root  # a Path for file://, the bucket name for s3://
-        self.s3 = s3
-
-    def uri(self, task_id: str) -> str:
-        if self.kind == "s3":
-            return f"s3://{self.root}/{PREFIX}/{task_id}.mp4"
-        return (self.root / f"{task_id}.mp4").resolve().as_uri()
-
-    def read(self, task_id: str) -> bytes | None:
-        """The committed bytes under the final key, or None."""
-        if self.kind == "s3":
-            try:
-                answer = self.s3.get_object(Bucket=self.root, Key=f"{PREFIX}/{task_id}.mp4")
-            except botocore.exceptions.ClientError as exc:
-                assert exc.response["Error"]["Code"] in ("NoSuchKey", "404")
-                return None
-            return bytes(answer["Body"].read())
-        path = self.root / f"{task_id}.mp4"
-        return path.read_bytes() if path.exists() else None
-
-    def assert_nothing_left(self, task_id: str) -> None:
-        """No object under the final key, and no partial upload or temporary file either."""
-        if self.kind == "s3":
-            key = f"{PREFIX}/{task_id}.mp4"
-            with pytest.raises(botocore.exceptions.ClientError) as caught:
-                self.s3.head_object(Bucket=self.root, Key=key)
-            assert caught.value.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
-            uploads = self.s3.list_multipart_uploads(Bucket=self.root, Prefix=key)
-            assert uploads.get("Uploads", []) == []
-        else:
-            assert not (self.root / f"{task_id}.mp4").exists()
-            incoming = self.root / folder.INCOMING_DIR
-            leftovers = list(incoming.iterdir()) if incoming.exists() else []
-            assert leftovers == []
-            assert sorted(p.name for p in self.root.iterdir()) in ([], [folder.INCOMING_DIR])
-
-
-@pytest.fixture(params=["file", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Backend:
-    if request.param == "file":
-        root = tmp_path / "archive"
-        return Backend("file", folder.FileArchive(root), root)
-    bucket = request.getfixturevalue("s3_bucket")
-    client = request.getfixturevalue("s3_client")
-    # The default client: the s3 fixtures' AWS_* environment points boto3 at moto.
-    return Backend("s3", s3.S3Archive(bucket, PREFIX), bucket, client)
-
-
 @pytest.fixture
 def s3_archive(s3_bucket: str) -> s3.S3Archive:
     return s3.S3Archive(s3_bucket, PREFIX)
 
 
-class TestCommit:
-    """A complete stream is committed under {prefix}/{task_id}.mp4 with its size and SHA-256."""
+class TestS3Multipart:
+    """S3 alone sends a large video in parts: a part-wise object, and a broken stream's upload
+    aborted. (What every store does with a stream, whole or broken, is in
+    tests/contract/test_archive_contract.py.)"""
 
-    async def test_small_video(self, backend: Backend) -> None:
-        task_id = new_id()
-        stored = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
-
-        data = backend.read(task_id)
-        assert data == b"".join(simulator.video_chunks(task_id, SMALL))
-        assert stored.uri == backend.uri(task_id)
-        assert stored.size == SMALL
-        assert stored.sha256 == hashlib.sha256(data).hexdigest()
-
-    async def test_small_video_without_a_known_size(self, backend: Backend) -> None:
-        task_id = new_id()
-        stored = await backend.archive.put(task_id, video(task_id, SMALL), None)
-        assert stored.size == SMALL
-        assert stored.sha256 == expected_sha(task_id, SMALL)
-        assert backend.read(task_id) == b"".join(simulator.video_chunks(task_id, SMALL))
-
-    async def test_large_video_spans_several_parts(self, backend: Backend) -> None:
+    async def test_a_large_video_is_one_object_of_several_parts(
+        self, s3_archive: s3.S3Archive, s3_client: Any, s3_bucket: str
+    ) -> None:
         assert s3.PART_BYTES < LARGE
         task_id = new_id()
-        stored = await backend.archive.put(task_id, video(task_id, LARGE), LARGE)
+        stored = await s3_archive.put(task_id, video(task_id, LARGE), LARGE)
+        assert (stored.size, stored.sha256) == (LARGE, expected_sha(task_id, LARGE))
+        assert stored.uri == f"s3://{s3_bucket}/{PREFIX}/{task_id}.mp4"
+        head = s3_client.head_object(Bucket=s3_bucket, Key=s3_archive.key(task_id))
+        # A multipart object's ETag is "<md5 of md5s>-<parts>".
+        parts = -(-LARGE // s3.PART_BYTES)
+        assert parts > 2 and head["ETag"].strip('"').endswith(f"-{parts}")
+        assert await s3_archive.find(task_id) == stored
 
-        data = backend.read(task_id)
-        assert data is not None
-        assert len(data) == LARGE
-        sha = hashlib.sha256(data).hexdigest()
-        assert sha == expected_sha(task_id, LARGE)
-        assert stored.size == LARGE
-        assert stored.sha256 == sha
-        assert stored.uri == backend.uri(task_id)
-        if backend.kind == "s3":
-            head = backend.s3.head_object(Bucket=backend.root, Key=f"{PREFIX}/{task_id}.mp4")
-            # A multipart object's ETag is "<md5 of md5s>-<parts>".
-            parts = -(-LARGE // s3.PART_BYTES)
-            assert parts > 2 and head["ETag"].strip('"').endswith(f"-{parts}")
-
-        found = await backend.archive.find(task_id)
-        assert found == stored
-
-    async def test_existing_object_is_found(self, backend: Backend) -> None:
-        task_id = new_id()
-        assert await backend.archive.find(task_id) is None
-        stored = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
-
-        found = await backend.archive.find(task_id)
-
-        assert found is not None
-        assert found.uri == stored.uri == backend.uri(task_id)
-        assert found.size == SMALL
-        assert found.sha256 == expected_sha(task_id, SMALL)
-
-    async def test_a_second_put_replaces_the_object_whole(self, backend: Backend) -> None:
-        task_id = new_id()
-        await backend.archive.put(task_id, stream([b"x" * 1000]), 1000)
-        stored = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
-        assert backend.read(task_id) == b"".join(simulator.video_chunks(task_id, SMALL))
-        assert await backend.archive.find(task_id) == stored
-
-
-class TestNothingPartial:
-    """A failed stream leaves nothing under the final key and no partial upload behind."""
-
-    async def test_truncated_small_stream(self, backend: Backend) -> None:
-        task_id = new_id()
-        with pytest.raises(errors.DownloadError, match="truncated"):
-            await backend.archive.put(task_id, video(task_id, SMALL), 2 * SMALL)
-        backend.assert_nothing_left(task_id)
-        assert await backend.archive.find(task_id) is None
-
-    async def test_truncated_multipart_stream(self, backend: Backend) -> None:
-        task_id = new_id()
-        with pytest.raises(errors.DownloadError, match="truncated"):
-            await backend.archive.put(task_id, video(task_id, 18 * MIB), LARGE)
-        backend.assert_nothing_left(task_id)
-
-    async def test_longer_stream_than_announced(self, backend: Backend) -> None:
-        task_id = new_id()
-        with pytest.raises(errors.DownloadError):
-            await backend.archive.put(task_id, video(task_id, SMALL + 1), SMALL)
-        backend.assert_nothing_left(task_id)
-
-    async def test_stream_breaking_after_several_parts(self, backend: Backend) -> None:
+    async def test_a_stream_breaking_after_several_parts_aborts_the_upload(
+        self, s3_archive: s3.S3Archive, s3_client: Any, s3_bucket: str
+    ) -> None:
         task_id = new_id()
         calls: list[str] = []
-        if backend.kind == "s3":
-            assert isinstance(backend.archive, s3.S3Archive)
-            events = backend.archive.client.meta.events
 
-            def record(event_name: str, **_: Any) -> None:
-                calls.append(event_name.split(".")[-1])
+        def record(event_name: str, **_: Any) -> None:
+            calls.append(event_name.split(".")[-1])
 
-            events.register("after-call.s3.*", record)
+        s3_archive.client.meta.events.register("after-call.s3.*", record)
         broken = stream(
             simulator.video_chunks(task_id, 17 * MIB),
             fail_with=errors.DownloadError("the download broke off"),
         )
 
         with pytest.raises(errors.DownloadError, match="broke off"):
-            await backend.archive.put(task_id, broken, LARGE)
+            await s3_archive.put(task_id, broken, LARGE)
 
-        backend.assert_nothing_left(task_id)
-        if backend.kind == "s3":
-            # It really was a multipart upload with parts sent, and it was aborted.
-            assert calls.count("CreateMultipartUpload") == 1
-            # Every whole part of the 17 MiB received went out before the break.
-            assert calls.count("UploadPart") == 17 * MIB // s3.PART_BYTES
-            assert "AbortMultipartUpload" in calls
-            assert "CompleteMultipartUpload" not in calls
-
-    async def test_failure_keeps_the_previous_object(self, backend: Backend) -> None:
-        task_id = new_id()
-        first = await backend.archive.put(task_id, video(task_id, SMALL), SMALL)
-        with pytest.raises(errors.DownloadError):
-            await backend.archive.put(task_id, video(task_id, 10 * MIB), LARGE)
-        assert await backend.archive.find(task_id) == first
+        key = s3_archive.key(task_id)
+        with pytest.raises(botocore.exceptions.ClientError) as caught:
+            s3_client.head_object(Bucket=s3_bucket, Key=key)
+        assert caught.value.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound")
+        assert (
+            s3_client.list_multipart_uploads(Bucket=s3_bucket, Prefix=key).get("Uploads", []) == []
+        )
+        # It really was a multipart upload with parts sent, and it was aborted.
+        assert calls.count("CreateMultipartUpload") == 1
+        # Every whole part of the 17 MiB received went out before the break.
+        assert calls.count("UploadPart") == 17 * MIB // s3.PART_BYTES
+        assert "AbortMultipartUpload" in calls
+        assert "CompleteMultipartUpload" not in calls
 
 
 class TestS3Specifics:
