@@ -8,11 +8,21 @@ then ask only through the :class:`provider.Provider` seam.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 import pytest
-from seedance_archiver import errors, models, netguard, provider, providers, simulator, testing
+from seedance_archiver import (
+    errors,
+    models,
+    netguard,
+    provider,
+    providers,
+    simulator,
+    testing,
+    utils,
+)
 
 from tests.conftest import SIM_KEY, serving
 
@@ -20,6 +30,15 @@ SIZE = 300_000  # not a whole number of the simulator's blocks nor of the fake's
 LOCAL_HTTP = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
 NEVER = 1e9  # seconds: a phase the test does not wait out
 REASON = "content policy violation"
+# What a completed task says of its video, on every side.
+MODEL = "seedance_1_5_pro_720p"
+DURATION = 7.5
+# Answers to a poll that are not the provider's own "no such task": a gateway or proxy in front.
+NOT_OWN_404S = {
+    "html": ("<html><body><h1>404 Not Found</h1>nginx</body></html>", "text/html"),
+    "empty": ("", "text/plain"),
+    "a gateway's json": ('{"message": "no Route matched with those values"}', "application/json"),
+}
 
 
 class Side(Protocol):
@@ -39,6 +58,13 @@ class Side(Protocol):
 
     def with_wrong_key(self) -> provider.Provider:
         """The same provider asked with a key it does not accept."""
+
+    def outage_404(self, task_id: str, body: str, content_type: str) -> None:
+        """The next poll of ``task_id``, and the key check after it, get a 404 (``body`` of
+        ``content_type``) that is not the provider's own; then it answers as itself again."""
+
+    def requests(self) -> int:
+        """How many times the provider has been asked so far."""
 
 
 def video(task_id: str) -> bytes:
@@ -60,7 +86,13 @@ class Simulated:
 
     def completed(self, task_id: str, *, stale_links: int = 0) -> None:
         self.server.simulator.add_task(
-            task_id, queued_seconds=0, ready_seconds=0, size=SIZE, stale_links=stale_links
+            task_id,
+            queued_seconds=0,
+            ready_seconds=0,
+            size=SIZE,
+            stale_links=stale_links,
+            model=MODEL,
+            duration=DURATION,
         )
 
     def queued(self, task_id: str) -> None:
@@ -79,6 +111,14 @@ class Simulated:
         self._clients.append(client)
         return client
 
+    def outage_404(self, task_id: str, body: str, content_type: str) -> None:
+        self.server.simulator.add_fault(
+            "*", on="poll", status=404, body=body, content_type=content_type, times=2
+        )
+
+    def requests(self) -> int:
+        return sum(self.server.simulator.stats.polls.values())
+
     async def aclose(self) -> None:
         for client in self._clients:
             await client.aclose()
@@ -95,7 +135,13 @@ class Scripted:
         links = [f"https://videos.example/{task_id}.mp4?sig={n}" for n in range(stale_links + 1)]
         self.fake.videos[links[-1]] = video(task_id)
         self.fake.script(
-            task_id, *(testing.answer(task_id, "completed", video_url=link) for link in links)
+            task_id,
+            *(
+                testing.answer(
+                    task_id, "completed", video_url=link, created=utils.utcnow(), duration=DURATION
+                )
+                for link in links
+            ),
         )
 
     def queued(self, task_id: str) -> None:
@@ -117,6 +163,17 @@ class Scripted:
             )
             wrong.script(task_id, refused)
         return wrong
+
+    def outage_404(self, task_id: str, body: str, content_type: str) -> None:
+        outage = errors.ProviderUnavailable(
+            f"the provider answered 404 without its own JSON error: {content_type}", status_code=404
+        )
+        unknown = errors.TaskNotFound("the provider does not know this task (HTTP 404)")
+        self.fake.script(task_id, outage, unknown)
+        self.fake.key_ok = None
+
+    def requests(self) -> int:
+        return len(self.fake.fetches) + self.fake.key_checks
 
 
 @pytest.fixture(params=[*providers.NAMES, "fake"])
@@ -212,3 +269,44 @@ class TestVideo:
             await download(any_provider.client, models.Task(task_id="video_unlinked"))
         # Not LinkExpired: no host refused a link; there was none to ask.
         assert not isinstance(caught.value, errors.LinkExpired)
+
+
+class TestWhatAnAnswerSays:
+    """A completed answer says which model made the video, when it was asked for, how long it runs."""
+
+    async def test_model_creation_time_and_duration(self, any_provider: Side) -> None:
+        asked = utils.utcnow()
+        any_provider.completed("video_told")
+        answer = await any_provider.client.fetch("video_told")
+        assert (answer.model, answer.actual_duration) == (MODEL, DURATION)
+        assert answer.created is not None and answer.created.utcoffset() == dt.timedelta(0)
+        assert abs(answer.created - asked) < dt.timedelta(minutes=1)
+
+
+class TestNotItsOwn404:
+    """A 404 that is not the provider's own answer (a gateway's, a proxy's) is an outage to wait
+    out, never "no such task" and never a verdict on the key."""
+
+    @pytest.mark.parametrize(("body", "content_type"), NOT_OWN_404S.values(), ids=NOT_OWN_404S)
+    async def test_an_outage_then_the_providers_own_answer(
+        self, any_provider: Side, body: str, content_type: str
+    ) -> None:
+        any_provider.outage_404("video_nobody_made", body, content_type)
+        with pytest.raises(errors.ProviderUnavailable) as caught:
+            await any_provider.client.fetch("video_nobody_made")
+        assert caught.value.status_code == 404
+        assert content_type in str(caught.value)
+        assert not body or body[:12] not in str(caught.value)  # what it was, not what it said
+        assert await any_provider.client.check_key() is None
+        # The outage over, the provider's own 404 says again that it does not know the task.
+        with pytest.raises(errors.TaskNotFound):
+            await any_provider.client.fetch("video_nobody_made")
+
+
+class TestTheKeyCheck:
+    """check_key costs one request."""
+
+    async def test_one_request(self, any_provider: Side) -> None:
+        before = any_provider.requests()
+        assert await any_provider.client.check_key() is True
+        assert any_provider.requests() == before + 1

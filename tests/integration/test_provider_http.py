@@ -1,4 +1,11 @@
-"""seedance_archiver.providers_http.HttpProvider against the provider simulator over real HTTP on loopback."""
+"""The shared HTTP client (providers/http.py, wire.py) against the simulator and small local
+servers over real HTTP on loopback: its transport, its limits, its network rules, and the reseller's
+and Ark's own details.
+
+What every provider answers (each status, a wrong key, an unknown task, a 404 not its own, a
+refused link) is written once in tests/contract/test_provider_contract.py, over every provider
+and the fake.
+"""
 
 from __future__ import annotations
 
@@ -104,59 +111,9 @@ class LocalServer:
         await self.runner.cleanup()
 
 
-class TestFetchStatuses:
-    """fetch turns the provider's JSON into a typed Answer at every step of a task's life."""
-
-    async def test_queued_then_processing_then_completed(
-        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
-    ) -> None:
-        created = time.time()
-        task = sim.simulator.add_task(
-            "video_abc", queued_seconds=100, ready_seconds=200, created=created, duration=7.5
-        )
-
-        queued = await client.fetch("video_abc")
-        assert queued.status is models.Status.QUEUED
-        assert queued.id == "video_abc"
-        assert queued.video_url is None
-        assert queued.model == "seedance_1_5_pro_720p"
-        assert queued.created is not None
-        assert abs(queued.created.timestamp() - int(created)) < 1
-
-        task.created -= 150  # time passes
-        processing = await client.fetch("video_abc")
-        assert processing.status is models.Status.PROCESSING
-        assert processing.video_url is None
-
-        task.created -= 100
-        completed = await client.fetch("video_abc")
-        assert completed.status is models.Status.COMPLETED
-        assert completed.video_url is not None
-        assert completed.video_url.startswith(f"{sim.url}/files/video_abc.mp4?")
-        assert completed.actual_duration == 7.5
-        assert completed.error is None
-        assert sim.simulator.stats.polls["video_abc"] == 3
-
-    async def test_failed_carries_the_error(
-        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
-    ) -> None:
-        add_completed(sim, "video_bad", outcome="failed", error="content policy violation")
-        answer = await client.fetch("video_bad")
-        assert answer.status is models.Status.FAILED
-        assert answer.error == "content policy violation"
-        assert answer.video_url is None
-
-    async def test_cancelled(
-        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
-    ) -> None:
-        add_completed(sim, "video_c", outcome="cancelled")
-        answer = await client.fetch("video_c")
-        assert answer.status is models.Status.CANCELLED
-        assert answer.video_url is None
-
-
 class TestFetchErrors:
-    """Every failure of a poll becomes one typed error."""
+    """Every failure of an HTTP poll becomes one typed error: status codes, Retry-After, bodies,
+    timeouts and paths, as the shared client reads them (the reseller's dialect serves)."""
 
     async def test_sends_the_bearer_key(self) -> None:
         seen: list[tuple[str, str | None]] = []
@@ -174,16 +131,6 @@ class TestFetchErrors:
         assert answer.status is models.Status.QUEUED
         assert seen == [("/api/v1/result/video_abc", f"Bearer {SIM_KEY}")]
 
-    async def test_wrong_key_is_auth_rejected(self, sim: simulator.SimulatorThread) -> None:
-        add_completed(sim, "video_abc")
-        http = new_client(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
-        try:
-            with pytest.raises(errors.AuthRejected):
-                await http.fetch("video_abc")
-        finally:
-            await http.aclose()
-        assert sim.simulator.stats.unauthorized == 1
-
     async def test_403_is_auth_rejected(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
@@ -191,38 +138,6 @@ class TestFetchErrors:
         sim.simulator.add_fault("video_abc", on="poll", status=403)
         with pytest.raises(errors.AuthRejected, match="403"):
             await client.fetch("video_abc")
-
-    async def test_unknown_id_is_task_not_found(self, client: providers_http.HttpProvider) -> None:
-        with pytest.raises(errors.TaskNotFound):
-            await client.fetch("video_never_created")
-
-    @pytest.mark.parametrize(
-        ("body", "content_type"),
-        [
-            ("<html><body><h1>404 Not Found</h1>nginx</body></html>", "text/html"),
-            ("", "text/plain"),
-            ('{"message": "no Route matched with those values"}', "application/json"),
-        ],
-        ids=["html", "empty", "a gateway's json"],
-    )
-    async def test_a_404_that_is_not_the_providers_own_is_an_outage(
-        self,
-        sim: simulator.SimulatorThread,
-        client: providers_http.HttpProvider,
-        body: str,
-        content_type: str,
-    ) -> None:
-        add_completed(sim, "video_abc")
-        sim.simulator.add_fault(
-            "video_abc", on="poll", status=404, body=body, content_type=content_type
-        )
-        with pytest.raises(errors.ProviderUnavailable) as caught:
-            await client.fetch("video_abc")
-        assert caught.value.status_code == 404
-        assert str(caught.value).startswith(providers_http.NOT_OWN_404)
-        assert content_type in str(caught.value) and (
-            not body or body[:12] not in str(caught.value)
-        )
 
     async def test_server_error_is_provider_unavailable(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
@@ -324,17 +239,8 @@ class TestFetchErrors:
 
 
 class TestOpenVideo:
-    """open_video streams the whole video, and refuses what it must."""
-
-    async def test_streams_the_whole_video(
-        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
-    ) -> None:
-        size = 3 * 1024 * 1024 + 4321
-        add_completed(sim, "video_abc", size=size)
-        length, data = await download(client, await video_url(client, "video_abc"))
-        assert length == size
-        assert data == expected_video("video_abc", size)
-        assert sim.simulator.stats.downloads_completed["video_abc"] == 1
+    """open_video over HTTP: what a host serves as a video, what it refuses, and the limits (that a
+    link streams the whole video, or is refused, is in the contract suite)."""
 
     async def test_sends_no_api_key_to_the_video_host(self, sim: simulator.SimulatorThread) -> None:
         seen: list[str | None] = []
@@ -434,21 +340,6 @@ class TestOpenVideo:
                 assert await download(http, f"{base}/v") == (len(body), body)
             finally:
                 await http.aclose()
-
-    async def test_expired_link(self) -> None:
-        sim_state = simulator.Simulator(api_key=SIM_KEY, link_ttl_seconds=-1)
-        with simulator.SimulatorThread(sim_state) as server:
-            sim_state.add_task(
-                "video_abc", queued_seconds=1, ready_seconds=2, created=time.time() - 60
-            )
-            http = new_client(server.url, SIM_KEY, url_rules=LOCAL_HTTP)
-            try:
-                url = await video_url(http, "video_abc")
-                with pytest.raises(errors.LinkExpired):
-                    await download(http, url)
-            finally:
-                await http.aclose()
-        assert sim_state.stats.downloads_started["video_abc"] == 0
 
     async def test_tampered_signature_is_link_expired(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
@@ -829,46 +720,14 @@ class TestInvalidRedirects:
 
 
 class TestCheckKey:
-    """check_key: one free poll of an id that cannot exist; True, False or None, never an error."""
-
-    async def test_the_right_key_is_accepted(
-        self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
-    ) -> None:
-        assert await client.check_key() is True
-        assert sim.simulator.stats.polls[reseller.KEY_CHECK_TASK_ID] == 1
-        assert reseller.KEY_CHECK_TASK_ID not in sim.simulator.tasks
-
-    async def test_a_wrong_key_is_rejected(self, sim: simulator.SimulatorThread) -> None:
-        http = new_client(sim.url, "wrong-key", url_rules=LOCAL_HTTP)
-        try:
-            assert await http.check_key() is False
-        finally:
-            await http.aclose()
-        assert sim.simulator.stats.unauthorized == 1
+    """check_key over HTTP: one free poll of an id that cannot exist; True, False or None, never
+    an error, whatever the transport meets (the reseller's dialect serves)."""
 
     async def test_403_is_rejected(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
         sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=403)
         assert await client.check_key() is False
-
-    @pytest.mark.parametrize(
-        ("body", "content_type"),
-        [("<html>404 Not Found</html>", "text/html"), ("", "text/plain")],
-        ids=["html", "empty"],
-    )
-    async def test_a_404_that_is_not_the_providers_own_cannot_tell(
-        self,
-        sim: simulator.SimulatorThread,
-        client: providers_http.HttpProvider,
-        body: str,
-        content_type: str,
-    ) -> None:
-        sim.simulator.add_fault(
-            reseller.KEY_CHECK_TASK_ID, on="poll", status=404, body=body, content_type=content_type
-        )
-        assert await client.check_key() is None
-        assert await client.check_key() is True
 
     @pytest.mark.parametrize("status", [500, 503, 429, 400])
     async def test_other_answers_cannot_tell(
@@ -932,7 +791,8 @@ class TestCheckKey:
 
 
 class TestArkDialect:
-    """HttpProvider speaking Ark to the simulator's Ark dialect over real HTTP."""
+    """What Ark alone says: a 24 h link, a resolution, an error code, an ``expired`` status, side
+    fields of drifted types (every status's mapping is in the contract suite)."""
 
     @pytest.fixture
     def ark_sim(self) -> Iterator[simulator.SimulatorThread]:
@@ -966,19 +826,16 @@ class TestArkDialect:
     @pytest.mark.parametrize(
         ("age", "outcome", "status", "error"),
         [
-            (0.2, "completed", models.Status.QUEUED, None),
-            (1.5, "completed", models.Status.PROCESSING, None),
             (
                 60,
                 "failed",
                 models.Status.FAILED,
                 "content policy violation (OutputVideoSensitiveContentDetected)",
             ),
-            (60, "cancelled", models.Status.CANCELLED, None),
             (60, "expired", models.Status.FAILED, "expired at the provider before it ran"),
         ],
     )
-    async def test_every_status(
+    async def test_the_error_code_and_the_expired_status(
         self,
         ark_sim: simulator.SimulatorThread,
         ark_client: providers_http.HttpProvider,
@@ -993,25 +850,6 @@ class TestArkDialect:
         answer = await ark_client.fetch("cgt-2")
         assert (answer.status, answer.error) == (status, error)
 
-    async def test_an_unknown_task_is_not_found(
-        self, ark_client: providers_http.HttpProvider
-    ) -> None:
-        with pytest.raises(errors.TaskNotFound):
-            await ark_client.fetch("cgt-unknown")
-
-    async def test_an_html_404_is_an_outage(
-        self, ark_sim: simulator.SimulatorThread, ark_client: providers_http.HttpProvider
-    ) -> None:
-        ark_sim.simulator.add_fault(
-            "*", on="poll", status=404, body="<html>Not Found</html>", content_type="text/html"
-        )
-        with pytest.raises(errors.ProviderUnavailable, match="without its own JSON error"):
-            await ark_client.fetch("cgt-unknown")
-        ark_sim.simulator.add_fault(
-            "*", on="poll", status=404, body="<html>Not Found</html>", content_type="text/html"
-        )
-        assert await ark_client.check_key() is None
-
     async def test_drifted_side_fields_still_give_the_link(
         self, ark_sim: simulator.SimulatorThread, ark_client: providers_http.HttpProvider
     ) -> None:
@@ -1024,15 +862,6 @@ class TestArkDialect:
             (),
         )
         assert answer.video_url is not None and answer.expires_at is not None
-
-    async def test_the_key_check(self, ark_sim: simulator.SimulatorThread) -> None:
-        for key, verdict in ((SIM_KEY, True), ("wrong-key", False)):
-            http = new_client(ark_sim.url, key, url_rules=LOCAL_HTTP, dialect=ark.DIALECT)
-            try:
-                assert await http.check_key() is verdict
-            finally:
-                await http.aclose()
-        assert ark_sim.simulator.stats.polls[ark.KEY_CHECK_TASK_ID] == 2
 
 
 class TestApiTransport:
