@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+from collections.abc import Callable
 
 import pytest
 from seedance_archiver import models, outbox, store, utils, webhooks
@@ -24,10 +25,13 @@ A, B = "deliverer-a", "deliverer-b"
 OWNER = "contract-daemon"
 LEASE_S = 60.0
 SIGNED = "https://cdn.example/v.mp4?X-Signature=secret"
-# No jitter: each delay of the retry schedule is exactly its base.
-EXACT = lambda low, high: (low + high) / 2  # noqa: E731
 GONE_URL = "https://hooks.example/a"
 OTHER_URL = "https://hooks.example/b"
+
+
+def exact(low: float, high: float) -> float:
+    """A jitter draw of none: each delay of the retry schedule is exactly its base."""
+    return (low + high) / 2
 
 
 def finish(any_store: store.Store, task_id: str, state: str, **changes: object) -> models.Task:
@@ -51,7 +55,7 @@ def one_event(any_store: store.Store, task_id: str = "video_a") -> models.Outbox
 def attempt(event: models.OutboxEvent, status: int | None, now: dt.datetime) -> models.OutboxEvent:
     """The event after one attempt that got ``status`` (None: no answer), by the retry schedule."""
     answer = webhooks.Answer(status, error=None if status else "connection refused")
-    return webhooks.outcome(event, answer, now, draw=EXACT)
+    return webhooks.outcome(event, answer, now, draw=exact)
 
 
 class TestEnqueue:
@@ -351,18 +355,15 @@ class TestDiscard:
         assert [e.id for e in any_store.claim_webhooks(B, now, LEASE_S, 10)] == [old.id]
 
     def test_an_event_written_at_the_cut_off_is_kept(
-        self, any_store: store.Store, request: pytest.FixtureRequest
+        self, any_store: store.Store, disagrees: Callable[[str, str], None]
     ) -> None:
-        """ "Before" is strictly before: an event written at the cut-off itself is kept."""
-        if request.node.callspec.params["any_store"] == "sqlite":
-            request.applymarker(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="SQLite's trigger writes created_at as whole-second text "
-                    "('2026-12-06 23:09:25'), which sorts before the bound cut-off's "
-                    "('2026-12-06 23:09:25.000000'): the event counts as written before it",
-                )
-            )
+        """An event written at the cut-off itself is kept: "before" is strictly before."""
+        disagrees(
+            "sqlite",
+            "SQLite's trigger writes created_at as whole-second text "
+            "('2026-12-06 23:09:25'), which sorts before the bound cut-off's "
+            "('2026-12-06 23:09:25.000000'): the event counts as written before it",
+        )
         event = one_event(any_store)
         assert any_store.discard_webhooks(event.created_at, utils.utcnow()) == 0
         assert [e.state for e in any_store.webhooks()] == ["pending"]

@@ -8,6 +8,7 @@ live is one taken for a minute.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -569,3 +570,42 @@ class TestWaitingOnSettings:
         [held] = any_store.claim_due(A, later, LEASE_S, 10)
         assert any_store.wake_waiting_on_settings(utils.utcnow(), "reseller") == 0
         assert row(any_store, "video_waits") == held
+
+
+def beat(owner: str, last_tick_at: dt.datetime | None, api_key_ok: bool = True) -> store.DaemonBeat:
+    started = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
+    return store.DaemonBeat(owner, "host-1", 4242, "1.0.0", started, last_tick_at, api_key_ok)
+
+
+class TestHeartbeats:
+    """Each daemon's heartbeat: written, then updated in place, listed latest tick first, forgotten."""
+
+    def test_a_beat_is_written_then_updated(self, any_store: store.Store) -> None:
+        assert any_store.daemons() == []
+        ticked = dt.datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=dt.UTC)
+        any_store.beat(beat(A, None))
+        assert any_store.daemons() == [beat(A, None)]
+        any_store.beat(beat(A, ticked, api_key_ok=False))
+        assert any_store.daemons() == [beat(A, ticked, api_key_ok=False)]
+
+    def test_latest_tick_first_and_forgotten_on_stop(self, any_store: store.Store) -> None:
+        ticked = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+        any_store.beat(beat(A, ticked))
+        any_store.beat(beat(B, ticked + dt.timedelta(seconds=5)))
+        assert [d.owner for d in any_store.daemons()] == [B, A]
+        any_store.forget_daemon(B)
+        any_store.forget_daemon("daemon-nobody")
+        assert [d.owner for d in any_store.daemons()] == [A]
+
+    def test_one_not_yet_ticked_comes_last(
+        self, any_store: store.Store, disagrees: Callable[[str, str], None]
+    ) -> None:
+        disagrees(
+            "postgresql",
+            "SqlStore.daemons orders by last_tick_at DESC: PostgreSQL puts NULL "
+            "first there, SQLite last (`status` lists a starting daemon first)",
+        )
+        ticked = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+        any_store.beat(beat("daemon-starting", None))
+        any_store.beat(beat(A, ticked))
+        assert [d.owner for d in any_store.daemons()] == [A, "daemon-starting"]
