@@ -66,6 +66,10 @@ class Side(Protocol):
     def requests(self) -> int:
         """How many times the provider has been asked so far."""
 
+    def busy_once(self, task_id: str, status: int, retry_after: int | None = None) -> None:
+        """The next poll of ``task_id`` is answered HTTP ``status`` (with ``Retry-After``); the
+        polls after it as before."""
+
 
 def video(task_id: str) -> bytes:
     return b"".join(simulator.video_chunks(task_id, SIZE))
@@ -118,6 +122,10 @@ class Simulated:
 
     def requests(self) -> int:
         return sum(self.server.simulator.stats.polls.values())
+
+    def busy_once(self, task_id: str, status: int, retry_after: int | None = None) -> None:
+        told = {} if retry_after is None else {"retry_after": retry_after}
+        self.server.simulator.add_fault(task_id, on="poll", status=status, **told)
 
     async def aclose(self) -> None:
         for client in self._clients:
@@ -174,6 +182,15 @@ class Scripted:
 
     def requests(self) -> int:
         return len(self.fake.fetches) + self.fake.key_checks
+
+    def busy_once(self, task_id: str, status: int, retry_after: int | None = None) -> None:
+        busy: errors.ProviderError = errors.ProviderUnavailable(
+            f"the provider answered HTTP {status}", status_code=status
+        )
+        if status == 429:
+            wait = None if retry_after is None else float(retry_after)
+            busy = errors.RateLimited("the provider answered HTTP 429", retry_after=wait)
+        self.fake.scripts[task_id].insert(0, busy)
 
 
 @pytest.fixture(params=[*providers.NAMES, "fake"])
@@ -310,3 +327,32 @@ class TestTheKeyCheck:
         before = any_provider.requests()
         assert await any_provider.client.check_key() is True
         assert any_provider.requests() == before + 1
+
+
+class TestBusy:
+    """A provider too busy to answer: an outage that passes, or a request to wait so long."""
+
+    @pytest.mark.parametrize("status", [500, 502, 503])
+    async def test_a_server_error_is_an_outage_that_passes(
+        self, any_provider: Side, status: int
+    ) -> None:
+        any_provider.completed("video_busy")
+        any_provider.busy_once("video_busy", status)
+        with pytest.raises(errors.ProviderUnavailable, match=str(status)) as caught:
+            await any_provider.client.fetch("video_busy")
+        assert not isinstance(caught.value, errors.RateLimited)
+        answer = await any_provider.client.fetch("video_busy")
+        assert answer.status is models.Status.COMPLETED
+
+    @pytest.mark.parametrize("retry_after", [7, None], ids=["retry-after", "no-retry-after"])
+    async def test_a_429_says_how_long_to_wait(
+        self, any_provider: Side, retry_after: int | None
+    ) -> None:
+        any_provider.completed("video_busy")
+        any_provider.busy_once("video_busy", 429, retry_after)
+        with pytest.raises(errors.RateLimited) as caught:
+            await any_provider.client.fetch("video_busy")
+        assert caught.value.retry_after == retry_after
+        assert caught.value.status_code == 429
+        answer = await any_provider.client.fetch("video_busy")
+        assert answer.status is models.Status.COMPLETED
