@@ -248,8 +248,7 @@ class TestRecord:
 
 
 class TestRetryAndGiveUp:
-    """A failed attempt waits its turn on the retry schedule; when it runs out, the event is given
-    up on: listed, counted, never claimed again, until redelivered."""
+    """A failed attempt waits its back-off; when the schedule runs out the event is given up on."""
 
     def test_a_failed_attempt_is_due_again_after_its_back_off(self, any_store: store.Store) -> None:
         one_event(any_store)

@@ -301,8 +301,7 @@ class TestWhatAnAnswerSays:
 
 
 class TestNotItsOwn404:
-    """A 404 that is not the provider's own answer (a gateway's, a proxy's) is an outage to wait
-    out, never "no such task" and never a verdict on the key."""
+    """A 404 that is not the provider's own (a gateway's) is an outage, no verdict on task or key."""
 
     @pytest.mark.parametrize(("body", "content_type"), NOT_OWN_404S.values(), ids=NOT_OWN_404S)
     async def test_an_outage_then_the_providers_own_answer(

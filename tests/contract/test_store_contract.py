@@ -534,8 +534,7 @@ class TestFewerPolls:
 
 
 class TestWaitingOnSettings:
-    """Rows whose video one of our settings refuses: counted, and due at once when a daemon
-    starts."""
+    """Rows one of our settings refuses: counted, and due at once when a daemon starts."""
 
     WAITING = (
         models.WAITING_ON_SETTING + ": video is 3000000 bytes, more than SEEDANCE_MAX_VIDEO_BYTES"

@@ -31,9 +31,7 @@ def s3_archive(s3_bucket: str) -> s3.S3Archive:
 
 
 class TestS3Multipart:
-    """S3 alone sends a large video in parts: a part-wise object, and a broken stream's upload
-    aborted. (What every store does with a stream, whole or broken, is in
-    tests/contract/test_archive_contract.py.)"""
+    """S3 alone sends a large video in parts: one object of several parts, or an upload aborted."""
 
     async def test_a_large_video_is_one_object_of_several_parts(
         self, s3_archive: s3.S3Archive, s3_client: Any, s3_bucket: str

@@ -28,8 +28,7 @@ def finish(s: store.Store, task_id: str, state: str, **changes: object) -> None:
 
 
 class TestTriggerTransaction:
-    """The event is written by the trigger inside the statement's transaction: SQL only (the fake
-    has no transaction to roll back)."""
+    """The trigger writes the event in the move's own transaction: a rollback leaves none (SQL)."""
 
     def test_a_rolled_back_state_leaves_no_event(self, db_url: str) -> None:
         engine = db.make_engine(db_url)
@@ -46,8 +45,7 @@ class TestTriggerTransaction:
 
 
 class TestAtRiskLocks:
-    """task.at_risk never races an archive committed on another connection: PostgreSQL's row locks
-    (FOR UPDATE SKIP LOCKED), which neither SQLite (one writer) nor the fake has."""
+    """task.at_risk never races an archive on another connection: PostgreSQL's row locks."""
 
     def test_a_row_archived_while_warnings_are_written_gets_none(self, pg_url: str) -> None:
         """The archive's transaction is open (the row locked, archived but not committed) while
@@ -71,7 +69,7 @@ class TestAtRiskLocks:
 
 
 class TestTerminalNotify:
-    """NOTIFY video_tasks_done, in the transaction that writes the terminal state."""
+    """NOTIFY video_tasks_done in the transaction that ends a task: PostgreSQL only (LISTEN)."""
 
     def test_listen_receives_each_terminal_state(self, pg_url: str) -> None:
         dsn = db.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)

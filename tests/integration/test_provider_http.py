@@ -112,8 +112,7 @@ class LocalServer:
 
 
 class TestFetchErrors:
-    """Every failure of an HTTP poll becomes one typed error: status codes, Retry-After, bodies,
-    timeouts and paths, as the shared client reads them (the reseller's dialect serves)."""
+    """How the HTTP client reads a failed poll: codes, Retry-After dates, bodies, timeouts, paths."""
 
     async def test_sends_the_bearer_key(self) -> None:
         seen: list[tuple[str, str | None]] = []
@@ -210,8 +209,7 @@ class TestFetchErrors:
 
 
 class TestOpenVideo:
-    """open_video over HTTP: what a host serves as a video, what it refuses, and the limits (that a
-    link streams the whole video, or is refused, is in the contract suite)."""
+    """What the HTTP client takes for a video, what it refuses, and its size limits."""
 
     async def test_sends_no_api_key_to_the_video_host(self, sim: simulator.SimulatorThread) -> None:
         seen: list[str | None] = []
@@ -691,8 +689,7 @@ class TestInvalidRedirects:
 
 
 class TestCheckKey:
-    """check_key over HTTP: one free poll of an id that cannot exist; True, False or None, never
-    an error, whatever the transport meets (the reseller's dialect serves)."""
+    """check_key over HTTP: True, False or None whatever the transport meets, never an error."""
 
     async def test_403_is_rejected(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
@@ -762,8 +759,7 @@ class TestCheckKey:
 
 
 class TestArkDialect:
-    """What Ark alone says: a 24 h link, a resolution, an error code, an ``expired`` status, side
-    fields of drifted types (every status's mapping is in the contract suite)."""
+    """What Ark alone says: a 24 h link, a resolution, an error code, "expired", drifted fields."""
 
     @pytest.fixture
     def ark_sim(self) -> Iterator[simulator.SimulatorThread]:

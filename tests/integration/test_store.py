@@ -72,7 +72,7 @@ def ids(tasks: list[models.Task]) -> set[str]:
 
 
 class TestFeedingContract:
-    """A row inserted with plain SQL by a feeder is a valid, claimable task."""
+    """A row a feeder inserts with plain SQL is a valid, claimable task (SQL only: no fake has SQL)."""
 
     def test_minimal_insert_gets_every_default(
         self, engine: sa.Engine, sql_store: store.SqlStore
@@ -124,9 +124,7 @@ class TestFeedingContract:
 
 
 class TestLeaseClock:
-    """Leases follow the database's clock on PostgreSQL and the daemon's on SQLite: which clock
-    decides is each database's own (tests/contract/test_store_contract.py holds what every store
-    does with a lease)."""
+    """Whose clock a lease follows is each database's own: PostgreSQL's, or the one SQLite daemon's."""
 
     def test_a_fast_clock_does_not_take_a_live_lease(
         self, engine: sa.Engine, sql_store: store.SqlStore
@@ -153,7 +151,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
 
 
 class TestSchemaCheck:
-    """check_schema tells the operator to migrate when the table is missing."""
+    """check_schema says to migrate when the table is missing: only a database has a schema."""
 
     def test_empty_database_says_migrate(self, empty_url: str) -> None:
         s = store.SqlStore.from_url(empty_url)
@@ -169,7 +167,7 @@ class TestSchemaCheck:
 
 
 class TestPostgresNotify:
-    """On PostgreSQL an INSERT wakes the daemon through LISTEN/NOTIFY."""
+    """On PostgreSQL an INSERT wakes the daemon through LISTEN/NOTIFY (SQLite has none)."""
 
     def test_insert_sends_a_notification(self, pg_url: str) -> None:
         dsn = db.engine_url(pg_url).set(drivername="postgresql").render_as_string(False)
@@ -208,7 +206,7 @@ class TestPostgresNotify:
 
 
 class TestPostgresConcurrentClaims:
-    """Two replicas claiming at the same time never get the same row (SKIP LOCKED)."""
+    """Replicas claiming at once never share a row: PostgreSQL's SKIP LOCKED across connections."""
 
     ROWS = 200
     LIMIT = 50
@@ -277,7 +275,7 @@ class TestPostgresConcurrentClaims:
 
 
 class TestSqliteLock:
-    """One daemon per SQLite file."""
+    """One daemon per SQLite file: SQLite's own lock (PostgreSQL takes replicas)."""
 
     def test_second_acquire_is_refused_until_release(self, sqlite_url: str) -> None:
         first = db.SqliteLock(sqlite_url)
@@ -297,7 +295,7 @@ class TestSqliteLock:
 
 
 class TestPoisonedOutcomes:
-    """One outcome the database cannot store never holds up the rest of its batch."""
+    """A row the database cannot store never holds up its batch: each database refuses its own."""
 
     POISONS: ClassVar[dict[str, str]] = {
         "nul": "content\x00policy",
@@ -366,7 +364,7 @@ class TestPoisonedOutcomes:
 
 
 class TestHungDatabase:
-    """A server that stops answering without closing cannot hang a store call."""
+    """A PostgreSQL server that stops answering without closing cannot hang a store call."""
 
     @pytest.mark.postgres
     def test_a_silent_connection_is_cut_and_the_next_call_reconnects(self, pg_url: str) -> None:
