@@ -387,7 +387,7 @@ class Simulator:
             if removed
             else {
                 "prompt": "a cat walking on a beach",
-                "duration": 5,
+                "duration": task.duration,
                 "resolution": task.resolution,
             },
             "logs": "" if removed else "Generating video...",

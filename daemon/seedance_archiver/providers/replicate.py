@@ -19,6 +19,7 @@ Replicate                 ours
 ``created_at``            ``created``
 ``model``                 ``model`` (``bytedance/seedance-1-pro``)
 ``input.resolution``      ``resolution`` (what was asked for: ``480p``, ``720p``, ``1080p``)
+``input.duration``        ``actual_duration`` (the length asked for)
 ``completed_at`` + 1 h    the deadline (``expires_at``)
 ``data_removed: true``    gone: ``expired`` with :data:`REMOVED_REASON`, unless the archive holds it
 ========================  =======================================================================
@@ -28,9 +29,9 @@ Output links (``replicate.delivery``) need no key. A 429 says when to come back 
 scheme with the account's ``whsec_`` secret (``GET /v1/webhooks/default/secret``): they are checked
 with SEEDANCE_REPLICATE_WEBHOOK_SECRET at ``POST /callbacks/replicate``, and the poll they hasten is
 the truth. Only ``id``, ``status`` and a finished prediction's ``output`` must follow the contract;
-the rest is read leniently, and ``logs``, ``urls``, ``version``, ``metrics`` and every ``input`` but
-its ``resolution`` not at all. With the resolution the fewer-polls policy applies: no poll before
-the seed's shortest time for it, then the times learned per model.
+the rest is read leniently, and ``logs``, ``urls``, ``version``, ``metrics`` and every ``input``
+but its ``resolution`` and ``duration`` not at all. With the resolution the fewer-polls policy
+applies: no poll before the seed's shortest time for it, then the times learned per model.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def parse_answer(task_id: str, body: bytes) -> models.Answer:
     if status is None:
         raise fields.unknown_status(raw_status)
     read = fields.Lenient()
+    asked = read.object(payload, "input")
     removed = _removed(payload, read)
     video_url = gone = expires_at = None
     if status is models.Status.COMPLETED:
@@ -106,10 +108,11 @@ def parse_answer(task_id: str, body: bytes) -> models.Answer:
         created=read.time(payload, "created_at"),
         model=read.text(payload, "model", fields.MODEL_MAX_CHARS),
         video_url=video_url,
-        actual_duration=None,
+        # Replicate states no length of its own: the one asked for, which Seedance's videos have.
+        actual_duration=read.number(asked, "duration"),
         error=error,
         # What was asked for: the skip and the learned generation times go by it, as for Ark's.
-        resolution=read.text(read.object(payload, "input"), "resolution", RESOLUTION_MAX_CHARS),
+        resolution=read.text(asked, "resolution", RESOLUTION_MAX_CHARS),
         expires_at=expires_at,
         ignored=tuple(read.ignored),
         gone=gone,
