@@ -641,7 +641,7 @@ class Tasks:
 
     def daemons(self) -> list[DaemonBeat]:
         with self.db.begin() as conn:
-            rows = conn.execute(sa.select(hb).order_by(hb.c.last_tick_at.desc())).all()
+            rows = conn.execute(sa.select(hb).order_by(hb.c.last_tick_at.desc().nulls_last())).all()
         return [DaemonBeat(**row._mapping) for row in rows]
 
     # --- the operator's and feeder's side ---------------------------------------------------------
