@@ -71,6 +71,8 @@ REVOKE ALL ON TABLE archiver_heartbeats FROM seedance_feeder, seedance_archiver;
 REVOKE ALL ON TABLE alembic_version FROM seedance_feeder, seedance_archiver;
 REVOKE ALL ON TABLE webhook_outbox FROM seedance_feeder, seedance_archiver;
 REVOKE ALL ON SEQUENCE webhook_outbox_id_seq FROM seedance_feeder, seedance_archiver;
+REVOKE ALL ON TABLE task_history FROM seedance_feeder, seedance_archiver;
+REVOKE ALL ON SEQUENCE task_history_id_seq FROM seedance_feeder, seedance_archiver;
 
 -- The feeder: read every column, insert a task id and its mode; every other column is the daemon's.
 GRANT SELECT ON TABLE video_tasks TO seedance_feeder;
@@ -86,6 +88,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE webhook_outbox TO seedance_archive
 GRANT USAGE ON SEQUENCE webhook_outbox_id_seq TO seedance_archiver;
 -- Webhook URLs a 410 Gone paused: written on the 410 (INSERT), deleted by `webhooks resume`.
 GRANT SELECT, INSERT, DELETE ON TABLE webhook_endpoints TO seedance_archiver;
+-- Each row's moves: written by a trigger on each change the daemon makes (INSERT), deleted with
+-- the row (DELETE), read by the task page.
+GRANT SELECT, INSERT, DELETE ON TABLE task_history TO seedance_archiver;
+GRANT USAGE ON SEQUENCE task_history_id_seq TO seedance_archiver;
 
 -- No statement of the daemon's role runs away: the daemon sets its own statement_timeout on every
 -- connection (SEEDANCE_DATABASE_STATEMENT_TIMEOUT_SECONDS); this is the backstop for anything else

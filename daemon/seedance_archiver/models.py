@@ -521,6 +521,45 @@ class WebhookEndpoint(Base):
 webhook_endpoints: sa.Table = WebhookEndpoint.__table__  # type: ignore[assignment]
 
 
+class TaskHistory(Base):
+    """A row's moves: one line each time its state, the provider's status or its error changed,
+    written by a trigger in the transaction that changed it (migration 0009), and deleted with the
+    row. Its times, with the row's own, make a task's timeline (the page at ``/ui/tasks/<id>``)."""
+
+    __tablename__ = "task_history"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    task_id: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    at: orm.Mapped[dt.datetime] = orm.mapped_column(UTCDateTime)
+    state: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    provider_status: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+    polls: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
+
+    __table_args__ = (
+        sa.Index("ix_task_history_task", "task_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+
+task_history: sa.Table = TaskHistory.__table__  # type: ignore[assignment]
+# How much of an error a history line keeps (the row keeps the whole of the latest).
+HISTORY_ERROR_CHARS = 500
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Move:
+    """One ``task_history`` line: what the row became at ``at``."""
+
+    at: dt.datetime
+    state: str
+    provider_status: str | None
+    polls: int
+    attempts: int
+    error: str | None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class PausedEndpoint:
     """A snapshot of one ``webhook_endpoints`` row."""

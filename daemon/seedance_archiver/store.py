@@ -214,6 +214,10 @@ class OperatorStore(outbox.OutboxAdmin, Protocol):
 
     def get(self, task_id: str) -> models.Task | None: ...
 
+    def history(self, task_id: str) -> list[models.Move]:
+        """The row's moves, oldest first (``task_history``; empty for a row never changed)."""
+        ...
+
     def counts(self) -> dict[str, int]: ...
 
     def summary(self, now: dt.datetime, at_risk: models.AtRisk = ...) -> Summary: ...
@@ -723,6 +727,16 @@ class Tasks:
         with self.db.begin() as conn:
             row = conn.execute(sa.select(t).where(t.c.task_id == task_id)).first()
         return _task(row) if row is not None else None
+
+    def history(self, task_id: str) -> list[models.Move]:
+        h = models.task_history.c
+        stmt = (
+            sa.select(h.at, h.state, h.provider_status, h.polls, h.attempts, h.error)
+            .where(h.task_id == task_id)
+            .order_by(h.id)
+        )
+        with self.db.begin() as conn:
+            return [models.Move(*row) for row in conn.execute(stmt)]
 
     def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
         """Rows, newest first (as ``webhooks`` lists events), optionally of one state."""

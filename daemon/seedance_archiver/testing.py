@@ -67,6 +67,33 @@ def in_utc(value: dt.datetime) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
+class _Rows(dict[str, models.Task]):
+    """The fake's table, with the database's history triggers (migration 0009): a row whose state,
+    provider status or error changes gets a line in ``history``; a row deleted loses its lines."""
+
+    def __init__(self, tasks: Iterable[models.Task]) -> None:
+        super().__init__((t.task_id, t) for t in tasks)
+        self.history: dict[str, list[models.Move]] = {}
+
+    def __setitem__(self, task_id: str, task: models.Task) -> None:
+        old = self.get(task_id)
+        super().__setitem__(task_id, task)
+        if old is None or (old.state, old.provider_status, old.error) == (
+            task.state,
+            task.provider_status,
+            task.error,
+        ):
+            return
+        at = task.updated_at or EPOCH
+        error = task.error[: models.HISTORY_ERROR_CHARS] if task.error is not None else None
+        move = models.Move(at, task.state, task.provider_status, task.polls, task.attempts, error)
+        self.history.setdefault(task_id, []).append(move)
+
+    def __delitem__(self, task_id: str) -> None:
+        super().__delitem__(task_id)
+        self.history.pop(task_id, None)
+
+
 class FakeStore:
     """Every store Protocol (:class:`store.Store`: tasks, heartbeats, the outbox) on a dict: due
     rows, leases, claim order, heartbeats, events.
@@ -77,7 +104,7 @@ class FakeStore:
     def __init__(
         self, tasks: Iterable[models.Task] = (), clock: Callable[[], dt.datetime] = lambda: EPOCH
     ) -> None:
-        self.rows: dict[str, models.Task] = {t.task_id: t for t in tasks}
+        self.rows = _Rows(tasks)
         self.clock = clock
         self.saved: list[models.Task] = []
         self.released: list[str] = []
@@ -99,6 +126,9 @@ class FakeStore:
 
     def get(self, task_id: str) -> models.Task | None:
         return self.rows.get(task_id)
+
+    def history(self, task_id: str) -> list[models.Move]:
+        return list(self.rows.history.get(task_id, ()))
 
     def hasten(
         self,
