@@ -290,6 +290,9 @@ class VideoTask(Base):
             postgresql_where=sa.text(ACTIVE_SQL),
         ),
         sa.Index("ix_video_tasks_state", "state"),
+        # The task list's keyset pages, newest first, whole and by state (migration 0010).
+        sa.Index("ix_video_tasks_newest", "inserted_at", "task_id"),
+        sa.Index("ix_video_tasks_state_newest", "state", "inserted_at", "task_id"),
         # The learn job's recent completions (migration 0007).
         sa.Index(
             "ix_video_tasks_completed",

@@ -72,7 +72,9 @@ class OutboxAdmin(Protocol):
 
     def webhook_backlog(self) -> WebhookBacklog: ...
 
-    def webhooks(self, failed: bool = ..., limit: int | None = ...) -> list[models.OutboxEvent]: ...
+    def webhooks(
+        self, failed: bool = ..., limit: int | None = ..., *, task_id: str | None = ...
+    ) -> list[models.OutboxEvent]: ...
 
     def redeliver_webhook(self, event_id: int, now: dt.datetime) -> bool: ...
 
@@ -286,9 +288,14 @@ class Outbox:
             oldest_at = dt.datetime.fromisoformat(oldest).replace(tzinfo=dt.UTC)
         return WebhookBacklog(int(count), oldest_at, int(given_up), int(paused))
 
-    def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
-        """The outbox, newest first; with ``failed``, only the events given up on."""
+    def webhooks(
+        self, failed: bool = False, limit: int | None = None, *, task_id: str | None = None
+    ) -> list[models.OutboxEvent]:
+        """The outbox, newest first; with ``failed``, only the events given up on; with
+        ``task_id``, only that task's."""
         stmt = sa.select(ob).order_by(ob.c.id.desc())
+        if task_id is not None:
+            stmt = stmt.where(ob.c.task_id == task_id)
         if failed:
             stmt = stmt.where(
                 ob.c.state.in_([models.Delivery.FAILED.value, models.Delivery.DISABLED.value])

@@ -235,8 +235,26 @@ class OperatorStore(outbox.OutboxAdmin, Protocol):
 
     def close(self) -> None: ...
 
+    def at_risk_tasks(
+        self, now: dt.datetime, at_risk: models.AtRisk, limit: int
+    ) -> list[models.Task]:
+        """Rows not archived yet and at risk, the nearest deadline first."""
+        ...
+
     # Last: below it, ``list`` in an annotation would mean this method.
-    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]: ...
+    def list(
+        self,
+        state: str | None = None,
+        limit: int | None = None,
+        *,
+        mode: str | None = ...,
+        provider: str | None = ...,
+        before: tuple[dt.datetime, str] | None = ...,
+    ) -> list[models.Task]:
+        """Rows newest first (``inserted_at``, then ``task_id``), of one state, mode and provider
+        where given; with ``before``, those after that (inserted_at, task_id) in this order: a
+        keyset page, an index scan however large the table."""
+        ...
 
 
 class Store(
@@ -738,11 +756,47 @@ class Tasks:
         with self.db.begin() as conn:
             return [models.Move(*row) for row in conn.execute(stmt)]
 
-    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
-        """Rows, newest first (as ``webhooks`` lists events), optionally of one state."""
+    def _inserted_at(self, at: dt.datetime) -> sa.ColumnElement[Any]:
+        """``at`` as an ``inserted_at`` is stored, to compare with one. On SQLite the column is text,
+        and its default (CURRENT_TIMESTAMP) writes whole seconds without a fraction, where a bound
+        datetime gets six digits: "12:00:01" < "12:00:01.000000", so the same instant would compare
+        smaller. A whole second is bound as the default writes it."""
+        if self.db.dialect != "sqlite":
+            return sa.bindparam("b_at", at, type_=t.c.inserted_at.type)
+        naive = at.astimezone(dt.UTC).replace(tzinfo=None)
+        return sa.literal(naive.isoformat(" ", "microseconds" if naive.microsecond else "seconds"))
+
+    def at_risk_tasks(
+        self, now: dt.datetime, at_risk: models.AtRisk, limit: int
+    ) -> list[models.Task]:
+        active = [s.value for s in models.ACTIVE_STATES]
+        stmt = (
+            sa.select(t)
+            .where(t.c.state.in_(active), at_risk.where(t.c.provider, t.c.expires_at, now))
+            .order_by(t.c.expires_at)
+            .limit(limit)
+        )
+        with self.db.begin() as conn:
+            return [_task(row) for row in conn.execute(stmt)]
+
+    def list(
+        self,
+        state: str | None = None,
+        limit: int | None = None,
+        *,
+        mode: str | None = None,
+        provider: str | None = None,
+        before: tuple[dt.datetime, str] | None = None,
+    ) -> list[models.Task]:
         stmt = sa.select(t).order_by(t.c.inserted_at.desc(), t.c.task_id.desc())
-        if state is not None:
-            stmt = stmt.where(t.c.state == state)
+        for column, wanted in ((t.c.state, state), (t.c.mode, mode), (t.c.provider, provider)):
+            if wanted is not None:
+                stmt = stmt.where(column == wanted)
+        if before is not None:
+            stmt = stmt.where(
+                sa.tuple_(t.c.inserted_at, t.c.task_id)
+                < sa.tuple_(self._inserted_at(before[0]), sa.literal(before[1], sa.Text))
+            )
         if limit is not None:
             stmt = stmt.limit(limit)
         with self.db.begin() as conn:

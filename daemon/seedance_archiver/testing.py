@@ -429,12 +429,14 @@ class FakeStore:
     def paused_webhook_endpoints(self) -> list[models.PausedEndpoint]:
         return sorted(self.paused.values(), key=lambda p: (p.paused_at, p.url))
 
-    def webhooks(self, failed: bool = False, limit: int | None = None) -> list[models.OutboxEvent]:
+    def webhooks(
+        self, failed: bool = False, limit: int | None = None, *, task_id: str | None = None
+    ) -> list[models.OutboxEvent]:
         gave_up = (models.Delivery.FAILED, models.Delivery.DISABLED)
         events = [
             e
             for _, e in sorted(self.outbox.items(), reverse=True)
-            if not failed or e.state in gave_up
+            if (not failed or e.state in gave_up) and task_id in (None, e.task_id)
         ]
         return events if limit is None else events[:limit]
 
@@ -538,12 +540,33 @@ class FakeStore:
                 kept.append((t.completed_at - t.provider_created_at).total_seconds())
         return {m: v for m, v in times.items() if v}
 
+    def at_risk_tasks(
+        self, now: dt.datetime, at_risk: models.AtRisk, limit: int
+    ) -> list[models.Task]:
+        risky = [t for t in self.rows.values() if not t.is_terminal and at_risk.test(t, now)]
+        return sorted(risky, key=lambda t: t.expires_at or EPOCH)[:limit]
+
     # Last: below it, ``list`` in an annotation would mean this method.
-    def list(self, state: str | None = None, limit: int | None = None) -> list[models.Task]:
-        rows = sorted(
-            self.rows.values(), key=lambda t: (t.inserted_at or EPOCH, t.task_id), reverse=True
-        )
-        rows = [t for t in rows if state is None or t.state == state]
+    def list(
+        self,
+        state: str | None = None,
+        limit: int | None = None,
+        *,
+        mode: str | None = None,
+        provider: str | None = None,
+        before: tuple[dt.datetime, str] | None = None,
+    ) -> list[models.Task]:
+        def order(task: models.Task) -> tuple[dt.datetime, str]:
+            return (task.inserted_at or EPOCH, task.task_id)
+
+        rows = [
+            t
+            for t in sorted(self.rows.values(), key=order, reverse=True)
+            if state in (None, t.state)
+            and mode in (None, t.mode)
+            and provider in (None, t.provider)
+            and (before is None or order(t) < (in_utc(before[0]), before[1]))
+        ]
         return rows if limit is None else rows[:limit]
 
     def release(self, owner: str, task_ids: Iterable[str]) -> int:
