@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import itertools
 import pathlib
 import sqlite3
 import time
@@ -34,14 +35,16 @@ from seedance_archiver import (
     store,
     testing,
 )
-from seedance_archiver.archive import s3
+from seedance_archiver.archive import folder, s3
 
 from tests.conftest import SIM_KEY
 from tests.integration.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
+SMALL = 64 * 1024  # a video small enough to archive in one go
 FOREVER = 10_000  # a fault repeated until the test clears it
 S3_PREFIX = "videos"  # where the in-process daemon archives in S3
+STALL_SECONDS = 120.0  # a proxy stall outlasting every test step; the test resumes it earlier
 
 
 # --- waiting, and the scheduler as a task ---------------------------------------------------------
@@ -326,11 +329,45 @@ def assert_archived_intact(running: Running, task_id: str, size: int) -> None:
     assert row.archive_uri == path.resolve().as_uri()
 
 
+async def http_get(port: int, path: str) -> tuple[int, Any]:
+    """The daemon's answer on its HTTP port: status code and JSON body."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"http://127.0.0.1:{port}{path}")
+    return response.status_code, response.json()
+
+
 async def readyz(port: int) -> tuple[int, Any]:
     """The daemon's /readyz answer: status code and JSON body."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(f"http://127.0.0.1:{port}/readyz")
-    return response.status_code, response.json()
+    return await http_get(port, "/readyz")
+
+
+def no_crashes(running: Running) -> None:
+    """Nothing reached the catch-alls: every fault was handled where it happened."""
+    assert running.events("task_work_crashed") == []
+    assert running.events("tick_crashed") == []
+    assert running.events("job_crashed") == []
+
+
+def feed(url: str, *rows: dict[str, Any]) -> None:
+    """Insert whole rows in one transaction, as a feeding application may (state, deadline...)."""
+    feeder = store.SqlStore.from_url(url)
+    try:
+        with feeder.engine.begin() as conn:
+            for row in rows:
+                conn.execute(sa.insert(models.video_tasks).values(**row))
+    finally:
+        feeder.close()
+
+
+def gaps(times: list[float]) -> list[float]:
+    """The time between each two consecutive instants."""
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def leftovers(archive_dir: pathlib.Path) -> list[str]:
+    """What a broken or refused download left in the archive folder's incoming area."""
+    incoming = archive_dir / folder.INCOMING_DIR
+    return sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
 
 
 def s3_key(task_id: str) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import pathlib
 import re
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ from seedance_archiver import config, metrics, models, simulator, store, utils
 
 from tests.acceptance.conftest import CLI, base_env
 from tests.conftest import SIM_KEY, free_port
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import Launcher, http_get, running_daemon, wait_until
 
 
 def _settings(
@@ -52,6 +54,40 @@ def _metric(text: str, name: str, **labels: str) -> float:
             if found == wanted:
                 return float(match.group(3))
     return 0.0
+
+
+class NotifySocket:
+    """$NOTIFY_SOCKET as systemd offers it: what the daemon sends there, in order."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.received: list[str] = []
+
+    def drain(self) -> list[str]:
+        """The messages that arrived since the last drain (``received`` keeps them all)."""
+        new = []
+        while True:
+            try:
+                new.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                self.received += new
+                return new
+
+
+@pytest.fixture
+def notify(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
+    """A notify socket the daemon started in this test reports to, with a 1 s watchdog."""
+    path = tmp_path / "notify.sock"
+    sock = NotifySocket(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # pings every 0.5 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    try:
+        yield sock
+    finally:
+        sock.sock.close()
 
 
 class TestEndpoints:
@@ -252,29 +288,14 @@ class TestSystemdNotify:
         sqlite_url: str,
         sim: simulator.SimulatorThread,
         tmp_path: pathlib.Path,
-        monkeypatch: pytest.MonkeyPatch,
+        notify: NotifySocket,
     ) -> None:
-        path = tmp_path / "notify.sock"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(path))
-        sock.setblocking(False)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-        monkeypatch.setenv("WATCHDOG_USEC", "1000000")
-        received: list[str] = []
-
-        def drain() -> list[str]:
-            while True:
-                try:
-                    received.append(sock.recv(4096).decode())
-                except BlockingIOError:
-                    return received
-
         settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0)
         async with running_daemon(settings):
-            await wait_until(lambda: any("READY=1" in m for m in drain()), 10, "READY=1")
-            await wait_until(lambda: "WATCHDOG=1" in drain(), 10, "a watchdog ping")
-        drain()
-        sock.close()
+            await wait_until(lambda: any("READY=1" in m for m in notify.drain()), 10, "READY=1")
+            await wait_until(lambda: "WATCHDOG=1" in notify.drain(), 10, "a watchdog ping")
+        notify.drain()
+        received = notify.received
         ready = next(i for i, m in enumerate(received) if "READY=1" in m)
         assert received.index("WATCHDOG=1") > ready
         assert received[-1] == "STOPPING=1"
@@ -300,3 +321,44 @@ class TestPruneJob:
             await wait_until(lambda: sql.get("done_long_ago") is None, 10, "the prune job")
             assert sql.get("still_active") is not None
         sql.close()
+
+
+class TestHealth:
+    """Crashing ticks turn /healthz 503 and starve the systemd watchdog; recovery restores both."""
+
+    async def test_crashed_ticks_are_unhealthy(
+        self,
+        launch: Launcher,
+        notify: NotifySocket,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        port = free_port()
+        async with launch(http_port=port) as d:
+            await d.until(lambda: "WATCHDOG=1" in notify.drain(), "a watchdog ping")
+            assert (await http_get(port, "/healthz"))[0] == 200
+
+            real_claim = d.svc.store.claim_due
+            broken = [True]
+
+            def buggy_claim(*args: Any, **kwargs: Any) -> Any:
+                if broken[0]:
+                    raise RuntimeError("a bug in the claim")
+                return real_claim(*args, **kwargs)
+
+            monkeypatch.setattr(d.svc.store, "claim_due", buggy_claim)
+            await d.until(lambda: not d.svc.healthy, "ticks to crash")
+            status, body = await http_get(port, "/healthz")
+            assert status == 503 and body["tick_failures_in_a_row"] >= 3, body
+            notify.drain()
+            crashed = d.svc.tick_failures
+            # Many more crashed ticks, spanning several watchdog intervals: no ping at all.
+            await d.until(lambda: d.svc.tick_failures >= crashed + 30, "more crashes")
+            assert "WATCHDOG=1" not in notify.drain()
+            failures = d.svc.metrics.registry.get_sample_value("seedance_tick_failures_total")
+            assert failures is not None and failures >= crashed + 30
+
+            broken[0] = False  # the bug is fixed
+            await d.until(lambda: d.svc.healthy, "ticks to complete again")
+            assert (await http_get(port, "/healthz"))[0] == 200
+            await d.until(lambda: "WATCHDOG=1" in notify.drain(), "the watchdog to be fed again")
+        assert d.events("tick_crashed")

@@ -254,13 +254,13 @@ def test_the_test_import_check_finds_each_form() -> None:
     source = (
         "from tests.integration.test_daemon import wait_until\n"
         "import tests.acceptance.test_end_to_end\n"
-        "from tests.integration import test_faults\n"
+        "from tests.integration import test_leases\n"
         "def f():\n    from .test_archive import video\n"
         "from tests.helpers import wait_until\nfrom tests.integration import faultproxy\n"
     )
     assert _test_module_imports(source) == [
         "tests.integration.test_daemon",
         "tests.acceptance.test_end_to_end",
-        "tests.integration.test_faults",
+        "tests.integration.test_leases",
         ".test_archive",
     ]
