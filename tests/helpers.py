@@ -10,13 +10,14 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import inspect
 import itertools
 import pathlib
 import sqlite3
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -50,10 +51,18 @@ STALL_SECONDS = 120.0  # a proxy stall outlasting every test step; the test resu
 # --- waiting, and the scheduler as a task ---------------------------------------------------------
 
 
-async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    """Yield to the loop until ``condition`` holds; fail after ``seconds``."""
+async def wait_until(
+    condition: Callable[[], object] | Callable[[], Awaitable[object]], seconds: float, what: str
+) -> None:
+    """Yield to the loop until ``condition`` (a function or a coroutine function) returns something
+    truthy; fail after ``seconds``."""
     deadline = time.monotonic() + seconds
-    while not condition():
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds}s waiting for {what}")
         await asyncio.sleep(0.05)
@@ -198,8 +207,13 @@ class Running:
     def all_polls(self) -> list[float]:
         return sorted(x for times in list(self.sim.stats.poll_times.values()) for x in times)
 
-    async def until(self, condition: Callable[[], object], what: str, seconds: float = 20) -> None:
-        await wait_until(lambda: bool(condition()), seconds, what)
+    async def until(
+        self,
+        condition: Callable[[], object] | Callable[[], Awaitable[object]],
+        what: str,
+        seconds: float = 20,
+    ) -> None:
+        await wait_until(condition, seconds, what)
 
     async def until_state(self, task_id: str, state: str, seconds: float = 20) -> models.Task:
         def reached() -> bool:

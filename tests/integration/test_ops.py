@@ -142,34 +142,6 @@ class TestEndpoints:
         assert _metric(after, "seedance_last_tick_timestamp_seconds") > 0
         assert "task_id" not in after
 
-    async def test_readyz_is_503_while_the_key_is_rejected(
-        self, sqlite_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
-    ) -> None:
-        port = free_port()
-        sim.simulator.add_task("video_locked", ready_seconds=3600)
-        feeder = store.SqlStore.from_url(sqlite_url)
-        feeder.add("video_locked")
-        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", port, api_key="wrong-key")
-        async with running_daemon(settings), httpx.AsyncClient() as client:
-            await wait_until(lambda: sim.simulator.stats.unauthorized >= 1, 10, "a rejected poll")
-
-            async def status() -> int:
-                return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code
-
-            deadline = asyncio.get_running_loop().time() + 10
-            while await status() != 503:
-                assert asyncio.get_running_loop().time() < deadline, "readyz never turned 503"
-                await asyncio.sleep(0.05)
-            body = (await client.get(f"http://127.0.0.1:{port}/readyz")).json()
-            assert body["checks"]["api_key"] == "rejected by the provider"
-            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-            assert _metric(text, "seedance_api_key_rejected") == 1
-            # The process itself is alive: health stays green, and no task changed state.
-            assert (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
-        task = feeder.get("video_locked")
-        feeder.close()
-        assert task is not None and task.state == "pending" and task.attempts == 0
-
     @pytest.mark.usefixtures("s3_endpoint")
     async def test_readyz_is_503_when_the_storage_is_unreachable(
         self, sqlite_url: str, sim: simulator.SimulatorThread

@@ -28,8 +28,6 @@ from tests.helpers import (
     no_crashes,
 )
 
-# A due row waits for the next tick, and a busy two-core machine adds a little more.
-LATE = 0.35
 # A request already on its way when the daemon learns something (a 429) may still arrive this late.
 IN_FLIGHT = 0.15
 
@@ -89,10 +87,9 @@ class TestProviderUnavailable:
             assert wait >= floor - 0.01, wait
             await d.until_state(tid, "archived")
             assert d.svc.stats.poll_errors == self.FAILURES
-        # The wait after the last failure is longer than the mode's cadence: the backoff grew.
-        assert floor > CADENCE_HIGH + LATE
-        if not dropped:  # with drops the simulator also sees the client's one resend
-            assert gaps(d.polls(tid))[self.FAILURES] >= floor - 0.05
+        # The wait the daemon set after the last failure is longer than the mode's cadence: the
+        # backoff grew (how it doubles is proven on a moved clock, in tests/unit/test_service.py).
+        assert floor > CADENCE_HIGH
         assert_archived_intact(d, tid, SMALL)
         assert d.row(tid).attempts == 0
 

@@ -600,6 +600,10 @@ class TestDownloadRoom:
         await rig.svc.stop(0)
 
 
+def key_rejected_gauge(rig: Rig) -> float | None:
+    return rig.svc.metrics.registry.get_sample_value("seedance_api_key_rejected")
+
+
 class TestProviderTrouble:
     """Rate limits, a rejected key, outages and crashes never lose a task."""
 
@@ -632,6 +636,8 @@ class TestProviderTrouble:
         assert rig.row().attempts == 1
 
     async def test_rejected_key_releases_rows_and_blocks_polling(self, rig: Rig) -> None:
+        """Polling pauses to one key check per AUTH_PROBE_SECONDS, each said loudly; no row is
+        touched or given up; a key that works again resumes polling."""
         other = "video_other000001"
         rig.store.add(TASK_ID)
         rig.store.add(other)
@@ -639,9 +645,14 @@ class TestProviderTrouble:
         rig.provider.script(other, errors.AuthRejected("HTTP 401"), answer(other, "processing"))
         rig.provider.key_ok = False
         before = {tid: rig.row(tid) for tid in (TASK_ID, other)}
-        await rig.cycle()
+        with structlog.testing.capture_logs() as logs:
+            await rig.cycle()
 
         assert rig.svc.keygate.blocked
+        assert key_rejected_gauge(rig) == 1
+        [rejected] = [e for e in logs if e["event"] == "api_key_rejected"]
+        assert rejected["log_level"] == "error"
+        assert "SEEDANCE_API_KEY" in rejected["action"]
         assert rig.provider.key_checks == 1  # both 401s shared one check of the key
         assert len(rig.provider.fetches) == 2
         assert sorted(rig.store.released) == sorted([TASK_ID, other])
@@ -660,9 +671,12 @@ class TestProviderTrouble:
 
         rig.provider.key_ok = True
         rig.clock.advance(1)
-        assert await rig.svc.keygate.check_if_due() is True  # the probe: no task needed
+        with structlog.testing.capture_logs() as logs:
+            assert await rig.svc.keygate.check_if_due() is True  # the probe: no task needed
         assert rig.provider.key_checks == 2
         assert not rig.svc.keygate.blocked
+        assert key_rejected_gauge(rig) == 0
+        assert [e["event"] for e in logs] == ["api_key_accepted_again"]
 
         await rig.cycle()
         assert len(rig.provider.fetches) == 4
@@ -681,8 +695,10 @@ class TestProviderTrouble:
 
         await rig.cycle()
         assert rig.row().state == "archived"
+        assert rig.svc.keygate.blocked
         assert rig.provider.fetches == []
-        assert rig.row(waiting).state == "pending" and rig.row(waiting).lease_owner is None
+        waits = rig.row(waiting)
+        assert (waits.state, waits.attempts, waits.lease_owner) == ("pending", 0, None)
 
     async def test_a_403_for_one_task_only_rejects_that_task(self, rig: Rig) -> None:
         """The key check says the key is fine: the refusal is the task's own."""
@@ -691,16 +707,19 @@ class TestProviderTrouble:
         rig.store.add(other)
         rig.provider.script(TASK_ID, errors.AuthRejected("HTTP 403", status_code=403))
         rig.provider.script(other, answer(other, "processing"))
-        await rig.cycle()
+        with structlog.testing.capture_logs() as logs:
+            await rig.cycle()
+            assert not rig.svc.keygate.blocked
+            assert rig.row().state == "polling" and rig.row().attempts == 1
+            assert rig.row(other).state == "polling"
+            for _ in range(policy.FORBIDDEN_POLLS - 1):
+                await rig.at(3600)
         assert not rig.svc.keygate.blocked
-        assert rig.row().state == "polling" and rig.row().attempts == 1
-        assert rig.row(other).state == "polling"
-        for _ in range(policy.FORBIDDEN_POLLS - 1):
-            await rig.at(3600)
-        assert not rig.svc.keygate.blocked
+        assert [e for e in logs if e["event"] == "api_key_rejected"] == []
         row = rig.row()
         assert row.state == "rejected"
         assert row.error is not None and "refuses this task" in row.error
+        assert "HTTP 403" in row.error
         assert f"on {policy.FORBIDDEN_POLLS} polls in a row" in row.error
         assert rig.row(other).state == "polling"
 
@@ -741,9 +760,12 @@ class TestProviderTrouble:
         rig.provider.key_ok = False
         await rig.cycle()
         rig.clock.advance(rig.svc.keygate.AUTH_PROBE_SECONDS)
-        assert await rig.svc.keygate.check_if_due() is False
+        with structlog.testing.capture_logs() as logs:
+            assert await rig.svc.keygate.check_if_due() is False
         assert rig.provider.key_checks == 2
         assert rig.svc.keygate.blocked
+        # Each failed check is said again, as loudly as the first.
+        assert [(e["event"], e["log_level"]) for e in logs] == [("api_key_rejected", "error")]
         await rig.at(rig.svc.keygate.AUTH_PROBE_SECONDS - 1)
         assert await rig.svc.keygate.check_if_due() is None
         assert len(rig.provider.fetches) == 1 and rig.provider.key_checks == 2
@@ -1159,29 +1181,40 @@ class TestDownloadDeadline:
     """A download ends by SEEDANCE_MAX_DOWNLOAD_SECONDS (never by the row's deadline), and is
     retried."""
 
-    async def test_a_trickling_download_is_cut_and_retried(self) -> None:
+    async def test_a_trickling_download_is_cut_then_retried_and_archived(self) -> None:
         slow = SlowVideoProvider()
         rig = make_rig(fake_provider=slow)
         # A real (short) timer: the one thing not faked here.
         rig.svc.worker.max_download_seconds = 0.05
         rig.store.add(TASK_ID)
         rig.store.rows[TASK_ID] = rig.row().replace(state="downloading", video_url=URL)
-        await rig.svc.tick()
-        for _ in range(500):
-            if not rig.svc.in_flight:
-                break
-            await asyncio.sleep(0.01)
-        await rig.svc.flush()
-        row = rig.row()
-        assert row.state == "downloading" and row.attempts == 1
-        assert row.error is not None and "did not finish within" in row.error
-        assert TASK_ID not in rig.archive.objects
-        assert (
-            rig.svc.metrics.registry.get_sample_value(
-                "seedance_download_failures_total", {"reason": "download"}
+        with structlog.testing.capture_logs() as logs:
+            await rig.svc.tick()
+            for _ in range(500):
+                if not rig.svc.in_flight:
+                    break
+                await asyncio.sleep(0.01)
+            await rig.svc.flush()
+            row = rig.row()
+            assert row.state == "downloading" and row.attempts == 1
+            assert row.error is not None and "did not finish within" in row.error
+            assert TASK_ID not in rig.archive.objects
+            assert (
+                rig.svc.metrics.registry.get_sample_value(
+                    "seedance_download_failures_total", {"reason": "download"}
+                )
+                == 1
             )
-            == 1
-        )
+
+            # The host delivers at full speed again: the retry archives the whole video.
+            slow.release.set()
+            assert row.next_attempt_at is not None
+            await rig.at((row.next_attempt_at - rig.clock.now).total_seconds())
+        assert rig.row().state == "archived"
+        assert rig.archive.objects[TASK_ID] == VIDEO
+        assert slow.downloads == [URL, URL]  # cut once, fetched again, nothing more
+        failed = [e for e in logs if e["event"] == "video_download_failed"]
+        assert len(failed) == 1 and "did not finish within" in failed[0]["error"]
 
 
 class TestProviderStamp:
