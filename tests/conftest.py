@@ -1,4 +1,5 @@
 """Shared fixtures: real PostgreSQL and SQLite databases, moto's S3 server over HTTP, the simulator.
+(Shared functions and constants are not fixtures: they live in tests/helpers.py.)
 
 PostgreSQL: one migrated template database per session, cloned for every test (fast, isolated) and
 dropped after it. Where PostgreSQL is unreachable, its tests skip with a message naming what is missing;
@@ -7,15 +8,10 @@ with CI=true they fail instead, because CI must run them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pathlib
-import random
-import socket
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -23,8 +19,7 @@ import pytest
 import structlog
 from seedance_archiver import logs, schema, simulator, store, testing, utils
 
-PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from tests.helpers import IN_CI, PG_ADMIN_DSN, free_port, serving
 
 
 @pytest.fixture(autouse=True)
@@ -47,58 +42,6 @@ def _logging_per_test(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     structlog.reset_defaults()
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-# Below Linux's ephemeral range (32768-60999 by default): no port the kernel hands out, for a
-# client connection or a bind to port 0, ever lands here, so a port found free stays free until
-# the process it is meant for binds it, seconds later.
-FIXED_PORTS = range(20_000, 32_000)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now, outside the ephemeral range (FIXED_PORTS)."""
-    return free_ports(1)
-
-
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive loopback ports nothing listens on right now: for
-    ``run --processes N``, whose process ``i`` serves ``SEEDANCE_HTTP_PORT + i``. Picked outside
-    the ephemeral range: another test's connections cannot take one before that process starts."""
-    chooser = random.Random()
-    for _ in range(100):
-        first = chooser.randrange(FIXED_PORTS.start, FIXED_PORTS.stop - count)
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(first, first + count):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except (OSError, OverflowError):
-                continue  # one of them is taken, or past 65535: try elsewhere
-        return first
-    raise RuntimeError(f"no {count} consecutive free loopback ports")
-
-
-def need_tool(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
-    """The tool's path, or skip naming it (fail under CI=true, where every check must run)."""
-    if tool is not None and os.access(tool, os.X_OK):
-        return str(tool)
-    message = f"{name} is not installed ({hint})"
-    if IN_CI:
-        pytest.fail(f"{message}; CI=true: the deployment checks must run")
-    pytest.skip(message)
-
-
-def wait_for(
-    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""
-) -> object:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -254,20 +197,6 @@ def s3_bucket(s3_client: object) -> str:
 
 
 # --- the provider simulator, over real HTTP on loopback ----------------------------------------
-
-SIM_KEY = "sim-test-key"
-
-
-@contextlib.contextmanager
-def serving(dialect: str = "reseller") -> Iterator[simulator.SimulatorThread]:
-    """A fresh simulator of ``dialect`` serving on 127.0.0.1, stopped after."""
-    server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY, dialect=dialect))
-    server.start()
-    try:
-        yield server
-    finally:
-        with contextlib.suppress(Exception):
-            server.stop()
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
-"""What more than one test module needs: the daemon in-process, feeders, videos, waits.
+"""What more than one test module needs: ports, waits, settings, the daemon in-process and as a
+command, feeders, videos.
 
-Test modules import from here (or get fixtures from a conftest.py), never from each other.
+Test modules import shared pieces from here and get fixtures from a conftest.py; they never import a
+conftest.py, nor each other (tests/unit/test_style.py checks both).
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ import datetime as dt
 import hashlib
 import inspect
 import itertools
+import os
 import pathlib
+import random
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import psycopg
@@ -38,8 +46,12 @@ from seedance_archiver import (
 )
 from seedance_archiver.archive import folder, s3
 
-from tests.conftest import SIM_KEY
-from tests.integration.faultproxy import FaultProxy
+if TYPE_CHECKING:
+    from tests.integration.faultproxy import FaultProxy
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+SIM_KEY = "sim-test-key"  # the API key every test's simulator accepts
 
 MIB = 1024 * 1024
 SMALL = 64 * 1024  # a video small enough to archive in one go
@@ -48,7 +60,62 @@ S3_PREFIX = "videos"  # where the in-process daemon archives in S3
 STALL_SECONDS = 120.0  # a proxy stall outlasting every test step; the test resumes it earlier
 
 
+# --- ports and tools ------------------------------------------------------------------------------
+
+# Below Linux's ephemeral range (32768-60999 by default): no port the kernel hands out, for a
+# client connection or a bind to port 0, ever lands here, so a port found free stays free until
+# the process it is meant for binds it, seconds later.
+FIXED_PORTS = range(20_000, 32_000)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, outside the ephemeral range (FIXED_PORTS)."""
+    return free_ports(1)
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports nothing listens on right now: for
+    ``run --processes N``, whose process ``i`` serves ``SEEDANCE_HTTP_PORT + i``. Picked outside
+    the ephemeral range: another test's connections cannot take one before that process starts."""
+    chooser = random.Random()
+    for _ in range(100):
+        first = chooser.randrange(FIXED_PORTS.start, FIXED_PORTS.stop - count)
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except (OSError, OverflowError):
+                continue  # one of them is taken, or past 65535: try elsewhere
+        return first
+    raise RuntimeError(f"no {count} consecutive free loopback ports")
+
+
+def need_tool(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
+    """The tool's path, or skip naming it (fail under CI=true, where every check must run)."""
+    if tool is not None and os.access(tool, os.X_OK):
+        return str(tool)
+    message = f"{name} is not installed ({hint})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI=true: the deployment checks must run")
+    pytest.skip(message)
+
+
 # --- waiting, and the scheduler as a task ---------------------------------------------------------
+
+
+def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> object:
+    """Poll ``condition`` until it returns something truthy, and return that; fail after
+    ``timeout`` seconds. (In a coroutine, :func:`wait_until` yields to the loop instead.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
 
 
 async def wait_until(
@@ -68,19 +135,64 @@ async def wait_until(
         await asyncio.sleep(0.05)
 
 
+def daemon_values(
+    sim_url: str, database_url: str, archive_url: str, **overrides: Any
+) -> dict[str, Any]:
+    """The settings of a daemon aimed at the simulator, polling fast so tests end quickly
+    (``overrides`` win). In-process as :func:`daemon_settings`, as a command as :func:`base_env`."""
+    values: dict[str, Any] = {
+        "api_key": SIM_KEY,
+        "api_base_url": sim_url,
+        "database_url": database_url,
+        "archive_url": archive_url,
+        "poll_draft": "0.3-0.6",
+        "poll_standard": "0.5-1",
+        "poll_flex": "0.8-1.5",
+        "allowed_video_url_schemes": "http",
+        "allow_private_video_hosts": True,
+        "http_port": 0,
+        "max_requests_per_second": 200,
+        "shutdown_grace_seconds": 5,
+        # The simulator's tasks take seconds, not the seed's minutes: no skip unless a test sets one.
+        **config.SKIP_OFF,
+    }
+    values.update(overrides)
+    return values
+
+
+def daemon_settings(
+    sim_url: str, database_url: str, archive_url: str, **overrides: Any
+) -> config.Settings:
+    """:func:`daemon_values` as the daemon reads them."""
+    return config.load(**daemon_values(sim_url, database_url, archive_url, **overrides))
+
+
 @contextlib.asynccontextmanager
 async def running_daemon(
     settings: config.Settings, tick_seconds: float = scheduler.TICK_SECONDS
-) -> AsyncIterator[None]:
+) -> AsyncIterator[asyncio.Task[int]]:
+    """``scheduler.run`` in this event loop until the block ends; it must then stop cleanly."""
     stop = asyncio.Event()
     task = asyncio.create_task(
         scheduler.run(settings, stop=stop, handle_signals=False, tick_seconds=tick_seconds)
     )
     try:
-        yield
+        yield task
     finally:
         stop.set()
         assert await asyncio.wait_for(task, timeout=30) == 0
+
+
+@contextlib.contextmanager
+def serving(dialect: str = "reseller") -> Iterator[simulator.SimulatorThread]:
+    """A fresh simulator of ``dialect`` serving on 127.0.0.1, stopped after."""
+    server = simulator.SimulatorThread(simulator.Simulator(api_key=SIM_KEY, dialect=dialect))
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 # --- the service on in-memory fakes, with a moved clock --------------------------------------------
@@ -263,23 +375,17 @@ class Launcher:
         (5 s in the daemon) and, when given, the limiter's recovery time after a 429 (60 s).
         """
         values: dict[str, Any] = {
-            "api_base_url": self.sim.url,
-            "api_key": SIM_KEY,
-            "database_url": self.db_url,
-            "archive_url": f"file://{self.archive_dir}",
-            "allowed_video_url_schemes": "http",
-            "allow_private_video_hosts": True,
-            "http_port": 0,
             "poll_draft": CADENCE,
             "poll_standard": CADENCE,
             "poll_flex": CADENCE,
             "max_requests_per_second": 50,
             "request_timeout_seconds": 5,
             "shutdown_grace_seconds": 2,
-            **config.SKIP_OFF,
+            **overrides,
         }
-        values.update(overrides)
-        settings = config.load(**values)
+        settings = daemon_settings(
+            self.sim.url, self.db_url, f"file://{self.archive_dir}", **values
+        )
         built: list[service.Service] = []
         build = scheduler.build_service
 
@@ -303,26 +409,19 @@ class Launcher:
 
         self.monkeypatch.setattr(scheduler, "build_service", capture)
         rows = store.SqlStore.from_url(self.rows_url)
-        stop = asyncio.Event()
-        with structlog.testing.capture_logs() as logs:
-            task = asyncio.create_task(
-                scheduler.run(settings, stop=stop, handle_signals=False, tick_seconds=TICK_SECONDS)
-            )
-            try:
-                await wait_until(
-                    lambda: task.done() or (built and built[0].stats.ticks >= 1),
-                    20,
-                    "the daemon to start",
-                )
-                if task.done():
-                    task.result()  # raises what stopped it
-                yield Running(built[0], rows, self.sim.simulator, logs, self.archive_dir, task)
-            finally:
-                stop.set()
-                try:
-                    assert await asyncio.wait_for(task, timeout=30) == 0
-                finally:
-                    rows.close()
+        try:
+            with structlog.testing.capture_logs() as logs:
+                async with running_daemon(settings, tick_seconds=TICK_SECONDS) as task:
+                    await wait_until(
+                        lambda: task.done() or bool(built and built[0].stats.ticks >= 1),
+                        20,
+                        "the daemon to start",
+                    )
+                    if task.done():
+                        task.result()  # raises what stopped it
+                    yield Running(built[0], rows, self.sim.simulator, logs, self.archive_dir, task)
+        finally:
+            rows.close()
 
 
 def insert(rows: store.SqlStore, task_id: str, **columns: Any) -> None:
@@ -497,3 +596,66 @@ OPTIONAL_CALLS = (
     s3.HEAD_BUCKET,
     s3.CHECKSUM,
 )
+
+
+# --- the installed command, run as a user would run it -------------------------------------------
+
+CLI = pathlib.Path(sys.executable).parent / "seedance-archiver"
+
+
+def _env_text(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def base_env(sim_url: str, database_url: str, archive_url: str) -> dict[str, str]:
+    """The environment of a daemon aimed at the simulator (:func:`daemon_values`), logging JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
+    values = daemon_values(sim_url, database_url, archive_url, log_format="json")
+    env.update({config.ENV_PREFIX + k.upper(): _env_text(v) for k, v in values.items()})
+    return env
+
+
+def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one command of the installed CLI to completion."""
+    result = subprocess.run(
+        [str(CLI), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} exited {result.returncode}: {result.stderr[-2000:]}")
+    return result
+
+
+@dataclasses.dataclass
+class Daemon:
+    """A long-running subprocess (``seedance-archiver run`` unless told otherwise) whose output goes
+    to a file."""
+
+    process: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+
+    @classmethod
+    def start(
+        cls,
+        env: dict[str, str] | None,
+        log_path: pathlib.Path,
+        argv: Iterable[str] = (str(CLI), "run"),
+        **popen: Any,
+    ) -> Daemon:
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                list(argv), env=env, stdout=log_file, stderr=subprocess.STDOUT, **popen
+            )
+        return cls(process, log_path)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

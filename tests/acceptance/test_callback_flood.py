@@ -20,8 +20,7 @@ import aiohttp
 import psycopg
 import pytest
 
-from tests.acceptance.conftest import Daemon, base_env
-from tests.conftest import free_port, serving, wait_for
+from tests.helpers import Daemon, base_env, free_port, serving, wait_for
 
 TOKEN = "flood-test-token-" + "0123456789abcdef" * 2
 CALLBACKS = 5_000

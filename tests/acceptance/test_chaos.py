@@ -24,9 +24,7 @@ import psycopg
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import wait_for
-from tests.helpers import PostgresFeeder, SqliteFeeder
+from tests.helpers import Daemon, PostgresFeeder, SqliteFeeder, base_env, cli, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB

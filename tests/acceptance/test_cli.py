@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 
-from tests.acceptance.conftest import CLI, base_env, cli
+from tests.helpers import CLI, base_env, cli
 
 
 def _env(tmp_path: pathlib.Path) -> dict[str, str]:

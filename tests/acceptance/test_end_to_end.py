@@ -19,9 +19,16 @@ from typing import Any
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import SIM_KEY, serving, wait_for
-from tests.helpers import PostgresFeeder, SqliteFeeder
+from tests.helpers import (
+    SIM_KEY,
+    Daemon,
+    PostgresFeeder,
+    SqliteFeeder,
+    base_env,
+    cli,
+    serving,
+    wait_for,
+)
 
 DIALECTS = ["reseller", "ark"]
 

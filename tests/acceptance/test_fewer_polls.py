@@ -14,8 +14,7 @@ from collections.abc import Callable
 
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import wait_for
+from tests.helpers import Daemon, base_env, cli, wait_for
 
 TASKS = [f"video_fewer_{i}" for i in range(4)]
 READY_SECONDS = 6.0

@@ -20,8 +20,7 @@ from typing import IO
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import CLI, base_env, cli
-from tests.conftest import free_port, wait_for
+from tests.helpers import CLI, base_env, cli, free_port, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

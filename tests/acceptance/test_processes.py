@@ -17,9 +17,7 @@ import psycopg
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import CLI, base_env, cli
-from tests.conftest import free_ports, wait_for
-from tests.helpers import PostgresFeeder
+from tests.helpers import CLI, PostgresFeeder, base_env, cli, free_ports, wait_for
 
 
 def _daemon_pids(pg_url: str) -> set[int]:

@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import SIM_KEY, wait_for
+from tests.helpers import SIM_KEY, Daemon, base_env, cli, wait_for
 
 DAY = 86_400.0
 SIZE = 200 * 1024

@@ -14,9 +14,7 @@ from typing import Any
 import pytest
 from seedance_archiver import providers
 
-from tests.acceptance.conftest import base_env, cli
-from tests.conftest import free_port, serving, wait_for
-from tests.helpers import PostgresFeeder, SqliteFeeder
+from tests.helpers import PostgresFeeder, SqliteFeeder, base_env, cli, free_port, serving, wait_for
 
 RESELLER_IDS = ["video_share_1", "video_share_2", "video_share_3"]
 ARK_IDS = ["cgt-20261202-share-1", "cgt-20261202-share-2", "cgt-20261202-share-3"]

@@ -13,9 +13,7 @@ import psycopg
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import Daemon, base_env, cli
-from tests.conftest import wait_for
-from tests.helpers import PostgresFeeder
+from tests.helpers import Daemon, PostgresFeeder, base_env, cli, wait_for
 
 MODES = ("draft", "standard", "flex")
 CADENCE_LOW = {"draft": 0.3, "standard": 0.5, "flex": 0.8}  # base_env's SEEDANCE_POLL_* minimums

@@ -13,10 +13,8 @@ import psycopg
 import pytest
 from seedance_archiver import simulator
 
-from tests.acceptance.conftest import Daemon, base_env, cli
 from tests.acceptance.webhook_receiver import SECRET, Receiver
-from tests.conftest import wait_for
-from tests.helpers import PostgresFeeder
+from tests.helpers import Daemon, PostgresFeeder, base_env, cli, wait_for
 
 LEASE_SECONDS = 2
 

@@ -24,7 +24,7 @@ from seedance_archiver import (
     utils,
 )
 
-from tests.conftest import SIM_KEY, serving
+from tests.helpers import SIM_KEY, serving
 
 SIZE = 300_000  # not a whole number of the simulator's blocks nor of the fake's chunks
 LOCAL_HTTP = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)

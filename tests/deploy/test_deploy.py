@@ -21,7 +21,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -55,8 +54,7 @@ from seedance_archiver import (
 from seedance_archiver.archive import s3
 from seedance_archiver.providers import http as providers_http
 
-from tests.acceptance import conftest as acceptance
-from tests.conftest import free_port, need_tool, wait_for
+from tests.helpers import CLI, Daemon, base_env, free_port, need_tool, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -549,7 +547,7 @@ class TestDockerfile:
         """ENTRYPOINT is the script pyproject declares and the acceptance tests run."""
         assert _last("ENTRYPOINT").exec_form() == [SCRIPT]
         assert PYPROJECT["project"]["scripts"] == {SCRIPT: "seedance_archiver.cli:main"}
-        assert acceptance.CLI.name == SCRIPT
+        assert CLI.name == SCRIPT
 
     def test_default_command_is_a_verb_the_cli_accepts(self) -> None:
         """CMD ["run"], which the CLI's parser takes as the daemon."""
@@ -768,7 +766,7 @@ class TestHealthcheck:
         """The image's health command fails with no daemon and passes once `run` serves, on the
         address and port the daemon was given."""
         port = free_port()
-        env = acceptance.base_env(sim.url, sqlite_url, (tmp_path / "archive").as_uri())
+        env = base_env(sim.url, sqlite_url, (tmp_path / "archive").as_uri())
         settings = {"SEEDANCE_HTTP_HOST": "127.0.0.2", "SEEDANCE_HTTP_PORT": str(port)}
         env.update(settings)
 
@@ -776,20 +774,15 @@ class TestHealthcheck:
             return _run_healthcheck(settings).returncode == 0
 
         assert not healthy()
-        with (tmp_path / "daemon.log").open("wb") as log:
-            daemon = subprocess.Popen(
-                [str(acceptance.CLI), "run"], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        daemon = Daemon.start(env, tmp_path / "daemon.log")
         try:
             wait_for(healthy, timeout=30, interval=0.2, what="the HEALTHCHECK command to pass")
         finally:
-            daemon.send_signal(signal.SIGTERM)
             try:
-                daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                code = daemon.terminate(timeout=30)
+            finally:
                 daemon.kill()
-                daemon.wait(timeout=10)
-        assert daemon.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
+        assert code == 0, daemon.log()[-3000:]
 
 
 # --- compose --------------------------------------------------------------------------------------
@@ -1224,7 +1217,7 @@ class TestPostgresRoles:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")}
         env["SEEDANCE_DATABASE_URL"] = archiver_login_url
         result = subprocess.run(
-            [str(acceptance.CLI), "migrate"], env=env, capture_output=True, text=True, timeout=60
+            [str(CLI), "migrate"], env=env, capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, result.stderr
         engine = db.make_engine(archiver_login_url)

@@ -22,8 +22,7 @@ import seedance_archiver
 import yaml
 from seedance_archiver import simulator
 
-from tests.acceptance import conftest as acceptance
-from tests.conftest import wait_for
+from tests.helpers import Daemon, base_env, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UV = pathlib.Path(sys.executable).parent / "uv"
@@ -178,9 +177,7 @@ class TestBesidePythonDaemon:
     ) -> None:
         """The heartbeat (which reads the package's version) is written, so `check` sees a daemon."""
         cli = beside_python_daemon / "bin" / "seedance-archiver"
-        env = acceptance.base_env(
-            sim.url, f"sqlite:///{tmp_path}/tasks.db", (tmp_path / "archive").as_uri()
-        )
+        env = base_env(sim.url, f"sqlite:///{tmp_path}/tasks.db", (tmp_path / "archive").as_uri())
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -189,20 +186,19 @@ class TestBesidePythonDaemon:
 
         assert run("migrate").returncode == 0
         assert run("check").returncode == 1  # no daemon yet: `check` can fail
-        log = tmp_path / "daemon.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen([str(cli), "run"], env=env, cwd=tmp_path, stdout=out,
-                                       stderr=subprocess.STDOUT)  # fmt: skip
+        daemon = Daemon.start(env, tmp_path / "daemon.log", argv=[str(cli), "run"], cwd=tmp_path)
         try:
             checked = wait_for(lambda: (r := run("check")).returncode == 0 and r, timeout=60,
                                interval=0.5, what="`seedance-archiver check` to find the daemon")  # fmt: skip
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            try:
+                code = daemon.terminate(timeout=30)
+            finally:
+                daemon.kill()
         assert isinstance(checked, subprocess.CompletedProcess)
         assert "daemon: ok (1 running)" in checked.stdout and "api key: ok" in checked.stdout
-        assert process.returncode == 0, log.read_text()[-3000:]
-        assert "job_failed" not in log.read_text() and "job_crashed" not in log.read_text()
+        assert code == 0, daemon.log()[-3000:]
+        assert "job_failed" not in daemon.log() and "job_crashed" not in daemon.log()
 
 
 class TestPreCommit:

@@ -33,8 +33,7 @@ import sqlalchemy as sa
 import yaml
 from seedance_archiver import config, metrics, policy, simulator, store, utils
 
-from tests.acceptance import conftest as acceptance
-from tests.conftest import free_port, need_tool, wait_for
+from tests.helpers import Daemon, base_env, free_port, need_tool, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy/prometheus/alerts.yaml"
@@ -428,15 +427,7 @@ def _loopback_get(url: str) -> Any:
         return None
 
 
-def _start(
-    argv: list[str], log_path: pathlib.Path, env: dict[str, str] | None = None
-) -> acceptance.Daemon:
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return acceptance.Daemon(process, log_path)
-
-
-def _stop(process: acceptance.Daemon) -> int:
+def _stop(process: Daemon) -> int:
     """SIGTERM, then SIGKILL after 30 s; the exit code."""
     try:
         return process.terminate(timeout=30)
@@ -490,20 +481,21 @@ class TestRealScrape:
         daemon_port, prometheus_port = free_port(), free_port()
         (tmp_path / "alerts.yaml").write_text(_fast_rules())
         (tmp_path / "prometheus.yml").write_text(_prometheus_config(tmp_path, daemon_port))
-        server = _start(
-            [
+        server = Daemon.start(
+            None,
+            tmp_path / "prometheus.log",
+            argv=[
                 prometheus,
                 f"--config.file={tmp_path / 'prometheus.yml'}",
                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{prometheus_port}",
             ],
-            tmp_path / "prometheus.log",
         )
-        env = acceptance.base_env(sim.url, sqlite_url, (tmp_path / "archive").as_uri())
+        env = base_env(sim.url, sqlite_url, (tmp_path / "archive").as_uri())
         sql_store = store.SqlStore.from_url(sqlite_url)
-        daemons: list[acceptance.Daemon] = []
+        daemons: list[Daemon] = []
         try:
-            daemons.append(_start([str(acceptance.CLI), "run"], tmp_path / "right-key.log", env))
+            daemons.append(Daemon.start(env, tmp_path / "right-key.log"))
 
             def deadlines() -> set[dt.datetime | None]:
                 return {task.expires_at for task in sql_store.list()}
@@ -517,7 +509,7 @@ class TestRealScrape:
             assert sql_store.summary(utils.utcnow()).at_risk == AT_RISK_TASKS
 
             env |= {"SEEDANCE_API_KEY": "sim-wrong-key", "SEEDANCE_HTTP_PORT": str(daemon_port)}
-            daemons.append(_start([str(acceptance.CLI), "run"], tmp_path / "wrong-key.log", env))
+            daemons.append(Daemon.start(env, tmp_path / "wrong-key.log"))
             api = f"http://127.0.0.1:{prometheus_port}/api/v1/alerts"
 
             def firing() -> dict[str, dict[str, Any]]:

@@ -35,8 +35,7 @@ import yaml
 from seedance_archiver import simulator
 from seedance_archiver.archive import folder
 
-from tests.acceptance import conftest as acceptance
-from tests.conftest import IN_CI, PG_ADMIN_DSN, SIM_KEY, free_port, wait_for
+from tests.helpers import IN_CI, PG_ADMIN_DSN, SIM_KEY, base_env, free_port, wait_for
 
 pytestmark = pytest.mark.image
 
@@ -268,7 +267,7 @@ class Stack:
     def start_daemon(self) -> str:
         """Start ``run`` detached, with the test daemon's settings; its container name."""
         name = f"seedance-img-run-{uuid.uuid4().hex[:8]}"
-        settings = acceptance.base_env(self.sim.url, "", f"file://{ARCHIVE_MOUNT}")
+        settings = base_env(self.sim.url, "", f"file://{ARCHIVE_MOUNT}")
         settings = {k: v for k, v in settings.items() if k.startswith("SEEDANCE_")}
         for key in ("SEEDANCE_API_KEY", "SEEDANCE_DATABASE_URL"):
             del settings[key]  # both come as files, as compose gives them

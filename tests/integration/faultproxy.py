@@ -18,7 +18,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 PIPE_READ_BYTES = 64 * 1024
 HEAD_LIMIT_BYTES = 64 * 1024

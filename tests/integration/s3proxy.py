@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 # What the proxy calls a request carrying a checksum header (x-amz-checksum-*, as
 # CreateMultipartUpload and UploadPart with ChecksumAlgorithm send, and PutObjectTagging always).

@@ -17,13 +17,15 @@ import pytest
 from seedance_archiver import keygate, simulator
 from seedance_archiver.providers import reseller
 
-from tests.acceptance.conftest import CLI, base_env
-from tests.conftest import SIM_KEY, free_port
 from tests.helpers import (
+    CLI,
     FOREVER,
+    SIM_KEY,
     SMALL,
     Launcher,
     assert_archived_intact,
+    base_env,
+    free_port,
     http_get,
     insert,
     readyz,

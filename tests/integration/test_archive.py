@@ -17,8 +17,7 @@ import pytest
 from seedance_archiver import archive, errors, simulator
 from seedance_archiver.archive import folder, s3
 
-from tests.conftest import free_port
-from tests.helpers import MIB, expected_sha, new_id, stream, video
+from tests.helpers import MIB, expected_sha, free_port, new_id, stream, video
 
 SMALL = 100 * 1024
 LARGE = 20 * MIB + 12_345  # several parts: two of 8 MiB (PART_BYTES) and a bit

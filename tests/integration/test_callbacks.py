@@ -34,7 +34,7 @@ from seedance_archiver import (
 )
 from seedance_archiver.providers import ark
 
-from tests.conftest import wait_for
+from tests.helpers import wait_until
 
 EPOCH = testing.EPOCH
 TOKEN = "t" * 40  # a test's token: 40 unreserved characters, as the setting asks
@@ -138,11 +138,8 @@ def counted(svc: service.Service, outcome: str) -> float:
 
 async def settled(svc: service.Service, outcome: str, expected: float) -> None:
     """Wait (with a deadline) until ``expected`` callbacks are counted as ``outcome``."""
-    await asyncio.to_thread(
-        wait_for,
-        lambda: counted(svc, outcome) >= expected,
-        timeout=20,
-        what=f"{expected:g} callbacks counted {outcome}",
+    await wait_until(
+        lambda: counted(svc, outcome) >= expected, 20, f"{expected:g} callbacks counted {outcome}"
     )
     assert counted(svc, outcome) == expected
 
@@ -271,10 +268,7 @@ class TestBounded:
                     return False
                 return status != 503
 
-            deadline = asyncio.get_running_loop().time() + 20
-            while not await served():
-                assert asyncio.get_running_loop().time() < deadline, "the port never served again"
-                await asyncio.sleep(0.05)
+            await wait_until(served, 20, "the port to serve again")
             for _, idle_writer in idle[1:]:
                 idle_writer.close()
 

@@ -13,24 +13,13 @@ import pytest
 import structlog.testing
 from seedance_archiver import config, db, errors, scheduler, simulator, store
 
-from tests.conftest import SIM_KEY
-from tests.helpers import running_daemon, wait_until
+from tests.helpers import daemon_settings, running_daemon, wait_until
 
 
 def _settings(
     sim: simulator.SimulatorThread, db_url: str, tmp_path: pathlib.Path
 ) -> config.Settings:
-    return config.load(
-        api_base_url=sim.url,
-        api_key=SIM_KEY,
-        database_url=db_url,
-        archive_url=f"file://{tmp_path}/archive",
-        allowed_video_url_schemes="http",
-        allow_private_video_hosts=True,
-        http_port=0,
-        poll_standard="0.5-1",
-        **config.SKIP_OFF,
-    )
+    return daemon_settings(sim.url, db_url, f"file://{tmp_path}/archive")
 
 
 class TestLifecycle:

@@ -16,12 +16,12 @@ from collections.abc import Iterator
 import pytest
 from seedance_archiver import simulator, utils
 
-from tests.conftest import free_port
 from tests.helpers import (
     SMALL,
     STALL_SECONDS,
     Launcher,
     assert_archived_intact,
+    free_port,
     http_get,
     insert,
     no_crashes,

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 import structlog
 from seedance_archiver import db, errors, models, schema
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

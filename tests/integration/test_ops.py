@@ -10,36 +10,26 @@ import pathlib
 import re
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import sqlalchemy as sa
-from seedance_archiver import config, metrics, models, simulator, store, utils
+from seedance_archiver import metrics, models, simulator, store, utils
 
-from tests.acceptance.conftest import CLI, base_env
-from tests.conftest import SIM_KEY, free_port
-from tests.helpers import Launcher, http_get, running_daemon, wait_until
+from tests.helpers import (
+    CLI,
+    Launcher,
+    base_env,
+    daemon_settings,
+    free_port,
+    http_get,
+    running_daemon,
+    wait_until,
+)
 
-
-def _settings(
-    sim: simulator.SimulatorThread, db_url: str, archive_url: str, port: int, **extra: Any
-) -> config.Settings:
-    values: dict[str, Any] = {
-        "api_base_url": sim.url,
-        "api_key": SIM_KEY,
-        "database_url": db_url,
-        "archive_url": archive_url,
-        "allowed_video_url_schemes": "http",
-        "allow_private_video_hosts": True,
-        "http_port": port,
-        "poll_standard": "0.3-0.6",
-        **config.SKIP_OFF,
-    }
-    values.update(extra)
-    return config.load(**values)
+FAST = "0.3-0.6"  # the standard mode polled quickly
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -100,14 +90,18 @@ class TestEndpoints:
         sim.simulator.add_task("video_ops", queued_seconds=0, ready_seconds=0.5, size=200_000)
         feeder = store.SqlStore.from_url(sqlite_url)
         base = f"http://127.0.0.1:{port}"
-        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", port)
+        settings = daemon_settings(
+            sim.url, sqlite_url, f"file://{tmp_path}/a", http_port=port, poll_standard=FAST
+        )
         async with running_daemon(settings), httpx.AsyncClient(base_url=base) as client:
             await wait_until(lambda: _answers(port), 10, "the HTTP server")
             # The port opens before the first tick completes; /healthz says "stalled" until then.
-            deadline = time.monotonic() + 30
-            while (health := await client.get("/healthz")).status_code != 200:
-                assert time.monotonic() < deadline, f"no first tick: {health.json()}"
-                await asyncio.sleep(0.05)
+
+            async def healthy() -> bool:
+                return (await client.get("/healthz")).status_code == 200
+
+            await wait_until(healthy, 30, "a first tick")
+            health = await client.get("/healthz")
             assert health.status_code == 200 and health.json()["status"] == "ok"
             ready = await client.get("/readyz")
             assert ready.status_code == 200
@@ -147,7 +141,9 @@ class TestEndpoints:
         self, sqlite_url: str, sim: simulator.SimulatorThread
     ) -> None:
         port = free_port()
-        settings = _settings(sim, sqlite_url, "s3://no-such-bucket-here/x", port)
+        settings = daemon_settings(
+            sim.url, sqlite_url, "s3://no-such-bucket-here/x", http_port=port, poll_standard=FAST
+        )
         async with running_daemon(settings), httpx.AsyncClient() as client:
             await wait_until(lambda: _answers(port), 10, "the HTTP server")
             ready = await client.get(f"http://127.0.0.1:{port}/readyz")
@@ -230,7 +226,7 @@ class TestHeartbeatAndCheck:
         nobody = await asyncio.to_thread(run_cli, "check")
         assert nobody.returncode == 1 and "database: ok" in nobody.stdout
         sql = store.SqlStore.from_url(sqlite_url)
-        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0)
+        settings = daemon_settings(sim.url, sqlite_url, f"file://{tmp_path}/a", poll_standard=FAST)
         async with running_daemon(settings):
             # A heartbeat reports the last tick that completed (none, in one written at start).
             await wait_until(
@@ -262,7 +258,7 @@ class TestSystemdNotify:
         tmp_path: pathlib.Path,
         notify: NotifySocket,
     ) -> None:
-        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0)
+        settings = daemon_settings(sim.url, sqlite_url, f"file://{tmp_path}/a", poll_standard=FAST)
         async with running_daemon(settings):
             await wait_until(lambda: any("READY=1" in m for m in notify.drain()), 10, "READY=1")
             await wait_until(lambda: "WATCHDOG=1" in notify.drain(), 10, "a watchdog ping")
@@ -288,7 +284,9 @@ class TestPruneJob:
                         task_id=task_id, state=state, updated_at=old, next_attempt_at=old
                     )
                 )
-        settings = _settings(sim, sqlite_url, f"file://{tmp_path}/a", 0, prune_after_days=2)
+        settings = daemon_settings(
+            sim.url, sqlite_url, f"file://{tmp_path}/a", poll_standard=FAST, prune_after_days=2
+        )
         async with running_daemon(settings):
             await wait_until(lambda: sql.get("done_long_ago") is None, 10, "the prune job")
             assert sql.get("still_active") is not None

@@ -29,7 +29,7 @@ from seedance_archiver import errors, models, netguard, provider, simulator, wir
 from seedance_archiver.providers import ark, reseller
 from seedance_archiver.providers import http as providers_http
 
-from tests.conftest import SIM_KEY, free_port, serving
+from tests.helpers import SIM_KEY, free_port, serving
 
 LOCAL_HTTP = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=True)
 

@@ -30,8 +30,7 @@ import structlog.testing
 from seedance_archiver import archive, errors, metrics, simulator
 from seedance_archiver.archive import s3
 
-from tests.conftest import free_port, wait_for
-from tests.helpers import OPTIONAL_CALLS
+from tests.helpers import OPTIONAL_CALLS, free_port, wait_for
 from tests.integration import s3proxy
 
 MIB = 1024 * 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from seedance_archiver import simulator
 
-from tests.conftest import SIM_KEY
+from tests.helpers import SIM_KEY
 
 
 def test_answers_follow_the_status_and_links_stay_fresh() -> None:

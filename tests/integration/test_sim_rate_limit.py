@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 from seedance_archiver import simulator
 
-from tests.conftest import SIM_KEY
+from tests.helpers import SIM_KEY
 
 
 def test_polls_beyond_the_limit_get_429_with_retry_after() -> None:

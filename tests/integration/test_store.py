@@ -21,7 +21,7 @@ import sqlalchemy.exc
 import structlog.testing
 from seedance_archiver import db, errors, listener, models, store, utils
 
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 LEASE = dt.timedelta(seconds=60)
 LEASE_S = LEASE.total_seconds()

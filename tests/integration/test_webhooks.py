@@ -9,13 +9,15 @@ import dataclasses
 import datetime as dt
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp.web
 import pytest
 import standardwebhooks
 from seedance_archiver import cli, models, store, utils, webhooks
+
+from tests.helpers import wait_until
 
 SECRET = "whsec_" + base64.b64encode(b"r" * 32).decode()
 OWNER = "test-owner"
@@ -134,12 +136,19 @@ def deliverer_for(
     )
 
 
-async def until(what: str, condition: Callable[[], bool], step: Callable[[], Any]) -> None:
-    deadline = time.monotonic() + 15
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+def stepping(
+    condition: Callable[[], bool], step: Callable[[], Awaitable[object]]
+) -> Callable[[], Awaitable[bool]]:
+    """``condition``, for :func:`wait_until`, running ``step`` (a round of delivery) whenever it
+    does not hold yet."""
+
+    async def holds() -> bool:
+        if condition():
+            return True
         await step()
-        await asyncio.sleep(0.02)
+        return False
+
+    return holds
 
 
 class TestDelivery:
@@ -157,7 +166,7 @@ class TestDelivery:
             def settled() -> bool:
                 return all(e.state != "pending" for e in sql_store.webhooks())
 
-            await until("every event settled", settled, deliverer.deliver_due)
+            await wait_until(stepping(settled, deliverer.deliver_due), 15, "every event settled")
         finally:
             await deliverer.aclose()
         events = {e.task_id: e for e in sql_store.webhooks()}
@@ -235,10 +244,13 @@ class TestGone:
             assert "resumed" in capsys.readouterr().out
             assert sql_store.paused_webhook_endpoints() == []
 
-            await until(
+            await wait_until(
+                stepping(
+                    lambda: {e.state for e in sql_store.webhooks()} == {"delivered"},
+                    deliverer.deliver_due,
+                ),
+                15,
                 "the held events delivered",
-                lambda: {e.state for e in sql_store.webhooks()} == {"delivered"},
-                deliverer.deliver_due,
             )
         finally:
             await deliverer.aclose()

@@ -9,7 +9,7 @@ import sys
 import pytest
 from seedance_archiver import cli, config, scheduler
 
-from tests.conftest import SIM_KEY
+from tests.helpers import SIM_KEY
 
 
 def test_tune_gc_raises_the_youngest_threshold_and_freezes_start_up() -> None:

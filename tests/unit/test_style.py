@@ -9,6 +9,7 @@ import inspect
 import pathlib
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from seedance_archiver import archive, db, outbox, provider, store, testing
@@ -217,37 +218,44 @@ def test_modules_are_imported_not_names() -> None:
 TESTS = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _test_module_imports(source: str) -> list[str]:
-    """The imports in ``source`` that reach a test module (``tests.<dir>.test_*``), at any depth."""
+def _findings(pattern: str, check: Callable[[str], list[str]]) -> dict[str, list[str]]:
+    """What ``check`` finds in each file under tests/ whose name matches ``pattern``."""
+    return {
+        str(path.relative_to(TESTS)): found
+        for path in sorted(TESTS.rglob(pattern))
+        if (found := check(path.read_text()))
+    }
 
-    def is_test_module(dotted: str) -> bool:
-        return dotted.split(".")[-1].startswith("test_")
+
+def _imports_reaching(source: str, is_target: Callable[[str], bool]) -> list[str]:
+    """The imports in ``source`` of a module under ``tests`` whose last dotted part ``is_target``
+    holds for, in any form and at any depth."""
 
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found += [
-                a.name for a in node.names if a.name.startswith("tests.") and is_test_module(a.name)
+                a.name for a in node.names if a.name.startswith("tests.") and is_target(a.name)
             ]
         elif isinstance(node, ast.ImportFrom):
             module = "." * node.level + (node.module or "")
             if node.level == 0 and not module.startswith("tests."):
                 continue
-            if is_test_module(module):
+            if is_target(module):
                 found.append(module)
-            found += [f"{module}.{a.name}" for a in node.names if a.name.startswith("test_")]
+            found += [f"{module}.{a.name}" for a in node.names if is_target(a.name)]
     return found
 
 
+def _test_module_imports(source: str) -> list[str]:
+    """The imports in ``source`` that reach a test module (``tests.<dir>.test_*``)."""
+    return _imports_reaching(source, lambda dotted: dotted.split(".")[-1].startswith("test_"))
+
+
 def test_no_test_module_imports_another() -> None:
-    """Shared pieces live in tests/helpers.py or a conftest.py (STYLE.md, "Tests"): a test module
-    imported by another runs its tests' module code twice and ties two behaviours together."""
-    found = {
-        str(path.relative_to(TESTS)): imports
-        for path in sorted(TESTS.rglob("test_*.py"))
-        if (imports := _test_module_imports(path.read_text()))
-    }
-    assert found == {}
+    """Shared pieces live in tests/helpers.py, fixtures in a conftest.py (STYLE.md, "Tests"): a test
+    module imported by another runs its tests' module code twice and ties two behaviours together."""
+    assert _findings("test_*.py", _test_module_imports) == {}
 
 
 def test_the_test_import_check_finds_each_form() -> None:
@@ -264,3 +272,61 @@ def test_the_test_import_check_finds_each_form() -> None:
         "tests.integration.test_leases",
         ".test_archive",
     ]
+
+
+def _conftest_imports(source: str) -> list[str]:
+    """The imports in ``source`` that reach a conftest module (``tests.conftest``,
+    ``tests.acceptance.conftest``, ``from tests.acceptance import conftest``)."""
+    return _imports_reaching(source, lambda dotted: dotted.split(".")[-1] == "conftest")
+
+
+def test_shared_pieces_come_from_helpers_never_from_a_conftest() -> None:
+    """A conftest.py is pytest's: it hands out fixtures by name. A function or constant two test
+    modules share lives in tests/helpers.py (STYLE.md, "Tests"), so no module imports a conftest."""
+    assert _findings("*.py", _conftest_imports) == {}
+
+
+def _not_fixtures(source: str) -> list[str]:
+    """The public top-level names of a conftest.py that are neither fixtures nor pytest hooks."""
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names = [node.name]
+            decorators = [ast.unparse(d) for d in getattr(node, "decorator_list", [])]
+            if any(d.startswith(("pytest.fixture", "fixture")) for d in decorators):
+                continue
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+        else:
+            continue
+        found += [n for n in names if not n.startswith(("_", "pytest_"))]
+    return found
+
+
+def test_a_conftest_holds_only_fixtures_and_hooks() -> None:
+    assert _findings("conftest.py", _not_fixtures) == {}
+
+
+def test_the_conftest_checks_find_each_form() -> None:
+    source = (
+        "from tests.conftest import SIM_KEY\n"
+        "import tests.acceptance.conftest\n"
+        "from tests.acceptance import conftest as acceptance\n"
+        "def f():\n    from .conftest import base_env\n"
+        "from tests.helpers import SIM_KEY\nfrom tests.integration import faultproxy\n"
+    )
+    assert _conftest_imports(source) == [
+        "tests.conftest",
+        "tests.acceptance.conftest",
+        "tests.acceptance.conftest",
+        ".conftest",
+    ]
+    source = (
+        "import pytest\nSIM_KEY = 'k'\n_PRIVATE = 1\n"
+        "@pytest.fixture\ndef sim() -> None: ...\n"
+        "def free_port() -> int: ...\n"
+        "def pytest_terminal_summary(terminalreporter) -> None: ...\n"
+        "class Daemon: ...\n"
+    )
+    assert _not_fixtures(source) == ["SIM_KEY", "free_port", "Daemon"]
