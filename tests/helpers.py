@@ -25,8 +25,15 @@ import sys
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+)
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import psycopg
@@ -52,6 +59,8 @@ if TYPE_CHECKING:
 IN_CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_DSN = os.environ.get("SEEDANCE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 SIM_KEY = "sim-test-key"  # the API key every test's simulator accepts
+
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 SMALL = 64 * 1024  # a video small enough to archive in one go
@@ -104,8 +113,8 @@ def need_tool(tool: pathlib.Path | str | None, name: str, hint: str) -> str:
 
 
 def wait_for(
-    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05, what: str = ""
-) -> object:
+    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> T:
     """Poll ``condition`` until it returns something truthy, and return that; fail after
     ``timeout`` seconds. (In a coroutine, :func:`wait_until` yields to the loop instead.)"""
     deadline = time.monotonic() + timeout
@@ -293,7 +302,7 @@ class Running:
     svc: service.Service
     rows: store.SqlStore  # the feeding application's own connection (never through a proxy)
     sim: simulator.Simulator
-    logs: list[dict[str, Any]]
+    logs: list[MutableMapping[str, Any]]  # structlog's captured events
     archive_dir: pathlib.Path
     task: asyncio.Task[int]
 
@@ -305,7 +314,7 @@ class Running:
     def state(self, task_id: str) -> str:
         return self.row(task_id).state
 
-    def events(self, name: str, task_id: str | None = None) -> list[dict[str, Any]]:
+    def events(self, name: str, task_id: str | None = None) -> list[MutableMapping[str, Any]]:
         return [
             e
             for e in list(self.logs)
@@ -389,9 +398,7 @@ class Launcher:
         built: list[service.Service] = []
         build = scheduler.build_service
 
-        def capture(
-            settings: config.Settings, api_key: str
-        ) -> tuple[service.Service, store.SqlStore]:
+        def capture(settings: config.Settings, api_key: str) -> tuple[service.Service, store.Store]:
             svc, sql_store = build(settings, api_key)
             svc.rules = dataclasses.replace(
                 svc.rules, download_retry_seconds=download_retry_seconds

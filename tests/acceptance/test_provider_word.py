@@ -173,7 +173,7 @@ class TestDriftedAnswers:
 
     def test_reseller(self, situation: Callable[..., Situation]) -> None:
         created = float(int(time.time()) - 30)
-        drift = {
+        drift: dict[str, dict[str, Any]] = {
             "video_drift_duration_text": {"actualDuration": "5.04"},
             "video_drift_created_ms": {"created": int(created * 1000)},
             "video_drift_created_text": {"created": str(int(created))},
@@ -187,7 +187,7 @@ class TestDriftedAnswers:
 
     def test_ark(self, situation: Callable[..., Situation]) -> None:
         created = float(int(time.time()) - 30)
-        drift = {
+        drift: dict[str, dict[str, Any]] = {
             "cgt-drift-updated-ms": {"updated_at": int(time.time() * 1000)},
             "cgt-drift-seed-text": {"seed": "42"},
             "cgt-drift-duration-text": {"duration": "5"},

@@ -806,7 +806,8 @@ def _secret_text(compose: dict[str, Any], service: dict[str, Any], path: str) ->
     names = [s if isinstance(s, str) else s["source"] for s in service.get("secrets", [])]
     name = path.removeprefix("/run/secrets/")
     assert name in names, f"{path} is not one of the service's secrets {names}"
-    return (COMPOSE.parent / compose["secrets"][name]["file"]).read_text().strip()
+    file = str(compose["secrets"][name]["file"])
+    return (COMPOSE.parent / file).read_text().strip()
 
 
 def _database_url(compose: dict[str, Any], service: dict[str, Any]) -> str:
@@ -930,7 +931,7 @@ class TestCompose:
 
 def _apply_roles(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(ROLES_SQL.read_text())  # type: ignore[arg-type]
+        conn.execute(ROLES_SQL.read_text())
 
 
 @pytest.fixture
@@ -947,19 +948,19 @@ def archiver_login_url(roles_url: str) -> Iterator[str]:
     name = f"seedance_t_login_{uuid.uuid4().hex[:10]}"
     password = uuid.uuid4().hex
     with psycopg.connect(roles_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE seedance_archiver")  # type: ignore[arg-type]
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE seedance_archiver")
     parts = urllib.parse.urlsplit(roles_url)
     netloc = f"{name}:{password}@{parts.hostname}:{parts.port or 5432}"
     try:
         yield parts._replace(netloc=netloc).geturl()
     finally:
         with psycopg.connect(roles_url, autocommit=True) as conn:
-            conn.execute(f"DROP ROLE IF EXISTS {name}")  # type: ignore[arg-type]
+            conn.execute(f"DROP ROLE IF EXISTS {name}")
 
 
 def _as(url: str, role: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(url, autocommit=True)
-    conn.execute(f"SET ROLE {role}")  # type: ignore[arg-type]
+    conn.execute(f"SET ROLE {role}")
     return conn
 
 
@@ -1030,7 +1031,7 @@ class TestPostgresRoles:
             conn.execute("INSERT INTO video_tasks (task_id) VALUES ('video_feeder_1')")
         with _as(roles_url, "seedance_feeder") as feeder:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                feeder.execute(statement)  # type: ignore[arg-type]
+                feeder.execute(statement)
             assert feeder.execute("SELECT count(*) FROM video_tasks").fetchone() == (1,)
 
     def test_no_role_but_the_owner_may_create_in_public(self, roles_url: str) -> None:
@@ -1098,7 +1099,7 @@ class TestPostgresRoles:
             assert deleted == 1
             for statement in ("TRUNCATE video_tasks", "ALTER TABLE video_tasks ADD COLUMN x int"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                    conn.execute(statement)  # type: ignore[arg-type]
+                    conn.execute(statement)
 
     def test_batches_are_written_back_with_and_without_temporary_tables(
         self, roles_url: str, archiver_login_url: str
@@ -1109,7 +1110,7 @@ class TestPostgresRoles:
         for temporary in (True, False):
             if not temporary:
                 with psycopg.connect(roles_url, autocommit=True) as conn:
-                    conn.execute(f'REVOKE TEMPORARY ON DATABASE "{dbname}" FROM PUBLIC')  # type: ignore[arg-type]
+                    conn.execute(f'REVOKE TEMPORARY ON DATABASE "{dbname}" FROM PUBLIC')
             ids = [f"video_wb_{temporary}_{i}" for i in range(3)]
             sql_store = store.SqlStore.from_url(archiver_login_url)
             try:
@@ -1141,7 +1142,7 @@ class TestPostgresRoles:
             conn.execute("REVOKE ALL ON TABLE webhook_outbox FROM seedance_archiver")
             conn.execute("REVOKE ALL ON SEQUENCE webhook_outbox_id_seq FROM seedance_archiver")
             if not temporary:
-                conn.execute(f'REVOKE TEMPORARY ON DATABASE "{dbname}" FROM PUBLIC')  # type: ignore[arg-type]
+                conn.execute(f'REVOKE TEMPORARY ON DATABASE "{dbname}" FROM PUBLIC')
         ids = [f"video_grant_{i}" for i in range(3)]
         sql_store = store.SqlStore.from_url(archiver_login_url)
         try:

@@ -58,10 +58,10 @@ class TestOneCopy:
             if not info.name.endswith("__main__"):  # importing it would run the CLI
                 importlib.import_module(info.name)
         ours = {
-            name: pathlib.Path(module.__file__).resolve()
+            name: path
             for name, module in list(sys.modules.items())
-            if getattr(module, "__file__", None)
-            and pathlib.Path(module.__file__).resolve().is_relative_to(ROOT / "daemon")
+            if (file := getattr(module, "__file__", None))
+            and (path := pathlib.Path(file).resolve()).is_relative_to(ROOT / "daemon")
         }
         assert "seedance_archiver.store" in ours
         assert all(name.startswith("seedance_archiver") for name in ours), sorted(ours)
@@ -216,8 +216,9 @@ class TestPythons:
     """The Pythons users have are the ones CI tests, and the classifiers name exactly those."""
 
     def _pythons(self) -> list[str]:
-        (listed,) = re.findall(r"^PYTHONS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
-        return listed.split()
+        listed = re.search(r"^PYTHONS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
+        assert listed is not None, "the Makefile names no PYTHONS"
+        return listed.group(1).split()
 
     def test_ci_runs_the_other_pythons(self) -> None:
         steps = re.findall(r"^make (\S+)", (ROOT / ".ci" / "run").read_text(), re.M)

@@ -24,6 +24,12 @@ from seedance_archiver import cli
 NOT_THERE = "video_not_there"
 
 
+def _verbs() -> dict[str, argparse.ArgumentParser]:
+    """The CLI's verbs and the parser of each."""
+    (verbs,) = [a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return verbs.choices
+
+
 @dataclasses.dataclass
 class Ran:
     code: int
@@ -158,7 +164,7 @@ class TestEveryVerb:
     def test_every_verb_and_flag_is_in_the_table(self) -> None:
         """A verb or flag added later gets a row here, or this fails."""
         words = {word for argv, *_ in EVERY_VERB for word in argv}
-        verbs = cli._parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        verbs = _verbs()
         for name, sub in verbs.items():
             if name in ("run", "demo", "try"):  # the daemons: tests/acceptance
                 continue
@@ -427,7 +433,7 @@ class TestHelp:
     """Each verb's --help says which settings it reads."""
 
     def test_every_verb_names_what_it_reads(self, capsys: pytest.CaptureFixture[str]) -> None:
-        verbs = cli._parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        verbs = _verbs()
         for name, sub in verbs.items():
             text = sub.format_help()
             assert "Reads" in text and "SEEDANCE_" in text, name

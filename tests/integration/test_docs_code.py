@@ -98,7 +98,7 @@ class TestSql:
     def test_on_postgresql(self, block: Block, pg_url: str) -> None:
         with psycopg.connect(pg_url, autocommit=True) as conn:
             for statement in _statements(block.code):
-                conn.execute(statement)  # type: ignore[arg-type]
+                conn.execute(statement)
 
     @pytest.mark.parametrize("block", [b for b in of("sql") if "LISTEN" not in b.code], ids=str)
     def test_on_sqlite(self, block: Block, sqlite_url: str) -> None:

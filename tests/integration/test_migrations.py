@@ -255,7 +255,8 @@ class TestMigratingBesideFeeders:
                 what="the concurrent build of ix_video_tasks_completed",
             )
             assert not migrating.done(), migrating.exception()
-            admin.execute("SELECT pg_terminate_backend(%s)", pid)  # type: ignore[arg-type]
+            assert isinstance(pid, tuple), pid  # the row that names the building backend
+            admin.execute("SELECT pg_terminate_backend(%s)", pid)
             with pytest.raises(errors.StoreError):
                 migrating.result(timeout=60)
             writer.commit()
@@ -303,7 +304,7 @@ class TestMigratingBesideFeeders:
         schema.upgrade(empty_pg_url, at)
         with _pg(empty_pg_url, autocommit=True) as conn:
             for statement in done_by_hand.split("; "):
-                conn.execute(statement)  # type: ignore[arg-type]
+                conn.execute(statement)
         schema.upgrade(empty_pg_url)
         assert _version(empty_pg_url) == _head()
         assert _definitions(empty_pg_url) == _definitions(pg_url)  # pg_url: migrated in one go

@@ -158,20 +158,19 @@ class TestRateLimited:
             await d.until(lambda: d.row("video_429").attempts == 1, "the 429 outcome")
             row = d.row("video_429")
             pause = {"seconds": 2.0, "absent": 1.0}.get(retry_after)
-            resume_at = resume_at if pause is None else hit + pause
-            await d.until(
-                lambda: any(x > resume_at + 0.5 for x in d.all_polls()), "polling to resume"
-            )
+            resume = resume_at if pause is None else hit + pause
+            assert resume is not None  # the http-date case set it above
+            await d.until(lambda: any(x > resume + 0.5 for x in d.all_polls()), "polling to resume")
             # The pace climbs back to the configured cap.
             await d.until(lambda: limiter.rate >= limiter.max_rate, "the rate to recover", 10)
-        during = [x for x in d.all_polls() if hit + IN_FLIGHT < x < resume_at - 0.1]
+        during = [x for x in d.all_polls() if hit + IN_FLIGHT < x < resume - 0.1]
         assert during == [], f"{len(during)} polls during the pause"
         assert row.state == "polling" and row.attempts == 1
         assert "HTTP 429" in (row.error or "")
         assert row.next_attempt_at is not None and row.last_polled_at is not None
         # That task itself comes back no sooner than the pause allows.
         wait = (row.next_attempt_at - row.last_polled_at).total_seconds()
-        assert wait >= resume_at - hit - 0.2
+        assert wait >= resume - hit - 0.2
         assert d.svc.stats.rate_limited == 1
 
 

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import boto3
+import boto3.session
 import botocore.config
 import botocore.exceptions
 import pytest
@@ -102,7 +103,7 @@ class AuthMoto:
     bucket: str
     keys: dict[str, tuple[str, str]]  # user name -> (access key id, secret)
 
-    def s3(self, user: str) -> Any:
+    def client(self, user: str) -> Any:
         """A plain boto3 client signing as ``user``."""
         key_id, secret = self.keys[user]
         return boto3.client(
@@ -154,15 +155,14 @@ def auth_moto() -> Iterator[AuthMoto]:
     )
     try:
         wait_for(lambda: _moto_answers(url), timeout=MOTO_START_SECONDS, what="moto to start")
-        setup = {
-            "endpoint_url": url,
-            "region_name": "us-east-1",
-            "aws_access_key_id": "test-access-key",
-            "aws_secret_access_key": "test-secret-key",
-        }
-        iam = boto3.client("iam", **setup)
+        root = boto3.session.Session(
+            aws_access_key_id="test-access-key",
+            aws_secret_access_key="test-secret-key",
+            region_name="us-east-1",
+        )
+        iam = root.client("iam", endpoint_url=url)
         bucket = f"videos-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+        root.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
         everything = json.dumps(
             {
                 "Version": "2012-10-17",
@@ -213,7 +213,7 @@ class TestShippedPolicy:
 
     def test_the_policy_is_enforced(self, auth_moto: AuthMoto) -> None:
         """What the shipped policy leaves out is refused by this server: the tests below prove it."""
-        s3 = auth_moto.s3("archiver")
+        s3 = auth_moto.client("archiver")
         bucket, key = auth_moto.bucket, f"{PREFIX}/{new_id()}.mp4"
         s3.put_object(Bucket=bucket, Key=key, Body=b"allowed")
         assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == len(b"allowed")
@@ -248,7 +248,7 @@ class TestShippedPolicy:
     async def test_archives_with_the_shipped_policy_only(self, auth_moto: AuthMoto) -> None:
         m = metrics.Metrics()
         store = auth_moto.archive("archiver", m)
-        admin = auth_moto.s3("admin")
+        admin = auth_moto.client("admin")
 
         await store.check()
         small = await archive_one(store, admin, auth_moto.bucket, SMALL)
@@ -271,7 +271,7 @@ class TestShippedPolicy:
     async def test_the_optional_policy_adds_tags_and_cleanup(self, auth_moto: AuthMoto) -> None:
         m = metrics.Metrics()
         store = auth_moto.archive("archiver-full", m)
-        admin = auth_moto.s3("admin")
+        admin = auth_moto.client("admin")
         stale_task = new_id()
         stale_key = store.key(stale_task)
         admin.create_multipart_upload(Bucket=auth_moto.bucket, Key=stale_key)

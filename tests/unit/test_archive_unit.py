@@ -21,7 +21,13 @@ def client_error(status: int, code: str, message: str = "") -> botocore.exceptio
     return botocore.exceptions.ClientError(
         {
             "Error": {"Code": code, "Message": message},
-            "ResponseMetadata": {"HTTPStatusCode": status},
+            "ResponseMetadata": {
+                "HTTPStatusCode": status,
+                "RequestId": "",
+                "HostId": "",
+                "HTTPHeaders": {},
+                "RetryAttempts": 0,
+            },
         },
         "AnyOperation",
     )
@@ -142,8 +148,8 @@ class TestCheckFallback:
         store = s3.S3Archive(
             "bucket",
             "videos",
-            FakeS3(client_error(501, "501")),
-            meters=m,  # type: ignore[arg-type]
+            FakeS3(client_error(501, "501")),  # type: ignore[arg-type]
+            meters=m,
         )
         await store.check()
         await store.check()

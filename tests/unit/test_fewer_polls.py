@@ -482,7 +482,8 @@ class TestService:
         for i in range(120):
             rig.store.add(f"video_{i}")
         await rig.svc.maintenance.refresh_gauges()
-        ratio = rig.svc.metrics.polling_load.collect()[0].samples[0].value
+        (gauge,) = rig.svc.metrics.polling_load.collect()
+        ratio = gauge.samples[0].value
         assert ratio == pytest.approx(120 / 60 / rig.svc.limiter.max_rate)
 
 

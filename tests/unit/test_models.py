@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import random
+from typing import Any
 
 import pytest
 from seedance_archiver import models
@@ -18,7 +19,8 @@ def test_replace_is_dataclasses_replace() -> None:
     fields = list(models.TASK_FIELDS)
     for _ in range(300):
         names = draw.sample(fields, draw.randint(0, 6))
-        changes = {name: f"{name}-{draw.random()}" for name in names}
+        # Any value, whatever the field's type: replace copies it as dataclasses.replace does.
+        changes: dict[str, Any] = {name: f"{name}-{draw.random()}" for name in names}
         ours = row.replace(**changes)
         assert ours == dataclasses.replace(row, **changes)
         assert [getattr(ours, name) for name in fields] == [

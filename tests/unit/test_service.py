@@ -997,7 +997,7 @@ class TestWritesRefused:
         await rig.cycle()
         assert rig.row().state == State.FAILED
         assert rig.svc.writes_refused is None and refused() == 0
-        assert (await server.readyz(None)).status == 200  # type: ignore[arg-type]
+        assert (await server.readyz(None)).status == 200
         assert rig.provider.fetches == [TASK_ID]
 
 
