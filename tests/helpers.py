@@ -666,3 +666,43 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket ($NOTIFY_SOCKET): the datagrams a daemon sends it."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.address = str(path)
+        self.received: list[str] = []  # every datagram read so far, in order
+
+    def drain(self) -> list[str]:
+        """The datagrams that arrived since the last read, without waiting."""
+        self.sock.setblocking(False)
+        new = []
+        try:
+            while True:
+                new.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            self.received += new
+            return new
+
+    def until(self, line: str, timeout: float) -> list[str]:
+        """The datagrams received up to and including the first that holds ``line``."""
+        deadline = time.monotonic() + timeout
+        new: list[str] = []
+        while not new or line not in new[-1].splitlines():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {line}: {new}")
+            self.sock.settimeout(left)
+            try:
+                new.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+        self.received += new
+        return new
+
+    def close(self) -> None:
+        self.sock.close()

@@ -9,15 +9,21 @@ import json
 import os
 import pathlib
 import signal
-import socket
-import subprocess
-import time
 
 import psycopg
 import pytest
 from seedance_archiver import simulator
 
-from tests.helpers import CLI, PostgresFeeder, base_env, cli, free_ports, wait_for
+from tests.helpers import (
+    CLI,
+    Daemon,
+    NotifySocket,
+    PostgresFeeder,
+    base_env,
+    cli,
+    free_ports,
+    wait_for,
+)
 
 
 def _daemon_pids(pg_url: str) -> set[int]:
@@ -50,10 +56,8 @@ class TestProcesses:
             sim.simulator.add_task(task_id, outcome="completed", ready_seconds=1.0, size=4096)
         feeder = PostgresFeeder(pg_url)
         log_path = tmp_path / "supervisor.log"
-        with log_path.open("wb") as log:
-            parent = subprocess.Popen(
-                [str(CLI), "run", "--processes", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        supervisor = Daemon.start(env, log_path, argv=[str(CLI), "run", "--processes", "2"])
+        parent = supervisor.process
         try:
             first = wait_for(lambda: len(p := _daemon_pids(pg_url)) == 2 and p, timeout=60,
                              what="two daemon processes ticking")  # fmt: skip
@@ -80,8 +84,7 @@ class TestProcesses:
             for i in range(2):
                 assert _healthz(port + i) == 200
         finally:
-            parent.send_signal(signal.SIGTERM)
-            code = parent.wait(timeout=60)
+            code = supervisor.terminate(timeout=60)
         log_text = log_path.read_text(errors="replace")
         assert code == 0, log_text[-3000:]
         assert "daemon_process_died" in log_text and "supervisor_stopped" in log_text
@@ -94,43 +97,6 @@ class TestProcesses:
         result = cli(env, "run", "--processes", "2", check=False)
         assert result.returncode == 2
         assert "--processes" in result.stderr and "PostgreSQL" in result.stderr
-
-
-class NotifySocket:
-    """A stand-in for systemd's notify socket: the datagrams the unit's main process sends."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.address = str(path)
-
-    def drain(self) -> list[str]:
-        """Every datagram already received, without waiting."""
-        self.sock.setblocking(False)
-        received = []
-        try:
-            while True:
-                received.append(self.sock.recv(4096).decode())
-        except BlockingIOError:
-            return received
-
-    def until(self, line: str, timeout: float) -> list[str]:
-        """The datagrams received up to and including the first that holds ``line``."""
-        deadline = time.monotonic() + timeout
-        received: list[str] = []
-        while not received or line not in received[-1].splitlines():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {line}: {received}")
-            self.sock.settimeout(left)
-            try:
-                received.append(self.sock.recv(4096).decode())
-            except TimeoutError:
-                continue
-        return received
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _events(log_path: pathlib.Path, event: str) -> list[dict[str, object]]:
@@ -162,10 +128,8 @@ class TestProcessesUnderSystemd:
         env["NOTIFY_SOCKET"] = notify.address
         env["WATCHDOG_USEC"] = str(self.WATCHDOG_SECONDS * 1_000_000)
         log_path = tmp_path / "supervisor.log"
-        with log_path.open("wb") as log:
-            parent = subprocess.Popen(
-                [str(CLI), "run", "--processes", "2"], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        supervisor = Daemon.start(env, log_path, argv=[str(CLI), "run", "--processes", "2"])
+        parent = supervisor.process
         try:
             # READY=1 comes once both children are ready: each already serves its port.
             before_ready = notify.until("READY=1", timeout=60)
@@ -204,8 +168,7 @@ class TestProcessesUnderSystemd:
             with contextlib.suppress(ProcessLookupError):
                 for pid in {int(str(e["pid"])) for e in _events(log_path, "daemon_process_ready")}:
                     os.kill(pid, signal.SIGCONT)
-            parent.send_signal(signal.SIGTERM)
-            code = parent.wait(timeout=60)
+            code = supervisor.terminate(timeout=60)
         stopping = notify.drain()
         notify.close()
         log_text = log_path.read_text(errors="replace")

@@ -21,6 +21,7 @@ from seedance_archiver import metrics, models, simulator, store, utils
 from tests.helpers import (
     CLI,
     Launcher,
+    NotifySocket,
     base_env,
     daemon_settings,
     free_port,
@@ -46,26 +47,6 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-class NotifySocket:
-    """$NOTIFY_SOCKET as systemd offers it: what the daemon sends there, in order."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.received: list[str] = []
-
-    def drain(self) -> list[str]:
-        """The messages that arrived since the last drain (``received`` keeps them all)."""
-        new = []
-        while True:
-            try:
-                new.append(self.sock.recv(4096).decode())
-            except BlockingIOError:
-                self.received += new
-                return new
-
-
 @pytest.fixture
 def notify(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     """A notify socket the daemon started in this test reports to, with a 1 s watchdog."""
@@ -77,7 +58,7 @@ def notify(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     try:
         yield sock
     finally:
-        sock.sock.close()
+        sock.close()
 
 
 class TestEndpoints:
