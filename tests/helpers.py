@@ -393,7 +393,10 @@ class Launcher:
             **overrides,
         }
         settings = daemon_settings(
-            self.sim.url, self.db_url, f"file://{self.archive_dir}", **values
+            values.pop("api_base_url", self.sim.url),
+            values.pop("database_url", self.db_url),
+            values.pop("archive_url", f"file://{self.archive_dir}"),
+            **values,
         )
         built: list[service.Service] = []
         build = scheduler.build_service
