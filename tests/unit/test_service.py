@@ -364,11 +364,16 @@ class TestTerminal:
         assert rig.provider.fetches == []
 
     async def test_unknown_id_is_rejected_after_a_few_polls(self, rig: Rig) -> None:
+        """Brief retries: each 404 is polled again at the mode's cadence, with no back-off."""
         rig.store.add(TASK_ID)  # no script: the fake answers 404
         await rig.cycle()
+        cadence = RULES.cadences[rig.row().mode]
         for _ in range(RULES.not_found_polls - 1):
-            assert rig.row().state == State.POLLING
-            await rig.at(600)
+            row = rig.row()
+            assert row.state == State.POLLING and row.next_attempt_at is not None
+            wait = (row.next_attempt_at - rig.clock.now).total_seconds()
+            assert cadence.low <= wait <= cadence.high
+            await rig.at(wait)
         assert rig.row().state == State.REJECTED
         assert len(rig.provider.fetches) == RULES.not_found_polls
 
