@@ -214,7 +214,6 @@ class TestMalformedAnswers:
                 "their outcomes",
             )
             rows = {tid: d.row(tid) for tid in MALFORMED}
-            bad_polls = {tid: d.polls(tid) for tid in MALFORMED}
             for tid in MALFORMED:
                 sim.simulator.faults[tid].clear()
             for tid in MALFORMED:
@@ -224,12 +223,8 @@ class TestMalformedAnswers:
             row = rows[tid]
             assert row.state == "polling", (tid, row.state)
             assert what in (row.error or ""), (tid, row.error)
-            waits = gaps(bad_polls[tid])
-            # Never faster than the mode allows, and scheduled within its cadence: no backoff
-            # growth. Arrivals are the simulator's: one poll sent late on a busy machine shortens
-            # the gap after it as much as it lengthens the one before, so their mean holds where
-            # a single gap may not (one of 0.08 s was seen under the whole suite's load).
-            assert sum(waits) / len(waits) >= CADENCE_LOW - 0.05, (tid, waits)
+            # The daemon scheduled the next poll within the mode's cadence: no backoff growth.
+            # (That no poll comes sooner than the cadence is proven on a moved clock.)
             assert row.next_attempt_at is not None and row.last_polled_at is not None
             scheduled = (row.next_attempt_at - row.last_polled_at).total_seconds()
             assert CADENCE_LOW - 0.01 <= scheduled <= CADENCE_HIGH + 0.01, (tid, scheduled)
@@ -329,13 +324,12 @@ class TestCompletedWithoutVideo:
             await d.until(lambda: len(d.polls(tid)) >= 4, "repeated polls")
             await d.until(lambda: d.row(tid).polls >= 3, "their outcomes")
             row = d.row(tid)
-            linkless = d.polls(tid)
             assert sim.simulator.stats.downloads_started[tid] == 0
             sim.simulator.faults[tid].clear()
             await d.until_state(tid, "archived")
         assert row.state == "polling" and row.provider_status == "completed"
         assert "no video_url" in (row.error or "")
-        assert all(g >= CADENCE_LOW - 0.05 for g in gaps(linkless))
+        # Polled again within the mode's cadence (tests/unit/test_policy.py proves it on any draw).
         assert row.next_attempt_at is not None and row.last_polled_at is not None
         assert (row.next_attempt_at - row.last_polled_at).total_seconds() <= CADENCE_HIGH + 0.01
         assert_archived_intact(d, tid, SMALL)
