@@ -15,9 +15,15 @@ from typing import Any
 import pytest
 from seedance_archiver.providers import replicate
 
-from tests.acceptance.conftest import base_env, cli
-from tests.conftest import free_port, serving, wait_for
-from tests.helpers import SqliteFeeder, expected_sha
+from tests.helpers import (
+    SqliteFeeder,
+    base_env,
+    cli,
+    expected_sha,
+    free_port,
+    serving,
+    wait_for,
+)
 
 SUCCEEDED = "succeeded0000000000000000a"
 FAILED = "failed000000000000000000aa"

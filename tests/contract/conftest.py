@@ -6,11 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-Disagrees = Callable[[str, str], None]
-
 
 @pytest.fixture
-def disagrees(request: pytest.FixtureRequest) -> Disagrees:
+def disagrees(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
     """``disagrees(implementation, reason)``: this behaviour is known to fail on that implementation
     (the parameter's id, e.g. ``"postgresql"``), for ``reason``. The test runs there as a strict
     xfail: it says so in every run, and turns red once the implementation is fixed."""

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from seedance_archiver import archive, errors, simulator, testing, utils
-from seedance_archiver.archive import folder, s3
+from seedance_archiver.archive import Stored, folder, s3
 
 PREFIX = "videos"
 SMALL = 64 * 1024
@@ -34,7 +34,7 @@ class Store:
     read_link: Callable[[str], bytes]
     leave_unfinished: Callable[[str], None]
 
-    async def put_whole(self, task_id: str, data: bytes) -> archive.Stored:
+    async def put_whole(self, task_id: str, data: bytes) -> Stored:
         """Put ``data`` as ``task_id``'s video, and check that find and a link give all of it back."""
         put = await self.archive.put(task_id, stream(data), len(data))
         assert (put.size, put.sha256) == stored_as(data)

@@ -541,7 +541,11 @@ class TestWaitingOnSettings:
 
     def test_woken_counted_and_nothing_else_touched(self, any_store: store.Store) -> None:
         later = utils.utcnow() + dt.timedelta(hours=1)
-        waiting = {"state": "downloading", "error": self.WAITING, "next_attempt_at": later}
+        waiting: dict[str, Any] = {
+            "state": "downloading",
+            "error": self.WAITING,
+            "next_attempt_at": later,
+        }
         shaped(any_store, "video_waits", provider="reseller", **waiting)
         shaped(any_store, "video_other_provider", provider="ark", **waiting)
         shaped(

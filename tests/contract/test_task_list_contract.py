@@ -33,6 +33,12 @@ def fed(any_store: store.Store) -> list[str]:
     return [task_id for task_id, *_ in shapes]
 
 
+def cursor(task: models.Task) -> tuple[dt.datetime, str]:
+    """The keyset after ``task``: its (inserted_at, task_id)."""
+    assert task.inserted_at is not None
+    return task.inserted_at, task.task_id
+
+
 def ids(tasks: list[models.Task]) -> list[str]:
     return [t.task_id for t in tasks]
 
@@ -42,13 +48,9 @@ class TestTaskList:
         fed(any_store)
         first = any_store.list(limit=3)
         assert ids(first) == ["video_l6", "video_l5", "video_l4"]
-        last = first[-1]
-        assert last.inserted_at is not None
-        second = any_store.list(limit=3, before=(last.inserted_at, last.task_id))
+        second = any_store.list(limit=3, before=cursor(first[-1]))
         assert ids(second) == ["video_l3", "video_l2", "video_l1"]
-        assert ids(any_store.list(limit=3, before=(second[-1].inserted_at, "video_l1"))) == [
-            "video_l0"
-        ]
+        assert ids(any_store.list(limit=3, before=cursor(second[-1]))) == ["video_l0"]
 
     def test_filters_combine(self, any_store: store.Store) -> None:
         fed(any_store)

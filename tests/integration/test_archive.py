@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import boto3
@@ -194,7 +195,7 @@ class TestFileErrors:
         (root / folder.INCOMING_DIR).mkdir(parents=True)
         temp = root / folder.INCOMING_DIR / f"{task_id}.{pinned.hex}.part"
         temp.symlink_to("/dev/full")
-        monkeypatch.setattr(folder.uuid, "uuid4", lambda: pinned)
+        monkeypatch.setattr(uuid, "uuid4", lambda: pinned)
         store = folder.FileArchive(root)
 
         with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:
@@ -225,7 +226,7 @@ class TestFileErrors:
     ) -> None:
         store = folder.FileArchive(tmp_path / TOO_LONG_NAME)
         task_id = new_id()
-        calls = {
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
             "find": lambda: store.find(task_id),
             "put": lambda: store.put(task_id, video(task_id, SMALL), SMALL),
             "check": store.check,

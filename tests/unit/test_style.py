@@ -40,7 +40,9 @@ OWNERS = {
     "apscheduler": {"scheduler"},
     "alembic": {"schema"},
     "prometheus_client": {"metrics"},
-    "standardwebhooks": {"webhooks"},
+    # Ours signed (webhooks), Replicate's checked (its provider module), Replicate's played (the
+    # simulator signs as Replicate does).
+    "standardwebhooks": {"webhooks", "providers.replicate", "simulator"},
 }
 # Only these speak SQL (STYLE.md): the engine and its errors, the task rows, the outbox, LISTEN.
 SQL_MODULES = {"db", "store", "outbox", "listener"}
@@ -99,8 +101,8 @@ def _shadowing_parameters(source: str) -> list[str]:
     return found
 
 
-# Public keywords that name a column of the feeding contract (``track(..., provider=...)``).
-COLUMN_KEYWORDS = {"feeding": {"provider"}}
+# Public keywords that name a column of the table (``track(..., provider=...)``, ``list(provider=...)``).
+COLUMN_KEYWORDS = {name: {"provider"} for name in ("feeding", "store", "testing", "ui")}
 
 
 def test_no_parameter_shadows_a_module_of_the_package() -> None:
