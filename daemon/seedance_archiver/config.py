@@ -45,6 +45,9 @@ API_KEY_CREDENTIAL = "seedance-api-key"
 # Name of the systemd credential (LoadCredential=seedance-database-url:...) holding the database URL.
 DATABASE_URL_CREDENTIAL = "seedance-database-url"
 DEFAULT_DATABASE_URL = "sqlite:///seedance-archiver.db"
+# Name of the systemd credential holding SEEDANCE_UI_TOKEN, and the token's shortest length.
+UI_TOKEN_CREDENTIAL = "seedance-ui-token"
+UI_TOKEN_MIN_CHARS = 16
 # Name of the systemd credential (LoadCredential=seedance-webhook-secret:...) holding the secrets.
 WEBHOOK_SECRET_CREDENTIAL = "seedance-webhook-secret"
 # NoDecode: the value is "min-max" text, not JSON (pydantic-settings JSON-decodes complex types).
@@ -196,6 +199,10 @@ class Settings(_WithCallbackSecrets):
     # row due sooner (never sooner than its mode's shortest interval after its last poll). Each
     # provider's secret (Ark: SEEDANCE_CALLBACK_TOKEN) is declared by its module: CALLBACK_SECRETS.
     callbacks: bool = False
+    # The page under /ui/ may retry tasks and redeliver webhooks only with this token (use
+    # resolve_ui_token()); without it the page is read-only.
+    ui_token: pydantic.SecretStr | None = None
+    ui_token_file: pathlib.Path | None = None
     # Connections the HTTP port holds at once (callbacks, /metrics, /readyz); beyond it, 503.
     http_max_connections: int = pydantic.Field(default=HTTP_MAX_CONNECTIONS, ge=1, le=1000)
 
@@ -348,6 +355,30 @@ class Settings(_WithCallbackSecrets):
         problem = secret.problem(text)
         if problem is not None:
             raise errors.ConfigError(f"invalid setting {name}: {problem}")
+        return text
+
+    def resolve_ui_token(self) -> str | None:
+        """SEEDANCE_UI_TOKEN, its _FILE or the systemd credential, or None (the page is read-only).
+
+        At least 16 characters, none of them a space or a control character: it is typed into a
+        form and compared whole.
+        """
+        name = f"{ENV_PREFIX}UI_TOKEN"
+        if self.ui_token is not None:
+            text = self.ui_token.get_secret_value().strip()
+        elif self.ui_token_file is not None:
+            name = f"{name}_FILE"
+            text = _read_secret_file(self.ui_token_file, name)
+        elif (cred := _credential(UI_TOKEN_CREDENTIAL)) is not None:
+            name = f"credential {UI_TOKEN_CREDENTIAL}"
+            text = _read_secret_file(cred, name)
+        else:
+            return None
+        if len(text) < UI_TOKEN_MIN_CHARS or not text.isprintable() or " " in text:
+            raise errors.ConfigError(
+                f"invalid setting {name}: expected at least {UI_TOKEN_MIN_CHARS} characters, "
+                "no spaces (`openssl rand -hex 16` makes one)"
+            )
         return text
 
     def at_risk(self) -> models.AtRisk:
@@ -513,7 +544,7 @@ def unknown_settings(environ: Mapping[str, str] | None = None) -> list[tuple[str
 
 
 # Settings whose value is a secret: shown masked, never in clear.
-SECRET_SETTINGS = frozenset({"api_key", "webhook_secret", *CALLBACK_SECRETS})
+SECRET_SETTINGS = frozenset({"api_key", "webhook_secret", "ui_token", *CALLBACK_SECRETS})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,7 +566,7 @@ def effective(settings: Settings, environ: Mapping[str, str] | None = None) -> l
         variable = f"{ENV_PREFIX}{name.upper()}"
         source = "environment" if variable in present else "default"
         value: object = getattr(settings, name)
-        if name in ("api_key", "webhook_secret", "database_url", *CALLBACK_SECRETS):
+        if name in ("api_key", "webhook_secret", "ui_token", "database_url", *CALLBACK_SECRETS):
             value, source = _resolved(settings, name, source)
         elif name == "api_base_url" and source == "default":
             source = f"default (for SEEDANCE_PROVIDER={settings.provider})"
@@ -550,6 +581,7 @@ def _resolved(settings: Settings, name: str, source: str) -> tuple[object, str]:
         "api_key": API_KEY_CREDENTIAL,
         "webhook_secret": WEBHOOK_SECRET_CREDENTIAL,
         "database_url": DATABASE_URL_CREDENTIAL,
+        "ui_token": UI_TOKEN_CREDENTIAL,
         **{name: secret.credential for name, secret in CALLBACK_SECRETS.items()},
     }[name]
     if source == "environment":

@@ -43,12 +43,22 @@ class KeyGate:
         self.parts = parts
         self.last_answer_at: dt.datetime | None = None  # the provider last answered a poll
         self.checked_at: dt.datetime | None = None
+        self.accepted_at: dt.datetime | None = None  # a key check last said it is accepted
         self.blocked_until: dt.datetime | None = None  # when the rejected key is checked next
         self._check: asyncio.Future[bool | None] | None = None  # one check at a time
 
     @property
     def blocked(self) -> bool:
         return self.blocked_until is not None
+
+    @property
+    def state(self) -> str:
+        """Whether the key works, in a person's words (the page's overview)."""
+        if self.blocked:
+            return "rejected by the provider"
+        if self.last_answer_at is not None or self.accepted_at is not None:
+            return "accepted"
+        return "not known yet (no answer from the provider so far)"
 
     async def check(self) -> bool | None:
         """Ask the provider whether it accepts the API key (one request that costs nothing).
@@ -73,6 +83,7 @@ class KeyGate:
         if verdict is False:
             self.block(now, "the provider rejected the API key (HTTP 401/403)")
         elif verdict is True:
+            self.accepted_at = now
             self._unblock()
         return verdict
 

@@ -36,6 +36,7 @@ from seedance_archiver import (
     service,
     store,
     systemd,
+    ui,
     web,
     webhooks,
 )
@@ -338,6 +339,13 @@ class Daemon:
                 self.settings.http_port,
                 endpoint,
                 max_connections=self.settings.http_max_connections,
+                pages=ui.Pages(
+                    svc,
+                    task_store,
+                    token=self.settings.resolve_ui_token(),
+                    archive_root=archive.local_folder(self.settings.archive_url),
+                    clock=svc.clock,
+                ),
             )
             await self._server.start()
 

@@ -158,6 +158,9 @@ class SimTask:
     resolution: str = "720p"  # Ark's answer, Replicate's input
     # The first this many links the task is answered with are already expired (a real 403).
     stale_links: int = 0
+    # The video's bytes, where a test needs a real one (a browser plays it); else ``size``
+    # deterministic bytes (:func:`video_chunks`).
+    content: bytes | None = dataclasses.field(default=None, repr=False)
     # Fields of every answer replaced (or added) as given: a provider whose answers drifted from
     # its documented types (``{"actualDuration": "5.04"}``).
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -602,7 +605,7 @@ class Simulator:
         if faulty is not None:
             return faulty
         self.stats.downloads_started[task_id] += 1
-        size = task.size
+        size = task.size if task.content is None else len(task.content)
         length = int(fault["claim_length"]) if fault and "claim_length" in fault else size
         stop_at = int(fault["truncate_at"]) if fault and "truncate_at" in fault else size
         response = web.StreamResponse(
@@ -611,7 +614,12 @@ class Simulator:
         await response.prepare(request)
         throttle = float(fault["throttle"]) if fault and "throttle" in fault else None
         sent = 0
-        for chunk in video_chunks(task_id, min(size, stop_at)):
+        chunks = (
+            video_chunks(task_id, min(size, stop_at))
+            if task.content is None
+            else [task.content[:stop_at]]
+        )
+        for chunk in chunks:
             pieces = [chunk] if throttle is None else _split(chunk, THROTTLE_PIECE_BYTES)
             for piece in pieces:
                 if throttle is not None:

@@ -5,6 +5,7 @@
 - ``/readyz``: the database answers, the archive storage answers, the provider accepts the API
   key and is not in an outage (``outage.py``); 503 with the failing checks otherwise.
 - ``/metrics``: Prometheus text format (see ``metrics.py``).
+- ``/ui/``: the pages to look at (``ui.py``): tasks, what is at risk, the archived video.
 - ``POST /callbacks/{provider}[/{token}]`` (only with SEEDANCE_CALLBACKS=true, for a provider that
   sends callbacks): the task the body names becomes due sooner (``callbacks.py``). A callback that
   is not the provider's by its rule (Ark: a wrong or missing token in the path; Replicate: a
@@ -37,6 +38,7 @@ from seedance_archiver import (
     policy,
     provider,
     service,
+    ui,
     utils,
 )
 
@@ -104,6 +106,7 @@ class WebServer:
         port: int,
         endpoint: Callbacks | None = None,
         max_connections: int = config.HTTP_MAX_CONNECTIONS,
+        pages: ui.Pages | None = None,
     ) -> None:
         self.svc = svc
         self.store = task_store
@@ -111,6 +114,7 @@ class WebServer:
         self.port = port
         self.callbacks = endpoint
         self.max_connections = max_connections
+        self.pages = pages
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._hastening: asyncio.Task[None] | None = None
@@ -126,6 +130,8 @@ class WebServer:
             path = f"/callbacks/{self.svc.provider.name}"
             app.router.add_post(path, self.on_callback)  # no token: refused, and counted
             app.router.add_post(path + "/{token:.*}", self.on_callback)
+        if self.pages is not None:
+            self.pages.routes(app)
         return app
 
     async def start(self) -> None:
@@ -155,6 +161,8 @@ class WebServer:
             await self._runner.cleanup()
         if self._listener is not None:
             await self._listener.wait_closed()
+        if self.pages is not None:
+            self.pages.close()
 
     def _over_capacity(self) -> None:
         self.svc.metrics.http_connections_refused.inc()

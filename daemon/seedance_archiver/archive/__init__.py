@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import pathlib
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -165,6 +166,15 @@ def from_url(
         raise errors.ConfigError(f"invalid setting SEEDANCE_ARCHIVE_URL: expected {expected}")
     store: Archive = scheme.load().from_url(url, meters=meters, executor=executor)
     return store
+
+
+def local_folder(url: str) -> pathlib.Path | None:
+    """The folder of a ``file://`` archive URL (``file://./dir`` is relative to the working
+    directory); None for a store of another scheme."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "file":
+        return None
+    return pathlib.Path(urllib.parse.unquote(parts.netloc + parts.path))
 
 
 def link(uri: str, expires_seconds: int) -> str:

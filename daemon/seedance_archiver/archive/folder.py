@@ -48,8 +48,10 @@ class FileArchive:
         executor: concurrent.futures.Executor | None = None,
     ) -> FileArchive:
         """The folder of ``file:///dir`` (``file://./dir`` is relative to the working directory)."""
-        parts = urllib.parse.urlsplit(url)
-        return cls(pathlib.Path(parts.netloc + parts.path), executor=executor)
+        root = archive.local_folder(url)
+        if root is None:
+            raise ValueError(f"not a folder's URL: {url!r}")
+        return cls(root, executor=executor)
 
     def link(self, uri: str, expires_seconds: int) -> str:
         # A path on this machine: it needs no credentials, and never expires.
