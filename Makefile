@@ -16,7 +16,7 @@ PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
 STANDIN    ?= ../shared/tools/standin-image.sh
 
 .PHONY: demo try docs test lint format unit integration acceptance deploy-check image-check lock \
-	lowest pythons prometheus-check prometheus-tools clean
+	lowest pythons prometheus-check prometheus-tools ui-check browser-tools clean
 
 $(STAMP): pyproject.toml uv.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -137,5 +137,22 @@ prometheus-tools:
 		/etc/init.d/prometheus stop; \
 	fi
 
+## ui-check: the page under /ui/ in a real browser, Debian's chromium driven by chromedriver (the
+## pytest tests marked browser); screenshots of each page land in .screenshots/
+ui-check: $(STAMP) browser-tools
+	$(BIN)/pytest -m browser tests/browser
+
+# chromium and chromium-driver come from Debian's packages, installed here when either is missing
+# (as root; anyone else is told what to install).
+browser-tools:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+		echo "chromium or chromedriver is missing: install Debian's chromium and chromium-driver" >&2; \
+		exit 1; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get install -y --no-install-recommends chromium chromium-driver \
+		|| { apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver; }
+
 clean:
-	rm -rf $(VENV) $(LOWEST) $(LOWEST).txt $(addprefix .venv-,$(basename $(PYTHONS))) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info .site
+	rm -rf .screenshots $(VENV) $(LOWEST) $(LOWEST).txt $(addprefix .venv-,$(basename $(PYTHONS))) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info .site
