@@ -36,18 +36,18 @@ INSERT INTO video_tasks (task_id, mode, state, provider, provider_status, model,
     updated_at, next_attempt_at, polls, archive_uri, archive_bytes, archive_sha256, expires_at)
 SELECT
     'video_bench_' || lpad(i::text, 8, '0'),
-    (ARRAY['draft', 'standard', 'flex'])[1 + i % 3],
-    CASE WHEN i % 100 = 0 THEN 'polling' ELSE 'archived' END,
-    CASE WHEN i % 7 = 0 THEN 'ark' ELSE 'reseller' END,
-    CASE WHEN i % 100 = 0 THEN 'processing' ELSE 'completed' END,
+    (ARRAY['draft', 'standard', 'flex'])[1 + i %% 3],
+    CASE WHEN i %% 100 = 0 THEN 'polling' ELSE 'archived' END,
+    CASE WHEN i %% 7 = 0 THEN 'ark' ELSE 'reseller' END,
+    CASE WHEN i %% 100 = 0 THEN 'processing' ELSE 'completed' END,
     'seedance_1_5_pro_720p',
     now() - make_interval(secs => %(rows)s - i),
     now() - make_interval(secs => %(rows)s - i),
     now() + interval '1 day',
     3,
-    CASE WHEN i % 100 = 0 THEN NULL ELSE 'file:///archive/video_bench_' || i || '.mp4' END,
-    CASE WHEN i % 100 = 0 THEN NULL ELSE 2000000 END,
-    CASE WHEN i % 100 = 0 THEN NULL ELSE md5(i::text) || md5(i::text) END,
+    CASE WHEN i %% 100 = 0 THEN NULL ELSE 'file:///archive/video_bench_' || i || '.mp4' END,
+    CASE WHEN i %% 100 = 0 THEN NULL ELSE 2000000 END,
+    CASE WHEN i %% 100 = 0 THEN NULL ELSE md5(i::text) || md5(i::text) END,
     now() + interval '1 day'
 FROM generate_series(1, %(rows)s) AS i
 """

@@ -29,9 +29,8 @@ class WebhookBacklog:
 
     pending: int
     oldest_pending_at: dt.datetime | None  # when the oldest undelivered event was written
-    given_up: (
-        int  # failed (the schedule ran out), or disabled (410 Gone, before 410 paused the endpoint)
-    )
+    # Failed (the schedule ran out), or disabled (410 Gone, before 410 paused the endpoint).
+    given_up: int
     paused_endpoints: int = 0  # webhook URLs paused by a 410 Gone, until an operator resumes them
 
 
