@@ -412,6 +412,18 @@ class Database:
         """A transaction; with ``rows``, a refused write is sorted as :func:`translate` says."""
         return _Transaction(self.engine, rows)
 
+    def default_time(self, at: dt.datetime, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """``at``, to compare with a ``column`` that a database default may have written.
+
+        SQLite keeps times as text, and its default (CURRENT_TIMESTAMP, in the table's defaults and
+        the outbox trigger) writes whole seconds without a fraction, where a bound datetime gets six
+        digits: "12:00:01" < "12:00:01.000000", so the same instant would compare smaller. On SQLite
+        a whole second is bound as the default writes it; elsewhere ``at`` is bound as it is."""
+        if self.dialect != "sqlite":
+            return sa.bindparam(None, at, type_=column.type)
+        naive = at.astimezone(dt.UTC).replace(tzinfo=None)
+        return sa.literal(naive.isoformat(" ", "microseconds" if naive.microsecond else "seconds"))
+
     def lease_clock(self, now: dt.datetime) -> sa.ColumnElement[Any]:
         """The clock that leases follow.
 

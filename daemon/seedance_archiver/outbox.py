@@ -329,7 +329,7 @@ class Outbox:
             sa.update(ob)
             .where(
                 ob.c.state == models.Delivery.PENDING.value,
-                ob.c.created_at < before,
+                ob.c.created_at < self.db.default_time(before, ob.c.created_at),
                 free,
             )
             .values(

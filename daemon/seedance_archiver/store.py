@@ -756,16 +756,6 @@ class Tasks:
         with self.db.begin() as conn:
             return [models.Move(*row) for row in conn.execute(stmt)]
 
-    def _inserted_at(self, at: dt.datetime) -> sa.ColumnElement[Any]:
-        """``at`` as an ``inserted_at`` is stored, to compare with one. On SQLite the column is text,
-        and its default (CURRENT_TIMESTAMP) writes whole seconds without a fraction, where a bound
-        datetime gets six digits: "12:00:01" < "12:00:01.000000", so the same instant would compare
-        smaller. A whole second is bound as the default writes it."""
-        if self.db.dialect != "sqlite":
-            return sa.bindparam("b_at", at, type_=t.c.inserted_at.type)
-        naive = at.astimezone(dt.UTC).replace(tzinfo=None)
-        return sa.literal(naive.isoformat(" ", "microseconds" if naive.microsecond else "seconds"))
-
     def at_risk_tasks(
         self, now: dt.datetime, at_risk: models.AtRisk, limit: int
     ) -> list[models.Task]:
@@ -795,7 +785,10 @@ class Tasks:
         if before is not None:
             stmt = stmt.where(
                 sa.tuple_(t.c.inserted_at, t.c.task_id)
-                < sa.tuple_(self._inserted_at(before[0]), sa.literal(before[1], sa.Text))
+                < sa.tuple_(
+                    self.db.default_time(before[0], t.c.inserted_at),
+                    sa.literal(before[1], sa.Text),
+                )
             )
         if limit is not None:
             stmt = stmt.limit(limit)
