@@ -266,6 +266,25 @@ class TestTask:
         shot(browser, "task-retried")
 
 
+class TestRedeliver:
+    def test_a_webhook_event_is_sent_again_with_the_token(self, browser: Any, site: Site) -> None:
+        browser.get(site.url(f"/ui/tasks/{ARCHIVED}"))
+        (form,) = browser.find_elements("css selector", "form[id^='redeliver-']")
+        event_id = form.get_attribute("id").removeprefix("redeliver-")
+        form.find_element("name", "token").send_keys("not-" + TOKEN)
+        form.submit()
+        wait_for(lambda: "refused" in browser.page_source, timeout=10, what="the refusal")
+        browser.get(site.url(f"/ui/tasks/{ARCHIVED}"))
+        form = by_id(browser, f"redeliver-{event_id}")
+        form.find_element("name", "token").send_keys(TOKEN)
+        form.submit()
+        wait_for(lambda: "sent again" in browser.page_source, timeout=10, what="the redelivery")
+        assert (
+            f"webhook #{event_id} (task.archived) will be sent again now"
+            in by_id(browser, "notice").text
+        )
+
+
 class TestForgedActions:
     """Outside the browser: a POST without the page's CSRF value, or from another origin, is
     refused even with the token."""
