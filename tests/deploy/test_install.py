@@ -125,7 +125,7 @@ class TestWheel:
         with zipfile.ZipFile(wheel) as built:
             held = {name for name in built.namelist() if name.endswith(".py")}
         assert "seedance_archiver/store.py" in sources
-        assert sources - held == set(), "not in the wheel: name its package in pyproject.toml"
+        assert sources - held == set(), "not in the wheel: is its folder a package (__init__.py)?"
         assert held - sources == set(), "in the wheel, but not in the source tree"
 
 

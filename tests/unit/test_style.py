@@ -19,10 +19,12 @@ from seedance_archiver.providers import http as providers_http
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "daemon" / "seedance_archiver"
 # Top-level modules by name, a subpackage's as ``providers.ark`` (its __init__ as ``providers``):
-# the rules hold for them alike.
+# the rules hold for them alike. Not the migrations (the top-level migrations/, shipped in the
+# package through a symlink): Alembic's scripts, with rules of their own (schema.py).
 MODULES = {
     ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): p
     for p in [*PACKAGE.glob("*.py"), *PACKAGE.glob("*/*.py")]
+    if p.relative_to(PACKAGE).parts[0] != "migrations"
 }
 
 # Each I/O library belongs to the one module that is the seam for it (STYLE.md, "Layout").
