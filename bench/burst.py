@@ -1,0 +1,268 @@
+"""A burst of finished videos: how long the daemon takes to archive N at once, against a bare
+downloader doing the same work in the same run.
+
+N rows are inserted at once (one INSERT of them all) into a fresh database: SQLite and a folder, or
+PostgreSQL (the benchmark's own database, dropped at the end) with a folder or S3 (``--s3`` an
+endpoint: moto's server, or radosgw from ``bench/rgw.sh``; the bucket is made and emptied). The
+simulator (a process of its own) knows every id as finished at once, its video ``--size`` bytes. The
+installed ``seedance-archiver run`` (``--processes`` of them) archives them; the clock runs from the
+insert until every row is ``archived``. CPU-s is the daemon's processes' own (from /proc).
+
+The floor, in the same run, is a bare aiohttp loop doing the same work at the daemon's download
+concurrency (``Service.MAX_DOWNLOADS`` per process): poll each id, stream its video to a temporary
+file while hashing it with SHA-256, fsync, rename; its CPU-s is this process's own. Per video, the
+run also reports the polls the simulator answered, the files the archive holds, and on PostgreSQL
+the transactions committed and the webhook-outbox rows written.
+
+    .venv/bin/python -m bench.burst --videos 1000 --size 2000000
+    .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql
+    .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql --s3 URL
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import pathlib
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import psycopg
+
+from bench import common
+
+CLI = pathlib.Path(sys.executable).parent / "seedance-archiver"
+DOWNLOADS_PER_PROCESS = 4  # service.Service.MAX_DOWNLOADS
+POLL_PATH = "/v1/result/"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--videos", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=2_000_000, help="bytes per video")
+    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--s3", help="an S3 endpoint URL (moto, radosgw); else a folder")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--deadline", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    auto = json.dumps({"queued_seconds": 0, "ready_seconds": 0, "size": args.size})
+    ids = [f"video_burst_{n:07d}" for n in range(args.videos)]
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp,
+        common.simulator(auto=auto) as (sim_url, _),
+        _database(args.db, pathlib.Path(tmp)) as (db_url, pg_name),
+    ):
+        _finished(sim_url, ids, args.size)
+        floor = pathlib.Path(tmp) / "floor"
+        floor.mkdir()
+        floor_wall, floor_cpu = asyncio.run(
+            _bare(sim_url, ids, floor, DOWNLOADS_PER_PROCESS * args.processes)
+        )
+        archive = _archive(args.s3, pathlib.Path(tmp))
+        env = _env(sim_url, db_url, archive, args.s3)
+        subprocess.run([str(CLI), "migrate"], env=env, check=True, capture_output=True)
+        commits_before = _commits(pg_name)
+        polls_before = _polls(sim_url)
+        log = pathlib.Path(tmp) / "daemon.log"
+        with log.open("wb") as out:
+            argv = [str(CLI), "run", *(["--processes", str(args.processes)] * (args.processes > 1))]
+            daemon = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(2.0)  # started and idle: its start-up is not the burst's
+            cpu_before = _tree_cpu(daemon.pid)
+            started = time.monotonic()
+            _insert(args.db, db_url, ids)
+            archived = _wait_archived(args.db, db_url, len(ids), started + args.deadline)
+            wall = time.monotonic() - started
+            cpu = _tree_cpu(daemon.pid) - cpu_before
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+        polls = _polls(sim_url) - polls_before
+        commits = _commits(pg_name) - commits_before
+        outbox = _count(args.db, db_url, "webhook_outbox")
+        files = _files(archive)
+    where = f"{args.db} + {'S3' if args.s3 else 'folder'}, {args.processes} process(es)"
+    print(f"{archived} of {len(ids)} archived; {where}; {args.videos} x {args.size:,} bytes")
+    print(
+        common.markdown_table(
+            ["", "wall s", "videos/s", "CPU-s"],
+            [
+                ["daemon", f"{wall:.1f}", f"{archived / wall:.1f}", f"{cpu:.1f}"],
+                ["floor", f"{floor_wall:.1f}", f"{len(ids) / floor_wall:.1f}", f"{floor_cpu:.1f}"],
+                ["ratio", f"{wall / floor_wall:.2f}", "", f"{cpu / floor_cpu:.2f}"],
+            ],
+        )
+    )
+    per = max(archived, 1)
+    print(
+        f"per video: {polls / per:.2f} polls, {files / per:.2f} files in the archive, "
+        + (f"{commits / per:.2f} transactions, " if pg_name else "")
+        + f"{outbox / per:.2f} outbox rows"
+    )
+
+
+async def _bare(
+    sim_url: str, ids: list[str], folder: pathlib.Path, slots: int
+) -> tuple[float, float]:
+    """The floor: poll, stream to a temporary file with SHA-256, fsync, rename; ``slots`` at once
+    (``folder`` exists). The file work blocks the loop, as a bare downloader's does."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for task_id in ids:
+        queue.put_nowait(task_id)
+    headers = {"Authorization": f"Bearer {common.API_KEY}"}
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            task_id = queue.get_nowait()
+            async with session.get(sim_url + POLL_PATH + task_id, headers=headers) as answer:
+                link = (await answer.json())["video_url"]
+            digest = hashlib.sha256()
+            temp = folder / f"{task_id}.part"
+            async with session.get(link) as video:
+                with temp.open("wb") as out:
+                    async for chunk in video.content.iter_chunked(1024 * 1024):
+                        digest.update(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+            temp.rename(folder / f"{task_id}.mp4")
+
+    cpu, started = time.process_time(), time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session) for _ in range(slots)))
+    return time.monotonic() - started, time.process_time() - cpu
+
+
+@contextlib.contextmanager
+def _database(kind: str, tmp: pathlib.Path) -> Iterator[tuple[str, str | None]]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp}/tasks.db", None
+        return
+    with common.database("bench_burst") as (name, url):
+        yield url, name
+
+
+def _archive(s3: str | None, tmp: pathlib.Path) -> str:
+    if s3 is None:
+        return f"file://{tmp}/archive"
+    import boto3
+
+    bucket = f"bench-burst-{os.getpid()}"
+    boto3.client("s3", endpoint_url=s3).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/videos"
+
+
+def _env(sim_url: str, db_url: str, archive: str, s3: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")}
+    env.update(
+        {
+            "SEEDANCE_API_KEY": common.API_KEY,
+            "SEEDANCE_API_BASE_URL": sim_url,
+            "SEEDANCE_DATABASE_URL": db_url,
+            "SEEDANCE_ARCHIVE_URL": archive,
+            "SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES": "http",
+            "SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS": "true",
+            "SEEDANCE_HTTP_PORT": "0",
+            "SEEDANCE_LOG_FORMAT": "json",
+            "SEEDANCE_MAX_REQUESTS_PER_SECOND": "1000",
+        }
+    )
+    if s3 is not None:
+        env["AWS_ENDPOINT_URL"] = s3
+    return env
+
+
+def _insert(kind: str, url: str, ids: list[str]) -> None:
+    rows = [(task_id,) for task_id in ids]
+    if kind == "sqlite":
+        with sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30) as conn:
+            conn.executemany("INSERT INTO video_tasks (task_id) VALUES (?)", rows)
+        return
+    with psycopg.connect(url.replace("postgresql://", "postgresql://", 1)) as conn:
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO video_tasks (task_id) VALUES (%s)", rows)
+
+
+def _scalar(kind: str, url: str, sql: str) -> int:
+    if kind == "sqlite":
+        with sqlite3.connect(url.removeprefix("sqlite:///"), timeout=30) as conn:
+            return int(conn.execute(sql).fetchone()[0])
+    with psycopg.connect(url) as conn:
+        row = conn.execute(sql).fetchone()
+        return int(row[0]) if row else 0
+
+
+def _count(kind: str, url: str, table: str) -> int:
+    return _scalar(kind, url, f"SELECT count(*) FROM {table}")
+
+
+def _wait_archived(kind: str, url: str, total: int, until: float) -> int:
+    while True:
+        done = _scalar(kind, url, "SELECT count(*) FROM video_tasks WHERE state = 'archived'")
+        if done >= total or time.monotonic() > until:
+            return done
+        time.sleep(0.2)
+
+
+def _finished(sim_url: str, ids: list[str], size: int) -> None:
+    """Every id finished at the simulator before anyone asks (created a minute ago)."""
+    created = time.time() - 60
+    tasks = [
+        {"id": task_id, "created": created, "queued_seconds": 0, "ready_seconds": 0, "size": size}
+        for task_id in ids
+    ]
+    request = urllib.request.Request(
+        sim_url + "/_sim/tasks",
+        data=json.dumps(tasks).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.read()
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU-s of a process and its children (``run --processes`` starts them)."""
+    return common.process_cpu_seconds(pid) + sum(
+        common.process_cpu_seconds(child) for child in common.child_pids(pid)
+    )
+
+
+def _polls(sim_url: str) -> int:
+    with urllib.request.urlopen(sim_url + "/_sim/stats", timeout=30) as response:
+        stats: dict[str, Any] = json.loads(response.read())
+    return sum(int(n) for n in stats["polls"].values())
+
+
+def _commits(name: str | None) -> int:
+    if name is None:
+        return 0
+    with psycopg.connect(common.PG_ADMIN_DSN) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (name,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _files(archive: str) -> int:
+    if archive.startswith("file://"):
+        return sum(
+            1 for path in pathlib.Path(archive.removeprefix("file://")).rglob("*") if path.is_file()
+        )
+    return 0  # S3: the objects are counted by the store, not here
+
+
+if __name__ == "__main__":
+    main()
