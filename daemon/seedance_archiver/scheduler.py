@@ -287,6 +287,7 @@ class Daemon:
     async def _schedule(self) -> None:
         svc, _ = self._parts()
         self._ticker = _Ticker(_guarded("tick", self._tick))
+        svc.on_download_room = self._ticker.run_soon
         self._every("tick", self._ticker.run, self.tick_seconds, now=True)
         self._every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
         self._every("housekeeping", svc.maintenance.housekeeping, HOUSEKEEPING_SECONDS, now=True)

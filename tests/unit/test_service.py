@@ -119,6 +119,21 @@ class TestArchiving:
         assert rig.provider.downloads == [URL]
         assert rig.svc.stats.archived == 1
 
+    async def test_a_download_that_ends_asks_for_a_tick_at_once(self, rig: Rig) -> None:
+        """A slot that frees is filled now, not at the next interval: the scheduler's hook runs
+        once per download that ends, and not for a poll that finds the video still coming."""
+        asked: list[str] = []
+        rig.svc.on_download_room = lambda: asked.append("tick")
+        rig.store.add("video_generating")
+        rig.provider.script("video_generating", answer("video_generating", "processing"))
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = VIDEO
+        await rig.cycle()
+        assert rig.row().state == State.ARCHIVED
+        assert rig.row("video_generating").state == State.POLLING
+        assert asked == ["tick"]
+
     async def test_video_already_in_the_archive_is_not_downloaded(self, rig: Rig) -> None:
         stored = b"committed before a crash"
         rig.archive.objects[TASK_ID] = stored
