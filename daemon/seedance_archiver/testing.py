@@ -597,6 +597,8 @@ class FakeProvider:
         # What check_key answers: True (accepted), False (rejected) or None (can't tell).
         self.key_ok: bool | None = True
         self.key_checks = 0
+        # The provider's own id rule (Provider.task_id_problem); None accepts every valid id.
+        self.id_rule: Callable[[str], str | None] | None = None
 
     def script(self, task_id: str, *replies: Reply) -> None:
         """The replies to the next polls of ``task_id``; the last one repeats."""
@@ -617,7 +619,7 @@ class FakeProvider:
         return self.key_ok
 
     def task_id_problem(self, task_id: str) -> str | None:
-        return None
+        return self.id_rule(task_id) if self.id_rule is not None else None
 
     @contextlib.asynccontextmanager
     async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:

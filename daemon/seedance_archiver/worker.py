@@ -79,7 +79,11 @@ class Worker:
     ) -> models.Task | None:
         decided = policy.before_work(row, self.parts.clock(), self.parts.provider.task_id_problem)
         if decided is not None:
-            return decided  # an id that can never be valid: no key in the archive either
+            if policy.task_id_problem(row.task_id) is not None:
+                return decided  # an id that can never be valid: no key in the archive either
+            # Not this provider's kind of id, but a valid key: another provider's daemon may
+            # have archived it, so the archive is looked at first, as for every verdict.
+            return await self._looked_up(row, decided, task_log)
         if row.state == models.State.DOWNLOADING and row.video_url:
             outcome = await self._archive(row, task_log)
         else:

@@ -134,6 +134,21 @@ class TestArchiving:
         assert rig.row("video_generating").state == State.POLLING
         assert asked == ["tick"]
 
+    async def test_an_id_the_provider_never_issues_is_rejected_after_a_look_in_the_archive(
+        self, rig: Rig
+    ) -> None:
+        """The provider's own id rule refuses it unasked; a video another provider's daemon
+        archived under it is found first, and the row ends archived, not rejected."""
+        rig.provider.id_rule = lambda task_id: None if task_id.isalnum() else "not its kind of id"
+        rig.archive.objects["video_kept"] = b"archived by another provider's daemon"
+        for task_id in ("video_kept", "video_refused"):
+            rig.store.add(task_id)
+        await rig.cycle()
+        assert rig.row("video_kept").state == State.ARCHIVED
+        refused = rig.row("video_refused")
+        assert (refused.state, refused.error) == (State.REJECTED, "not its kind of id")
+        assert rig.provider.fetches == []
+
     async def test_video_already_in_the_archive_is_not_downloaded(self, rig: Rig) -> None:
         stored = b"committed before a crash"
         rig.archive.objects[TASK_ID] = stored
