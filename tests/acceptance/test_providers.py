@@ -18,7 +18,7 @@ from tests.helpers import PostgresFeeder, SqliteFeeder, base_env, cli, free_port
 
 RESELLER_IDS = ["video_share_1", "video_share_2", "video_share_3"]
 ARK_IDS = ["cgt-20261202-share-1", "cgt-20261202-share-2", "cgt-20261202-share-3"]
-KEY_CHECKS = {providers.reseller.KEY_CHECK_TASK_ID, providers.ark.KEY_CHECK_TASK_ID}
+KEY_CHECKS = {providers.http.KEY_CHECK_TASK_ID}
 
 
 def _archived(rows: dict[str, dict[str, Any]], ids: list[str]) -> bool:

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 from seedance_archiver import keygate, simulator
-from seedance_archiver.providers import reseller
+from seedance_archiver.providers import http as provider_http
 
 from tests.helpers import (
     CLI,
@@ -52,7 +52,7 @@ class TestKeyRejectedWhileRunning:
         for tid in self.IDS:
             sim.simulator.add_task(tid, ready_seconds=3600, size=SMALL)
         port = free_port()
-        probe = reseller.KEY_CHECK_TASK_ID
+        probe = provider_http.KEY_CHECK_TASK_ID
 
         def task_polls() -> int:
             return sum(sim.simulator.stats.polls[tid] for tid in self.IDS)

@@ -27,6 +27,7 @@ import pytest
 from aiohttp import web
 from seedance_archiver import errors, models, netguard, provider, simulator, wire
 from seedance_archiver.providers import ark, reseller
+from seedance_archiver.providers import http as provider_http
 from seedance_archiver.providers import http as providers_http
 
 from tests.helpers import SIM_KEY, free_port, serving
@@ -694,14 +695,14 @@ class TestCheckKey:
     async def test_403_is_rejected(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
-        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=403)
+        sim.simulator.add_fault(provider_http.KEY_CHECK_TASK_ID, on="poll", status=403)
         assert await client.check_key() is False
 
     @pytest.mark.parametrize("status", [500, 503, 429, 400])
     async def test_other_answers_cannot_tell(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider, status: int
     ) -> None:
-        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", status=status)
+        sim.simulator.add_fault(provider_http.KEY_CHECK_TASK_ID, on="poll", status=status)
         assert await client.check_key() is None
         # The fault was consumed: the next check can tell again.
         assert await client.check_key() is True
@@ -709,7 +710,7 @@ class TestCheckKey:
     async def test_a_provider_that_makes_up_tasks_cannot_tell(
         self, sim: simulator.SimulatorThread, client: providers_http.HttpProvider
     ) -> None:
-        sim.simulator.add_task(reseller.KEY_CHECK_TASK_ID)
+        sim.simulator.add_task(provider_http.KEY_CHECK_TASK_ID)
         assert await client.check_key() is None
 
     async def test_a_stopped_provider_cannot_tell(self) -> None:
@@ -723,7 +724,7 @@ class TestCheckKey:
             await http.aclose()
 
     async def test_a_timeout_cannot_tell(self, sim: simulator.SimulatorThread) -> None:
-        sim.simulator.add_fault(reseller.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
+        sim.simulator.add_fault(provider_http.KEY_CHECK_TASK_ID, on="poll", delay=1.5)
         http = new_client(sim.url, SIM_KEY, timeout_seconds=0.3, url_rules=LOCAL_HTTP)
         try:
             assert await http.check_key() is None
@@ -747,15 +748,18 @@ class TestCheckKey:
                 await http.aclose()
         assert seen == [
             (
-                f"/api/v1/result/{reseller.KEY_CHECK_TASK_ID}",
+                f"/api/v1/result/{provider_http.KEY_CHECK_TASK_ID}",
                 f"Bearer {SIM_KEY}",
                 "application/json",
             )
         ]
 
     def test_the_id_is_one_the_provider_never_issues(self) -> None:
-        assert not reseller.KEY_CHECK_TASK_ID.startswith("video_")
-        assert urllib.parse.quote(reseller.KEY_CHECK_TASK_ID, safe="") == reseller.KEY_CHECK_TASK_ID
+        assert not provider_http.KEY_CHECK_TASK_ID.startswith("video_")
+        assert (
+            urllib.parse.quote(provider_http.KEY_CHECK_TASK_ID, safe="")
+            == provider_http.KEY_CHECK_TASK_ID
+        )
 
 
 class TestArkDialect:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from seedance_archiver import policy, simulator
 from seedance_archiver.archive import folder
-from seedance_archiver.providers import reseller
+from seedance_archiver.providers import http as provider_http
 
 from tests.helpers import (
     FOREVER,
@@ -71,7 +71,7 @@ class TestHostileTaskIds:
                 row = await d.until_state(tid, "rejected", 10)
                 assert row.error is not None and row.error.startswith("invalid task id"), row.error
             await d.until_state("video_fine", "archived")
-        assert set(sim.simulator.stats.polls) - {reseller.KEY_CHECK_TASK_ID} == {"video_fine"}
+        assert set(sim.simulator.stats.polls) - {provider_http.KEY_CHECK_TASK_ID} == {"video_fine"}
         assert set(sim.simulator.stats.downloads_started) == {"video_fine"}
         assert_archived_intact(d, "video_fine", SMALL)
         # Nothing written outside the archive folder but the database's own files, and nothing in

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from seedance_archiver import errors, models, policy
 from seedance_archiver.providers import ark, fields
+from seedance_archiver.providers import http as provider_http
 
 from tests.unit import jsonfuzz
 
@@ -332,7 +333,7 @@ class TestDialect:
         assert ark.DIALECT.task_path(TASK_ID) == f"/api/v3/contents/generations/tasks/{TASK_ID}"
 
     def test_the_key_check_id_can_never_be_issued(self) -> None:
-        assert not ark.KEY_CHECK_TASK_ID.startswith("cgt-")
+        assert not provider_http.KEY_CHECK_TASK_ID.startswith("cgt-")
 
 
 class TestCallback:

@@ -42,8 +42,6 @@ NAME = "ark"
 # Volcengine's; BytePlus ModelArk users set https://ark.ap-southeast.bytepluses.com.
 DEFAULT_BASE_URL = "https://ark.cn-beijing.volces.com"
 TASKS_PATH = "/api/v3/contents/generations/tasks/"
-# Ark issues ids like ``cgt-20250101…``; this one has no such prefix, so it can never be issued.
-KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 EXPIRED_REASON = "expired at the provider before it ran"
 SHORT_MAX_CHARS = 100  # resolution: a short word, never a blob
 # Ark's lifetimes: a video 24 h from its generation; a flex task may wait in the queue for its
@@ -132,10 +130,7 @@ class Ark(http.Dialect):
     """Ark's dialect for :class:`http.HttpProvider`: its own path, the common contract otherwise."""
 
     name = NAME
-    key_check_task_id = KEY_CHECK_TASK_ID
-
-    def task_path(self, task_id: str) -> str:
-        return TASKS_PATH + task_id
+    tasks_path = TASKS_PATH
 
     def parse(self, task_id: str, body: bytes) -> models.Answer:
         return parse_answer(task_id, body)

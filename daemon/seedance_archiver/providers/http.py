@@ -37,6 +37,12 @@ def _body_kind(response: httpx.Response, body: bytes) -> str:
     )
 
 
+# The task id ``check_key`` asks about: hyphens and this prefix, so no provider ever issued it
+# (reseller: ``video_<hex>``; Ark: ``cgt-…``; Replicate: lowercase letters and digits). The provider
+# answers its own 404 when it accepts the key and 401/403 when it does not; no task is read or
+# created. Only unreserved URL characters, so it reaches the provider as written.
+KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
+
 NOT_OWN_404 = "the provider answered 404 without its own JSON error (an outage, not a verdict)"
 # What a video host's refusal of a signed link means by default: it ran out, poll for a fresh one.
 REFUSED_LINK_STATUSES = frozenset({403, 404, 410})
@@ -53,8 +59,10 @@ class Dialect(Protocol):
     """
 
     name: str
+    # Where its tasks are asked about: ``tasks_path`` + the quoted id, under the base URL.
+    tasks_path: str
     # An id the provider can never issue: asked about by ``check_key``, a 404 means the key passed.
-    key_check_task_id: str
+    key_check_task_id: str = KEY_CHECK_TASK_ID
     # The video host's statuses that mean the link was refused: LinkExpired, poll again for a fresh one.
     refused_link_statuses: frozenset[int] = REFUSED_LINK_STATUSES
     # Whether a download carries the API key (a link behind the provider's own authorisation) or
@@ -63,7 +71,7 @@ class Dialect(Protocol):
 
     def task_path(self, task_id: str) -> str:
         """The task's path under the base URL, ``task_id`` already URL-quoted."""
-        ...
+        return self.tasks_path + task_id
 
     def authorization(self, api_key: str) -> str:
         """The ``Authorization`` header of a poll."""

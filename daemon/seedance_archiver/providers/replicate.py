@@ -57,8 +57,6 @@ PREDICTIONS_PATH = "/v1/predictions/"
 # a longer id Replicate may issue one day is polled, not refused by us.
 ID_PATTERN = re.compile(r"[a-z0-9]{16,64}")
 ID_RULE = "invalid task id for Replicate: a prediction id is lowercase letters and digits"
-# Never an id of Replicate's (hyphens): its 404 means the token passed.
-KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 # How long Replicate keeps an API prediction's data after it finishes.
 DATA_LIFETIME = dt.timedelta(hours=1)
 ABORTED_REASON = "aborted at the provider before it ran"
@@ -205,10 +203,7 @@ class Replicate(http.Dialect):
     """Replicate's dialect for :class:`http.HttpProvider`."""
 
     name = NAME
-    key_check_task_id = KEY_CHECK_TASK_ID
-
-    def task_path(self, task_id: str) -> str:
-        return PREDICTIONS_PATH + task_id
+    tasks_path = PREDICTIONS_PATH
 
     def parse(self, task_id: str, body: bytes) -> models.Answer:
         return parse_answer(task_id, body)

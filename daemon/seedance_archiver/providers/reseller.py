@@ -12,11 +12,6 @@ from seedance_archiver.providers import fields, http
 
 NAME = "reseller"
 DEFAULT_BASE_URL = "https://zcbservice.aizfw.cn/kyyReactApiServer"
-# The task id that ``check_key`` asks about. The provider issues ids like ``video_<hex>`` (seed page),
-# so an id without that prefix, with hyphens, can never be issued: the provider answers 404 when it
-# accepts the key and 401/403 when it does not, and no task is ever read or created by the check. Only
-# unreserved URL characters, so it reaches the provider as written.
-KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 
 
 def parse_answer(task_id: str, body: bytes) -> models.Answer:
@@ -53,10 +48,7 @@ class Reseller(http.Dialect):
     with a Bearer key, its JSON 404, open signed links refused with 403, 404 or 410)."""
 
     name = NAME
-    key_check_task_id = KEY_CHECK_TASK_ID
-
-    def task_path(self, task_id: str) -> str:
-        return f"/v1/result/{task_id}"
+    tasks_path = "/v1/result/"
 
     def parse(self, task_id: str, body: bytes) -> models.Answer:
         return parse_answer(task_id, body)
