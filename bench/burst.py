@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -45,6 +46,7 @@ from bench import common
 CLI = pathlib.Path(sys.executable).parent / "seedance-archiver"
 DOWNLOADS_PER_PROCESS = 4  # service.Service.MAX_DOWNLOADS
 POLL_PATH = "/v1/result/"
+START_SECONDS = 60.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,9 +68,13 @@ def main(argv: list[str] | None = None) -> None:
         _finished(sim_url, ids, args.size)
         floor = pathlib.Path(tmp) / "floor"
         floor.mkdir()
+        os.sync()  # each side starts with nothing of the other's left to write back
         floor_wall, floor_cpu = asyncio.run(
             _bare(sim_url, ids, floor, DOWNLOADS_PER_PROCESS * args.processes)
         )
+        # Freed, the floor's page cache is what the daemon's files are written into: on a fresh
+        # VM, pages never touched before cost the first writer several times the kernel CPU.
+        shutil.rmtree(floor)
         archive = _archive(args.s3, pathlib.Path(tmp))
         env = _env(sim_url, db_url, archive, args.s3)
         subprocess.run([str(CLI), "migrate"], env=env, check=True, capture_output=True)
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
             argv = [str(CLI), "run", *(["--processes", str(args.processes)] * (args.processes > 1))]
             daemon = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            time.sleep(2.0)  # started and idle: its start-up is not the burst's
+            # Started and idle (every process has ticked): its start-up is not the burst's.
+            _wait_ticked(args.db, db_url, args.processes, daemon, time.monotonic() + START_SECONDS)
+            os.sync()
             cpu_before = _tree_cpu(daemon.pid)
             started = time.monotonic()
             _insert(args.db, db_url, ids)
@@ -214,6 +222,19 @@ def _wait_archived(kind: str, url: str, total: int, until: float) -> int:
         if done >= total or time.monotonic() > until:
             return done
         time.sleep(0.2)
+
+
+def _wait_ticked(
+    kind: str, url: str, processes: int, daemon: subprocess.Popen[bytes], until: float
+) -> None:
+    """Return once ``processes`` daemons have written a heartbeat after their first tick."""
+    sql = "SELECT count(*) FROM archiver_heartbeats WHERE last_tick_at IS NOT NULL"
+    while _scalar(kind, url, sql) < processes:
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with {daemon.returncode} before its first tick")
+        if time.monotonic() > until:
+            raise SystemExit(f"the daemon did not tick within {START_SECONDS:.0f} s")
+        time.sleep(0.1)
 
 
 def _finished(sim_url: str, ids: list[str], size: int) -> None:

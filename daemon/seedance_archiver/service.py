@@ -148,10 +148,7 @@ class Service:
             return 0
         try:
             await self.flush()
-            limit = 0 if self._stopping else self._claim_limit()
-            rows: list[models.Task] = []
-            if limit > 0:
-                rows = await self._claim(now, limit)
+            rows = [] if self._stopping else await self._claim(now, self._claim_limit())
         except errors.StoreError as exc:
             self._store_unavailable(exc)
             return 0
@@ -189,7 +186,8 @@ class Service:
         return started
 
     async def _claim(self, now: dt.datetime, limit: int) -> list[models.Task]:
-        """Claim up to ``limit`` due rows, nearest deadline first.
+        """Claim as many rows waiting to download as there is room for, and up to ``limit`` due
+        rows to poll, nearest deadline first.
 
         While claims come back full (more is due than the rate limit lets start), a share of each
         claim goes to rows starving (overdue by more than their mode's longest interval), longest
@@ -200,26 +198,22 @@ class Service:
         if self.keygate.blocked:
             # While the key is rejected, only rows already downloading are worked on: their link
             # needs no key.
-            states = [models.State.DOWNLOADING.value]
-            return await self.db(
-                self.store.claim_due,
-                self.owner,
-                now,
-                lease,
-                min(limit, room),
-                states,
-                self.provider.name,
-            )
-        # With no download room, rows waiting to download are left to another daemon (or later).
-        wanted = None if room > 0 else POLL_STATES
-        rows: list[models.Task] = []
+            return await self._claim_downloads(now, room)
+        # Rows waiting to download are claimed only as many as this daemon can start soon: the rest
+        # wait for a replica with room, or for ours. (Claimed with the polls, a burst's finished
+        # rows came back a thousand at a time and were given straight back: one claim and one
+        # release of every waiting row for each download that ended. bench/burst.py.)
+        rows = await self._claim_downloads(now, room)
+        if limit <= 0:
+            return rows  # the polls' budget is spent (claimed ahead, or in flight)
+        polls: list[models.Task] = []
         if self._claims_full:
             share = max(1, math.floor(limit * self.STARVING_SHARE))
             due_before = {
                 mode: now - dt.timedelta(seconds=cadence.high)
                 for mode, cadence in self.rules.cadences.items()
             }
-            rows = await self.db(
+            polls = await self.db(
                 self.store.claim_overdue,
                 self.owner,
                 now,
@@ -233,12 +227,25 @@ class Service:
             self.owner,
             now,
             lease,
-            limit - len(rows),
-            wanted,
+            limit - len(polls),
+            POLL_STATES,
             self.provider.name,
         )
-        self._claims_full = len(rows) + len(rest) >= limit
-        return rows + rest
+        self._claims_full = len(polls) + len(rest) >= limit
+        return rows + polls + rest
+
+    async def _claim_downloads(self, now: dt.datetime, room: int) -> list[models.Task]:
+        if room <= 0:
+            return []
+        return await self.db(
+            self.store.claim_due,
+            self.owner,
+            now,
+            self.lease.total_seconds(),
+            room,
+            DOWNLOAD_STATES,
+            self.provider.name,
+        )
 
     def wake(self) -> None:
         """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""
@@ -414,3 +421,4 @@ class Service:
 
 
 POLL_STATES = (models.State.PENDING.value, models.State.POLLING.value)
+DOWNLOAD_STATES = (models.State.DOWNLOADING.value,)
