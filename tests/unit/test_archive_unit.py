@@ -4,11 +4,14 @@ and which store a URL loads."""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import json
 import os
 import pathlib
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncIterator
 from typing import Any
 
 import botocore.exceptions
@@ -131,6 +134,26 @@ class TestExecutor:
             assert await store.incomplete() == set()
         assert executor.calls == ["_check", "_find", "_temp_files"]
         assert all(name.startswith("recording") for name in executor.threads)
+
+    async def test_a_folder_hands_pieces_over_in_batches(self, tmp_path: pathlib.Path) -> None:
+        """The socket gives pieces of ~200 KB: each one handed to a thread cost more CPU than its
+        hash (bench/burst.py). They go over in batches of WRITE_BYTES; the commit in one call."""
+        piece = b"v" * (64 * 1024)
+        count = 40  # 2.5 MiB: two whole batches of 16 pieces, and the rest
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for _ in range(count):
+                yield piece
+
+        with Recording() as executor:
+            store = folder.FileArchive(tmp_path, executor=executor)
+            stored = await store.put("video_x", pieces(), len(piece) * count, {"task-id": "x"})
+        assert executor.calls.count("_write") == 3
+        assert executor.calls.count("add_all") == 3
+        assert executor.calls.count("_commit") == 1
+        assert (tmp_path / "video_x.mp4").read_bytes() == piece * count
+        assert stored.sha256 == hashlib.sha256(piece * count).hexdigest()
+        assert json.loads((tmp_path / "video_x.json").read_text())["sha256"] == stored.sha256
 
     async def test_s3_archive_uses_the_given_executor(self) -> None:
         with Recording() as executor:

@@ -197,11 +197,30 @@ class Counter:
         self.hash.update(chunk)
         self.size += len(chunk)
 
+    def add_all(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.add(chunk)
+
     def verify(self, expected: int | None) -> None:
         if expected is not None and self.size != expected:
             raise errors.DownloadError(
                 f"truncated download: got {self.size} bytes, Content-Length said {expected}"
             )
+
+
+async def gathered(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
+    """``chunks`` in batches of at least ``size`` bytes (the last one may be smaller), as they
+    came: nothing is copied."""
+    batch: list[bytes] = []
+    held = 0
+    async for chunk in chunks:
+        batch.append(chunk)
+        held += len(chunk)
+        if held >= size:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
 
 
 async def run(

@@ -99,29 +99,28 @@ class FileArchive:
         metadata: Mapping[str, str] | None = None,
     ) -> archive.Stored:
         failure = "archive folder write failed"
-        incoming = self.root / INCOMING_DIR
-        await self._io(failure, incoming.mkdir, parents=True, exist_ok=True)
-        temp = incoming / f"{task_id}.{uuid.uuid4().hex}.part"
+        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.part"
         counter = archive.Counter()
         try:
-            fh: BinaryIO = await self._io(failure, _open_binary, temp)
-            # A chunk is hashed in one worker thread and written in another, side by side, while
-            # the next chunk downloads (all three release the GIL); one chunk in flight keeps
-            # memory at two chunks. bench/README.md: 0.37x of `curl -o && sync` with hash, write
-            # and download one after another; 0.58x with hash and write in one thread.
+            fh: BinaryIO = await self._io(failure, _open_new, temp)
+            # The pieces are gathered to WRITE_BYTES, then hashed in one worker thread and written
+            # in another, side by side, while the next ones download (all three release the GIL);
+            # one batch in flight keeps memory at two. bench/README.md: 0.37x of `curl -o && sync`
+            # with hash, write and download one after another; 0.58x with hash and write in one
+            # thread. Handed over piece by piece (~200 KB as the socket gives them), the hand-overs
+            # cost more CPU than the hash (bench/burst.py).
             writing: list[concurrent.futures.Future[Any]] = []
             try:
-                async for chunk in chunks:
+                async for batch in archive.gathered(chunks, WRITE_BYTES):
                     for work in writing:
                         await self._wait(failure, work)
                     writing = [
-                        self._executor.submit(counter.add, chunk),
-                        self._executor.submit(_write, fh, chunk),
+                        self._executor.submit(counter.add_all, batch),
+                        self._executor.submit(_write, fh, batch),
                     ]
                 for work in writing:
                     await self._wait(failure, work)
                 counter.verify(expected_size)
-                await self._io(failure, _flush_and_sync, fh)
             except BaseException:
                 # Never close the file under a write still running in its thread.
                 if writing:
@@ -131,20 +130,39 @@ class FileArchive:
                 with contextlib.suppress(OSError):
                     await archive.run(self._executor, fh.close)
                 raise
-            await self._io(failure, fh.close)
-            final = self._final(task_id)
-            await self._io(failure, os.replace, temp, final)
-            await self._io(failure, _sync_dir, self.root)
+            stored = archive.Stored(
+                self._final(task_id).resolve().as_uri(), counter.size, counter.hash.hexdigest()
+            )
+            sidecar = None
+            if metadata is not None:
+                sidecar = dict(metadata) | {"sha256": stored.sha256, "bytes": str(stored.size)}
+            # One hand-over for the whole commit: fsync, rename, the folder's fsync, the sidecar.
+            await self._io(failure, self._commit, fh, temp, task_id, sidecar)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        stored = archive.Stored(final.resolve().as_uri(), counter.size, counter.hash.hexdigest())
-        if metadata is not None:
-            # After the video's commit: a sidecar never describes a video that is not there.
-            sidecar = dict(metadata) | {"sha256": stored.sha256, "bytes": str(stored.size)}
-            await self._io(failure, self._write_sidecar, task_id, sidecar)
         return stored
+
+    def _commit(
+        self, fh: BinaryIO, temp: pathlib.Path, task_id: str, sidecar: Mapping[str, str] | None
+    ) -> None:
+        """Make the video whole on disk and put it under its name, then write its sidecar."""
+        try:
+            _flush_and_sync(fh)
+            if _FADVISE is not None:
+                # Written and on disk: its pages leave the cache (see WRITEBACK_BYTES).
+                _FADVISE(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the first error is the one to tell
+                fh.close()
+            raise
+        fh.close()
+        os.replace(temp, self._final(task_id))
+        _sync_dir(self.root)
+        if sidecar is not None:
+            # After the video's commit: a sidecar never describes a video that is not there.
+            self._write_sidecar(task_id, sidecar)
 
     def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
         """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
@@ -206,24 +224,35 @@ class FileArchive:
 
 # While a video streams to a file, its bytes are handed to the disk every this many bytes
 # (posix_fadvise DONTNEED starts their writeback and frees their page cache), so the fsync at the end
-# waits for the last few MiB, not for the whole video, and archiving evicts no one's cache.
+# waits for the last few MiB, not for the whole video, and archiving evicts no one's cache. After
+# the fsync, the whole file leaves the cache (a video under 8 MiB never reached a stretch): on a
+# burst of 2 MB videos, a page cache grown by gigabytes cost the kernel 3x the CPU per write here
+# (bench/burst.py).
 WRITEBACK_BYTES = 8 * 1024 * 1024
 
 
 _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync does it all
 
 
-def _write(fh: BinaryIO, chunk: bytes) -> None:
-    fh.write(chunk)
+# Pieces are handed to the writing thread in batches of at least this many bytes.
+WRITE_BYTES = 1024 * 1024
+
+
+def _write(fh: BinaryIO, pieces: list[bytes]) -> None:
+    written = 0
+    for piece in pieces:
+        written += fh.write(piece)
     end = fh.tell()
-    if _FADVISE is not None and end // WRITEBACK_BYTES != (end - len(chunk)) // WRITEBACK_BYTES:
+    if _FADVISE is not None and end // WRITEBACK_BYTES != (end - written) // WRITEBACK_BYTES:
         # A WRITEBACK_BYTES stretch was just completed: hand it to the disk.
         fh.flush()
         start = (end // WRITEBACK_BYTES - 1) * WRITEBACK_BYTES
         _FADVISE(fh.fileno(), start, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
 
 
-def _open_binary(path: pathlib.Path) -> BinaryIO:
+def _open_new(path: pathlib.Path) -> BinaryIO:
+    """``path`` opened to write, its folder made first if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path.open("wb")
 
 
