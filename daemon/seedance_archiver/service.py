@@ -104,8 +104,10 @@ class Service:
         # Why the database refuses our writes (a missing grant), while it does.
         self.writes_refused: str | None = None
         self.worker = worker.Worker(self, max_downloads, max_download_seconds)
-        # Called when a download ends and frees room: the scheduler runs a tick at once, so the
-        # next finished video starts now rather than at the next interval (bench/burst.py).
+        # Called when a download ends and the rows queued for a slot run low: the scheduler runs a
+        # tick at once, so the next finished videos are queued now rather than at the next
+        # interval (bench/burst.py). While the queue holds more, a freed slot takes the next in
+        # it, and the tick waits to claim several at once.
         self.on_download_room: Callable[[], None] | None = None
         self.maintenance = maintenance.Maintenance(self)
 
@@ -394,7 +396,12 @@ class Service:
             self._running.pop(row.task_id, None)
             downloaded = row.task_id in self.worker.downloading
             self.worker.downloading.discard(row.task_id)
-            if downloaded and self.on_download_room is not None and not self._stopping:
+            if (
+                downloaded
+                and self.on_download_room is not None
+                and not self._stopping
+                and self.worker.queue_running_low()
+            ):
                 self.on_download_room()
             if row.task_id in self._lost:
                 # Another daemon holds the row now: write nothing back, release nothing.

@@ -74,6 +74,10 @@ class Worker:
         """How many more downloads this daemon can start soon: its free slots plus a short queue."""
         return self.max_downloads + self.download_queue - len(self.downloading)
 
+    def queue_running_low(self) -> bool:
+        """At most half the download queue is left waiting for a slot: time to claim more."""
+        return len(self.downloading) - self.max_downloads <= self.download_queue // 2
+
     async def handle(
         self, row: models.Task, task_log: structlog.typing.FilteringBoundLogger
     ) -> models.Task | None:

@@ -618,6 +618,20 @@ class TestDownloadRoom:
         assert await rig.svc.tick() == 0  # full: nothing more is claimed
         await rig.svc.stop(0)
 
+    async def test_a_tick_is_asked_for_once_the_queue_runs_low(self, rig: Rig) -> None:
+        """A slot that frees takes the next row queued for one; a tick is asked for only once at
+        most half the queue is left, and then claims several (bench/burst.py)."""
+        worker = rig.svc.worker
+        full = worker.max_downloads + worker.download_queue
+        worker.downloading = {f"video_{i:02}" for i in range(full)}
+        asked: list[int] = []
+        while worker.downloading:
+            worker.downloading.pop()
+            if worker.queue_running_low():
+                asked.append(len(worker.downloading))
+        assert asked[0] == worker.max_downloads + worker.download_queue // 2
+        assert asked == list(range(asked[0], -1, -1))
+
     async def test_a_poll_that_finds_a_video_with_no_room_hands_it_back(self) -> None:
         slow = SlowVideoProvider()
         rig = make_rig(fake_provider=slow)
