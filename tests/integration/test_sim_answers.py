@@ -39,3 +39,21 @@ def test_answers_follow_the_status_and_links_stay_fresh() -> None:
     assert done.json()["actualDuration"] == 5.0
     assert refused.json()["status"] == "failed"
     assert refused.json()["error"] == "content policy violation"
+
+
+def test_videos_are_mp4_shaped_and_each_task_its_own() -> None:
+    """Made of one shared random block (made per task, it cost more CPU than a bare downloader
+    spends on the video), yet no two tasks' videos, nor two blocks of one, are alike."""
+    size = 2 * simulator.VIDEO_BLOCK_BYTES + 10
+    one = b"".join(simulator.video_chunks("video_one", size))
+    again = b"".join(simulator.video_chunks("video_one", size))
+    other = b"".join(simulator.video_chunks("video_two", size))
+    assert len(one) == len(other) == size
+    assert one == again
+    assert one != other
+    assert one[4:8] == b"ftyp"
+    blocks = [
+        one[i : i + simulator.VIDEO_BLOCK_BYTES]
+        for i in range(0, size, simulator.VIDEO_BLOCK_BYTES)
+    ]
+    assert len(set(blocks)) == len(blocks)
