@@ -16,7 +16,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import psycopg
@@ -401,6 +401,19 @@ class Database:
         self.engine = engine
         self.dialect = engine.dialect.name
         self.statement_timeout_seconds = statement_timeout_seconds
+        self._statements: Callable[[int], None] | None = None
+
+    def count(self, statements: Callable[[int], None], transactions: Callable[[], None]) -> None:
+        """Tell ``statements`` of each statement sent (a round trip) and ``transactions`` of each
+        commit, from now on (the daemon's metrics; bench/burst.py reads them per video)."""
+        self._statements = statements
+        sa.event.listen(self.engine, "before_cursor_execute", lambda *_: statements(1))
+        sa.event.listen(self.engine, "commit", lambda *_: transactions())
+
+    def sent_raw(self, statements: int) -> None:
+        """``statements`` were sent on a driver's connection directly (COPY), past the engine."""
+        if self._statements is not None:
+            self._statements(statements)
 
     @classmethod
     def from_url(

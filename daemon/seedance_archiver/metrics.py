@@ -165,6 +165,17 @@ class Metrics:
             "wait in memory; no task can end), else 0.",
             registry=r,
         )
+        self.database_statements = prom.Counter(
+            "seedance_database_statements",
+            "Statements sent to the database, each a round trip (on PostgreSQL, each transaction "
+            "adds its BEGIN and COMMIT).",
+            registry=r,
+        )
+        self.database_transactions = prom.Counter(
+            "seedance_database_transactions",
+            "Transactions the daemon committed.",
+            registry=r,
+        )
         self.tick_failures = prom.Counter(
             "seedance_tick_failures",
             "Ticks that crashed (an unexpected error); several in a row turn /healthz 503.",

@@ -123,6 +123,7 @@ def build_service(settings: config.Settings, api_key: str) -> tuple[service.Serv
         settings.resolve_database_url(), settings.database_statement_timeout_seconds
     )
     svc_metrics = metrics.Metrics()
+    sql_store.db.count(svc_metrics.database_statements.inc, svc_metrics.database_transactions.inc)
     client = providers.from_settings(settings, api_key)
     svc = service.Service(
         sql_store,

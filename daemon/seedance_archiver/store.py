@@ -497,6 +497,7 @@ class Tasks:
                             raise ValueError(f"naive datetime in the outcome of {task.task_id}")
                         copy.write_row(row)
                 cur.execute(_COPY_UPDATE, (owner,))
+                self.db.sent_raw(3)  # the temporary table, the COPY and the UPDATE
                 return int(cur.rowcount)
 
     def renew(

@@ -274,6 +274,27 @@ class TestPostgresConcurrentClaims:
             engine.dispose()
 
 
+class TestCountedRoundTrips:
+    """Each statement and each commit is counted, the COPY of a PostgreSQL batch included: the
+    daemon's metrics, and bench/burst.py's database cost per video."""
+
+    def test_a_claim_and_a_batch_write_back_are_counted(
+        self, engine: sa.Engine, sql_store: store.SqlStore
+    ) -> None:
+        statements: list[int] = []
+        commits: list[None] = []
+        sql_store.db.count(statements.append, lambda: commits.append(None))
+        now = utils.utcnow()
+        for name in ("video_a", "video_b"):
+            insert(engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
+        claimed = sql_store.claim_due("daemon-a", now, LEASE_S, 10)
+        assert (sum(statements), len(commits)) == (1, 1)
+        sql_store.save([t.replace(state="polling", polls=1) for t in claimed], "daemon-a")
+        # One UPDATE for the batch; on PostgreSQL a temporary table, a COPY and an UPDATE.
+        per_batch = 3 if sql_store.dialect == "postgresql" else 1
+        assert (sum(statements), len(commits)) == (1 + per_batch, 2)
+
+
 class TestSqliteLock:
     """One daemon per SQLite file: SQLite's own lock (PostgreSQL takes replicas)."""
 
