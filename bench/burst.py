@@ -1,21 +1,26 @@
 """A burst of finished videos: how long the daemon takes to archive N at once, against a bare
 downloader doing the same work in the same run.
 
-N rows are inserted at once (one INSERT of them all) into a fresh database: SQLite and a folder, or
-PostgreSQL (the benchmark's own database, dropped at the end) with a folder or S3 (``--s3`` an
-endpoint: moto's server, or radosgw from ``bench/rgw.sh``; the bucket is made and emptied). The
+Each round, N rows are inserted at once (one INSERT of them all) into a fresh database: SQLite and a
+folder, or PostgreSQL (the benchmark's own database, dropped at the end) with a folder or S3
+(``--s3`` an endpoint: moto's server, or radosgw from ``bench/rgw.sh``; the bucket is made). The
 simulator (a process of its own) knows every id as finished at once, its video ``--size`` bytes. The
-installed ``seedance-archiver run`` (``--processes`` of them) archives them; the clock runs from the
-insert until every row is ``archived``. CPU-s is the daemon's processes' own (from /proc).
+installed ``seedance-archiver run`` (``--processes`` of them, started once) archives them; the clock
+runs from the insert until every row is ``archived``. CPU-s is the daemon's processes' own (from
+/proc).
 
-The floor, in the same run, is a bare aiohttp loop doing the same work at the daemon's download
-concurrency (``Service.MAX_DOWNLOADS`` per process): poll each id, stream its video to a temporary
-file while hashing it with SHA-256, fsync, rename; its CPU-s is this process's own. Per video, the
-run also reports the polls the simulator answered, the files the archive holds, and on PostgreSQL
-the transactions committed and the webhook-outbox rows written.
+The floor, in each round before the daemon's turn, is a bare aiohttp loop doing the same work at the
+daemon's download concurrency (``Service.MAX_DOWNLOADS`` per process): poll each id, stream its video
+to a temporary file while hashing it with SHA-256, fsync, rename; its CPU-s is this process's own.
+``--rounds`` of each (3 by default) and their medians: on a 2-core VM one round can differ from the
+next by 15%. Per video, the run also reports the polls the simulator answered, the statements and
+transactions the daemons counted (their /metrics), on PostgreSQL the commits the server counted, the
+files the archive holds, the webhook-outbox rows written, and with ``--fsyncs`` the daemon's fsyncs
+(it runs under ``strace -c``, which stops it at those calls only).
 
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000
-    .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql
+    .venv/bin/python -m bench.burst --videos 3000 --size 500000
+    .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql --processes 2
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql --s3 URL
 """
 
@@ -24,12 +29,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import shutil
+import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,85 +48,215 @@ from typing import Any
 
 import aiohttp
 import psycopg
+from seedance_archiver import service
 
 from bench import common
 
 CLI = pathlib.Path(sys.executable).parent / "seedance-archiver"
-DOWNLOADS_PER_PROCESS = 4  # service.Service.MAX_DOWNLOADS
+DOWNLOADS_PER_PROCESS = service.Service.MAX_DOWNLOADS
 POLL_PATH = "/v1/result/"
 START_SECONDS = 60.0
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--videos", type=int, default=1000)
+    parser.add_argument("--videos", type=int, default=1000, help="per round")
     parser.add_argument("--size", type=int, default=2_000_000, help="bytes per video")
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--s3", help="an S3 endpoint URL (moto, radosgw); else a folder")
     parser.add_argument("--processes", type=int, default=1)
-    parser.add_argument("--deadline", type=float, default=1800.0)
+    parser.add_argument("--rounds", type=int, default=3, help="floor and daemon, each this often")
+    parser.add_argument(
+        "--fsyncs", action="store_true", help="count the daemon's fsyncs (runs it under strace)"
+    )
+    parser.add_argument("--deadline", type=float, default=1800.0, help="seconds per round")
     args = parser.parse_args(argv)
     auto = json.dumps({"queued_seconds": 0, "ready_seconds": 0, "size": args.size})
-    ids = [f"video_burst_{n:07d}" for n in range(args.videos)]
+    rounds = [[f"video_burst_{r}_{n:07d}" for n in range(args.videos)] for r in range(args.rounds)]
+    slots = DOWNLOADS_PER_PROCESS * args.processes
     with (
         tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp,
         common.simulator(auto=auto) as (sim_url, _),
         _database(args.db, pathlib.Path(tmp)) as (db_url, pg_name),
     ):
-        _finished(sim_url, ids, args.size)
-        floor = pathlib.Path(tmp) / "floor"
-        floor.mkdir()
-        os.sync()  # each side starts with nothing of the other's left to write back
-        floor_wall, floor_cpu = asyncio.run(
-            _bare(sim_url, ids, floor, DOWNLOADS_PER_PROCESS * args.processes)
-        )
-        # Freed, the floor's page cache is what the daemon's files are written into: on a fresh
-        # VM, pages never touched before cost the first writer several times the kernel CPU.
-        shutil.rmtree(floor)
+        _finished(sim_url, [task_id for ids in rounds for task_id in ids], args.size)
         archive = _archive(args.s3, pathlib.Path(tmp))
-        env = _env(sim_url, db_url, archive, args.s3)
+        port = common.free_port()
+        env = _env(sim_url, db_url, archive, args.s3, port)
         subprocess.run([str(CLI), "migrate"], env=env, check=True, capture_output=True)
-        commits_before = _commits(pg_name)
-        polls_before = _polls(sim_url)
+        ports = [port + i for i in range(args.processes)]
+        fsyncs_file = pathlib.Path(tmp) / "fsyncs.txt"
+        argv = [str(CLI), "run", *(["--processes", str(args.processes)] * (args.processes > 1))]
+        if args.fsyncs:
+            argv = [*STRACE, "-o", str(fsyncs_file), "--", *argv]
         log = pathlib.Path(tmp) / "daemon.log"
         with log.open("wb") as out:
-            argv = [str(CLI), "run", *(["--processes", str(args.processes)] * (args.processes > 1))]
             daemon = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        results: list[Round] = []
         try:
             # Started and idle (every process has ticked): its start-up is not the burst's.
             _wait_ticked(args.db, db_url, args.processes, daemon, time.monotonic() + START_SECONDS)
-            os.sync()
-            cpu_before = _tree_cpu(daemon.pid)
-            started = time.monotonic()
-            _insert(args.db, db_url, ids)
-            archived = _wait_archived(args.db, db_url, len(ids), started + args.deadline)
-            wall = time.monotonic() - started
-            cpu = _tree_cpu(daemon.pid) - cpu_before
+            before = _readings(sim_url, pg_name, ports)
+            for ids in rounds:
+                floor = pathlib.Path(tmp) / "floor"
+                floor.mkdir()
+                os.sync()  # each side starts with nothing of the other's left to write back
+                floor_wall, floor_cpu = asyncio.run(_bare(sim_url, ids, floor, slots))
+                # Freed, the floor's page cache is what the daemon's files are written into: on
+                # a fresh VM, pages never touched before cost the first writer several times the
+                # kernel CPU.
+                shutil.rmtree(floor)
+                os.sync()
+                cpu_before = _tree_cpu(daemon.pid)
+                started = time.monotonic()
+                done_before = _archived(args.db, db_url)
+                _insert(args.db, db_url, ids)
+                done = _wait_archived(
+                    args.db, db_url, done_before + len(ids), started + args.deadline
+                )
+                wall = time.monotonic() - started
+                cpu = _tree_cpu(daemon.pid) - cpu_before
+                results.append(Round(done - done_before, wall, cpu, floor_wall, floor_cpu))
+            # The floor's polls were answered by the same simulator: one per id.
+            after = _readings(sim_url, pg_name, ports, floor_polls=sum(map(len, rounds)))
         finally:
+            for pid in [daemon.pid, *common.child_pids(daemon.pid)] if args.fsyncs else []:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)  # strace passes no signal on: the daemon's own
             daemon.terminate()
             daemon.wait(timeout=60)
-        polls = _polls(sim_url) - polls_before
-        commits = _commits(pg_name) - commits_before
         outbox = _count(args.db, db_url, "webhook_outbox")
         files = _files(archive)
-    where = f"{args.db} + {'S3' if args.s3 else 'folder'}, {args.processes} process(es)"
-    print(f"{archived} of {len(ids)} archived; {where}; {args.videos} x {args.size:,} bytes")
-    print(
-        common.markdown_table(
-            ["", "wall s", "videos/s", "CPU-s"],
-            [
-                ["daemon", f"{wall:.1f}", f"{archived / wall:.1f}", f"{cpu:.1f}"],
-                ["floor", f"{floor_wall:.1f}", f"{len(ids) / floor_wall:.1f}", f"{floor_cpu:.1f}"],
-                ["ratio", f"{wall / floor_wall:.2f}", "", f"{cpu / floor_cpu:.2f}"],
-            ],
+        fsyncs = _strace_calls(fsyncs_file) if args.fsyncs else None
+    _report(args, results, after - before, files, outbox, fsyncs)
+
+
+STRACE = ["strace", "-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    archived: int
+    wall: float
+    cpu: float
+    floor_wall: float
+    floor_cpu: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Readings:
+    """Counters read before and after the rounds: the simulator's polls, the daemons' own count
+    of statements and transactions (/metrics), and PostgreSQL's commits in the database."""
+
+    polls: int = 0
+    statements: float = 0.0
+    transactions: float = 0.0
+    commits: int = 0
+
+    def __sub__(self, other: Readings) -> Readings:
+        return Readings(
+            self.polls - other.polls,
+            self.statements - other.statements,
+            self.transactions - other.transactions,
+            self.commits - other.commits,
         )
+
+
+def _readings(
+    sim_url: str, pg_name: str | None, ports: list[int], floor_polls: int = 0
+) -> Readings:
+    scraped = [_metrics(port) for port in ports]
+    return Readings(
+        polls=_polls(sim_url) - floor_polls,
+        statements=sum(m.get("seedance_database_statements_total", 0.0) for m in scraped),
+        transactions=sum(m.get("seedance_database_transactions_total", 0.0) for m in scraped),
+        commits=_commits(pg_name),
     )
-    per = max(archived, 1)
+
+
+def _metrics(port: int) -> dict[str, float]:
+    """A daemon's unlabelled samples from its /metrics."""
+    with urllib.request.urlopen(f"http://{common.HOST}:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and "{" not in name:
+            samples[name] = float(value)
+    return samples
+
+
+def _report(
+    args: argparse.Namespace,
+    results: list[Round],
+    counts: Readings,
+    files: int,
+    outbox: int,
+    fsyncs: int | None,
+) -> None:
+    where = f"{args.db} + {'S3' if args.s3 else 'folder'}, {args.processes} process(es)"
+    total = sum(r.archived for r in results)
     print(
-        f"per video: {polls / per:.2f} polls, {files / per:.2f} files in the archive, "
-        + (f"{commits / per:.2f} transactions, " if pg_name else "")
-        + f"{outbox / per:.2f} outbox rows"
+        f"{total} of {args.videos * args.rounds} archived; {where}; "
+        f"{args.rounds} round(s) of {args.videos} x {args.size:,} bytes"
     )
+    rows = []
+    for n, r in enumerate(results, 1):
+        rows.append(
+            [
+                str(n),
+                f"{r.wall:.1f}",
+                f"{r.archived / r.wall:.1f}",
+                f"{r.cpu:.1f}",
+                f"{r.floor_wall:.1f}",
+                f"{args.videos / r.floor_wall:.1f}",
+                f"{r.floor_cpu:.1f}",
+                f"{r.wall / r.floor_wall:.2f}",
+                f"{r.cpu / r.floor_cpu:.2f}",
+            ]
+        )
+    wall = statistics.median(r.wall for r in results)
+    cpu = statistics.median(r.cpu for r in results)
+    floor_wall = statistics.median(r.floor_wall for r in results)
+    floor_cpu = statistics.median(r.floor_cpu for r in results)
+    rows.append(
+        [
+            "median",
+            f"{wall:.1f}",
+            f"{args.videos / wall:.1f}",
+            f"{cpu:.1f}",
+            f"{floor_wall:.1f}",
+            f"{args.videos / floor_wall:.1f}",
+            f"{floor_cpu:.1f}",
+            f"{wall / floor_wall:.2f}",
+            f"{cpu / floor_cpu:.2f}",
+        ]
+    )
+    headers = ["round", "daemon s", "videos/s", "CPU-s", "floor s", "videos/s", "CPU-s"]
+    print(common.markdown_table([*headers, "wall ratio", "CPU ratio"], rows))
+    per = max(total, 1)
+    parts = [
+        f"{counts.polls / per:.2f} polls",
+        f"{counts.statements / per:.2f} database statements",
+        f"{counts.transactions / per:.2f} transactions",
+    ]
+    if args.db == "postgresql":
+        parts.append(f"{counts.commits / per:.2f} PostgreSQL commits (all clients)")
+    if fsyncs is not None:
+        parts.append(f"{fsyncs / per:.2f} fsyncs (the daemon's own, start-up included)")
+    if not args.s3:
+        parts.append(f"{files / per:.2f} files in the archive")
+    parts.append(f"{outbox / per:.2f} outbox rows")
+    print("per video: " + ", ".join(parts))
+
+
+def _strace_calls(path: pathlib.Path) -> int:
+    """The calls strace -c counted (its summary's total line)."""
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[-1] == "total":
+            return int(fields[3])
+    return 0
 
 
 async def _bare(
@@ -172,7 +310,7 @@ def _archive(s3: str | None, tmp: pathlib.Path) -> str:
     return f"s3://{bucket}/videos"
 
 
-def _env(sim_url: str, db_url: str, archive: str, s3: str | None) -> dict[str, str]:
+def _env(sim_url: str, db_url: str, archive: str, s3: str | None, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEEDANCE_")}
     env.update(
         {
@@ -182,7 +320,7 @@ def _env(sim_url: str, db_url: str, archive: str, s3: str | None) -> dict[str, s
             "SEEDANCE_ARCHIVE_URL": archive,
             "SEEDANCE_ALLOWED_VIDEO_URL_SCHEMES": "http",
             "SEEDANCE_ALLOW_PRIVATE_VIDEO_HOSTS": "true",
-            "SEEDANCE_HTTP_PORT": "0",
+            "SEEDANCE_HTTP_PORT": str(port),  # and one up per process of --processes
             "SEEDANCE_LOG_FORMAT": "json",
             "SEEDANCE_MAX_REQUESTS_PER_SECOND": "1000",
         }
@@ -216,9 +354,13 @@ def _count(kind: str, url: str, table: str) -> int:
     return _scalar(kind, url, f"SELECT count(*) FROM {table}")
 
 
+def _archived(kind: str, url: str) -> int:
+    return _scalar(kind, url, "SELECT count(*) FROM video_tasks WHERE state = 'archived'")
+
+
 def _wait_archived(kind: str, url: str, total: int, until: float) -> int:
     while True:
-        done = _scalar(kind, url, "SELECT count(*) FROM video_tasks WHERE state = 'archived'")
+        done = _archived(kind, url)
         if done >= total or time.monotonic() > until:
             return done
         time.sleep(0.2)
