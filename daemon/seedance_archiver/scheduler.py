@@ -16,6 +16,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import ParamSpec
 
 import apscheduler.schedulers.asyncio
 import apscheduler.schedulers.base
@@ -42,6 +43,7 @@ from seedance_archiver import (
 )
 
 log = structlog.get_logger(__name__)
+_P = ParamSpec("_P")
 
 TICK_SECONDS = 0.25
 HOUSEKEEPING_SECONDS = 600.0
@@ -56,12 +58,12 @@ WEBHOOK_POLL_SECONDS = 0.5  # how often the outbox is asked for due events
 AT_RISK_SECONDS = 60.0
 
 
-def _guarded(name: str, job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+def _guarded(name: str, job: Callable[_P, Awaitable[object]]) -> Callable[_P, Awaitable[None]]:
     """Wrap a job so an exception is logged and the schedule carries on: loops never die quietly."""
 
-    async def run() -> None:
+    async def run(*args: _P.args, **kwargs: _P.kwargs) -> None:
         try:
-            await job()
+            await job(*args, **kwargs)
         except errors.StoreError as exc:
             log.warning("job_failed", job=name, error=str(exc))
         except Exception:
@@ -75,29 +77,32 @@ class _Ticker:
     """Runs the tick without overlap; a wake-up during a tick makes it run once more right after.
 
     APScheduler drives the regular interval; NOTIFY wake-ups come through :meth:`run_soon`. Without
-    this, a wake-up arriving mid-tick would be skipped and wait for the next interval.
+    this, a wake-up arriving mid-tick would be skipped and wait for the next interval. A tick asked
+    for with ``polls=False`` (a download ended) only refills the downloads; if any asked for
+    meanwhile wanted polls, the next one claims them.
     """
 
-    def __init__(self, tick: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, tick: Callable[[bool], Awaitable[None]]) -> None:
         self._tick = tick
         self._running = False
-        self._again = False
+        self._again: bool | None = None  # None: no tick asked for; else whether it claims polls
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self) -> None:
+    async def run(self, polls: bool = True) -> None:
         if self._running:
-            self._again = True
+            self._again = polls or bool(self._again)
             return
         self._running = True
         self._idle.clear()
         try:
             while True:
-                self._again = False
-                await self._tick()
-                if not self._again:
+                self._again = None
+                await self._tick(polls)
+                if self._again is None:
                     break
+                polls = self._again
         finally:
             self._running = False
             self._idle.set()
@@ -106,8 +111,8 @@ class _Ticker:
         """Return once no tick is running (the current one, if any, has finished)."""
         await self._idle.wait()
 
-    def run_soon(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.run())
+    def run_soon(self, polls: bool = True) -> None:
+        task = asyncio.get_running_loop().create_task(self.run(polls))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -287,8 +292,8 @@ class Daemon:
 
     async def _schedule(self) -> None:
         svc, _ = self._parts()
-        self._ticker = _Ticker(_guarded("tick", self._tick))
-        svc.on_download_room = self._ticker.run_soon
+        ticker = self._ticker = _Ticker(_guarded("tick", self._tick))
+        svc.on_download_room = lambda: ticker.run_soon(polls=False)
         self._every("tick", self._ticker.run, self.tick_seconds, now=True)
         self._every("renew_leases", svc.renew_leases, svc.lease.total_seconds() / 3, now=False)
         self._every("housekeeping", svc.maintenance.housekeeping, HOUSEKEEPING_SECONDS, now=True)
@@ -401,9 +406,9 @@ class Daemon:
 
     # --- the jobs that live here ----------------------------------------------------------------
 
-    async def _tick(self) -> None:
+    async def _tick(self, polls: bool = True) -> None:
         svc, _ = self._parts()
-        await svc.tick()
+        await svc.tick(polls)
         if not self._beaten_a_tick and svc.last_tick_at is not None:
             # The first tick done: say so at once, not at the next heartbeat (`check` asks).
             await self._heartbeat()

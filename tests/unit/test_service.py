@@ -17,13 +17,14 @@ from seedance_archiver import (
     models,
     policy,
     provider,
+    scheduler,
     testing,
     web,
 )
 from seedance_archiver.models import State
 from seedance_archiver.providers import http as providers_http
 
-from tests.helpers import OWNER, RULES, TASK_ID, Rig, make_rig
+from tests.helpers import OWNER, RULES, TASK_ID, Rig, make_rig, wait_until
 
 EPOCH = testing.EPOCH
 answer = testing.answer
@@ -631,6 +632,40 @@ class TestDownloadRoom:
                 asked.append(len(worker.downloading))
         assert asked[0] == worker.max_downloads + worker.download_queue // 2
         assert asked == list(range(asked[0], -1, -1))
+
+    async def test_a_tick_for_download_room_claims_no_polls(self) -> None:
+        """The tick a download's end asks for refills the downloads only; the regular ticks claim
+        the polls."""
+        rig = make_rig(fake_provider=SlowVideoProvider())
+        rig.store.add(TASK_ID)
+        rig.store.rows["video_01"] = seen("video_01", state="downloading", video_url=URL)
+        assert await rig.svc.tick(polls=False) == 1
+        assert rig.row("video_01").lease_owner == OWNER
+        assert rig.row().lease_owner is None
+        assert await rig.svc.tick() == 1
+        assert rig.row().lease_owner == OWNER
+        await rig.svc.stop(0)
+
+    async def test_the_ticker_makes_a_tick_asked_for_meanwhile_whole(self) -> None:
+        """Ticks never overlap; asked for during one, the next runs right after, claiming polls if
+        any of those asked for wanted them."""
+        ran: list[bool] = []
+        release = asyncio.Event()
+
+        async def tick(polls: bool) -> None:
+            ran.append(polls)
+            if len(ran) == 1:
+                await release.wait()
+
+        ticker = scheduler._Ticker(tick)
+        first = asyncio.create_task(ticker.run(polls=False))
+        await wait_until(lambda: ran == [False], 10, "the first tick")
+        await ticker.run(polls=False)
+        await ticker.run(polls=True)
+        await ticker.run(polls=False)
+        release.set()
+        await first
+        assert ran == [False, True]
 
     async def test_a_poll_that_finds_a_video_with_no_room_hands_it_back(self) -> None:
         slow = SlowVideoProvider()
