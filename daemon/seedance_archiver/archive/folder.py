@@ -130,24 +130,23 @@ class FileArchive:
                 with contextlib.suppress(OSError):
                     await archive.run(self._executor, fh.close)
                 raise
-            stored = archive.Stored(
-                self._final(task_id).resolve().as_uri(), counter.size, counter.hash.hexdigest()
-            )
+            size, sha256 = counter.size, counter.hash.hexdigest()
             sidecar = None
             if metadata is not None:
-                sidecar = dict(metadata) | {"sha256": stored.sha256, "bytes": str(stored.size)}
+                sidecar = dict(metadata) | {"sha256": sha256, "bytes": str(size)}
             # One hand-over for the whole commit: fsync, rename, the folder's fsync, the sidecar.
-            await self._io(failure, self._commit, fh, temp, task_id, sidecar)
+            uri = await self._io(failure, self._commit, fh, temp, task_id, sidecar)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        return stored
+        return archive.Stored(uri, size, sha256)
 
     def _commit(
         self, fh: BinaryIO, temp: pathlib.Path, task_id: str, sidecar: Mapping[str, str] | None
-    ) -> None:
-        """Make the video whole on disk and put it under its name, then write its sidecar."""
+    ) -> str:
+        """Make the video whole on disk and put it under its name, then write its sidecar; the
+        video's URI."""
         try:
             _flush_and_sync(fh)
             if _FADVISE is not None:
@@ -158,11 +157,13 @@ class FileArchive:
                 fh.close()
             raise
         fh.close()
-        os.replace(temp, self._final(task_id))
+        final = self._final(task_id)
+        os.replace(temp, final)
         _sync_dir(self.root)
         if sidecar is not None:
             # After the video's commit: a sidecar never describes a video that is not there.
             self._write_sidecar(task_id, sidecar)
+        return final.resolve().as_uri()  # a path's lookups: off the event loop
 
     def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
         """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
