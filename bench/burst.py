@@ -56,6 +56,7 @@ CLI = pathlib.Path(sys.executable).parent / "seedance-archiver"
 DOWNLOADS_PER_PROCESS = service.Service.MAX_DOWNLOADS
 POLL_PATH = "/v1/result/"
 START_SECONDS = 60.0
+SIM_BATCH = 1000  # tasks per request to the simulator (its requests stop at 1 MiB)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         common.simulator(auto=auto) as (sim_url, _),
         _database(args.db, pathlib.Path(tmp)) as (db_url, pg_name),
     ):
-        _finished(sim_url, [task_id for ids in rounds for task_id in ids], args.size)
+        for ids in rounds:
+            _finished(sim_url, ids, args.size)
         archive = _archive(args.s3, pathlib.Path(tmp))
         port = common.free_port()
         env = _env(sim_url, db_url, archive, args.s3, port)
@@ -382,18 +384,25 @@ def _wait_ticked(
 def _finished(sim_url: str, ids: list[str], size: int) -> None:
     """Every id finished at the simulator before anyone asks (created a minute ago)."""
     created = time.time() - 60
-    tasks = [
-        {"id": task_id, "created": created, "queued_seconds": 0, "ready_seconds": 0, "size": size}
-        for task_id in ids
-    ]
-    request = urllib.request.Request(
-        sim_url + "/_sim/tasks",
-        data=json.dumps(tasks).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        response.read()
+    for start in range(0, len(ids), SIM_BATCH):
+        tasks = [
+            {
+                "id": task_id,
+                "created": created,
+                "queued_seconds": 0,
+                "ready_seconds": 0,
+                "size": size,
+            }
+            for task_id in ids[start : start + SIM_BATCH]
+        ]
+        request = urllib.request.Request(
+            sim_url + "/_sim/tasks",
+            data=json.dumps(tasks).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
 
 
 def _tree_cpu(pid: int) -> float:
