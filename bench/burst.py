@@ -11,7 +11,8 @@ runs from the insert until every row is ``archived``. CPU-s is the daemon's proc
 
 The floor, in each round before the daemon's turn, is a bare aiohttp loop doing the same work at the
 daemon's download concurrency (``Service.MAX_DOWNLOADS`` per process): poll each id, stream its video
-to a temporary file while hashing it with SHA-256, fsync, rename; its CPU-s is this process's own.
+to a temporary file while hashing it with SHA-256, fsync, rename; with ``--s3``, read it into memory
+with SHA-256 and PUT it with boto3. Its CPU-s is this process's own.
 ``--rounds`` of each (3 by default) and their medians: on a 2-core VM one round can differ from the
 next by 15%. Per video, the run also reports the polls the simulator answered, the statements and
 transactions the daemons counted (their /metrics), on PostgreSQL the commits the server counted, the
@@ -103,7 +104,10 @@ def main(argv: list[str] | None = None) -> None:
                 floor = pathlib.Path(tmp) / "floor"
                 floor.mkdir()
                 os.sync()  # each side starts with nothing of the other's left to write back
-                floor_wall, floor_cpu = asyncio.run(_bare(sim_url, ids, floor, slots))
+                if args.s3:
+                    floor_wall, floor_cpu = asyncio.run(_bare_s3(sim_url, ids, args.s3, slots))
+                else:
+                    floor_wall, floor_cpu = asyncio.run(_bare(sim_url, ids, floor, slots))
                 # Freed, the floor's page cache is what the daemon's files are written into: on
                 # a fresh VM, pages never touched before cost the first writer several times the
                 # kernel CPU.
@@ -286,6 +290,43 @@ async def _bare(
                     out.flush()
                     os.fsync(out.fileno())
             temp.rename(folder / f"{task_id}.mp4")
+
+    cpu, started = time.process_time(), time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session) for _ in range(slots)))
+    return time.monotonic() - started, time.process_time() - cpu
+
+
+async def _bare_s3(sim_url: str, ids: list[str], endpoint: str, slots: int) -> tuple[float, float]:
+    """The floor to S3: poll, read the video into memory with SHA-256, one PUT with boto3 (in a
+    thread, as boto3 blocks) carrying the hash; ``slots`` at once, into a bucket of its own."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    bucket = f"bench-burst-floor-{os.getpid()}"
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=bucket)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for task_id in ids:
+        queue.put_nowait(task_id)
+    headers = {"Authorization": f"Bearer {common.API_KEY}"}
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            task_id = queue.get_nowait()
+            async with session.get(sim_url + POLL_PATH + task_id, headers=headers) as answer:
+                link = (await answer.json())["video_url"]
+            digest = hashlib.sha256()
+            async with session.get(link) as video:
+                body = await video.read()
+            digest.update(body)
+            await asyncio.to_thread(
+                client.put_object,
+                Bucket=bucket,
+                Key=f"floor/{task_id}.mp4",
+                Body=body,
+                Metadata={"sha256": digest.hexdigest()},
+            )
 
     cpu, started = time.process_time(), time.monotonic()
     async with aiohttp.ClientSession() as session:
