@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -265,11 +265,11 @@ def _strace_calls(path: pathlib.Path) -> int:
     return 0
 
 
-async def _bare(
-    sim_url: str, ids: list[str], folder: pathlib.Path, slots: int
-) -> tuple[float, float]:
-    """The floor: poll, stream to a temporary file with SHA-256, fsync, rename; ``slots`` at once
-    (``folder`` exists). The file work blocks the loop, as a bare downloader's does."""
+Store = Callable[[str, aiohttp.ClientResponse], Awaitable[None]]
+
+
+async def _floor(sim_url: str, ids: list[str], slots: int, store: Store) -> tuple[float, float]:
+    """Poll each id and hand its video's answer to ``store``, ``slots`` at once: (wall, CPU-s)."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for task_id in ids:
         queue.put_nowait(task_id)
@@ -280,21 +280,33 @@ async def _bare(
             task_id = queue.get_nowait()
             async with session.get(sim_url + POLL_PATH + task_id, headers=headers) as answer:
                 link = (await answer.json())["video_url"]
-            digest = hashlib.sha256()
-            temp = folder / f"{task_id}.part"
             async with session.get(link) as video:
-                with temp.open("wb") as out:
-                    async for chunk in video.content.iter_chunked(1024 * 1024):
-                        digest.update(chunk)
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-            temp.rename(folder / f"{task_id}.mp4")
+                await store(task_id, video)
 
     cpu, started = time.process_time(), time.monotonic()
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(one(session) for _ in range(slots)))
     return time.monotonic() - started, time.process_time() - cpu
+
+
+async def _bare(
+    sim_url: str, ids: list[str], folder: pathlib.Path, slots: int
+) -> tuple[float, float]:
+    """The floor: poll, stream to a temporary file with SHA-256, fsync, rename; ``slots`` at once
+    (``folder`` exists). The file work blocks the loop, as a bare downloader's does."""
+
+    async def to_file(task_id: str, video: aiohttp.ClientResponse) -> None:
+        digest = hashlib.sha256()
+        temp = folder / f"{task_id}.part"
+        with temp.open("wb") as out:
+            async for chunk in video.content.iter_chunked(1024 * 1024):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        temp.rename(folder / f"{task_id}.mp4")
+
+    return await _floor(sim_url, ids, slots, to_file)
 
 
 async def _bare_s3(sim_url: str, ids: list[str], endpoint: str, slots: int) -> tuple[float, float]:
@@ -306,32 +318,18 @@ async def _bare_s3(sim_url: str, ids: list[str], endpoint: str, slots: int) -> t
     bucket = f"bench-burst-floor-{os.getpid()}"
     with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=bucket)
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for task_id in ids:
-        queue.put_nowait(task_id)
-    headers = {"Authorization": f"Bearer {common.API_KEY}"}
 
-    async def one(session: aiohttp.ClientSession) -> None:
-        while not queue.empty():
-            task_id = queue.get_nowait()
-            async with session.get(sim_url + POLL_PATH + task_id, headers=headers) as answer:
-                link = (await answer.json())["video_url"]
-            digest = hashlib.sha256()
-            async with session.get(link) as video:
-                body = await video.read()
-            digest.update(body)
-            await asyncio.to_thread(
-                client.put_object,
-                Bucket=bucket,
-                Key=f"floor/{task_id}.mp4",
-                Body=body,
-                Metadata={"sha256": digest.hexdigest()},
-            )
+    async def to_s3(task_id: str, video: aiohttp.ClientResponse) -> None:
+        body = await video.read()
+        await asyncio.to_thread(
+            client.put_object,
+            Bucket=bucket,
+            Key=f"floor/{task_id}.mp4",
+            Body=body,
+            Metadata={"sha256": hashlib.sha256(body).hexdigest()},
+        )
 
-    cpu, started = time.process_time(), time.monotonic()
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one(session) for _ in range(slots)))
-    return time.monotonic() - started, time.process_time() - cpu
+    return await _floor(sim_url, ids, slots, to_s3)
 
 
 @contextlib.contextmanager
