@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import psycopg
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.dialects import postgresql as sa_postgresql
+from sqlalchemy.dialects import sqlite as sa_sqlite
 
 from seedance_archiver import db, errors, listener, models, outbox
 
@@ -652,11 +654,16 @@ class Tasks:
     def beat(self, beat: DaemonBeat) -> None:
         """Record that daemon ``beat.owner`` is alive (insert or update its heartbeat row)."""
         values = dataclasses.asdict(beat)
-        owner = values.pop("owner")
+        insert = sa_postgresql.insert if self.dialect == "postgresql" else sa_sqlite.insert
+        # One statement: an UPDATE then an INSERT raced when the first tick's beat and the
+        # scheduled one ran at once, and the second INSERT broke the unique key (bench/scale.py).
+        stmt = insert(hb).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[hb.c.owner],
+            set_={name: stmt.excluded[name] for name in values if name != "owner"},
+        )
         with self.db.begin() as conn:
-            updated = conn.execute(sa.update(hb).where(hb.c.owner == owner).values(values))
-            if updated.rowcount == 0:
-                conn.execute(sa.insert(hb).values(owner=owner, **values))
+            conn.execute(stmt)
 
     def forget_daemon(self, owner: str) -> None:
         with self.db.begin() as conn:

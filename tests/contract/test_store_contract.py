@@ -7,6 +7,7 @@ live is one taken for a minute.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 from typing import Any
 
@@ -589,6 +590,16 @@ class TestHeartbeats:
         assert any_store.daemons() == [beat(A, None)]
         any_store.beat(beat(A, ticked, api_key_ok=False))
         assert any_store.daemons() == [beat(A, ticked, api_key_ok=False)]
+
+    def test_beats_at_once_are_one_row(self, any_store: store.Store) -> None:
+        """The first tick's beat and the scheduled one may run at once, each in its thread."""
+        ticked = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for round_ in range(20):
+                owner = f"daemon-{round_}"
+                beats = [beat(owner, None if n % 2 else ticked) for n in range(4)]
+                list(pool.map(any_store.beat, beats))  # raises what any beat raised
+        assert len(any_store.daemons()) == 20
 
     def test_latest_tick_first_and_forgotten_on_stop(self, any_store: store.Store) -> None:
         ticked = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
