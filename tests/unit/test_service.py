@@ -633,6 +633,31 @@ class TestDownloadRoom:
         assert asked[0] == worker.max_downloads + worker.download_queue // 2
         assert asked == list(range(asked[0], -1, -1))
 
+    async def test_an_empty_claim_of_downloads_waits_a_second(self, rig: Rig) -> None:
+        """With nothing waiting to download, the claim of downloads is made once a second, not
+        every tick; a replica's row waits at most that long, ours not at all."""
+        assert await rig.cycle() == 0
+        rig.store.rows["video_01"] = seen("video_01", state="downloading", video_url=URL)
+        rig.provider.videos[URL] = VIDEO
+        assert await rig.at(0.5) == 0  # the last claim of downloads found none half a second ago
+        assert await rig.at(0.6) == 1
+        assert rig.row("video_01").state == State.ARCHIVED
+
+    async def test_a_download_handed_back_is_claimed_at_the_next_tick(self, rig: Rig) -> None:
+        worker = rig.svc.worker
+        worker.download_queue = 0
+        busy = {f"video_busy_{i}" for i in range(worker.max_downloads)}
+        assert await rig.cycle() == 0  # nothing waits to download: that claim found none
+        worker.downloading |= busy  # every slot taken
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = VIDEO
+        assert await rig.at(0.1) == 1
+        assert (rig.row().state, rig.row().lease_owner) == (State.DOWNLOADING, None)  # handed back
+        worker.downloading -= busy  # the slots free
+        assert await rig.at(0.1) == 1  # within the second: our own hand-back is claimed at once
+        assert rig.row().state == State.ARCHIVED
+
     async def test_a_tick_for_download_room_claims_no_polls(self) -> None:
         """The tick a download's end asks for refills the downloads only; the regular ticks claim
         the polls."""
