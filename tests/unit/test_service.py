@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -119,6 +120,37 @@ class TestArchiving:
         assert row.archived_at == EPOCH
         assert rig.provider.downloads == [URL]
         assert rig.svc.stats.archived == 1
+
+    async def test_the_look_and_the_clearing_of_leftovers_run_at_once(self, rig: Rig) -> None:
+        """Before a download, the look in the archive and the removal of a dead one's unfinished
+        upload are asked at once (on S3, two round trips that each waited for the other)."""
+        started: list[str] = []
+        both = asyncio.Event()
+        archive = rig.archive
+
+        class Together(testing.FakeArchive):
+            async def find(self, task_id: str, *, read_back: bool = False) -> Any:
+                started.append("find")
+                await arrive()
+                return await archive.find(task_id, read_back=read_back)
+
+            async def discard_incomplete(self, task_id: str, started_before: Any = None) -> int:
+                started.append("discard")
+                await arrive()
+                return await archive.discard_incomplete(task_id, started_before)
+
+        async def arrive() -> None:
+            if len(started) == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), 10)  # one after the other: TimeoutError
+
+        rig.svc.archive = Together()
+        archive.leave_unfinished(TASK_ID, EPOCH)
+        rig.store.rows[TASK_ID] = seen(state="downloading", video_url=URL)
+        rig.provider.videos[URL] = VIDEO
+        await rig.cycle()
+        assert sorted(started) == ["discard", "find"]
+        assert (rig.row().state, archive.discarded) == (State.ARCHIVED, [TASK_ID])
 
     async def test_a_download_that_ends_asks_for_a_tick_at_once(self, rig: Rig) -> None:
         """A slot that frees is filled now, not at the next interval: the scheduler's hook runs
