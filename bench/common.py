@@ -141,15 +141,16 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of another process, from /proc (0.0 if it is gone)."""
+def process_cpu_seconds(pid: int, *, user_only: bool = False) -> float:
+    """User + system CPU seconds of another process (its user seconds only, with ``user_only``),
+    from /proc (0.0 if it is gone)."""
     try:
         text = pathlib.Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     # Fields after the command name, which is in parentheses and may contain spaces.
     fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return (int(fields[11]) + (0 if user_only else int(fields[12]))) / _CLOCK_TICKS
 
 
 def postgres_cpu_seconds() -> float:
