@@ -182,7 +182,8 @@ class TestExecutor:
 
     async def test_a_folder_hands_pieces_over_in_batches(self, tmp_path: pathlib.Path) -> None:
         """The socket gives pieces of ~200 KB: each one handed to a thread cost more CPU than its
-        hash (bench/burst.py). They go over in batches of WRITE_BYTES; the commit in one call."""
+        hash (bench/burst.py). They go over in batches of WRITE_BYTES, hash and write side by
+        side; the file is opened by the first write, and the last batch goes with the commit."""
         piece = b"v" * (64 * 1024)
         count = 40  # 2.5 MiB: two whole batches of 16 pieces, and the rest
 
@@ -193,12 +194,33 @@ class TestExecutor:
         with Recording() as executor:
             store = folder.FileArchive(tmp_path, executor=executor)
             stored = await store.put("video_x", pieces(), len(piece) * count, {"task-id": "x"})
-        assert executor.calls.count("_write") == 3
-        assert executor.calls.count("add_all") == 3
-        assert executor.calls.count("_commit") == 1
+        assert sorted(executor.calls) == ["_commit", "add_all", "add_all", "write", "write"]
         assert (tmp_path / "video_x.mp4").read_bytes() == piece * count
         assert stored.sha256 == hashlib.sha256(piece * count).hexdigest()
+        assert stored.size == len(piece) * count
         assert json.loads((tmp_path / "video_x.json").read_text())["sha256"] == stored.sha256
+
+    @pytest.mark.parametrize("size", [0, 1, folder.WRITE_BYTES - 1])
+    async def test_a_video_under_one_batch_is_one_hand_over(
+        self, tmp_path: pathlib.Path, size: int
+    ) -> None:
+        """Open, write, hash, fsync, rename and sidecar: one call in a thread (bench/burst.py)."""
+        body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, size, 200_000):
+                yield body[start : start + 200_000]
+
+        with Recording() as executor:
+            store = folder.FileArchive(tmp_path, executor=executor)
+            stored = await store.put("video_x", pieces(), size, {"task-id": "x"})
+        assert executor.calls == ["_commit"]
+        assert (tmp_path / "video_x.mp4").read_bytes() == body
+        assert stored == archive.Stored(
+            (tmp_path / "video_x.mp4").resolve().as_uri(), size, hashlib.sha256(body).hexdigest()
+        )
+        assert json.loads((tmp_path / "video_x.json").read_text())["bytes"] == str(size)
+        assert list((tmp_path / folder.INCOMING_DIR).iterdir()) == []
 
     async def test_s3_archive_uses_the_given_executor(self) -> None:
         with Recording() as executor:

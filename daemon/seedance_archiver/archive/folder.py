@@ -100,68 +100,81 @@ class FileArchive:
     ) -> archive.Stored:
         failure = "archive folder write failed"
         temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.part"
+        incoming = _Incoming(temp)
         counter = archive.Counter()
+        sidecar = None if metadata is None else dict(metadata)
         try:
-            fh: BinaryIO = await self._io(failure, _open_new, temp)
             # The pieces are gathered to WRITE_BYTES, then hashed in one worker thread and written
             # in another, side by side, while the next ones download (all three release the GIL);
-            # one batch in flight keeps memory at two. bench/README.md: 0.37x of `curl -o && sync`
-            # with hash, write and download one after another; 0.58x with hash and write in one
-            # thread. Handed over piece by piece (~200 KB as the socket gives them), the hand-overs
-            # cost more CPU than the hash (bench/burst.py).
+            # one batch in flight keeps memory at three (in flight, held, gathering).
+            # bench/README.md: 0.37x of `curl -o && sync` with hash, write and download one after
+            # another; 0.58x with hash and write in one thread. Every hand-over to a thread costs
+            # CPU on both sides (a futex wake, the GIL taken back): handed over piece by piece
+            # (~200 KB as the socket gives them), they cost more than the hash. So the file is
+            # opened by its first write, and the last batch goes with the commit: a video under
+            # WRITE_BYTES is one hand-over in all (bench/burst.py).
             writing: list[concurrent.futures.Future[Any]] = []
+            last: list[bytes] = []
             try:
                 async for batch in archive.gathered(chunks, WRITE_BYTES):
-                    for work in writing:
-                        await self._wait(failure, work)
-                    writing = [
-                        self._executor.submit(counter.add_all, batch),
-                        self._executor.submit(_write, fh, batch),
-                    ]
+                    if last:
+                        for work in writing:
+                            await self._wait(failure, work)
+                        writing = [
+                            self._executor.submit(counter.add_all, last),
+                            self._executor.submit(incoming.write, last),
+                        ]
+                    last = batch
                 for work in writing:
                     await self._wait(failure, work)
-                counter.verify(expected_size)
             except BaseException:
                 # Never close the file under a write still running in its thread.
                 if writing:
                     await asyncio.wait([asyncio.wrap_future(work) for work in writing])
-                # Closing flushes what is buffered: on a full disk that fails again, and must not
-                # hide the first error (or a broken download) behind a second one.
                 with contextlib.suppress(OSError):
-                    await archive.run(self._executor, fh.close)
+                    await archive.run(self._executor, incoming.close)
                 raise
-            size, sha256 = counter.size, counter.hash.hexdigest()
-            sidecar = None
-            if metadata is not None:
-                sidecar = dict(metadata) | {"sha256": sha256, "bytes": str(size)}
-            # One hand-over for the whole commit: fsync, rename, the folder's fsync, the sidecar.
-            uri = await self._io(failure, self._commit, fh, temp, task_id, sidecar)
+            # One hand-over for the rest: the last batch, fsync, rename, the folder's fsync, the
+            # sidecar.
+            uri = await self._io(
+                failure, self._commit, incoming, last, counter, expected_size, task_id, sidecar
+            )
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        return archive.Stored(uri, size, sha256)
+        return archive.Stored(uri, counter.size, counter.hash.hexdigest())
 
     def _commit(
-        self, fh: BinaryIO, temp: pathlib.Path, task_id: str, sidecar: Mapping[str, str] | None
+        self,
+        incoming: _Incoming,
+        last: list[bytes],
+        counter: archive.Counter,
+        expected_size: int | None,
+        task_id: str,
+        sidecar: dict[str, str] | None,
     ) -> str:
-        """Make the video whole on disk and put it under its name, then write its sidecar; the
-        video's URI."""
+        """Write and hash the last batch, check the size, make the video whole on disk and put it
+        under its name, then write its sidecar: the video's URI. Runs in a worker thread."""
         try:
+            counter.add_all(last)
+            fh = incoming.write(last)
+            counter.verify(expected_size)
             _flush_and_sync(fh)
             if _FADVISE is not None:
                 # Written and on disk: its pages leave the cache (see WRITEBACK_BYTES).
                 _FADVISE(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             with contextlib.suppress(OSError):  # the first error is the one to tell
-                fh.close()
+                incoming.close()
             raise
         fh.close()
         final = self._final(task_id)
-        os.replace(temp, final)
+        os.replace(incoming.path, final)
         _sync_dir(self.root)
         if sidecar is not None:
             # After the video's commit: a sidecar never describes a video that is not there.
+            sidecar |= {"sha256": counter.hash.hexdigest(), "bytes": str(counter.size)}
             self._write_sidecar(task_id, sidecar)
         return final.resolve().as_uri()  # a path's lookups: off the event loop
 
@@ -237,6 +250,25 @@ _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync d
 
 # Pieces are handed to the writing thread in batches of at least this many bytes.
 WRITE_BYTES = 1024 * 1024
+
+
+class _Incoming:
+    """A video's temporary file, opened by its first write (in a worker thread, as every call
+    here is made): one hand-over fewer per video than an open of its own."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        self.path = path
+        self._fh: BinaryIO | None = None
+
+    def write(self, pieces: list[bytes]) -> BinaryIO:
+        if self._fh is None:
+            self._fh = _open_new(self.path)
+        _write(self._fh, pieces)
+        return self._fh
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
 
 
 def _write(fh: BinaryIO, pieces: list[bytes]) -> None:
