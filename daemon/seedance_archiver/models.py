@@ -289,6 +289,15 @@ class VideoTask(Base):
             sqlite_where=sa.text(ACTIVE_SQL),
             postgresql_where=sa.text(ACTIVE_SQL),
         ),
+        # The download claim's index (migration 0011): on PostgreSQL (expires_at NULLS FIRST,
+        # next_attempt_at) over the downloading rows; on SQLite, as here, led by state.
+        sa.Index(
+            "ix_video_tasks_downloads",
+            "state",
+            "expires_at",
+            "next_attempt_at",
+            sqlite_where=sa.text(ACTIVE_SQL),
+        ),
         sa.Index("ix_video_tasks_state", "state"),
         # The task list's keyset pages, newest first, whole and by state (migration 0010).
         sa.Index("ix_video_tasks_newest", "inserted_at", "task_id"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import os
 import pathlib
 from typing import Any
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 import structlog
-from seedance_archiver import db, errors, models, schema
+from seedance_archiver import db, errors, models, schema, store, utils
 
 from tests.helpers import wait_for
 
@@ -39,9 +40,10 @@ def _columns(url: str) -> set[str]:
 
 
 def _not_the_claim_index(obj: object, name: str | None, kind: str, *_: object) -> bool:
-    # Its NULLS FIRST ordering exists on PostgreSQL only, which one model index cannot say;
-    # test_claim_index_is_in_claim_order checks its exact definition on each database instead.
-    return not (kind == "index" and name == "ix_video_tasks_due")
+    # Their NULLS FIRST ordering (and the download claim's columns) differ by database, which one
+    # model index cannot say; test_claim_index_is_in_claim_order checks the claim's exact
+    # definition on each database, test_the_download_claim_walks_its_own_index the other's plan.
+    return not (kind == "index" and name in ("ix_video_tasks_due", "ix_video_tasks_downloads"))
 
 
 class TestMigrations:
@@ -107,8 +109,62 @@ class TestMigrations:
             )
             assert "WHERE state IN ('downloading', 'pending', 'polling')" in text
 
+    # --- migrating beside the feeders (PostgreSQL) ---------------------------------------------------
 
-# --- migrating beside the feeders (PostgreSQL) ---------------------------------------------------
+    def test_the_download_claim_walks_its_own_index(self, empty_url: str) -> None:
+        """A claim of a few downloads behind a backlog of rows not yet polled reads its own rows
+        in claim order (migration 0011): no sort of every downloading row (SQLite, before), no
+        walk past every unpolled row (PostgreSQL, before). Either made a burst O(N^2)."""
+        schema.upgrade(empty_url)
+        sql_store = store.SqlStore.from_url(empty_url)
+        engine = sql_store.engine
+        now = utils.utcnow()
+        try:
+            with engine.begin() as conn:
+                tasks = models.video_tasks
+                conn.execute(tasks.insert(), [{"task_id": f"pending_{n}"} for n in range(2000)])
+                conn.execute(
+                    tasks.insert(),
+                    [
+                        {
+                            "task_id": f"downloading_{n}",
+                            "state": models.State.DOWNLOADING.value,
+                            "provider": "reseller",
+                            "video_url": "https://videos.example/v.mp4",
+                            "expires_at": now + dt.timedelta(hours=1, seconds=n),
+                            "next_attempt_at": now - dt.timedelta(seconds=n + 1),
+                        }
+                        for n in range(2000)
+                    ],
+                )
+                if engine.dialect.name == "postgresql":
+                    conn.exec_driver_sql("ANALYZE video_tasks")
+            sent: list[tuple[str, Any]] = []
+
+            def record(*args: Any) -> None:
+                if args[2].startswith("UPDATE video_tasks"):
+                    sent.append((args[2], args[3]))
+
+            sa.event.listen(engine, "before_cursor_execute", record)
+            try:
+                claimed = sql_store.claim_due(
+                    "test", now, 60.0, 4, states=["downloading"], provider_name="reseller"
+                )
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", record)
+            # Nearest deadline first.
+            assert [t.task_id for t in claimed] == [f"downloading_{n}" for n in range(4)]
+            statement, parameters = sent[0]
+            explain = "EXPLAIN " if engine.dialect.name == "postgresql" else "EXPLAIN QUERY PLAN "
+            with engine.connect() as conn:
+                plan = " ".join(
+                    str(row[-1]) for row in conn.exec_driver_sql(explain + statement, parameters)
+                )
+        finally:
+            sql_store.close()
+        assert "ix_video_tasks_downloads" in plan, plan
+        assert "Sort" not in plan and "TEMP B-TREE" not in plan, plan
+
 
 PROBE_REVISION = """
 from alembic import op
