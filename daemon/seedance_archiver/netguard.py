@@ -4,7 +4,7 @@ One module for the provider client, the video downloads and the webhooks alike (
 
 - :func:`parse_url`: a link as httpx will request it, or why no request could use it;
 - :class:`UrlRules` and :func:`check_video_url`: the schemes allowed, and by default public hosts only;
-  :func:`redirect_target` and :func:`check_redirect` hold a redirect to the same rules;
+  :func:`redirect_target` holds a redirect to the same rules;
 - :class:`PublicResolver`: a name's addresses are checked where it resolves, at connect time;
 - :func:`is_public_address` and :func:`is_private_literal`: the public-address rule itself.
 
@@ -284,8 +284,9 @@ PRIVATE_HOST_MESSAGE = (
 )
 
 
-async def check_video_url(url: str, rules: UrlRules) -> None:
+async def check_video_url(url: str, rules: UrlRules, parsed: httpx.URL | None = None) -> None:
     """Raise UnsafeVideoUrl unless ``url`` has an allowed scheme and, by default, a public host.
+    ``parsed``: ``url`` as :func:`parse_url` gave it already, if it did (not parsed again).
 
     The host checked is the one httpx will connect to (IDNA-encoded, as httpx parses the link): another
     parser's idea of the host could differ (``ß.de`` resolves as ``ss.de`` but is sent as ``xn--zca.de``).
@@ -293,7 +294,7 @@ async def check_video_url(url: str, rules: UrlRules) -> None:
     download connects, so the address checked is the address connected to (no DNS rebinding).
     """
     try:
-        parts = parse_url(url)
+        parts = parsed or parse_url(url)
     except ValueError as exc:
         raise errors.UnsafeVideoUrl(f"unsafe video_url: it cannot be parsed ({exc})") from None
     host = parts.host
@@ -373,13 +374,3 @@ def redirect_target(url: str, location: str) -> str:
             f"the video host's redirect is not a valid URL ({exc})"
         ) from None
     return target
-
-
-async def check_redirect(response: httpx.Response) -> None:
-    """Check a redirect's Location by our rules before httpx does.
-
-    httpx parses the Location inside ``send`` even when it follows no redirect, and raises its own
-    errors there (RemoteProtocolError, a bare IDNAError); this hook runs first, for one clear reason.
-    """
-    if response.has_redirect_location:
-        redirect_target(str(response.request.url), response.headers["location"])

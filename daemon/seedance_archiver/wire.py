@@ -6,21 +6,18 @@ CPU of a bare aiohttp client per poll. httpx-aiohttp's transport, the daemon's b
 ``aiohttp.ClientTimeout`` per request and handed back each body as a stream that httpx then read
 through three async generators and an exception-mapping context manager (bench/README.md).
 
-- :class:`ApiTransport`, the polls': reads the body whole inside aiohttp (at most ``max_body_bytes``)
-  and returns an ``httpx.Response`` that already holds it.
-- :class:`StreamTransport`, the video downloads': hands the body on in pieces of the archive's chunk
-  size as aiohttp reads them.
-
-Both keep httpx's API for everything above them: the provider builds ``httpx.Request`` objects, reads
-``httpx.Response`` objects and sees httpx's exceptions (:func:`as_httpx`), so any other
-``httpx.AsyncBaseTransport`` (``httpx.MockTransport`` in a test) can stand in.
+:class:`ApiTransport`, the polls', reads the body whole inside aiohttp (at most ``max_body_bytes``)
+and returns an ``httpx.Response`` that already holds it. It keeps httpx's API for everything above
+it: the provider builds ``httpx.Request`` objects, reads ``httpx.Response`` objects and sees httpx's
+exceptions (:func:`as_httpx`), so any other ``httpx.AsyncBaseTransport`` (``httpx.MockTransport`` in
+a test) can stand in. The video downloads use an aiohttp session directly (``providers/http.py``);
+their errors are named as httpx names them (:func:`error_name`).
 """
 
 from __future__ import annotations
 
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -31,17 +28,28 @@ import httpx
 _TIMEOUT_NAMES = (("connect", "sock_connect"), ("read", "sock_read"), ("pool", "connect"))
 
 
+def _httpx_class(exc: aiohttp.ClientError | TimeoutError) -> type[httpx.TransportError]:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
+        return httpx.ReadTimeout
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.ReadError
+    return httpx.NetworkError
+
+
 def as_httpx(
     exc: aiohttp.ClientError | TimeoutError, request: httpx.Request
 ) -> httpx.TransportError:
     """aiohttp's error as the httpx error that means the same (raise it ``from exc``)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc), request=request)
-    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one too
-        return httpx.ReadTimeout(str(exc) or "timed out", request=request)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return httpx.ReadError(str(exc), request=request)
-    return httpx.NetworkError(str(exc), request=request)
+    message = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
+    return _httpx_class(exc)(message, request=request)
+
+
+def error_name(exc: aiohttp.ClientError | TimeoutError) -> str:
+    """The name of the httpx error that means the same as aiohttp's ``exc`` (``ReadError``, ...):
+    what a download's error says, as it did when downloads went through httpx."""
+    return _httpx_class(exc).__name__
 
 
 def timeout_of(request: httpx.Request, total: float | None = None) -> aiohttp.ClientTimeout:
@@ -240,64 +248,3 @@ class ApiTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-
-class StreamTransport(httpx.AsyncBaseTransport):
-    """httpx's transport interface over an ``aiohttp.ClientSession``, for long streamed bodies.
-
-    The video downloads' transport. httpx-aiohttp's streams every body in pieces of 16 KiB, each
-    through an async generator and a context manager, and httpx's ``aiter_raw(size)`` then copies
-    them into chunks of the asked size: ~65,000 pieces per GiB. Here the session's read buffer and
-    each piece handed on are ``chunk_bytes`` (the archive's chunk), so a piece is a chunk, not
-    copied again. ``session`` makes the session on first use, inside the running loop (aiohttp's
-    resolvers need one); the provider's checks every address a download connects to.
-    """
-
-    def __init__(self, session: Callable[[], aiohttp.ClientSession], *, chunk_bytes: int) -> None:
-        self._make_session = session
-        self._chunk_bytes = chunk_bytes
-        self._session: aiohttp.ClientSession | None = None
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._session is None:
-            self._session = self._make_session()
-        try:
-            answer = await _request(
-                self._session, request, timeout_of(request), read_bufsize=self._chunk_bytes
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise as_httpx(exc, request) from exc
-        return httpx.Response(
-            answer.status,
-            headers=answer.raw_headers,
-            stream=_Body(answer, request, self._chunk_bytes),
-            request=request,
-            extensions=_HTTP_11,
-        )
-
-    async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class _Body(httpx.AsyncByteStream):
-    """An answer's body as aiohttp reads it: pieces of up to ``chunk_bytes`` as they arrive."""
-
-    def __init__(
-        self, answer: aiohttp.ClientResponse, request: httpx.Request, chunk_bytes: int
-    ) -> None:
-        self._answer = answer
-        self._request = request
-        self._chunk_bytes = chunk_bytes
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for piece in self._answer.content.iter_chunked(self._chunk_bytes):
-                yield piece
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise as_httpx(exc, self._request) from exc
-
-    async def aclose(self) -> None:
-        # Back to the pool when the body was read to its end; closed when it was not.
-        self._answer.release()

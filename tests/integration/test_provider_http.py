@@ -503,10 +503,10 @@ class TestRedirects:
 
             # Without network there is no public first hop to use, so treat the first URL as one
             # (as if it resolved publicly); every later hop gets the real check.
-            async def check(url: str, rules: netguard.UrlRules) -> None:
+            async def check(url: str, rules: netguard.UrlRules, *parsed: httpx.URL) -> None:
                 if url == first:
                     return
-                await real_check(url, rules)
+                await real_check(url, rules, *parsed)
 
             monkeypatch.setattr(netguard, "check_video_url", check)
             rules = netguard.UrlRules(schemes=frozenset({"http"}), allow_private_hosts=False)
@@ -630,9 +630,9 @@ class TestDnsRebinding:
         async with LocalServer({"/hop": hop, "/x": inner}) as base:
             first = f"{base}/hop"
 
-            async def check(url: str, rules: netguard.UrlRules) -> None:
+            async def check(url: str, rules: netguard.UrlRules, *parsed: httpx.URL) -> None:
                 if url != first:  # the first hop stands in for a public host
-                    await real_check(url, rules)
+                    await real_check(url, rules, *parsed)
 
             monkeypatch.setattr(netguard, "check_video_url", check)
             http = new_client(sim.url, SIM_KEY, url_rules=self.RULES, resolver=lambda: dns)

@@ -4,8 +4,8 @@
 ``open_video`` streams a finished video from its link; ``check_key`` asks, for free, whether the API
 key is accepted. What differs between the APIs is the dialect's (``providers/<name>.py``): the path
 and key of a poll, its answer, its 404, whether a download carries the key and which refusals of a
-link mean "poll again". Only ``providers/`` imports httpx, and its exceptions become ``errors.*``
-here; the network rules are :mod:`netguard`'s.
+link mean "poll again". Only ``providers/`` (and :mod:`wire`, :mod:`netguard`) import httpx and
+aiohttp, and their exceptions become ``errors.*`` here; the network rules are :mod:`netguard`'s.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ KEY_CHECK_TASK_ID = "seedance-archiver-key-check-0"
 NOT_OWN_404 = "the provider answered 404 without its own JSON error (an outage, not a verdict)"
 # What a video host's refusal of a signed link means by default: it ran out, poll for a fresh one.
 REFUSED_LINK_STATUSES = frozenset({403, 404, 410})
+# A video host's answers that send us on: to their Location, when they have one.
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class Dialect(Protocol):
@@ -183,8 +185,12 @@ class HttpProvider:
     (:class:`wire.ApiTransport`), chosen by measurement (bench/README.md): httpx's default transport
     costs 20x the CPU of a bare aiohttp client per poll, httpx's Client 1.2x more on top of any
     transport (its cookie jar and URL merging run on every request; we need neither), and
-    httpx-aiohttp's transport, which streams every body, about 2x ours. Video downloads are few and
-    long, so they keep httpx's plain Client, on :class:`wire.StreamTransport`.
+    httpx-aiohttp's transport, which streams every body, about 2x ours.
+
+    Video downloads go on an aiohttp session of their own, to the URL as httpx parses it
+    (:func:`netguard.parse_url`, the form every network rule is checked on). They went through
+    httpx's Client too, over a streaming transport: in a burst of finished videos its request
+    building, cookie jar and URL parsing were 9% of the daemon's Python time (bench/burst.py).
     """
 
     MAX_CONNECTIONS = 200
@@ -207,9 +213,6 @@ class HttpProvider:
         self._base = base_url.rstrip("/")
         self._url_rules = url_rules or netguard.UrlRules()
         self._max_video_bytes = max_video_bytes
-        limits = httpx.Limits(
-            max_connections=self.MAX_CONNECTIONS, max_keepalive_connections=self.MAX_CONNECTIONS
-        )
         timeout = httpx.Timeout(timeout_seconds)
         ssl_context = httpx.create_ssl_context()
         # A transport given here bounds each exchange as a whole itself (ours: total_seconds).
@@ -241,30 +244,39 @@ class HttpProvider:
         allow_private = self._url_rules.allow_private_hosts
 
         def files_session() -> aiohttp.ClientSession:
-            # Called on first use, inside the running loop (aiohttp's resolvers need one).
+            # Called on first use, inside the running loop (aiohttp's resolvers need one). The
+            # connector's resolver checks every address a download connects to (PublicResolver).
             inner = make_resolver()
             connector = aiohttp.TCPConnector(
                 resolver=inner if allow_private else netguard.PublicResolver(inner),
                 limit=self.MAX_CONNECTIONS,
                 ssl=ssl_context,
             )
-            # httpx reads the body as sent (aiter_raw), as httpx-aiohttp's transport did.
-            return aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            return aiohttp.ClientSession(
+                connector=connector,
+                # The body as sent: a video is not compressed, and we ask for it as it is.
+                auto_decompress=False,
+                headers={"Accept-Encoding": "identity"},
+                # No cookie from one video host goes with another task's download.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
 
-        # Video hosts get no API key unless the dialect says a link needs it (see _send). The
-        # connector's resolver checks every address a download connects to (see PublicResolver).
-        self._files = httpx.AsyncClient(
-            transport=wire.StreamTransport(files_session, chunk_bytes=CHUNK_BYTES),
-            headers={"Accept-Encoding": "identity"},
-            timeout=timeout,
-            limits=limits,
-            follow_redirects=False,
-            event_hooks={"response": [netguard.check_redirect]},
+        self._files_session = files_session
+        self._files: aiohttp.ClientSession | None = None
+        # Each connect and each socket read within the timeout; the whole download is bounded by
+        # the caller (SEEDANCE_MAX_DOWNLOAD_SECONDS).
+        self._files_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeout_seconds,
+            sock_connect=timeout_seconds,
+            sock_read=timeout_seconds,
         )
 
     async def aclose(self) -> None:
         await self._api.aclose()
-        await self._files.aclose()
+        if self._files is not None:
+            await self._files.close()
+            self._files = None
 
     async def _get_result(self, task_id: str) -> tuple[httpx.Response, bytes]:
         """One GET of the task with our key: the response and its body, or ProviderUnavailable."""
@@ -360,42 +372,56 @@ class HttpProvider:
                     url, self._url_rules
                 )  # a redirect to file:// is unsafe, not malformed
             try:
-                netguard.parse_url(url)
+                parsed = netguard.parse_url(url)
             except ValueError as exc:
                 raise errors.DownloadError(f"{which} is not a valid URL ({exc})") from None
-            await netguard.check_video_url(url, self._url_rules)
-            response = await self._send(url)
+            await netguard.check_video_url(url, self._url_rules, parsed)
+            response = await self._send(parsed)
             try:
-                if response.has_redirect_location:
-                    url = netguard.redirect_target(url, response.headers["location"])
+                if response.status in REDIRECT_STATUSES and "Location" in response.headers:
+                    url = netguard.redirect_target(url, response.headers["Location"])
                     continue
                 yield await self._video(response)
                 return
             finally:
-                await response.aclose()
+                # Back to the pool when the body was read to its end; closed when it was not.
+                response.release()
         raise errors.DownloadError(f"more than {MAX_REDIRECTS} redirects from the video host")
 
-    async def _send(self, url: str) -> httpx.Response:
-        """GET ``url`` as a stream; DownloadError for anything httpx raises, a bad URL included."""
+    async def _send(self, url: httpx.URL) -> aiohttp.ClientResponse:
+        """GET ``url`` (as :func:`netguard.parse_url` gave it), its body left to stream;
+        DownloadError for anything the request raises."""
+        session = self._files or self._open_files()
+        # Video hosts get no API key unless the dialect says a link needs it, and then only the
+        # API's own host.
+        headers = self._video_auth if self._video_auth and url.host == self._api_host else None
         try:
-            request = self._files.build_request("GET", url)
-            if self._video_auth and request.url.host == self._api_host:
-                request.headers.update(self._video_auth)
-            return await self._files.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            return await session.get(
+                str(url),
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._files_timeout,
+                # Pieces of up to CHUNK_BYTES as the socket gives them, not 64 KiB.
+                read_bufsize=CHUNK_BYTES,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
             if netguard.private_answer(exc):
                 raise errors.UnsafeVideoUrl(netguard.PRIVATE_HOST_MESSAGE) from exc
             raise errors.DownloadError(
-                f"cannot reach the video host: {type(exc).__name__}"
+                f"cannot reach the video host: {wire.error_name(exc)}"
             ) from exc
-        except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (IDNA) is a ValueError
+        except ValueError as exc:  # UnicodeError (IDNA) is a ValueError
             raise errors.DownloadError(
                 f"cannot request the video link ({netguard.printable(str(exc))})"
             ) from exc
 
-    async def _video(self, response: httpx.Response) -> provider.Video:
+    def _open_files(self) -> aiohttp.ClientSession:
+        self._files = self._files_session()
+        return self._files
+
+    async def _video(self, response: aiohttp.ClientResponse) -> provider.Video:
         """The answer as a Video, once its status, size and first bytes say it is one."""
-        code = response.status_code
+        code = response.status
         if code in self._dialect.refused_link_statuses:
             raise errors.LinkExpired(f"the video link was refused (HTTP {code})")
         if code != 200:
@@ -415,15 +441,15 @@ class HttpProvider:
                     f"({self._max_video_bytes})",
                     length=length,
                 )
-        pieces = response.aiter_raw()
+        pieces = aiter(response.content.iter_chunked(CHUNK_BYTES))
         head = b""
         try:
-            # Pieces of up to CHUNK_BYTES as the transport reads them, not copied into equal ones.
+            # Pieces of up to CHUNK_BYTES as the socket gives them, not copied into equal ones.
             async for piece in pieces:
                 head += piece
                 if len(head) >= provider.VIDEO_HEAD_BYTES:
                     break
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _broke_off(len(head), exc) from exc
         provider.check_video(response.headers.get("Content-Type"), head)
         return provider.Video(length=length, chunks=self._chunks(head, pieces))
@@ -440,7 +466,7 @@ class HttpProvider:
                 received += len(piece)
                 self._within_limit(received)
                 yield piece
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _broke_off(received, exc) from exc
 
     def _within_limit(self, received: int) -> None:
@@ -450,9 +476,9 @@ class HttpProvider:
             )
 
 
-def _broke_off(received: int, exc: BaseException) -> errors.DownloadError:
+def _broke_off(received: int, exc: aiohttp.ClientError | TimeoutError) -> errors.DownloadError:
     return errors.DownloadError(
-        f"the download broke off after {received} bytes: {type(exc).__name__}"
+        f"the download broke off after {received} bytes: {wire.error_name(exc)}"
     )
 
 
