@@ -227,6 +227,28 @@ class TestOpenVideo:
                 await http.aclose()
         assert seen == [None]
 
+    async def test_no_cookie_goes_from_one_download_to_the_next(
+        self, sim: simulator.SimulatorThread
+    ) -> None:
+        """Downloads keep no cookie jar: what a video host set for one task's link is not sent
+        with another's (as httpx's Client did)."""
+        seen: list[str | None] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            seen.append(request.headers.get("Cookie"))
+            response = web.Response(body=MP4, content_type="video/mp4")
+            response.set_cookie("session", f"for-{request.match_info.get('name', 'v')}")
+            return response
+
+        async with LocalServer({"/v.mp4": handler}) as base:
+            http = new_client(sim.url, SIM_KEY, url_rules=LOCAL_HTTP)
+            try:
+                for _ in range(2):
+                    assert await download(http, f"{base}/v.mp4") == (len(MP4), MP4)
+            finally:
+                await http.aclose()
+        assert seen == [None, None]
+
     @pytest.mark.parametrize(
         ("fault", "why"),
         [
