@@ -384,6 +384,59 @@ class TestPoisonedOutcomes:
             gone.close()
 
 
+class TestSqliteWriteBack:
+    """SQLite's write-back makes its parameters itself (store._sqlite_row): they are stored as
+    SQLAlchemy's own statement stores them, byte for byte."""
+
+    def test_the_rows_are_the_statement_s_rows(self, sqlite_url: str) -> None:
+        sql_store = store.SqlStore.from_url(sqlite_url)
+        now = dt.datetime(2026, 12, 7, 5, 0, 0, tzinfo=dt.UTC)  # microsecond 0: still written
+        elsewhere = dt.timezone(dt.timedelta(hours=-5, minutes=-30))
+        try:
+            for name in ("theirs", "ours"):
+                insert(sql_store.engine, name, next_attempt_at=now - dt.timedelta(seconds=1))
+            claimed = {t.task_id: t for t in sql_store.claim_due("owner", now, LEASE_S, 10)}
+            fields = {
+                "state": models.State.ARCHIVED,
+                "provider_status": "succeeded",
+                "model": "seedance-1-0-pro",
+                "video_url": "https://videos.example/v.mp4?sig=x",
+                "actual_duration": 5,  # an int: stored as 5.0 by both
+                "error": "vidéo ✓",
+                "provider_created_at": now.astimezone(elsewhere),
+                "expires_at": now + dt.timedelta(days=1, microseconds=7),
+                "updated_at": now,
+                "next_attempt_at": now + dt.timedelta(days=1),
+                "last_polled_at": now - dt.timedelta(microseconds=1),
+                "completed_at": now,
+                "archived_at": now,
+                "polls": 3,
+                "attempts": 1,
+                "archive_uri": "file:///archive/v.mp4",
+                "archive_bytes": 2**40,
+                "archive_sha256": "ab" * 32,
+                "provider": "reseller",
+            }
+            theirs = claimed["theirs"].replace(**fields)
+            with sql_store.engine.begin() as conn:
+                params = {"b_task_id": "theirs", "b_owner": "owner"} | {
+                    f"v_{name}": getattr(theirs, name) for name in models.DAEMON_FIELDS
+                }
+                assert conn.execute(sql_store._save_stmt, [params]).rowcount == 1
+            assert sql_store.save([claimed["ours"].replace(**fields)], "owner") == 1
+        finally:
+            sql_store.close()
+        with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as conn:
+            columns = [c for c in models.TASK_FIELDS if c not in ("task_id", "inserted_at")]
+            select = ", ".join(f"{c}, typeof({c})" for c in columns)
+            rows = {
+                row[0]: row[1:]
+                for row in conn.execute(f"SELECT task_id, {select} FROM video_tasks")
+            }
+        assert rows["ours"] == rows["theirs"]
+        assert "2026-12-07 05:00:00.000000" in rows["ours"]
+
+
 class TestHungDatabase:
     """A PostgreSQL server that stops answering without closing cannot hang a store call."""
 
