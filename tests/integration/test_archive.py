@@ -8,6 +8,7 @@ tests/contract/test_archive_contract.py, over the fake archive, a folder and S3.
 from __future__ import annotations
 
 import pathlib
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -195,7 +196,7 @@ class TestFileErrors:
         (root / folder.INCOMING_DIR).mkdir(parents=True)
         temp = root / folder.INCOMING_DIR / f"{task_id}.{pinned.hex}.part"
         temp.symlink_to("/dev/full")
-        monkeypatch.setattr(uuid, "uuid4", lambda: pinned)
+        monkeypatch.setattr(secrets, "token_hex", lambda nbytes: pinned.hex)
         store = folder.FileArchive(root)
 
         with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:

@@ -177,7 +177,7 @@ class TestExecutor:
             await store.check()
             assert await store.find("video_x") is None
             assert await store.incomplete() == set()
-        assert executor.calls == ["_check", "_find", "_temp_files"]
+        assert executor.calls == ["_check", "_find", "_temp_names"]
         assert all(name.startswith("recording") for name in executor.threads)
 
     async def test_a_folder_hands_pieces_over_in_batches(self, tmp_path: pathlib.Path) -> None:

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import pathlib
+import secrets
 import urllib.parse
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
@@ -38,6 +38,9 @@ class FileArchive:
     ) -> None:
         self.root = root
         self._executor = executor or archive.default_executor()
+        # As strings: the per-video file calls below skip pathlib's objects (bench/burst.py).
+        self._root = os.fspath(root)
+        self._incoming = os.path.join(self._root, INCOMING_DIR)
 
     @classmethod
     def from_url(
@@ -99,7 +102,7 @@ class FileArchive:
         metadata: Mapping[str, str] | None = None,
     ) -> archive.Stored:
         failure = "archive folder write failed"
-        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}.part"
+        temp = os.path.join(self._incoming, _temp_name(task_id, ".part"))
         incoming = _Incoming(temp)
         counter = archive.Counter()
         sidecar = None if metadata is None else dict(metadata)
@@ -141,7 +144,7 @@ class FileArchive:
             )
         except BaseException:
             with contextlib.suppress(OSError):
-                temp.unlink()
+                os.unlink(temp)
             raise
         return archive.Stored(uri, counter.size, counter.hash.hexdigest())
 
@@ -169,38 +172,43 @@ class FileArchive:
                 incoming.close()
             raise
         fh.close()
-        final = self._final(task_id)
+        final = os.path.join(self._root, f"{task_id}.mp4")
         os.replace(incoming.path, final)
-        _sync_dir(self.root)
+        _sync_dir(self._root)
         if sidecar is not None:
             # After the video's commit: a sidecar never describes a video that is not there.
             sidecar |= {"sha256": counter.hash.hexdigest(), "bytes": str(counter.size)}
             self._write_sidecar(task_id, sidecar)
-        return final.resolve().as_uri()  # a path's lookups: off the event loop
+        # The path's lookups (symbolic links resolved): here, off the event loop.
+        return pathlib.Path(os.path.realpath(final)).as_uri()
 
     def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
         """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
         # Named like the video's temp file ({task_id}.{random}.part), so the same clean-up finds
         # one a kill left behind.
-        temp = self.root / INCOMING_DIR / f"{task_id}.{uuid.uuid4().hex}-json.part"
+        temp = os.path.join(self._incoming, _temp_name(task_id, "-json.part"))
         try:
-            with temp.open("w", encoding="utf-8") as fh:
-                json.dump(sidecar, fh, indent=2, sort_keys=True)
+            with open(temp, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(sidecar, indent=2, sort_keys=True))
                 _flush_and_sync(fh)
-            os.replace(temp, self.root / f"{task_id}.json")
-            _sync_dir(self.root)
+            os.replace(temp, os.path.join(self._root, f"{task_id}.json"))
+            _sync_dir(self._root)
         except BaseException:
             with contextlib.suppress(OSError):
-                temp.unlink()
+                os.unlink(temp)
             raise
 
-    def _temp_files(self) -> list[pathlib.Path]:
-        incoming = self.root / INCOMING_DIR
-        return list(incoming.glob("*.part")) if incoming.is_dir() else []
+    def _temp_names(self) -> list[str]:
+        """The names in ``.incoming`` of unfinished videos and sidecars (``*.part``)."""
+        try:
+            names = os.listdir(self._incoming)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [name for name in names if name.endswith(".part")]
 
     async def incomplete(self) -> set[str]:
-        files = await self._io("archive folder listing failed", self._temp_files)
-        return {path.name.rsplit(".", 2)[0] for path in files}
+        names = await self._io("archive folder listing failed", self._temp_names)
+        return {name.rsplit(".", 2)[0] for name in names}
 
     async def discard_incomplete(
         self, task_id: str, started_before: dt.datetime | None = None
@@ -211,15 +219,16 @@ class FileArchive:
 
     def _discard(self, task_id: str, started_before: dt.datetime | None) -> int:
         removed = 0
-        for path in self._temp_files():
-            if path.name.rsplit(".", 2)[0] != task_id:
+        for name in self._temp_names():
+            if name.rsplit(".", 2)[0] != task_id:
                 continue
+            path = os.path.join(self._incoming, name)
             try:
                 if started_before is not None:
-                    modified = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                    modified = dt.datetime.fromtimestamp(os.stat(path).st_mtime, dt.UTC)
                     if modified >= started_before:
                         continue
-                path.unlink()
+                os.unlink(path)
                 removed += 1
             except FileNotFoundError:
                 continue
@@ -252,11 +261,16 @@ _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync d
 WRITE_BYTES = 1024 * 1024
 
 
+def _temp_name(task_id: str, suffix: str) -> str:
+    """A temporary file's name: ``{task_id}.{random}{suffix}``, which the clean-up parses."""
+    return f"{task_id}.{secrets.token_hex(16)}{suffix}"
+
+
 class _Incoming:
     """A video's temporary file, opened by its first write (in a worker thread, as every call
     here is made): one hand-over fewer per video than an open of its own."""
 
-    def __init__(self, path: pathlib.Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         self._fh: BinaryIO | None = None
 
@@ -283,10 +297,13 @@ def _write(fh: BinaryIO, pieces: list[bytes]) -> None:
         _FADVISE(fh.fileno(), start, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
 
 
-def _open_new(path: pathlib.Path) -> BinaryIO:
-    """``path`` opened to write, its folder made first if need be."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("wb")
+def _open_new(path: str) -> BinaryIO:
+    """``path`` opened to write, its folder made if it is missing (``check`` made it at start)."""
+    try:
+        return open(path, "wb")
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return open(path, "wb")
 
 
 def _flush_and_sync(fh: Any) -> None:
@@ -294,7 +311,7 @@ def _flush_and_sync(fh: Any) -> None:
     os.fsync(fh.fileno())
 
 
-def _sync_dir(path: pathlib.Path) -> None:
+def _sync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
