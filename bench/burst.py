@@ -71,12 +71,17 @@ def main(argv: list[str] | None = None) -> None:
         "--fsyncs", action="store_true", help="count the daemon's fsyncs (runs it under strace)"
     )
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds per round")
+    parser.add_argument(
+        "--dir",
+        help="where the archive, the floor's files and SQLite go (default: the temporary folder); "
+        "see bench/README.md on this machine's ext4 without a journal",
+    )
     args = parser.parse_args(argv)
     auto = json.dumps({"queued_seconds": 0, "ready_seconds": 0, "size": args.size})
     rounds = [[f"video_burst_{r}_{n:07d}" for n in range(args.videos)] for r in range(args.rounds)]
     slots = DOWNLOADS_PER_PROCESS * args.processes
     with (
-        tempfile.TemporaryDirectory(prefix="bench-burst-") as tmp,
+        tempfile.TemporaryDirectory(prefix="bench-burst-", dir=args.dir) as tmp,
         common.simulator(auto=auto) as (sim_url, _),
         _database(args.db, pathlib.Path(tmp)) as (db_url, pg_name),
     ):
