@@ -715,6 +715,7 @@ class FakeArchive:
         metadata: Mapping[str, str] | None = None,
     ) -> archive.Stored:
         self.puts.append(task_id)
+        await self.discard_incomplete(task_id)  # as the folder does; S3 before a multipart one
         self.metadata[task_id] = dict(metadata or {})
         data = b"".join([chunk async for chunk in chunks])
         if self.fail_next is not None:

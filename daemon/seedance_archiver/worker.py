@@ -306,7 +306,7 @@ class Worker:
         async with self._download_slots:
             started = self.parts.clock.monotonic()
             try:
-                stored = await self._find_and_clear(row.task_id)
+                stored = await self.parts.archive.find(row.task_id)
                 if stored is not None:
                     task_log.info("video_already_archived", uri=stored.uri, bytes=stored.size)
                 else:
@@ -355,22 +355,6 @@ class Worker:
             seconds=round(self.parts.clock.monotonic() - started, 3),
         )
         return policy.on_archived(row, stored.uri, stored.size, stored.sha256, now)
-
-    async def _find_and_clear(self, task_id: str) -> archive.Stored | None:
-        """The video if the archive holds it already; meanwhile, since we hold the lease, any
-        unfinished upload of the task is a dead one's leftover, and is removed. The two asked at
-        once: one after the other, they were two of S3's round trips per video before the put
-        (bench/burst.py)."""
-        found, cleared = await asyncio.gather(
-            self.parts.archive.find(task_id),
-            self.parts.archive.discard_incomplete(task_id),
-            return_exceptions=True,
-        )
-        for result in (found, cleared):
-            if isinstance(result, BaseException):
-                raise result
-        assert not isinstance(found, BaseException)
-        return found
 
     async def _stored_whole(
         self,

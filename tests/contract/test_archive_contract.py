@@ -203,6 +203,18 @@ class TestUnfinished:
         assert await any_archive.archive.discard_incomplete(other) == 1
         assert await any_archive.archive.incomplete() == set()
 
+    async def test_a_put_removes_what_its_task_s_dead_attempt_left(
+        self, any_archive: Store
+    ) -> None:
+        """The put is made under the task's lease: an unfinished upload of the task is a dead
+        attempt's, and goes (at S3, before a multipart upload: this video is past one part);
+        another task's is left for housekeeping."""
+        task_id, other = new_id(), new_id()
+        any_archive.leave_unfinished(task_id)
+        any_archive.leave_unfinished(other)
+        await any_archive.put_whole(task_id, video(task_id, PAST_ONE_PART))
+        assert await any_archive.archive.incomplete() == {other}
+
     async def test_an_upload_begun_after_the_check_is_kept(
         self, any_archive: Store, request: pytest.FixtureRequest
     ) -> None:

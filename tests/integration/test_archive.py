@@ -8,7 +8,6 @@ tests/contract/test_archive_contract.py, over the fake archive, a folder and S3.
 from __future__ import annotations
 
 import pathlib
-import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -189,14 +188,12 @@ class TestFileErrors:
     async def test_put_on_a_full_disk(
         self, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """/dev/full fails every write with ENOSPC; only the temporary name is pinned, to put it there."""
+        """/dev/full fails every write with ENOSPC; only the temporary file's open is sent there (a
+        symbolic link under its name would be taken for a dead attempt's file, and removed)."""
         root = tmp_path / "archive"
         task_id = new_id()
-        pinned = uuid.UUID(int=1)
         (root / folder.INCOMING_DIR).mkdir(parents=True)
-        temp = root / folder.INCOMING_DIR / f"{task_id}.{pinned.hex}.part"
-        temp.symlink_to("/dev/full")
-        monkeypatch.setattr(secrets, "token_hex", lambda nbytes: pinned.hex)
+        monkeypatch.setattr(folder, "_open_new", lambda path: open("/dev/full", "wb"))
         store = folder.FileArchive(root)
 
         with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:

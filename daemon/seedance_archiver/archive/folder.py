@@ -103,7 +103,8 @@ class FileArchive:
     ) -> archive.Stored:
         failure = "archive folder write failed"
         temp = os.path.join(self._incoming, _temp_name(task_id, ".part"))
-        incoming = _Incoming(temp)
+        # A dead attempt's temporary files go as this one's is made (see Archive.put).
+        incoming = _Incoming(temp, lambda: self._discard(task_id, None))
         counter = archive.Counter()
         sidecar = None if metadata is None else dict(metadata)
         try:
@@ -270,12 +271,14 @@ class _Incoming:
     """A video's temporary file, opened by its first write (in a worker thread, as every call
     here is made): one hand-over fewer per video than an open of its own."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, before_open: Callable[[], object]) -> None:
         self.path = path
+        self._before_open = before_open
         self._fh: BinaryIO | None = None
 
     def write(self, pieces: list[bytes]) -> BinaryIO:
         if self._fh is None:
+            self._before_open()
             self._fh = _open_new(self.path)
         _write(self._fh, pieces)
         return self._fh
