@@ -16,8 +16,9 @@ with SHA-256 and PUT it with boto3. Its CPU-s is this process's own.
 ``--rounds`` of each (3 by default) and their medians: on a 2-core VM one round can differ from the
 next by 15%. Per video, the run also reports the polls the simulator answered, the statements and
 transactions the daemons counted (their /metrics), on PostgreSQL the commits the server counted, the
-files the archive holds, the webhook-outbox rows written, and with ``--fsyncs`` the daemon's fsyncs
-(it runs under ``strace -c``, which stops it at those calls only).
+files the archive holds, the webhook-outbox rows written, the context switches of the daemon's
+threads and of the floor's (each a thread waiting: for the GIL, for work, for the disk), and with
+``--fsyncs`` the daemon's fsyncs (it runs under ``strace -c``, which stops it at those calls only).
 
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000
     .venv/bin/python -m bench.burst --videos 3000 --size 500000
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                 _evict(floor)
                 os.sync()
                 cpu_before = _tree_cpu(daemon.pid)
+                switches_before = _tree_switches(daemon.pid)
                 user_before = _tree_cpu(daemon.pid, user_only=True)
                 started = time.monotonic()
                 done_before = _archived(args.db, db_url)
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                 wall = time.monotonic() - started
                 cpu = _tree_cpu(daemon.pid) - cpu_before
                 user = _tree_cpu(daemon.pid, user_only=True) - user_before
-                results.append(Round(done - done_before, wall, cpu, user, *floor_run))
+                switches = _tree_switches(daemon.pid) - switches_before
+                results.append(Round(done - done_before, wall, cpu, user, switches, *floor_run))
             # The floor's polls were answered by the same simulator: one per id.
             after = _readings(sim_url, pg_name, ports, floor_polls=sum(map(len, rounds)))
         finally:
@@ -154,9 +157,11 @@ class Round:
     wall: float
     cpu: float
     user: float  # of cpu, the CPU-s in user space (the rest is the kernel's, on our behalf)
+    switches: int  # the daemon's context switches
     floor_wall: float
     floor_cpu: float
     floor_user: float
+    floor_switches: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +270,9 @@ def _report(
         parts.append(f"{fsyncs / per:.2f} fsyncs (the daemon's own, start-up included)")
     if not args.s3:
         parts.append(f"{files / per:.2f} files in the archive")
+    switches = statistics.median(r.switches / max(r.archived, 1) for r in results)
+    floor_switches = statistics.median(r.floor_switches / args.videos for r in results)
+    parts.append(f"{switches:.1f} context switches (the floor's: {floor_switches:.1f})")
     parts.append(f"{outbox / per:.2f} outbox rows")
     print("per video: " + ", ".join(parts))
 
@@ -283,9 +291,9 @@ Store = Callable[[str, aiohttp.ClientResponse], Awaitable[None]]
 
 async def _floor(
     sim_url: str, ids: list[str], slots: int, store: Store
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """Poll each id and hand its video's answer to ``store``, ``slots`` at once: (wall, CPU-s, of
-    which user CPU-s)."""
+    which user CPU-s, context switches)."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for task_id in ids:
         queue.put_nowait(task_id)
@@ -300,15 +308,17 @@ async def _floor(
                 await store(task_id, video)
 
     cpu, user, started = time.process_time(), os.times().user, time.monotonic()
+    switches = common.context_switches(os.getpid())
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(one(session) for _ in range(slots)))
     wall = time.monotonic() - started
-    return wall, time.process_time() - cpu, os.times().user - user
+    switches = common.context_switches(os.getpid()) - switches
+    return wall, time.process_time() - cpu, os.times().user - user, switches
 
 
 async def _bare(
     sim_url: str, ids: list[str], folder: pathlib.Path, slots: int
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """The floor: poll, stream to a temporary file with SHA-256, fsync, rename; ``slots`` at once
     (``folder`` exists). The file work blocks the loop, as a bare downloader's does."""
 
@@ -328,7 +338,7 @@ async def _bare(
 
 async def _bare_s3(
     sim_url: str, ids: list[str], endpoint: str, slots: int
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, int]:
     """The floor to S3: poll, read the video into memory with SHA-256, one PUT with boto3 (in a
     thread, as boto3 blocks) carrying the hash; ``slots`` at once, into a bucket of its own."""
     import boto3
@@ -480,6 +490,11 @@ def _tree_cpu(pid: int, *, user_only: bool = False) -> float:
         common.process_cpu_seconds(each, user_only=user_only)
         for each in [pid, *common.child_pids(pid)]
     )
+
+
+def _tree_switches(pid: int) -> int:
+    """Context switches of a process and its children, their threads' together."""
+    return sum(common.context_switches(each) for each in [pid, *common.child_pids(pid)])
 
 
 def _polls(sim_url: str) -> int:

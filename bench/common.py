@@ -153,6 +153,26 @@ def process_cpu_seconds(pid: int, *, user_only: bool = False) -> float:
     return (int(fields[11]) + (0 if user_only else int(fields[12]))) / _CLOCK_TICKS
 
 
+def context_switches(pid: int) -> int:
+    """Context switches of a process so far, its threads' together (voluntary: a wait, such as a
+    thread waiting for the GIL or for work; involuntary: the kernel's choice), from /proc (0 if
+    it is gone). A thread that ended takes its own with it."""
+    total = 0
+    try:
+        threads = list(pathlib.Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0
+    for thread in threads:
+        try:
+            text = (thread / "status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if "ctxt_switches:" in line:
+                total += int(line.split()[-1])
+    return total
+
+
 def postgres_cpu_seconds() -> float:
     """User + system CPU seconds of every running ``postgres`` process (server and backends)."""
     total = 0.0
