@@ -7,6 +7,7 @@ tests/contract/test_archive_contract.py, over the fake archive, a folder and S3.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import uuid
 from collections.abc import Awaitable, Callable
@@ -193,7 +194,7 @@ class TestFileErrors:
         root = tmp_path / "archive"
         task_id = new_id()
         (root / folder.INCOMING_DIR).mkdir(parents=True)
-        monkeypatch.setattr(folder, "_open_new", lambda path: open("/dev/full", "wb"))
+        monkeypatch.setattr(folder, "_open_new", lambda path: os.open("/dev/full", os.O_WRONLY))
         store = folder.FileArchive(root)
 
         with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:

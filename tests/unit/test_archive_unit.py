@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -175,8 +176,11 @@ class TestExecutor:
         with Recording() as executor:
             store = folder.FileArchive(tmp_path, executor=executor)
             await store.check()
-            assert await store.find("video_x") is None
+            assert await store.find("video_x") is None  # one stat, on the event loop
+            (tmp_path / "video_y.mp4").write_bytes(b"y")
+            found = await store.find("video_y")  # read back and hashed in a thread
             assert await store.incomplete() == set()
+        assert found is not None and found.sha256 == hashlib.sha256(b"y").hexdigest()
         assert executor.calls == ["_check", "_find", "_temp_names"]
         assert all(name.startswith("recording") for name in executor.threads)
 
@@ -228,6 +232,67 @@ class TestExecutor:
             await store.check()
             assert await store.find("video_x") is None
         assert executor.calls == ["head_bucket", "head_object"]
+
+
+class TestFolderSync:
+    """The fsync of a folder is shared by the videos committing at once, and never covers a rename
+    made after it began."""
+
+    WAIT = 30.0  # a deadline for each step, never reached unless the code under test hangs
+
+    def test_calls_during_an_fsync_share_the_next_one(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        began: list[threading.Event] = []
+        release: list[threading.Event] = []
+
+        def fake_sync(path: str) -> None:
+            began.append(threading.Event())
+            release.append(threading.Event())
+            began[-1].set()
+            assert release[-1].wait(self.WAIT)
+
+        monkeypatch.setattr(folder, "_sync_dir", fake_sync)
+        sync = folder._FolderSync("/archive")
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(sync)
+            wait_for(lambda: len(began) == 1)
+            # Two more renames are made while the first fsync runs: it cannot cover them.
+            others = [pool.submit(sync), pool.submit(sync)]
+            wait_for(lambda: sync._asked == 3)
+            release[0].set()
+            first.result(self.WAIT)
+            wait_for(lambda: len(began) == 2)
+            assert not any(other.done() for other in others)
+            release[1].set()
+            for other in others:
+                other.result(self.WAIT)
+        assert len(began) == 2  # three calls, two fsyncs
+
+    def test_a_failed_fsync_fails_its_caller_and_the_next_caller_tries_its_own(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        outcomes = [OSError(5, "Input/output error"), None]
+
+        def fake_sync(path: str) -> None:
+            outcome = outcomes.pop(0)
+            if outcome is not None:
+                raise outcome
+
+        monkeypatch.setattr(folder, "_sync_dir", fake_sync)
+        sync = folder._FolderSync("/archive")
+        with pytest.raises(OSError, match="Input/output"):
+            sync()
+        sync()
+        assert outcomes == []
+
+
+def wait_for(condition: Any, seconds: float = TestFolderSync.WAIT) -> None:
+    """Return once ``condition()`` holds; fail past the deadline."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.001)
 
 
 class TestCheckFallback:

@@ -7,14 +7,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
 import pathlib
 import secrets
+import stat
+import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from seedance_archiver import archive, errors
 
@@ -41,6 +44,8 @@ class FileArchive:
         # As strings: the per-video file calls below skip pathlib's objects (bench/burst.py).
         self._root = os.fspath(root)
         self._incoming = os.path.join(self._root, INCOMING_DIR)
+        self._sync_root = _FolderSync(self._root)
+        self._real_root: str | None = None  # symbolic links resolved, at the first commit
 
     @classmethod
     def from_url(
@@ -79,13 +84,23 @@ class FileArchive:
             raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
 
     async def find(self, task_id: str, *, read_back: bool = False) -> archive.Stored | None:
-        # A file is hashed as it is read: its hash is always known.
-        return await self._io("archive folder read failed", self._find, task_id)
+        # Whether the video is there is one stat of a local path, asked here on the event loop:
+        # handed to a thread, the look before every download cost 10 context switches and a
+        # tenth of a burst's CPU (bench/burst.py). A video that is there is read back in a
+        # thread: a file is hashed as it is read, so its hash is always known.
+        failure = "archive folder read failed"
+        try:
+            there = stat.S_ISREG(os.stat(os.path.join(self._root, f"{task_id}.mp4")).st_mode)
+        except OSError as exc:
+            if exc.errno not in _ABSENT:
+                raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
+            there = False
+        return await self._io(failure, self._find, task_id) if there else None
 
     def _find(self, task_id: str) -> archive.Stored | None:
         path = self._final(task_id)
         if not path.is_file():
-            return None
+            return None  # gone since the look
         digest = hashlib.sha256()
         size = 0
         with path.open("rb") as fh:
@@ -159,45 +174,64 @@ class FileArchive:
         sidecar: dict[str, str] | None,
     ) -> str:
         """Write and hash the last batch, check the size, make the video whole on disk and put it
-        under its name, then write its sidecar: the video's URI. Runs in a worker thread."""
+        under its name, then its sidecar: the video's URI. Runs in a worker thread.
+
+        Each system call here lets the event loop's thread take the GIL, and getting it back
+        costs this thread a wait and both a context switch, so the calls are few: one write
+        and one hash of the batch joined, raw descriptors, both files made whole before either
+        is renamed, and one fsync of the folder shared by every video committing at once
+        (bench/burst.py)."""
         try:
-            counter.add_all(last)
-            fh = incoming.write(last)
+            fd = incoming.write_last(last, counter)
             counter.verify(expected_size)
-            _flush_and_sync(fh)
+            os.fsync(fd)
             if _FADVISE is not None:
                 # Written and on disk: its pages leave the cache (see WRITEBACK_BYTES).
-                _FADVISE(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                _FADVISE(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException:
             with contextlib.suppress(OSError):  # the first error is the one to tell
                 incoming.close()
             raise
-        fh.close()
-        final = os.path.join(self._root, f"{task_id}.mp4")
-        os.replace(incoming.path, final)
-        _sync_dir(self._root)
+        incoming.close()
+        described = None
         if sidecar is not None:
-            # After the video's commit: a sidecar never describes a video that is not there.
             sidecar |= {"sha256": counter.hash.hexdigest(), "bytes": str(counter.size)}
-            self._write_sidecar(task_id, sidecar)
-        # The path's lookups (symbolic links resolved): here, off the event loop.
-        return pathlib.Path(os.path.realpath(final)).as_uri()
-
-    def _write_sidecar(self, task_id: str, sidecar: Mapping[str, str]) -> None:
-        """``{task_id}.json`` beside the video, atomically: a temp file, fsync, rename."""
-        # Named like the video's temp file ({task_id}.{random}.part), so the same clean-up finds
-        # one a kill left behind.
-        temp = os.path.join(self._incoming, _temp_name(task_id, "-json.part"))
+            described = self._sidecar_file(task_id, sidecar)
         try:
-            with open(temp, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(sidecar, indent=2, sort_keys=True))
-                _flush_and_sync(fh)
-            os.replace(temp, os.path.join(self._root, f"{task_id}.json"))
-            _sync_dir(self._root)
+            final = os.path.join(self._root, f"{task_id}.mp4")
+            os.replace(incoming.path, final)
+            self._sync_root()
+            if described is not None:
+                # After the video's rename is on disk: a sidecar never describes a video that
+                # is not there.
+                os.replace(described, os.path.join(self._root, f"{task_id}.json"))
+                described = None
+                self._sync_root()
+        finally:
+            if described is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(described)
+        if self._real_root is None:
+            # Off the event loop: the path's lookups (symbolic links resolved), once.
+            self._real_root = os.path.realpath(self._root)
+        return _file_uri(os.path.join(self._real_root, f"{task_id}.mp4"))
+
+    def _sidecar_file(self, task_id: str, sidecar: Mapping[str, str]) -> str:
+        """``sidecar`` written whole to a temporary file, on disk: its path, for the rename to
+        ``{task_id}.json`` beside the video. Named like the video's temporary file
+        ({task_id}.{random}.part), so the same clean-up finds one a kill left behind."""
+        temp = os.path.join(self._incoming, _temp_name(task_id, "-json.part"))
+        fd = _open_new(temp)
+        try:
+            _write_all(fd, [json.dumps(sidecar, indent=2, sort_keys=True).encode()])
+            os.fsync(fd)
         except BaseException:
+            os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
             raise
+        os.close(fd)
+        return temp
 
     def _temp_names(self) -> list[str]:
         """The names in ``.incoming`` of unfinished videos and sidecars (``*.part``)."""
@@ -274,44 +308,95 @@ class _Incoming:
     def __init__(self, path: str, before_open: Callable[[], object]) -> None:
         self.path = path
         self._before_open = before_open
-        self._fh: BinaryIO | None = None
+        self._fd: int | None = None
+        self._written = 0
 
-    def write(self, pieces: list[bytes]) -> BinaryIO:
-        if self._fh is None:
+    def write(self, pieces: list[bytes]) -> int:
+        """Append ``pieces``: the file's descriptor."""
+        if self._fd is None:
             self._before_open()
-            self._fh = _open_new(self.path)
-        _write(self._fh, pieces)
-        return self._fh
+            self._fd = _open_new(self.path)
+        _write_all(self._fd, pieces)
+        start, self._written = self._written, self._written + sum(map(len, pieces))
+        if _FADVISE is not None and self._written // WRITEBACK_BYTES != start // WRITEBACK_BYTES:
+            # A WRITEBACK_BYTES stretch was just completed: hand it to the disk.
+            stretch = (self._written // WRITEBACK_BYTES - 1) * WRITEBACK_BYTES
+            _FADVISE(self._fd, stretch, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
+        return self._fd
+
+    def write_last(self, pieces: list[bytes], counter: archive.Counter) -> int:
+        """Hash and append the last batch, joined: one hash and one write, each letting the GIL
+        go once, not once per piece (a copy costs less than the switches it saves)."""
+        joined = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        counter.add(joined)
+        return self.write([joined])
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
-def _write(fh: BinaryIO, pieces: list[bytes]) -> None:
-    written = 0
-    for piece in pieces:
-        written += fh.write(piece)
-    end = fh.tell()
-    if _FADVISE is not None and end // WRITEBACK_BYTES != (end - written) // WRITEBACK_BYTES:
-        # A WRITEBACK_BYTES stretch was just completed: hand it to the disk.
-        fh.flush()
-        start = (end // WRITEBACK_BYTES - 1) * WRITEBACK_BYTES
-        _FADVISE(fh.fileno(), start, WRITEBACK_BYTES, os.POSIX_FADV_DONTNEED)
+class _FolderSync:
+    """The fsync of one folder, shared by the threads that need it at once.
+
+    A call returns once an fsync of the folder that began after the call did has completed, so
+    whatever the caller renamed in it before calling is on disk. Calls that meet an fsync under
+    way wait for the next one, which serves them all: four videos committing at once cost one or
+    two fsyncs of their folder, not four. An fsync that fails wakes its waiters, and the next
+    caller tries its own."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._changed = threading.Condition()
+        self._asked = 0  # calls so far, numbered
+        self._done = 0  # every call up to this number is covered by a finished fsync
+        self._syncing = False
+
+    def __call__(self) -> None:
+        with self._changed:
+            self._asked += 1
+            ticket = self._asked
+            while self._syncing and self._done < ticket:
+                self._changed.wait()
+            if self._done >= ticket:
+                return
+            self._syncing = True
+            covers = self._asked  # every call numbered so far renamed before this fsync begins
+        synced = False
+        try:
+            _sync_dir(self._path)
+            synced = True
+        finally:
+            with self._changed:
+                self._syncing = False
+                if synced:
+                    self._done = max(self._done, covers)
+                self._changed.notify_all()
 
 
-def _open_new(path: str) -> BinaryIO:
+def _write_all(fd: int, pieces: list[bytes]) -> None:
+    """Every byte of ``pieces`` to ``fd``: one system call for up to _IOV_MAX pieces."""
+    for start in range(0, len(pieces), _IOV_MAX):
+        group = pieces[start : start + _IOV_MAX]
+        left = sum(map(len, group)) - os.writev(fd, group)
+        if left:  # a short write (a signal, a disk filling up): the rest, until it errors
+            rest = memoryview(b"".join(group))[-left:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+
+
+_IOV_MAX = 512  # Linux allows 1024 buffers per writev
+
+
+def _open_new(path: str) -> int:
     """``path`` opened to write, its folder made if it is missing (``check`` made it at start)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
     try:
-        return open(path, "wb")
+        return os.open(path, flags, 0o666)
     except FileNotFoundError:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return open(path, "wb")
-
-
-def _flush_and_sync(fh: Any) -> None:
-    fh.flush()
-    os.fsync(fh.fileno())
+        return os.open(path, flags, 0o666)
 
 
 def _sync_dir(path: str) -> None:
@@ -320,6 +405,15 @@ def _sync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _file_uri(path: str) -> str:
+    """``file://`` and the absolute ``path``, as pathlib's ``as_uri`` writes it."""
+    return "file://" + urllib.parse.quote_from_bytes(os.fsencode(path))
+
+
+# What a stat of a path that names no file fails with (as pathlib's ``is_file`` reads them).
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 
 
 def _os_reason(exc: OSError) -> str:
