@@ -224,7 +224,8 @@ def _descriptors_at_maxima() -> dict[str, int]:
         pool = engine.pool.size() + engine.pool._max_overflow  # type: ignore[attr-defined]
     finally:
         engine.dispose()
-    # A download holds a socket and a file; as many more wait in its queue (download_queue).
+    # A download holds a socket and a file; the rows waiting in its queue hold none (they are
+    # counted here as a margin).
     downloads = service.Service.MAX_DOWNLOADS * 2
     return {
         "provider API connections": providers_http.HttpProvider.MAX_CONNECTIONS,
