@@ -157,12 +157,9 @@ class Service:
         if self.clock.monotonic() < self._store_retry_at:
             return 0
         try:
-            if not polls and self._done and not self._to_release and not self._stopping:
-                rows = await self._write_back_and_claim_downloads(now)
-            else:
-                await self.flush()
-                limit = self._claim_limit() if polls else 0
-                rows = [] if self._stopping else await self._claim(now, limit)
+            await self.flush()
+            limit = self._claim_limit() if polls else 0
+            rows = [] if self._stopping else await self._claim(now, limit)
         except errors.StoreError as exc:
             self._store_unavailable(exc)
             return 0
@@ -252,58 +249,20 @@ class Service:
         """Rows waiting to download, as many as there is room for. A claim that found none is not
         asked again for DOWNLOAD_CLAIM_IDLE_SECONDS, unless our own polls handed some back: four
         empty claims a second were 1% of the CPU of 100,000 tasks polled (bench/scale.py)."""
-        if not self._downloads_claimable(room):
+        if room <= 0 or self.clock.monotonic() < self._downloads_idle_until:
             return []
-        rows = await self.db(self._claim_downloads_now, now, room)
-        return self._downloads_claimed(rows)
-
-    def _downloads_claimable(self, room: int) -> bool:
-        return room > 0 and self.clock.monotonic() >= self._downloads_idle_until
-
-    def _claim_downloads_now(self, now: dt.datetime, room: int) -> list[models.Task]:
-        """The claim itself (a blocking store call, for the database's threads)."""
-        lease = self.lease.total_seconds()
-        return self.store.claim_due(
-            self.owner, now, lease, room, DOWNLOAD_STATES, self.provider.name
+        rows = await self.db(
+            self.store.claim_due,
+            self.owner,
+            now,
+            self.lease.total_seconds(),
+            room,
+            DOWNLOAD_STATES,
+            self.provider.name,
         )
-
-    def _downloads_claimed(self, rows: list[models.Task]) -> list[models.Task]:
         if not rows:
             self._downloads_idle_until = self.clock.monotonic() + self.DOWNLOAD_CLAIM_IDLE_SECONDS
         return rows
-
-    async def _write_back_and_claim_downloads(self, now: dt.datetime) -> list[models.Task]:
-        """What a tick for download room does, :meth:`flush` and the claim of downloads, in one
-        hand-over to the database's threads: in a burst such a tick comes every few videos, and
-        each hand-over wakes a thread and then the loop (about 13 context switches,
-        bench/burst.py). Two transactions still, as before: a claim that fails leaves the
-        outcomes written."""
-        done, self._done = self._done, []
-        if any(task.state == models.State.DOWNLOADING for task in done):
-            self._downloads_idle_until = 0.0  # handed back for want of room: claim them soon
-        room = self.worker.download_room()
-        claim = self._downloads_claimable(room)
-        written = False
-
-        def write_back_then_claim() -> tuple[list[models.Task], errors.StoreError | None]:
-            nonlocal written
-            self.store.save(done, self.owner)
-            written = True
-            try:
-                return (self._claim_downloads_now(now, room) if claim else []), None
-            except errors.StoreError as exc:
-                return [], exc  # raised below, once the outcomes count as written
-
-        try:
-            rows, failed = await self.db(write_back_then_claim)
-        except BaseException:
-            if not written:
-                # As in flush: writing an outcome twice is harmless, dropping it is not.
-                self._done[:0] = done
-            raise
-        if failed is not None:
-            raise failed
-        return self._downloads_claimed(rows) if claim else []
 
     def wake(self) -> None:
         """New rows arrived (NOTIFY): the database is evidently back, so stop backing off from it."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1101,78 +1100,6 @@ class TestWriteBack:
         await rig.cycle()
         assert rig.row().state == State.POLLING
         assert rig.provider.fetches == [TASK_ID]
-
-
-class CountingExecutor(testing.InlineExecutor):
-    """Runs calls inline, and counts them: each is a hand-over to the database's threads."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-        self.calls += 1
-        return super().submit(fn, *args, **kwargs)
-
-
-class ClaimFailsStore(testing.FakeStore):
-    """A store whose claims of downloads fail as a lost connection would, once ``failing``; saves
-    go through."""
-
-    failing = False
-
-    def claim_due(self, *args: Any, **kwargs: Any) -> list[models.Task]:
-        states = args[4] if len(args) > 4 else kwargs.get("states")
-        if self.failing and tuple(states or ()) == (State.DOWNLOADING.value,):
-            raise errors.StoreError("the database is unreachable")
-        return super().claim_due(*args, **kwargs)
-
-
-class TestTickForDownloadRoom:
-    """A tick a download's end asks for writes the outcomes back and claims downloads in one
-    hand-over to the database's threads (bench/burst.py); a failure of either loses nothing."""
-
-    async def worked(self, rig: Rig) -> None:
-        """TASK_ID polled, its outcome waiting to be written; a video waiting to download."""
-        rig.store.add(TASK_ID)
-        rig.provider.script(TASK_ID, answer(TASK_ID, "processing"))
-        await rig.svc.tick()
-        await rig.settle()
-        assert rig.row().lease_owner == OWNER and rig.row().state == State.PENDING
-        rig.store.rows["video_01"] = seen("video_01", state="downloading", video_url=URL)
-        rig.clock.advance(2 * rig.svc.DOWNLOAD_CLAIM_IDLE_SECONDS)  # the tick's empty claim
-
-    async def test_one_hand_over_writes_back_and_claims(self) -> None:
-        rig = make_rig(fake_provider=SlowVideoProvider())
-        await self.worked(rig)
-        rig.svc.db_executor = counting = CountingExecutor()
-        assert await rig.svc.tick(polls=False) == 1
-        assert counting.calls == 1
-        assert (rig.row().state, rig.row().lease_owner) == (State.POLLING, None)
-        assert rig.row("video_01").lease_owner == OWNER
-        await rig.svc.stop(0)
-
-    async def test_a_failed_write_back_keeps_the_outcomes_and_claims_nothing(self) -> None:
-        rig = make_rig(fake_store=FlakyStore(failures=1), fake_provider=SlowVideoProvider())
-        await self.worked(rig)
-        assert await rig.svc.tick(polls=False) == 0
-        assert rig.row("video_01").lease_owner is None
-        assert rig.row().state == State.PENDING
-        rig.clock.advance(60)  # past the back-off from the database
-        assert await rig.svc.tick(polls=False) == 1
-        assert rig.row().state == State.POLLING
-        await rig.svc.stop(0)
-
-    async def test_a_failed_claim_leaves_the_outcomes_written(self) -> None:
-        store = ClaimFailsStore()
-        rig = make_rig(fake_store=store, fake_provider=SlowVideoProvider())
-        await self.worked(rig)
-        store.failing = True
-        with structlog.testing.capture_logs() as logs:
-            assert await rig.svc.tick(polls=False) == 0
-        assert [e["event"] for e in logs] == ["database_unavailable"]
-        assert (rig.row().state, rig.row().lease_owner) == (State.POLLING, None)
-        assert rig.svc._done == []
-        await rig.svc.stop(0)
 
 
 GRANT_MISSING = errors.PermissionMissing(
