@@ -196,7 +196,7 @@ class FileArchive:
         described = None
         if sidecar is not None:
             sidecar |= {"sha256": counter.hash.hexdigest(), "bytes": str(counter.size)}
-            described = self._sidecar_file(task_id, sidecar)
+            described = _sidecar_file(incoming.path, sidecar)
         try:
             final = os.path.join(self._root, f"{task_id}.mp4")
             os.replace(incoming.path, final)
@@ -215,23 +215,6 @@ class FileArchive:
             # Off the event loop: the path's lookups (symbolic links resolved), once.
             self._real_root = os.path.realpath(self._root)
         return _file_uri(os.path.join(self._real_root, f"{task_id}.mp4"))
-
-    def _sidecar_file(self, task_id: str, sidecar: Mapping[str, str]) -> str:
-        """``sidecar`` written whole to a temporary file, on disk: its path, for the rename to
-        ``{task_id}.json`` beside the video. Named like the video's temporary file
-        ({task_id}.{random}.part), so the same clean-up finds one a kill left behind."""
-        temp = os.path.join(self._incoming, _temp_name(task_id, "-json.part"))
-        fd = _open_new(temp)
-        try:
-            _write_all(fd, [json.dumps(sidecar, indent=2, sort_keys=True).encode()])
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-        os.close(fd)
-        return temp
 
     def _temp_names(self) -> list[str]:
         """The names in ``.incoming`` of unfinished videos and sidecars (``*.part``)."""
@@ -373,6 +356,24 @@ class _FolderSync:
                 if synced:
                     self._done = max(self._done, covers)
                 self._changed.notify_all()
+
+
+def _sidecar_file(video_temp: str, sidecar: Mapping[str, str]) -> str:
+    """``sidecar`` written whole to a temporary file beside the video's, on disk: its path, for the
+    rename to ``{task_id}.json``. Named after the video's temporary file
+    (``{task_id}.{random}-json.part``), so the same clean-up finds one a kill left behind."""
+    temp = video_temp.removesuffix(".part") + "-json.part"
+    fd = _open_new(temp)
+    try:
+        _write_all(fd, [json.dumps(sidecar, indent=2, sort_keys=True).encode()])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    os.close(fd)
+    return temp
 
 
 def _write_all(fd: int, pieces: list[bytes]) -> None:
