@@ -73,7 +73,6 @@ def _request(
     session: aiohttp.ClientSession,
     request: httpx.Request,
     timeout: aiohttp.ClientTimeout,
-    **extra: Any,
 ) -> Any:
     """``request`` sent on ``session`` as it stands (no redirects followed: httpx's caller decides);
     awaited for the answer, or entered with ``async with`` to release it at the end."""
@@ -84,7 +83,6 @@ def _request(
         data=request.read() or None,  # a request given a stream (the provider's polls) is unread
         allow_redirects=False,
         timeout=timeout,
-        **extra,
     )
 
 

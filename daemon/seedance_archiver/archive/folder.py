@@ -117,7 +117,7 @@ class FileArchive:
         metadata: Mapping[str, str] | None = None,
     ) -> archive.Stored:
         failure = "archive folder write failed"
-        temp = os.path.join(self._incoming, _temp_name(task_id, ".part"))
+        temp = os.path.join(self._incoming, _temp_name(task_id))
         # A dead attempt's temporary files go as this one's is made (see Archive.put).
         incoming = _Incoming(temp, lambda: self._discard(task_id, None))
         counter = archive.Counter()
@@ -279,9 +279,10 @@ _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync d
 WRITE_BYTES = 1024 * 1024
 
 
-def _temp_name(task_id: str, suffix: str) -> str:
-    """A temporary file's name: ``{task_id}.{random}{suffix}``, which the clean-up parses."""
-    return f"{task_id}.{secrets.token_hex(16)}{suffix}"
+def _temp_name(task_id: str) -> str:
+    """A video's temporary file's name: ``{task_id}.{random}.part``, which the clean-up parses
+    (its sidecar's is made from it: :func:`_sidecar_file`)."""
+    return f"{task_id}.{secrets.token_hex(16)}.part"
 
 
 class _Incoming:
