@@ -484,17 +484,17 @@ def _evict(folder: pathlib.Path) -> None:
 
 
 def _tree_cpu(pid: int, *, user_only: bool = False) -> float:
-    """CPU-s of a process and its children (``run --processes`` starts them); in user space only
-    with ``user_only``."""
+    """CPU-s of a process and every process below it (``run --processes`` workers, the folder's
+    writers); in user space only with ``user_only``."""
     return sum(
         common.process_cpu_seconds(each, user_only=user_only)
-        for each in [pid, *common.child_pids(pid)]
+        for each in [pid, *common.descendant_pids(pid)]
     )
 
 
 def _tree_switches(pid: int) -> int:
-    """Context switches of a process and its children, their threads' together."""
-    return sum(common.context_switches(each) for each in [pid, *common.child_pids(pid)])
+    """Context switches of a process and every process below it, their threads' together."""
+    return sum(common.context_switches(each) for each in [pid, *common.descendant_pids(pid)])
 
 
 def _polls(sim_url: str) -> int:

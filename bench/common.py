@@ -133,12 +133,25 @@ def http_ok(port: int, path: str) -> bool:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The direct children of a process, from /proc (Linux)."""
-    try:
-        text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
+    """The children of a process (of any of its threads), from /proc (Linux)."""
+    found = []
+    for children in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(p) for p in children.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every process below ``pid``: its children, theirs (a ``run --processes`` worker's folder
+    writers), and so on."""
+    found = []
+    below = child_pids(pid)
+    while below:
+        found += below
+        below = [grandchild for child in below for grandchild in child_pids(child)]
+    return found
 
 
 def process_cpu_seconds(pid: int, *, user_only: bool = False) -> float:

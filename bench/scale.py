@@ -542,7 +542,7 @@ class ProcessesSnapshot:
         for sample in families["seedance_poll_lateness_seconds"]:
             if sample.name.endswith("_bucket"):
                 buckets[float(sample.labels["le"])] += sample.value
-        pids = [supervisor_pid, *common.child_pids(supervisor_pid)]
+        pids = [supervisor_pid, *common.descendant_pids(supervisor_pid)]
         return cls(
             wall=time.perf_counter(),
             cpu=sum(common.process_cpu_seconds(pid) for pid in pids),
