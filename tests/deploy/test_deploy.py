@@ -51,7 +51,7 @@ from seedance_archiver import (
     utils,
     web,
 )
-from seedance_archiver.archive import s3
+from seedance_archiver.archive import folder, s3
 from seedance_archiver.providers import http as providers_http
 
 from tests.helpers import CLI, Daemon, base_env, free_port, need_tool, wait_for
@@ -224,12 +224,14 @@ def _descriptors_at_maxima() -> dict[str, int]:
         pool = engine.pool.size() + engine.pool._max_overflow  # type: ignore[attr-defined]
     finally:
         engine.dispose()
-    # A download holds a socket and a file; the rows waiting in its queue hold none (they are
-    # counted here as a margin).
+    # A download holds a socket; the rows waiting in its queue hold none (they are counted here
+    # as a margin). Its file is the folder writer's, in that process; the daemon holds the
+    # writer's socket, kept for the next video (at most IDLE_WRITERS of them).
     downloads = service.Service.MAX_DOWNLOADS * 2
     return {
         "provider API connections": providers_http.HttpProvider.MAX_CONNECTIONS,
-        "downloads and their queue": downloads * 2,
+        "downloads and their queue": downloads,
+        "folder writers": max(folder.IDLE_WRITERS, service.Service.MAX_DOWNLOADS),
         "S3 connections": s3.MAX_POOL_CONNECTIONS,
         "webhook deliveries": _maximum("webhook_concurrency"),
         "HTTP port and its listener": http + 1,

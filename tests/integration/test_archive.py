@@ -7,19 +7,23 @@ tests/contract/test_archive_contract.py, over the fake archive, a folder and S3.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import pathlib
+import signal
+import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import boto3
 import botocore.exceptions
 import pytest
 from seedance_archiver import archive, errors, simulator
-from seedance_archiver.archive import folder, s3
+from seedance_archiver.archive import folder, s3, writer
 
-from tests.helpers import MIB, expected_sha, free_port, new_id, stream, video
+from tests.helpers import MIB, expected_sha, free_port, new_id, stream, video, wait_for
 
 SMALL = 100 * 1024
 LARGE = 20 * MIB + 12_345  # several parts: two of 8 MiB (PART_BYTES) and a bit
@@ -189,15 +193,14 @@ class TestFileErrors:
     async def test_put_on_a_full_disk(
         self, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """/dev/full fails every write with ENOSPC; only the temporary file's open is sent there (a
-        symbolic link under its name would be taken for a dead attempt's file, and removed)."""
+        """The writer's file may grow to 1,000 bytes only (RLIMIT_FSIZE, as a quota would): the
+        kernel then fails its write, as on a full disk. It says why; nothing is left."""
         root = tmp_path / "archive"
         task_id = new_id()
-        (root / folder.INCOMING_DIR).mkdir(parents=True)
-        monkeypatch.setattr(folder, "_open_new", lambda path: os.open("/dev/full", os.O_WRONLY))
+        monkeypatch.setattr(folder, "_writer_command", _limited_to(1000))
         store = folder.FileArchive(root)
 
-        with pytest.raises(errors.ArchiveError, match="No space left on device") as caught:
+        with pytest.raises(errors.ArchiveError, match="write failed: File too large") as caught:
             await store.put(task_id, video(task_id, SMALL), SMALL)
 
         assert isinstance(caught.value.__cause__, OSError)
@@ -235,6 +238,128 @@ class TestFileErrors:
         with pytest.raises(errors.ArchiveError, match="File name too long") as caught:
             await calls[call]()
         assert isinstance(caught.value.__cause__, OSError)
+
+
+def _limited_to(size: int) -> Callable[[int], list[str]]:
+    """A writer's command whose files may grow to ``size`` bytes only (RLIMIT_FSIZE)."""
+    script = (
+        "import resource, runpy, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
+        f"runpy.run_path({str(writer.__file__)!r}, run_name='__main__')"
+    )
+    return lambda fd: [sys.executable, "-I", "-c", script, str(fd)]
+
+
+def _writers_running() -> list[int]:
+    """The writer processes this test process started, alive (zombies are not)."""
+    pids = []
+    for children in pathlib.Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+                command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"writer.py" in command and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(pid))
+    return pids
+
+
+def _dead(pid: int) -> bool:
+    """The process has exited (a zombie, or reaped already)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+class TestFileWriters:
+    """file://: each video is written by a writer process (archive/writer.py), kept for the next
+    videos; one that dies or is given up costs that video only, and a stop signal is not its."""
+
+    async def test_one_writer_serves_videos_one_after_another(self, tmp_path: pathlib.Path) -> None:
+        store = folder.FileArchive(tmp_path)
+        started = set(_writers_running())
+        for _ in range(3):
+            task_id = new_id()
+            await store.put(task_id, video(task_id, SMALL), SMALL)
+        assert len(set(_writers_running()) - started) == 1
+
+    async def test_as_many_writers_as_videos_at_once_and_so_many_kept(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        store = folder.FileArchive(tmp_path)
+        started = set(_writers_running())
+        many = folder.IDLE_WRITERS + 2
+        ids = [new_id() for _ in range(many)]
+        stored = await asyncio.gather(*(store.put(t, video(t, SMALL), SMALL) for t in ids))
+        assert [s.sha256 for s in stored] == [expected_sha(t, SMALL) for t in ids]
+        # The two not kept see their socket closed, and exit.
+        wait_for(
+            lambda: len(set(_writers_running()) - started) == folder.IDLE_WRITERS,
+            what="the writers beyond IDLE_WRITERS to exit",
+        )
+
+    async def test_a_writer_killed_mid_video_fails_that_video_only(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        store = folder.FileArchive(tmp_path)
+        task_id = new_id()
+        before = set(_writers_running())
+
+        async def killed_after_a_batch() -> AsyncIterator[bytes]:
+            yield b"v" * folder.WRITE_BYTES  # one batch, sent on
+            yield b"v"
+            (pid,) = set(_writers_running()) - before
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: _dead(pid), what="the writer to die")
+            for _ in range(4):
+                yield b"v" * folder.WRITE_BYTES
+
+        with pytest.raises(errors.ArchiveError, match=r"writer stopped \(exit status -9\)"):
+            await store.put(task_id, killed_after_a_batch(), None)
+        assert not (tmp_path / f"{task_id}.mp4").exists()
+        # The next attempt, in a new writer, takes the dead one's temporary file away.
+        stored = await store.put(task_id, video(task_id, SMALL), SMALL)
+        assert stored.sha256 == expected_sha(task_id, SMALL)
+        assert await store.incomplete() == set()
+
+    async def test_a_writer_killed_between_videos_is_replaced(self, tmp_path: pathlib.Path) -> None:
+        store = folder.FileArchive(tmp_path)
+        before = set(_writers_running())
+        first = new_id()
+        await store.put(first, video(first, SMALL), SMALL)
+        (pid,) = set(_writers_running()) - before
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: _dead(pid), what="the writer to die")
+        second = new_id()
+        stored = await store.put(second, video(second, SMALL), SMALL)
+        assert stored.sha256 == expected_sha(second, SMALL)
+
+    async def test_a_stop_signal_to_a_writer_lets_its_video_finish(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        """systemd signals every process of the service at a stop, and a terminal's Ctrl-C the
+        whole group: the daemon's grace period, not the signal, decides what a writer finishes."""
+        store = folder.FileArchive(tmp_path)
+        task_id = new_id()
+        before = set(_writers_running())
+        body = b"v" * (3 * folder.WRITE_BYTES)
+
+        async def signalled_mid_video() -> AsyncIterator[bytes]:
+            yield body[: folder.WRITE_BYTES]
+            yield body[folder.WRITE_BYTES : folder.WRITE_BYTES + 1]
+            # The first batch is written: the writer is past its start, in the video.
+            wait_for(lambda: list((tmp_path / folder.INCOMING_DIR).glob("*.part")))
+            (pid,) = set(_writers_running()) - before
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+            yield body[folder.WRITE_BYTES + 1 :]
+
+        stored = await store.put(task_id, signalled_mid_video(), len(body))
+        assert stored.sha256 == hashlib.sha256(body).hexdigest()
+        assert (tmp_path / f"{task_id}.mp4").read_bytes() == body
 
 
 class TestS3SaysWhy:

@@ -11,7 +11,6 @@ import pathlib
 import subprocess
 import sys
 import threading
-import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -181,34 +180,16 @@ class TestExecutor:
             found = await store.find("video_y")  # read back and hashed in a thread
             assert await store.incomplete() == set()
         assert found is not None and found.sha256 == hashlib.sha256(b"y").hexdigest()
-        assert executor.calls == ["_check", "_find", "_temp_names"]
+        assert executor.calls == ["_check", "_find", "temp_names"]
         assert all(name.startswith("recording") for name in executor.threads)
 
-    async def test_a_folder_hands_pieces_over_in_batches(self, tmp_path: pathlib.Path) -> None:
-        """The socket gives pieces of ~200 KB: each one handed to a thread cost more CPU than its
-        hash (bench/burst.py). They go over in batches of WRITE_BYTES, hash and write side by
-        side; the file is opened by the first write, and the last batch goes with the commit."""
-        piece = b"v" * (64 * 1024)
-        count = 40  # 2.5 MiB: two whole batches of 16 pieces, and the rest
-
-        async def pieces() -> AsyncIterator[bytes]:
-            for _ in range(count):
-                yield piece
-
-        with Recording() as executor:
-            store = folder.FileArchive(tmp_path, executor=executor)
-            stored = await store.put("video_x", pieces(), len(piece) * count, {"task-id": "x"})
-        assert sorted(executor.calls) == ["_commit", "add_all", "add_all", "write", "write"]
-        assert (tmp_path / "video_x.mp4").read_bytes() == piece * count
-        assert stored.sha256 == hashlib.sha256(piece * count).hexdigest()
-        assert stored.size == len(piece) * count
-        assert json.loads((tmp_path / "video_x.json").read_text())["sha256"] == stored.sha256
-
-    @pytest.mark.parametrize("size", [0, 1, folder.WRITE_BYTES - 1])
-    async def test_a_video_under_one_batch_is_one_hand_over(
+    @pytest.mark.parametrize("size", [0, 1, folder.WRITE_BYTES - 1, 2 * folder.WRITE_BYTES + 1])
+    async def test_a_folder_writes_in_its_writer_not_in_a_thread(
         self, tmp_path: pathlib.Path, size: int
     ) -> None:
-        """Open, write, hash, fsync, rename and sidecar: one call in a thread (bench/burst.py)."""
+        """Every system call of a write made in the archive's threads let the event loop take the
+        GIL and cost two context switches: a folder's videos are written by its writer processes
+        (writer.py), and the archive's threads see none of it (bench/burst.py)."""
         body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
 
         async def pieces() -> AsyncIterator[bytes]:
@@ -218,12 +199,13 @@ class TestExecutor:
         with Recording() as executor:
             store = folder.FileArchive(tmp_path, executor=executor)
             stored = await store.put("video_x", pieces(), size, {"task-id": "x"})
-        assert executor.calls == ["_commit"]
+        assert executor.calls == []
         assert (tmp_path / "video_x.mp4").read_bytes() == body
         assert stored == archive.Stored(
             (tmp_path / "video_x.mp4").resolve().as_uri(), size, hashlib.sha256(body).hexdigest()
         )
-        assert json.loads((tmp_path / "video_x.json").read_text())["bytes"] == str(size)
+        sidecar = json.loads((tmp_path / "video_x.json").read_text())
+        assert sidecar == {"task-id": "x", "bytes": str(size), "sha256": stored.sha256}
         assert list((tmp_path / folder.INCOMING_DIR).iterdir()) == []
 
     async def test_s3_archive_uses_the_given_executor(self) -> None:
@@ -232,67 +214,6 @@ class TestExecutor:
             await store.check()
             assert await store.find("video_x") is None
         assert executor.calls == ["head_bucket", "head_object"]
-
-
-class TestFolderSync:
-    """The fsync of a folder is shared by the videos committing at once, and never covers a rename
-    made after it began."""
-
-    WAIT = 30.0  # a deadline for each step, never reached unless the code under test hangs
-
-    def test_calls_during_an_fsync_share_the_next_one(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        began: list[threading.Event] = []
-        release: list[threading.Event] = []
-
-        def fake_sync(path: str) -> None:
-            began.append(threading.Event())
-            release.append(threading.Event())
-            began[-1].set()
-            assert release[-1].wait(self.WAIT)
-
-        monkeypatch.setattr(folder, "_sync_dir", fake_sync)
-        sync = folder._FolderSync("/archive")
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            first = pool.submit(sync)
-            wait_for(lambda: len(began) == 1)
-            # Two more renames are made while the first fsync runs: it cannot cover them.
-            others = [pool.submit(sync), pool.submit(sync)]
-            wait_for(lambda: sync._asked == 3)
-            release[0].set()
-            first.result(self.WAIT)
-            wait_for(lambda: len(began) == 2)
-            assert not any(other.done() for other in others)
-            release[1].set()
-            for other in others:
-                other.result(self.WAIT)
-        assert len(began) == 2  # three calls, two fsyncs
-
-    def test_a_failed_fsync_fails_its_caller_and_the_next_caller_tries_its_own(
-        self, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        outcomes = [OSError(5, "Input/output error"), None]
-
-        def fake_sync(path: str) -> None:
-            outcome = outcomes.pop(0)
-            if outcome is not None:
-                raise outcome
-
-        monkeypatch.setattr(folder, "_sync_dir", fake_sync)
-        sync = folder._FolderSync("/archive")
-        with pytest.raises(OSError, match="Input/output"):
-            sync()
-        sync()
-        assert outcomes == []
-
-
-def wait_for(condition: Any, seconds: float = TestFolderSync.WAIT) -> None:
-    """Return once ``condition()`` holds; fail past the deadline."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        time.sleep(0.001)
 
 
 class TestCheckFallback:

@@ -8,7 +8,8 @@ only when every byte arrived). :data:`SCHEMES` names each; config checks SEEDANC
 for ``s3``) loads only where that store is used. Another store is one module and one line here.
 
 Every blocking call runs in a bounded executor of its own (not asyncio's default one), so slow storage
-never starves the database calls, which have theirs. Every library error (botocore, OSError) becomes
+never starves the database calls, which have theirs; the folder store's writing runs in processes
+of its own (``writer.py``). Every library error (botocore, OSError) becomes
 :class:`errors.ArchiveError` in the store that meets it.
 """
 
@@ -38,7 +39,7 @@ _T = TypeVar("_T")
 HASH_READ_BYTES = 1024 * 1024
 # Threads for archive I/O when the caller passes no executor. At most service.MAX_DOWNLOADS (4)
 # videos stream at once, each holding up to s3.PARTS_IN_FLIGHT (2) part uploads plus the call that
-# feeds them (create, complete, a file write): 4 x 3 = 12; four more leave room for find(),
+# feeds them (create, complete): 4 x 3 = 12; four more leave room for find(),
 # housekeeping and /readyz's check() while every download is busy (tests/unit/test_archive_unit.py).
 ARCHIVE_IO_THREADS = 16
 # How long a link (Archive.link) works unless asked otherwise, and the longest a store signs one for
