@@ -162,3 +162,25 @@ def test_a_dead_attempts_files_go_as_the_video_begins(daemon: Daemon, root: path
     daemon.frame(b"")
     assert daemon.answer()["size"] == 1
     assert [p.name for p in (root / folder.INCOMING_DIR).iterdir()] == [other.name]
+
+
+def test_a_failed_fsync_leaves_nothing(
+    daemon: Daemon, root: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk going bad fails the fsync (EIO): the answer says so, and neither the video nor its
+    temporary file is left."""
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer.os, "fsync", failing)
+    daemon.job(root, "video_x", 1, sidecar={"task-id": "video_x"})
+    daemon.frame(b"x")
+    daemon.frame(b"")
+    told = daemon.answer()
+    assert (told["failure"], told["strerror"]) == (
+        "archive folder write failed",
+        "Input/output error",
+    )
+    assert list(root.glob("video_x*")) == []
+    assert list((root / folder.INCOMING_DIR).iterdir()) == []

@@ -165,16 +165,16 @@ def _commit(
 ) -> str:
     """Make the written video whole on disk and put it under its name, then its sidecar: the
     video's URI. Closes ``fd``; removes what it leaves unfinished."""
-    try:
-        os.fsync(fd)
-        if _FADVISE is not None:
-            # Written and on disk: its pages leave the cache (see WRITEBACK_BYTES).
-            _FADVISE(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
     root, task_id = job["root"], job["task_id"]
     described = None
     try:
+        try:
+            os.fsync(fd)
+            if _FADVISE is not None:
+                # Written and on disk: its pages leave the cache (see WRITEBACK_BYTES).
+                _FADVISE(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
         if job["sidecar"] is not None:
             sidecar = job["sidecar"] | {"sha256": sha256, "bytes": str(size)}
             described = sidecar_file(temp, sidecar)
