@@ -18,7 +18,8 @@ is its own:
 - **daemon -> folder**: the same into ``folder.FileArchive(tmpdir)`` (write, fsync, rename).
 
 The child reads its RSS after its imports (the baseline: ``VmRSS`` from ``/proc/self/status``) and
-``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux: the peak) after the transfer, and checks
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (KiB on Linux: the peak) after the transfer, plus the
+peak (``VmHWM``) of the folder's writer process it started, and checks
 ``stored.sha256`` against ``seedance_archiver.simulator.video_sha256``; the parent checks the stored
 object's size with HeadObject. The optional S3 calls the store refused (``S3Archive.refused``:
 checksum headers, tags, ...) are printed under the row. Wall time covers ``open_video`` + ``put``
@@ -93,8 +94,17 @@ boto3.client("s3").upload_fileobj(sys.stdin.buffer, sys.argv[1], sys.argv[2], Co
 
 
 def _vm_rss_kib() -> int:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+    return _status_kib("self", "VmRSS:")
+
+
+def _status_kib(pid: int | str, field: str) -> int:
+    """A KiB field of /proc/PID/status (0 if the process is gone)."""
+    try:
+        text = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith(field):
             return int(line.split()[1])
     return 0
 
@@ -136,7 +146,10 @@ async def _child_transfer(args: argparse.Namespace) -> dict[str, object]:
         wall = time.perf_counter() - started
     finally:
         await http.aclose()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # A folder's writer process holds the bytes it writes: its peak counts as the daemon's too.
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + sum(
+        _status_kib(pid, "VmHWM:") for pid in common.child_pids(os.getpid())
+    )
     refused = store.refused if isinstance(store, s3.S3Archive) else {}
     return {
         "wall": wall,
