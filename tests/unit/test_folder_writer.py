@@ -173,7 +173,7 @@ def test_a_failed_fsync_leaves_nothing(
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(writer.os, "fsync", failing)
+    monkeypatch.setattr(os, "fsync", failing)  # the writer runs in this process here
     daemon.job(root, "video_x", 1, sidecar={"task-id": "video_x"})
     daemon.frame(b"x")
     daemon.frame(b"")
