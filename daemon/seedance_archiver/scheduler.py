@@ -59,7 +59,11 @@ AT_RISK_SECONDS = 60.0
 
 
 def _guarded(name: str, job: Callable[_P, Awaitable[object]]) -> Callable[_P, Awaitable[None]]:
-    """Wrap a job so an exception is logged and the schedule carries on: loops never die quietly."""
+    """Wrap a job so an exception is logged and the schedule carries on: loops never die quietly.
+
+    A job the scheduler's shutdown cancels (the key check a stop meets at start, a heartbeat)
+    ends quietly: passed on, APScheduler would log the cancellation as a crash, traceback and all.
+    """
 
     async def run(*args: _P.args, **kwargs: _P.kwargs) -> None:
         try:
@@ -68,6 +72,8 @@ def _guarded(name: str, job: Callable[_P, Awaitable[object]]) -> Callable[_P, Aw
             log.warning("job_failed", job=name, error=str(exc))
         except Exception:
             log.exception("job_crashed", job=name)
+        except asyncio.CancelledError:
+            log.debug("job_cancelled", job=name)
 
     run.__name__ = name
     return run

@@ -627,6 +627,35 @@ class TestOutage:
         assert {rig.row(task_id).state for task_id in ids} == {State.POLLING}
 
 
+class TestGuardedJobs:
+    """A scheduled job's failure is logged and the schedule goes on; a cancelled one is no crash."""
+
+    async def test_a_job_cancelled_by_a_stop_ends_quietly(self) -> None:
+        started = asyncio.Event()
+
+        async def key_check() -> None:
+            started.set()
+            await asyncio.Event().wait()  # a request the stop meets under way
+
+        job = asyncio.ensure_future(scheduler._guarded("key_check", key_check)())
+        await started.wait()
+        with structlog.testing.capture_logs() as logs:
+            job.cancel()
+            await asyncio.wait([job])
+        # Ended, not cancelled: APScheduler logs a job that raises, CancelledError too, as
+        # "raised an exception" with its traceback.
+        assert not job.cancelled() and job.exception() is None
+        assert [(e["event"], e["log_level"]) for e in logs] == [("job_cancelled", "debug")]
+
+    async def test_a_job_that_crashes_is_logged(self) -> None:
+        async def broken() -> None:
+            raise RuntimeError("a bug")
+
+        with structlog.testing.capture_logs() as logs:
+            await scheduler._guarded("broken", broken)()
+        assert [(e["event"], e["log_level"]) for e in logs] == [("job_crashed", "error")]
+
+
 class TestDownloadRoom:
     """A daemon claims no more downloads than it can start soon; others take the rest."""
 
