@@ -54,13 +54,21 @@ def _replica_env(sim_url: str, pg_url: str, bucket: str) -> dict[str, str]:
     return env
 
 
-def _assert_cadence_kept(sim: simulator.Simulator, plan: dict[str, tuple[str, str, int]]) -> None:
+def _assert_cadence_kept(
+    sim: simulator.Simulator,
+    plan: dict[str, tuple[str, str, int]],
+    orphaned: frozenset[str] = frozenset(),
+) -> None:
+    """No task polled sooner than its mode's cadence allows; but a task a killed replica held may be
+    polled once too soon. That replica's last poll of it (sent, say, just before its lease ran out)
+    died with it, unrecorded: the replica that claims the row once the lease is over polls again."""
     too_soon = []
     for task_id, (mode, _, _) in plan.items():
         times = sim.stats.poll_times[task_id]
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        if gaps and min(gaps) < CADENCE_LOW[mode] - JITTER_SECONDS:
-            too_soon.append((task_id, mode, round(min(gaps), 3)))
+        gaps = sorted(b - a for a, b in itertools.pairwise(times))
+        allowed = 1 if task_id in orphaned else 0
+        if len(gaps) > allowed and gaps[allowed] < CADENCE_LOW[mode] - JITTER_SECONDS:
+            too_soon.append((task_id, mode, [round(g, 3) for g in gaps[: allowed + 1]]))
     assert too_soon == [], f"polled faster than the cadence allows: {too_soon[:10]}"
 
 
@@ -160,4 +168,4 @@ class TestReplicas:
         twice = {t for t, n in completed.items() if n > 1}
         assert twice <= orphaned
         assert collections.Counter(completed.values()).keys() <= {1, 2}
-        _assert_cadence_kept(sim.simulator, plan)
+        _assert_cadence_kept(sim.simulator, plan, frozenset(orphaned))
