@@ -337,6 +337,26 @@ class TestFileWriters:
         stored = await store.put(second, video(second, SMALL), SMALL)
         assert stored.sha256 == expected_sha(second, SMALL)
 
+    async def test_a_stop_signal_as_a_writer_starts_is_not_its_either(
+        self, tmp_path: pathlib.Path
+    ) -> None:
+        """A stop can reach a writer before its Python has started (milliseconds after the
+        daemon's fork): it is born with SIGTERM and SIGINT blocked, and takes them again only once
+        it ignores them. The signals go the moment its first video starts, long before that."""
+        store = folder.FileArchive(tmp_path)
+        task_id = new_id()
+        before = set(_writers_running())
+
+        async def signalled_at_start() -> AsyncIterator[bytes]:
+            (pid,) = set(_writers_running()) - before
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGINT)
+            async for chunk in video(task_id, SMALL):
+                yield chunk
+
+        stored = await store.put(task_id, signalled_at_start(), SMALL)
+        assert stored.sha256 == expected_sha(task_id, SMALL)
+
     async def test_a_stop_signal_to_a_writer_lets_its_video_finish(
         self, tmp_path: pathlib.Path
     ) -> None:

@@ -18,13 +18,14 @@ import json
 import os
 import pathlib
 import secrets
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import urllib.parse
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from seedance_archiver import archive, errors
@@ -206,7 +207,7 @@ class _Writer:
     async def start(cls) -> _Writer:
         ours, theirs = socket.socketpair()
         try:
-            with theirs:
+            with theirs, _stop_signals_blocked():
                 # A fork and exec, a few in a process's life: asyncio's own would want a child
                 # watcher, and a transport that must be closed on the loop that made it.
                 process = subprocess.Popen(  # noqa: ASYNC220
@@ -308,6 +309,19 @@ class _Writer:
 
     def close(self) -> None:
         self._finalizer()
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """SIGTERM and SIGINT blocked in this thread while a writer is started: the writer inherits the
+    mask through its exec, so no stop reaches it in the milliseconds before it ignores them
+    (writer.main). A stop for the daemon meanwhile goes to another of its threads, whose handler
+    wakes the event loop as ever, or waits until the mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, writer.STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _writer_command(fd: int) -> list[str]:

@@ -40,6 +40,8 @@ from typing import Any
 
 FRAME = struct.Struct("!I")  # a frame's length
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})  # the daemon's, never a writer's
+
 # While a video streams to a file, its bytes are handed to the disk every this many bytes
 # (posix_fadvise DONTNEED starts their writeback and frees their page cache), so the fsync at the end
 # waits for the last few MiB, not for the whole video, and archiving evicts no one's cache. After
@@ -290,9 +292,11 @@ def file_uri(path: str) -> str:
 def main(argv: list[str]) -> None:
     # A stop is the daemon's to make: systemd signals every process of the service, a terminal's
     # Ctrl-C its whole process group, and the daemon's grace period lets the videos under way
-    # finish. A writer ends when the daemon closes its socket, or exits.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # finish. A writer ends when the daemon closes its socket, or exits. It starts with these
+    # signals blocked (folder._stop_signals_blocked): one sent meanwhile is dropped here.
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     sock = socket.socket(fileno=int(argv[1]))
     try:
         serve(sock)
