@@ -203,10 +203,6 @@ class Counter:
         self.hash.update(chunk)
         self.size += len(chunk)
 
-    def add_all(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.add(chunk)
-
     def verify(self, expected: int | None) -> None:
         if expected is not None and self.size != expected:
             raise errors.DownloadError(

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -93,7 +94,7 @@ class FileArchive:
         try:
             there = stat.S_ISREG(os.stat(os.path.join(self._root, f"{task_id}.mp4")).st_mode)
         except OSError as exc:
-            if exc.errno not in writer.ABSENT:
+            if exc.errno not in _ABSENT:
                 raise errors.ArchiveError(f"{failure}: {_os_reason(exc)}") from exc
             there = False
         return await self._io(failure, self._find, task_id) if there else None
@@ -129,7 +130,7 @@ class FileArchive:
 
     async def incomplete(self) -> set[str]:
         names = await self._io("archive folder listing failed", writer.temp_names, self._incoming)
-        return {name.rsplit(".", 2)[0] for name in names}
+        return {writer.task_of(name) for name in names}
 
     async def discard_incomplete(
         self, task_id: str, started_before: dt.datetime | None = None
@@ -340,6 +341,10 @@ def _stop(process: subprocess.Popen[bytes], sock: socket.socket) -> None:
 ABANDON_SECONDS = 10.0
 SEND_BUFFER_BYTES = 1024 * 1024  # asked for; Linux grants at most net.core.wmem_max (x2)
 _IOV_MAX = 512  # Linux allows 1024 buffers per sendmsg
+
+
+# What a stat of a path that names no file fails with (as pathlib's ``is_file`` reads them).
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 
 
 def _os_reason(exc: OSError) -> str:

@@ -26,7 +26,6 @@ temporary file and exits.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -51,11 +50,6 @@ STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})  # the daemon's, never
 WRITEBACK_BYTES = 8 * 1024 * 1024
 
 _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS: there the fsync does it all
-
-_IOV_MAX = 512  # Linux allows 1024 buffers per writev
-
-# What a stat of a path that names no file fails with (as pathlib's ``is_file`` reads them).
-ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP})
 
 
 class Closed(Exception):
@@ -124,11 +118,9 @@ def _write_one(
                 continue  # answered already: the rest of the job's frames are dropped
             try:
                 if fd is None:
-                    # A dead attempt's temporary files go as this one's is made.
-                    discard(os.path.dirname(temp), job["task_id"], None)
-                    fd = open_new(temp)
+                    fd = _open_video(job)
                 digest.update(frame)
-                write_all(fd, [frame])
+                write_all(fd, frame)
                 start, size = size, size + len(frame)
                 if _FADVISE is not None and size // WRITEBACK_BYTES != start // WRITEBACK_BYTES:
                     # A WRITEBACK_BYTES stretch was just completed: hand it to the disk.
@@ -147,8 +139,7 @@ def _write_one(
                 "download": f"truncated download: got {size} bytes, Content-Length said {expected}"
             }
         if fd is None:  # an empty video
-            discard(os.path.dirname(temp), job["task_id"], None)
-            fd = open_new(temp)
+            fd = _open_video(job)
         owned, fd = fd, None  # the commit closes it
         uri = _commit(job, owned, temp, digest.hexdigest(), size, real_roots)
         return {"size": size, "sha256": digest.hexdigest(), "uri": uri}
@@ -160,6 +151,12 @@ def _write_one(
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+
+
+def _open_video(job: dict[str, Any]) -> int:
+    """The video's temporary file, made; a dead attempt's temporary files go as it is."""
+    discard(os.path.dirname(job["temp"]), job["task_id"], None)
+    return open_new(job["temp"])
 
 
 def _commit(
@@ -219,12 +216,17 @@ def temp_names(incoming: str) -> list[str]:
     return [name for name in names if name.endswith(".part")]
 
 
+def task_of(name: str) -> str:
+    """The task id of an unfinished file's name (``{task_id}.{token}.part``, or ``-json.part``)."""
+    return name.rsplit(".", 2)[0]
+
+
 def discard(incoming: str, task_id: str, started_before: float | None) -> int:
     """Remove ``task_id``'s unfinished files in ``incoming`` (only those last written before the
     POSIX time ``started_before``): how many."""
     removed = 0
     for name in temp_names(incoming):
-        if name.rsplit(".", 2)[0] != task_id:
+        if task_of(name) != task_id:
             continue
         path = os.path.join(incoming, name)
         try:
@@ -244,7 +246,7 @@ def sidecar_file(video_temp: str, sidecar: Mapping[str, str]) -> str:
     temp = video_temp.removesuffix(".part") + "-json.part"
     fd = open_new(temp)
     try:
-        write_all(fd, [json.dumps(sidecar, indent=2, sort_keys=True).encode()])
+        write_all(fd, json.dumps(sidecar, indent=2, sort_keys=True).encode())
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -255,15 +257,11 @@ def sidecar_file(video_temp: str, sidecar: Mapping[str, str]) -> str:
     return temp
 
 
-def write_all(fd: int, pieces: list[bytes] | list[memoryview]) -> None:
-    """Every byte of ``pieces`` to ``fd``: one system call for up to _IOV_MAX pieces."""
-    for start in range(0, len(pieces), _IOV_MAX):
-        group = pieces[start : start + _IOV_MAX]
-        left = sum(map(len, group)) - os.writev(fd, group)
-        if left:  # a short write (a signal, a disk filling up): the rest, until it errors
-            rest = memoryview(b"".join(group))[-left:]
-            while rest:
-                rest = rest[os.write(fd, rest) :]
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """Every byte of ``data`` to ``fd`` (a write may take only part: a signal, a disk filling up)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def open_new(path: str) -> int:
