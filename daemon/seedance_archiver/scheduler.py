@@ -244,10 +244,13 @@ class Daemon:
         self.deliverer: webhooks.Deliverer | None = None
         self._delivery: asyncio.Task[None] | None = None
         self._started_at = dt.datetime.now(dt.UTC)
-        # The heartbeat being written, if any. The scheduler's shutdown cancels a job in flight,
-        # but not its write in a thread: close() waits for it before removing the heartbeat, so the
-        # row is never written back after it is gone.
-        self._beat_task: asyncio.Task[None] | None = None
+        # The heartbeats asked for and not yet written. Two can be asked for at once (the heartbeat
+        # job and the first tick's). The scheduler's shutdown cancels a job in flight, but not its
+        # write in a thread: close() waits for every one before removing the heartbeat, so the row
+        # is never written back after it is gone. The lock writes them one at a time, in order.
+        self._beats: set[asyncio.Task[None]] = set()
+        self._beat_lock = asyncio.Lock()
+        self._tick_beat: asyncio.Task[None] | None = None  # the first tick's heartbeat, in flight
         self._closing = False
         self._beaten = False  # a heartbeat row was written (close removes it, if so)
         self._beaten_a_tick = False  # one that says the daemon has ticked
@@ -396,10 +399,11 @@ class Daemon:
         if self.svc is not None and self.store is not None:
             await self.svc.provider.aclose()
             self._closing = True
-            if self._beat_task is not None:
-                await asyncio.wait([self._beat_task])
-                if not self._beat_task.cancelled():
-                    self._beat_task.exception()  # its job logged it, or was cancelled: seen here
+            if self._beats:
+                done, _ = await asyncio.wait(self._beats)
+                for beat in done:
+                    if not beat.cancelled():
+                        beat.exception()  # its job logged it, or was cancelled: seen here
             if self._beaten:  # a start that failed before its first beat has no row to remove
                 try:
                     await self.svc.db(self.store.forget_daemon, self.svc.owner)
@@ -415,17 +419,33 @@ class Daemon:
     async def _tick(self, polls: bool = True) -> None:
         svc, _ = self._parts()
         await svc.tick(polls)
-        if not self._beaten_a_tick and svc.last_tick_at is not None:
-            # The first tick done: say so at once, not at the next heartbeat (`check` asks).
-            await self._heartbeat()
+        if not self._beaten_a_tick and svc.last_tick_at is not None and self._tick_beat is None:
+            # The first tick done: say so at once, not at the next heartbeat (`check` asks). The
+            # tick does not wait for the write: a slow database holds the heartbeat, not the tick.
+            self._tick_beat = self._start_beat()
+            self._tick_beat.add_done_callback(self._tick_beaten)
+
+    def _tick_beaten(self, beat: asyncio.Task[None]) -> None:
+        self._tick_beat = None  # written, or failed (logged): the next tick asks again if need be
+        if not beat.cancelled() and beat.exception() is not None:
+            log.warning("heartbeat_failed", error=str(beat.exception()))
 
     async def _heartbeat(self) -> None:
-        if self._closing:
-            return
-        self._beat_task = asyncio.ensure_future(self._beat())
-        await asyncio.shield(self._beat_task)
+        if not self._closing:
+            await asyncio.shield(self._start_beat())
+
+    def _start_beat(self) -> asyncio.Task[None]:
+        beat = asyncio.ensure_future(self._beat())
+        self._beats.add(beat)
+        beat.add_done_callback(self._beats.discard)
+        return beat
 
     async def _beat(self) -> None:
+        async with self._beat_lock:
+            if not self._closing:  # close() removes the row once this is done: nothing to write
+                await self._write_beat()
+
+    async def _write_beat(self) -> None:
         svc, task_store = self._parts()
         beat = store.DaemonBeat(
             owner=svc.owner,

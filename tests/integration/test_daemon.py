@@ -13,7 +13,7 @@ import pytest
 import structlog.testing
 from seedance_archiver import config, db, errors, scheduler, simulator, store
 
-from tests.helpers import daemon_settings, running_daemon, wait_until
+from tests.helpers import daemon_settings, running_daemon, wait_for, wait_until
 
 
 def _settings(
@@ -94,6 +94,72 @@ class TestLifecycle:
         stop.set()
         assert await asyncio.wait_for(running, timeout=30) == 0
         await wait_until(written.is_set, 30, "the beat in flight to be written")
+        after = store.SqlStore.from_url(sqlite_url)
+        try:
+            assert after.daemons() == []
+        finally:
+            after.close()
+
+    async def test_close_waits_for_every_heartbeat_asked_for_not_the_last_only(
+        self,
+        sim: simulator.SimulatorThread,
+        sqlite_url: str,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """Two heartbeats are asked for at start (the heartbeat job's and the first tick's). The
+        first is held in the database until close() has begun; the heartbeat must still be removed
+        only after it is written, never before (a CI run left such a row behind)."""
+        first_in_flight, first_written = threading.Event(), threading.Event()
+        beats_in_flight = 0
+        in_flight_at_removal: list[int] = []
+        asked = 0
+        original = scheduler.build_service
+        stop = asyncio.Event()
+        daemon = scheduler.Daemon(_settings(sim, sqlite_url, tmp_path), stop=stop)
+
+        def held_first_beat(settings: config.Settings, api_key: str) -> Any:
+            svc, task_store = original(settings, api_key)
+            real_beat, real_forget = task_store.beat, task_store.forget_daemon
+
+            def beat(beat: store.DaemonBeat) -> None:
+                nonlocal beats_in_flight
+                first = not first_in_flight.is_set()
+                first_in_flight.set()
+                beats_in_flight += 1
+                try:
+                    if first:  # a slow database: held until the daemon is closing
+                        wait_for(lambda: daemon._closing, 30, what="close() to begin")
+                    real_beat(beat)
+                finally:
+                    beats_in_flight -= 1
+                if first:
+                    first_written.set()
+
+            def forget_daemon(owner: str) -> None:
+                in_flight_at_removal.append(beats_in_flight)
+                real_forget(owner)
+
+            monkeypatch.setattr(task_store, "beat", beat)
+            monkeypatch.setattr(task_store, "forget_daemon", forget_daemon)
+            return svc, task_store
+
+        real_start_beat = daemon._start_beat
+
+        def counted_start_beat() -> asyncio.Task[None]:
+            nonlocal asked
+            asked += 1
+            return real_start_beat()
+
+        monkeypatch.setattr(scheduler, "build_service", held_first_beat)
+        monkeypatch.setattr(daemon, "_start_beat", counted_start_beat)
+        running = asyncio.create_task(daemon.run())
+        await wait_until(first_in_flight.is_set, 30, "the first heartbeat in flight")
+        await wait_until(lambda: asked >= 2, 30, "a second heartbeat asked for")
+        stop.set()
+        assert await asyncio.wait_for(running, timeout=30) == 0
+        assert first_written.is_set()  # close() returned only after the held beat was written
+        assert in_flight_at_removal == [0]  # ... and removed the row after it, not before
         after = store.SqlStore.from_url(sqlite_url)
         try:
             assert after.daemons() == []
