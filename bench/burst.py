@@ -19,6 +19,9 @@ transactions the daemons counted (their /metrics), on PostgreSQL the commits the
 files the archive holds, the webhook-outbox rows written, the context switches of the daemon's
 threads and of the floor's (each a thread waiting: for the GIL, for work, for the disk), and with
 ``--fsyncs`` the daemon's fsyncs (it runs under ``strace -c``, which stops it at those calls only).
+Its CPU per video is split by where it is spent: each daemon process's event loop (its main
+thread), its other threads (the database's pools, the resolver's) and the folder's writer
+processes, beside the floor's whole.
 
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000
     .venv/bin/python -m bench.burst --videos 3000 --size 500000
@@ -50,6 +53,7 @@ from typing import Any
 import aiohttp
 import psycopg
 from seedance_archiver import service
+from seedance_archiver.archive import writer
 
 from bench import common
 
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
                 cpu_before = _tree_cpu(daemon.pid)
                 switches_before = _tree_switches(daemon.pid)
                 user_before = _tree_cpu(daemon.pid, user_only=True)
+                parts_before = _tree_parts(daemon.pid)
                 started = time.monotonic()
                 done_before = _archived(args.db, db_url)
                 _insert(args.db, db_url, ids)
@@ -133,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
                 cpu = _tree_cpu(daemon.pid) - cpu_before
                 user = _tree_cpu(daemon.pid, user_only=True) - user_before
                 switches = _tree_switches(daemon.pid) - switches_before
-                results.append(Round(done - done_before, wall, cpu, user, switches, *floor_run))
+                parts = _tree_parts(daemon.pid) - parts_before
+                results.append(
+                    Round(done - done_before, wall, cpu, user, switches, parts, *floor_run)
+                )
             # The floor's polls were answered by the same simulator: one per id.
             after = _readings(sim_url, pg_name, ports, floor_polls=sum(map(len, rounds)))
         finally:
@@ -148,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     _report(args, results, after - before, files, outbox, fsyncs)
 
 
+# In a folder writer's command line (archive/folder.py's _writer_command), and in no other.
+WRITER_SCRIPT = os.fsencode(writer.__file__)
 STRACE = ["strace", "-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync"]
 
 
@@ -158,10 +168,27 @@ class Round:
     cpu: float
     user: float  # of cpu, the CPU-s in user space (the rest is the kernel's, on our behalf)
     switches: int  # the daemon's context switches
+    parts: Parts  # cpu, by where it was spent
     floor_wall: float
     floor_cpu: float
     floor_user: float
     floor_switches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """The daemon's CPU-s by where it is spent: its event loops (each daemon process's main
+    thread), their other threads (the database's pools, the resolver's), and the folder's writer
+    processes. A thread or writer that ends mid-round takes its CPU with it (few do)."""
+
+    loops: float = 0.0
+    threads: float = 0.0
+    writers: float = 0.0
+
+    def __sub__(self, other: Parts) -> Parts:
+        return Parts(
+            self.loops - other.loops, self.threads - other.threads, self.writers - other.writers
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +302,22 @@ def _report(
     parts.append(f"{switches:.1f} context switches (the floor's: {floor_switches:.1f})")
     parts.append(f"{outbox / per:.2f} outbox rows")
     print("per video: " + ", ".join(parts))
+    # Where the daemon's CPU goes, in ms per video (medians over the rounds), beside the floor's.
+    spent = {
+        "event loop": statistics.median(1000 * r.parts.loops / max(r.archived, 1) for r in results),
+        "its threads (database, resolver)": statistics.median(
+            1000 * r.parts.threads / max(r.archived, 1) for r in results
+        ),
+        "writer processes": statistics.median(
+            1000 * r.parts.writers / max(r.archived, 1) for r in results
+        ),
+    }
+    floor_ms = statistics.median(1000 * r.floor_cpu / args.videos for r in results)
+    print(
+        "CPU ms per video: "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items())
+        + f"; the floor's {floor_ms:.2f}"
+    )
 
 
 def _strace_calls(path: pathlib.Path) -> int:
@@ -490,6 +533,24 @@ def _tree_cpu(pid: int, *, user_only: bool = False) -> float:
         common.process_cpu_seconds(each, user_only=user_only)
         for each in [pid, *common.descendant_pids(pid)]
     )
+
+
+def _tree_parts(pid: int) -> Parts:
+    """:class:`Parts` of a process and every process below it, as they stand."""
+    loops = threads = writers = 0.0
+    for each in [pid, *common.descendant_pids(pid)]:
+        total = common.process_cpu_seconds(each)
+        try:
+            command = pathlib.Path(f"/proc/{each}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone since it was listed
+        if WRITER_SCRIPT in command:
+            writers += total
+        else:
+            loop = common.main_thread_cpu_seconds(each)
+            loops += loop
+            threads += total - loop
+    return Parts(loops, threads, writers)
 
 
 def _tree_switches(pid: int) -> int:

@@ -157,8 +157,18 @@ def descendant_pids(pid: int) -> list[int]:
 def process_cpu_seconds(pid: int, *, user_only: bool = False) -> float:
     """User + system CPU seconds of another process (its user seconds only, with ``user_only``),
     from /proc (0.0 if it is gone)."""
+    return _stat_cpu_seconds(f"/proc/{pid}/stat", user_only)
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process's main thread alone (an asyncio daemon's event
+    loop); the process's other threads are the rest of :func:`process_cpu_seconds`."""
+    return _stat_cpu_seconds(f"/proc/{pid}/task/{pid}/stat", False)
+
+
+def _stat_cpu_seconds(path: str, user_only: bool) -> float:
     try:
-        text = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        text = pathlib.Path(path).read_text()
     except OSError:
         return 0.0
     # Fields after the command name, which is in parentheses and may contain spaces.
