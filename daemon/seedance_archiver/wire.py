@@ -6,19 +6,22 @@ CPU of a bare aiohttp client per poll. httpx-aiohttp's transport, the daemon's b
 ``aiohttp.ClientTimeout`` per request and handed back each body as a stream that httpx then read
 through three async generators and an exception-mapping context manager (bench/README.md).
 
-:class:`ApiTransport`, the polls', reads the body whole inside aiohttp (at most ``max_body_bytes``)
-and returns an ``httpx.Response`` that already holds it. It keeps httpx's API for everything above
-it: the provider builds ``httpx.Request`` objects, reads ``httpx.Response`` objects and sees httpx's
-exceptions (:func:`as_httpx`), so any other ``httpx.AsyncBaseTransport`` (``httpx.MockTransport`` in
-a test) can stand in. The video downloads use an aiohttp session directly (``providers/http.py``);
-their errors are named as httpx names them (:func:`error_name`).
+:class:`ApiTransport`, the polls', reads the body whole inside aiohttp (at most ``max_body_bytes``).
+The provider sends each poll with :meth:`ApiTransport.get` (the :class:`Api` interface: a URL and
+headers in, a :class:`Reply` out), which builds no httpx object; the errors are httpx's
+(:func:`as_httpx`). Any other ``httpx.AsyncBaseTransport`` (``httpx.MockTransport``, httpx-aiohttp's)
+can stand in through :class:`HttpxApi`, and ``ApiTransport`` itself is one too, for any other
+request. The video downloads use an aiohttp session directly (``providers/http.py``); their errors
+are named as httpx names them (:func:`error_name`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 import zlib
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
@@ -39,7 +42,7 @@ def _httpx_class(exc: aiohttp.ClientError | TimeoutError) -> type[httpx.Transpor
 
 
 def as_httpx(
-    exc: aiohttp.ClientError | TimeoutError, request: httpx.Request
+    exc: aiohttp.ClientError | TimeoutError, request: httpx.Request | None
 ) -> httpx.TransportError:
     """aiohttp's error as the httpx error that means the same (raise it ``from exc``)."""
     message = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
@@ -87,6 +90,7 @@ def _request(
 
 
 _HTTP_11 = {"http_version": b"HTTP/1.1"}  # httpx.Response copies it
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
 def _read_response(
@@ -145,7 +149,7 @@ _ZLIB_WBITS = {
 }
 
 
-def decode_bounded(body: bytes, encoding: str, limit: int, request: httpx.Request) -> bytes:
+def decode_bounded(body: bytes, encoding: str, limit: int, request: httpx.Request | None) -> bytes:
     """``body`` decoded as its ``Content-Encoding`` says (gzip, deflate; applied in order), never
     beyond ``limit`` bytes: AnswerTooLarge past it, httpx.DecodingError for a coding we did not ask
     for or a body that does not decode."""
@@ -176,8 +180,55 @@ def decode_bounded(body: bytes, encoding: str, limit: int, request: httpx.Reques
     return body
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    """A small answer read whole: what :meth:`Api.get` returns for each poll."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive, as received (less the encoding once decoded)
+    body: bytes  # decoded, within the transport's cap
+
+
+class Api(Protocol):
+    """What the provider's polls are sent on: one GET in, one whole :class:`Reply` out, or one of
+    httpx's errors (``httpx.TransportError``: no answer; ``httpx.DecodingError``, AnswerTooLarge:
+    an answer refused)."""
+
+    async def get(self, url: str, headers: Mapping[str, str]) -> Reply: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpxApi:
+    """Any httpx transport as an :class:`Api` (``httpx.MockTransport``, httpx-aiohttp's: the
+    benchmarks' what-ifs): each GET as an ``httpx.Request``, each answer read whole."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout_seconds: float) -> None:
+        self._transport = transport
+        self._extensions = {"timeout": httpx.Timeout(timeout_seconds).as_dict()}
+
+    async def get(self, url: str, headers: Mapping[str, str]) -> Reply:
+        request = httpx.Request("GET", url, headers=headers, extensions=self._extensions)
+        response = await self._transport.handle_async_request(request)
+        try:
+            body = await response.aread()
+        finally:
+            await response.aclose()
+        return Reply(response.status_code, response.headers, body)
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+
 class ApiTransport(httpx.AsyncBaseTransport):
-    """httpx's transport interface over one ``aiohttp.ClientSession``, for small whole answers."""
+    """One ``aiohttp.ClientSession`` for small whole answers: :meth:`get` (the polls', an
+    :class:`Api`), and httpx's transport interface for any other request.
+
+    The polls skip httpx's objects: an ``httpx.Request`` built, its headers listed again for
+    aiohttp and an ``httpx.Response`` built around the body cost as much CPU per poll as the rest
+    of the poll above aiohttp (bench/transport.py: 0.146 against 0.094 ms per poll, the floor's
+    0.085). The errors are httpx's either way.
+    """
 
     def __init__(
         self,
@@ -197,6 +248,10 @@ class ApiTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
         # The provider sends every poll with the same timeout: built once, not per request.
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
+        # A get's: the exchange as a whole (no per-operation limit could end it sooner).
+        self._get_timeout = aiohttp.ClientTimeout(
+            total=total_seconds, connect=None, sock_connect=None, sock_read=None
+        )
 
     def _open(self) -> aiohttp.ClientSession:
         # On first use, inside the running loop, as aiohttp wants.
@@ -213,10 +268,26 @@ class ApiTransport(httpx.AsyncBaseTransport):
             timeout = self._timeouts[key] = timeout_of(request, self._total_seconds)
         return timeout
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def get(self, url: str, headers: Mapping[str, str]) -> Reply:
+        """GET ``url`` with ``headers`` (no redirect followed), within ``total_seconds``."""
         session = self._session or self._open()
+        pending = session.request(
+            "GET", url, headers=headers, allow_redirects=False, timeout=self._get_timeout
+        )
+        status, raw, parsed, body = await self._read(pending, None)
+        encoding = parsed.get("Content-Encoding")
+        if encoding is None:
+            return Reply(status, parsed, body)
+        body, raw = self._decoded(body, encoding, raw, None)
+        return Reply(status, httpx.Headers(raw), body)
+
+    async def _read(
+        self, pending: Any, request: httpx.Request | None
+    ) -> tuple[int, RawHeaders, Mapping[str, str], bytes]:
+        """The answer to a request not yet sent (aiohttp's, sent here): its status, headers as
+        received and as a mapping, and its whole body (at most the cap, else AnswerTooLarge)."""
         try:
-            async with _request(session, request, self._timeout(request)) as answer:
+            async with pending as answer:
                 if (answer.content_length or 0) > self._max_body_bytes:
                     raise AnswerTooLarge(self._too_large())
                 body = await answer.content.read(self._max_body_bytes + 1)
@@ -224,15 +295,25 @@ class ApiTransport(httpx.AsyncBaseTransport):
                     body += await answer.content.read(self._max_body_bytes + 1 - len(body))
                 if len(body) > self._max_body_bytes:
                     raise AnswerTooLarge(self._too_large())
-                status, headers = answer.status, answer.raw_headers
-                encoding = answer.headers.get("Content-Encoding")
+                return answer.status, answer.raw_headers, answer.headers, body
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise as_httpx(exc, request) from exc
+
+    def _decoded(
+        self, body: bytes, encoding: str, raw: RawHeaders, request: httpx.Request | None
+    ) -> tuple[bytes, RawHeaders]:
+        """We ask for identity; a server that compresses anyway gets its answer decoded here,
+        within the same cap, so a small gzip body cannot inflate to gigabytes in memory."""
+        body = decode_bounded(body, encoding, self._max_body_bytes, request)
+        return body, [(k, v) for k, v in raw if k.lower() not in _ENCODING_HEADERS]
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session or self._open()
+        pending = _request(session, request, self._timeout(request))
+        status, headers, parsed, body = await self._read(pending, request)
+        encoding = parsed.get("Content-Encoding")
         if encoding is not None:
-            # We ask for identity; a server that compresses anyway gets its answer decoded here,
-            # within the same cap, so a small gzip body cannot inflate to gigabytes in memory.
-            body = decode_bounded(body, encoding, self._max_body_bytes, request)
-            headers = [(k, v) for k, v in headers if k.lower() not in _ENCODING_HEADERS]
+            body, headers = self._decoded(body, encoding, headers, request)
         if not _READ_SHORTCUT:
             return httpx.Response(
                 status, headers=headers, content=body, request=request, extensions=_HTTP_11

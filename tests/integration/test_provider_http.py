@@ -13,6 +13,7 @@ import asyncio
 import collections
 import email.utils
 import gzip
+import json
 import socket
 import time
 import tracemalloc
@@ -858,26 +859,46 @@ class TestArkDialect:
 
 
 class TestApiTransport:
-    """wire.ApiTransport, the polls' transport: httpx's interface over aiohttp, bodies read whole."""
+    """wire.ApiTransport, the polls' transport over aiohttp, bodies read whole: each case through
+    its ``get`` (the polls' wire.Api) and through httpx's transport interface."""
+
+    @pytest.fixture(params=["get", "httpx"])
+    def via(self, request: pytest.FixtureRequest) -> str:
+        return str(request.param)
 
     @staticmethod
     async def send(
-        base: str, path: str = "/answer", *, max_body_bytes: int = 1024, read_seconds: float = 5.0
-    ) -> httpx.Response:
+        base: str,
+        path: str = "/answer",
+        *,
+        via: str,
+        max_body_bytes: int = 1024,
+        read_seconds: float = 5.0,
+    ) -> wire.Reply:
+        headers = {"Authorization": "Bearer k", "Accept": "application/json"}
+        if via == "get":
+            api = wire.ApiTransport(
+                max_connections=4, max_body_bytes=max_body_bytes, total_seconds=read_seconds
+            )
+            try:
+                return await api.get(base + path, headers)
+            finally:
+                await api.aclose()
         api = wire.ApiTransport(max_connections=4, max_body_bytes=max_body_bytes)
-        timeout = httpx.Timeout(read_seconds)
         request = httpx.Request(
             "GET",
             base + path,
-            headers={"Authorization": "Bearer k", "Accept": "application/json"},
-            extensions={"timeout": timeout.as_dict()},
+            headers=headers,
+            extensions={"timeout": httpx.Timeout(read_seconds).as_dict()},
         )
         try:
-            return await api.handle_async_request(request)
+            response = await api.handle_async_request(request)
         finally:
             await api.aclose()
+        assert response.extensions["http_version"] == b"HTTP/1.1"
+        return wire.Reply(response.status_code, response.headers, response.read())
 
-    async def test_answer_status_headers_body_and_request_headers(self) -> None:
+    async def test_answer_status_headers_body_and_request_headers(self, via: str) -> None:
         seen: list[tuple[str, str | None, str | None]] = []
 
         async def answer(request: web.Request) -> web.Response:
@@ -887,24 +908,24 @@ class TestApiTransport:
             return web.json_response({"ok": True}, status=202, headers={"X-Thing": "1"})
 
         async with LocalServer({"/answer/{id}": answer}) as base:
-            response = await self.send(base, "/answer/a%2Fb%20c")
-        assert response.status_code == 202
+            response = await self.send(base, "/answer/a%2Fb%20c", via=via)
+        assert response.status == 202
         assert response.headers["x-thing"] == "1"
-        assert response.json() == {"ok": True}
-        assert response.extensions["http_version"] == b"HTTP/1.1"
+        assert json.loads(response.body) == {"ok": True}
         # The path goes out as httpx encoded it: an escaped slash stays one segment.
         assert seen == [("/answer/a%2Fb%20c", "Bearer k", base.removeprefix("http://"))]
 
-    async def test_a_compressed_answer_is_decoded_once(self) -> None:
+    async def test_a_compressed_answer_is_decoded_once(self, via: str) -> None:
         async def answer(request: web.Request) -> web.Response:
             body = gzip.compress(b'{"status": "queued"}')
             return web.Response(body=body, headers={"Content-Encoding": "gzip"})
 
         async with LocalServer({"/answer": answer}) as base:
-            response = await self.send(base)
-        assert response.json() == {"status": "queued"}
+            response = await self.send(base, via=via)
+        assert json.loads(response.body) == {"status": "queued"}
+        assert "content-encoding" not in response.headers
 
-    async def test_a_gzip_bomb_is_too_large_and_costs_no_memory(self) -> None:
+    async def test_a_gzip_bomb_is_too_large_and_costs_no_memory(self, via: str) -> None:
         """512 MiB of zeros in about half a MiB of gzip: refused once 1 KiB is decoded."""
         bomb = simulator._gzip_bomb(512 * 1024 * 1024)
         assert len(bomb) < 1024 * 1024
@@ -917,7 +938,7 @@ class TestApiTransport:
             try:
                 for _ in range(3):
                     with pytest.raises(wire.AnswerTooLarge, match="once decoded"):
-                        await self.send(base, max_body_bytes=1024 * 1024)
+                        await self.send(base, via=via, max_body_bytes=1024 * 1024)
                 _, peak = tracemalloc.get_traced_memory()
             finally:
                 tracemalloc.stop()
@@ -934,18 +955,20 @@ class TestApiTransport:
         ],
         ids=["deflate", "gzip-identity", "brotli", "corrupt"],
     )
-    async def test_other_encodings(self, encoding: str, body: bytes, error: str | None) -> None:
+    async def test_other_encodings(
+        self, encoding: str, body: bytes, error: str | None, via: str
+    ) -> None:
         async def answer(request: web.Request) -> web.Response:
             return web.Response(body=body, headers={"Content-Encoding": encoding})
 
         async with LocalServer({"/answer": answer}) as base:
             if error is None:
-                response = await self.send(base)
-                assert response.json() == {"status": "queued"}
+                response = await self.send(base, via=via)
+                assert json.loads(response.body) == {"status": "queued"}
                 assert "content-encoding" not in response.headers
             else:
                 with pytest.raises(httpx.DecodingError, match=error):
-                    await self.send(base)
+                    await self.send(base, via=via)
 
     async def test_the_provider_asks_for_identity_and_says_why_it_refused(self) -> None:
         asked: list[str | None] = []
@@ -964,15 +987,15 @@ class TestApiTransport:
                 await http.aclose()
         assert asked == ["identity"]
 
-    async def test_an_answer_declared_too_long_is_refused(self) -> None:
+    async def test_an_answer_declared_too_long_is_refused(self, via: str) -> None:
         async def answer(request: web.Request) -> web.Response:
             return web.Response(body=b"x" * 2000)
 
         async with LocalServer({"/answer": answer}) as base:
             with pytest.raises(wire.AnswerTooLarge, match="longer than 1024 bytes"):
-                await self.send(base)
+                await self.send(base, via=via)
 
-    async def test_a_chunked_answer_too_long_is_refused(self) -> None:
+    async def test_a_chunked_answer_too_long_is_refused(self, via: str) -> None:
         async def answer(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse()
             response.enable_chunked_encoding()
@@ -984,17 +1007,17 @@ class TestApiTransport:
 
         async with LocalServer({"/answer": answer}) as base:
             with pytest.raises(wire.AnswerTooLarge):
-                await self.send(base)
+                await self.send(base, via=via)
             # The same answer within the bound arrives whole, from its chunks.
-            response = await self.send(base, max_body_bytes=1600)
-        assert response.content == b"y" * 1600
+            response = await self.send(base, via=via, max_body_bytes=1600)
+        assert response.body == b"y" * 1600
 
-    async def test_a_refused_connection_is_a_connect_error(self) -> None:
+    async def test_a_refused_connection_is_a_connect_error(self, via: str) -> None:
         with pytest.raises(httpx.ConnectError) as caught:
-            await self.send(f"http://127.0.0.1:{free_port()}")
+            await self.send(f"http://127.0.0.1:{free_port()}", via=via)
         assert isinstance(caught.value.__cause__, aiohttp.ClientConnectorError)
 
-    async def test_a_silent_server_is_a_read_timeout(self) -> None:
+    async def test_a_silent_server_is_a_read_timeout(self, via: str) -> None:
         release = asyncio.Event()
 
         async def answer(request: web.Request) -> web.Response:
@@ -1004,11 +1027,11 @@ class TestApiTransport:
         async with LocalServer({"/answer": answer}) as base:
             try:
                 with pytest.raises(httpx.ReadTimeout):
-                    await self.send(base, read_seconds=0.2)
+                    await self.send(base, via=via, read_seconds=0.2)
             finally:
                 release.set()
 
-    async def test_a_connection_cut_mid_body_is_an_httpx_error(self) -> None:
+    async def test_a_connection_cut_mid_body_is_an_httpx_error(self, via: str) -> None:
         async def answer(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(headers={"Content-Length": "500"})
             await response.prepare(request)
@@ -1019,7 +1042,7 @@ class TestApiTransport:
 
         async with LocalServer({"/answer": answer}) as base:
             with pytest.raises(httpx.TransportError):
-                await self.send(base)
+                await self.send(base, via=via)
 
     async def test_it_is_the_default_poll_transport(self, sim: simulator.SimulatorThread) -> None:
         # Read off what the daemon sends: no test double in between.
@@ -1030,6 +1053,32 @@ class TestApiTransport:
             assert (await http.fetch("video_abc")).status is models.Status.COMPLETED
         finally:
             await http.aclose()
+
+    async def test_any_httpx_transport_can_stand_in(self) -> None:
+        """What the benchmarks' what-ifs give (httpx-aiohttp's transport): the same request, and
+        the same reading of the answer, its headers included."""
+        seen: list[httpx.Request] = []
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            seen.append(request)
+            if request.url.path.endswith("video_slow"):
+                return httpx.Response(429, headers={"Retry-After": "7"})
+            return httpx.Response(200, json={"id": "video_1", "status": "queued"})
+
+        http = new_client(
+            "http://127.0.0.1:9/api", "k", transport=httpx.MockTransport(answer), timeout_seconds=3
+        )
+        try:
+            assert (await http.fetch("video_1")).status is models.Status.QUEUED
+            with pytest.raises(errors.RateLimited) as limited:
+                await http.fetch("video_slow")
+        finally:
+            await http.aclose()
+        assert limited.value.retry_after == 7.0
+        assert str(seen[0].url) == "http://127.0.0.1:9/api/v1/result/video_1"
+        assert seen[0].headers["Authorization"] == "Bearer k"
+        assert seen[0].headers["Accept-Encoding"] == "identity"
+        assert seen[0].extensions["timeout"]["read"] == 3
 
 
 class KeyedLinks(reseller.Reseller):

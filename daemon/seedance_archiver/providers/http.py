@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import aiohttp.abc
@@ -27,12 +27,12 @@ CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
 
 
-def _body_kind(response: httpx.Response, body: bytes) -> str:
+def _body_kind(reply: wire.Reply) -> str:
     """What a body was, for a log line: its type and size, never its text."""
-    media = response.headers.get("Content-Type") or "no Content-Type"
+    media = reply.headers.get("Content-Type") or "no Content-Type"
     return (
-        f"{netguard.printable(media, 60)}, {len(body)} bytes"
-        if body
+        f"{netguard.printable(media, 60)}, {len(reply.body)} bytes"
+        if reply.body
         else f"{netguard.printable(media, 60)}, empty"
     )
 
@@ -120,72 +120,22 @@ def _unreachable(exc: BaseException) -> str:
     return f"cannot reach the provider: {type(exc).__name__}"
 
 
-_NO_BODY = httpx.ByteStream(b"")  # a poll's: immutable, so one serves every request
-
-
-class TaskUrls:
-    """The URL each task is polled at: the base URL, the dialect's path, the id percent-encoded.
-
-    httpx parses and checks every URL it is handed, character by character: in the scale run that
-    was 35 us of CPU per poll, more than anything else of ours (bench/scale.py, bench/README.md). A task's
-    URL differs from every other only in its path, and that path is already percent-encoded, so
-    :meth:`of` copies the base URL's parsed form (httpx's ``URL._uri_reference``) with the task's
-    path instead of parsing the whole again. That form is httpx's own, not its API: at start the
-    shortcut is checked against httpx's parse for a few awkward ids, and where any differs (another
-    httpx, a base URL with a query) every URL is parsed, as before.
-    """
-
-    PROBES = ("video_0123abc", "a/../b?x#y", "样片 1%2F+x", "seedance-archiver-key-check-0")
-
-    def __init__(self, base: str, dialect: Dialect) -> None:
-        self._base = base
-        self._dialect = dialect
-        self._parsed: Any = None  # the base URL as httpx parsed it, while the shortcut holds
-        self._prefix = ""
-        try:
-            parsed = httpx.URL(base)._uri_reference
-        except (AttributeError, httpx.InvalidURL):
-            return  # every URL parsed (an invalid base fails at the first poll, as before)
-        if parsed.query is None and parsed.fragment is None:
-            self._parsed, self._prefix = parsed, parsed.path
-            if not all(self._agrees(task_id) for task_id in self.PROBES):
-                self._parsed = None
-
-    @property
-    def shortcut(self) -> bool:
-        """Whether URLs are copied from the parsed base (else httpx parses each)."""
-        return self._parsed is not None
-
-    def of(self, task_id: str) -> httpx.URL:
-        path = self._path(task_id)
-        if self._parsed is None or task_id in (".", ".."):
-            # httpx resolves a "." or ".." segment away (no valid id is one: policy.task_id_problem)
-            return httpx.URL(self._base + path)
-        url = httpx.URL.__new__(httpx.URL)
-        url._uri_reference = self._parsed._replace(path=self._prefix + path)
-        return url
-
-    def _path(self, task_id: str) -> str:
-        return self._dialect.task_path(urllib.parse.quote(task_id, safe=""))
-
-    def _agrees(self, task_id: str) -> bool:
-        try:
-            made = self.of(task_id)
-        except (TypeError, ValueError):  # another httpx's parse result has other fields
-            return False
-        return bool(
-            made._uri_reference == httpx.URL(self._base + self._path(task_id))._uri_reference
-        )
+def task_url(base: str, dialect: Dialect, task_id: str) -> str:
+    """The URL a task is polled at: the base URL, the dialect's path, the id percent-encoded (every
+    character but letters, digits and ``_.-~``, so an id is one path segment and nothing else)."""
+    return base + dialect.task_path(urllib.parse.quote(task_id, safe=""))
 
 
 class HttpProvider:
     """The real provider client over httpx's API.
 
-    Polls are ``httpx.Request`` objects handed straight to our own aiohttp-backed transport
-    (:class:`wire.ApiTransport`), chosen by measurement (bench/README.md): httpx's default transport
-    costs 20x the CPU of a bare aiohttp client per poll, httpx's Client 1.2x more on top of any
-    transport (its cookie jar and URL merging run on every request; we need neither), and
-    httpx-aiohttp's transport, which streams every body, about 2x ours.
+    Polls go to our own aiohttp-backed transport (:class:`wire.ApiTransport`), chosen by
+    measurement (bench/README.md): httpx's default transport costs 20x the CPU of a bare aiohttp
+    client per poll, httpx's Client 1.2x more on top of any transport (its cookie jar and URL
+    merging run on every request; we need neither), and httpx-aiohttp's transport, which streams
+    every body, about 2x ours. Each poll is a URL and headers given to its :meth:`wire.Api.get`,
+    without an ``httpx.Request`` or ``httpx.Response`` (half the poll's CPU above aiohttp); any
+    httpx transport can stand in (:class:`wire.HttpxApi`).
 
     Video downloads go on an aiohttp session of their own, to the URL as httpx parses it
     (:func:`netguard.parse_url`, the form every network rule is checked on). They went through
@@ -213,28 +163,26 @@ class HttpProvider:
         self._base = base_url.rstrip("/")
         self._url_rules = url_rules or netguard.UrlRules()
         self._max_video_bytes = max_video_bytes
-        timeout = httpx.Timeout(timeout_seconds)
         ssl_context = httpx.create_ssl_context()
         # A transport given here bounds each exchange as a whole itself (ours: total_seconds).
-        self._api: httpx.AsyncBaseTransport = transport or wire.ApiTransport(
-            max_connections=self.MAX_CONNECTIONS,
-            max_body_bytes=self.MAX_ANSWER_BYTES,
-            total_seconds=timeout_seconds,
-            ssl_context=ssl_context,
+        self._api: wire.Api = (
+            wire.HttpxApi(transport, timeout_seconds)
+            if transport is not None
+            else wire.ApiTransport(
+                max_connections=self.MAX_CONNECTIONS,
+                max_body_bytes=self.MAX_ANSWER_BYTES,
+                total_seconds=timeout_seconds,
+                ssl_context=ssl_context,
+            )
         )
-        self._task_urls = TaskUrls(self._base, dialect)
-        self._api_headers = httpx.Headers(
-            {
-                # What httpx would add to each request (its Headers rebuilt each time): set once.
-                "Host": httpx.URL(self._base).netloc.decode("ascii"),
-                "Authorization": dialect.authorization(api_key),
-                "Accept": "application/json",
-                # An answer is a few hundred bytes: nothing to gain from compression, and a
-                # compressed one could inflate far past MAX_ANSWER_BYTES (wire.decode_bounded).
-                "Accept-Encoding": "identity",
-            }
-        )
-        self._api_extensions = {"timeout": timeout.as_dict()}
+        self._api_headers = {
+            "Host": httpx.URL(self._base).netloc.decode("ascii"),
+            "Authorization": dialect.authorization(api_key),
+            "Accept": "application/json",
+            # An answer is a few hundred bytes: nothing to gain from compression, and a
+            # compressed one could inflate far past MAX_ANSWER_BYTES (wire.decode_bounded).
+            "Accept-Encoding": "identity",
+        }
         # Where a download carries the key: the API's own host only, never a redirect elsewhere.
         self._api_host = httpx.URL(self._base).host
         self._video_auth = (
@@ -278,30 +226,18 @@ class HttpProvider:
             await self._files.close()
             self._files = None
 
-    async def _get_result(self, task_id: str) -> tuple[httpx.Response, bytes]:
-        """One GET of the task with our key: the response and its body, or ProviderUnavailable."""
-        # Given a stream, httpx takes the request as it stands: no body to encode and read, no
-        # headers to add and the whole set rebuilt (5 us per poll; ours are set once, Host too).
-        request = httpx.Request(
-            "GET",
-            self._task_urls.of(task_id),
-            headers=self._api_headers,
-            extensions=self._api_extensions,
-            stream=_NO_BODY,
-        )
+    async def _get_result(self, task_id: str) -> wire.Reply:
+        """One GET of the task with our key: the whole answer, or ProviderUnavailable."""
         try:
-            response = await self._api.handle_async_request(request)
-            try:
-                body = await response.aread()
-            finally:
-                await response.aclose()
+            return await self._api.get(
+                task_url(self._base, self._dialect, task_id), self._api_headers
+            )
         except (TimeoutError, httpx.HTTPError) as exc:
             raise errors.ProviderUnavailable(_unreachable(exc)) from exc
-        return response, body
 
     async def fetch(self, task_id: str) -> models.Answer:
-        response, body = await self._get_result(task_id)
-        code = response.status_code
+        reply = await self._get_result(task_id)
+        code, body = reply.status, reply.body
         if code == 200:
             try:
                 return self._dialect.parse(task_id, body)
@@ -320,11 +256,11 @@ class HttpProvider:
             # An HTML page or an empty body: a gateway, a misrouted deploy or a wrong base path
             # answers so for every path. That is an outage, not the provider's word on a task.
             raise errors.ProviderUnavailable(
-                f"{NOT_OWN_404}: {_body_kind(response, body)}", status_code=code
+                f"{NOT_OWN_404}: {_body_kind(reply)}", status_code=code
             )
         if code == 429:
             retry_after = self._dialect.retry_after(
-                response.headers.get("Retry-After"), body, utils.utcnow()
+                reply.headers.get("Retry-After"), body, utils.utcnow()
             )
             raise errors.RateLimited("the provider rate-limited us (HTTP 429)", retry_after)
         raise errors.ProviderUnavailable(f"the provider answered HTTP {code}", status_code=code)
@@ -344,12 +280,12 @@ class HttpProvider:
         up tasks) is None. It never raises ProviderError.
         """
         try:
-            response, body = await self._get_result(self._dialect.key_check_task_id)
+            reply = await self._get_result(self._dialect.key_check_task_id)
         except errors.ProviderUnavailable:
             return None
-        code = response.status_code
+        code = reply.status
         if code == 404:
-            return True if self._dialect.is_own_not_found(body) else None
+            return True if self._dialect.is_own_not_found(reply.body) else None
         if code in (401, 403):
             return False
         return None
