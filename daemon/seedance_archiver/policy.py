@@ -437,12 +437,17 @@ def well_inside(task: models.Task, now: dt.datetime, rules: Rules) -> bool:
     return now < task.expires_at - rules.at_risk.span(task.provider)
 
 
+def _give_up_due(since: dt.datetime, now: dt.datetime, rules: Rules) -> bool:
+    """Whether a task created (or inserted) at ``since`` is unfinished past ``give_up_after``."""
+    return now - since >= rules.give_up_after
+
+
 def given_up(task: models.Task, now: dt.datetime, rules: Rules, said: str) -> models.Task | None:
     """``expired`` for a task still unfinished ``rules.give_up_after`` after its creation (its
     insertion, where the provider never said), ``said`` being what the provider last said; else
     None. A task is not polled forever."""
     since = task.provider_created_at or task.inserted_at
-    if since is None or now - since < rules.give_up_after:
+    if since is None or not _give_up_due(since, now, rules):
         return None
     days = (now - since).total_seconds() / 86_400
     return _finish(
@@ -507,7 +512,10 @@ def on_answer(
         source = answer if stated else task
         changes["next_attempt_at"] = not_before_ready(task.mode, created, source, now, rules, draw)
     after = task.replace(**changes)
-    if after.state == models.State.POLLING:
+    # Checked before the task is copied for given_up: one copy less on every poll, which is not
+    # past the give-up (bench/README.md, the scale run's profile).
+    since = created or task.inserted_at
+    if after.state == models.State.POLLING and since and _give_up_due(since, now, rules):
         return (
             given_up(task.replace(provider_created_at=created), now, rules, status.value) or after
         )

@@ -326,6 +326,15 @@ class TestGiveUp:
         )
         assert after.state == State.POLLING
 
+    def test_the_answers_creation_time_counts_though_the_row_had_none(self) -> None:
+        """The first answer's created time is the one the limit counts from, not the insert."""
+        before = task(state="polling", provider_status="queued", inserted_at=NOW)
+        after = policy.on_answer(
+            before, answer("queued", created=self.CREATED), NOW, RULES, testing.low_draw
+        )
+        assert after.state == State.EXPIRED
+        assert after.provider_created_at == self.CREATED and after.polls == before.polls + 1
+
     def test_a_finished_video_is_never_given_up_on_the_clock(self) -> None:
         before = task(state="polling", provider_status="queued", provider_created_at=self.CREATED)
         done = answer("completed", created=self.CREATED, video_url=URL)
