@@ -515,7 +515,11 @@ def on_answer(
     # Checked before the task is copied for given_up: one copy less on every poll, which is not
     # past the give-up (bench/README.md, the scale run's profile).
     since = created or task.inserted_at
-    if after.state == models.State.POLLING and since and _give_up_due(since, now, rules):
+    if (
+        after.state == models.State.POLLING
+        and since is not None
+        and _give_up_due(since, now, rules)
+    ):
         return (
             given_up(task.replace(provider_created_at=created), now, rules, status.value) or after
         )

@@ -22,6 +22,15 @@ def _settings(
     return daemon_settings(sim.url, db_url, f"file://{tmp_path}/archive")
 
 
+def _heartbeats(db_url: str) -> list[store.DaemonBeat]:
+    """The heartbeat rows in the database now (a stopped daemon leaves none)."""
+    rows = store.SqlStore.from_url(db_url)
+    try:
+        return rows.daemons()
+    finally:
+        rows.close()
+
+
 class TestLifecycle:
     async def test_a_stop_before_start_starts_nothing_and_exits_0(
         self, sim: simulator.SimulatorThread, sqlite_url: str, tmp_path: pathlib.Path
@@ -55,11 +64,7 @@ class TestLifecycle:
         monkeypatch.setattr(daemon, "_open", open_then_stop)
         assert await asyncio.wait_for(daemon.run(), timeout=30) == 0
         assert daemon.svc is not None and daemon._ticker is None and daemon._server is None
-        after = store.SqlStore.from_url(sqlite_url)
-        try:
-            assert after.daemons() == []  # no heartbeat was written, none left behind
-        finally:
-            after.close()
+        assert _heartbeats(sqlite_url) == []  # no heartbeat was written, none left behind
 
     async def test_a_heartbeat_in_flight_at_stop_is_not_written_back_after_removal(
         self,
@@ -94,11 +99,7 @@ class TestLifecycle:
         stop.set()
         assert await asyncio.wait_for(running, timeout=30) == 0
         await wait_until(written.is_set, 30, "the beat in flight to be written")
-        after = store.SqlStore.from_url(sqlite_url)
-        try:
-            assert after.daemons() == []
-        finally:
-            after.close()
+        assert _heartbeats(sqlite_url) == []
 
     async def test_close_waits_for_every_heartbeat_asked_for_not_the_last_only(
         self,
@@ -160,11 +161,7 @@ class TestLifecycle:
         assert await asyncio.wait_for(running, timeout=30) == 0
         assert first_written.is_set()  # close() returned only after the held beat was written
         assert in_flight_at_removal == [0]  # ... and removed the row after it, not before
-        after = store.SqlStore.from_url(sqlite_url)
-        try:
-            assert after.daemons() == []
-        finally:
-            after.close()
+        assert _heartbeats(sqlite_url) == []
 
 
 class TestHeartbeat:
