@@ -257,7 +257,12 @@ class ApiTransport(httpx.AsyncBaseTransport):
         # On first use, inside the running loop, as aiohttp wants.
         connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=self._ssl)
         # httpx decodes Content-Encoding itself (Response.read), so aiohttp must not do it first.
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # No cookie jar: httpx keeps a client's cookies and sends them as headers, and the polls
+        # authenticate with a key. aiohttp's own jar would send a Set-Cookie from one answer on
+        # later requests no one asked it for, and looked for cookies to send on every poll.
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         return self._session
 
     def _timeout(self, request: httpx.Request) -> aiohttp.ClientTimeout:

@@ -995,6 +995,35 @@ class TestApiTransport:
             with pytest.raises(wire.AnswerTooLarge, match="longer than 1024 bytes"):
                 await self.send(base, via=via)
 
+    async def test_a_cookie_one_answer_sets_is_not_sent_on_the_next_request(self, via: str) -> None:
+        """The transport keeps no cookies of its own: httpx's client keeps a client's, and sends
+        them as headers; the polls authenticate with the key."""
+        sent: list[str | None] = []
+
+        async def answer(request: web.Request) -> web.Response:
+            sent.append(request.headers.get("Cookie"))
+            response = web.json_response({"ok": True})
+            response.set_cookie("session", "from-the-server", path="/")
+            return response
+
+        async with LocalServer({"/answer": answer}) as served:
+            # By name: aiohttp's own jar keeps no cookie from a bare IP address.
+            base = served.replace("127.0.0.1", "localhost")
+            api = wire.ApiTransport(max_connections=4, max_body_bytes=1024, total_seconds=5.0)
+            try:
+                for _ in range(2):
+                    if via == "get":
+                        reply = await api.get(base + "/answer", {"Accept": "application/json"})
+                        assert "session=from-the-server" in reply.headers["set-cookie"]
+                    else:
+                        response = await api.handle_async_request(
+                            httpx.Request("GET", base + "/answer")
+                        )
+                        assert "session=from-the-server" in response.headers["set-cookie"]
+            finally:
+                await api.aclose()
+        assert sent == [None, None]
+
     async def test_a_chunked_answer_too_long_is_refused(self, via: str) -> None:
         async def answer(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse()
