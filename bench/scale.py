@@ -290,6 +290,49 @@ async def _floor_round(
             return time.perf_counter() - wall0, time.process_time() - cpu0, requests
 
 
+def daemon_settings(base: str, url: str, archive_dir: pathlib.Path, rate: float) -> config.Settings:
+    """The settings the daemon polls with here: the simulator at ``base``, the database ``url``,
+    the request cap ``rate``, logging at WARNING and no skip of polls before a video can be ready."""
+    return config.load(
+        api_base_url=base,
+        api_key=common.API_KEY,
+        database_url=url,
+        archive_url=archive_dir.as_uri(),
+        max_requests_per_second=rate,
+        http_port=0,
+        allowed_video_url_schemes="http",
+        allow_private_video_hosts=True,
+        log_format="json",
+        shutdown_grace_seconds=5,
+        **config.SKIP_OFF,  # the steady cadence load this benchmark is about
+    )
+
+
+def capture_services(
+    captured: list[service.Service],
+    adjust: Callable[[service.Service, config.Settings, str], None] | None = None,
+) -> Callable[[], None]:
+    """Wrap ``scheduler.build_service`` so that each service it builds is changed by ``adjust``
+    and added to ``captured``; the function that puts the original back."""
+    original_build = scheduler.build_service
+
+    def capturing_build(
+        settings: config.Settings, api_key: str
+    ) -> tuple[service.Service, store.Store]:
+        svc, sql_store = original_build(settings, api_key)
+        if adjust is not None:
+            adjust(svc, settings, api_key)
+        captured.append(svc)
+        return svc, sql_store
+
+    scheduler.build_service = capturing_build
+
+    def restore() -> None:
+        scheduler.build_service = original_build
+
+    return restore
+
+
 async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str, url: str) -> None:
     dsn = common.pg_dsn(name)
     loaded = load_rows(dsn, args.tasks, args.start_delay)
@@ -298,26 +341,10 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
     logs.configure(log_format="json", level=logging.WARNING)
     # Nothing is archived (the simulator never finishes a task), but the folder must exist somewhere.
     archive_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-archive-"))
-    settings = config.load(
-        api_base_url=base,
-        api_key=common.API_KEY,
-        database_url=url,
-        archive_url=archive_dir.as_uri(),
-        max_requests_per_second=args.rate,
-        http_port=0,
-        allowed_video_url_schemes="http",
-        allow_private_video_hosts=True,
-        log_format="json",
-        shutdown_grace_seconds=5,
-        **config.SKIP_OFF,  # the steady cadence load this benchmark is about
-    )
+    settings = daemon_settings(base, url, archive_dir, args.rate)
     captured: list[service.Service] = []
-    original_build = scheduler.build_service
 
-    def capturing_build(
-        settings: config.Settings, api_key: str
-    ) -> tuple[service.Service, store.SqlStore]:
-        svc, sql_store = original_build(settings, api_key)
+    def what_if(svc: service.Service, settings: config.Settings, api_key: str) -> None:
         if args.transport == "aiohttp":
             # What-if: the daemon's own client on aiohttp (the unused httpx client is never opened).
             svc.provider = providers.from_settings(
@@ -325,10 +352,8 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
             )
         if args.claim_batch:
             svc.CLAIM_BATCH = args.claim_batch
-        captured.append(svc)
-        return svc, sql_store
 
-    scheduler.build_service = capturing_build
+    restore_build = capture_services(captured, what_if)
     store_calls = StoreCalls()
     store_calls.install()
 
@@ -401,7 +426,7 @@ async def run_scale(args: argparse.Namespace, base: str, sim_pid: int, name: str
             await asyncio.wait_for(daemon, STOP_TIMEOUT_SECONDS)
         finally:
             await overdue_conn.close()
-            scheduler.build_service = original_build
+            restore_build()
             shutil.rmtree(archive_dir, ignore_errors=True)
 
     window = last.wall - first.wall

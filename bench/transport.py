@@ -166,7 +166,8 @@ class Result:
         return self.cpu_seconds / self.requests * 1000
 
 
-async def _drive(fetch: Fetch, start: int, count: int, concurrency: int) -> None:
+async def drive(fetch: Fetch, start: int, count: int, concurrency: int) -> None:
+    """``fetch`` for each of ``count`` indexes from ``start``, ``concurrency`` at once."""
     next_index = start
     end = start + count
 
@@ -186,11 +187,11 @@ async def measure(
 ) -> Result:
     """One client, one concurrency: warm the pool up, then time ``requests`` polls."""
     async with factory(base, concurrency) as fetch:
-        await _drive(fetch, 0, WARMUP_REQUESTS, concurrency)
+        await drive(fetch, 0, WARMUP_REQUESTS, concurrency)
         sim0 = common.process_cpu_seconds(sim_pid)
         cpu0 = time.process_time()
         wall0 = time.perf_counter()
-        await _drive(fetch, 0, requests, concurrency)
+        await drive(fetch, 0, requests, concurrency)
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
         sim = common.process_cpu_seconds(sim_pid) - sim0
