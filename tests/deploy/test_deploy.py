@@ -226,12 +226,13 @@ def _descriptors_at_maxima() -> dict[str, int]:
         engine.dispose()
     # A download holds a socket; the rows waiting in its queue hold none (they are counted here
     # as a margin). Its file is the folder writer's, in that process; the daemon holds the
-    # writer's socket, kept for the next video (at most IDLE_WRITERS of them).
+    # writer's socket and their shared memory (a memfd, which Python's mmap keeps open), kept for
+    # the next video (at most IDLE_WRITERS of them).
     downloads = service.Service.MAX_DOWNLOADS * 2
     return {
         "provider API connections": providers_http.HttpProvider.MAX_CONNECTIONS,
         "downloads and their queue": downloads,
-        "folder writers": max(folder.IDLE_WRITERS, service.Service.MAX_DOWNLOADS),
+        "folder writers": 2 * max(folder.IDLE_WRITERS, service.Service.MAX_DOWNLOADS),
         "S3 connections": s3.MAX_POOL_CONNECTIONS,
         "webhook deliveries": _maximum("webhook_concurrency"),
         "HTTP port and its listener": http + 1,

@@ -8,13 +8,14 @@ tests/contract/test_archive_contract.py, over the fake archive, a folder and S3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import pathlib
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import boto3
@@ -247,7 +248,7 @@ def _limited_to(size: int) -> Callable[[int], list[str]]:
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size})); "
         f"runpy.run_path({str(writer.__file__)!r}, run_name='__main__')"
     )
-    return lambda fd: [sys.executable, "-I", "-c", script, str(fd)]
+    return lambda *fds: [sys.executable, "-I", "-c", script, *map(str, fds)]
 
 
 def _writers_running() -> list[int]:
@@ -380,6 +381,59 @@ class TestFileWriters:
         stored = await store.put(task_id, signalled_mid_video(), len(body))
         assert stored.sha256 == hashlib.sha256(body).hexdigest()
         assert (tmp_path / f"{task_id}.mp4").read_bytes() == body
+
+
+class TestFileWritersMemory:
+    """Where the system has memfd_create, a video's bytes reach its writer through memory they
+    share (a ring of folder.SHARED_BYTES), else through the socket: either way, whole."""
+
+    @pytest.fixture(params=["shared memory", "socket"])
+    def store(
+        self,
+        request: pytest.FixtureRequest,
+        tmp_path: pathlib.Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> folder.FileArchive:
+        if request.param == "socket":
+
+            @contextlib.contextmanager
+            def no_memory() -> Iterator[None]:
+                yield None
+
+            monkeypatch.setattr(folder, "_shared_memory", no_memory)
+        return folder.FileArchive(tmp_path)
+
+    async def test_a_video_longer_than_the_ring_is_written_whole(
+        self, store: folder.FileArchive
+    ) -> None:
+        """Three rings and a bit, in pieces that do not divide it: the daemon waits for the writer
+        to say it wrote a half before it copies over it, and splits pieces at the ring's end."""
+        body = os.urandom(3 * folder.SHARED_BYTES + 12_345)
+        task_id = new_id()
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for at in range(0, len(body), 300_001):
+                yield body[at : at + 300_001]
+
+        stored = await store.put(task_id, pieces(), len(body))
+        assert stored.sha256 == hashlib.sha256(body).hexdigest()
+        assert (store.root / f"{task_id}.mp4").read_bytes() == body
+
+    async def test_videos_one_after_another_each_start_at_the_ring_s_beginning(
+        self, store: folder.FileArchive
+    ) -> None:
+        bodies = [
+            os.urandom(size) for size in (folder.SHARED_BYTES - 1, 3, folder.SHARED_BYTES + 7)
+        ]
+        for body in bodies:
+            task_id = new_id()
+
+            async def once(body: bytes = body) -> AsyncIterator[bytes]:
+                yield body
+
+            stored = await store.put(task_id, once(), len(body))
+            assert (store.root / f"{task_id}.mp4").read_bytes() == body
+            assert stored.size == len(body)
 
 
 class TestS3SaysWhy:

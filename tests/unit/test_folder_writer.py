@@ -8,8 +8,10 @@ tests/integration/test_archive.py; what every store does is in tests/contract/.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import pathlib
 import socket
@@ -23,26 +25,54 @@ WAIT = 30.0  # seconds for the writer's thread to answer: never reached unless i
 
 
 class Daemon:
-    """The daemon's end of a writer's socket, and the writer serving the other end in a thread."""
+    """The daemon's end of a writer's socket, and the writer serving the other end in a thread;
+    with ``shared``, a memory it shares with the writer, where the video's bytes go (the frames
+    say where), as the folder store does where the system has memfd_create."""
 
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+    SHARED_BYTES = 256 * 1024
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, *, shared: bool) -> None:
         self.sock, theirs = socket.socketpair()
-        self.serving = pool.submit(self._serve, theirs)
+        self.shared = mmap.mmap(-1, self.SHARED_BYTES) if shared else None
+        self.at = 0  # where the next piece goes in the shared memory
+        view = None if self.shared is None else memoryview(self.shared)
+        self.serving = pool.submit(self._serve, theirs, view)
         self.gave_up = False  # the socket was closed in the middle of a video
 
     @staticmethod
-    def _serve(sock: socket.socket) -> None:
+    def _serve(sock: socket.socket, shared: memoryview | None) -> None:
         with sock:
-            writer.serve(sock)
+            writer.serve(sock, shared)
 
     def frame(self, body: bytes) -> None:
         self.sock.sendall(writer.FRAME.pack(len(body)) + body)
+
+    def data(self, piece: bytes) -> None:
+        """A piece of the video: as it is, or copied into the shared memory and its place sent.
+        The tests here wait for each answer, so nothing is copied over before it is written."""
+        if self.shared is None:
+            self.frame(piece)
+            return
+        if self.at + len(piece) > self.SHARED_BYTES:
+            self.at = 0
+        self.shared[self.at : self.at + len(piece)] = piece
+        self.frame(writer.PIECE.pack(self.at, len(piece)))
+        self.at += len(piece)
+
+    def end(self) -> None:
+        self.frame(b"")
 
     def job(self, root: pathlib.Path, task_id: str, expected: int | None, **extra: Any) -> str:
         temp = str(root / folder.INCOMING_DIR / f"{task_id}.{'0' * 32}.part")
         job = {"root": str(root), "task_id": task_id, "temp": temp, "expected": expected}
         self.frame(json.dumps({"sidecar": None} | job | extra).encode())
         return temp
+
+    def next_length(self) -> int:
+        """The length of the next frame the writer sends (0: a pong)."""
+        self.sock.settimeout(WAIT)
+        (length,) = writer.FRAME.unpack(self.sock.recv(writer.FRAME.size, socket.MSG_WAITALL))
+        return int(length)
 
     def answer(self) -> dict[str, Any]:
         self.sock.settimeout(WAIT)
@@ -52,14 +82,27 @@ class Daemon:
         return told
 
 
-@pytest.fixture
-def daemon() -> Iterator[Daemon]:
+@contextlib.contextmanager
+def serving(*, shared: bool) -> Iterator[Daemon]:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        end = Daemon(pool)
+        end = Daemon(pool, shared=shared)
         yield end
         end.sock.close()
         if not end.gave_up:
             end.serving.result(WAIT)  # a writer ends quietly when the socket closes between videos
+
+
+@pytest.fixture(params=["socket", "shared memory"])
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    with serving(shared=request.param == "shared memory") as end:
+        yield end
+
+
+@pytest.fixture
+def shared() -> Iterator[Daemon]:
+    """The daemon's end where the bytes go through shared memory, for its own cases."""
+    with serving(shared=True) as end:
+        yield end
 
 
 @pytest.fixture
@@ -75,8 +118,8 @@ def test_a_video_in_frames_is_written_whole_with_its_sidecar(
     body = b"".join(pieces)
     daemon.job(root, "video_x", len(body), sidecar={"task-id": "video_x"})
     for piece in pieces:
-        daemon.frame(piece)
-    daemon.frame(b"")
+        daemon.data(piece)
+    daemon.end()
     sha256 = hashlib.sha256(body).hexdigest()
     assert daemon.answer() == {
         "size": len(body),
@@ -92,8 +135,8 @@ def test_a_video_in_frames_is_written_whole_with_its_sidecar(
 def test_one_writer_writes_one_video_after_another(daemon: Daemon, root: pathlib.Path) -> None:
     for n in range(3):
         daemon.job(root, f"video_{n}", 1)
-        daemon.frame(str(n).encode())
-        daemon.frame(b"")
+        daemon.data(str(n).encode())
+        daemon.end()
         assert daemon.answer()["size"] == 1
     assert sorted(p.name for p in root.glob("*.mp4")) == [
         "video_0.mp4",
@@ -106,8 +149,8 @@ def test_a_size_other_than_announced_is_a_download_error(
     daemon: Daemon, root: pathlib.Path
 ) -> None:
     daemon.job(root, "video_x", 10)
-    daemon.frame(b"short")
-    daemon.frame(b"")
+    daemon.data(b"short")
+    daemon.end()
     assert daemon.answer() == {
         "download": "truncated download: got 5 bytes, Content-Length said 10"
     }
@@ -123,16 +166,16 @@ def test_a_failed_write_is_answered_at_once_and_the_rest_dropped(
     next video is written as usual."""
     monkeypatch.setattr(writer, "open_new", lambda path: os.open("/dev/full", os.O_WRONLY))
     daemon.job(root, "video_x", None)
-    daemon.frame(b"v" * 1000)
+    daemon.data(b"v" * 1000)
     told = daemon.answer()
     assert told["failure"] == "archive folder write failed"
     assert (told["errno"], told["strerror"]) == (28, "No space left on device")
-    daemon.frame(b"v" * 1000)  # sent before the answer arrived
-    daemon.frame(b"")
+    daemon.data(b"v" * 1000)  # sent before the answer arrived
+    daemon.end()
     monkeypatch.undo()
     daemon.job(root, "video_y", 1)
-    daemon.frame(b"y")
-    daemon.frame(b"")
+    daemon.data(b"y")
+    daemon.end()
     assert daemon.answer()["size"] == 1
     assert not (root / "video_x.mp4").exists()
 
@@ -141,7 +184,7 @@ def test_a_closed_socket_mid_video_removes_the_temporary_file(
     daemon: Daemon, root: pathlib.Path
 ) -> None:
     temp = daemon.job(root, "video_x", 10)
-    daemon.frame(b"v" * 5)
+    daemon.data(b"v" * 5)
     daemon.sock.shutdown(socket.SHUT_WR)  # the daemon gave the video up, or died
     daemon.gave_up = True
     with pytest.raises(writer.Closed):
@@ -158,8 +201,8 @@ def test_a_dead_attempts_files_go_as_the_video_begins(daemon: Daemon, root: path
     for path in (dead, dead_sidecar, other):
         path.write_bytes(b"old")
     daemon.job(root, "video_x", 1)
-    daemon.frame(b"x")
-    daemon.frame(b"")
+    daemon.data(b"x")
+    daemon.end()
     assert daemon.answer()["size"] == 1
     assert [p.name for p in (root / folder.INCOMING_DIR).iterdir()] == [other.name]
 
@@ -175,8 +218,8 @@ def test_a_failed_fsync_leaves_nothing(
 
     monkeypatch.setattr(os, "fsync", failing)  # the writer runs in this process here
     daemon.job(root, "video_x", 1, sidecar={"task-id": "video_x"})
-    daemon.frame(b"x")
-    daemon.frame(b"")
+    daemon.data(b"x")
+    daemon.end()
     told = daemon.answer()
     assert (told["failure"], told["strerror"]) == (
         "archive folder write failed",
@@ -184,3 +227,33 @@ def test_a_failed_fsync_leaves_nothing(
     )
     assert list(root.glob("video_x*")) == []
     assert list((root / folder.INCOMING_DIR).iterdir()) == []
+
+
+def test_a_ping_is_answered_once_every_piece_before_it_is_written(
+    shared: Daemon, root: pathlib.Path
+) -> None:
+    temp = shared.job(root, "video_x", 6)
+    shared.data(b"abc")
+    shared.frame(writer.PING)
+    assert shared.next_length() == 0  # the pong
+    assert pathlib.Path(temp).read_bytes() == b"abc"  # written before it answered
+    shared.data(b"def")
+    shared.end()
+    assert shared.answer()["size"] == 6
+    assert (root / "video_x.mp4").read_bytes() == b"abcdef"
+
+
+def test_after_a_failed_write_a_ping_is_dropped_with_the_rest(
+    shared: Daemon, root: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "open_new", lambda path: os.open("/dev/full", os.O_WRONLY))
+    shared.job(root, "video_x", None)
+    shared.data(b"v" * 1000)
+    assert shared.answer()["failure"] == "archive folder write failed"
+    shared.frame(writer.PING)  # sent before the answer arrived
+    shared.end()
+    monkeypatch.undo()
+    shared.job(root, "video_y", 1)
+    shared.data(b"y")
+    shared.end()
+    assert shared.answer()["size"] == 1  # no pong came first

@@ -1,10 +1,10 @@
 """The folder store (``file://``): ``{root}/{task_id}.mp4``, written to a temporary file, fsynced
 and renamed into place, so a partial video never appears under its final name.
 
-A video's bytes go from the event loop to a writer process (``writer.py``), which hashes, writes,
-fsyncs and renames: its system calls share no GIL with the loop. The other calls here (the look
-for a video, the read-back of one, the listing and clean-up of unfinished files) are rare, and run
-in the archive's threads.
+A video's bytes go from the event loop to a writer process (``writer.py``), through memory the two
+share where the system allows; the writer hashes, writes, fsyncs and renames, and its system calls
+share no GIL with the loop. The other calls here (the look for a video, the read-back of one, the
+listing and clean-up of unfinished files) are rare, and run in the archive's threads.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import datetime as dt
 import errno
 import hashlib
 import json
+import mmap
 import os
 import pathlib
 import secrets
@@ -199,42 +200,54 @@ class _Writer:
     """One writer process, and the daemon's end of its socket: non-blocking, and waited on with the
     running loop's ``sock_*`` calls, so it belongs to no event loop (a command's, a test's)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], sock: socket.socket, shared: mmap.mmap | None
+    ) -> None:
         self._process = process
         self._sock = sock
+        self._shared = shared
         self._finalizer = weakref.finalize(self, _stop, process, sock)
 
     @classmethod
     async def start(cls) -> _Writer:
         ours, theirs = socket.socketpair()
+        shared = None
         try:
-            with theirs, _stop_signals_blocked():
+            with theirs, _stop_signals_blocked(), _shared_memory() as memory:
+                fds = (theirs.fileno(),) if memory is None else (theirs.fileno(), memory)
+                if memory is not None:
+                    shared = mmap.mmap(memory, SHARED_BYTES)
                 # A fork and exec, a few in a process's life: asyncio's own would want a child
                 # watcher, and a transport that must be closed on the loop that made it.
                 process = subprocess.Popen(  # noqa: ASYNC220
-                    _writer_command(theirs.fileno()),
-                    pass_fds=(theirs.fileno(),),
-                    stdin=subprocess.DEVNULL,
+                    _writer_command(*fds), pass_fds=fds, stdin=subprocess.DEVNULL
                 )
         except OSError as exc:
             ours.close()
+            if shared is not None:
+                shared.close()
             raise errors.ArchiveError(
                 f"archive folder writer could not start: {_os_reason(exc)}"
             ) from exc
         ours.setblocking(False)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        return cls(process, ours)
+        if shared is None:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        return cls(process, ours, shared)
 
     async def put(self, job: dict[str, Any], chunks: AsyncIterator[bytes]) -> archive.Stored:
         loop = asyncio.get_running_loop()
         body = json.dumps(job).encode()
-        answer = loop.create_task(self._answer(loop))
+        ring = None if self._shared is None else _Ring(self._shared)
+        answer = loop.create_task(self._answer(loop, ring))
         try:
             await self._send(loop, [writer.FRAME.pack(len(body)), body])
             async for batch in archive.gathered(chunks, WRITE_BYTES):
                 if answer.done():
                     break  # a write failed: the download stops here
-                await self._send(loop, [writer.FRAME.pack(sum(map(len, batch))), *batch])
+                if ring is None:
+                    await self._send(loop, [writer.FRAME.pack(sum(map(len, batch))), *batch])
+                else:
+                    await self._share(loop, ring, batch, answer)
             await self._send(loop, [writer.FRAME.pack(0)])
             told = await answer
         except (ConnectionError, EOFError) as exc:
@@ -249,6 +262,40 @@ class _Writer:
             cause = OSError(told["errno"], told["strerror"], told["filename"])
             raise errors.ArchiveError(f"{told['failure']}: {_os_reason(cause)}") from cause
         return archive.Stored(told["uri"], told["size"], told["sha256"])
+
+    async def _share(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ring: _Ring,
+        batch: list[bytes],
+        answer: asyncio.Task[dict[str, Any]],
+    ) -> None:
+        """Copy ``batch`` into the shared memory and tell the writer where it lies. Where the ring
+        is full, wait until the writer says it has written what it holds (or answers: a write
+        failed, and the caller stops)."""
+        frames: list[bytes] = []
+        for chunk in batch:
+            view = memoryview(chunk)
+            while view:
+                room = ring.room()
+                if not room:
+                    pong = ring.pong
+                    if pong is None:
+                        pong = ring.ping(loop)
+                        frames.append(_PING_FRAME)
+                    await self._send(loop, frames)
+                    frames = []
+                    await asyncio.wait((pong, answer), return_when=asyncio.FIRST_COMPLETED)
+                    if answer.done():
+                        return
+                    continue
+                frames.append(ring.put(view[:room]))
+                view = view[room:]
+        if ring.pong is None and ring.held() >= ring.size // 2:
+            # Asked now, while the other half is free: the answer comes before the ring is full.
+            ring.ping(loop)
+            frames.append(_PING_FRAME)
+        await self._send(loop, frames)
 
     async def _send(self, loop: asyncio.AbstractEventLoop, pieces: list[bytes]) -> None:
         """Every byte of ``pieces``, copied by nothing but the kernel: one system call for as many
@@ -277,10 +324,14 @@ class _Writer:
         finally:
             loop.remove_writer(fd)
 
-    async def _answer(self, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
-        (length,) = writer.FRAME.unpack(await self._receive(loop, writer.FRAME.size))
-        told: dict[str, Any] = json.loads(await self._receive(loop, length))
-        return told
+    async def _answer(self, loop: asyncio.AbstractEventLoop, ring: _Ring | None) -> dict[str, Any]:
+        """The writer's answer to the job; the pongs before it are handed to ``ring``."""
+        while True:
+            (length,) = writer.FRAME.unpack(await self._receive(loop, writer.FRAME.size))
+            if length or ring is None:
+                told: dict[str, Any] = json.loads(await self._receive(loop, length))
+                return told
+            ring.ponged()
 
     async def _receive(self, loop: asyncio.AbstractEventLoop, size: int) -> bytes:
         got = bytearray()
@@ -312,6 +363,70 @@ class _Writer:
         self._finalizer()
 
 
+class _Ring:
+    """The memory a writer shares with the daemon, as a ring for one job: the daemon copies a
+    video's bytes in one after another, wrapping at the end, and may copy over bytes once the
+    writer has said (a pong) that it wrote them. Every job starts at the beginning: the writer
+    answered the one before only once it had written all of it."""
+
+    def __init__(self, shared: mmap.mmap) -> None:
+        self._shared = shared
+        self.size = len(shared)
+        self._copied = 0  # bytes of this job copied in
+        self._written = 0  # of them, those the writer said it wrote
+        self._pinged_at = 0
+        self.pong: asyncio.Future[None] | None = None  # the answer to the ping under way
+
+    def held(self) -> int:
+        """Bytes copied in that the writer has not said it wrote."""
+        return self._copied - self._written
+
+    def room(self) -> int:
+        """How many bytes may be copied in at once now: free, and before the ring's end."""
+        at = self._copied % self.size
+        return min(self.size - self.held(), self.size - at)
+
+    def put(self, piece: memoryview) -> bytes:
+        """Copy ``piece`` in (at most :meth:`room` bytes): the frame that tells the writer."""
+        at = self._copied % self.size
+        self._shared[at : at + len(piece)] = piece
+        self._copied += len(piece)
+        return _PIECE_FRAME_HEAD + writer.PIECE.pack(at, len(piece))
+
+    def ping(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """A ping is being sent (:data:`_PING_FRAME`): the writer will say once it wrote every byte
+        copied in so far. What resolves then."""
+        self._pinged_at = self._copied
+        self.pong = loop.create_future()
+        return self.pong
+
+    def ponged(self) -> None:
+        self._written = self._pinged_at
+        if self.pong is not None and not self.pong.done():
+            self.pong.set_result(None)
+        self.pong = None
+
+
+_PIECE_FRAME_HEAD = writer.FRAME.pack(writer.PIECE.size)
+_PING_FRAME = writer.FRAME.pack(len(writer.PING)) + writer.PING
+
+
+@contextlib.contextmanager
+def _shared_memory() -> Iterator[int | None]:
+    """A new memory file of SHARED_BYTES for a writer, open while it starts (the writer's copy of
+    the descriptor and the daemon's mapping keep it); None where the system has no
+    ``memfd_create``: the bytes then go through the socket."""
+    if not hasattr(os, "memfd_create"):
+        yield None
+        return
+    fd = os.memfd_create("seedance-archiver-writer", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, SHARED_BYTES)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _stop_signals_blocked() -> Iterator[None]:
     """SIGTERM and SIGINT blocked in this thread while a writer is started: the writer inherits the
@@ -325,10 +440,11 @@ def _stop_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _writer_command(fd: int) -> list[str]:
+def _writer_command(*fds: int) -> list[str]:
     """How a writer is started: this Python, isolated from the environment and without
-    site-packages (it needs only the standard library), on writer.py, given its socket."""
-    return [sys.executable, "-I", "-S", writer.__file__, str(fd)]
+    site-packages (it needs only the standard library), on writer.py, given its socket (and its
+    shared memory)."""
+    return [sys.executable, "-I", "-S", writer.__file__, *map(str, fds)]
 
 
 def _stop(process: subprocess.Popen[bytes], sock: socket.socket) -> None:
@@ -340,6 +456,11 @@ def _stop(process: subprocess.Popen[bytes], sock: socket.socket) -> None:
 
 ABANDON_SECONDS = 10.0
 SEND_BUFFER_BYTES = 1024 * 1024  # asked for; Linux grants at most net.core.wmem_max (x2)
+# Each writer's shared memory: four batches. A video of up to half of it (2 MiB) goes without a
+# ping; a longer one asks at every half, so the daemon copies into one half while the writer
+# writes the other. Once written, it stays in memory while its writer lives: with one writer per
+# download under way (service.MAX_DOWNLOADS: 4), 16 MiB.
+SHARED_BYTES = 4 * WRITE_BYTES
 _IOV_MAX = 512  # Linux allows 1024 buffers per sendmsg
 
 
