@@ -7,6 +7,7 @@ import collections
 import itertools
 import random
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -46,11 +47,13 @@ def _ticking(pg_url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def _replica_env(sim_url: str, pg_url: str, bucket: str) -> dict[str, str]:
+def _replica_env(
+    sim_url: str, pg_url: str, bucket: str, lease_seconds: float = LEASE_SECONDS
+) -> dict[str, str]:
     env = base_env(sim_url, pg_url, f"s3://{bucket}/replicas")
     # A modest rate each, so no single replica claims every due row at once: they compete.
     env["SEEDANCE_MAX_REQUESTS_PER_SECOND"] = "60"
-    env["SEEDANCE_LEASE_SECONDS"] = str(LEASE_SECONDS)
+    env["SEEDANCE_LEASE_SECONDS"] = str(lease_seconds)
     return env
 
 
@@ -58,6 +61,7 @@ def _assert_cadence_kept(
     sim: simulator.Simulator,
     plan: dict[str, tuple[str, str, int]],
     orphaned: frozenset[str] = frozenset(),
+    replicas: Sequence[Daemon] = (),
 ) -> None:
     """No task polled sooner than its mode's cadence allows; but a task a killed replica held may be
     polled once too soon. That replica's last poll of it (sent, say, just before its lease ran out)
@@ -69,7 +73,16 @@ def _assert_cadence_kept(
         allowed = 1 if task_id in orphaned else 0
         if len(gaps) > allowed and gaps[allowed] < CADENCE_LOW[mode] - JITTER_SECONDS:
             too_soon.append((task_id, mode, [round(g, 3) for g in gaps[: allowed + 1]]))
-    assert too_soon == [], f"polled faster than the cadence allows: {too_soon[:10]}"
+    # What the replicas said of the first few, to tell a lease lost on a busy machine from a bug.
+    said = [
+        f"replica {n}: {line}"
+        for n, replica in enumerate(replicas)
+        for line in replica.log().splitlines()
+        if any(task_id in line for task_id, _, _ in too_soon[:3])
+    ]
+    assert too_soon == [], f"polled faster than the cadence allows: {too_soon[:10]}\n" + "\n".join(
+        said
+    )
 
 
 def _assert_archived(
@@ -106,7 +119,12 @@ class TestReplicas:
         start_daemon: Any,
     ) -> None:
         plan = _plan(sim.simulator, 150, seed=1)
-        env = _replica_env(sim.url, pg_url, s3_bucket)
+        # A lease that outlasts a busy machine's stalls: each replica renews its rows' leases every
+        # third of it, and one stalled longer than two thirds loses them to another, which polls
+        # again. With 3 s leases, one CI run of the whole suite saw a task polled twice 0.62 s
+        # apart, most likely so; on failure the replicas' lines about the task now say. Losing a
+        # lease is the kill test's subject, with LEASE_SECONDS; here every replica lives.
+        env = _replica_env(sim.url, pg_url, s3_bucket, lease_seconds=30)
         cli(env, "migrate")
         feeder = PostgresFeeder(pg_url)
         replicas: list[Daemon] = [start_daemon(env) for _ in range(3)]
@@ -124,7 +142,7 @@ class TestReplicas:
         for task_id, (_, outcome, _) in plan.items():
             expected = 1 if outcome == "completed" else 0
             assert (started[task_id], completed[task_id]) == (expected, expected), task_id
-        _assert_cadence_kept(sim.simulator, plan)
+        _assert_cadence_kept(sim.simulator, plan, replicas=replicas)
         # They really shared the work: more than one replica archived videos.
         workers = [r for r in replicas if '"event": "video_archived"' in r.log()]
         assert len(workers) >= 2
