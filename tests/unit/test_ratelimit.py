@@ -55,8 +55,7 @@ class FakeTimeline(FakeMonotonic):
                 return
             _, _, future = heapq.heappop(self._sleepers)
             self.now = max(self.now, when)
-            if not future.done():  # a sleeper cancelled meanwhile is not woken
-                future.set_result(None)
+            future.set_result(None)
             await self.settle(tasks)
 
 
@@ -255,83 +254,3 @@ class TestPauseHoldsWaitingRequests:
         tasks, started = await start_acquires(limiter, timeline, 10)
         await timeline.run(tasks)
         assert gaps(started) == [0.0, 0.0] + [0.05] * 7
-
-
-class CountedTimeline(FakeTimeline):
-    """A timeline that counts its timers, and settles tasks that wait on another's timer (a
-    group's followers): such a task is neither done nor asleep on the timeline, so settling is a
-    fixed number of event-loop passes, each of which runs every ready task one step (no time)."""
-
-    PASSES = 200
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.timers = 0
-
-    async def sleep(self, seconds: float) -> None:
-        self.timers += 1
-        await super().sleep(seconds)
-
-    async def settle(self, tasks: list[asyncio.Task[Any]]) -> None:
-        for _ in range(self.PASSES):
-            await asyncio.sleep(0)
-
-
-class TestGroupedWakeUps:
-    """Above 1,000 requests/s, slots within a millisecond share one timer: each request still
-    starts at or after its own slot, and at most GROUP_SECONDS after it."""
-
-    RATE = 10_000.0
-
-    async def start(
-        self, n: int, rate: float = RATE
-    ) -> tuple[CountedTimeline, ratelimit.RateLimiter, list[asyncio.Task[None]], list[float]]:
-        timeline = CountedTimeline()
-        limiter = ratelimit.RateLimiter(rate, clock=timeline, sleep=timeline.sleep)
-        tasks, started = await start_acquires(limiter, timeline, n)
-        return timeline, limiter, tasks, started
-
-    @staticmethod
-    def slots(n: int, rate: float = RATE, first: float = 1000.0) -> list[float]:
-        return [first + i / rate for i in range(n)]
-
-    async def test_a_hundred_slots_take_a_tenth_of_the_timers(self) -> None:
-        timeline, _, tasks, started = await self.start(100)
-        await timeline.run(tasks)
-        assert len(started) == 100
-        late = [at - slot for at, slot in zip(sorted(started), self.slots(100), strict=True)]
-        assert min(late) >= -EPSILON
-        assert max(late) <= ratelimit.GROUP_SECONDS + EPSILON
-        # The first starts at once; the other 99 slots span 9.9 ms, woken ~11 at a time.
-        assert timeline.timers <= 10
-
-    async def test_at_a_thousand_a_second_each_slot_has_its_own_timer(self) -> None:
-        timeline, _, tasks, started = await self.start(20, rate=1000.0)
-        await timeline.run(tasks)
-        assert sorted(started) == pytest.approx(self.slots(20, rate=1000.0), abs=EPSILON)
-        assert timeline.timers == 19
-
-    async def test_a_cancelled_sleeper_leaves_the_others_to_their_own_slots(self) -> None:
-        timeline, _, tasks, started = await self.start(12)
-        # The first starts at once; the second sleeps for itself and the ten after it.
-        assert (len(started), timeline.timers) == (1, 1)
-        tasks[1].cancel()
-        await timeline.run(tasks)
-        assert tasks[1].cancelled()
-        assert len(started) == 11
-        # Each of the ten waits for its own slot now: none starts early.
-        expected = self.slots(12)[2:]
-        assert sorted(started[1:]) == pytest.approx(expected, abs=EPSILON)
-        assert timeline.timers == 11
-
-    async def test_a_pause_holds_a_waiting_group_too(self) -> None:
-        timeline, limiter, tasks, started = await self.start(30)
-        limiter.pause(5)
-        await timeline.run(tasks)
-        assert len(started) == 30
-        # The 29 that waited take new slots after the pause, and start at or just after them.
-        late = [
-            at - slot for at, slot in zip(started[1:], self.slots(29, first=1005.0), strict=True)
-        ]
-        assert min(late) >= -EPSILON
-        assert max(late) <= ratelimit.GROUP_SECONDS + EPSILON
