@@ -206,7 +206,11 @@ class HttpSender:
             inner = aiohttp.ThreadedResolver()
             resolver = inner if self._allow_private else netguard.PublicResolver(inner)
             connector = aiohttp.TCPConnector(resolver=resolver, limit=self._concurrency)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            # No cookie jar: a receiver that sets a cookie would get it back on every later
+            # delivery to its host. A webhook is authenticated by its signature, nothing else.
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     async def post(self, url: str, headers: dict[str, str], payload: str) -> Answer:

@@ -286,3 +286,33 @@ def test_the_envelope_is_the_rows_public_fields() -> None:
     body = json.loads(webhooks.body(e))
     assert body["type"] == "task.archived"
     assert set(body["data"]) == set(models.EVENT_FIELDS)
+
+
+async def test_a_cookie_a_receiver_sets_is_not_sent_on_the_next_delivery() -> None:
+    """The sender keeps no cookies: a webhook is authenticated by its signature alone, and what
+    one answer set must not ride along on every later delivery to that host."""
+    sent: list[str | None] = []
+
+    async def answer(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        sent.append(request.headers.get("Cookie"))
+        response = aiohttp.web.Response(status=204)
+        response.set_cookie("session", "from-the-receiver", path="/")
+        return response
+
+    app = aiohttp.web.Application()
+    app.router.add_post("/hook", answer)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    sender = webhooks.HttpSender(timeout_seconds=5.0, allow_private_hosts=True)
+    try:
+        # By name: aiohttp's default jar keeps no cookie from a bare IP address.
+        for _ in range(2):
+            answered = await sender.post(f"http://localhost:{port}/hook", {}, "{}")
+            assert answered.status == 204, answered
+    finally:
+        await sender.aclose()
+        await runner.cleanup()
+    assert sent == [None, None]
