@@ -353,6 +353,20 @@ class TestVideoUrl:
     def test_an_empty_link_is_no_link(self) -> None:
         assert parse(raw_with_url("")).video_url == ""
 
+    def test_a_link_is_parsed_once_and_a_bad_one_every_time(self) -> None:
+        """The answer's read and the download's check share one parse of a good link (httpx's
+        costs 23-55 us); a bad link is refused the second time as the first."""
+        url = "https://cdn.example.com/v/parsed-once.mp4?X-Signature=abc"
+        assert parse(raw_with_url(url)).video_url == url
+        before = netguard.parse_url.cache_info()
+        assert str(netguard.parse_url(url)) == url
+        after = netguard.parse_url.cache_info()
+        assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+        bad = "https://cdn.example.com/v\x00.mp4"
+        for _ in range(2):
+            with pytest.raises(errors.MalformedAnswer, match="control character"):
+                parse(raw_with_url(bad))
+
     @given(st.text(alphabet=st.characters(exclude_categories=()), max_size=60))
     def test_any_link_is_accepted_only_if_httpx_can_request_it(self, tail: str) -> None:
         for url in (f"https://{tail}", f"https://cdn.example.com/{tail}", tail):
