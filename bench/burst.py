@@ -19,6 +19,11 @@ transactions the daemons counted (their /metrics), on PostgreSQL the commits the
 files the archive holds, the webhook-outbox rows written, the context switches of the daemon's
 threads and of the floor's (each a thread waiting: for the GIL, for work, for the disk), and with
 ``--fsyncs`` the daemon's fsyncs (it runs under ``strace -c``, which stops it at those calls only).
+With ``--instructions`` (one process), the daemon runs under valgrind's callgrind, and each round
+counts the instructions its process ran from the insert until the last row was archived: its event
+loop's and its threads', in user space (its writers run natively, and the kernel is not counted).
+Under valgrind the daemon runs ~50x slower, so its seconds and CPU mean nothing then; the count is
+for comparing two commits, since it moves by a percent or two where CPU-s move by a fifth.
 Its CPU per video is split by where it is spent: each daemon process's event loop (its main
 thread), its other threads (the database's pools, the resolver's) and the folder's writer
 processes, beside the floor's whole.
@@ -39,6 +44,8 @@ import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -75,6 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fsyncs", action="store_true", help="count the daemon's fsyncs (runs it under strace)"
     )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the daemon's instructions per video (runs it under valgrind: slow)",
+    )
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds per round")
     parser.add_argument(
         "--dir",
@@ -82,6 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         "see bench/README.md on this machine's ext4 without a journal",
     )
     args = parser.parse_args(argv)
+    if args.instructions and (args.processes != 1 or args.fsyncs):
+        parser.error("--instructions counts one process, and not beside --fsyncs")
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind (Debian's package valgrind)")
     auto = json.dumps({"queued_seconds": 0, "ready_seconds": 0, "size": args.size})
     rounds = [[f"video_burst_{r}_{n:07d}" for n in range(args.videos)] for r in range(args.rounds)]
     slots = DOWNLOADS_PER_PROCESS * args.processes
@@ -101,13 +117,16 @@ def main(argv: list[str] | None = None) -> None:
         argv = [str(CLI), "run", *(["--processes", str(args.processes)] * (args.processes > 1))]
         if args.fsyncs:
             argv = [*STRACE, "-o", str(fsyncs_file), "--", *argv]
+        if args.instructions:
+            argv = [*CALLGRIND, "--", *argv]
         log = pathlib.Path(tmp) / "daemon.log"
         with log.open("wb") as out:
             daemon = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         results: list[Round] = []
         try:
             # Started and idle (every process has ticked): its start-up is not the burst's.
-            _wait_ticked(args.db, db_url, args.processes, daemon, time.monotonic() + START_SECONDS)
+            start = START_SECONDS * (VALGRIND_SLOWER if args.instructions else 1)
+            _wait_ticked(args.db, db_url, args.processes, daemon, time.monotonic() + start)
             before = _readings(sim_url, pg_name, ports)
             for number, ids in enumerate(rounds):
                 floor = pathlib.Path(tmp) / f"floor-{number}"
@@ -128,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 switches_before = _tree_switches(daemon.pid)
                 user_before = _tree_cpu(daemon.pid, user_only=True)
                 parts_before = _tree_parts(daemon.pid)
+                counted_before = _instructions(daemon.pid) if args.instructions else None
                 started = time.monotonic()
                 done_before = _archived(args.db, db_url)
                 _insert(args.db, db_url, ids)
@@ -139,8 +159,11 @@ def main(argv: list[str] | None = None) -> None:
                 user = _tree_cpu(daemon.pid, user_only=True) - user_before
                 switches = _tree_switches(daemon.pid) - switches_before
                 parts = _tree_parts(daemon.pid) - parts_before
+                counted = None
+                if counted_before is not None:
+                    counted = _instructions(daemon.pid) - counted_before
                 results.append(
-                    Round(done - done_before, wall, cpu, user, switches, parts, *floor_run)
+                    Round(done - done_before, wall, cpu, user, switches, parts, counted, *floor_run)
                 )
             # The floor's polls were answered by the same simulator: one per id.
             after = _readings(sim_url, pg_name, ports, floor_polls=sum(map(len, rounds)))
@@ -159,6 +182,12 @@ def main(argv: list[str] | None = None) -> None:
 # In a folder writer's command line (archive/folder.py's _writer_command), and in no other.
 WRITER_SCRIPT = os.fsencode(writer.__file__)
 STRACE = ["strace", "-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync"]
+# The daemon's process only (its writers are exec'd, and run natively); the counts are read with
+# callgrind_control while it runs, so the file written at its exit is not wanted.
+CALLGRIND = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+CALLGRIND_CONTROL_SECONDS = 120.0  # it waits for the daemon's next basic block
+VALGRIND_SLOWER = 10  # start-up under valgrind: this many times START_SECONDS at most
+_THREAD_COUNT = re.compile(r"^\s*Th\s+(\d+)\s+([\d,]+)\s*$", re.MULTILINE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +198,9 @@ class Round:
     user: float  # of cpu, the CPU-s in user space (the rest is the kernel's, on our behalf)
     switches: int  # the daemon's context switches
     parts: Parts  # cpu, by where it was spent
+    instructions: (
+        Parts | None
+    )  # with --instructions: the event loop's and its threads' (no writers)
     floor_wall: float
     floor_cpu: float
     floor_user: float
@@ -318,6 +350,44 @@ def _report(
         + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items())
         + f"; the floor's {floor_ms:.2f}"
     )
+    counts_per_video = [
+        (r.instructions.loops / max(r.archived, 1), r.instructions.threads / max(r.archived, 1))
+        for r in results
+        if r.instructions is not None
+    ]
+    if counts_per_video:
+        loops = sorted(loop for loop, _ in counts_per_video)
+        threads = sorted(thread for _, thread in counts_per_video)
+        print(
+            "instructions per video (under valgrind, so the seconds and CPU above are not the "
+            f"daemon's own): event loop {_spread(loops)}, its threads {_spread(threads)}"
+        )
+        print(
+            f'RESULT {{"instructions_loop": {statistics.median(loops):.0f}, '
+            f'"instructions_threads": {statistics.median(threads):.0f}}}'
+        )
+
+
+def _spread(values: list[float]) -> str:
+    """The median of sorted ``values``, then their lowest and highest."""
+    middle = f"{statistics.median(values):,.0f}"
+    return middle if len(values) == 1 else f"{middle} ({values[0]:,.0f}-{values[-1]:,.0f})"
+
+
+def _instructions(pid: int) -> Parts:
+    """The instructions callgrind has counted in the daemon's process so far: its main thread's
+    (the event loop) and the sum of its other threads' (a thread ended takes its count along)."""
+    shown = subprocess.run(
+        ["callgrind_control", "-e", "Ir", str(pid)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=CALLGRIND_CONTROL_SECONDS,
+    ).stdout
+    counts = {int(n): int(ir.replace(",", "")) for n, ir in _THREAD_COUNT.findall(shown)}
+    if 1 not in counts:
+        raise RuntimeError(f"callgrind_control showed no count for the main thread: {shown!r}")
+    return Parts(loops=counts.pop(1), threads=sum(counts.values()))
 
 
 def _strace_calls(path: pathlib.Path) -> int:
