@@ -692,6 +692,70 @@ class TestDownloadRoom:
         assert asked[0] == worker.max_downloads + worker.download_queue // 2
         assert asked == list(range(asked[0], -1, -1))
 
+    async def test_once_downloads_are_quick_found_videos_wait_here_for_a_slot(self) -> None:
+        """A burst's videos, polled and found finished, wait in this daemon for a slot the
+        slots reach soon, instead of being written back and claimed again."""
+        slow = SlowVideoProvider()
+        rig = make_rig(fake_provider=slow)
+        worker = rig.svc.worker
+        size = 3 * worker.download_room()
+
+        async def burst(name: str) -> list[str]:
+            """``size`` finished tasks, polled while every download hangs: those handed back."""
+            task_ids = [f"video_{name}_{i:02}" for i in range(size)]
+            for task_id in task_ids:
+                url = f"{URL}&id={task_id}"
+                rig.store.add(task_id)
+                slow.script(task_id, completed(task_id, url))
+                slow.videos[url] = VIDEO
+            await rig.svc.tick()
+
+            def answered() -> bool:
+                running = rig.svc._running
+                return all(t in worker.downloading or t not in running for t in task_ids)
+
+            await wait_until(answered, 5, "every poll answered")
+            await rig.svc.flush()
+            return [t for t in task_ids if rig.row(t).state == State.DOWNLOADING]
+
+        # No download timed yet: twice the slots wait for one, the rest go back to the table.
+        assert len(await burst("first")) == size - worker.max_downloads - 2 * worker.max_downloads
+        slow.release.set()  # those downloads end, in no time (the clock stands still)
+        await rig.settle()
+        await rig.svc.flush()
+        assert worker.download_queue == worker.MAX_QUEUE_PER_SLOT * worker.max_downloads
+        slow.release.clear()
+        assert await burst("second") == []  # all wait here
+        slow.release.set()
+        await rig.settle()
+        await rig.svc.flush()
+        second = [t for t in rig.store.rows if t.startswith("video_second")]
+        assert {rig.row(t).state for t in second} == {State.ARCHIVED}
+
+    async def test_the_queue_holds_what_the_slots_start_within_its_seconds(self) -> None:
+        """Slow downloads keep the queue at twice the slots: a replica with room takes the rest
+        rather than wait behind ours. Quicker ones let it grow, to at most 64 per slot."""
+        timed = TimedVideoProvider()
+        rig = make_rig(fake_provider=timed)
+        worker = rig.svc.worker
+
+        async def downloads(count: int, seconds: float) -> None:
+            timed.clock, timed.seconds = rig.clock, seconds
+            for n in range(count):
+                task_id = f"video_{seconds:g}_{n:02}".replace(".", "_")
+                url = f"{URL}&id={task_id}"
+                rig.store.rows[task_id] = seen(task_id, state="downloading", video_url=url)
+                timed.videos[url] = VIDEO
+                await rig.at(1)
+                assert rig.row(task_id).state == State.ARCHIVED
+
+        await downloads(1, 10.0)
+        assert worker.download_queue == worker.min_download_queue == 2 * worker.max_downloads
+        await downloads(40, 0.05)  # the mean comes down to ~0.05 s: 2 s x 4 slots / 0.05
+        assert worker.min_download_queue < worker.download_queue <= 160
+        await downloads(40, 10.0)
+        assert worker.download_queue == worker.min_download_queue
+
     async def test_an_empty_claim_of_downloads_waits_a_second(self, rig: Rig) -> None:
         """With nothing waiting to download, the claim of downloads is made once a second, not
         every tick; a replica's row waits at most that long, ours not at all."""
@@ -1314,6 +1378,22 @@ class SlowVideoProvider(testing.FakeProvider):
             yield VIDEO[1000:]
 
         yield provider.Video(length=len(VIDEO), chunks=chunks())
+
+
+class TimedVideoProvider(testing.FakeProvider):
+    """Each download moves ``clock`` by ``seconds``: a download that takes that long."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock: testing.MovableClock | None = None
+        self.seconds = 0.0
+
+    @contextlib.asynccontextmanager
+    async def open_video(self, task: models.Task) -> AsyncIterator[provider.Video]:
+        async with super().open_video(task) as video:
+            if self.clock is not None:
+                self.clock.advance(self.seconds)
+            yield video
 
 
 async def downloading_slowly() -> tuple[Rig, SlowVideoProvider]:
