@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         for ids in rounds:
             _finished(sim_url, ids, args.size)
         archive = _archive(args.s3, pathlib.Path(tmp))
+        create_us = _quiet_file_system(pathlib.Path(tmp))
         port = common.free_port()
         env = _env(sim_url, db_url, archive, args.s3, port)
         subprocess.run([str(CLI), "migrate"], env=env, check=True, capture_output=True)
@@ -177,10 +179,19 @@ def main(argv: list[str] | None = None) -> None:
         files = _files(archive)
         fsyncs = _strace_calls(fsyncs_file) if args.fsyncs else None
     _report(args, results, after - before, files, outbox, fsyncs)
+    print(
+        f"a file's creation before the rounds: {create_us:.0f} us of CPU (see _quiet_file_system)"
+    )
 
 
 # In a folder writer's command line (archive/folder.py's _writer_command), and in no other.
 WRITER_SCRIPT = os.fsencode(writer.__file__)
+# _quiet_file_system: a file made in a quiet folder costs ~20 us of CPU here, one made after a
+# mass deletion 300-800 us.
+QUIET_CREATE_US = 60.0
+CREATE_PROBE_FILES = 200
+QUIET_PROBE_SECONDS = 5.0
+QUIET_SECONDS = 420.0
 STRACE = ["strace", "-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync"]
 # The daemon's process only (its writers are exec'd, and run natively); the counts are read with
 # callgrind_control while it runs, so the file written at its exit is not wanted.
@@ -584,6 +595,39 @@ def _finished(sim_url: str, ids: list[str], size: int) -> None:
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             response.read()
+
+
+def _quiet_file_system(where: pathlib.Path) -> float:
+    """Wait (at most QUIET_SECONDS) until making a file in ``where`` costs what it costs on a
+    quiet file system, and return what one cost (CPU us), for the report.
+
+    On ext4 without a journal (this machine's, see bench/README.md), a new file's inode is found by
+    skipping each one freed in the last 60 s (360 s while its table is unsynced). After a mass
+    deletion (the previous run's clean-up, a test suite's) every file made costs 0.3-0.8 ms of
+    CPU instead of 0.02: that moved the writers' CPU per 0.5 MB video 1.1 -> 2.3 ms in a run
+    straight after another, and the daemon makes two files per video to the floor's one. The
+    probes' files stay until the end: removed, they would be freed inodes too.
+    """
+    os.sync()  # an unsynced freed inode is skipped for 360 s, a synced one for 60
+    deadline = time.monotonic() + QUIET_SECONDS
+    for attempt in itertools.count():
+        probe = where / f"create-probe-{attempt}"
+        probe.mkdir()
+        started = time.process_time()
+        for n in range(CREATE_PROBE_FILES):
+            os.close(os.open(probe / str(n), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        each_us = (time.process_time() - started) / CREATE_PROBE_FILES * 1e6
+        if each_us <= QUIET_CREATE_US:
+            return each_us
+        if time.monotonic() > deadline:
+            print(f"warning: a file's creation still costs {each_us:.0f} us; measuring anyway")
+            return each_us
+        if attempt == 0:
+            print(
+                f"a file's creation costs {each_us:.0f} us: waiting for the file system to settle"
+            )
+        time.sleep(QUIET_PROBE_SECONDS)
+    raise AssertionError("unreachable")
 
 
 def _evict(folder: pathlib.Path) -> None:
