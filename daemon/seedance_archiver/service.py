@@ -411,6 +411,7 @@ class Service:
             )
         finally:
             self._running.pop(row.task_id, None)
+            answered = self.worker.cancelled_answers.pop(row.task_id, None)
             downloaded = row.task_id in self.worker.downloading
             self.worker.downloading.discard(row.task_id)
             if (
@@ -424,6 +425,10 @@ class Service:
                 # Another daemon holds the row now: write nothing back, release nothing.
                 self._lost.discard(row.task_id)
                 outcome = None
+            elif answered is not None:
+                # Cancelled (a stop) after its poll found the video: written back as downloading,
+                # with its link, for the next download rather than a poll.
+                self._done.append(answered)
             elif outcome is None:
                 self._to_release.add(row.task_id)
             else:

@@ -72,6 +72,9 @@ class Worker:
         self.min_download_queue = 2 * max_downloads
         self.download_queue = self.min_download_queue
         self._download_seconds: float | None = None  # a download's length, a running mean
+        # Rows whose poll found the video and whose download was cancelled (a stop, a lost lease)
+        # before it ended: what the poll learned, for the service to write back (Service._work).
+        self.cancelled_answers: dict[str, models.Task] = {}
         self.max_download_seconds = max_download_seconds
         self._download_slots = asyncio.Semaphore(max_downloads)
         self.downloading: set[str] = set()  # rows downloading, waiting for a slot, or about to
@@ -128,7 +131,13 @@ class Worker:
                 return polled
             else:
                 self.downloading.add(row.task_id)
-                outcome = await self._archive(polled, task_log)
+                try:
+                    outcome = await self._archive(polled, task_log)
+                except asyncio.CancelledError:
+                    # Kept, so whoever works on the row next downloads it without a poll: with
+                    # the queue (_learn), a stop may cancel hundreds waiting for a slot.
+                    self.cancelled_answers[row.task_id] = polled
+                    raise
         if outcome.state in NEGATIVE_STATES:
             return await self._looked_up(row, outcome, task_log)
         return outcome

@@ -1130,6 +1130,33 @@ class TestStop:
         assert row.lease_owner is None and row.lease_expires_at is None
         assert (row.state, row.attempts, row.polls) == ("pending", 0, 0)
 
+    async def test_a_video_found_and_cancelled_keeps_its_link_for_the_next_daemon(self) -> None:
+        """Cancelled by a stop while it waits for a slot or downloads, a video a poll found is
+        written back as downloading, with its link: the next daemon downloads it, no poll first."""
+        slow = SlowVideoProvider()
+        rig = make_rig(fake_provider=slow)
+        worker = rig.svc.worker
+        task_ids = [f"video_{i:02}" for i in range(worker.max_downloads + 2)]  # two wait
+        links = {task_id: f"{URL}&id={task_id}" for task_id in task_ids}
+        for task_id, url in links.items():
+            rig.store.add(task_id)
+            slow.script(task_id, completed(task_id, url))
+            slow.videos[url] = VIDEO
+        await rig.svc.tick()
+        await wait_until(lambda: worker.downloading == set(task_ids), 5, "every video found")
+        await rig.svc.stop(0)
+        assert rig.svc.in_flight == 0 and rig.store.released == []
+        for task_id, url in links.items():
+            row = rig.row(task_id)
+            assert (row.state, row.video_url, row.lease_owner) == (State.DOWNLOADING, url, None)
+        # The next daemon, on the same table.
+        again = make_rig(fake_store=rig.store)
+        again.provider.videos.update(slow.videos)
+        again.clock.advance(60)
+        assert await again.cycle() == len(task_ids)
+        assert {again.row(task_id).state for task_id in task_ids} == {State.ARCHIVED}
+        assert again.provider.fetches == []
+
     async def test_no_claims_after_stop(self, rig: Rig) -> None:
         await rig.svc.stop(0)
         rig.store.add(TASK_ID)
