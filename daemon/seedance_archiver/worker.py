@@ -181,25 +181,30 @@ class Worker:
             await self._poll_slots.acquire()
         finally:
             self.unstarted_polls -= 1
-        now = self.parts.clock()
+        started = self.parts.clock()
         try:
             if self.parts.keygate.blocked:
                 return None  # the key broke while this poll waited for its turn
             if row.next_attempt_at is not None:
                 # Measured when the request really starts: time queued for a slot counts as late.
-                lateness = (now - row.next_attempt_at).total_seconds()
+                lateness = (started - row.next_attempt_at).total_seconds()
                 self.parts.metrics.poll_lateness.observe(max(0.0, lateness))
             self.parts.stats.polls += 1
             answer = await self.parts.provider.fetch(row.task_id)
         except errors.AuthRejected as exc:
             self._count_poll(row, exc)
-            return await self._auth_rejected(row, exc, now, task_log)
+            return await self._auth_rejected(row, exc, self.parts.clock(), task_log)
         except errors.ProviderError as exc:
+            now = self.parts.clock()
             self._count_poll(row, exc)
             self._observe(row, exc, now)
             return self._poll_failed(row, exc, now, task_log)
         finally:
             self._poll_slots.release()
+        # The next poll is timed from the answer, not from when this one was started: a request
+        # held up on its way (a busy event loop, a slow connection) then never makes the
+        # provider see two polls closer than the cadence (tests/acceptance/test_replicas.py).
+        now = self.parts.clock()
         self._count_poll(row, None)
         self._observe(row, None, now)
         self.parts.keygate.answered(now)

@@ -63,6 +63,19 @@ class TestPolling:
         assert row.expires_at == EPOCH + dt.timedelta(days=1)
         assert row.lease_owner is None
 
+    async def test_the_next_poll_is_timed_from_the_answer(self) -> None:
+        """A poll whose answer came 5 s after it was started (a busy loop, a slow link): the next is
+        due a cadence after the answer, so the provider never sees two polls closer than that."""
+        slow = SlowAnswerProvider()
+        rig = make_rig(fake_provider=slow)
+        slow.clock, slow.seconds = rig.clock, 5.0
+        rig.store.add(TASK_ID)
+        slow.script(TASK_ID, answer(TASK_ID, "processing"))
+        await rig.cycle()
+        row = rig.row()
+        assert row.last_polled_at == EPOCH + seconds(5)
+        assert row.next_attempt_at == EPOCH + seconds(5 + RULES.cadence("standard").low)
+
     @pytest.mark.parametrize("draw", [testing.low_draw, testing.high_draw])
     @pytest.mark.parametrize("mode", [m.value for m in models.Mode])
     async def test_next_poll_is_within_the_mode_cadence(self, mode: str, draw: policy.Draw) -> None:
@@ -1405,6 +1418,20 @@ class SlowVideoProvider(testing.FakeProvider):
             yield VIDEO[1000:]
 
         yield provider.Video(length=len(VIDEO), chunks=chunks())
+
+
+class SlowAnswerProvider(testing.FakeProvider):
+    """Each poll's answer comes ``seconds`` after the request: it moves ``clock`` that far."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock: testing.MovableClock | None = None
+        self.seconds = 0.0
+
+    async def fetch(self, task_id: str) -> models.Answer:
+        if self.clock is not None:
+            self.clock.advance(self.seconds)
+        return await super().fetch(task_id)
 
 
 class TimedVideoProvider(testing.FakeProvider):
