@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import pathlib
@@ -209,9 +208,8 @@ class Round:
     user: float  # of cpu, the CPU-s in user space (the rest is the kernel's, on our behalf)
     switches: int  # the daemon's context switches
     parts: Parts  # cpu, by where it was spent
-    instructions: (
-        Parts | None
-    )  # with --instructions: the event loop's and its threads' (no writers)
+    # With --instructions: the event loop's and its threads' instructions (no writers'), or None.
+    instructions: Parts | None
     floor_wall: float
     floor_cpu: float
     floor_user: float
@@ -610,7 +608,8 @@ def _quiet_file_system(where: pathlib.Path) -> float:
     """
     os.sync()  # an unsynced freed inode is skipped for 360 s, a synced one for 60
     deadline = time.monotonic() + QUIET_SECONDS
-    for attempt in itertools.count():
+    attempt = 0
+    while True:
         probe = where / f"create-probe-{attempt}"
         probe.mkdir()
         started = time.process_time()
@@ -626,8 +625,8 @@ def _quiet_file_system(where: pathlib.Path) -> float:
             print(
                 f"a file's creation costs {each_us:.0f} us: waiting for the file system to settle"
             )
+        attempt += 1
         time.sleep(QUIET_PROBE_SECONDS)
-    raise AssertionError("unreachable")
 
 
 def _evict(folder: pathlib.Path) -> None:
