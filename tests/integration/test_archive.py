@@ -419,6 +419,33 @@ class TestFileWritersMemory:
         assert stored.sha256 == hashlib.sha256(body).hexdigest()
         assert (store.root / f"{task_id}.mp4").read_bytes() == body
 
+    @pytest.mark.parametrize(
+        "size",
+        [0, 1, folder.WRITE_BYTES, folder.WRITE_BYTES + 1, 2 * folder.WRITE_BYTES + 5],
+        ids=["empty", "one-byte", "one-batch", "past-one-batch", "past-two-batches"],
+    )
+    async def test_a_video_at_a_batch_s_edges_is_written_whole(
+        self, store: folder.FileArchive, size: int
+    ) -> None:
+        """The job goes to the writer with the first batch and the end mark with the last: a video
+        with no bytes, one that ends on a batch's edge (its end mark goes alone) and one a byte
+        past it are each written whole, and the writer takes the next video as it should."""
+        started = set(_writers_running())
+        for body in (os.urandom(size), b"next"):
+            task_id = new_id()
+
+            async def pieces(body: bytes = body) -> AsyncIterator[bytes]:
+                for at in range(0, len(body), 256 * 1024):
+                    yield body[at : at + 256 * 1024]
+
+            stored = await store.put(task_id, pieces(), len(body))
+            assert (stored.size, stored.sha256) == (len(body), hashlib.sha256(body).hexdigest())
+            assert (store.root / f"{task_id}.mp4").read_bytes() == body
+            if body != b"next":
+                first_writer = set(_writers_running()) - started
+        assert len(first_writer) == 1
+        assert set(_writers_running()) - started == first_writer  # the same one, still running
+
     async def test_videos_one_after_another_each_start_at_the_ring_s_beginning(
         self, store: folder.FileArchive
     ) -> None:

@@ -259,6 +259,37 @@ def test_parts_are_the_minimum_unless_a_video_would_need_too_many(
     assert size is None or -(-size // part) <= s3.MAX_PARTS
 
 
+class TestGathered:
+    """A download's chunks in batches of at least a size, each marked whether it is the last."""
+
+    @staticmethod
+    async def batches(sizes: list[int], size: int) -> list[tuple[list[int], bool]]:
+        async def chunks() -> AsyncIterator[bytes]:
+            for n in sizes:
+                yield b"x" * n
+
+        return [
+            ([len(chunk) for chunk in batch], last)
+            async for batch, last in archive.gathered(chunks(), size)
+        ]
+
+    @pytest.mark.parametrize(
+        ("sizes", "expected"),
+        [
+            ([], [([], True)]),
+            ([3], [([3], True)]),
+            ([4, 6], [([4, 6], True)]),  # a full batch, known to be the last once chunks end
+            ([4, 6, 1], [([4, 6], False), ([1], True)]),
+            ([10, 10, 2, 9], [([10], False), ([10], False), ([2, 9], True)]),
+        ],
+        ids=["no-chunks", "one-short", "full-at-the-end", "one-past", "several"],
+    )
+    async def test_batches_and_the_last(
+        self, sizes: list[int], expected: list[tuple[list[int], bool]]
+    ) -> None:
+        assert await self.batches(sizes, 10) == expected
+
+
 class TestPartBody:
     """A part's body is read in place from its buffer, as botocore reads a file: by pieces, with
     rewinds between its passes (SigV4 hash, CRC32, the send)."""

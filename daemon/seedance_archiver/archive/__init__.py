@@ -210,19 +210,21 @@ class Counter:
             )
 
 
-async def gathered(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
-    """``chunks`` in batches of at least ``size`` bytes (the last one may be smaller), as they
-    came: nothing is copied."""
+async def gathered(
+    chunks: AsyncIterator[bytes], size: int
+) -> AsyncIterator[tuple[list[bytes], bool]]:
+    """``chunks`` in batches of at least ``size`` bytes, as they came (nothing is copied), each
+    with whether it is the last: a full batch is given once the chunk after it has come, and the
+    last one (smaller, or empty for no chunks at all) once the chunks have ended."""
     batch: list[bytes] = []
     held = 0
     async for chunk in chunks:
+        if held >= size:
+            yield batch, False
+            batch, held = [], 0
         batch.append(chunk)
         held += len(chunk)
-        if held >= size:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
+    yield batch, True
 
 
 async def run(

@@ -206,6 +206,7 @@ class _Writer:
         self._process = process
         self._sock = sock
         self._shared = shared
+        self._inbox = bytearray()  # what the writer sent that is not a whole frame yet
         self._finalizer = weakref.finalize(self, _stop, process, sock)
 
     @classmethod
@@ -239,16 +240,23 @@ class _Writer:
         body = json.dumps(job).encode()
         ring = None if self._shared is None else _Ring(self._shared)
         answer = loop.create_task(self._answer(loop, ring))
+        # The job goes out with the video's first batch, and the end mark with its last: a video
+        # of one batch (up to WRITE_BYTES) is one system call and one wake of the writer, not
+        # three (bench/burst.py).
+        frames = [writer.FRAME.pack(len(body)), body]
         try:
-            await self._send(loop, [writer.FRAME.pack(len(body)), body])
-            async for batch in archive.gathered(chunks, WRITE_BYTES):
+            async for batch, last in archive.gathered(chunks, WRITE_BYTES):
                 if answer.done():
                     break  # a write failed: the download stops here
-                if ring is None:
-                    await self._send(loop, [writer.FRAME.pack(sum(map(len, batch))), *batch])
-                else:
-                    await self._share(loop, ring, batch, answer)
-            await self._send(loop, [writer.FRAME.pack(0)])
+                if ring is not None:
+                    frames = await self._share(loop, ring, batch, answer, frames)
+                elif batch:  # (an empty frame would end the video)
+                    frames += [writer.FRAME.pack(sum(map(len, batch))), *batch]
+                if last:
+                    break
+                await self._send(loop, frames)
+                frames = []
+            await self._send(loop, [*frames, _END_FRAME])
             told = await answer
         except (ConnectionError, EOFError) as exc:
             raise errors.ArchiveError(
@@ -269,11 +277,12 @@ class _Writer:
         ring: _Ring,
         batch: list[bytes],
         answer: asyncio.Task[dict[str, Any]],
-    ) -> None:
-        """Copy ``batch`` into the shared memory and tell the writer where it lies. Where the ring
-        is full, wait until the writer says it has written what it holds (or answers: a write
-        failed, and the caller stops)."""
-        frames: list[bytes] = []
+        frames: list[bytes],
+    ) -> list[bytes]:
+        """Copy ``batch`` into the shared memory: ``frames`` (not sent yet) and after them those
+        that tell the writer where it lies, for the caller to send. Where the ring is full, they
+        are sent, and this waits until the writer says it has written what it holds (or answers:
+        a write failed, and the caller stops)."""
         for chunk in batch:
             view = memoryview(chunk)
             while view:
@@ -287,7 +296,7 @@ class _Writer:
                     frames = []
                     await asyncio.wait((pong, answer), return_when=asyncio.FIRST_COMPLETED)
                     if answer.done():
-                        return
+                        return frames
                     continue
                 frames.append(ring.put(view[:room]))
                 view = view[room:]
@@ -295,7 +304,7 @@ class _Writer:
             # Asked now, while the other half is free: the answer comes before the ring is full.
             ring.ping(loop)
             frames.append(_PING_FRAME)
-        await self._send(loop, frames)
+        return frames
 
     async def _send(self, loop: asyncio.AbstractEventLoop, pieces: list[bytes]) -> None:
         """Every byte of ``pieces``, copied by nothing but the kernel: one system call for as many
@@ -327,20 +336,26 @@ class _Writer:
     async def _answer(self, loop: asyncio.AbstractEventLoop, ring: _Ring | None) -> dict[str, Any]:
         """The writer's answer to the job; the pongs before it are handed to ``ring``."""
         while True:
-            (length,) = writer.FRAME.unpack(await self._receive(loop, writer.FRAME.size))
-            if length or ring is None:
-                told: dict[str, Any] = json.loads(await self._receive(loop, length))
+            frame = await self._frame(loop)
+            if frame or ring is None:
+                told: dict[str, Any] = json.loads(frame)
                 return told
             ring.ponged()
 
-    async def _receive(self, loop: asyncio.AbstractEventLoop, size: int) -> bytes:
-        got = bytearray()
-        while len(got) < size:
-            piece = await loop.sock_recv(self._sock, size - len(got))
+    async def _frame(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        """The writer's next frame, read as it comes: its length and body in one call."""
+        inbox = self._inbox
+        while True:
+            if len(inbox) >= writer.FRAME.size:
+                end = writer.FRAME.size + writer.FRAME.unpack_from(inbox)[0]
+                if len(inbox) >= end:
+                    frame = bytes(inbox[writer.FRAME.size : end])
+                    del inbox[:end]
+                    return frame
+            piece = await loop.sock_recv(self._sock, ANSWER_BYTES)
             if not piece:
                 raise EOFError("the writer closed its socket")
-            got += piece
-        return bytes(got)
+            inbox += piece
 
     def alive(self) -> bool:
         return self._process.poll() is None
@@ -409,6 +424,8 @@ class _Ring:
 
 _PIECE_FRAME_HEAD = writer.FRAME.pack(writer.PIECE.size)
 _PING_FRAME = writer.FRAME.pack(len(writer.PING)) + writer.PING
+_END_FRAME = writer.FRAME.pack(0)  # the video's bytes have all been sent
+ANSWER_BYTES = 64 * 1024  # read at once from a writer: its answers and pongs are far smaller
 
 
 @contextlib.contextmanager
