@@ -360,6 +360,10 @@ class Task:
     lease_owner: str | None = None
     lease_expires_at: dt.datetime | None = None
     provider: str | None = None
+    # Not a column: set by a claim on a row whose earlier lease had run out rather than been let
+    # go. Its holder died or lost it mid-work, so it may have archived the video and not said so.
+    # Kept by no copy (replace) and no comparison.
+    taken_over: bool = dataclasses.field(default=False, compare=False)
 
     def replace(self, **changes: Any) -> Task:
         """This snapshot with ``changes``: ``dataclasses.replace``, in 60% of its time (once or twice
@@ -377,7 +381,7 @@ class Task:
         return self.state not in ACTIVE_STATES
 
 
-TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task) if f.name != "taken_over")  # columns
 _task_values = operator.attrgetter(*TASK_FIELDS)
 _TASK_INDEX = {name: index for index, name in enumerate(TASK_FIELDS)}
 

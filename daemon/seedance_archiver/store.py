@@ -33,6 +33,15 @@ ob = models.webhook_outbox
 _TASK_COLUMNS = [t.c[name] for name in models.TASK_FIELDS]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lease:
+    """A claim's statements: on SQLite the select of the rows (``picked``: each task id, and
+    whether its lease ran out) and the update that leases them by id; on PostgreSQL the update."""
+
+    picked: sa.Select[Any] | None
+    lease: sa.Update
+
+
 def _task(row: sa.Row[Any]) -> models.Task:
     return models.Task(**row._mapping)
 
@@ -334,7 +343,7 @@ class Tasks:
         )
         # claim_due's statement per (states, provider), built once: building and cache-keying it
         # anew took 40% of a 55-row claim's CPU (5.3 -> 3.1 ms; bench/README.md).
-        self._claim_stmts: dict[tuple[tuple[str, ...] | None, str | None], sa.Update] = {}
+        self._claim_stmts: dict[tuple[tuple[str, ...] | None, str | None], _Lease] = {}
 
     # --- the daemon's side ----------------------------------------------------------------------
 
@@ -367,9 +376,7 @@ class Tasks:
         claimed.sort(key=models.claim_key)
         return claimed
 
-    def _claim_due_stmt(
-        self, states: tuple[str, ...] | None, provider_name: str | None
-    ) -> sa.Update:
+    def _claim_due_stmt(self, states: tuple[str, ...] | None, provider_name: str | None) -> _Lease:
         """:meth:`claim_due`'s statement; the time (``due_at``) and ``limit`` are parameters."""
         due = (
             sa.select(t.c.task_id)
@@ -398,27 +405,42 @@ class Tasks:
         )
         return sa.or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < clock)
 
-    def _lease_stmt(self, due: sa.Select[Any]) -> sa.Update:
+    def _lease_stmt(self, due: sa.Select[Any]) -> _Lease:
         """Lease the rows ``due`` selects (task ids) to parameter ``owner``, until ``now()`` plus
         parameter ``lease`` on PostgreSQL (:meth:`db.Database.lease_until`), parameter ``lease_until`` on
-        SQLite."""
+        SQLite; each claimed row says whether its earlier lease had run out (``Task.taken_over``).
+        """
         until = (
             sa.func.now() + sa.bindparam("lease", type_=sa.Interval())
             if self.dialect == "postgresql"
             else sa.bindparam("lease_until", type_=models.UTCDateTime())
         )
-        return (
-            sa.update(t)
-            .where(t.c.task_id.in_(due.scalar_subquery()))
-            .values(lease_owner=sa.bindparam("owner"), lease_expires_at=until)
-            # In Task's field order, so each row becomes a Task positionally (a claim returns up
-            # to a thousand rows: fetched at once, no mapping per row).
-            .returning(*_TASK_COLUMNS)
+        lease = sa.update(t).values(lease_owner=sa.bindparam("owner"), lease_expires_at=until)
+        # A lease still set on a free row ran out: a row saved or released has none.
+        ran_out = t.c.lease_expires_at.is_not(None).label("taken_over")
+        if self.dialect == "postgresql":
+            # The earlier lease is read as the row is locked: RETURNING sees only the new one. In
+            # Task's field order (taken_over last), so each row becomes a Task positionally (a
+            # claim returns up to a thousand rows: fetched at once, no mapping per row).
+            was = due.add_columns(ran_out).subquery("due")
+            return _Lease(
+                None,
+                lease.where(t.c.task_id == was.c.task_id).returning(
+                    *_TASK_COLUMNS, was.c.taken_over
+                ),
+            )
+        # SQLite's RETURNING cannot name another table: the rows are read first, then leased by
+        # id, in one transaction that holds the write lock from its start (:meth:`_lease_rows`).
+        return _Lease(
+            due.add_columns(ran_out),
+            lease.where(t.c.task_id.in_(sa.bindparam("ids", expanding=True))).returning(
+                *_TASK_COLUMNS
+            ),
         )
 
     def _lease_rows(
         self,
-        stmt: sa.Update,
+        stmt: _Lease,
         params: dict[str, Any],
         owner: str,
         now: dt.datetime,
@@ -432,7 +454,20 @@ class Tasks:
         else:
             params |= {"lease_clock": now, "lease_until": now + lease}
         with self.db.begin() as conn:
-            return [models.Task(*row) for row in conn.execute(stmt, params).all()]
+            if stmt.picked is None:
+                return [models.Task(*row) for row in conn.execute(stmt.lease, params).all()]
+            # pysqlite would begin the transaction only at the update, after the select.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            picked = conn.execute(stmt.picked, params).all()
+            if not picked:
+                return []
+            taken_over = {task_id for task_id, ran_out in picked if ran_out}
+            leased = conn.execute(stmt.lease, params | {"ids": [row[0] for row in picked]}).all()
+        claimed = [models.Task(*row) for row in leased]
+        return [
+            dataclasses.replace(task, taken_over=True) if task.task_id in taken_over else task
+            for task in claimed
+        ]
 
     def claim_overdue(
         self,

@@ -269,7 +269,10 @@ class FakeStore:
         for task in tasks:
             leased = task.replace(lease_owner=owner, lease_expires_at=until)
             self.rows[task.task_id] = leased
-            claimed.append(leased)
+            # A lease still set on a free row ran out (SqlStore._lease_stmt).
+            claimed.append(
+                dataclasses.replace(leased, taken_over=task.lease_expires_at is not None)
+            )
         return claimed
 
     def claim_overdue(

@@ -18,7 +18,7 @@ NO_EVENTS = "no webhook events match"
 
 def task_dict(task: models.Task, show_secrets: bool = False) -> dict[str, Any]:
     """Every field of ``task``; a signed ``video_url`` loses its query string unless ``show_secrets``."""
-    out = dataclasses.asdict(task)
+    out = {name: getattr(task, name) for name in models.TASK_FIELDS}
     if not show_secrets:
         if out.get("video_url"):
             out["video_url"] = utils.redact_url(out["video_url"])

@@ -498,6 +498,46 @@ class TestFewerPolls:
         assert sorted(times[p720]) == pytest.approx([222, 283, 344])
         assert times[p480] == pytest.approx([45])
 
+    def test_a_claim_says_which_rows_it_took_from_a_lease_that_ran_out(
+        self, any_store: store.Store
+    ) -> None:
+        """A row its holder let go (saved, released) or never held is claimed plain; one whose
+        lease ran out is taken over: its holder died or lost it mid-work, and may have archived
+        the video without saying so. Not a column: the row read back is the claimed one."""
+        for task_id in ("video_saved", "video_released", "video_ran_out"):
+            any_store.add(task_id)
+        now = utils.utcnow()
+        held = {task.task_id: task for task in any_store.claim_due(A, now, 0, 10)}
+        assert [task.taken_over for task in held.values()] == [False] * 3
+        assert any_store.save([held["video_saved"].replace(next_attempt_at=now)], A) == 1
+        assert any_store.release(A, ["video_released"]) == 1
+        any_store.add("video_new")
+        later = now + dt.timedelta(seconds=1)
+
+        claimed = any_store.claim_due(B, later, LEASE_S, 10)
+
+        assert {task.task_id: task.taken_over for task in claimed} == {
+            "video_saved": False,
+            "video_released": False,
+            "video_ran_out": True,
+            "video_new": False,
+        }
+        for task in claimed:
+            assert row(any_store, task.task_id) == task
+            assert not row(any_store, task.task_id).taken_over
+
+    def test_claim_overdue_says_which_rows_it_took_over_too(self, any_store: store.Store) -> None:
+        now = utils.utcnow()
+        shaped(any_store, "std-ran-out", state="polling", next_attempt_at=ago(now, seconds=400))
+        shaped(any_store, "std-free", state="polling", next_attempt_at=ago(now, seconds=300))
+        assert ids(any_store.claim_due(A, now, 0, 1)) == ["std-ran-out"]
+        later = now + dt.timedelta(seconds=1)
+        claimed = any_store.claim_overdue(B, later, LEASE_S, 10, {"standard": ago(now, seconds=60)})
+        assert [(task.task_id, task.taken_over) for task in claimed] == [
+            ("std-ran-out", True),
+            ("std-free", False),
+        ]
+
     def test_claim_overdue_takes_the_longest_overdue_of_each_mode(
         self, any_store: store.Store
     ) -> None:

@@ -142,7 +142,8 @@ class TestMigrations:
             sent: list[tuple[str, Any]] = []
 
             def record(*args: Any) -> None:
-                if args[2].startswith("UPDATE video_tasks"):
+                # The statement that picks the rows: on SQLite a select before the update by id.
+                if args[2].startswith(("UPDATE video_tasks", "SELECT video_tasks.task_id")):
                     sent.append((args[2], args[3]))
 
             sa.event.listen(engine, "before_cursor_execute", record)

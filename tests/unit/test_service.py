@@ -193,10 +193,14 @@ class TestArchiving:
         assert (refused.state, refused.error) == (State.REJECTED, "not its kind of id")
         assert rig.provider.fetches == []
 
-    async def test_video_already_in_the_archive_is_not_downloaded(self, rig: Rig) -> None:
+    async def test_a_video_a_dead_holder_archived_is_not_downloaded_again(self, rig: Rig) -> None:
+        """A daemon archived the video and died before writing so: its lease ran out, and the
+        next holder finds the video in the archive instead of downloading it."""
         stored = b"committed before a crash"
         rig.archive.objects[TASK_ID] = stored
         rig.store.add(TASK_ID)
+        assert len(rig.store.claim_due("dead-daemon", rig.clock(), 30, 10)) == 1
+        rig.clock.advance(31)
         rig.provider.script(TASK_ID, completed())
         rig.provider.videos[URL] = VIDEO
         await rig.cycle()
@@ -206,6 +210,36 @@ class TestArchiving:
         assert rig.archive.puts == []
         assert row.archive_sha256 == hashlib.sha256(stored).hexdigest()
         assert row.archive_bytes == len(stored)
+
+    async def test_a_video_handed_back_downloading_is_looked_for_first(self, rig: Rig) -> None:
+        """Written back downloading (a stop, no slot, a failed download): whoever did so may
+        have archived the video since."""
+        stored = b"archived by the daemon that handed it back"
+        rig.archive.objects[TASK_ID] = stored
+        rig.store.add(TASK_ID)
+        rig.store.rows[TASK_ID] = rig.row().replace(state=State.DOWNLOADING, video_url=URL)
+        rig.provider.videos[URL] = VIDEO
+        await rig.cycle()
+        assert rig.row().state == State.ARCHIVED
+        assert rig.row().archive_sha256 == hashlib.sha256(stored).hexdigest()
+        assert (rig.archive.finds, rig.provider.downloads) == ([(TASK_ID, False)], [])
+
+    async def test_a_video_no_holder_left_unsaid_is_downloaded_without_a_look(
+        self, rig: Rig
+    ) -> None:
+        """No daemon held the row and went away: none archived its video, so the download starts
+        without a look (into S3, a request per video). A row fed again for a video archived
+        already is downloaded once more while the provider has it: the same bytes, archived."""
+        rig.archive.objects[TASK_ID] = VIDEO
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = VIDEO
+        await rig.cycle()
+        assert (rig.archive.finds, rig.archive.puts) == ([], [TASK_ID])
+        assert (rig.row().state, rig.row().archive_sha256) == (
+            State.ARCHIVED,
+            hashlib.sha256(VIDEO).hexdigest(),
+        )
 
     async def test_failed_put_keeps_downloading_then_retries(self, rig: Rig) -> None:
         rig.store.add(TASK_ID)
@@ -303,7 +337,8 @@ class TestArchiving:
         row = rig.row()
         assert row.state == State.ARCHIVED
         assert row.archive_sha256 == hashlib.sha256(VIDEO).hexdigest()
-        assert rig.archive.finds == [(TASK_ID, False), (TASK_ID, True)]
+        # No look before the download (no holder left the row unsaid); the refusal reads it back.
+        assert rig.archive.finds == [(TASK_ID, True)]
 
     async def test_a_shorter_object_is_not_taken_for_it(self, rig: Rig) -> None:
         rig.archive.objects[TASK_ID] = VIDEO[:1000]
