@@ -118,8 +118,12 @@ class Worker:
             # have archived it, so the archive is looked at first, as for every verdict.
             return await self._looked_up(row, decided, task_log)
         if row.state == models.State.DOWNLOADING and row.video_url:
-            # Written back downloading: whoever did so may have archived the video meanwhile.
-            outcome = await self._archive(row, task_log, look_first=True)
+            # Written back downloading after a failed download (attempts): the failure may have
+            # come after the video was stored whole (an answer lost). Handed back unstarted (no
+            # slot, a stop), attempts is 0 and nothing archived it.
+            outcome = await self._archive(
+                row, task_log, look_first=row.taken_over or row.attempts > 0
+            )
         else:
             polled = await self._poll(row, task_log)
             if polled is None:
@@ -351,7 +355,8 @@ class Worker:
         """Download the video into the archive; with ``look_first``, unless the archive has it.
 
         The look is asked for only where an earlier holder may have archived the video and not
-        said so. Elsewhere it would cost every video a request (into S3: a burst's daemon 19%
+        said so: its lease ran out (it died, or lost the row), or its download failed. Elsewhere
+        it would cost every video a request (into S3: a burst's daemon 19%
         more CPU and 23% more time, bench/burst.py) to spare a download that is, at worst, done
         twice: a row fed again for a video already archived is downloaded once more, while the
         provider still has it. No verdict is given without a look (:meth:`_looked_up`).

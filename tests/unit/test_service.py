@@ -157,7 +157,9 @@ class TestArchiving:
 
         rig.svc.archive = Recorded()
         archive.leave_unfinished(TASK_ID, EPOCH)
-        rig.store.rows[TASK_ID] = seen(state="downloading", video_url=URL)
+        rig.store.rows[TASK_ID] = seen(
+            state="downloading", video_url=URL, attempts=1
+        )  # failed once
         rig.provider.videos[URL] = VIDEO
         await rig.cycle()
         assert calls == ["find", "put"]
@@ -211,18 +213,26 @@ class TestArchiving:
         assert row.archive_sha256 == hashlib.sha256(stored).hexdigest()
         assert row.archive_bytes == len(stored)
 
-    async def test_a_video_handed_back_downloading_is_looked_for_first(self, rig: Rig) -> None:
-        """Written back downloading (a stop, no slot, a failed download): whoever did so may
-        have archived the video since."""
-        stored = b"archived by the daemon that handed it back"
+    @pytest.mark.parametrize(
+        ("attempts", "looked"), [(1, True), (0, False)], ids=["download-failed", "no-slot"]
+    )
+    async def test_a_video_written_back_downloading_is_looked_for_after_a_failed_download(
+        self, rig: Rig, attempts: int, looked: bool
+    ) -> None:
+        """A download that failed may have failed after the video was stored whole (its answer
+        lost): the next one looks first. One handed back unstarted (no slot, a stop) does not."""
+        stored = b"stored whole before the failure was seen"
         rig.archive.objects[TASK_ID] = stored
         rig.store.add(TASK_ID)
-        rig.store.rows[TASK_ID] = rig.row().replace(state=State.DOWNLOADING, video_url=URL)
+        shaped = rig.row().replace(state=State.DOWNLOADING, video_url=URL, attempts=attempts)
+        rig.store.rows[TASK_ID] = shaped
         rig.provider.videos[URL] = VIDEO
         await rig.cycle()
         assert rig.row().state == State.ARCHIVED
-        assert rig.row().archive_sha256 == hashlib.sha256(stored).hexdigest()
-        assert (rig.archive.finds, rig.provider.downloads) == ([(TASK_ID, False)], [])
+        kept = stored if looked else VIDEO
+        assert rig.row().archive_sha256 == hashlib.sha256(kept).hexdigest()
+        assert rig.archive.finds == ([(TASK_ID, False)] if looked else [])
+        assert rig.provider.downloads == ([] if looked else [URL])
 
     async def test_a_video_no_holder_left_unsaid_is_downloaded_without_a_look(
         self, rig: Rig
