@@ -72,6 +72,10 @@ SIM_BATCH = 1000  # tasks per request to the simulator (its requests stop at 1 M
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A SIGTERM (a pkill, a timeout) ends the run through its clean-up, as Ctrl-C does: the
+    # daemon, the simulator, the database and the files go with it. Without it the daemon was left
+    # running, beside the next runs' measurements.
+    signal.signal(signal.SIGTERM, _stopped)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--videos", type=int, default=1000, help="per round")
     parser.add_argument("--size", type=int, default=2_000_000, help="bytes per video")
@@ -259,6 +263,10 @@ class Readings:
             self.transactions - other.transactions,
             self.commits - other.commits,
         )
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _readings(
