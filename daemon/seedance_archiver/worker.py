@@ -356,10 +356,11 @@ class Worker:
 
         The look is asked for only where an earlier holder may have archived the video and not
         said so: its lease ran out (it died, or lost the row), or its download failed. Elsewhere
-        it would cost every video a request (into S3: a burst's daemon 19%
-        more CPU and 23% more time, bench/burst.py) to spare a download that is, at worst, done
-        twice: a row fed again for a video already archived is downloaded once more, while the
-        provider still has it. No verdict is given without a look (:meth:`_looked_up`).
+        it would cost every video a request (into S3 a HEAD: with it, a burst's daemon took a
+        third more CPU and a quarter more time on moto and radosgw, bench/README.md) to spare a
+        download that is, at worst, done twice: a row fed again for a video already archived is
+        downloaded once more, while the provider still has it. No verdict is given without a
+        look (:meth:`_looked_up`).
         """
         assert row.video_url is not None
         async with self._download_slots:
