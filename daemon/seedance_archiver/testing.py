@@ -716,9 +716,12 @@ class FakeArchive:
         chunks: AsyncIterator[bytes],
         expected_size: int | None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        leftovers: bool = True,
     ) -> archive.Stored:
         self.puts.append(task_id)
-        await self.discard_incomplete(task_id)  # as the folder does; S3 before a multipart one
+        if leftovers:  # as the folder does; S3 before a multipart one
+            await self.discard_incomplete(task_id)
         self.metadata[task_id] = dict(metadata or {})
         data = b"".join([chunk async for chunk in chunks])
         if self.fail_next is not None:

@@ -370,7 +370,7 @@ class Worker:
                 if stored is not None:
                     task_log.info("video_already_archived", uri=stored.uri, bytes=stored.size)
                 else:
-                    stored = await self._copy(row)
+                    stored = await self._copy(row, leftovers=look_first)
             except errors.LinkExpired as exc:
                 self._download_failed("link_expired")
                 task_log.warning("video_link_expired", error=str(exc))
@@ -436,16 +436,22 @@ class Worker:
             return None
         return stored if stored is not None and stored.size == length else None
 
-    async def _copy(self, row: models.Task) -> archive.Stored:
+    async def _copy(self, row: models.Task, *, leftovers: bool) -> archive.Stored:
         """Stream the video into the archive, as a whole within MAX_DOWNLOAD_SECONDS: a trickling
         host (or store) cannot hold a download slot for hours. The task's deadline never cuts a
-        download: the provider may well serve the video past it."""
+        download: the provider may well serve the video past it. With ``leftovers``, where an
+        earlier holder may have archived the video unsaid, it may as well have left an unfinished
+        upload: the store removes it first (Archive.put)."""
         limit = self.max_download_seconds
         try:
             async with asyncio.timeout(limit):
                 async with self.parts.provider.open_video(row) as video:
                     return await self.parts.archive.put(
-                        row.task_id, video.chunks, video.length, archive.describe(row)
+                        row.task_id,
+                        video.chunks,
+                        video.length,
+                        archive.describe(row),
+                        leftovers=leftovers,
                     )
         except TimeoutError:
             raise errors.DownloadError(

@@ -215,6 +215,21 @@ class TestUnfinished:
         await any_archive.put_whole(task_id, video(task_id, PAST_ONE_PART))
         assert await any_archive.archive.incomplete() == {other}
 
+    async def test_a_put_told_of_no_dead_attempt_leaves_uploads_to_housekeeping(
+        self, any_archive: Store
+    ) -> None:
+        """A put for a task no earlier attempt worked on (``leftovers=False``) spares the listing
+        (a folder's, S3's uploads, past one part): what lies there all the same stays, for
+        housekeeping, and the video is stored whole beside it."""
+        task_id = new_id()
+        any_archive.leave_unfinished(task_id)
+        data = video(task_id, PAST_ONE_PART)
+        put = await any_archive.archive.put(task_id, stream(data), len(data), leftovers=False)
+        assert (put.size, put.sha256) == stored_as(data)
+        assert await any_archive.archive.find(task_id) == put
+        assert await any_archive.archive.incomplete() == {task_id}
+        assert await any_archive.archive.discard_incomplete(task_id) == 1
+
     async def test_an_upload_begun_after_the_check_is_kept(
         self, any_archive: Store, request: pytest.FixtureRequest
     ) -> None:

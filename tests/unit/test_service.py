@@ -150,10 +150,18 @@ class TestArchiving:
                 return await archive.discard_incomplete(task_id, started_before)
 
             async def put(
-                self, task_id: str, chunks: Any, expected_size: Any, metadata: Any = None
+                self,
+                task_id: str,
+                chunks: Any,
+                expected_size: Any,
+                metadata: Any = None,
+                *,
+                leftovers: bool = True,
             ) -> Any:
-                calls.append("put")
-                return await archive.put(task_id, chunks, expected_size, metadata)
+                calls.append("put" if leftovers else "put without leftovers")
+                return await archive.put(
+                    task_id, chunks, expected_size, metadata, leftovers=leftovers
+                )
 
         rig.svc.archive = Recorded()
         archive.leave_unfinished(TASK_ID, EPOCH)
@@ -250,6 +258,22 @@ class TestArchiving:
             State.ARCHIVED,
             hashlib.sha256(VIDEO).hexdigest(),
         )
+
+    async def test_a_video_no_holder_left_unsaid_leaves_stray_uploads_to_housekeeping(
+        self, rig: Rig
+    ) -> None:
+        """Where no holder went away, none left an unfinished upload either: the put is told so,
+        and does not list the folder (or S3's uploads) for one. One that lies there all the same
+        (a writer killed on its own) is housekeeping's, and goes there."""
+        rig.archive.leave_unfinished(TASK_ID, EPOCH - dt.timedelta(minutes=1))
+        rig.store.add(TASK_ID)
+        rig.provider.script(TASK_ID, completed())
+        rig.provider.videos[URL] = VIDEO
+        await rig.cycle()
+        assert rig.row().state == State.ARCHIVED
+        assert (rig.archive.discarded, await rig.archive.incomplete()) == ([], {TASK_ID})
+        assert await rig.svc.maintenance.housekeeping() == 1
+        assert (rig.archive.discarded, await rig.archive.incomplete()) == ([TASK_ID], set())
 
     async def test_failed_put_keeps_downloading_then_retries(self, rig: Rig) -> None:
         rig.store.add(TASK_ID)

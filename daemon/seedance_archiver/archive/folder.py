@@ -118,6 +118,8 @@ class FileArchive:
         chunks: AsyncIterator[bytes],
         expected_size: int | None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        leftovers: bool = True,
     ) -> archive.Stored:
         # The job a writer does: writer.py's _write_one reads it.
         job = {
@@ -126,6 +128,7 @@ class FileArchive:
             "temp": os.path.join(self._incoming, _temp_name(task_id)),
             "expected": expected_size,
             "sidecar": None if metadata is None else dict(metadata),
+            "leftovers": leftovers,
         }
         return await self._writers.put(job, chunks)
 

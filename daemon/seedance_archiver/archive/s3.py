@@ -388,6 +388,8 @@ class S3Archive:
         chunks: AsyncIterator[bytes],
         expected_size: int | None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        leftovers: bool = True,
     ) -> archive.Stored:
         key = self.key(task_id)
         described = dict(metadata or {})
@@ -425,7 +427,8 @@ class S3Archive:
                     if upload_id is None:
                         # A dead attempt's multipart uploads of this key go first (Archive.put);
                         # a single PUT meets none, and leaves them to housekeeping.
-                        await self.discard_incomplete(task_id)
+                        if leftovers:
+                            await self.discard_incomplete(task_id)
                         # As the aws CLI does: each part carries its CRC32, so the store can
                         # check parts as they come instead of re-reading the whole object at
                         # completion (11 s of 18 for 1 GiB on moto; bench/README.md).

@@ -123,8 +123,10 @@ def _write_one(
     shared: memoryview | None,
 ) -> dict[str, Any] | None:
     """Write one video: ``job`` holds ``root`` (the folder), ``task_id``, ``temp`` (the temporary
-    file's path), ``expected`` (its size, or null) and ``sidecar`` (what ``{task_id}.json`` holds
-    besides the hash and size, or null). The answer to send, or None if it was sent already."""
+    file's path), ``expected`` (its size, or null), ``sidecar`` (what ``{task_id}.json`` holds
+    besides the hash and size, or null) and ``leftovers`` (whether a dead attempt's temporary
+    files may lie in ``temp``'s folder, to remove first). The answer to send, or None if it was
+    sent already."""
     temp = job["temp"]
     digest = hashlib.sha256()
     size = 0
@@ -178,8 +180,10 @@ def _write_one(
 
 
 def _open_video(job: dict[str, Any]) -> int:
-    """The video's temporary file, made; a dead attempt's temporary files go as it is."""
-    discard(os.path.dirname(job["temp"]), job["task_id"], None)
+    """The video's temporary file, made; a dead attempt's temporary files go as it is, where
+    the job says there may be some: the folder's listing is read whole, every name in it."""
+    if job.get("leftovers", True):
+        discard(os.path.dirname(job["temp"]), job["task_id"], None)
     return open_new(job["temp"])
 
 
