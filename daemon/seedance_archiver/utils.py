@@ -129,7 +129,11 @@ def redact_url(url: str) -> str:
     host = parts.netloc.rpartition("@")[2]
     query = f"?{REDACTED}" if parts.query else ""
     path = _redact_path(parts.path)
-    return urllib.parse.urlunsplit((parts.scheme, host, path, "", "")) + query
+    # Put together by hand: urlunsplit drops an empty authority's "//" for a scheme it does not
+    # know: an absolute SQLite path (sqlite:////var/x.db) read sqlite://var/x.db, "var" a host.
+    authority = f"//{host}" if parts.netloc or url.partition(":")[2].startswith("//") else ""
+    scheme = f"{parts.scheme}:" if parts.scheme else ""
+    return f"{scheme}{authority}{path}{query}"
 
 
 def redact_text(text: str) -> str:

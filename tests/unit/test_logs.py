@@ -112,6 +112,9 @@ class TestSignaturesInThePath:
             "https://cdn.example/expires/1700000000/v.mp4",  # a time is not a secret
             "https://cdn.example/tokens/list",
             "file:///var/lib/seedance/archive/video_a.mp4",
+            # an absolute SQLite path keeps its four slashes (it read sqlite://var/..., a host)
+            "sqlite:////var/lib/seedance/tasks.db",
+            "sqlite:///tasks.db",  # and a relative one
         ],
     )
     def test_ordinary_paths_are_kept(self, url: str) -> None:
