@@ -89,7 +89,10 @@ def configure(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line, its newline included (print() makes two, and with PYTHONUNBUFFERED,
+        # as in our image, two system calls): processes sharing stderr (run --processes N) never
+        # split each other's lines, which a pipe keeps whole up to PIPE_BUF.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=cache,
     )
     handler = logging.StreamHandler(stream)

@@ -150,8 +150,8 @@ def rendered(request: pytest.FixtureRequest) -> Iterator[Callable[[str], io.Stri
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
 
-    def configure(log_format: str) -> io.StringIO:
-        stream = io.StringIO()
+    def configure(log_format: str, stream: io.StringIO | None = None) -> io.StringIO:
+        stream = io.StringIO() if stream is None else stream
         root.handlers = []  # basicConfig only binds a root logger that has no handler yet
         logs.configure(log_format, stream=stream)
         return stream
@@ -223,3 +223,38 @@ class TestNoSecretAnywhere:
             utils.redact_url(f"postgresql://u:{PASSWORD}@[::1]:5432/db")
             == "postgresql://[::1]:5432/db"
         )
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+class TestOneWritePerLine:
+    """Each line reaches the stream in one write, its newline included: the processes of
+    ``run --processes N`` share one stderr, and a line written in two (its text, then its newline)
+    can have another process's line land between the two (tests/integration/test_log_lines.py)."""
+
+    @pytest.mark.parametrize("log_format", ["json", "console"])
+    def test_a_line_is_one_write_that_ends_it(
+        self, rendered: Callable[..., io.StringIO], log_format: str
+    ) -> None:
+        stream = _Writes()
+        rendered(log_format, stream)
+        log = structlog.get_logger("test").bind(task_id="video_a")
+        log.info("video_archived", bytes=12)
+        log.warning("task_state_changed", from_state="pending", to_state="archived")
+        assert len(stream.writes) == 2
+        assert all(w.endswith("\n") and w.count("\n") == 1 for w in stream.writes)
+        if log_format == "json":
+            assert [json.loads(w)["event"] for w in stream.writes] == [
+                "video_archived",
+                "task_state_changed",
+            ]
