@@ -65,7 +65,7 @@ class Daemon:
     def job(self, root: pathlib.Path, task_id: str, expected: int | None, **extra: Any) -> str:
         temp = str(root / folder.INCOMING_DIR / f"{task_id}.{'0' * 32}.part")
         job = {"root": str(root), "task_id": task_id, "temp": temp, "expected": expected}
-        self.frame(json.dumps({"sidecar": None} | job | extra).encode())
+        self.frame(json.dumps({"sidecar": None, "leftovers": True} | job | extra).encode())
         return temp
 
     def next_length(self) -> int:

@@ -97,11 +97,10 @@ class Archive(Protocol):
 
         The caller holds ``task_id``'s lease, so an unfinished upload of it is a dead attempt's.
         With ``leftovers`` (an earlier attempt may have left one: a holder whose lease ran out, a
-        download that failed) the store removes those its upload could meet before it begins (a
-        folder's temporary files; S3's multipart uploads, when this one is multipart too).
-        Housekeeping removes the rest, and every one of a put told there are none (a folder's
-        listing, or an S3 LIST, per video spared). Done here, not by the caller, it costs no call
-        of its own.
+        download that failed) the store first removes those its upload could meet (a folder's
+        temporary files; S3's multipart uploads, when this one is multipart too); done here, not
+        by the caller, it costs no call of its own. Without, it does not look (a folder listing,
+        or an S3 LIST, spared per video). Housekeeping removes every other one.
 
         ``metadata`` (ASCII-safe: see :func:`describe`) describes the video: S3 user metadata on the
         object, or a ``{task_id}.json`` sidecar beside a folder's video.

@@ -182,7 +182,7 @@ def _write_one(
 def _open_video(job: dict[str, Any]) -> int:
     """The video's temporary file, made; a dead attempt's temporary files go as it is, where
     the job says there may be some: the folder's listing is read whole, every name in it."""
-    if job.get("leftovers", True):
+    if job["leftovers"]:
         discard(os.path.dirname(job["temp"]), job["task_id"], None)
     return open_new(job["temp"])
 
