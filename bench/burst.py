@@ -12,7 +12,10 @@ runs from the insert until every row is ``archived``. CPU-s is the daemon's proc
 The floor, in each round before the daemon's turn, is a bare aiohttp loop doing the same work at the
 daemon's download concurrency (``Service.MAX_DOWNLOADS`` per process): poll each id, stream its video
 to a temporary file while hashing it with SHA-256, fsync, rename; with ``--s3``, read it into memory
-with SHA-256 and PUT it with boto3. Its CPU-s is this process's own.
+with SHA-256 and PUT it with boto3. Its CPU-s is this process's own. With ``--kept-floor`` (a folder),
+a second floor each round also does the file work the daemon keeps (each video's sidecar, fsynced,
+and each rename fsynced in its folder, as ``archive/writer.py``), and the daemon's ratios against
+it are reported too: what is left between them is the daemon's database, outbox and logs.
 ``--rounds`` of each (3 by default) and their medians: on a 2-core VM one round can differ from the
 next by 15%. Per video, the run also reports the polls the simulator answered, the statements and
 transactions the daemons counted (their /metrics), on PostgreSQL the commits the server counted, the
@@ -29,7 +32,7 @@ thread), its other threads (the database's pools, the resolver's) and the folder
 processes, beside the floor's whole.
 
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000
-    .venv/bin/python -m bench.burst --videos 3000 --size 500000
+    .venv/bin/python -m bench.burst --videos 3000 --size 500000 [--kept-floor]
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql --processes 2
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000 --db postgresql --s3 URL
 """
@@ -91,6 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="count the daemon's instructions per video (runs it under valgrind: slow)",
     )
+    parser.add_argument(
+        "--kept-floor",
+        action="store_true",
+        help="a second floor each round that also writes what the daemon keeps (a folder only): "
+        "each video's sidecar, fsynced, and each rename fsynced in its folder",
+    )
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds per round")
     parser.add_argument(
         "--dir",
@@ -100,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.instructions and (args.processes != 1 or args.fsyncs):
         parser.error("--instructions counts one process, and not beside --fsyncs")
+    if args.kept_floor and args.s3:
+        parser.error("--kept-floor is the folder's: S3 has no sidecar file or folder to fsync")
     if args.instructions and shutil.which("valgrind") is None:
         parser.error("--instructions needs valgrind (Debian's package valgrind)")
     auto = json.dumps({"queued_seconds": 0, "ready_seconds": 0, "size": args.size})
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             _finished(sim_url, ids, args.size)
         archive = _archive(args.s3, pathlib.Path(tmp))
         floors = [pathlib.Path(tmp) / f"floor-{number}" for number in range(args.rounds)]
-        for floor in floors:
+        kept_floors = [pathlib.Path(tmp) / f"kept-floor-{number}" for number in range(args.rounds)]
+        for floor in [*floors, *(kept_floors if args.kept_floor else [])]:
             floor.mkdir()
         # Probed where the files will be made: the floor's folders and the daemon's .incoming
         # (its temporary files are its videos' and sidecars' inodes); with S3, the run's folder.
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
             incoming = root / folder.INCOMING_DIR
             incoming.mkdir(parents=True)
             probed = {floor: floor for floor in floors} | {incoming: root}
+            probed |= {floor: floor for floor in kept_floors if args.kept_floor}
         create_us = _quiet_file_system(probed)
         port = common.free_port()
         env = _env(sim_url, db_url, archive, args.s3, port)
@@ -153,12 +166,20 @@ def main(argv: list[str] | None = None) -> None:
                     floor_run = asyncio.run(_bare_s3(sim_url, ids, args.s3, slots))
                 else:
                     floor_run = asyncio.run(_bare(sim_url, ids, floor, slots))
+                kept_run, written = None, floor  # the folder the daemon's turn writes after
+                if args.kept_floor:
+                    # Into the bare floor's freed page cache, as the daemon's turn (below).
+                    _evict(floor)
+                    os.sync()
+                    kept = kept_floors[number]
+                    kept_run = asyncio.run(_bare(sim_url, ids, kept, slots, kept_work=True))
+                    written = kept
                 # Freed, the floor's page cache is what the daemon's files are written into: on
                 # a fresh VM, pages never touched before cost the first writer several times the
                 # kernel CPU. Its files are kept: deleted, they made every file the daemon then
                 # created cost more (ext4 without a journal skips inodes freed in the last 30 s,
                 # reading each one's table on every allocation).
-                _evict(floor)
+                _evict(written)
                 os.sync()
                 cpu_before = _tree_cpu(daemon.pid)
                 switches_before = _tree_switches(daemon.pid)
@@ -180,10 +201,21 @@ def main(argv: list[str] | None = None) -> None:
                 if counted_before is not None:
                     counted = _instructions(daemon.pid) - counted_before
                 results.append(
-                    Round(done - done_before, wall, cpu, user, switches, parts, counted, *floor_run)
+                    Round(
+                        done - done_before,
+                        wall,
+                        cpu,
+                        user,
+                        switches,
+                        parts,
+                        counted,
+                        *floor_run,
+                        kept=kept_run,
+                    )
                 )
             # The floor's polls were answered by the same simulator: one per id.
-            after = _readings(sim_url, pg_name, ports, floor_polls=sum(map(len, rounds)))
+            floor_polls = sum(map(len, rounds)) * (2 if args.kept_floor else 1)
+            after = _readings(sim_url, pg_name, ports, floor_polls=floor_polls)
         finally:
             for pid in [daemon.pid, *common.child_pids(daemon.pid)] if args.fsyncs else []:
                 with contextlib.suppress(ProcessLookupError):
@@ -233,6 +265,8 @@ class Round:
     floor_cpu: float
     floor_user: float
     floor_switches: int
+    # With --kept-floor: the floor that writes what the daemon keeps, as the floor's four above.
+    kept: tuple[float, float, float, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +416,7 @@ def _report(
         + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items())
         + f"; the floor's {floor_ms:.2f}"
     )
+    _report_kept(args, results, wall, cpu, user)
     counts_per_video = [
         (r.instructions.loops / max(r.archived, 1), r.instructions.threads / max(r.archived, 1))
         for r in results
@@ -398,6 +433,28 @@ def _report(
             f'RESULT {{"instructions_loop": {statistics.median(loops):.0f}, '
             f'"instructions_threads": {statistics.median(threads):.0f}}}'
         )
+
+
+def _report_kept(
+    args: argparse.Namespace, results: list[Round], wall: float, cpu: float, user: float
+) -> None:
+    """With --kept-floor: that floor's medians, what its file work adds to the floor's, and the
+    daemon's ratios against it (the daemon's medians ``wall``, ``cpu``, ``user``)."""
+    kept = [r.kept for r in results if r.kept is not None]
+    if not kept:
+        return
+    kept_wall = statistics.median(k[0] for k in kept)
+    kept_cpu = statistics.median(k[1] for k in kept)
+    kept_user = statistics.median(k[2] for k in kept)
+    floor_ms = statistics.median(1000 * r.floor_cpu / args.videos for r in results)
+    kept_ms = statistics.median(1000 * k[1] / args.videos for k in kept)
+    print(
+        f"the floor with the daemon's kept file work (sidecar, 4 fsyncs): {kept_wall:.1f} s "
+        f"({args.videos / kept_wall:.1f} videos/s), {kept_cpu:.1f} CPU-s ({kept_user:.1f}), "
+        f"{kept_ms:.2f} CPU ms per video against the floor's {floor_ms:.2f}; "
+        f"the daemon against it: wall {wall / kept_wall:.2f}, CPU {cpu / kept_cpu:.2f} "
+        f"({user / kept_user:.2f})"
+    )
 
 
 def _spread(values: list[float]) -> str:
@@ -462,21 +519,41 @@ async def _floor(
 
 
 async def _bare(
-    sim_url: str, ids: list[str], folder: pathlib.Path, slots: int
+    sim_url: str, ids: list[str], folder: pathlib.Path, slots: int, *, kept_work: bool = False
 ) -> tuple[float, float, float, int]:
     """The floor: poll, stream to a temporary file with SHA-256, fsync, rename; ``slots`` at once
-    (``folder`` exists). The file work blocks the loop, as a bare downloader's does."""
+    (``folder`` exists). The file work blocks the loop, as a bare downloader's does.
+
+    With ``kept_work``, the file work the issue keeps, as archive/writer.py does it: the video's
+    sidecar (``{id}.json``, its hash and size among the task's fields) written and fsynced before
+    the video's rename; each rename made durable by an fsync of the folder, the sidecar's after
+    the video's. What the floor then leaves out of the daemon's work is the database, the outbox,
+    the logs and the page cache's eviction."""
 
     async def to_file(task_id: str, video: aiohttp.ClientResponse) -> None:
         digest = hashlib.sha256()
         temp = folder / f"{task_id}.part"
+        size = 0
         with temp.open("wb") as out:
             async for chunk in video.content.iter_chunked(1024 * 1024):
                 digest.update(chunk)
                 out.write(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if not kept_work:
+            temp.rename(folder / f"{task_id}.mp4")
+            return
+        described = folder / f"{task_id}-json.part"
+        sidecar = {"task-id": task_id, "sha256": digest.hexdigest(), "bytes": str(size)}
+        with described.open("wb") as out:
+            out.write(json.dumps(sidecar, indent=2, sort_keys=True).encode())
             out.flush()
             os.fsync(out.fileno())
         temp.rename(folder / f"{task_id}.mp4")
+        writer.sync_dir(str(folder))
+        described.rename(folder / f"{task_id}.json")
+        writer.sync_dir(str(folder))
 
     return await _floor(sim_url, ids, slots, to_file)
 
