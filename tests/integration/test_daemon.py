@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -22,13 +24,20 @@ def _settings(
     return daemon_settings(sim.url, db_url, f"file://{tmp_path}/archive")
 
 
-def _heartbeats(db_url: str) -> list[store.DaemonBeat]:
-    """The heartbeat rows in the database now (a stopped daemon leaves none)."""
+@contextlib.contextmanager
+def _table(db_url: str) -> Iterator[store.SqlStore]:
+    """The table as the feeding application reaches it, closed whatever the test does."""
     rows = store.SqlStore.from_url(db_url)
     try:
-        return rows.daemons()
+        yield rows
     finally:
         rows.close()
+
+
+def _heartbeats(db_url: str) -> list[store.DaemonBeat]:
+    """The heartbeat rows in the database now (a stopped daemon leaves none)."""
+    with _table(db_url) as rows:
+        return rows.daemons()
 
 
 class TestLifecycle:
@@ -175,16 +184,13 @@ class TestHeartbeat:
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
         monkeypatch.setattr(scheduler, "HEARTBEAT_SECONDS", 3600.0)  # no beat but the first ones
-        rows = store.SqlStore.from_url(sqlite_url)
-        try:
+        with _table(sqlite_url) as rows:
             async with running_daemon(_settings(sim, sqlite_url, tmp_path)):
                 await wait_until(
                     lambda: any(d.last_tick_at is not None for d in rows.daemons()),
                     90,  # a start on a machine busy with six test workers and more
                     "a heartbeat that says the daemon ticked",
                 )
-        finally:
-            rows.close()
 
     async def test_a_failed_start_leaves_no_heartbeat_warning(
         self, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
@@ -206,29 +212,27 @@ class TestPickup:
     ) -> None:
         sim.simulator.add_task("video_warmup", ready_seconds=3600)
         sim.simulator.add_task("video_notified", ready_seconds=3600)
-        feeder = store.SqlStore.from_url(pg_url)
-        polls = sim.simulator.stats.polls
-        # A 30 s tick: only the NOTIFY from the insert trigger can make the poll come sooner.
-        async with running_daemon(_settings(sim, pg_url, tmp_path), tick_seconds=30):
-            feeder.add("video_warmup")
-            # The first tick runs at start; the warm-up row proves the listener is connected.
-            await wait_until(lambda: polls["video_warmup"] >= 1, 20, "the warm-up poll")
-            feeder.add("video_notified")
-            await wait_until(lambda: polls["video_notified"] >= 1, 10, "a poll woken by NOTIFY")
-        feeder.close()
+        with _table(pg_url) as feeder:
+            polls = sim.simulator.stats.polls
+            # A 30 s tick: only the NOTIFY from the insert trigger can make the poll come sooner.
+            async with running_daemon(_settings(sim, pg_url, tmp_path), tick_seconds=30):
+                feeder.add("video_warmup")
+                # The first tick runs at start; the warm-up row proves the listener is connected.
+                await wait_until(lambda: polls["video_warmup"] >= 1, 20, "the warm-up poll")
+                feeder.add("video_notified")
+                await wait_until(lambda: polls["video_notified"] >= 1, 10, "a poll woken by NOTIFY")
 
     async def test_sqlite_rows_are_picked_up_by_the_table_poll(
         self, sqlite_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
     ) -> None:
         sim.simulator.add_task("video_polled", ready_seconds=3600)
-        feeder = store.SqlStore.from_url(sqlite_url)
-        async with running_daemon(_settings(sim, sqlite_url, tmp_path)):
-            await asyncio.sleep(0)
-            feeder.add("video_polled")
-            await wait_until(
-                lambda: sim.simulator.stats.polls["video_polled"] >= 1, 10, "the first poll"
-            )
-        feeder.close()
+        with _table(sqlite_url) as feeder:
+            async with running_daemon(_settings(sim, sqlite_url, tmp_path)):
+                await asyncio.sleep(0)
+                feeder.add("video_polled")
+                await wait_until(
+                    lambda: sim.simulator.stats.polls["video_polled"] >= 1, 10, "the first poll"
+                )
 
 
 def _terminate_connections(pg_url: str) -> int:
@@ -262,36 +266,34 @@ class TestPostgresConnectionLoss:
     ) -> None:
         for name in ("video_before", "video_after"):
             sim.simulator.add_task(name, ready_seconds=3600)
-        feeder = store.SqlStore.from_url(pg_url)
-        polls = sim.simulator.stats.polls
-        async with running_daemon(_settings(sim, pg_url, tmp_path), tick_seconds=30):
-            await wait_until(lambda: _listening(pg_url), 20, "the listener to connect")
-            feeder.add("video_before")
-            await wait_until(lambda: polls["video_before"] >= 1, 10, "a poll woken by NOTIFY")
-            assert await asyncio.to_thread(_terminate_connections, pg_url) >= 1
-            await wait_until(lambda: _listening(pg_url), 20, "the listener to reconnect")
-            feeder.add("video_after")
-            await wait_until(lambda: polls["video_after"] >= 1, 10, "a poll after reconnecting")
-        feeder.close()
+        with _table(pg_url) as feeder:
+            polls = sim.simulator.stats.polls
+            async with running_daemon(_settings(sim, pg_url, tmp_path), tick_seconds=30):
+                await wait_until(lambda: _listening(pg_url), 20, "the listener to connect")
+                feeder.add("video_before")
+                await wait_until(lambda: polls["video_before"] >= 1, 10, "a poll woken by NOTIFY")
+                assert await asyncio.to_thread(_terminate_connections, pg_url) >= 1
+                await wait_until(lambda: _listening(pg_url), 20, "the listener to reconnect")
+                feeder.add("video_after")
+                await wait_until(lambda: polls["video_after"] >= 1, 10, "a poll after reconnecting")
 
     async def test_work_carries_on_after_the_pool_loses_its_connections(
         self, pg_url: str, sim: simulator.SimulatorThread, tmp_path: pathlib.Path
     ) -> None:
         sim.simulator.add_task("video_survivor", ready_seconds=2, size=64 * 1024)
-        feeder = store.SqlStore.from_url(pg_url)
-        async with running_daemon(_settings(sim, pg_url, tmp_path)):
-            feeder.add("video_survivor")
-            await wait_until(
-                lambda: sim.simulator.stats.polls["video_survivor"] >= 1, 10, "the first poll"
-            )
-            await asyncio.to_thread(_terminate_connections, pg_url)
+        with _table(pg_url) as feeder:
+            async with running_daemon(_settings(sim, pg_url, tmp_path)):
+                feeder.add("video_survivor")
+                await wait_until(
+                    lambda: sim.simulator.stats.polls["video_survivor"] >= 1, 10, "the first poll"
+                )
+                await asyncio.to_thread(_terminate_connections, pg_url)
 
-            def archived() -> bool:
-                task = feeder.get("video_survivor")
-                return task is not None and task.state == "archived"
+                def archived() -> bool:
+                    task = feeder.get("video_survivor")
+                    return task is not None and task.state == "archived"
 
-            await wait_until(archived, 30, "the video to be archived after the cut")
-        feeder.close()
+                await wait_until(archived, 30, "the video to be archived after the cut")
 
 
 class TestSqliteLockScope:
