@@ -226,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         settings = config.load()
-        logs.configure(settings.log_format)
-        return _dispatch(args, settings)
+        log_format = logs.configure(settings.log_format)
+        return _dispatch(args, settings, log_format)
     except errors.ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -254,7 +254,7 @@ def _say(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr)
 
 
-def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
+def _dispatch(args: argparse.Namespace, settings: config.Settings, log_format: str) -> int:
     command = args.command
     if command == "run":
         settings.resolve_api_key()  # fail before anything starts
@@ -265,7 +265,10 @@ def _dispatch(args: argparse.Namespace, settings: config.Settings) -> int:
         if settings.webhook_url is not None:
             webhooks.check_url(settings.webhook_url, settings.allow_private_webhook_hosts)
             webhooks.Signer(settings.resolve_webhook_secrets())
-        _say(_uses(settings.resolve_database_url(), settings.archive_url))
+        if log_format == "console":
+            # For the person at the terminal. In JSON, where a log shipper reads stderr, every line
+            # is one object (docs/pages/logs-and-security.md): daemon_starting names the same.
+            _say(_uses(settings.resolve_database_url(), settings.archive_url))
         if args.processes != 1:
             _check_processes(args.processes, settings)
             return supervisor.run(

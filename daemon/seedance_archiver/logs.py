@@ -64,8 +64,9 @@ def configure(
     stream: TextIO | None = None,
     *,
     cache: bool = True,
-) -> None:
-    """Configure structlog (and stdlib logging, for libraries) once, at start, to ``stream`` (stderr).
+) -> str:
+    """Configure structlog (and stdlib logging, for libraries) once, at start, to ``stream`` (stderr):
+    the format it chose, ``json`` or ``console`` (on a terminal, unless ``log_format`` says).
 
     ``cache`` keeps each logger as first used (structlog's cache_logger_on_first_use): the
     daemon's choice, for speed; tests that configure and reset logging turn it off.
@@ -101,3 +102,4 @@ def configure(
     # APScheduler reports every skipped run at WARNING; our own tick logs what matters.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    return log_format

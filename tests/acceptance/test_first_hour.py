@@ -127,7 +127,9 @@ class TestTry:
 
 class TestDaemonOnAnEmptyTable:
     """`run` on a brand-new table starts, `check` passes within seconds (the first beat follows
-    the first tick), and SIGTERM stops it with 0."""
+    the first tick), and SIGTERM stops it with 0. Its stderr, read by a log shipper (not a
+    terminal), is one JSON object per line from the first; on a terminal's format it first says,
+    in words, what it works on."""
 
     def test_run_and_check(self, tmp_path: pathlib.Path, start_daemon: object) -> None:
         with simulator.SimulatorThread(simulator.Simulator(api_key="sim-test-key")) as sim:
@@ -148,6 +150,25 @@ class TestDaemonOnAnEmptyTable:
                 "api key: ok",
             ]
             assert daemon.terminate() == 0
+        lines = daemon.log().splitlines()
+        records = [json.loads(line) for line in lines]  # each line, the first included
+        starting = next(r for r in records if r["event"] == "daemon_starting")
+        assert starting["database_url"] == f"sqlite:///{tmp_path}/t.db"
+        assert records[-1]["event"] == "daemon_stopped"
+
+    def test_on_the_console_format_it_first_says_what_it_works_on(
+        self, tmp_path: pathlib.Path, start_daemon: object
+    ) -> None:
+        with simulator.SimulatorThread(simulator.Simulator(api_key="sim-test-key")) as sim:
+            env = base_env(sim.url, f"sqlite:///{tmp_path}/t.db", f"file://{tmp_path}/a")
+            cli(env, "migrate")
+            daemon = start_daemon(env | {"SEEDANCE_LOG_FORMAT": "console"})  # type: ignore[operator]
+            wait_for(lambda: "daemon_started" in daemon.log(), timeout=30, what="a start")
+            assert daemon.terminate() == 0
+        first = daemon.log().splitlines()[0]
+        assert first == (
+            f"seedance-archiver: database sqlite:///{tmp_path}/t.db, archive file://{tmp_path}/a"
+        )
 
 
 class TestSimulator:
