@@ -27,9 +27,11 @@ counts the instructions its process ran from the insert until the last row was a
 loop's and its threads', in user space (its writers run natively, and the kernel is not counted).
 Under valgrind the daemon runs ~50x slower, so its seconds and CPU mean nothing then; the count is
 for comparing two commits, since it moves by a percent or two where CPU-s move by a fifth.
-Its CPU per video is split by where it is spent: each daemon process's event loop (its main
-thread), its other threads (the database's pools, the resolver's) and the folder's writer
-processes, beside the floor's whole.
+Its CPU per video, and its context switches, are split by where they happen: each daemon process's
+event loop (its main thread), its other threads (the database's pools, the resolver's) and the
+folder's writer processes, beside the floor's whole. Before its rounds it waits (at most
+``--settle`` seconds, 420 by default) for a quiet file system (:func:`_quiet_file_system`);
+``tests/integration/test_bench_burst.py`` runs it small with ``--settle 0``.
 
     .venv/bin/python -m bench.burst --videos 1000 --size 2000000
     .venv/bin/python -m bench.burst --videos 3000 --size 500000 [--kept-floor]
@@ -102,6 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--deadline", type=float, default=1800.0, help="seconds per round")
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=QUIET_SECONDS,
+        help="seconds to wait at most for a quiet file system before the rounds (0: measure at "
+        "once, as the benchmark's own test does); see bench/README.md on ext4",
+    )
+    parser.add_argument(
         "--dir",
         help="where the archive, the floor's files and SQLite go (default: the temporary folder); "
         "see bench/README.md on this machine's ext4 without a journal",
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             incoming.mkdir(parents=True)
             probed = {floor: floor for floor in floors} | {incoming: root}
             probed |= {floor: floor for floor in kept_floors if args.kept_floor}
-        create_us = _quiet_file_system(probed)
+        create_us = _quiet_file_system(probed, args.settle)
         port = common.free_port()
         env = _env(sim_url, db_url, archive, args.s3, port)
         subprocess.run([str(CLI), "migrate"], env=env, check=True, capture_output=True)
@@ -257,7 +266,7 @@ class Round:
     wall: float
     cpu: float
     user: float  # of cpu, the CPU-s in user space (the rest is the kernel's, on our behalf)
-    switches: int  # the daemon's context switches
+    switches: Parts  # the daemon's context switches, by where they happen
     parts: Parts  # cpu, by where it was spent
     # With --instructions: the event loop's and its threads' instructions (no writers'), or None.
     instructions: Parts | None
@@ -271,13 +280,18 @@ class Round:
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
-    """The daemon's CPU-s by where it is spent: its event loops (each daemon process's main
-    thread), their other threads (the database's pools, the resolver's), and the folder's writer
-    processes. A thread or writer that ends mid-round takes its CPU with it (few do)."""
+    """The daemon's CPU-s (or its context switches, or instructions) by where they are spent: its
+    event loops (each daemon process's main thread), their other threads (the database's pools,
+    the resolver's), and the folder's writer processes. A thread or writer that ends mid-round
+    takes its own with it (few do)."""
 
     loops: float = 0.0
     threads: float = 0.0
     writers: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.loops + self.threads + self.writers
 
     def __sub__(self, other: Parts) -> Parts:
         return Parts(
@@ -395,7 +409,7 @@ def _report(
         parts.append(f"{fsyncs / per:.2f} fsyncs (the daemon's own, start-up included)")
     if not args.s3:
         parts.append(f"{files / per:.2f} files in the archive")
-    switches = statistics.median(r.switches / max(r.archived, 1) for r in results)
+    switches = statistics.median(r.switches.total / max(r.archived, 1) for r in results)
     floor_switches = statistics.median(r.floor_switches / args.videos for r in results)
     parts.append(f"{switches:.1f} context switches (the floor's: {floor_switches:.1f})")
     parts.append(f"{outbox / per:.2f} outbox rows")
@@ -415,6 +429,18 @@ def _report(
         "CPU ms per video: "
         + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items())
         + f"; the floor's {floor_ms:.2f}"
+    )
+    switched = {
+        "event loop": statistics.median(r.switches.loops / max(r.archived, 1) for r in results),
+        "its threads": statistics.median(r.switches.threads / max(r.archived, 1) for r in results),
+        "writer processes": statistics.median(
+            r.switches.writers / max(r.archived, 1) for r in results
+        ),
+    }
+    print(
+        "context switches per video: "
+        + ", ".join(f"{name} {count:.1f}" for name, count in switched.items())
+        + f"; the floor's {floor_switches:.1f}"
     )
     _report_kept(args, results, wall, cpu, user)
     counts_per_video = [
@@ -695,10 +721,11 @@ def _finished(sim_url: str, ids: list[str], size: int) -> None:
             response.read()
 
 
-def _quiet_file_system(folders: dict[pathlib.Path, pathlib.Path]) -> float:
-    """Wait (at most QUIET_SECONDS) until making a file in each of ``folders`` (the keys) costs
-    what it costs on a quiet file system, and return what one cost at most (CPU us), for the
-    report. Each probe's files are then moved to the folder ``folders`` gives for it.
+def _quiet_file_system(folders: dict[pathlib.Path, pathlib.Path], settle: float) -> float:
+    """Wait (at most ``settle`` seconds: QUIET_SECONDS unless --settle says) until making a file
+    in each of ``folders`` (the keys) costs what it costs on a quiet file system, and return what
+    one cost at most (CPU us), for the report. Each probe's files are then moved to the folder
+    ``folders`` gives for it.
 
     On ext4 without a journal (this machine's, see bench/README.md), a new file's inode is found by
     skipping each one freed in the last 60 s (360 s while its table is unsynced). After a mass
@@ -715,7 +742,7 @@ def _quiet_file_system(folders: dict[pathlib.Path, pathlib.Path]) -> float:
     ``getdents64`` (perf), the more the longer the probe had waited (2026-12-07 20:10-20:15).
     """
     os.sync()  # an unsynced freed inode is skipped for 360 s, a synced one for 60
-    deadline = time.monotonic() + QUIET_SECONDS
+    deadline = time.monotonic() + settle
     attempt = 0
     while True:
         costs = []
@@ -731,7 +758,7 @@ def _quiet_file_system(folders: dict[pathlib.Path, pathlib.Path]) -> float:
         each_us = max(costs)
         if each_us <= QUIET_CREATE_US:
             return each_us
-        if time.monotonic() > deadline:
+        if time.monotonic() >= deadline:
             print(f"warning: a file's creation still costs {each_us:.0f} us; measuring anyway")
             return each_us
         if attempt == 0:
@@ -762,10 +789,21 @@ def _tree_cpu(pid: int, *, user_only: bool = False) -> float:
 
 
 def _tree_parts(pid: int) -> Parts:
-    """:class:`Parts` of a process and every process below it, as they stand."""
+    """:class:`Parts` of a process and every process below it, as they stand (CPU-s)."""
+    return _by_part(pid, common.process_cpu_seconds, common.main_thread_cpu_seconds)
+
+
+def _tree_switches(pid: int) -> Parts:
+    """The context switches of a process and every process below it, as :class:`Parts`."""
+    return _by_part(pid, common.context_switches, common.main_thread_context_switches)
+
+
+def _by_part(pid: int, whole: Callable[[int], float], main_thread: Callable[[int], float]) -> Parts:
+    """``whole`` (of a process) and ``main_thread`` (of its main thread alone) summed by part over
+    a process and every process below it."""
     loops = threads = writers = 0.0
     for each in [pid, *common.descendant_pids(pid)]:
-        total = common.process_cpu_seconds(each)
+        total = whole(each)
         try:
             command = pathlib.Path(f"/proc/{each}/cmdline").read_bytes()
         except OSError:
@@ -773,15 +811,10 @@ def _tree_parts(pid: int) -> Parts:
         if WRITER_SCRIPT in command:
             writers += total
         else:
-            loop = common.main_thread_cpu_seconds(each)
+            loop = main_thread(each)
             loops += loop
             threads += total - loop
     return Parts(loops, threads, writers)
-
-
-def _tree_switches(pid: int) -> int:
-    """Context switches of a process and every process below it, their threads' together."""
-    return sum(common.context_switches(each) for each in [pid, *common.descendant_pids(pid)])
 
 
 def _polls(sim_url: str) -> int:

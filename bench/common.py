@@ -180,20 +180,24 @@ def context_switches(pid: int) -> int:
     """Context switches of a process so far, its threads' together (voluntary: a wait, such as a
     thread waiting for the GIL or for work; involuntary: the kernel's choice), from /proc (0 if
     it is gone). A thread that ended takes its own with it."""
-    total = 0
     try:
         threads = list(pathlib.Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return 0
-    for thread in threads:
-        try:
-            text = (thread / "status").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if "ctxt_switches:" in line:
-                total += int(line.split()[-1])
-    return total
+    return sum(_status_switches(thread / "status") for thread in threads)
+
+
+def main_thread_context_switches(pid: int) -> int:
+    """Context switches of a process's main thread alone (an asyncio daemon's event loop)."""
+    return _status_switches(pathlib.Path(f"/proc/{pid}/task/{pid}/status"))
+
+
+def _status_switches(path: pathlib.Path) -> int:
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    return sum(int(line.split()[-1]) for line in text.splitlines() if "ctxt_switches:" in line)
 
 
 def postgres_cpu_seconds() -> float:
