@@ -415,32 +415,18 @@ def _report(
     parts.append(f"{outbox / per:.2f} outbox rows")
     print("per video: " + ", ".join(parts))
     # Where the daemon's CPU goes, in ms per video (medians over the rounds), beside the floor's.
-    spent = {
-        "event loop": statistics.median(1000 * r.parts.loops / max(r.archived, 1) for r in results),
-        "its threads (database, resolver)": statistics.median(
-            1000 * r.parts.threads / max(r.archived, 1) for r in results
-        ),
-        "writer processes": statistics.median(
-            1000 * r.parts.writers / max(r.archived, 1) for r in results
-        ),
-    }
+    spent = _per_video_parts(results, lambda r: r.parts, 1000)
     floor_ms = statistics.median(1000 * r.floor_cpu / args.videos for r in results)
     print(
         "CPU ms per video: "
-        + ", ".join(f"{name} {ms:.2f}" for name, ms in spent.items())
-        + f"; the floor's {floor_ms:.2f}"
+        f"event loop {spent.loops:.2f}, its threads (database, resolver) {spent.threads:.2f}, "
+        f"writer processes {spent.writers:.2f}; the floor's {floor_ms:.2f}"
     )
-    switched = {
-        "event loop": statistics.median(r.switches.loops / max(r.archived, 1) for r in results),
-        "its threads": statistics.median(r.switches.threads / max(r.archived, 1) for r in results),
-        "writer processes": statistics.median(
-            r.switches.writers / max(r.archived, 1) for r in results
-        ),
-    }
+    switched = _per_video_parts(results, lambda r: r.switches)
     print(
         "context switches per video: "
-        + ", ".join(f"{name} {count:.1f}" for name, count in switched.items())
-        + f"; the floor's {floor_switches:.1f}"
+        f"event loop {switched.loops:.1f}, its threads {switched.threads:.1f}, "
+        f"writer processes {switched.writers:.1f}; the floor's {floor_switches:.1f}"
     )
     _report_kept(args, results, wall, cpu, user)
     counts_per_video = [
@@ -459,6 +445,16 @@ def _report(
             f'RESULT {{"instructions_loop": {statistics.median(loops):.0f}, '
             f'"instructions_threads": {statistics.median(threads):.0f}}}'
         )
+
+
+def _per_video_parts(results: list[Round], of: Callable[[Round], Parts], scale: float = 1) -> Parts:
+    """The medians over the rounds of ``of(round)`` per archived video, part by part, times
+    ``scale`` (1000: CPU-s as ms)."""
+
+    def median(part: str) -> float:
+        return statistics.median(scale * getattr(of(r), part) / max(r.archived, 1) for r in results)
+
+    return Parts(median("loops"), median("threads"), median("writers"))
 
 
 def _report_kept(

@@ -22,16 +22,10 @@ ROUND_SECONDS = 120  # the benchmark's own deadline for the round
 RUN_SECONDS = 400  # the whole run, its start-up and clean-up included
 
 
-def _burst(tmp_path: pathlib.Path, *options: str) -> str:
-    """The benchmark's report: one round of VIDEOS x SIZE, measured at once (``--settle 0``:
-    a test suite deletes files all the time, and the wait for a quiet ext4 is for real runs)."""
-    command = [sys.executable, "-m", "bench.burst", "--videos", str(VIDEOS)]
-    command += ["--size", str(SIZE), "--rounds", "1", "--settle", "0", "--dir", str(tmp_path)]
-    # Its own deadline ends a round that never finishes through its clean-up (the daemon and the
-    # simulator stopped), and its report then says how many were archived.
-    command += ["--deadline", str(ROUND_SECONDS)]
-    done = subprocess.run(
-        [*command, *options],
+def _bench(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.burst`` with ``argv``, from the repository's root, as the README runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench.burst", *argv],
         cwd=ROOT,
         env=os.environ.copy(),
         capture_output=True,
@@ -39,6 +33,16 @@ def _burst(tmp_path: pathlib.Path, *options: str) -> str:
         timeout=RUN_SECONDS,
         check=False,
     )
+
+
+def _burst(tmp_path: pathlib.Path, *options: str) -> str:
+    """The benchmark's report: one round of VIDEOS x SIZE, measured at once (``--settle 0``:
+    a test suite deletes files all the time, and the wait for a quiet ext4 is for real runs)."""
+    command = ["--videos", str(VIDEOS), "--size", str(SIZE), "--rounds", "1", "--settle", "0"]
+    # Its own deadline ends a round that never finishes through its clean-up (the daemon and the
+    # simulator stopped), and its report then says how many were archived.
+    command += ["--dir", str(tmp_path), "--deadline", str(ROUND_SECONDS)]
+    done = _bench(*command, *options)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -91,14 +95,7 @@ def test_on_postgresql_into_s3(
     assert counts["PostgreSQL commits"] > 0
 
 
-def test_a_kept_floor_is_refused_for_s3(tmp_path: pathlib.Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.burst", "--kept-floor", "--s3", "http://127.0.0.1:9"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=RUN_SECONDS,
-        check=False,
-    )
+def test_a_kept_floor_is_refused_for_s3() -> None:
+    done = _bench("--kept-floor", "--s3", "http://127.0.0.1:9")
     assert done.returncode == 2
     assert "--kept-floor is the folder's" in done.stderr
