@@ -252,17 +252,23 @@ def _limited_to(size: int) -> Callable[[int], list[str]]:
 
 
 def _writers_running() -> list[int]:
-    """The writer processes this test process started, alive (zombies are not)."""
+    """The writer processes this test process started, alive (zombies are not).
+
+    Found by each process's parent in ``/proc/*/stat``: ``/proc/PID/task/*/children``, read
+    while another child exits, can leave a live one out (the kernel's documentation says it is
+    reliable only with the children stopped), and a writer started that moment went unseen."""
+    me = str(os.getpid())
     pids = []
-    for children in pathlib.Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-                command = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"writer.py" in command and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                pids.append(int(pid))
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            command = (entry / "cmdline").read_bytes() if parent == me else b""
+        except OSError:
+            continue
+        if b"writer.py" in command and state != "Z":
+            pids.append(int(entry.name))
     return pids
 
 
